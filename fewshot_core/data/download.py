@@ -1,0 +1,361 @@
+"""Download of the official MVTec AD archive: resumable, checksum-verified, safely extracted, atomic.
+
+Only the whole-set archive has a published checksum (anomalib's MVTec datamodule, ``DOWNLOAD_INFO``);
+MVTec's per-category archives exist but no checksum for them is published, so by default a request for
+some categories downloads the whole verified archive once (kept under ``<root>/.downloads`` for later
+requests) and extracts only those categories. A per-category entry in ``archives`` (name -> Archive)
+is used instead when given, e.g. for an internal mirror with its own checksums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import socket
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from fewshot_core.errors import FsadError
+
+MVTEC_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)  # fmt: skip
+
+ALL = "all"  # key of the whole-set archive in an archive table
+DOWNLOAD_DIR = ".downloads"
+WRAPPER = "mvtec_anomaly_detection"  # some repackaged archives nest the categories in this folder
+MANUAL_URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Archive:
+    """One downloadable archive: mirror URLs tried in order, its sha256, and the categories it holds."""
+
+    urls: tuple[str, ...]
+    sha256: str
+    filename: str
+    categories: tuple[str, ...] = MVTEC_CATEGORIES
+
+
+# MVTec rotates its share links (older ones 404); the file and its sha256 stay the same.
+# First: the link anomalib's main branch uses (2026); then the one anomalib 2.2 shipped.
+DEFAULT_ARCHIVES: dict[str, Archive] = {
+    ALL: Archive(
+        urls=(
+            "https://www.mydrive.ch/shares/150996/b52ecdcbf521176e9db9c731f2304b27/"
+            "download/420938113-1629960298/mvtec_anomaly_detection.tar.xz",
+            "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f283/"
+            "download/420938113-1629960298/mvtec_anomaly_detection.tar.xz",
+            "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/"
+            "download/420938113-1629952094/mvtec_anomaly_detection.tar.xz",
+        ),
+        sha256="cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d",
+        filename="mvtec_anomaly_detection.tar.xz",
+    )
+}
+
+
+def is_present(root: Path, category: str) -> bool:
+    """A category counts as downloaded once its ``train/good`` folder exists (moved in atomically)."""
+    return (Path(root) / category / "train" / "good").is_dir()
+
+
+def download_mvtec(
+    root,
+    categories: Iterable[str] | None = None,
+    *,
+    base_url: str | None = None,
+    progress: bool = True,
+    archives: Mapping[str, Archive] | None = None,
+    retries: int = 3,
+    keep_archive: bool | None = None,
+    timeout: float = 60.0,
+) -> list[Path]:
+    """Download MVTec AD into ``root`` (whole set, or only ``categories``); return the category folders.
+
+    Categories already present are skipped, so re-runs are cheap. ``base_url`` replaces the mirror
+    (``<base_url>/<archive filename>``). ``archives`` overrides the URL/checksum table (see
+    ``DEFAULT_ARCHIVES``). A broken transfer is resumed with HTTP Range up to ``retries`` times; the
+    partial ``.part`` file is kept, so a later run resumes too. ``keep_archive=None`` deletes the
+    verified archive once every category it holds is extracted.
+    """
+    root = Path(root)
+    table = dict(DEFAULT_ARCHIVES if archives is None else archives)
+    known = _known_categories(table)
+    wanted = list(known) if categories is None else list(dict.fromkeys(categories))
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        raise FsadError(
+            f"{root}: unknown MVTec AD category {', '.join(unknown)}; choose from {', '.join(known)}"
+        )
+    _check_existing(root, wanted)
+    missing = [c for c in wanted if not is_present(root, c)]
+    root.mkdir(parents=True, exist_ok=True)
+
+    # Per-category archives where the table has them, the whole-set archive for the rest.
+    plan: dict[str, list[str]] = {}
+    for cat in missing:
+        key = cat if cat in table else ALL
+        if key not in table:
+            raise FsadError(f"{root}: no archive for category {cat}; add '{cat}' or '{ALL}' to the archive table")
+        plan.setdefault(key, []).append(cat)
+
+    for key, cats in plan.items():
+        archive = table[key]
+        urls = archive.urls if base_url is None else (f"{base_url.rstrip('/')}/{archive.filename}",)
+        path = root / DOWNLOAD_DIR / archive.filename
+        fetch(urls, path, archive.sha256, progress=progress, retries=retries, timeout=timeout)
+        extract_categories(path, root, cats)
+        done = keep_archive is False or (
+            keep_archive is None and all(is_present(root, c) for c in archive.categories)
+        )
+        if done:
+            path.unlink(missing_ok=True)
+    downloads = root / DOWNLOAD_DIR
+    if downloads.is_dir() and not any(downloads.iterdir()):
+        downloads.rmdir()
+    return [root / c for c in wanted]
+
+
+def _known_categories(table: Mapping[str, Archive]) -> tuple[str, ...]:
+    cats: list[str] = []
+    for key, archive in table.items():
+        cats.extend(archive.categories if key == ALL else (key,))
+    return tuple(dict.fromkeys(cats))
+
+
+def _check_existing(root: Path, categories: Sequence[str]) -> None:
+    for cat in categories:
+        folder = root / cat
+        if folder.exists() and not is_present(root, cat):
+            raise FsadError(
+                f"{folder}: exists but has no train/good (not an MVTec category folder); "
+                "move it away or delete it, then re-run the download"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Transfer
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(
+    urls: Sequence[str],
+    dest: Path,
+    sha256: str,
+    *,
+    progress: bool = True,
+    retries: int = 3,
+    timeout: float = 60.0,
+) -> Path:
+    """Download ``dest`` from the first URL that answers; resume ``dest.part``; verify before renaming.
+
+    A verified ``dest`` that already exists is reused. A checksum mismatch deletes the download and
+    raises FsadError (the next run starts from zero).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        if sha256_file(dest) == sha256:
+            return dest
+        dest.unlink()  # stale or corrupt earlier download: fetch again
+    part = dest.with_name(dest.name + ".part")
+    errors: list[str] = []
+    for url in urls:
+        try:
+            _transfer(url, part, progress=progress, retries=retries, timeout=timeout)
+            break
+        except _MirrorError as exc:  # this mirror is gone; try the next one
+            errors.append(str(exc))
+    else:
+        raise FsadError(
+            f"{dest}: download failed ({'; '.join(errors)}); check the network, pass another mirror "
+            f"with --base-url, or download it by hand from {MANUAL_URL} and extract it into {dest.parent.parent}"
+        )
+    digest = sha256_file(part)
+    if digest != sha256:
+        part.unlink()
+        raise FsadError(
+            f"{dest}: sha256 mismatch (got {digest}, expected {sha256}); the partial file was deleted, "
+            "re-run the download (if it persists, the mirror serves a different file: use --base-url)"
+        )
+    os.replace(part, dest)
+    return dest
+
+
+class _MirrorError(Exception):
+    """This URL cannot serve the file (HTTP error, unreachable host): try the next mirror."""
+
+
+class _Interrupted(Exception):
+    """The transfer broke off after some bytes: resume with Range."""
+
+
+def _transfer(url: str, part: Path, *, progress: bool, retries: int, timeout: float) -> None:
+    attempts = 0
+    while True:
+        try:
+            _transfer_once(url, part, progress=progress, timeout=timeout)
+            return
+        except _Interrupted as exc:
+            attempts += 1
+            if attempts > retries:
+                size = part.stat().st_size if part.exists() else 0
+                raise FsadError(
+                    f"{part}: transfer interrupted after {size} bytes ({exc}); "
+                    "re-run the same command to resume from there"
+                ) from None
+
+
+def _transfer_once(url: str, part: Path, *, progress: bool, timeout: float) -> None:
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "fsad-download"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:
+            # Range past the end: the .part holds the whole file already; the checksum decides.
+            return
+        raise _MirrorError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise _MirrorError(f"{url}: {getattr(exc, 'reason', exc)}") from None
+
+    with response:
+        if offset and response.status == 206:
+            start = _content_range_start(response.headers.get("Content-Range", ""))
+            if start != offset:  # answered another range than asked: drop the part, start over
+                part.unlink()
+                raise _Interrupted(f"server answered range start {start}, asked {offset}")
+            mode = "ab"
+        else:
+            offset, mode = 0, "wb"  # 200: the server ignored Range and sends everything
+        length = response.headers.get("Content-Length")
+        expected = int(length) if length and length.isdigit() else None
+        received = 0
+        bar = _progress_bar(progress, part.name, offset, None if expected is None else offset + expected)
+        try:
+            with open(part, mode) as f:
+                while True:
+                    try:
+                        block = response.read(_CHUNK)
+                    except (http.client.IncompleteRead, ConnectionError, socket.timeout, OSError) as exc:
+                        raise _Interrupted(type(exc).__name__) from None
+                    if not block:
+                        break
+                    f.write(block)
+                    received += len(block)
+                    if bar is not None:
+                        bar.update(len(block))
+        finally:
+            if bar is not None:
+                bar.close()
+        if expected is not None and received < expected:
+            raise _Interrupted(f"got {received} of {expected} bytes")
+
+
+def _content_range_start(value: str) -> int | None:
+    # "bytes 100-199/200"
+    try:
+        unit, rest = value.split(" ", 1)
+        return int(rest.split("-", 1)[0]) if unit == "bytes" else None
+    except ValueError:
+        return None
+
+
+def _progress_bar(enabled: bool, name: str, initial: int, total: int | None):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Extraction
+
+
+def check_member(member: tarfile.TarInfo, archive: Path) -> PurePosixPath:
+    """Reject members that could write outside the target or create links/devices; return the clean path."""
+    name = member.name
+    where = f"{archive}: member {name!r}"
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise FsadError(f"{where} has an absolute path; refusing the archive (delete it and re-download)")
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if ".." in parts:
+        raise FsadError(f"{where} points outside the target ('..'); refusing the archive (delete it and re-download)")
+    if member.issym() or member.islnk():
+        raise FsadError(f"{where} is a link; refusing the archive (delete it and re-download)")
+    if not (member.isfile() or member.isdir()):
+        raise FsadError(f"{where} is a device/fifo/special file; refusing the archive (delete it and re-download)")
+    clean = [p for p in parts if p not in ("", ".")]
+    return PurePosixPath(*clean) if clean else PurePosixPath(".")
+
+
+def extract_categories(archive: Path, root: Path, categories: Iterable[str]) -> list[Path]:
+    """Extract ``categories`` (top-level folders) and root-level files of ``archive`` into ``root``.
+
+    Members are checked one by one while streaming (one pass over the compressed file) into a temporary
+    folder beside ``root``; only when the whole archive passed are the categories moved into place with
+    ``os.replace``. Any rejected member aborts and removes the temporary folder, so nothing is written
+    outside it. Already-present categories are left untouched.
+    """
+    archive, root = Path(archive), Path(root)
+    wanted = {c for c in categories if not is_present(root, c)}
+    if not wanted:
+        return []
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
+    try:
+        found: set[str] = set()
+        try:
+            with tarfile.open(archive, "r|*") as tar:
+                for member in tar:
+                    path = check_member(member, archive)
+                    if len(path.parts) > 1 and path.parts[0] == WRAPPER:
+                        path = PurePosixPath(*path.parts[1:])  # tolerate a wrapper folder
+                        member.name = str(path)
+                    top = path.parts[0] if path.parts else "."
+                    is_root_file = len(path.parts) == 1 and member.isfile()
+                    if top not in wanted and not is_root_file:
+                        continue  # another category: streamed past, never written
+                    found.add(top)
+                    try:
+                        tar.extract(member, tmp, filter="data")
+                    except tarfile.FilterError as exc:
+                        raise FsadError(f"{archive}: {exc}; refusing the archive (delete it and re-download)") from None
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise FsadError(f"{archive}: cannot read the archive ({exc}); delete it and re-download") from None
+        absent = sorted(c for c in wanted if c not in found)
+        if absent:
+            raise FsadError(f"{archive}: holds no folder {', '.join(absent)}; check the category names or the archive")
+        moved = []
+        for entry in sorted(tmp.iterdir()):
+            target = root / entry.name
+            if entry.is_dir():
+                if not (entry / "train" / "good").is_dir():
+                    raise FsadError(f"{archive}: {entry.name}/ has no train/good; not an MVTec AD archive")
+                os.replace(entry, target)  # atomic per category
+                moved.append(target)
+            elif not target.exists():  # licence/readme beside the categories
+                os.replace(entry, target)
+        return moved
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
