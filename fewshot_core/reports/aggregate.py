@@ -1,0 +1,79 @@
+"""Aggregate evaluation rows over seeds: mean and a 95% percentile-bootstrap interval per metric.
+
+Input rows are the pipeline's evaluation table: one row per method x category x setting x seed, with the
+identity columns below, the MLflow run id, and one column per metric. A metric that could not be computed
+for a row is missing (NaN in the frame); it is left out of that group's statistics rather than counted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+# Columns that identify an evaluation; everything else numeric is a metric.
+ID_COLUMNS = (
+    "method", "method_name", "backbone", "category", "protocol", "setting", "setting_key", "shots",
+    "k_good", "k_bad", "label_mode", "distance", "seed", "mlflow_run_id", "dagster_run_id", "partition_key",
+    "n_support", "n_query", "mlflow_experiment_id",
+)
+# The seed-free identity of a group.
+GROUP_COLUMNS = ("method", "backbone", "category", "protocol", "setting", "shots", "k_good", "k_bad",
+                 "label_mode", "distance")
+# Metrics shown first, in this order, when present.
+HEADLINE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "auroc",
+                    "balanced_accuracy", "accuracy", "macro_f1")
+
+
+def metric_columns(rows: pd.DataFrame) -> list[str]:
+    """Numeric, non-identity columns, headline metrics first."""
+    found = [c for c in rows.columns if c not in ID_COLUMNS and pd.api.types.is_numeric_dtype(rows[c])]
+    head = [m for m in HEADLINE_METRICS if m in found]
+    return head + sorted(c for c in found if c not in head)
+
+
+def bootstrap_ci(values, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap of the mean over the given values (NaN ignored).
+
+    With one value the interval collapses to it; with none all three are NaN.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return (float("nan"),) * 3
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return mean, float(lo), float(hi)
+
+
+def aggregate(rows: pd.DataFrame, metrics: list[str] | None = None, level: float = 0.95,
+              n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """One row per seed-free group with ``<metric>_mean``, ``<metric>_lo``, ``<metric>_hi``, ``n_seeds``,
+    ``seeds`` and ``run_ids`` (space-separated MLflow run ids of the rows it summarises)."""
+    if rows.empty:
+        return pd.DataFrame()
+    metrics = metrics or metric_columns(rows)
+    keys = [c for c in GROUP_COLUMNS if c in rows.columns]
+    out = []
+    for group_values, group in rows.groupby(keys, dropna=False, sort=True):
+        rec = dict(zip(keys, group_values if isinstance(group_values, tuple) else (group_values,)))
+        rec["n_seeds"] = int(group["seed"].nunique()) if "seed" in group else len(group)
+        rec["seeds"] = " ".join(str(s) for s in sorted(group["seed"].unique())) if "seed" in group else ""
+        rec["run_ids"] = " ".join(str(r) for r in group.get("mlflow_run_id", pd.Series(dtype=str)).dropna())
+        for m in metrics:
+            mean, lo, hi = bootstrap_ci(group[m].to_numpy(), level=level, n_boot=n_boot, seed=seed)
+            rec[f"{m}_mean"], rec[f"{m}_lo"], rec[f"{m}_hi"] = mean, lo, hi
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def format_ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:
+    if not np.isfinite(mean):
+        return "–"
+    if lo == hi:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"

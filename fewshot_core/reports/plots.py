@@ -1,0 +1,135 @@
+"""Report and MLflow figures, rendered headless (matplotlib's Agg) to PNG bytes."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and in Dagster workers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def to_png(fig, dpi: int = 100) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def metric_vs_shots(agg: pd.DataFrame, metric: str = "image_auroc") -> bytes:
+    """One panel per category: metric mean with its bootstrap interval against shots, a line per method."""
+    cats = sorted(agg["category"].unique())
+    fig, axes = plt.subplots(1, len(cats), figsize=(4.2 * len(cats), 3.4), squeeze=False, sharey=True)
+    for ax, cat in zip(axes[0], cats):
+        sub = agg[agg["category"] == cat]
+        for method, m in sub.groupby("method"):
+            m = m.sort_values("shots")
+            x = m["shots"].to_numpy(dtype=float)
+            ax.plot(x, m[f"{metric}_mean"], marker="o", label=method)
+            ax.fill_between(x, m[f"{metric}_lo"], m[f"{metric}_hi"], alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(sub["shots"].unique()))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_title(cat)
+        ax.set_xlabel("shots (good support images)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(metric)
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    return to_png(fig)
+
+
+def imbalance_heatmaps(agg: pd.DataFrame, metric: str = "balanced_accuracy") -> bytes:
+    """One heatmap per method: mean metric (over categories) on the k_good x k_bad grid."""
+    methods = sorted(agg["method"].unique())
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.2), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        grid = (agg[agg["method"] == method]
+                .pivot_table(index="k_good", columns="k_bad", values=f"{metric}_mean", aggfunc="mean"))
+        im = ax.imshow(grid.to_numpy(dtype=float), vmin=0.0, vmax=1.0, cmap="viridis", origin="lower")
+        ax.set_xticks(range(grid.shape[1]), [str(int(c)) for c in grid.columns])
+        ax.set_yticks(range(grid.shape[0]), [str(int(r)) for r in grid.index])
+        for (i, j), v in np.ndenumerate(grid.to_numpy(dtype=float)):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+        ax.set_xlabel("k_bad")
+        ax.set_ylabel("k_good")
+        ax.set_title(method)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=metric)
+    return to_png(fig)
+
+
+def grouped_bars(agg: pd.DataFrame, group: str, hue: str, metric: str, title: str = "") -> bytes:
+    """Bars of ``metric`` per ``group`` value, one bar per ``hue`` value, with the bootstrap interval."""
+    groups = list(dict.fromkeys(agg[group]))
+    hues = sorted(agg[hue].dropna().unique())
+    width = 0.8 / max(len(hues), 1)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.9 * len(groups)), 3.4))
+    for i, h in enumerate(hues):
+        sub = agg[agg[hue] == h].set_index(group).reindex(groups)
+        mean = sub[f"{metric}_mean"].to_numpy(dtype=float)
+        err = np.vstack([mean - sub[f"{metric}_lo"].to_numpy(dtype=float),
+                         sub[f"{metric}_hi"].to_numpy(dtype=float) - mean])
+        ax.bar(np.arange(len(groups)) + i * width - 0.4 + width / 2, mean, width, yerr=np.nan_to_num(err),
+               capsize=3, label=str(h))
+    ax.set_xticks(range(len(groups)), [str(g) for g in groups], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return to_png(fig)
+
+
+def roc_curve_png(labels, scores, title: str = "ROC") -> bytes:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fig, ax = plt.subplots(figsize=(3.4, 3.4))
+    ax.plot(fpr, tpr, label=f"AUROC {roc_auc_score(labels, scores):.3f}")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    return to_png(fig)
+
+
+def confusion_matrix_png(matrix, classes, title: str = "confusion matrix") -> bytes:
+    cm = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1.0 + 0.6 * len(classes)))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=8,
+                color="w" if v > cm.max() / 2 else "k")
+    ax.set_xticks(range(len(classes)), [str(c) for c in classes], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), [str(c) for c in classes], fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    return to_png(fig)
+
+
+def anomaly_gallery(items: list[dict], title: str = "") -> bytes:
+    """A strip of test images with their anomaly map overlaid and the ground-truth contour.
+
+    Each item: ``image`` (H x W x 3 uint8), ``map`` (H x W float), optional ``mask`` (H x W bool), ``caption``.
+    Maps share one colour scale per gallery so that scores are comparable across images.
+    """
+    n = len(items)
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.5), squeeze=False)
+    maps = [np.asarray(it["map"], dtype=float) for it in items]
+    vmin = min(float(m.min()) for m in maps)
+    vmax = max(float(m.max()) for m in maps)
+    for ax, it, amap in zip(axes[0], items, maps):
+        ax.imshow(it["image"])
+        ax.imshow(amap, cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax)
+        if it.get("mask") is not None and np.any(it["mask"]):
+            ax.contour(np.asarray(it["mask"], dtype=float), levels=[0.5], colors="w", linewidths=0.8)
+        ax.set_title(it.get("caption", ""), fontsize=7)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return to_png(fig)

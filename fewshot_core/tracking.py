@@ -1,0 +1,205 @@
+"""MLflow tracking with plain client calls: one experiment per sweep, one parent run per Dagster run,
+one nested child run per evaluation partition.
+
+Plain ``MlflowClient`` calls (no fluent ``mlflow.start_run`` state, no dagster-mlflow hook) so that several
+assets of one Dagster run can log into the same parent without sharing process-global state, and a
+re-materialised partition always gets a *new* child run instead of touching an old one.
+
+The tracking URI defaults to a SQLite database under ``dagster_home/`` with artifacts beside it
+(``dagster_home/mlartifacts``); ``MLFLOW_TRACKING_URI`` points it at a server instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+
+from fewshot_core.paths import PROJECT_ROOT
+
+PARENT_RUN_TAG = "mlflow.parentRunId"
+KIND_TAG = "fsad.kind"  # "dagster-run" for parents, "evaluation" for children
+DAGSTER_RUN_TAG = "dagster.run_id"
+PARTITION_TAG = "dagster.partition_key"
+ASSET_TAG = "dagster.asset_key"
+CODE_VERSION_TAG = "fsad.code_version"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+
+
+def dagster_home() -> Path:
+    """``DAGSTER_HOME`` when set, else ``<project>/dagster_home``."""
+    return Path(os.environ.get("DAGSTER_HOME") or PROJECT_ROOT / "dagster_home")
+
+
+def default_tracking_uri(home: Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` when set (and non-empty), else ``sqlite:///<dagster_home>/mlflow.db``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    home = Path(home) if home is not None else dagster_home()
+    return f"sqlite:///{home.resolve() / 'mlflow.db'}"
+
+
+def default_artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts beside a local SQLite database; a tracking server chooses its own (None)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The project's current commit, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def code_version() -> str:
+    from fewshot_core import __version__
+
+    return __version__
+
+
+def _param_value(value) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."  # MLflow's param value limit
+
+
+class Tracker:
+    """A thin wrapper over ``MlflowClient`` that knows the fsad run layout."""
+
+    def __init__(self, tracking_uri: str | None = None, artifact_root: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        if self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self.artifact_root = artifact_root or default_artifact_root(self.tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+
+    # -- experiments and parents -------------------------------------------------------------------
+    def experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = f"{self.artifact_root}/{name}" if self.artifact_root else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # created meanwhile by a concurrent step: read it back
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def parent_run(self, experiment: str, dagster_run_id: str, tags: Mapping[str, str] | None = None) -> str:
+        """The parent run of one Dagster run, created on first use and found again afterwards."""
+        exp_id = self.experiment_id(experiment)
+        found = self.client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`{DAGSTER_RUN_TAG}` = '{dagster_run_id}' and tags.`{KIND_TAG}` = 'dagster-run'",
+            order_by=["attributes.start_time ASC"],
+            max_results=1,
+        )
+        if found:
+            return found[0].info.run_id
+        all_tags = {KIND_TAG: "dagster-run", DAGSTER_RUN_TAG: dagster_run_id, CODE_VERSION_TAG: code_version()}
+        if (commit := git_commit()) is not None:
+            all_tags[GIT_COMMIT_TAG] = commit
+        all_tags.update(tags or {})
+        run = self.client.create_run(exp_id, tags=all_tags, run_name=f"dagster-{dagster_run_id[:8]}")
+        return run.info.run_id
+
+    # -- evaluation children -----------------------------------------------------------------------
+    def log_evaluation(
+        self,
+        experiment: str,
+        dagster_run_id: str,
+        run_name: str,
+        params: Mapping[str, object],
+        metrics: Mapping[str, float],
+        tags: Mapping[str, str] | None = None,
+        artifacts: Mapping[str, bytes | str | Path] | None = None,
+    ) -> str:
+        """Create a new child run under the Dagster run's parent and log everything into it.
+
+        ``artifacts`` maps an artifact file name (``plots/roc.png``) to bytes, text, or a local path.
+        Non-finite metrics are skipped (MLflow stores NaN, but a metric that could not be computed must be
+        absent, not NaN). Returns the child run id.
+        """
+        from mlflow.entities import Metric, Param
+
+        parent = self.parent_run(experiment, dagster_run_id)
+        exp_id = self.experiment_id(experiment)
+        all_tags = {KIND_TAG: "evaluation", PARENT_RUN_TAG: parent, DAGSTER_RUN_TAG: dagster_run_id,
+                    CODE_VERSION_TAG: code_version()}
+        if (commit := git_commit()) is not None:
+            all_tags[GIT_COMMIT_TAG] = commit
+        all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+        run = self.client.create_run(exp_id, tags=all_tags, run_name=run_name)
+        run_id = run.info.run_id
+        try:
+            now = int(time.time() * 1000)
+            ms = [Metric(k, float(v), now, 0) for k, v in metrics.items()
+                  if v is not None and math.isfinite(float(v))]
+            ps = [Param(k, _param_value(v)) for k, v in params.items()]
+            for i in range(0, max(len(ms), len(ps), 1), 100):  # MLflow batch limits
+                self.client.log_batch(run_id, metrics=ms[i:i + 100], params=ps[i:i + 100])
+            if artifacts:
+                self._log_artifacts(run_id, artifacts)
+        except BaseException:
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
+        self.client.set_terminated(parent, "FINISHED")  # keeps the parent's end time at its last child
+        return run_id
+
+    def _log_artifacts(self, run_id: str, artifacts: Mapping[str, bytes | str | Path]) -> None:
+        with tempfile.TemporaryDirectory(prefix="fsad-mlflow-") as tmp:
+            for name, content in artifacts.items():
+                if isinstance(content, Path):
+                    self.client.log_artifact(run_id, str(content), artifact_path=_dirname(name))
+                    continue
+                local = Path(tmp) / name
+                local.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(content, bytes):
+                    local.write_bytes(content)
+                else:
+                    local.write_text(content)
+                self.client.log_artifact(run_id, str(local), artifact_path=_dirname(name))
+
+    # -- reading back ------------------------------------------------------------------------------
+    def evaluation_runs(self, experiment: str, dagster_run_id: str | None = None) -> list:
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            return []
+        flt = f"tags.`{KIND_TAG}` = 'evaluation'"
+        if dagster_run_id:
+            flt += f" and tags.`{DAGSTER_RUN_TAG}` = '{dagster_run_id}'"
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([exp.experiment_id], filter_string=flt, max_results=1000,
+                                           page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def run_url(self, run_id: str, experiment_id: str | None = None, ui_base: str = "http://127.0.0.1:5000") -> str:
+        if experiment_id is None:
+            experiment_id = self.client.get_run(run_id).info.experiment_id
+        return f"{ui_base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _dirname(name: str) -> str | None:
+    parent = str(Path(name).parent)
+    return None if parent in ("", ".") else parent

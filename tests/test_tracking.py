@@ -1,0 +1,62 @@
+"""MLflow layout: parent run per Dagster run, a new nested child per evaluation, tags, params, artifacts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fewshot_core import tracking
+from fewshot_core.tracking import Tracker
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    return Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_default_uri_is_sqlite_under_dagster_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    uri = tracking.default_tracking_uri()
+    assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking.default_artifact_root(uri) == (tmp_path / "mlartifacts").resolve().as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.default_tracking_uri() == "http://127.0.0.1:5000"
+    assert tracking.default_artifact_root("http://127.0.0.1:5000") is None
+
+
+def test_children_nest_under_one_parent_per_dagster_run(tracker, tmp_path):
+    bank = tmp_path / "bank.npz"
+    bank.write_bytes(b"bank")
+    ids = [
+        tracker.log_evaluation("sweep", "dag-1", "knn|a|oc-k1-s0", {"method": "knn", "shots": 1},
+                               {"image_auroc": 0.75, "pixel_auroc": math.nan},
+                               {tracking.PARTITION_TAG: "a|oc-k1-s0", tracking.ASSET_TAG: "evaluation/knn"},
+                               {"plots/roc.png": b"\x89PNG", "model/bank.npz": bank, "notes.txt": "x"}),
+        tracker.log_evaluation("sweep", "dag-1", "knn|a|oc-k1-s1", {"method": "knn", "shots": 1},
+                               {"image_auroc": 0.8}, {}),
+        tracker.log_evaluation("sweep", "dag-2", "knn|a|oc-k1-s0", {"method": "knn", "shots": 1},
+                               {"image_auroc": 0.7}, {}),
+    ]
+    assert len(set(ids)) == 3  # re-materialising a partition (dag-2) makes a new run
+    runs = {r.info.run_id: r for r in tracker.evaluation_runs("sweep")}
+    assert set(runs) == set(ids)
+    first = runs[ids[0]]
+    assert first.data.params == {"method": "knn", "shots": "1"}
+    assert first.data.metrics == {"image_auroc": 0.75}  # NaN metric is absent, not stored
+    assert first.data.tags[tracking.PARTITION_TAG] == "a|oc-k1-s0"
+    assert first.data.tags[tracking.DAGSTER_RUN_TAG] == "dag-1"
+    assert first.data.tags[tracking.CODE_VERSION_TAG]
+    assert first.info.status == "FINISHED"
+    parents = {runs[i].data.tags[tracking.PARENT_RUN_TAG] for i in ids}
+    assert len(parents) == 2
+    assert runs[ids[0]].data.tags[tracking.PARENT_RUN_TAG] == runs[ids[1]].data.tags[tracking.PARENT_RUN_TAG]
+    parent = tracker.client.get_run(runs[ids[0]].data.tags[tracking.PARENT_RUN_TAG])
+    assert parent.data.tags[tracking.KIND_TAG] == "dagster-run"
+    arts = {a.path for a in tracker.client.list_artifacts(ids[0])}
+    assert arts == {"plots", "model", "notes.txt"}
+    assert [a.path for a in tracker.client.list_artifacts(ids[0], "model")] == ["model/bank.npz"]
+    # The old run is untouched by later ones.
+    assert tracker.client.get_run(ids[0]).data.metrics == {"image_auroc": 0.75}
+    assert len(tracker.evaluation_runs("sweep", "dag-2")) == 1
