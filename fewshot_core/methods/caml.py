@@ -1,0 +1,402 @@
+"""CAML (Fifty et al., ICLR 2024): in-context few-shot classification over frozen embeddings.
+
+Each query becomes one sequence ``[query ⊕ unknown-label ; support_i ⊕ ELMES(label_i) ...]`` that a
+non-causal transformer encoder reads as a whole; an MLP head on the query position gives the logits.
+The image encoder is frozen, so everything here works on cached global embeddings [n, D].
+
+Two ways to get the sequence model:
+
+* ``load_published_checkpoint(path)``: the authors' released weights (cfifty/CAML, ``model.pth`` of
+  ``CAML_CLIP``): a plain ``state_dict`` of their ``CAML`` module, keys
+  ``transformer_encoder.encoder.layers.encoder_layer_<i>.{ln_1,self_attention,ln_2,mlp.0,mlp.3}.*``,
+  ``transformer_encoder.encoder.ln.*``, ``transformer_encoder.{unk_emb,elmes_scale,label_elmes,
+  output_proj.weight}`` (``feature_extractor.*`` keys are ignored). Their encoder has no input
+  projection, so the embeddings must be the ones it was trained on (CLIP ViT-B/16, 768-d: hidden 1024 =
+  768 + 256 label dims); the number of ways is the checkpoint's (``label_elmes`` rows, 5 for the release).
+  The head count is not stored in a state dict: pass ``num_heads`` (16 for their "large" encoder).
+* ``meta_train(pool, exclude=...)``: offline meta-training on episodes drawn from cached embeddings of
+  *other* categories (leave-the-evaluated-category-out). The evaluated category is dropped from the pool
+  before any sampling, and the trained model records the categories it saw (``trained_on``).
+  ``meta_train_or_load`` keeps the result as a versioned artifact (``model.pt`` + ``config.json``) and
+  reloads it instead of retraining.
+
+An episode with C classes uses label vectors 0..C−1 and the first C logits; C above the model's
+``num_ways`` is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot_core.errors import FsadError
+from fewshot_core.methods.elmes import elmes
+
+ARTIFACT_VERSION = 1
+GOOD = "good"
+
+
+@dataclass(frozen=True)
+class CAMLConfig:
+    """Sequence-model shape. ``proj_dim=None`` feeds raw embeddings (the published layout)."""
+
+    feat_dim: int
+    num_ways: int = 5
+    label_dim: int = 32
+    proj_dim: int | None = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_dim: int = 256
+    head_hidden: int = 64  # 0: a single bias-free linear layer (the published output_proj)
+    elmes_seed: int = 0
+    # "episode": L2-normalise, centre on the support mean, scale by the support's RMS spread, so a model
+    # meta-trained on one domain reads another domain's (much tighter) clusters at the same scale.
+    # Uses the support only, never the queries. "none": raw embeddings (the published model).
+    normalise: str = "episode"
+
+    @property
+    def d_model(self) -> int:
+        return (self.proj_dim or self.feat_dim) + self.label_dim
+
+
+@dataclass(frozen=True)
+class MetaTrainConfig:
+    steps: int = 400
+    time_budget_s: float = 60.0
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    episodes_per_step: int = 8
+    max_shots: int = 10
+    queries_per_class: int = 4
+    binary_fraction: float = 0.5  # share of episodes relabelled good vs anomalous
+    seed: int = 0
+
+
+class CAMLSequenceModel(nn.Module):
+    def __init__(self, cfg: CAMLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.proj = nn.Identity() if cfg.proj_dim is None else nn.Linear(cfg.feat_dim, cfg.proj_dim)
+        # Fixed label vectors, stored as a frozen parameter so checkpoints carry them.
+        self.label_elmes = nn.Parameter(
+            torch.from_numpy(elmes(cfg.num_ways, cfg.label_dim, seed=cfg.elmes_seed)), requires_grad=False
+        )
+        self.elmes_scale = nn.Parameter(torch.ones(1))
+        self.unk_emb = nn.Parameter(torch.zeros(1, 1, cfg.label_dim))  # learnable "unknown label"
+        layer = nn.TransformerEncoderLayer(
+            cfg.d_model, cfg.num_heads, cfg.mlp_dim, dropout=0.0, activation="gelu",
+            layer_norm_eps=1e-6, batch_first=True, norm_first=True,
+        )
+        # No mask anywhere: every position attends to every other (non-causal).
+        self.encoder = nn.TransformerEncoder(
+            layer, cfg.num_layers, norm=nn.LayerNorm(cfg.d_model, eps=1e-6), enable_nested_tensor=False
+        )
+        if cfg.head_hidden:
+            self.head = nn.Sequential(
+                nn.Linear(cfg.d_model, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, cfg.num_ways)
+            )
+        else:
+            self.head = nn.Linear(cfg.d_model, cfg.num_ways, bias=False)
+        self.trained_on: tuple[str, ...] = ()
+
+    def forward(self, query: torch.Tensor, support: torch.Tensor, support_labels: torch.Tensor) -> torch.Tensor:
+        """query [b, D], support [n, D], support_labels [n] in 0..num_ways-1 -> logits [b, num_ways]."""
+        b, n = query.shape[0], support.shape[0]
+        q = self.proj(query).unsqueeze(1)
+        s = self.proj(support).unsqueeze(0).expand(b, n, -1)
+        labels = (self.elmes_scale * self.label_elmes)[support_labels]  # [n, L]
+        labels = torch.cat([self.unk_emb, labels.unsqueeze(0)], dim=1).expand(b, n + 1, -1)
+        seq = torch.cat([torch.cat([q, s], dim=1), labels], dim=-1)
+        return self.head(self.encoder(seq)[:, 0])
+
+
+def normalise_episode(support: np.ndarray, query: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    if mode == "none":
+        return support, query
+    if mode != "episode":
+        raise ValueError(f"unknown normalise mode {mode!r}")
+    s = support / np.maximum(np.linalg.norm(support, axis=1, keepdims=True), 1e-12)
+    q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
+    centre = s.mean(0, keepdims=True)
+    spread = np.sqrt(((s - centre) ** 2).sum(1).mean())
+    # One support image (or identical ones) has no spread: keep the unit-sphere scale then.
+    scale = spread if spread > 1e-6 else 1.0
+    return (s - centre) / scale, (q - centre) / scale
+
+
+class CAML:
+    """Estimator wrapper: ``fit`` stores the support, ``predict_proba`` runs the sequence model."""
+
+    def __init__(self, model: CAMLSequenceModel, batch_size: int = 256):
+        self.model = model.eval()
+        self.batch_size = batch_size
+
+    def fit(self, X, y) -> "CAML":
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y)
+        if X.ndim != 2 or X.shape[1] != self.model.cfg.feat_dim:
+            raise FsadError(
+                f"caml: embeddings have shape {X.shape}, the sequence model expects dim {self.model.cfg.feat_dim}; "
+                "use the backbone the model was trained (or published) with"
+            )
+        self.classes_ = np.unique(y)
+        if not 2 <= len(self.classes_) <= self.model.cfg.num_ways:
+            raise FsadError(
+                f"caml: episode has {len(self.classes_)} classes, the model supports 2..{self.model.cfg.num_ways} "
+                "ways; meta-train with a larger num_ways or use fewer classes"
+            )
+        self.support_ = X
+        self.support_labels_ = np.searchsorted(self.classes_, y)
+        return self
+
+    @torch.no_grad()
+    def decision_function(self, X) -> np.ndarray:
+        support, query = normalise_episode(self.support_, np.asarray(X, dtype=np.float32), self.model.cfg.normalise)
+        s = torch.from_numpy(np.ascontiguousarray(support, dtype=np.float32))
+        lab = torch.from_numpy(self.support_labels_.astype(np.int64))
+        out = []
+        for i in range(0, len(query), self.batch_size):
+            q = torch.from_numpy(np.ascontiguousarray(query[i : i + self.batch_size], dtype=np.float32))
+            out.append(self.model(q, s, lab)[:, : len(self.classes_)])
+        return torch.cat(out).double().numpy()
+
+    def predict_log_proba(self, X) -> np.ndarray:
+        z = self.decision_function(X)
+        return z - np.logaddexp.reduce(z, axis=1, keepdims=True)
+
+    def predict_proba(self, X) -> np.ndarray:
+        return np.exp(self.predict_log_proba(X))
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+
+# ---------------------------------------------------------------- meta-training (leave-category-out)
+
+EmbeddingPool = Mapping[str, tuple[np.ndarray, np.ndarray]]  # category -> (X [n, D], labels [n] str)
+
+
+def _excluded_pool(pool: EmbeddingPool, exclude: str | Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The pool without the evaluated categories; only these entries are ever read afterwards."""
+    excluded = {exclude} if isinstance(exclude, str) else set(exclude)
+    if not excluded:
+        raise ValueError("meta_train needs the evaluated category in `exclude` (leave-the-category-out)")
+    kept = {}
+    for cat in sorted(k for k in pool.keys() if k not in excluded):
+        X, y = pool[cat]
+        y = np.asarray(y).astype(str)
+        if len(set(y.tolist())) >= 2:
+            kept[cat] = (np.asarray(X, dtype=np.float32), y)
+    return kept
+
+
+def _sample_episode(rng: np.random.Generator, X: np.ndarray, y: np.ndarray, num_ways: int, tc: MetaTrainConfig):
+    if rng.random() < tc.binary_fraction:
+        y = np.where(y == GOOD, GOOD, "anomalous")
+    names, counts = np.unique(y, return_counts=True)
+    usable = names[counts >= 2]  # each class needs one support and one query at least
+    if len(usable) < 2:
+        return None
+    ways = int(rng.integers(2, min(len(usable), num_ways) + 1))
+    chosen = rng.choice(usable, size=ways, replace=False)
+    label_ids = rng.permutation(num_ways)[:ways]  # random class -> label-vector assignment
+    s_idx, s_lab, q_idx, q_lab = [], [], [], []
+    for pos, name in enumerate(chosen):
+        idx = rng.permutation(np.flatnonzero(y == name))
+        k = int(rng.integers(1, min(tc.max_shots, len(idx) - 1) + 1))  # imbalance comes from per-class k
+        nq = min(tc.queries_per_class, len(idx) - k)
+        s_idx += idx[:k].tolist(); s_lab += [pos] * k
+        q_idx += idx[k : k + nq].tolist(); q_lab += [pos] * nq
+    support, query = X[s_idx], X[q_idx]
+    return support, label_ids[np.asarray(s_lab)], query, np.asarray(q_lab), label_ids
+
+
+def meta_train(
+    pool: EmbeddingPool,
+    exclude: str | Iterable[str],
+    cfg: CAMLConfig,
+    train: MetaTrainConfig = MetaTrainConfig(),
+) -> CAMLSequenceModel:
+    """Meta-train the sequence model on episodes from every pool category except ``exclude``."""
+    data = _excluded_pool(pool, exclude)
+    if not data:
+        raise FsadError(
+            "caml: no other category with good and defective embeddings to meta-train on; "
+            "add categories to the pool (e.g. fewshot_core.data.synth) or pass a published checkpoint"
+        )
+    torch.manual_seed(train.seed)
+    rng = np.random.default_rng(train.seed)
+    model = CAMLSequenceModel(cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr,
+                            weight_decay=train.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=train.steps, pct_start=0.1)
+    cats = list(data)
+    start, steps_done, losses = time.perf_counter(), 0, []
+    model.train()
+    for _ in range(train.steps):
+        if time.perf_counter() - start > train.time_budget_s:
+            break
+        loss = 0.0
+        for _ in range(train.episodes_per_step):
+            X, y = data[cats[int(rng.integers(len(cats)))]]
+            ep = _sample_episode(rng, X, y, cfg.num_ways, train)
+            if ep is None:
+                continue
+            s, s_lab, q, q_lab, label_ids = ep
+            s, q = normalise_episode(s, q, cfg.normalise)
+            logits = model(torch.from_numpy(q.astype(np.float32)), torch.from_numpy(s.astype(np.float32)),
+                           torch.from_numpy(s_lab.astype(np.int64)))
+            logits = logits[:, torch.from_numpy(label_ids.astype(np.int64))]  # only the episode's ways
+            loss = loss + F.cross_entropy(logits, torch.from_numpy(q_lab.astype(np.int64)))
+        if not torch.is_tensor(loss):
+            continue
+        opt.zero_grad()
+        (loss / train.episodes_per_step).backward()
+        opt.step()
+        sched.step()
+        steps_done += 1
+        losses.append(float(loss.detach()) / train.episodes_per_step)
+    model.eval()
+    model.trained_on = tuple(cats)
+    model.train_info = {
+        "steps_done": steps_done,
+        "seconds": round(time.perf_counter() - start, 2),
+        "final_loss": float(np.mean(losses[-20:])) if losses else None,
+        "budget_hit": steps_done < train.steps,
+    }
+    return model
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+def _fingerprint(data: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    h = hashlib.sha256()
+    for cat in sorted(data):
+        X, y = data[cat]
+        h.update(cat.encode()); h.update(np.ascontiguousarray(X).tobytes())
+        h.update("\0".join(np.asarray(y).astype(str).tolist()).encode())
+    return h.hexdigest()
+
+
+def save_artifact(model: CAMLSequenceModel, directory: Path, extra: dict | None = None) -> Path:
+    """Write ``model.pt`` + ``config.json`` into ``directory`` atomically (temp dir, then rename)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        torch.save(model.state_dict(), tmp / "model.pt")
+        meta = {
+            "artifact_version": ARTIFACT_VERSION,
+            "model": asdict(model.cfg),
+            "trained_on": list(model.trained_on),
+            "train_info": getattr(model, "train_info", {}),
+            **(extra or {}),
+        }
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if directory.exists():  # a concurrent writer finished first: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_artifact(directory: Path) -> CAMLSequenceModel:
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FsadError(f"{cfg_path}: cannot read CAML artifact config ({exc}); delete the folder to retrain") from exc
+    if meta.get("artifact_version") != ARTIFACT_VERSION:
+        raise FsadError(f"{cfg_path}: artifact version {meta.get('artifact_version')} != {ARTIFACT_VERSION}; "
+                        "delete the folder to retrain")
+    model = CAMLSequenceModel(CAMLConfig(**meta["model"]))
+    model.load_state_dict(torch.load(directory / "model.pt", map_location="cpu", weights_only=True))
+    model.trained_on = tuple(meta["trained_on"])
+    model.train_info = meta.get("train_info", {})
+    return model.eval()
+
+
+def meta_train_or_load(
+    pool: EmbeddingPool,
+    exclude: str | Iterable[str],
+    cfg: CAMLConfig,
+    train: MetaTrainConfig,
+    cache_root: Path,
+    key_extra: dict | None = None,
+) -> CAMLSequenceModel:
+    """Reload the artifact for (config, training data, ``key_extra`` such as the backbone) or train it."""
+    data = _excluded_pool(pool, exclude)
+    key_src = json.dumps(
+        {"v": ARTIFACT_VERSION, "model": asdict(cfg), "train": asdict(train),
+         "data": _fingerprint(data), "extra": key_extra or {}},
+        sort_keys=True,
+    )
+    directory = Path(cache_root) / "caml" / hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    if (directory / "config.json").is_file():
+        return load_artifact(directory)
+    model = meta_train(data, exclude=exclude, cfg=cfg, train=train)
+    save_artifact(model, directory, extra={"key": json.loads(key_src)})
+    return model
+
+
+# ---------------------------------------------------------------- the published checkpoint
+
+
+def load_published_checkpoint(path: str | Path, num_heads: int = 16) -> CAMLSequenceModel:
+    """Load cfifty/CAML's released ``model.pth`` (format in the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FsadError(f"{path}: CAML checkpoint not found; pass the path of the released model.pth")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file for the user
+        raise FsadError(f"{path}: cannot read CAML checkpoint ({exc}); pass the released model.pth") from exc
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    prefix = "transformer_encoder."
+    sd = {k.removeprefix("module.")[len(prefix):]: v for k, v in state.items()
+          if k.removeprefix("module.").startswith(prefix)}
+    if "label_elmes" not in sd or "output_proj.weight" not in sd:
+        raise FsadError(f"{path}: not a CAML checkpoint (no transformer_encoder.label_elmes/output_proj); "
+                        "pass the released CAML model.pth")
+    num_ways, label_dim = sd["label_elmes"].shape
+    hidden = sd["output_proj.weight"].shape[1]
+    layer_ids = sorted({int(k.split(".")[2].removeprefix("encoder_layer_")) for k in sd if k.startswith("encoder.layers.")})
+    mlp_dim = sd[f"encoder.layers.encoder_layer_{layer_ids[0]}.mlp.0.weight"].shape[0]
+    cfg = CAMLConfig(feat_dim=hidden - label_dim, num_ways=num_ways, label_dim=label_dim, proj_dim=None,
+                     num_layers=len(layer_ids), num_heads=num_heads, mlp_dim=mlp_dim, head_hidden=0,
+                     normalise="none")
+    rename = {"ln_1": "norm1", "self_attention": "self_attn", "ln_2": "norm2", "mlp.0": "linear1", "mlp.3": "linear2"}
+    mapped = {"label_elmes": sd["label_elmes"], "elmes_scale": sd["elmes_scale"], "unk_emb": sd["unk_emb"],
+              "head.weight": sd["output_proj.weight"], "encoder.norm.weight": sd["encoder.ln.weight"],
+              "encoder.norm.bias": sd["encoder.ln.bias"]}
+    for k, v in sd.items():
+        if not k.startswith("encoder.layers."):
+            continue
+        _, _, layer, rest = k.split(".", 3)
+        i = int(layer.removeprefix("encoder_layer_"))
+        for old, new in rename.items():
+            if rest.startswith(old + "."):
+                rest = new + rest[len(old):]
+                break
+        mapped[f"encoder.layers.{i}.{rest}"] = v
+    model = CAMLSequenceModel(cfg)
+    model.load_state_dict(mapped, strict=True)
+    model.trained_on = ("published:cfifty/CAML",)
+    return model.eval()

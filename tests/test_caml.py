@@ -1,0 +1,183 @@
+"""CAML: ELMES geometry, in-context learning on unseen Gaussian categories, leave-category-out
+meta-training, artifact reuse, and the published-checkpoint key mapping."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fewshot_core.errors import FsadError
+from fewshot_core.methods.caml import (
+    CAML,
+    CAMLConfig,
+    CAMLSequenceModel,
+    MetaTrainConfig,
+    load_artifact,
+    load_published_checkpoint,
+    meta_train,
+    meta_train_or_load,
+)
+from fewshot_core.methods.elmes import elmes
+
+torch.set_num_threads(1)
+D = 24
+CFG = CAMLConfig(feat_dim=D, num_ways=5, label_dim=16, proj_dim=48, num_layers=2, num_heads=4, mlp_dim=96,
+                 head_hidden=32)
+TRAIN = MetaTrainConfig(steps=150, time_budget_s=120, episodes_per_step=8, seed=0)
+
+
+def _category(rng, n_per=16, n_defects=3):
+    """A 'category': a good cluster plus defect clusters offset from it, all at new random places."""
+    base = rng.standard_normal(D) * 3
+    X, y = [], []
+    for name in ["good"] + [f"defect{i}" for i in range(n_defects)]:
+        mu = base if name == "good" else base + rng.standard_normal(D)
+        X.append(mu + 0.3 * rng.standard_normal((n_per, D)))
+        y += [name] * n_per
+    return np.concatenate(X).astype(np.float32), np.array(y)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    rng = np.random.default_rng(0)
+    return {f"cat{i}": _category(rng) for i in range(7)}
+
+
+@pytest.fixture(scope="module")
+def trained(pool):
+    return meta_train(pool, exclude="cat0", cfg=CFG, train=TRAIN)
+
+
+@pytest.mark.parametrize("c", [2, 4, 5])
+def test_elmes_is_equal_length_and_maximally_equiangular(c):
+    v = elmes(c, 16, seed=3).astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-6)
+    cos = v @ v.T
+    off = cos[~np.eye(c, dtype=bool)]
+    np.testing.assert_allclose(off, -1.0 / (c - 1), atol=1e-6)
+    np.testing.assert_array_equal(v, elmes(c, 16, seed=3))  # fixed by the seed
+
+
+def test_learns_in_context_on_a_held_out_category(trained, pool):
+    X, y = pool["cat0"]
+    accs = []
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        support = np.concatenate([rng.choice(np.flatnonzero(y == c), 2, replace=False) for c in np.unique(y)])
+        query = np.setdiff1d(np.arange(len(y)), support)
+        model = CAML(trained).fit(X[support], y[support])
+        proba = model.predict_proba(X[query])
+        np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-6)
+        accs.append((model.predict(X[query]) == y[query]).mean())
+    print("caml held-out accuracy", np.mean(accs))
+    assert np.mean(accs) > 0.6, accs  # 4 ways: chance 0.25
+
+
+def test_binary_and_imbalanced_episodes(trained, pool):
+    X, y = pool["cat0"]
+    yb = np.where(y == "good", "good", "anomalous")
+    good, bad = np.flatnonzero(yb == "good"), np.flatnonzero(yb != "good")
+    support = np.concatenate([good[:8], bad[:1]])  # 8 good : 1 bad
+    query = np.setdiff1d(np.arange(len(y)), support)
+    pred = CAML(trained).fit(X[support], yb[support]).predict(X[query])
+    from sklearn.metrics import balanced_accuracy_score
+
+    assert balanced_accuracy_score(yb[query], pred) > 0.6
+
+
+def test_meta_training_never_reads_the_evaluated_category(pool, trained):
+    """Same seed, evaluated category replaced by garbage (or dropped): bit-identical weights."""
+    poisoned = dict(pool)
+    poisoned["cat0"] = (np.full_like(pool["cat0"][0], 1e6), pool["cat0"][1][::-1].copy())
+    short = MetaTrainConfig(steps=8, time_budget_s=60, seed=0)
+    a = meta_train(pool, exclude="cat0", cfg=CFG, train=short)
+    b = meta_train(poisoned, exclude="cat0", cfg=CFG, train=short)
+    c = meta_train({k: v for k, v in pool.items() if k != "cat0"}, exclude="cat0", cfg=CFG, train=short)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]) and torch.equal(v, c.state_dict()[k]), k
+    assert "cat0" not in a.trained_on and set(a.trained_on) == {f"cat{i}" for i in range(1, 7)}
+    assert "cat0" not in trained.trained_on
+
+
+def test_exclude_is_required_and_empty_pool_refused(pool):
+    with pytest.raises(ValueError):
+        meta_train(pool, exclude=[], cfg=CFG, train=TRAIN)
+    with pytest.raises(FsadError):
+        meta_train({"cat0": pool["cat0"]}, exclude="cat0", cfg=CFG, train=TRAIN)
+
+
+def test_artifact_saved_and_reloaded_instead_of_retraining(tmp_path, pool, monkeypatch):
+    short = MetaTrainConfig(steps=5, time_budget_s=60, seed=1)
+    first = meta_train_or_load(pool, "cat0", CFG, short, tmp_path, key_extra={"backbone": "x"})
+    (folder,) = (tmp_path / "caml").iterdir()
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["artifact_version"] == 1 and "cat0" not in meta["trained_on"]
+    import fewshot_core.methods.caml as caml_mod
+
+    monkeypatch.setattr(caml_mod, "meta_train", lambda *a, **k: pytest.fail("retrained instead of reloading"))
+    again = meta_train_or_load(pool, "cat0", CFG, short, tmp_path, key_extra={"backbone": "x"})
+    for k, v in first.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k])
+    assert again.trained_on == first.trained_on
+    assert load_artifact(folder).cfg == CFG
+
+
+def test_episode_wider_than_the_model_is_refused(trained):
+    X = np.zeros((6, D), dtype=np.float32)
+    with pytest.raises(FsadError, match="ways"):
+        CAML(trained).fit(X, np.array(list("abcdef")))
+    with pytest.raises(FsadError, match="dim"):
+        CAML(trained).fit(np.zeros((2, D + 1), dtype=np.float32), np.array(["a", "b"]))
+
+
+def test_published_checkpoint_layout_loads_and_matches(tmp_path):
+    """A state dict in cfifty/CAML's key layout (built by hand here, tiny) loads into our model and
+    reproduces their block arithmetic: pre-LN attention + GELU MLP, final LN, output_proj on position 0."""
+    torch.manual_seed(0)
+    feat, lab, hid, mlp, ways, layers = 12, 8, 20, 32, 5, 2
+    sd = {"feature_extractor.w": torch.zeros(1)}
+    p = "transformer_encoder."
+    for i in range(layers):
+        b = f"{p}encoder.layers.encoder_layer_{i}."
+        sd |= {b + "ln_1.weight": torch.rand(hid) + 0.5, b + "ln_1.bias": torch.randn(hid) * 0.1,
+               b + "self_attention.in_proj_weight": torch.randn(3 * hid, hid) * 0.2,
+               b + "self_attention.in_proj_bias": torch.randn(3 * hid) * 0.1,
+               b + "self_attention.out_proj.weight": torch.randn(hid, hid) * 0.2,
+               b + "self_attention.out_proj.bias": torch.randn(hid) * 0.1,
+               b + "ln_2.weight": torch.rand(hid) + 0.5, b + "ln_2.bias": torch.randn(hid) * 0.1,
+               b + "mlp.0.weight": torch.randn(mlp, hid) * 0.2, b + "mlp.0.bias": torch.randn(mlp) * 0.1,
+               b + "mlp.3.weight": torch.randn(hid, mlp) * 0.2, b + "mlp.3.bias": torch.randn(hid) * 0.1}
+    sd |= {p + "encoder.ln.weight": torch.ones(hid), p + "encoder.ln.bias": torch.zeros(hid),
+           p + "unk_emb": torch.randn(1, 1, lab), p + "elmes_scale": torch.ones(1),
+           p + "label_elmes": torch.from_numpy(elmes(ways, lab)), p + "output_proj.weight": torch.randn(ways, hid)}
+    path = tmp_path / "model.pth"
+    torch.save(sd, path)
+    model = load_published_checkpoint(path, num_heads=2)
+    assert (model.cfg.feat_dim, model.cfg.num_ways, model.cfg.num_layers, model.cfg.mlp_dim) == (feat, ways, layers, mlp)
+
+    # Reference forward written from their block definition.
+    q, s, labels = torch.randn(3, feat), torch.randn(4, feat), torch.tensor([0, 1, 1, 0])
+    lab_emb = torch.cat([sd[p + "unk_emb"][0], sd[p + "label_elmes"][labels]])
+    x = torch.cat([torch.cat([q[:, None], s[None].expand(3, 4, feat)], 1), lab_emb[None].expand(3, 5, lab)], -1)
+    ln = lambda t, w, b_: torch.nn.functional.layer_norm(t, (hid,), w, b_, eps=1e-6)  # noqa: E731
+    for i in range(layers):
+        b = f"{p}encoder.layers.encoder_layer_{i}."
+        att = torch.nn.MultiheadAttention(hid, 2, batch_first=True)
+        att.load_state_dict({k.split("self_attention.")[1]: v for k, v in sd.items() if k.startswith(b + "self_attention.")})
+        h = ln(x, sd[b + "ln_1.weight"], sd[b + "ln_1.bias"])
+        x = x + att(h, h, h, need_weights=False)[0]
+        h = ln(x, sd[b + "ln_2.weight"], sd[b + "ln_2.bias"])
+        h = torch.nn.functional.gelu(h @ sd[b + "mlp.0.weight"].T + sd[b + "mlp.0.bias"])
+        x = x + h @ sd[b + "mlp.3.weight"].T + sd[b + "mlp.3.bias"]
+    ref = ln(x, sd[p + "encoder.ln.weight"], sd[p + "encoder.ln.bias"])[:, 0] @ sd[p + "output_proj.weight"].T
+    with torch.no_grad():
+        ours = model(q, s, labels)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+    bad = tmp_path / "other.pth"
+    torch.save({"foo": torch.zeros(1)}, bad)
+    with pytest.raises(FsadError, match="not a CAML checkpoint"):
+        load_published_checkpoint(bad)
+    with pytest.raises(FsadError, match="not found"):
+        load_published_checkpoint(tmp_path / "missing.pth")
