@@ -1,0 +1,264 @@
+"""P>M>F (Hu et al., CVPR 2022): pre-trained backbone > ProtoNet meta-training > per-episode fine-tuning.
+
+The classifier is ProtoNet with a cosine head, ``logits = scale · cos(f(x), c_k)`` (scale 10 as in
+hushell/pmf_cvpr22). Stages here:
+
+* pre-training: whatever backbone is passed (DINO ViT-S/16 in the paper; offline here the bundled
+  EfficientNet-Lite0 ImageNet weights).
+* meta-training (optional, ``meta_train_backbone``): ProtoNet episodes drawn from images of *other*
+  categories, cosine loss, the evaluated category excluded before sampling.
+* fine-tuning (``PMF.fit``): augmented support images act as pseudo-queries against the support's
+  prototypes, a few Adam steps on the whole backbone. The learning rate comes from a small set by the
+  reference implementation's rule: one image per class forms the prototypes, the remaining support
+  images are held out, each candidate lr (and lr = 0, no fine-tuning) is tried from the same start and
+  the best held-out accuracy wins (strictly better than lr = 0). With one shot per class nothing is left
+  to hold out; the reference then keeps lr = 0 (``search_fallback="none"``, the default), or
+  ``"augmented"`` scores the candidates on a fresh augmented draw of the support instead.
+
+Deviations, both for small CPU budgets: BatchNorm layers stay in eval mode (a 2-image batch would wreck
+the running statistics), and steps are bounded by ``steps`` and by a wall-time budget
+(``time_budget_s``, recorded in ``fit_info_``; hitting it makes the result depend on machine speed).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot_core.errors import FsadError
+
+
+def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled pre-logit embedding of a timm model (or the output of any other module)."""
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+    return model(x)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, prob: float = 0.9) -> torch.Tensor:
+    """DiffAugment-style colour jitter + translation (≤ 1/8 of the side), drawn from ``gen``."""
+    if float(torch.rand((), generator=gen)) >= prob:
+        return x
+    n = x.shape[0]
+    r = lambda *s: torch.rand(*s, generator=gen, dtype=x.dtype)  # noqa: E731
+    x = x + (r(n, 1, 1, 1) - 0.5)  # brightness
+    mean = x.mean(dim=1, keepdim=True)
+    x = (x - mean) * (r(n, 1, 1, 1) * 2) + mean  # saturation
+    mean = x.mean(dim=[1, 2, 3], keepdim=True)
+    x = (x - mean) * (r(n, 1, 1, 1) + 0.5) + mean  # contrast
+    h, w = x.shape[-2:]
+    max_dy, max_dx = h // 8, w // 8
+    out = torch.zeros_like(x)
+    for i in range(n):
+        dy = int(torch.randint(-max_dy, max_dy + 1, (), generator=gen))
+        dx = int(torch.randint(-max_dx, max_dx + 1, (), generator=gen))
+        ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+        xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+        out[i, :, yd, xd] = x[i, :, ys, xs]
+    return out
+
+
+def _prototypes(feats: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    onehot = F.one_hot(y, n_classes).to(feats.dtype)  # [n, C]
+    return (onehot.T @ feats) / onehot.sum(0)[:, None]
+
+
+def cosine_logits(feats: torch.Tensor, protos: torch.Tensor, scale: float) -> torch.Tensor:
+    return scale * F.normalize(feats, dim=1) @ F.normalize(protos, dim=1).T
+
+
+def _freeze_bn(model: nn.Module) -> nn.Module:
+    model.eval()  # BN uses running statistics; gradients still flow to every weight
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _steps(model, x_proto, y_proto, x_pseudo, y_pseudo, n_classes, lr, steps, scale, gen, aug_prob, deadline):
+    """Adam steps of the P>M>F loss: prototypes from ``x_proto``, augmented ``x_pseudo`` as queries."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    done = 0
+    for _ in range(steps):
+        if time.perf_counter() > deadline:
+            break
+        z = augment(x_pseudo, gen, aug_prob)
+        protos = _prototypes(embed(model, x_proto), y_proto, n_classes)
+        loss = F.cross_entropy(cosine_logits(embed(model, z), protos, scale), y_pseudo)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        done += 1
+    return done
+
+
+class PMF:
+    """Fine-tuning ProtoNet over images. ``fit(images [n,3,H,W], labels)``, ``predict_proba(images)``."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        steps: int = 20,
+        search_steps: int | None = None,
+        lr_candidates: Iterable[float] = (1e-2, 1e-3, 1e-4),
+        scale: float = 10.0,
+        aug_prob: float = 0.9,
+        time_budget_s: float = 120.0,
+        search_fallback: str = "none",
+        seed: int = 0,
+        batch_size: int = 32,
+    ):
+        if search_fallback not in ("none", "augmented"):
+            raise ValueError(f"search_fallback must be 'none' or 'augmented', got {search_fallback!r}")
+        self.backbone = backbone
+        self.steps = int(steps)
+        self.search_steps = self.steps if search_steps is None else int(search_steps)
+        self.lr_candidates = tuple(float(v) for v in lr_candidates)
+        self.scale = float(scale)
+        self.aug_prob = aug_prob
+        self.time_budget_s = float(time_budget_s)
+        self.search_fallback = search_fallback
+        self.seed = seed
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def _embed_batched(self, model, x):
+        return torch.cat([embed(model, x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
+
+    def _accuracy(self, model, x_proto, y_proto, x_eval, y_eval, n_classes) -> float:
+        protos = _prototypes(self._embed_batched(model, x_proto), y_proto, n_classes)
+        pred = cosine_logits(self._embed_batched(model, x_eval), protos, self.scale).argmax(1)
+        return float((pred == y_eval).float().mean())
+
+    def fit(self, images: torch.Tensor, labels) -> "PMF":
+        x = torch.as_tensor(images, dtype=torch.float32)
+        labels = np.asarray(labels)
+        if x.ndim != 4 or len(x) != len(labels):
+            raise ValueError(f"expected images [n, 3, H, W] and labels [n], got {tuple(x.shape)}, {labels.shape}")
+        self.classes_ = np.unique(labels)
+        n_classes = len(self.classes_)
+        y = torch.from_numpy(np.searchsorted(self.classes_, labels).astype(np.int64))
+        gen = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        start = time.perf_counter()
+        deadline = start + self.time_budget_s
+
+        # lr search (reference rule): one image per class -> prototypes, the rest -> held-out.
+        rng = np.random.default_rng(self.seed)
+        proto_idx = np.array([rng.choice(np.flatnonzero(y.numpy() == c)) for c in range(n_classes)])
+        rest = np.setdiff1d(np.arange(len(y)), proto_idx)
+        x_p, y_p = x[proto_idx], y[proto_idx]
+        if len(rest):
+            x_eval, y_eval, p_x, p_y = x[rest], y[rest], x_p, y_p
+        elif self.search_fallback == "augmented":
+            eval_gen = torch.Generator().manual_seed(self.seed + 1)
+            x_eval, y_eval, p_x, p_y = augment(x, eval_gen, prob=1.0), y, x, y
+        else:
+            x_eval = None
+        scores = {}
+        best_lr = 0.0
+        if x_eval is not None and self.lr_candidates:
+            model = _freeze_bn(copy.deepcopy(self.backbone))
+            best = scores[0.0] = self._accuracy(model, p_x, p_y, x_eval, y_eval, n_classes)
+            for lr in self.lr_candidates:
+                model = _freeze_bn(copy.deepcopy(self.backbone))
+                _steps(model, p_x, p_y, p_x, p_y, n_classes, lr, self.search_steps, self.scale, gen,
+                       self.aug_prob, deadline)
+                scores[lr] = self._accuracy(model, p_x, p_y, x_eval, y_eval, n_classes)
+                if scores[lr] > best:
+                    best, best_lr = scores[lr], lr
+                if time.perf_counter() > deadline:
+                    break
+
+        model = _freeze_bn(copy.deepcopy(self.backbone))
+        done = 0
+        if best_lr > 0:
+            done = _steps(model, x, y, x, y, n_classes, best_lr, self.steps, self.scale, gen, self.aug_prob, deadline)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model_ = model
+        self.prototypes_ = _prototypes(self._embed_batched(model, x), y, n_classes)
+        self.fit_info_ = {
+            "lr": best_lr, "lr_scores": {str(k): v for k, v in scores.items()}, "steps_done": done,
+            "seconds": round(time.perf_counter() - start, 2), "budget_hit": time.perf_counter() > deadline,
+        }
+        return self
+
+    def decision_function(self, images) -> np.ndarray:
+        x = torch.as_tensor(images, dtype=torch.float32)
+        return cosine_logits(self._embed_batched(self.model_, x), self.prototypes_, self.scale).double().numpy()
+
+    def predict_log_proba(self, images) -> np.ndarray:
+        z = self.decision_function(images)
+        return z - np.logaddexp.reduce(z, axis=1, keepdims=True)
+
+    def predict_proba(self, images) -> np.ndarray:
+        return np.exp(self.predict_log_proba(images))
+
+    def predict(self, images) -> np.ndarray:
+        return self.classes_[np.argmax(self.decision_function(images), axis=1)]
+
+
+def meta_train_backbone(
+    backbone: nn.Module,
+    pool: Mapping[str, tuple[torch.Tensor, np.ndarray]],
+    exclude: str | Iterable[str],
+    steps: int = 50,
+    lr: float = 1e-4,
+    shots: int = 2,
+    queries: int = 2,
+    scale: float = 10.0,
+    time_budget_s: float = 300.0,
+    seed: int = 0,
+) -> nn.Module:
+    """The optional "M" stage: ProtoNet episodes (cosine loss) from other categories' images.
+
+    ``pool`` maps category -> (preprocessed images [n,3,H,W], labels [n]); ``exclude`` is dropped
+    before anything is read. Returns a fine-tuned copy with ``trained_on`` listing the categories used.
+    """
+    excluded = {exclude} if isinstance(exclude, str) else set(exclude)
+    if not excluded:
+        raise ValueError("meta_train_backbone needs the evaluated category in `exclude`")
+    cats = sorted(c for c in pool.keys() if c not in excluded)
+    data = {c: (torch.as_tensor(pool[c][0], dtype=torch.float32), np.asarray(pool[c][1]).astype(str)) for c in cats}
+    data = {c: v for c, v in data.items() if (np.unique(v[1], return_counts=True)[1] >= shots + 1).sum() >= 2}
+    if not data:
+        raise FsadError("pmf: no other category with two classes of enough images to meta-train on; "
+                        "add categories to the pool or skip meta-training")
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = _freeze_bn(copy.deepcopy(backbone))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    deadline = time.perf_counter() + time_budget_s
+    names = list(data)
+    done = 0
+    for _ in range(steps):
+        if time.perf_counter() > deadline:
+            break
+        x, y = data[names[int(rng.integers(len(names)))]]
+        classes = [c for c, k in zip(*np.unique(y, return_counts=True)) if k >= shots + 1]
+        s_idx, s_lab, q_idx, q_lab = [], [], [], []
+        for pos, c in enumerate(classes):
+            idx = rng.permutation(np.flatnonzero(y == c))
+            s_idx += idx[:shots].tolist(); s_lab += [pos] * shots
+            q = idx[shots : shots + queries].tolist(); q_idx += q; q_lab += [pos] * len(q)
+        protos = _prototypes(embed(model, x[s_idx]), torch.tensor(s_lab), len(classes))
+        logits = cosine_logits(embed(model, augment(x[q_idx], gen)), protos, scale)
+        loss = F.cross_entropy(logits, torch.tensor(q_lab))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        done += 1
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.trained_on = tuple(names)
+    model.meta_steps_done = done
+    return model
