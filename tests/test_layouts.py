@@ -10,7 +10,13 @@ import yaml
 
 from _builders import build_folder_layout, write_image
 from fewshot_core.data import LayoutConfig, load_dataset
-from fewshot_core.data.layouts import add_layout_arguments, holdout_split, scan_layout, source_from_args
+from fewshot_core.data.layouts import (
+    add_layout_arguments,
+    dataset_from_args,
+    holdout_split,
+    scan_layout,
+    source_from_args,
+)
 from fewshot_core.errors import FsadError
 
 
@@ -132,3 +138,23 @@ def test_missing_folders_reported_together(tmp_path):
     cfg = LayoutConfig(good_dir="ok", defect_dirs=["nok/a", "nok/b"], base=tmp_path, mask_dir="masks")
     problems = scan_layout(cfg).problems
     assert len(problems) == 4 and all("folder not found" in p for p in problems)
+
+
+def test_dataset_from_args_for_other_commands(tmp_path):
+    """What ``fsad embed``/``evaluate`` call: any of the three source forms gives the Dataset."""
+    from _builders import build_mvtec_category
+
+    build_mvtec_category(tmp_path / "root", "widget")
+    build_folder_layout(tmp_path / "own", defects={"scratch": 1})
+    cfg = _yaml(tmp_path / "own", good_dir="ok", defect_dirs=["nok/scratch"])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("root", nargs="?", type=Path)
+    parser.add_argument("--category")
+    add_layout_arguments(parser)
+    assert dataset_from_args(parser.parse_args([str(tmp_path / "root"), "--category", "widget"])).category == "widget"
+    assert dataset_from_args(parser.parse_args(["--layout-config", str(cfg)])).category == "part"
+    assert dataset_from_args(parser.parse_args(["--layout-config", str(cfg), "--category", "part"])).category == "part"
+    with pytest.raises(FsadError, match="declares category 'part'"):
+        dataset_from_args(parser.parse_args(["--layout-config", str(cfg), "--category", "x"]))
+    own = ["--good-dir", str(tmp_path / "own/ok"), "--defect-dir", str(tmp_path / "own/nok/scratch")]
+    assert dataset_from_args(parser.parse_args([*own, "--category", "x"])).category == "x"

@@ -85,6 +85,25 @@ def test_layout_grayscale_two_defect_folders(tmp_path):
     assert len(rep.problems) == 1 and "dent_00_mask.png: mask is 32x32" in rep.problems[0]
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "I;16", "L"])
+def test_non_rgb_datasets_validate_and_read_as_rgb(tmp_path, mode):
+    from fewshot_core.data import load_category
+    from fewshot_core.data.imageio import load_rgb
+
+    build_mvtec_category(tmp_path, "m", n_train=2, n_test_good=1, defects={"d": 1}, mode=mode)
+    assert validate(tmp_path).ok
+    for r in load_category(tmp_path, "m").records:
+        img = load_rgb(r.path)
+        assert img.mode == "RGB" and img.size == (32, 32)
+
+
+def test_empty_mask_is_a_warning(tmp_path):
+    cat = build_mvtec_category(tmp_path, "w", defects={"d": 1})
+    write_mask(cat / "ground_truth/d/000_mask.png", box=(0, 0, 0, 0))
+    rep = validate(tmp_path)
+    assert rep.ok and len(rep.warnings) == 1 and "000_mask.png: mask is empty" in rep.warnings[0]
+
+
 def test_unusable_source_raises(tmp_path):
     with pytest.raises(FsadError, match="not found"):
         validate(tmp_path / "missing")

@@ -5,7 +5,7 @@ Validation (``fewshot_core.data.validate``) and the Parquet manifest (``fewshot_
 are imported on demand to keep this import light.
 """
 
-from fewshot_core.data.layouts import LayoutConfig, load_dataset, load_datasets
+from fewshot_core.data.layouts import LayoutConfig, dataset_from_args, load_dataset, load_datasets
 from fewshot_core.data.mvtec import Dataset, list_categories, load_category
 from fewshot_core.data.records import GOOD, ImageRecord
 
@@ -14,6 +14,7 @@ __all__ = [
     "Dataset",
     "ImageRecord",
     "LayoutConfig",
+    "dataset_from_args",
     "list_categories",
     "load_category",
     "load_dataset",

@@ -325,3 +325,15 @@ def source_from_args(args: argparse.Namespace, root_attr: str = "root"):
         seed=0 if args.holdout_seed is None else args.holdout_seed,
         origin="flags",
     )
+
+
+def dataset_from_args(args: argparse.Namespace, root_attr: str = "root") -> Dataset:
+    """The one ``Dataset`` a command's flags name: ROOT + ``--category``, ``--layout-config`` or layout flags.
+
+    With a layout, ``--category`` (if the command has it) must match the layout's name or is its name.
+    """
+    source = source_from_args(args, root_attr)
+    category = getattr(args, "category", None)
+    if isinstance(source, LayoutConfig) and source.origin == "flags":
+        category = None  # already used as the layout's name
+    return load_dataset(source, category)
