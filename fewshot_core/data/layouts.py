@@ -280,7 +280,7 @@ def load_datasets(source, category: str | None = None) -> list[Dataset]:
 def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags declaring a non-MVTec dataset; use with a positional ROOT given ``nargs='?'``."""
     g = parser.add_argument_group("own data layout (instead of an MVTec ROOT)")
-    g.add_argument("--layout-config", metavar="FILE.yaml", help="YAML declaring the folders (see fsad docs)")
+    g.add_argument("--layout-config", metavar="FILE.yaml", help="YAML declaring the folders (keys: name, good_dir, test_good_dir, defect_dirs, mask_dir, mask_suffix, holdout, seed)")
     g.add_argument("--good-dir", metavar="DIR", help="folder of good training images")
     g.add_argument("--test-good-dir", metavar="DIR", help="folder of good test images (default: hold out a share)")
     g.add_argument("--defect-dir", metavar="DIR", action="append", default=None,
