@@ -1,0 +1,128 @@
+"""timm backbones with resolved weights: the full model (for fine-tuning methods) and a frozen extractor."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fewshot_core.backbones.weights import RANDOM_SEED, WeightsInfo, load_weights, resolve_weights
+from fewshot_core.errors import FsadError
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise FsadError(f"--device {device}: not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FsadError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def _timm_model(name: str, info: WeightsInfo) -> nn.Module:
+    import timm
+
+    try:
+        if info.source == "timm":  # timm applies its own checkpoint filters to its downloads
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": info.path})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)  # "random" weights are a seeded, reproducible init
+            model = timm.create_model(name, pretrained=False)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise FsadError(f"{name}: unknown timm backbone; pick a name from timm.list_models()") from None
+        raise
+    load_weights(model, info)
+    return model
+
+
+def create_model(name: str = DEFAULT_BACKBONE, weights="auto", device=None) -> nn.Module:
+    """The full timm model with resolved weights, in eval mode; ``model.fsad_weights`` is its ``WeightsInfo``."""
+    info = resolve_weights(name, weights)
+    model = _timm_model(name, info).eval().to(resolve_device(device))
+    model.fsad_weights = info
+    return model
+
+
+def default_layers(feature_info: list[dict]) -> tuple[int, int]:
+    """PatchCore's choice: the two mid-level stages, i.e. those at stride 8 and 16 when the model has them."""
+    reductions = [int(f["reduction"]) for f in feature_info]
+    if 8 in reductions and 16 in reductions:
+        return reductions.index(8), reductions.index(16)
+    mid = len(feature_info) // 2  # e.g. ViTs: every block has stride 16; take two from the middle
+    return max(mid - 1, 0), mid
+
+
+def stage_info(name: str) -> list[dict]:
+    """``feature_info`` of ``name`` without allocating weights (built on the meta device)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise FsadError(f"{name}: unknown timm backbone; pick a name from timm.list_models()") from None
+        raise
+    return [dict(f) for f in model.feature_info]
+
+
+def resolve_layers(name: str, layers=None) -> tuple[int, ...]:
+    """Validated stage indices for ``name`` (``None`` -> ``default_layers``)."""
+    infos = stage_info(name)
+    chosen = tuple(int(i) for i in (layers if layers is not None else default_layers(infos)))
+    if not chosen or any(i < 0 or i >= len(infos) for i in chosen) or list(chosen) != sorted(set(chosen)):
+        raise FsadError(f"{name}: layers {list(chosen)} invalid; choose increasing stage indices "
+                        f"0..{len(infos) - 1} (strides {[f['reduction'] for f in infos]})")
+    return chosen
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen backbone returning the feature maps of the chosen stages (indices into ``model.feature_info``).
+
+    Built on timm's ``forward_intermediates`` so one pass yields both the stage maps and the pooled
+    pre-classifier embedding (``forward_with_global``).
+    """
+
+    def __init__(self, model: nn.Module, layers, name: str, weights: WeightsInfo):
+        super().__init__()
+        infos = [dict(f) for f in model.feature_info]
+        self.layers = resolve_layers(name, layers)
+        self.model = model
+        self.name = name
+        self.weights = weights
+        self.feature_info = [infos[i] for i in self.layers]
+        self.global_dim = int(getattr(model, "num_features", 0))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):  # frozen: BatchNorm statistics must never update
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.forward_intermediates(batch, indices=list(self.layers), intermediates_only=True,
+                                                stop_early=True)
+
+    def forward_with_global(self, batch: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Stage maps and the pooled pre-classifier embedding [B, D] from a single forward pass."""
+        final, maps = self.model.forward_intermediates(batch, indices=list(self.layers))
+        return maps, self.model.forward_head(final, pre_logits=True)
+
+
+def create_extractor(name: str = DEFAULT_BACKBONE, layers=None, weights="auto", device=None,
+                     weights_info: WeightsInfo | None = None) -> FeatureExtractor:
+    """Frozen feature extractor for ``name`` (default layers: stride 8 and 16 stages)."""
+    info = weights_info or resolve_weights(name, weights)
+    resolve_layers(name, layers)  # fail on bad layers before loading any weights
+    model = _timm_model(name, info)
+    if not hasattr(model, "forward_intermediates"):
+        raise FsadError(f"{name}: this timm model has no forward_intermediates; choose another backbone")
+    return FeatureExtractor(model, layers, name, info).to(resolve_device(device))
