@@ -1,0 +1,76 @@
+"""LDKNN, the local-density kNN of REB (Lyu et al., "Reducing Biases in representation", §3.3-3.4).
+
+Follows the authors' code (ShuaiLYU/REB, ``NNHead`` with ``NN_Type.ldknn``):
+
+* fit: bank = the support patches (optionally a coreset of them); for every bank feature m, the local
+  density LD(m) = mean squared L2 distance to its K nearest neighbours among *all* support patches,
+  m itself excluded (it is its own nearest neighbour at distance 0, so the first of K + 1 is dropped);
+* score: patch score = d²(x, m*) - λ · LD(m*), m* the nearest bank feature of x (``ld_form="difference"``,
+  the authors' form); ``ld_form="ratio"`` is the ablation d²(x, m*) / LD(m*)^λ;
+* image score = maximum of the 3 x 3 average-pooled patch map (stride 3, torch's default there).
+
+λ = ``ld_coef`` (1 by default), K = ``k`` (5; REB sweeps 3-11). With λ = 0 the patch map is exactly the
+1-NN squared distance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fewshot_core.methods.base import OneClassMethod, pooled_max, as_patch_array
+from fewshot_core.methods.knn import build_bank
+from fewshot_core.methods.nn_search import NearestNeighbors
+
+LD_FORMS = ("difference", "ratio")
+_RATIO_EPS = 1e-12  # LD is 0 for a patch with an exact duplicate; keeps the ratio finite
+
+
+class LDKNN(OneClassMethod):
+    name = "ldknn"
+
+    def __init__(self, k: int = 5, ld_coef: float = 1.0, ld_form: str = "difference", pool: int = 3,
+                 coreset_ratio: float = 1.0, min_bank: int = 10_000, index: str = "flat", use_gpu="auto",
+                 seed: int = 0):
+        if ld_form not in LD_FORMS:
+            raise ValueError(f"ld_form must be one of {LD_FORMS}, got {ld_form!r}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        super().__init__(k=k, ld_coef=ld_coef, ld_form=ld_form, pool=pool, coreset_ratio=coreset_ratio,
+                         min_bank=min_bank, index=index, use_gpu=use_gpu, seed=seed)
+
+    def _index(self, data: np.ndarray) -> NearestNeighbors:
+        return NearestNeighbors(self.params["index"], self.params["use_gpu"], seed=self.params["seed"]).fit(data)
+
+    def fit(self, support) -> LDKNN:
+        everything, bank = build_bank(support, self.params)
+        self.bank_ = np.array(bank, copy=True)
+        self.nn_ = self._index(self.bank_)
+        full = self.nn_ if bank is everything else self._index(everything)
+        sq, _ = full.search(self.bank_, self.params["k"] + 1)
+        neighbours = sq[:, 1:] if sq.shape[1] > 1 else sq  # a one-patch support has no other neighbour
+        self.ld_ = neighbours.mean(1).astype(np.float32)
+        self.fitted_ = True
+        return self
+
+    def score(self, query) -> tuple[np.ndarray, np.ndarray]:
+        self._check_fitted()
+        q = as_patch_array(query, "query")
+        m, h, w, d = q.shape
+        sq, idx = self.nn_.search(q.reshape(-1, d), 1)
+        dist, ld = sq[:, 0], self.ld_[idx[:, 0]]
+        lam = self.params["ld_coef"]
+        if self.params["ld_form"] == "difference":
+            patch = dist - lam * ld if lam else dist
+        else:
+            patch = dist / np.maximum(ld, _RATIO_EPS) ** lam if lam else dist
+        patch = patch.astype(np.float32).reshape(m, h, w)
+        return pooled_max(patch, self.params["pool"]), patch
+
+    def _state(self):
+        return {"bank": self.bank_, "ld": self.ld_}
+
+    def _set_state(self, state):
+        self.bank_ = np.ascontiguousarray(state["bank"], dtype=np.float32)
+        self.ld_ = np.asarray(state["ld"], dtype=np.float32)
+        self.nn_ = self._index(self.bank_)
+        self.fitted_ = True

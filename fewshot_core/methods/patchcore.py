@@ -1,0 +1,75 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
+
+Memory bank = greedy coreset of the support patch features; patch score = Euclidean distance to the
+nearest bank feature (faiss); image score = the largest patch score re-weighted by how isolated its
+nearest bank feature m* is (paper Eq. 7, as anomalib implements it; patchcore-inspection omits it):
+
+    s = (1 - softmax_j(||m_test,* - n_j||)[m*]) · s*,  n_j over the b nearest bank features of m*
+
+with b = ``num_neighbors`` (9); b = 1 gives the plain maximum.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fewshot_core.methods.base import OneClassMethod, as_patch_array
+from fewshot_core.methods.coreset import approximate_greedy_coreset, coreset_size
+from fewshot_core.methods.nn_search import NearestNeighbors
+
+
+class PatchCore(OneClassMethod):
+    name = "patchcore"
+
+    def __init__(self, coreset_ratio: float = 0.1, min_bank: int = 10_000, num_neighbors: int = 9,
+                 proj_dim: int = 128, n_starts: int = 10, index: str = "flat", use_gpu="auto", seed: int = 0):
+        super().__init__(coreset_ratio=coreset_ratio, min_bank=min_bank, num_neighbors=num_neighbors,
+                         proj_dim=proj_dim, n_starts=n_starts, index=index, use_gpu=use_gpu, seed=seed)
+        coreset_size(1, coreset_ratio, 0)  # validates the ratio early
+
+    def fit(self, support) -> PatchCore:
+        feats = as_patch_array(support, "support")
+        flat = feats.reshape(-1, feats.shape[-1])
+        p = self.params
+        keep = coreset_size(len(flat), p["coreset_ratio"], p["min_bank"])
+        idx = approximate_greedy_coreset(flat, keep, p["proj_dim"], p["n_starts"], seed=p["seed"])
+        self.bank_ = flat[np.sort(idx)] if keep < len(flat) else flat.copy()
+        self._build_index()
+        return self
+
+    def _build_index(self) -> None:
+        p = self.params
+        self.nn_ = NearestNeighbors(p["index"], p["use_gpu"], seed=p["seed"]).fit(self.bank_)
+        self.fitted_ = True
+
+    def score(self, query) -> tuple[np.ndarray, np.ndarray]:
+        self._check_fitted()
+        q = as_patch_array(query, "query")
+        m, h, w, d = q.shape
+        flat = q.reshape(-1, d)
+        sq, nn_idx = self.nn_.search(flat, 1)
+        patch = np.sqrt(sq[:, 0]).reshape(m, h * w)
+        return self._image_scores(patch, nn_idx[:, 0].reshape(m, h * w), flat.reshape(m, h * w, d)), \
+            patch.reshape(m, h, w)
+
+    def _image_scores(self, patch: np.ndarray, nn_idx: np.ndarray, q: np.ndarray) -> np.ndarray:
+        b = min(self.params["num_neighbors"], len(self.bank_))
+        rows = np.arange(len(patch))
+        star = patch.argmax(1)  # m_test,* : the patch farthest from the bank
+        s_star = patch[rows, star]
+        if b <= 1:
+            return s_star
+        m_star = nn_idx[rows, star]
+        _, support = self.nn_.search(self.bank_[m_star], b)  # N_b(m*), m* itself first
+        test = torch.from_numpy(q[rows, star])[:, None]  # [m, 1, d]
+        dists = torch.cdist(test, torch.from_numpy(self.bank_[support]))[:, 0]  # [m, b]
+        weights = 1.0 - torch.softmax(dists.double(), dim=1)[:, 0].numpy()
+        return (weights * s_star).astype(np.float32)
+
+    def _state(self):
+        return {"bank": self.bank_}
+
+    def _set_state(self, state):
+        self.bank_ = np.ascontiguousarray(state["bank"], dtype=np.float32)
+        self._build_index()
