@@ -1,0 +1,16 @@
+"""Features: PatchCore patch features, global embeddings and the on-disk feature store."""
+
+from fewshot_core.features.extract import embed_batch, iter_embeddings
+from fewshot_core.features.patch import local_aggregate, patch_features
+from fewshot_core.features.store import FeaturePartition, FeatureStore, dataset_fingerprint, partition_key
+
+__all__ = [
+    "FeaturePartition",
+    "FeatureStore",
+    "dataset_fingerprint",
+    "embed_batch",
+    "iter_embeddings",
+    "local_aggregate",
+    "partition_key",
+    "patch_features",
+]
