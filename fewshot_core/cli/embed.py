@@ -1,0 +1,63 @@
+"""``fsad embed``: build (or reuse) the feature-store partition of one category."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fewshot_core.backbones import DEFAULT_BACKBONE
+from fewshot_core.errors import FsadError
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give stage indices like 2,3") from None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("embed", help="extract and cache patch + global features for one category",
+                              description="Embed every image of a category (train and test) once into the "
+                                          "feature store; a second call returns the cached partition.")
+    p.add_argument("root", type=Path, help="dataset root holding <category>/train, <category>/test")
+    p.add_argument("--category", required=True)
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm model name (default {DEFAULT_BACKBONE})")
+    p.add_argument("--image-size", type=int, default=256, help="square resize, no crop (default 256)")
+    p.add_argument("--layers", type=_layers, default=None,
+                   help="stage indices into the backbone's feature_info, e.g. 2,3 (default: stride 8 and 16)")
+    p.add_argument("--patch-dim", type=int, default=None,
+                   help="reduce patch features to this many dims (default: keep the concatenation)")
+    p.add_argument("--weights", default="auto",
+                   help="auto (bundled Lite0-2 or timm download), a local checkpoint PATH, or random")
+    p.add_argument("--store", type=Path, default=None, help="feature store folder (default $FSAD_HOME/features)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=2, help="image decoding processes (0 = in-process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from fewshot_core.data.mvtec import load_category
+    from fewshot_core.features.store import FeatureStore
+
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise FsadError(f"--batch-size {args.batch_size} / --num-workers {args.num_workers}: "
+                        f"need batch size >= 1 and workers >= 0")
+    dataset = load_category(args.root, args.category)
+    store = FeatureStore(args.store)
+    part = store.build(dataset, backbone=args.backbone, image_size=args.image_size, layers=args.layers,
+                       weights=args.weights, batch_size=args.batch_size, num_workers=args.num_workers,
+                       device=args.device, progress=not args.no_progress, patch_dim=args.patch_dim)
+    meta = part.meta
+    shape = f"grid {part.grid[0]}x{part.grid[1]} (stride {part.stride}) x {part.patch_dim}-d patches, {meta['global_dim']}-d global"
+    flag = "  [RANDOM WEIGHTS]" if part.is_random else ""
+    if part.cache_hit:
+        print(f"cache hit: {part.key} ({len(part)} images, {shape}) already at {part.path}; nothing recomputed{flag}")
+    else:
+        build = meta["build"]
+        print(f"built {part.key}: {len(part)} images in {build['seconds']:.1f} s = {build['images_per_s']:.2f} images/s "
+              f"on {build['device']}; {shape}; weights {meta['weights']['source']} "
+              f"sha256 {str(meta['weights']['sha256'])[:12]}; -> {part.path}{flag}")
+    return 0
