@@ -1,0 +1,275 @@
+"""The supervised few-shot protocol (the thesis): labelled good + defective shots, classify the rest.
+
+One episode (``fewshot_core.episodes.sample_supervised``) -> one row of metrics. Methods:
+
+* ``protonet`` (``distance`` euclidean|cosine, ``temperature``) and ``caml`` on the store's global
+  embeddings [n, D];
+* ``pmf`` on images, re-read from the dataset and preprocessed for the store's backbone (fine-tuning
+  needs pixels, not cached features);
+* ``patchcore`` / ``ldknn`` (one-class, binary mode only) on the store's patch features, fitted on
+  the *good* shots only. Their image score becomes a probability by a logistic calibration on the
+  support (see ``OneClassAsSupervised``); the bad shots never enter the memory bank. AUROC does not
+  depend on the calibration.
+
+Binary AUROC ranks by the anomaly log-odds ``log P(not good) − log P(good)``, a monotone function of
+1 − P(good) that does not saturate to ties when the probabilities round to 0 or 1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+from scipy.special import log_expit, logsumexp
+
+from fewshot_core.data.records import GOOD
+from fewshot_core.episodes import SupervisedEpisode, sample_supervised
+from fewshot_core.errors import FsadError
+from fewshot_core.metrics.classification import classification_metrics, confusion
+
+SUPERVISED_METHODS = ("protonet", "pmf", "caml")
+ONE_CLASS_METHODS = ("patchcore", "ldknn")
+METHODS = SUPERVISED_METHODS + ONE_CLASS_METHODS
+
+
+class OneClassAsSupervised:
+    """A one-class method under the supervised protocol (binary only).
+
+    The memory bank holds the good shots only. The score s becomes P(anomalous) = σ((s − t) / τ):
+    t is the midpoint between the median leave-one-out score of the good shots (each scored by a bank
+    of the other good shots, so it is an out-of-bank score like a query's) and the median score of the
+    bad shots; τ is a quarter of their gap. With a single good shot there is no leave-one-out score and
+    t = median(bad) / 2 (a good query is assumed to score near 0); with no bad shot t = max(LOO).
+    """
+
+    def __init__(self, name: str, params: dict | None = None):
+        self.name = name
+        self.params = dict(params or {})
+
+    def _new(self):
+        from fewshot_core.methods import get_method
+
+        return get_method(self.name, **self.params)
+
+    def fit(self, patches: np.ndarray, labels) -> "OneClassAsSupervised":
+        labels = np.asarray(labels)
+        self.classes_ = np.unique(labels)
+        if GOOD not in self.classes_ or len(self.classes_) > 2:
+            raise FsadError(f"{self.name}: the supervised protocol runs one-class methods in binary mode with good "
+                            "shots; use --label-mode binary")
+        good = np.flatnonzero(labels == GOOD)
+        bad = np.flatnonzero(labels != GOOD)
+        self.method_ = self._new().fit(patches[good])
+        loo = np.array([self._new().fit(patches[np.delete(good, i)]).score(patches[good[i : i + 1]])[0][0]
+                        for i in range(len(good))]) if len(good) >= 2 else np.array([])
+        bad_scores = self.method_.score(patches[bad])[0] if len(bad) else np.array([])
+        if len(loo) and len(bad_scores):
+            lo, hi = float(np.median(loo)), float(np.median(bad_scores))
+        elif len(bad_scores):
+            lo, hi = 0.0, float(np.median(bad_scores))
+        elif len(loo):
+            lo = hi = float(np.max(loo))
+        else:
+            raise FsadError(f"{self.name}: one good shot and no bad shot leave nothing to calibrate a threshold; "
+                            "use k_good >= 2 or k_bad >= 1")
+        self.threshold_ = (lo + hi) / 2
+        gap = abs(hi - lo) if hi != lo else (np.std(loo) if len(loo) > 1 else abs(hi))
+        self.scale_ = max(float(gap) / 4, 1e-6 * (abs(self.threshold_) + 1.0))
+        self.fit_info_ = {"threshold": self.threshold_, "scale": self.scale_, "n_bank_images": int(len(good))}
+        return self
+
+    def anomaly_logit(self, patches) -> np.ndarray:
+        return (np.asarray(self.method_.score(patches)[0], dtype=np.float64) - self.threshold_) / self.scale_
+
+    def predict_log_proba(self, patches) -> np.ndarray:
+        z = self.anomaly_logit(patches)
+        cols = {GOOD: log_expit(-z)}
+        out = np.empty((len(z), len(self.classes_)))
+        for j, c in enumerate(self.classes_):
+            out[:, j] = cols.get(c, log_expit(z))
+        return out
+
+    def predict_proba(self, patches) -> np.ndarray:
+        return np.exp(self.predict_log_proba(patches))
+
+
+# ---------------------------------------------------------------- inputs and method construction
+
+
+def _images(dataset, ids, backbone: str, image_size: int, cache: dict):
+    """Preprocessed image tensors [n, 3, S, S] for P>M>F, decoded once per (backbone, size)."""
+    import torch
+
+    from fewshot_core.backbones import build_transform
+    from fewshot_core.data.imageio import load_rgb
+
+    store = cache.setdefault(("images", backbone, image_size), {})
+    missing = [i for i in ids if i not in store]
+    if missing:
+        transform = build_transform(backbone, image_size)
+        for i in missing:
+            store[i] = transform(load_rgb(dataset.by_id(i).path, max_side=4 * image_size))
+    return torch.stack([store[i] for i in ids])
+
+
+def caml_pool(pairs: Iterable[tuple]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Meta-training pool for CAML from (dataset, partition) pairs of *other* categories: every image's
+    global embedding labelled ``good`` or its defect type."""
+    pool = {}
+    for dataset, partition in pairs:
+        ids = [r.image_id for r in dataset.records]
+        labels = np.array([GOOD if r.label == 0 else r.defect_type for r in dataset.records])
+        pool[dataset.category] = (partition.global_(ids), labels)
+    return pool
+
+
+def _caml_model(dataset, partition, params: dict, cache: dict):
+    from fewshot_core.methods.caml import CAMLConfig, MetaTrainConfig, load_published_checkpoint, meta_train_or_load
+    from fewshot_core.paths import default_work_dir
+
+    key = ("caml", json.dumps({k: v for k, v in params.items() if k != "meta_pool"}, sort_keys=True, default=str))
+    if key in cache:
+        return cache[key]
+    if params.get("checkpoint"):
+        model = load_published_checkpoint(params["checkpoint"], num_heads=int(params.get("num_heads", 16)))
+    elif params.get("meta_pool"):
+        pool = params["meta_pool"]
+        feat_dim = next(iter(pool.values()))[0].shape[1]
+        cfg = CAMLConfig(feat_dim=feat_dim, **params.get("model", {}))
+        train = MetaTrainConfig(**params.get("train", {}))
+        model = meta_train_or_load(pool, exclude=dataset.category, cfg=cfg, train=train,
+                                   cache_root=Path(params.get("cache_root") or default_work_dir() / "artifacts"),
+                                   key_extra={"backbone": partition.meta.get("backbone"),
+                                              "image_size": partition.meta.get("image_size")})
+    else:
+        raise FsadError("caml: needs a published checkpoint (method_params checkpoint=<model.pth>) or embeddings "
+                        "of other categories to meta-train on (meta_pool=caml_pool([(dataset, partition), ...]))")
+    if dataset.category in model.trained_on:  # leave-the-evaluated-category-out, enforced
+        raise FsadError(f"caml: the sequence model was meta-trained on {dataset.category!r}, the category under "
+                        "evaluation; meta-train without it")
+    cache[key] = model
+    return model
+
+
+def _pmf_backbone(partition, params: dict, cache: dict):
+    from fewshot_core.backbones import create_model
+
+    name = params.get("backbone") or partition.meta.get("backbone")
+    key = ("pmf-backbone", name, params.get("weights", "auto"))
+    if key not in cache:
+        cache[key] = create_model(name, weights=params.get("weights", "auto"), device="cpu")
+    return name, cache[key]
+
+
+PMF_KEYS = ("steps", "search_steps", "lr_candidates", "scale", "aug_prob", "time_budget_s", "search_fallback",
+            "batch_size")
+
+
+def _build(method: str, dataset, partition, episode: SupervisedEpisode, params: dict, cache: dict):
+    """(estimator, support inputs, query inputs) for one episode."""
+    if method == "protonet":
+        from fewshot_core.methods.protonet import ProtoNet
+
+        est = ProtoNet(params.get("distance", "euclidean"), params.get("temperature"))
+        return est, partition.global_(episode.support_ids), partition.global_(episode.query_ids)
+    if method == "caml":
+        from fewshot_core.methods.caml import CAML
+
+        est = CAML(_caml_model(dataset, partition, params, cache))
+        return est, partition.global_(episode.support_ids), partition.global_(episode.query_ids)
+    if method == "pmf":
+        from fewshot_core.methods.pmf import PMF
+
+        name, backbone = _pmf_backbone(partition, params, cache)
+        size = int(params.get("image_size", 128))
+        est = PMF(backbone, seed=episode.seed, **{k: params[k] for k in PMF_KEYS if k in params})
+        return (est, _images(dataset, episode.support_ids, name, size, cache),
+                _images(dataset, episode.query_ids, name, size, cache))
+    if method in ONE_CLASS_METHODS:
+        if episode.label_mode != "binary":
+            raise FsadError(f"{method}: one-class methods only run in binary mode; use --label-mode binary")
+        est = OneClassAsSupervised(method, params)
+        return est, partition.patch(episode.support_ids), partition.patch(episode.query_ids)
+    raise FsadError(f"method {method!r}: not available under the supervised protocol; use one of {', '.join(METHODS)}")
+
+
+def _log_proba(est, X) -> np.ndarray:
+    if hasattr(est, "predict_log_proba"):
+        return np.asarray(est.predict_log_proba(X), dtype=np.float64)
+    return np.log(np.clip(np.asarray(est.predict_proba(X), dtype=np.float64), 1e-300, None))
+
+
+def _jsonable_params(params: dict) -> str:
+    return json.dumps({k: ("<pool of %d categories>" % len(v) if k == "meta_pool" else v) for k, v in params.items()},
+                      sort_keys=True, default=str)
+
+
+def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, method: str,
+                           method_params: Mapping | None = None, cache: dict | None = None) -> dict:
+    """Fit on the episode's support only, predict its queries, return one row of metrics."""
+    params = dict(method_params or {})
+    cache = {} if cache is None else cache
+    names = np.asarray(episode.classes)
+    y_support = names[np.asarray(episode.support_labels)]
+    y_query = names[np.asarray(episode.query_labels)]
+    est, X_support, X_query = _build(method, dataset, partition, episode, params, cache)
+
+    t0 = time.perf_counter()
+    est.fit(X_support, y_support)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    logp = _log_proba(est, X_query)
+    predict_s = time.perf_counter() - t0
+
+    classes = np.asarray(est.classes_)
+    y_pred = classes[np.argmax(logp, axis=1)]
+    good = np.flatnonzero(classes == GOOD)
+    score = None
+    if len(good) and len(classes) > 1:
+        others = np.delete(logp, good[0], axis=1)
+        score = logsumexp(others, axis=1) - logp[:, good[0]]
+    metrics = classification_metrics(y_query, y_pred, classes=list(episode.classes), anomaly_score=score)
+    info = dict(getattr(est, "fit_info_", {}))
+    model = getattr(est, "model", None)
+    if getattr(model, "trained_on", None):
+        info["trained_on"] = list(model.trained_on)
+    return {
+        "episode_id": episode.episode_id,
+        "category": episode.category,
+        "method": method,
+        "params": _jsonable_params(params),
+        "backbone": partition.meta.get("backbone"),
+        "label_mode": episode.label_mode,
+        "pool": episode.pool,
+        "k_good": episode.k_good,
+        "k_bad": episode.k_bad,
+        "seed": episode.seed,
+        "n_support": len(episode.support_ids),
+        "n_query": len(episode.query_ids),
+        **metrics,
+        "classes": json.dumps(list(episode.classes)),
+        "confusion": json.dumps(confusion(y_query, y_pred, list(episode.classes))),
+        "fit_s": round(fit_s, 4),
+        "predict_s": round(predict_s, 4),
+        "info": json.dumps(info, default=str, sort_keys=True),
+    }
+
+
+def evaluate_supervised(dataset, partition, method: str, k_good: int, k_bad: int, seeds,
+                        label_mode: str = "binary", pool: str = "test",
+                        method_params: Mapping | None = None) -> list[dict]:
+    """One row per seed (see ``run_supervised_episode``); models that do not depend on the episode
+    (a meta-trained CAML, a loaded backbone, decoded images) are built once and shared across seeds."""
+    if method not in METHODS:
+        raise FsadError(f"method {method!r}: not available under the supervised protocol; use one of {', '.join(METHODS)}")
+    if isinstance(seeds, (int, np.integer)):
+        seeds = [int(seeds)]
+    cache: dict = {}
+    rows = []
+    for seed in seeds:
+        episode = sample_supervised(dataset, k_good, k_bad, seed, label_mode=label_mode, pool=pool)
+        rows.append(run_supervised_episode(dataset, partition, episode, method, method_params, cache))
+    return rows
