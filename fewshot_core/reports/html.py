@@ -133,7 +133,8 @@ def _section_distance(agg: pd.DataFrame) -> str:
 
 
 def _runs_table(rows: pd.DataFrame, run_url) -> str:
-    metrics = metric_columns(rows)
+    # Per-class recalls and the like stay in MLflow; the table keeps the comparable metrics and timings.
+    metrics = [m for m in metric_columns(rows) if not m.startswith("recall_")]
     ids = [c for c in ("method", "backbone", "category", "setting", "seed") if c in rows]
     head = "".join(f'<th class="l">{c}</th>' for c in ids) + "".join(f"<th>{m}</th>" for m in metrics)
     head += '<th class="l">MLflow run</th>'
@@ -206,5 +207,6 @@ def write_report(path: Path, text: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
     os.replace(tmp, path)
     return path

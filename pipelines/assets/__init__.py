@@ -1,0 +1,1 @@
+"""Assets by stage: data -> embeddings -> banks -> evaluation (one asset per method) -> reports."""

@@ -1,0 +1,127 @@
+"""Data stage: the dataset on disk (synthetic, local MVTec AD, or downloaded) and its Parquet manifest."""
+
+
+import os
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from fewshot_core.errors import FsadError
+from fewshot_core.paths import shared_mvtec_root
+from pipelines.config import SweepConfig
+from pipelines.partitions import CATEGORY
+
+
+def resolve_data(cfg: SweepConfig) -> tuple[Path, str]:
+    """(root, source) for the configured data; ``auto`` is MVTEC_ROOT when set, else synthetic."""
+    source = cfg.data_source
+    if source == "auto":
+        source = "mvtec" if (cfg.data_root or os.environ.get("MVTEC_ROOT")) else "synthetic"
+    if source == "synthetic":
+        return Path(cfg.data_root or cfg.resolved_work_dir() / "synthetic"), source
+    if source == "download":
+        return Path(cfg.data_root or cfg.resolved_work_dir() / "mvtec_ad"), source
+    root = Path(cfg.data_root) if cfg.data_root else shared_mvtec_root()
+    if root is None or not root.exists():
+        raise FsadError(f"{cfg.source_file or 'MVTEC_ROOT'}: MVTec AD root {root} not found; set MVTEC_ROOT or "
+                        "data.root to a folder holding <category>/train/good")
+    return root, source
+
+
+def categories(cfg: SweepConfig, root: Path) -> list[str]:
+    """The configured categories, or every category found under the root."""
+    if cfg.categories:
+        return list(cfg.categories)
+    from fewshot_core.data import list_categories
+
+    found = list_categories(root)
+    if not found:
+        raise FsadError(f"{root}: no categories (<category>/train/good) found; point data.root at an MVTec-layout "
+                        "folder or list data.categories")
+    return found
+
+
+def load_category(cfg: SweepConfig, category: str):
+    from fewshot_core.data import load_dataset
+
+    root, _ = resolve_data(cfg)
+    return load_dataset(root, category)
+
+
+def build_data_assets(cfg: SweepConfig):
+    @dg.asset(group_name="data", kinds={"python"},
+              description="The image folders: synthetic (default), a local MVTec AD copy (MVTEC_ROOT) or a download. "
+                          "Registers each category as a partition of the downstream assets.")
+    def dataset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        root, source = resolve_data(cfg)
+        if source == "synthetic":
+            from fewshot_core.data.synth import generate
+
+            s = cfg.synth
+            generate(root, categories=int(s["categories"]), seed=int(s["seed"]), size=int(s["size"]),
+                     n_train=int(s["n_train"]), n_test_good=int(s["n_test_good"]),
+                     n_test_per_defect=int(s["n_test_per_defect"]))
+        elif source == "download":
+            from fewshot_core.data.download import download_mvtec
+
+            download_mvtec(root, cfg.categories, progress=False)
+        cats = categories(cfg, root)
+        known = set(context.instance.get_dynamic_partitions(CATEGORY.name))
+        if new := [c for c in cats if c not in known]:
+            context.instance.add_dynamic_partitions(CATEGORY.name, new)
+        context.log.info(f"{source} data at {root}: {', '.join(cats)}")
+        return dg.MaterializeResult(metadata={"root": dg.MetadataValue.path(str(root)), "source": source,
+                                              "categories": ", ".join(cats), "new partitions": len(new)})
+
+    @dg.asset(deps=[dataset], group_name="data", io_manager_key="table_io", kinds={"pandas", "parquet"},
+              description="One row per image (id, split, defect type, label, path, mask, size) of every category.")
+    def image_manifest(context: dg.AssetExecutionContext) -> pd.DataFrame:
+        from fewshot_core.data import load_dataset
+        from fewshot_core.data.manifest import build_manifest
+
+        root, _ = resolve_data(cfg)
+        datasets = [load_dataset(root, c) for c in categories(cfg, root)]
+        df = build_manifest(datasets)
+        counts = df.groupby(["category", "split", "label"]).size().rename("images").reset_index()
+        context.add_output_metadata({
+            "categories": len(datasets),
+            "image-level categories (no masks)": ", ".join(d.category for d in datasets if not d.has_masks) or "none",
+            "counts": dg.MetadataValue.md(counts.to_markdown(index=False) if _has_tabulate() else counts.to_string()),
+        })
+        return df
+
+    @dg.asset_check(asset=image_manifest, description="The manifest matches a fresh validation of the folders: "
+                    "no problems, same image counts, every defect image of a masked category has its mask.")
+    def manifest_validates(image_manifest: pd.DataFrame) -> dg.AssetCheckResult:
+        from fewshot_core.data.validate import validate
+
+        root, _ = resolve_data(cfg)
+        problems: list[str] = []
+        for cat, rows in image_manifest.groupby("category"):
+            report = validate(root, str(cat))
+            problems += report.problems
+            counts = report.counts.get(str(cat), {})
+            expected = sum(n for split in ("train", "test") for n in counts.get(split, {}).values())
+            if expected != len(rows):
+                problems.append(f"{cat}: manifest has {len(rows)} images, the folder {expected}")
+            defects = rows[rows["label"] == 1]
+            masked = defects["mask_path"].notna()
+            if masked.any() and not masked.all():
+                problems.append(f"{cat}: {int((~masked).sum())} defect images without a mask")
+            missing = [p for p in defects["mask_path"].dropna() if not Path(p).is_file()]
+            if missing:
+                problems.append(f"{cat}: {len(missing)} mask files missing, e.g. {missing[0]}")
+        return dg.AssetCheckResult(passed=not problems, metadata={
+            "images": len(image_manifest), "problems": len(problems),
+            "first problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems[:20]) or "none")})
+
+    return [dataset, image_manifest, manifest_validates]
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True

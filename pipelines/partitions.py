@@ -1,0 +1,54 @@
+"""Partitions. Dagster allows two dimensions per asset, so:
+
+- embeddings and banks: ``backbone`` x ``category``;
+- evaluations: ``category`` x ``setting``, where the setting key carries protocol, shots, good:bad ratio,
+  label mode and seed (``oc-k4-s0``, ``sup-g10b1-bin-s0``); the backbone is part of the asset key
+  (one evaluation asset per method and backbone).
+
+Categories are dynamic partitions: the ``dataset`` asset registers the configured ones and the new-images
+sensor adds folders that appear later, so custom datasets need no code change.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from pipelines.config import SweepConfig
+
+CATEGORY = dg.DynamicPartitionsDefinition(name="category")
+
+
+def embedding_partitions(cfg: SweepConfig) -> dg.MultiPartitionsDefinition:
+    return dg.MultiPartitionsDefinition({"backbone": dg.StaticPartitionsDefinition(list(cfg.backbones)),
+                                         "category": CATEGORY})
+
+
+def setting_partitions(keys: list[str]) -> dg.MultiPartitionsDefinition:
+    return dg.MultiPartitionsDefinition({"category": CATEGORY, "setting": dg.StaticPartitionsDefinition(keys)})
+
+
+def embeddings_for_evaluation(backbone: str, setting_keys: list[str]) -> dg.MultiPartitionMapping:
+    """Evaluation (category, setting) depends on embeddings (backbone, category) of its own backbone only."""
+    return dg.MultiPartitionMapping({
+        "category": dg.DimensionPartitionMapping("category", dg.IdentityPartitionMapping()),
+        "backbone": dg.DimensionPartitionMapping(
+            "setting", dg.StaticPartitionMapping({backbone: set(setting_keys)})),
+    })
+
+
+def split_key(partition_key) -> dict[str, str]:
+    """``{"backbone": ..., "category": ...}`` or ``{"category": ..., "setting": ...}`` from a key or string."""
+    if isinstance(partition_key, dg.MultiPartitionKey):
+        return dict(partition_key.keys_by_dimension)
+    raise TypeError(f"expected a MultiPartitionKey, got {partition_key!r}")
+
+
+def keys_of(context) -> list[dict[str, str]]:
+    """The partitions one step covers (one, or many in a single-run backfill), as dimension dicts."""
+    pdef = context.assets_def.partitions_def
+    dims = [d.name for d in pdef.partitions_defs]
+    out = []
+    for key in context.partition_keys:
+        values = str(key).split("|")
+        out.append({"key": str(key), **dict(zip(dims, values))})
+    return out

@@ -1,0 +1,60 @@
+"""Dagster resources: the feature store, MLflow tracking and the compute device.
+
+Each is a thin configurable wrapper around a ``fewshot_core`` object, so assets stay free of paths and
+environment look-ups and tests can point them at temporary folders.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from fewshot_core.tracking import Tracker
+
+
+class DeviceResource(dg.ConfigurableResource):
+    """Where tensors run. ``torch_threads`` > 0 caps intra-op threads (2-core machines: leave 1-2)."""
+
+    device: str = "auto"
+    torch_threads: int = 0
+
+    def setup_for_execution(self, context) -> None:
+        if self.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+
+    def resolve(self) -> str:
+        from fewshot_core.backbones.models import resolve_device
+
+        return str(resolve_device(self.device))
+
+
+class FeatureStoreResource(dg.ConfigurableResource):
+    """The on-disk feature store; a complete partition is reused, never recomputed."""
+
+    root: str
+    image_size: int = 112
+    batch_size: int = 16
+    num_workers: int = 0  # DataLoader decode workers; 0 keeps Dagster's in-process runs single-process
+
+    def store(self):
+        from fewshot_core.features import FeatureStore
+
+        return FeatureStore(self.root)
+
+    def build(self, dataset, backbone: str, device: str = "cpu"):
+        """The partition for ``dataset`` x ``backbone``: opened from disk when complete, else built."""
+        return self.store().build(dataset, backbone=backbone, image_size=self.image_size,
+                                  batch_size=self.batch_size, num_workers=self.num_workers, device=device,
+                                  progress=False)
+
+
+class MlflowTracking(dg.ConfigurableResource):
+    """MLflow via plain client calls; empty ``tracking_uri`` = ``MLFLOW_TRACKING_URI`` or the SQLite default
+    under ``dagster_home/``."""
+
+    tracking_uri: str = ""
+    experiment: str = "fsad-default"
+
+    def tracker(self) -> Tracker:
+        return Tracker(self.tracking_uri or None)

@@ -1,0 +1,67 @@
+"""Materialise the whole sweep in-process, stage by stage (``fsad run`` and the nightly schedule).
+
+Dagster runs one partitions definition per run, so the sweep is a short sequence of runs on the same
+instance: data -> embeddings + banks (all backbone x category partitions in one run) -> one run per group
+of evaluation assets sharing a partitions definition -> the report tables and HTML. Partitioned stages use
+single-run backfills (a partition-range run), so a sweep costs a handful of runs, not one per partition.
+Every run is recorded in the instance and shows in the UI like a backfill launched there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import dagster as dg
+
+from fewshot_core.errors import FsadError
+
+RANGE_START = "dagster/asset_partition_range_start"
+RANGE_END = "dagster/asset_partition_range_end"
+
+
+def _all_assets(defs: dg.Definitions) -> list:
+    return [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
+
+
+def stages(defs: dg.Definitions) -> list[tuple[str, list[dg.AssetsDefinition]]]:
+    """Ordered (name, assets) groups; assets of a group share one partitions definition (or none)."""
+    assets = _all_assets(defs)
+    by_group: dict[str, list] = defaultdict(list)
+    for a in assets:
+        by_group[a.group_names_by_key[a.key]].append(a)
+    out = [("data", by_group["data"]), ("features", by_group["features"])]
+    evals: dict[str, list] = defaultdict(list)
+    for a in by_group["evaluation"]:
+        evals[str(a.partitions_def)].append(a)
+    out += [(f"evaluation {i + 1}/{len(evals)}", group) for i, group in enumerate(evals.values())]
+    out.append(("reports", by_group["reports"]))
+    return [(name, group) for name, group in out if group]
+
+
+def run_sweep(defs: dg.Definitions, instance: dg.DagsterInstance, log=print, tags: dict | None = None) -> list[dict]:
+    """Run every stage; raise FsadError naming the failed stage. Returns one summary dict per run."""
+    assets = _all_assets(defs)
+    resources = defs.resources
+    summaries = []
+    for name, group in stages(defs):
+        run_tags = {"fsad/stage": name, **(tags or {})}
+        pdef = group[0].partitions_def
+        if pdef is not None:
+            keys = pdef.get_partition_keys(dynamic_partitions_store=instance)
+            if not keys:
+                raise FsadError(f"stage {name}: no partitions (no categories registered); run the data stage first")
+            run_tags.update({RANGE_START: keys[0], RANGE_END: keys[-1]})
+        start = time.perf_counter()
+        log(f"[{name}] {len(group)} asset(s)" + (f", {len(keys)} partition(s)" if pdef is not None else ""))
+        result = dg.materialize(assets, selection=[a.key for a in group], resources=resources, instance=instance,
+                                tags=run_tags, raise_on_error=False)
+        seconds = time.perf_counter() - start
+        summaries.append({"stage": name, "run_id": result.run_id, "success": result.success, "seconds": seconds})
+        if not result.success:
+            failure = next((e for e in result.all_events if e.is_failure), None)
+            why = failure.message if failure is not None else "see the Dagster UI"
+            raise FsadError(f"stage {name}: Dagster run {result.run_id} failed ({why.splitlines()[0]}); "
+                            "open the run in `dagster dev` for the step logs")
+        log(f"[{name}] done in {seconds:.1f}s (run {result.run_id[:8]})")
+    return summaries

@@ -1,0 +1,55 @@
+"""Sensor: new or changed images in the dataset folder request the affected embeddings partitions.
+
+The cursor holds a fingerprint (image count, newest mtime) per category folder. A category folder that
+appears is registered as a new dynamic partition; a changed one re-requests its embeddings partitions
+(every configured backbone). The feature store keys partitions by the image list, so changed data gets new
+features while unchanged categories stay cached.
+"""
+
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from pipelines.config import SweepConfig
+from pipelines.partitions import CATEGORY
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def folder_fingerprint(folder: Path) -> str:
+    count, newest = 0, 0.0
+    for p in folder.rglob("*"):
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+            count += 1
+            newest = max(newest, p.stat().st_mtime)
+    return f"{count}:{newest:.3f}"
+
+
+def build_new_images_sensor(cfg: SweepConfig, embeddings_job) -> dg.SensorDefinition:
+    @dg.sensor(job=embeddings_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
+               description="Watches the dataset folder; new or changed images request the affected embeddings "
+                           "partitions, new category folders become new partitions.")
+    def new_images_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+        from pipelines.assets.data import resolve_data
+
+        root, _ = resolve_data(cfg)
+        if not root.is_dir():
+            return dg.SkipReason(f"{root}: dataset folder not there yet")
+        previous = json.loads(context.cursor) if context.cursor else {}
+        current = {c.name: folder_fingerprint(c) for c in sorted(root.iterdir())
+                   if (c / "train" / "good").is_dir() and (not cfg.categories or c.name in cfg.categories)}
+        known = set(context.instance.get_dynamic_partitions(CATEGORY.name))
+        new = [c for c in current if c not in known]
+        changed = [c for c, fp in current.items() if c in known and previous.get(c) not in (None, fp)]
+        requests = [dg.RunRequest(run_key=f"{c}:{current[c]}:{b}",
+                                  partition_key=dg.MultiPartitionKey({"backbone": b, "category": c}))
+                    for c in new + changed for b in cfg.backbones]
+        return dg.SensorResult(
+            run_requests=requests,
+            dynamic_partitions_requests=[CATEGORY.build_add_request(new)] if new else [],
+            cursor=json.dumps(current, sort_keys=True),
+        )
+
+    return new_images_sensor
