@@ -100,6 +100,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+@pytest.fixture(autouse=True)
+def _no_mirror_from_the_environment(monkeypatch):
+    monkeypatch.delenv("FSAD_MVTEC_BASE_URL", raising=False)
+
+
 @pytest.fixture
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -231,8 +236,17 @@ def test_checksum_mismatch_deletes_the_download(server, tmp_path):
 def test_http_error_is_a_clear_fsad_error(server, tmp_path):
     table = {ALL: Archive(urls=(f"{server.url}/missing.tar.xz",), sha256="0" * 64, filename="m.tar.xz",
                           categories=CATS)}
-    with pytest.raises(FsadError, match="HTTP 404.*--base-url"):
+    with pytest.raises(FsadError, match="HTTP 404.*FSAD_MVTEC_BASE_URL"):
         download_mvtec(tmp_path, archives=table, progress=False)
+
+
+def test_mirror_from_the_environment_and_single_category_string(server, tmp_path, monkeypatch):
+    data = _tar(_layout_files())
+    server.files["/env/m.tar.xz"] = data
+    table = {ALL: Archive(urls=("http://127.0.0.1:9/dead",), sha256=_sha(data), filename="m.tar.xz", categories=CATS)}
+    monkeypatch.setenv("FSAD_MVTEC_BASE_URL", f"{server.url}/env")
+    assert download_mvtec(tmp_path, "cable", archives=table, progress=False) == [tmp_path / "cable"]
+    assert server.log == [("/env/m.tar.xz", None)]
 
 
 def _member(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:

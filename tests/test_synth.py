@@ -129,8 +129,8 @@ def test_png_bytes_are_pinned_across_machines():
         np.testing.assert_array_equal(np.asarray(Image.open(_bytesio(png_bytes(arr)))), arr)
 
 
-GOLDEN_IMG = "57611f12942829f82fc43062df714bef780f4b87f486eb86d54ff4d7c1838eaf"
-GOLDEN_MASK = "ccf4812f73a55c8c07b312d9b54cd10ed1d9bd38109092e53d0c69cecb9d8a34"
+GOLDEN_IMG = "ffda37c2389ac62d8e083e1b88a076238f0abefb5642a575f3da44d45fc45435"
+GOLDEN_MASK = "da86148ece842a47a9a3c0254ae569869d4bd31cf0353742c665011b849e42a8"
 GOLDEN_BIG = "2fa38e7b590a3328ec5ca1d0d4eb91078584611fa3836658b008300312da500d"
 
 

@@ -32,6 +32,7 @@ MVTEC_CATEGORIES = (
 ALL = "all"  # key of the whole-set archive in an archive table
 DOWNLOAD_DIR = ".downloads"
 WRAPPER = "mvtec_anomaly_detection"  # some repackaged archives nest the categories in this folder
+BASE_URL_ENV = "FSAD_MVTEC_BASE_URL"
 MANUAL_URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 _CHUNK = 1 << 20
 
@@ -82,13 +83,16 @@ def download_mvtec(
 ) -> list[Path]:
     """Download MVTec AD into ``root`` (whole set, or only ``categories``); return the category folders.
 
-    Categories already present are skipped, so re-runs are cheap. ``base_url`` replaces the mirror
-    (``<base_url>/<archive filename>``). ``archives`` overrides the URL/checksum table (see
+    Categories already present are skipped, so re-runs are cheap. ``base_url`` (default: the
+    ``FSAD_MVTEC_BASE_URL`` environment variable) replaces the mirror (``<base_url>/<archive filename>``). ``archives`` overrides the URL/checksum table (see
     ``DEFAULT_ARCHIVES``). A broken transfer is resumed with HTTP Range up to ``retries`` times; the
     partial ``.part`` file is kept, so a later run resumes too. ``keep_archive=None`` deletes the
     verified archive once every category it holds is extracted.
     """
     root = Path(root)
+    if isinstance(categories, str):
+        categories = [categories]
+    base_url = base_url or os.environ.get(BASE_URL_ENV) or None
     table = dict(DEFAULT_ARCHIVES if archives is None else archives)
     known = _known_categories(table)
     wanted = list(known) if categories is None else list(dict.fromkeys(categories))
@@ -185,15 +189,15 @@ def fetch(
             errors.append(str(exc))
     else:
         raise FsadError(
-            f"{dest}: download failed ({'; '.join(errors)}); check the network, pass another mirror "
-            f"with --base-url, or download it by hand from {MANUAL_URL} and extract it into {dest.parent.parent}"
+            f"{dest}: download failed ({'; '.join(errors)}); check the network, set {BASE_URL_ENV} to a mirror "
+            f"folder holding {dest.name}, or download it by hand from {MANUAL_URL} and extract it into {dest.parent.parent}"
         )
     digest = sha256_file(part)
     if digest != sha256:
         part.unlink()
         raise FsadError(
             f"{dest}: sha256 mismatch (got {digest}, expected {sha256}); the partial file was deleted, "
-            "re-run the download (if it persists, the mirror serves a different file: use --base-url)"
+            f"re-run the download (if it persists, the mirror serves a different file: set {BASE_URL_ENV})"
         )
     os.replace(part, dest)
     return dest

@@ -60,8 +60,8 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 def _lighting(rng: np.random.Generator, size: int) -> np.ndarray:
     """Global gain and a gentle linear gradient: the pose/lighting variation of normal images."""
     yy, xx = _grid(size)
-    gain = rng.uniform(0.9, 1.1)
-    slope, phi = rng.uniform(0.0, 0.15), rng.uniform(0, 2 * np.pi)
+    gain = rng.uniform(0.85, 1.15)
+    slope, phi = rng.uniform(0.0, 0.2), rng.uniform(0, 2 * np.pi)
     ramp = ((xx / size - 0.5) * np.cos(phi) + (yy / size - 0.5) * np.sin(phi)) * slope
     return (gain * (1.0 + ramp))[..., None]
 
@@ -72,15 +72,25 @@ def _rotated(rng: np.random.Generator, size: int, max_deg: float) -> tuple[np.nd
     return xx * np.cos(th) + yy * np.sin(th), -xx * np.sin(th) + yy * np.cos(th)
 
 
+def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Zero-mean smooth random field (coarse normal noise, bilinearly upsampled): yarn/material irregularity."""
+    coarse = rng.normal(0.0, 1.0, (cells + 1, cells + 1))
+    knots = np.linspace(0, size, cells + 1)
+    centres = np.arange(size) + 0.5
+    rows = np.stack([np.interp(centres, knots, c) for c in coarse])  # along x, for each knot row
+    return np.stack([np.interp(centres, knots, col) for col in rows.T], axis=1)  # along y
+
+
 def _fabric(rng: np.random.Generator, size: int, palette: np.ndarray) -> Scene:
     s = size / 128
-    u, v = _rotated(rng, size, 4.0)
-    p = 9.0 * s * rng.uniform(0.95, 1.05)
+    u, v = _rotated(rng, size, 8.0)
+    p = 9.0 * s * rng.uniform(0.9, 1.1)
     ph = rng.uniform(0, 2 * np.pi, 3)
     t = (
         0.5
         + 0.3 * np.sin(2 * np.pi * u / p + ph[0]) * np.sin(2 * np.pi * v / p + ph[1])
         + 0.08 * np.sin(2 * np.pi * (u + v) / (3 * p) + ph[2])
+        + 0.08 * _smooth_field(rng, size, 6)
     )
     img = palette[0] * (0.55 + 0.9 * t)[..., None]
     ones = np.ones((size, size))
@@ -89,8 +99,8 @@ def _fabric(rng: np.random.Generator, size: int, palette: np.ndarray) -> Scene:
 
 def _grid_texture(rng: np.random.Generator, size: int, palette: np.ndarray) -> Scene:
     s = size / 128
-    u, v = _rotated(rng, size, 3.0)
-    p = 16.0 * s * rng.uniform(0.97, 1.03)
+    u, v = _rotated(rng, size, 6.0)
+    p = 16.0 * s * rng.uniform(0.93, 1.07)
     off = rng.uniform(0, p, 2)
     half = 1.6 * s
 
@@ -110,8 +120,8 @@ def _grid_texture(rng: np.random.Generator, size: int, palette: np.ndarray) -> S
 def _disk(rng: np.random.Generator, size: int, palette: np.ndarray) -> Scene:
     s = size / 128
     yy, xx = _grid(size)
-    cy, cx = size / 2 + rng.uniform(-0.03, 0.03, 2) * size
-    R = 0.34 * size * rng.uniform(0.97, 1.03)
+    cy, cx = size / 2 + rng.uniform(-0.06, 0.06, 2) * size
+    R = 0.34 * size * rng.uniform(0.94, 1.06)
     r = np.hypot(yy - cy, xx - cx)
     alpha = np.clip(R - r + 0.5, 0.0, 1.0)
     bg = np.broadcast_to(palette[0], (size, size, 3)).astype(np.float64)
@@ -131,8 +141,8 @@ def _disk(rng: np.random.Generator, size: int, palette: np.ndarray) -> Scene:
 def _capsule(rng: np.random.Generator, size: int, palette: np.ndarray) -> Scene:
     s = size / 128
     yy, xx = _grid(size)
-    cy, cx = size / 2 + rng.uniform(-0.03, 0.03, 2) * size
-    th = np.deg2rad(rng.uniform(-8, 8))
+    cy, cx = size / 2 + rng.uniform(-0.06, 0.06, 2) * size
+    th = np.deg2rad(rng.uniform(-15, 15))
     a = (xx - cx) * np.cos(th) + (yy - cy) * np.sin(th)  # along the axis
     b = -(xx - cx) * np.sin(th) + (yy - cy) * np.cos(th)
     half, rad = 0.28 * size, 0.14 * size
@@ -206,7 +216,7 @@ def _scratch(rng, scene: Scene):
     t = np.linspace(0, 1, 96)[:, None]
     pts = (1 - t) ** 2 * p1 + 2 * (1 - t) * t * bend + t**2 * p2
     region = _stroke(size, pts, 1.4 * s) & scene.surface
-    painted = 0.25 * scene.image + 0.75 * 238.0
+    painted = 0.45 * scene.image + 0.55 * 238.0
     return painted, region
 
 
@@ -226,13 +236,13 @@ def _crack(rng, scene: Scene):
         branch.append(branch[-1] + 3.0 * s * np.array([np.sin(ang_b), np.cos(ang_b)]))
     region = _stroke(size, _densify(np.asarray(nodes)), 1.2 * s) | _stroke(size, _densify(np.asarray(branch)), 0.9 * s)
     region &= scene.surface
-    painted = 0.2 * scene.image
+    painted = 0.35 * scene.image
     return painted, region
 
 
 def _hole(rng, scene: Scene):
     size = scene.surface.shape[0]
-    r = rng.uniform(0.045, 0.075) * size
+    r = rng.uniform(0.035, 0.07) * size
     region = _ellipse(size, _spot(rng, scene), r * rng.uniform(0.75, 1.0), r, rng.uniform(0, np.pi))
     region &= scene.surface
     painted = np.array([24.0, 21.0, 19.0]) + _noise(rng, scene.image.shape)
@@ -249,14 +259,14 @@ def _contamination(rng, scene: Scene):
     for _ in range(int(rng.integers(1, 4))):
         cb = c + rng.uniform(-0.1, 0.1, 2) * size
         for _ in range(4):
-            region |= _ellipse(size, cb + rng.uniform(-0.03, 0.03, 2) * size, *(rng.uniform(0.02, 0.045, 2) * size), 0.0)
+            region |= _ellipse(size, cb + rng.uniform(-0.03, 0.03, 2) * size, *(rng.uniform(0.015, 0.04, 2) * size), 0.0)
     region &= scene.surface
     colour = CONTAMINANTS[rng.integers(len(CONTAMINANTS))]
-    painted = 0.2 * scene.image + 0.8 * colour + _noise(rng, scene.image.shape, 3.0)
+    painted = 0.35 * scene.image + 0.65 * colour + _noise(rng, scene.image.shape, 3.0)
     return painted, region
 
 
-TINTS = np.array([[1.4, 0.7, 0.6], [0.6, 1.35, 0.7], [0.65, 0.8, 1.45]])
+TINTS = np.array([[1.3, 0.8, 0.7], [0.7, 1.25, 0.8], [0.75, 0.85, 1.3]])
 
 
 def _color_shift(rng, scene: Scene):
@@ -342,9 +352,10 @@ def render_sample(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Render one image: (image uint8 [S,S,3], its defect-free render, mask bool [S,S] or None)."""
     rng_normal, rng_defect = (_rng(seed, *key, part) for part in ("normal", "defect"))
+    palette = palette * rng_normal.uniform(0.95, 1.05, palette.shape)  # batch-to-batch colour drift
     scene = kind.render(rng_normal, size, palette)
     light = _lighting(rng_normal, size)
-    noise = _noise(rng_normal, (size, size, 3), 3.0)
+    noise = _noise(rng_normal, (size, size, 3), 4.0)
     lit = Scene(scene.image * light + noise, scene.background * light + noise, scene.alpha, scene.surface, scene.scale)
     normal = _quantise(lit.image)
     if defect is None:
