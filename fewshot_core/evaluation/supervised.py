@@ -99,10 +99,13 @@ class OneClassAsSupervised:
 # ---------------------------------------------------------------- inputs and method construction
 
 
-def _images(dataset, ids, backbone: str, image_size: int, cache: dict):
-    """Preprocessed image tensors [n, 3, S, S] for P>M>F, decoded once per (backbone, size)."""
+def _images(dataset, ids, backbone: str, image_size: int, cache: dict, preloaded: Mapping | None = None):
+    """Preprocessed image tensors [n, 3, S, S] for P>M>F, decoded once per (backbone, size), or taken
+    from ``preloaded`` (image id -> tensor) where the pixels are not on this machine."""
     import torch
 
+    if preloaded is not None:
+        return torch.stack([torch.as_tensor(preloaded[i]) for i in ids])
     from fewshot_core.backbones import build_transform
     from fewshot_core.data.imageio import load_rgb
 
@@ -158,9 +161,9 @@ def _pmf_backbone(partition, params: dict, cache: dict):
     from fewshot_core.backbones import create_model
 
     name = params.get("backbone") or partition.meta.get("backbone")
-    key = ("pmf-backbone", name, params.get("weights", "auto"))
+    key = ("pmf-backbone", name, params.get("weights", "auto"), params.get("device", "cpu"))
     if key not in cache:
-        cache[key] = create_model(name, weights=params.get("weights", "auto"), device="cpu")
+        cache[key] = create_model(name, weights=params.get("weights", "auto"), device=params.get("device", "cpu"))
     return name, cache[key]
 
 
@@ -186,8 +189,9 @@ def _build(method: str, dataset, partition, episode: SupervisedEpisode, params: 
         name, backbone = _pmf_backbone(partition, params, cache)
         size = int(params.get("image_size", 128))
         est = PMF(backbone, seed=episode.seed, **{k: params[k] for k in PMF_KEYS if k in params})
-        return (est, _images(dataset, episode.support_ids, name, size, cache),
-                _images(dataset, episode.query_ids, name, size, cache))
+        pre = params.get("images")
+        return (est, _images(dataset, episode.support_ids, name, size, cache, pre),
+                _images(dataset, episode.query_ids, name, size, cache, pre))
     if method in ONE_CLASS_METHODS:
         if episode.label_mode != "binary":
             raise FsadError(f"{method}: one-class methods only run in binary mode; use --label-mode binary")
@@ -203,8 +207,8 @@ def _log_proba(est, X) -> np.ndarray:
 
 
 def _jsonable_params(params: dict) -> str:
-    return json.dumps({k: ("<pool of %d categories>" % len(v) if k == "meta_pool" else v) for k, v in params.items()},
-                      sort_keys=True, default=str)
+    shown = {k: (f"<{len(v)} entries>" if k in ("meta_pool", "images") else v) for k, v in params.items()}
+    return json.dumps(shown, sort_keys=True, default=str)
 
 
 def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, method: str,

@@ -46,7 +46,8 @@ def augment(x: torch.Tensor, gen: torch.Generator, prob: float = 0.9) -> torch.T
     if float(torch.rand((), generator=gen)) >= prob:
         return x
     n = x.shape[0]
-    r = lambda *s: torch.rand(*s, generator=gen, dtype=x.dtype)  # noqa: E731
+    # Random numbers come from the CPU generator (reproducible on any device), then move to x's device.
+    r = lambda *s: torch.rand(*s, generator=gen, dtype=x.dtype).to(x.device)  # noqa: E731
     x = x + (r(n, 1, 1, 1) - 0.5)  # brightness
     mean = x.mean(dim=1, keepdim=True)
     x = (x - mean) * (r(n, 1, 1, 1) * 2) + mean  # saturation
@@ -135,14 +136,17 @@ class PMF:
         pred = cosine_logits(self._embed_batched(model, x_eval), protos, self.scale).argmax(1)
         return float((pred == y_eval).float().mean())
 
+    def _device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
     def fit(self, images: torch.Tensor, labels) -> "PMF":
-        x = torch.as_tensor(images, dtype=torch.float32)
+        x = torch.as_tensor(images, dtype=torch.float32).to(self._device())
         labels = np.asarray(labels)
         if x.ndim != 4 or len(x) != len(labels):
             raise ValueError(f"expected images [n, 3, H, W] and labels [n], got {tuple(x.shape)}, {labels.shape}")
         self.classes_ = np.unique(labels)
         n_classes = len(self.classes_)
-        y = torch.from_numpy(np.searchsorted(self.classes_, labels).astype(np.int64))
+        y = torch.from_numpy(np.searchsorted(self.classes_, labels).astype(np.int64)).to(x.device)
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
         start = time.perf_counter()
@@ -150,7 +154,8 @@ class PMF:
 
         # lr search (reference rule): one image per class -> prototypes, the rest -> held-out.
         rng = np.random.default_rng(self.seed)
-        proto_idx = np.array([rng.choice(np.flatnonzero(y.numpy() == c)) for c in range(n_classes)])
+        y_np = y.cpu().numpy()
+        proto_idx = np.array([rng.choice(np.flatnonzero(y_np == c)) for c in range(n_classes)])
         rest = np.setdiff1d(np.arange(len(y)), proto_idx)
         x_p, y_p = x[proto_idx], y[proto_idx]
         if len(rest):
@@ -191,8 +196,8 @@ class PMF:
         return self
 
     def decision_function(self, images) -> np.ndarray:
-        x = torch.as_tensor(images, dtype=torch.float32)
-        return cosine_logits(self._embed_batched(self.model_, x), self.prototypes_, self.scale).double().numpy()
+        x = torch.as_tensor(images, dtype=torch.float32).to(self.prototypes_.device)
+        return cosine_logits(self._embed_batched(self.model_, x), self.prototypes_, self.scale).double().cpu().numpy()
 
     def predict_log_proba(self, images) -> np.ndarray:
         z = self.decision_function(images)
