@@ -1,0 +1,166 @@
+"""``fsad evaluate``: run a few-shot protocol from the cached features, one row per seed, then mean ± std.
+
+One-class (default): ``fsad evaluate ROOT --category bottle --method patchcore --shots 1 --seeds 0 1 2``.
+Supervised (thesis protocol): ``--protocol supervised --method protonet --k-good 5 --k-bad 5``.
+The feature-store partition is built on first use and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from fewshot_core.errors import FsadError
+
+ONECLASS_COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "fit_s", "score_s")
+SUPERVISED_COLUMNS = ("auroc", "balanced_accuracy", "accuracy", "macro_f1", "fit_s", "predict_s")
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give stage indices like 2,3") from None
+
+
+def _param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: give KEY=VALUE, e.g. coreset_ratio=0.01")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # plain strings need no quotes: index=ivf
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="run the one-class or supervised protocol from cached features",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("root", nargs="?", metavar="ROOT", help="MVTec-layout root (or use the layout flags)")
+    p.add_argument("--category", help="category to evaluate (with layout flags: its name)")
+    p.add_argument("--protocol", choices=("oneclass", "supervised"), default="oneclass")
+    p.add_argument("--method", required=True,
+                   help="one-class: patchcore, knn, ldknn; supervised: protonet, pmf, caml, patchcore, ldknn")
+    p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="method parameter (repeatable; JSON values), e.g. --param coreset_ratio=0.01 --param k=5")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], metavar="S")
+    p.add_argument("--json", action="store_true", help="print a JSON list of rows with every field")
+    g = p.add_argument_group("one-class protocol")
+    g.add_argument("--shots", default=None, help="good support images per episode: a number or 'full'")
+    g.add_argument("--mask-size", type=int, default=256, help="resolution of masks and anomaly maps (default 256)")
+    g.add_argument("--augment", choices=("none", "features", "images"), default="none",
+                   help="add flipped/rotated support images to the bank (images: re-embedded; features: grid approximation)")
+    g = p.add_argument_group("supervised protocol")
+    g.add_argument("--k-good", type=int, default=None, help="good support images")
+    g.add_argument("--k-bad", type=int, default=None, help="defective support images")
+    g.add_argument("--label-mode", choices=("binary", "multiclass"), default="binary")
+    g.add_argument("--distance", choices=("euclidean", "cosine"), default=None, help="ProtoNet distance")
+    g.add_argument("--pool", choices=("test", "all"), default="test", help="where shots and queries are drawn from")
+    g = p.add_argument_group("features (the store partition)")
+    g.add_argument("--backbone", default=None, help="timm model name (default tf_efficientnet_lite0)")
+    g.add_argument("--image-size", type=int, default=256, help="square resize, no crop (default 256)")
+    g.add_argument("--layers", type=_layers, default=None, help="stage indices, e.g. 2,3 (default stride 8 and 16)")
+    g.add_argument("--patch-dim", type=int, default=None, help="reduce patch features to this many dims")
+    g.add_argument("--weights", default="auto", help="auto, a local checkpoint PATH, or random")
+    g.add_argument("--store", type=Path, default=None, help="feature store folder (default $FSAD_HOME/features)")
+    g.add_argument("--device", default=None, help="embedding device: cpu, cuda (default: cuda when available)")
+    g.add_argument("--num-workers", type=int, default=2, help="image decoding processes when embedding")
+    try:
+        from fewshot_core.data.layouts import add_layout_arguments
+    except ImportError:  # pragma: no cover - the data layer always ships it
+        add_layout_arguments = None
+    if add_layout_arguments is not None:
+        add_layout_arguments(p)
+    p.set_defaults(func=run)
+
+
+def _dataset(args):
+    try:
+        from fewshot_core.data.layouts import dataset_from_args
+    except ImportError:  # pragma: no cover
+        dataset_from_args = None
+    if dataset_from_args is not None:
+        return dataset_from_args(args)
+    if not args.root or not args.category:
+        raise FsadError("fsad evaluate: give ROOT and --category")
+    from fewshot_core.data.mvtec import load_category
+
+    return load_category(args.root, args.category)
+
+
+def _partition(args, dataset):
+    from fewshot_core.backbones import DEFAULT_BACKBONE
+    from fewshot_core.features.store import FeatureStore
+
+    if args.image_size < 32:
+        raise FsadError(f"--image-size {args.image_size}: too small for a CNN backbone; use 32 or more (default 256)")
+    return FeatureStore(args.store).build(dataset, backbone=args.backbone or DEFAULT_BACKBONE,
+                                          image_size=args.image_size, layers=args.layers, weights=args.weights,
+                                          num_workers=args.num_workers, device=args.device, progress=False,
+                                          patch_dim=args.patch_dim)
+
+
+def _rows(args, dataset, partition) -> list[dict]:
+    params = dict(args.param)
+    if args.protocol == "oneclass":
+        from fewshot_core.evaluation.oneclass import evaluate_oneclass, parse_shots
+
+        if args.shots is None:
+            raise FsadError("fsad evaluate: --shots is required for the one-class protocol; give a number or 'full'")
+        return evaluate_oneclass(dataset, partition, args.method, parse_shots(args.shots), args.seeds,
+                                 method_params=params, mask_size=args.mask_size, augment=args.augment)
+    if args.k_good is None or args.k_bad is None:
+        raise FsadError("fsad evaluate: the supervised protocol needs --k-good G and --k-bad B")
+    if args.distance is not None:
+        params["distance"] = args.distance
+    try:
+        from fewshot_core.evaluation.supervised import evaluate_supervised
+    except ImportError as exc:
+        raise FsadError(f"supervised protocol unavailable ({exc}); install the project with its dependencies") from exc
+    return evaluate_supervised(dataset, partition, args.method, args.k_good, args.k_bad, args.seeds,
+                               label_mode=args.label_mode, pool=args.pool, method_params=params)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def format_table(rows: list[dict], protocol: str) -> str:
+    """One line per seed and a mean ± std line (sample std over seeds) for the headline metrics."""
+    wanted = ONECLASS_COLUMNS if protocol == "oneclass" else SUPERVISED_COLUMNS
+    cols = [c for c in wanted if any(c in r for r in rows)]
+    lead = ["seed", "shots"] if protocol == "oneclass" else ["seed", "k_good", "k_bad"]
+    header = lead + cols
+    lines = [[_fmt(r.get(c, "-")) for c in header] for r in rows]
+    stats = ["mean±std", ""] if protocol == "oneclass" else ["mean±std", "", ""]
+    for c in cols:
+        vals = [float(r[c]) for r in rows if isinstance(r.get(c), (int, float)) and math.isfinite(r[c])]
+        if not vals:
+            stats.append("-")
+            continue
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        stats.append(f"{mean:.4f}±{std:.4f}")
+    table = [header] + lines + [stats]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table)
+
+
+def run(args) -> int:
+    if any(s < 0 for s in args.seeds):
+        raise FsadError(f"--seeds {args.seeds}: seeds must be non-negative integers")
+    dataset = _dataset(args)
+    partition = _partition(args, dataset)
+    rows = _rows(args, dataset, partition)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    first = rows[0] if rows else {}
+    print(f"{args.protocol} · {dataset.category} · {args.method} · {partition.meta.get('backbone')} "
+          f"@ {partition.image_size}px · params {first.get('params', '{}')}")
+    print(format_table(rows, args.protocol))
+    return 0

@@ -1,0 +1,155 @@
+"""The one-class protocol: fit a method on k good support images, score the whole test split.
+
+Everything comes from the feature store (``partition.patch(ids)``); masks are read at ``mask_size``
+(a square resolution, 256 by default: the store resizes images to a square without cropping, so
+upsampling the patch map to the mask size is a pure rescale). Pixel metrics stream through
+``PixelAccumulator`` (exact below ~8 M pixels, fixed-bin histograms above). Pure library code:
+no printing, no Dagster, no MLflow.
+
+Row fields: identity (``episode_id``, ``protocol``, ``category``, ``method``, ``params`` as JSON,
+``backbone``, ``partition_key``, ``shots`` = number of support images, ``full_shot`` ("yes"/"no",
+a string so aggregation never averages it), ``seed``, ``n_support``, ``n_query``, ``augment``,
+``mask_size``), the metrics present (``image_auroc``, ``image_f1_max``, ``pixel_auroc``,
+``pixel_f1_max``, ``aupro``), ``bank_size``, ``fit_s`` (fit, plus embedding of augmented images) and
+``score_s`` (scoring only; anomaly maps and metrics excluded).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fewshot_core.episodes import OneClassEpisode, sample_oneclass
+from fewshot_core.errors import FsadError
+from fewshot_core.methods import ONECLASS_METHODS, get_method
+from fewshot_core.methods.anomaly_map import DEFAULT_SIGMA, to_image_maps
+from fewshot_core.methods.augment import AUGMENT_MODES, TRANSFORMS, augment_feature_maps, embed_augmented
+from fewshot_core.metrics import PixelAccumulator, image_metrics
+
+SCORE_BATCH = 32  # query images scored per call: bounds memory on large test sets
+
+
+def _masks(dataset, ids: Sequence[str], mask_size: int, cache: dict) -> np.ndarray:
+    """Boolean masks [n, S, S] (all False for good images), cached across seeds."""
+    from fewshot_core.data.imageio import load_mask
+
+    key = ("masks", dataset.root, dataset.category, tuple(ids), mask_size)
+    if key not in cache:
+        out = np.zeros((len(ids), mask_size, mask_size), dtype=bool)
+        for i, image_id in enumerate(ids):
+            rec = dataset.by_id(image_id)
+            if rec.mask_path is not None:
+                out[i] = load_mask(rec.mask_path, mask_size)
+        cache[key] = out
+    return cache[key]
+
+
+def _support_features(dataset, partition, episode, augment: str, transforms, cache) -> np.ndarray:
+    support = partition.patch(list(episode.support_ids))
+    if augment == "features":
+        return augment_feature_maps(support, transforms)
+    if augment == "images":
+        extra = embed_augmented(dataset, partition, episode.support_ids, transforms, cache=cache)
+        return np.concatenate([support, extra])
+    return support
+
+
+def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: str,
+                         method_params: Mapping | None = None, mask_size: int = 256,
+                         augment: str = "none", augment_transforms: Sequence[str] = TRANSFORMS,
+                         sigma: float = DEFAULT_SIGMA, cache: dict | None = None) -> dict:
+    """Fit ``method`` on the episode's support features, score its queries, return one row of metrics."""
+    if method not in ONECLASS_METHODS:
+        raise FsadError(f"method {method!r}: not a one-class method; use one of {', '.join(sorted(ONECLASS_METHODS))}")
+    if augment not in AUGMENT_MODES:
+        raise FsadError(f"augment {augment!r}: unknown; use one of {', '.join(AUGMENT_MODES)}")
+    if int(mask_size) < 8:
+        raise FsadError(f"mask size {mask_size}: too small; use e.g. 256")
+    cache = {} if cache is None else cache
+    params = dict(method_params or {})
+    params.setdefault("seed", episode.seed)  # coreset / index randomness follows the episode seed
+    model = get_method(method, **params)
+
+    t0 = time.perf_counter()
+    support = _support_features(dataset, partition, episode, augment, augment_transforms, cache)
+    model.fit(support)
+    fit_s = time.perf_counter() - t0
+    del support
+
+    query_ids = list(episode.query_ids)
+    scores, patch_maps, score_s = [], [], 0.0
+    for start in range(0, len(query_ids), SCORE_BATCH):
+        query = partition.patch(query_ids[start:start + SCORE_BATCH])
+        t0 = time.perf_counter()
+        s, m = model.score(query)
+        score_s += time.perf_counter() - t0
+        scores.append(s)
+        patch_maps.append(m)
+    scores, patch_maps = np.concatenate(scores), np.concatenate(patch_maps)
+
+    labels = np.array([dataset.by_id(i).label for i in query_ids], dtype=int)
+    metrics = image_metrics(labels, scores)
+    if dataset.has_masks:
+        masks = _masks(dataset, query_ids, int(mask_size), cache)
+        # image maps never leave the patch maps' range (convex upsampling/smoothing): fixes the bins
+        acc = PixelAccumulator(value_range=(float(patch_maps.min()), float(patch_maps.max())))
+        for start in range(0, len(query_ids), SCORE_BATCH):
+            maps = to_image_maps(patch_maps[start:start + SCORE_BATCH], int(mask_size), sigma)
+            for amap, mask in zip(maps, masks[start:start + SCORE_BATCH]):
+                acc.add(amap, mask)
+        metrics.update(acc.compute())
+
+    n_train = len(dataset.train_good())
+    return {
+        "episode_id": episode.episode_id,
+        "protocol": "oneclass",
+        "category": episode.category,
+        "method": method,
+        "params": json.dumps(model.get_params(), sort_keys=True, default=str),
+        "backbone": partition.meta.get("backbone"),
+        "partition_key": partition.meta.get("key"),
+        "shots": len(episode.support_ids),
+        "full_shot": "yes" if episode.shots is None or len(episode.support_ids) == n_train else "no",
+        "seed": episode.seed,
+        "n_support": len(episode.support_ids),
+        "n_query": len(query_ids),
+        "augment": augment,
+        "mask_size": int(mask_size),
+        **metrics,
+        "bank_size": int(len(getattr(model, "bank_", ()))),
+        "fit_s": round(fit_s, 4),
+        "score_s": round(score_s, 4),
+    }
+
+
+def parse_shots(shots) -> int | None:
+    """``"full"``/None -> None (every train/good image); otherwise a positive int."""
+    if shots is None or (isinstance(shots, str) and shots.lower() in ("full", "all")):
+        return None
+    try:
+        value = int(shots)
+    except (TypeError, ValueError):
+        raise FsadError(f"shots {shots!r}: give a positive number of good images or 'full'") from None
+    if value < 1:
+        raise FsadError(f"shots {shots!r}: give a positive number of good images or 'full'")
+    return value
+
+
+def evaluate_oneclass(dataset, partition, method: str, shots, seeds, method_params: Mapping | None = None,
+                      mask_size: int = 256, augment: str = "none",
+                      augment_transforms: Sequence[str] = TRANSFORMS, sigma: float = DEFAULT_SIGMA,
+                      cache: dict | None = None) -> list[dict]:
+    """One row per seed (see ``run_oneclass_episode``); ``shots`` is an int or ``"full"``/None."""
+    shots = parse_shots(shots)
+    if isinstance(seeds, (int, np.integer)):
+        seeds = [int(seeds)]
+    cache = {} if cache is None else cache
+    rows = []
+    for seed in seeds:
+        episode = sample_oneclass(dataset, shots, int(seed))
+        rows.append(run_oneclass_episode(dataset, partition, episode, method, method_params, mask_size,
+                                         augment, augment_transforms, sigma, cache))
+    return rows

@@ -1,0 +1,153 @@
+"""The one-class runner and ``fsad evaluate`` on the synthetic dataset; the real-bottle bar on shared data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fewshot_core.cli import main
+from fewshot_core.data import list_categories, load_dataset
+from fewshot_core.errors import FsadError
+from fewshot_core.evaluation.oneclass import evaluate_oneclass, parse_shots, run_oneclass_episode
+from fewshot_core.episodes import sample_oneclass
+from fewshot_core.features.store import FeatureStore
+
+torch.set_num_threads(2)
+IMAGE_SIZE = 64
+METRICS = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro")
+
+
+@pytest.fixture(scope="module")
+def synth(synth_root, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    dataset = load_dataset(synth_root, list_categories(synth_root)[0])
+    partition = FeatureStore(store).build(dataset, image_size=IMAGE_SIZE, num_workers=0, progress=False)
+    return dataset, partition, store
+
+
+def test_rows_per_seed_with_every_metric(synth):
+    dataset, partition, _ = synth
+    rows = evaluate_oneclass(dataset, partition, "patchcore", 2, [0, 1], mask_size=48)
+    assert [r["seed"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["protocol"] == "oneclass" and r["method"] == "patchcore" and r["shots"] == 2
+        assert r["n_query"] == len(dataset.test()) and r["bank_size"] == 2 * np.prod(partition.grid)
+        assert json.loads(r["params"])["seed"] == r["seed"]  # the coreset follows the episode seed
+        for m in METRICS:
+            assert 0.0 <= r[m] <= 1.0, m
+        assert r["fit_s"] >= 0 and r["score_s"] > 0
+    assert rows[0]["episode_id"] != rows[1]["episode_id"]
+    # the synthetic defects are visible to a pretrained backbone even with two shots
+    assert np.mean([r["image_auroc"] for r in rows]) > 0.7
+    again = evaluate_oneclass(dataset, partition, "patchcore", 2, [0, 1], mask_size=48)
+    for a, b in zip(rows, again):
+        assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}  # deterministic
+
+
+def test_full_shot_and_other_methods(synth):
+    dataset, partition, _ = synth
+    n_train = len(dataset.train_good())
+    (row,) = evaluate_oneclass(dataset, partition, "ldknn", "full", [0], {"k": 3}, mask_size=32)
+    assert row["shots"] == n_train and row["full_shot"] == "yes" and json.loads(row["params"])["k"] == 3
+    (row,) = evaluate_oneclass(dataset, partition, "knn", 1, 0, mask_size=32)
+    assert row["full_shot"] == "no" and set(METRICS) <= set(row)
+
+
+def test_image_level_dataset_has_no_pixel_metrics(synth):
+    dataset, partition, _ = synth
+    records = [dataclasses.replace(r, mask_path=None) for r in dataset.records]
+    image_level = dataclasses.replace(dataset, records=records, has_masks=False)
+    (row,) = evaluate_oneclass(image_level, partition, "patchcore", 1, [0])
+    assert "image_auroc" in row
+    assert not {"pixel_auroc", "pixel_f1_max", "aupro"} & set(row)  # absent, not NaN
+
+
+def test_augmentation_adds_transformed_supports(synth):
+    dataset, partition, _ = synth
+    episode = sample_oneclass(dataset, 1, 0)
+    cache = {}
+    plain = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32)
+    feats = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, augment="features")
+    imgs = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, augment="images",
+                                cache=cache)
+    cells = int(np.prod(partition.grid))
+    assert plain["bank_size"] == cells and feats["bank_size"] == imgs["bank_size"] == 6 * cells
+    assert imgs["augment"] == "images"
+    from fewshot_core.methods.augment import embed_augmented
+
+    rotated = embed_augmented(dataset, partition, episode.support_ids, ["rot180"], cache=cache)
+    assert rotated.shape == (1, *partition.grid, partition.patch_dim)
+
+
+def test_augment_features_are_real_re_embeddings(synth):
+    """The 'images' mode embeds the transformed image: close to, but not equal to, the transformed map."""
+    from fewshot_core.methods.augment import augment_feature_maps, embed_augmented
+
+    dataset, partition, _ = synth
+    ids = [dataset.train_good()[0].image_id]
+    stored = partition.patch(ids)
+    real = embed_augmented(dataset, partition, ids, ["hflip"])
+    approx = augment_feature_maps(stored, ["hflip"])[1:]
+    assert real.shape == approx.shape
+    assert not np.allclose(real, approx, atol=1e-3)  # CNN features are not flip-equivariant
+    assert np.corrcoef(real.ravel(), approx.ravel())[0, 1] > 0.8  # but the same image content
+
+
+def test_bad_inputs_raise_fsad_errors(synth):
+    dataset, partition, _ = synth
+    with pytest.raises(FsadError, match="not a one-class method"):
+        evaluate_oneclass(dataset, partition, "protonet", 1, [0])
+    with pytest.raises(FsadError, match="shots"):
+        parse_shots("many")
+    with pytest.raises(FsadError, match="augment"):
+        evaluate_oneclass(dataset, partition, "patchcore", 1, [0], augment="mixup")
+    with pytest.raises(FsadError):
+        evaluate_oneclass(dataset, partition, "patchcore", 10_000, [0])
+
+
+def test_cli_json_and_table(synth, synth_root, capsys):
+    dataset, _, store = synth
+    base = [str(synth_root), "--category", dataset.category, "--store", str(store), "--image-size",
+            str(IMAGE_SIZE), "--num-workers", "0", "--mask-size", "32"]
+    assert main(["evaluate", *base, "--method", "knn", "--shots", "2", "--seeds", "0", "1", "--json",
+                 "--param", "k=2"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 2 and json.loads(rows[0]["params"])["k"] == 2 and "aupro" in rows[0]
+    assert main(["evaluate", *base, "--method", "ldknn", "--shots", "1", "--seeds", "3", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "mean±std" in out and "image_auroc" in out and out.count("\n") >= 4
+
+
+def test_cli_errors_are_one_line(synth, synth_root, capsys):
+    dataset, _, store = synth
+    base = [str(synth_root), "--category", dataset.category, "--store", str(store), "--image-size",
+            str(IMAGE_SIZE), "--num-workers", "0"]
+    assert main(["evaluate", *base, "--method", "nope", "--shots", "1", "--seeds", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fsad: error:") and err.count("\n") == 1 and "Traceback" not in err
+    assert main(["evaluate", *base, "--method", "patchcore", "--seeds", "0"]) == 2
+    assert "--shots" in capsys.readouterr().err
+    assert main(["evaluate", *base, "--protocol", "supervised", "--method", "protonet"]) == 2
+    assert "--k-good" in capsys.readouterr().err
+
+
+# --- real MVTec AD bottle --------------------------------------------------------------------------
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_patchcore_reaches_the_bar_on_real_bottle(mvtec_root):
+    """Issue bar: full-shot image AUROC >= 0.99 and pixel AUROC >= 0.97; 1-shot image AUROC >= 0.95.
+
+    Uses the project's default feature store (a content-addressed cache, built once) and a 1 % coreset at
+    full shot so it stays within a couple of minutes on a CPU; the benchmark runs the 10 % default.
+    """
+    dataset = load_dataset(mvtec_root, "bottle")
+    partition = FeatureStore().build(dataset, progress=False)  # Lite0, 256 px, stride 8 + 16 stages
+    (full,) = evaluate_oneclass(dataset, partition, "patchcore", "full", [0],
+                                {"coreset_ratio": 0.01, "min_bank": 0})
+    assert full["image_auroc"] >= 0.99 and full["pixel_auroc"] >= 0.97, full
+    one = evaluate_oneclass(dataset, partition, "patchcore", 1, [0, 1])
+    assert min(r["image_auroc"] for r in one) >= 0.95, one
