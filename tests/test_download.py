@@ -91,8 +91,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if srv.cut_after is not None:  # simulate a dropped connection once
-            cut, srv.cut_after = srv.cut_after, None
+        if srv.cuts:  # simulate a dropped connection after this many bytes
+            cut = srv.cuts.pop(0)
             self.wfile.write(body[:cut])
             self.wfile.flush()
             self.close_connection = True
@@ -108,7 +108,7 @@ def _no_mirror_from_the_environment(monkeypatch):
 @pytest.fixture
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.files, srv.log, srv.cut_after, srv.ignore_range = {}, [], None, False
+    srv.files, srv.log, srv.cuts, srv.ignore_range = {}, [], [], False
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
@@ -184,17 +184,27 @@ def test_interrupted_transfer_is_resumed_with_range(server, tmp_path):
     data = _tar(_layout_files())
     table = _serve(server, data)
     cut = len(data) // 3
-    server.cut_after = cut
+    server.cuts = [cut]
     download_mvtec(tmp_path, archives=table, progress=False)
     assert server.log == [("/mvtec.tar.xz", None), ("/mvtec.tar.xz", f"bytes={cut}-")]
     assert (tmp_path / "bottle" / "train" / "good" / "002.png").is_file()
+
+
+def test_repeated_breaks_with_progress_keep_resuming(server, tmp_path):
+    data = _tar(_layout_files())
+    server.files["/f.tar.xz"] = data
+    server.cuts = [1000, 1000, 1000, 1000]  # four breaks, each after some progress
+    dest = tmp_path / "f.tar.xz"
+    fetch([f"{server.url}/f.tar.xz"], dest, _sha(data), progress=False, retries=1)
+    assert [r for _, r in server.log] == [None, "bytes=1000-", "bytes=2000-", "bytes=3000-", "bytes=4000-"]
+    assert dest.read_bytes() == data
 
 
 def test_interrupted_transfer_is_resumed_by_the_next_run(server, tmp_path):
     data = _tar(_layout_files())
     table = _serve(server, data)
     cut = len(data) // 2
-    server.cut_after = cut
+    server.cuts = [cut]
     with pytest.raises(FsadError, match="re-run the same command to resume"):
         download_mvtec(tmp_path, archives=table, progress=False, retries=0)
     part = tmp_path / ".downloads" / "mvtec.tar.xz.part"
@@ -210,7 +220,7 @@ def test_server_that_ignores_range_restarts_from_zero(server, tmp_path):
     dest = tmp_path / "a.tar.xz"
     server.files["/a.tar.xz"] = data
     server.ignore_range = True
-    server.cut_after = len(data) // 4
+    server.cuts = [len(data) // 4]
     fetch([f"{server.url}/a.tar.xz"], dest, _sha(data), progress=False)
     assert server.log[1][1] is not None  # asked for a range, got a 200 with everything
     assert dest.read_bytes() == data

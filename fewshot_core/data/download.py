@@ -84,9 +84,10 @@ def download_mvtec(
     """Download MVTec AD into ``root`` (whole set, or only ``categories``); return the category folders.
 
     Categories already present are skipped, so re-runs are cheap. ``base_url`` (default: the
-    ``FSAD_MVTEC_BASE_URL`` environment variable) replaces the mirror (``<base_url>/<archive filename>``). ``archives`` overrides the URL/checksum table (see
-    ``DEFAULT_ARCHIVES``). A broken transfer is resumed with HTTP Range up to ``retries`` times; the
-    partial ``.part`` file is kept, so a later run resumes too. ``keep_archive=None`` deletes the
+    ``FSAD_MVTEC_BASE_URL`` environment variable) replaces the mirror: ``<base_url>/<archive filename>``.
+    ``archives`` overrides the URL/checksum table (see ``DEFAULT_ARCHIVES``). A broken transfer is
+    resumed with HTTP Range, giving up after ``retries`` breaks in a row without progress; the partial
+    ``.part`` file is kept, so a later run resumes too. ``keep_archive=None`` deletes the
     verified archive once every category it holds is extracted.
     """
     root = Path(root)
@@ -212,15 +213,16 @@ class _Interrupted(Exception):
 
 
 def _transfer(url: str, part: Path, *, progress: bool, retries: int, timeout: float) -> None:
-    attempts = 0
+    attempts, size = 0, -1
     while True:
         try:
             _transfer_once(url, part, progress=progress, timeout=timeout)
             return
         except _Interrupted as exc:
-            attempts += 1
+            now = part.stat().st_size if part.exists() else 0
+            attempts = 1 if now > size else attempts + 1  # a break after progress starts the count anew
+            size = now
             if attempts > retries:
-                size = part.stat().st_size if part.exists() else 0
                 raise FsadError(
                     f"{part}: transfer interrupted after {size} bytes ({exc}); "
                     "re-run the same command to resume from there"
