@@ -191,7 +191,8 @@ def fetch(
     else:
         raise FsadError(
             f"{dest}: download failed ({'; '.join(errors)}); check the network, set {BASE_URL_ENV} to a mirror "
-            f"folder holding {dest.name}, or download it by hand from {MANUAL_URL} and extract it into {dest.parent.parent}"
+            f"folder holding {dest.name}, or download it by hand from {MANUAL_URL} "
+            f"and extract it into {dest.parent.parent}"
         )
     digest = sha256_file(part)
     if digest != sha256:

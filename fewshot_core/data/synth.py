@@ -151,7 +151,8 @@ def _capsule(rng: np.random.Generator, size: int, palette: np.ndarray) -> Scene:
     bg = np.broadcast_to(palette[0], (size, size, 3)).astype(np.float64)
     left = np.clip(0.5 - a, 0.0, 1.0)[..., None]  # two-coloured shell, soft seam
     body = palette[1] * left + palette[2] * (1 - left)
-    shade = 1.0 - 0.35 * np.clip(d / rad, 0.0, 1.0) ** 2 + 0.12 * np.exp(-((b + 0.45 * rad) ** 2) / (2 * (0.2 * rad) ** 2))
+    gloss = 0.12 * np.exp(-((b + 0.45 * rad) ** 2) / (2 * (0.2 * rad) ** 2))
+    shade = 1.0 - 0.35 * np.clip(d / rad, 0.0, 1.0) ** 2 + gloss
     fg = body * shade[..., None]
     img = bg * (1 - alpha[..., None]) + fg * alpha[..., None]
     return Scene(img, bg, alpha, alpha > 0.99, s)
@@ -259,7 +260,8 @@ def _contamination(rng, scene: Scene):
     for _ in range(int(rng.integers(1, 4))):
         cb = c + rng.uniform(-0.1, 0.1, 2) * size
         for _ in range(4):
-            region |= _ellipse(size, cb + rng.uniform(-0.03, 0.03, 2) * size, *(rng.uniform(0.015, 0.04, 2) * size), 0.0)
+            c_i = cb + rng.uniform(-0.03, 0.03, 2) * size
+            region |= _ellipse(size, c_i, *(rng.uniform(0.015, 0.04, 2) * size), 0.0)
     region &= scene.surface
     colour = CONTAMINANTS[rng.integers(len(CONTAMINANTS))]
     painted = 0.35 * scene.image + 0.65 * colour + _noise(rng, scene.image.shape, 3.0)
