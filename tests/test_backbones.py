@@ -156,3 +156,24 @@ def test_transform_resizes_without_crop_and_normalises():
     x = build_transform("tf_efficientnet_lite0", 48)(img)
     assert tuple(x.shape) == (3, 48, 48)
     assert torch.allclose(x[:, 0, 0], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]), atol=1e-5)
+
+
+def test_timm_checkpoint_found_in_the_local_cache_is_loaded_by_timm(monkeypatch, tmp_path):
+    import huggingface_hub
+    from safetensors.torch import save_file
+
+    state = {k: (v + 1 if v.is_floating_point() else v).contiguous()
+             for k, v in create_model("resnet18", weights="random").state_dict().items()}
+    file = tmp_path / "model.safetensors"
+    save_file(state, str(file))
+
+    def cached(repo_id, filename, **kwargs):
+        assert repo_id == "timm/resnet18.a1_in1k"
+        return str(file) if filename == "model.safetensors" else None
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cached)
+    model = create_model("resnet18")
+    info = model.fsad_weights
+    assert info.source == "timm" and info.path == str(file) and not info.is_random and len(info.sha256) == 64
+    assert torch.equal(model.conv1.weight, state["conv1.weight"])
+    assert torch.equal(model.layer3[0].bn1.running_var, state["layer3.0.bn1.running_var"])

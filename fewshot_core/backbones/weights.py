@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sys
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -167,13 +168,27 @@ def load_weights(model: torch.nn.Module, info: WeightsInfo) -> None:
         except (KeyError, AttributeError) as exc:
             raise FsadError(f"{info.path}: efficientnet_pytorch weights do not fit this backbone ({exc}); "
                             f"choose the matching tf_efficientnet_lite* backbone") from None
+    problem = _try_load(model, state)
+    if problem:
+        # original-source checkpoints (DINO, CLIP, ...): timm's own key/shape adapter for this architecture
+        filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+        try:
+            filtered = filter_fn(state, model) if filter_fn is not None else None
+        except Exception:  # the adapter does not apply to this file: report the plain mismatch
+            filtered = None
+        if filtered is not None and _try_load(model, filtered) is None:
+            return
+        raise FsadError(f"{info.path}: weights do not match the backbone ({problem}); "
+                        f"pass weights trained for this architecture")
+
+
+def _try_load(model: torch.nn.Module, state: dict) -> str | None:
+    """Load non-strictly and describe any mismatch (None = every key matched in name and shape)."""
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch
-        raise FsadError(f"{info.path}: weights do not match the backbone ({str(exc).splitlines()[-1].strip()[:150]}); "
-                        f"pass weights trained for this architecture") from None
+        return str(exc).strip().splitlines()[-1].strip()[:150]
     if result.missing_keys or result.unexpected_keys:
-        raise FsadError(
-            f"{info.path}: weights do not match the backbone ({len(result.missing_keys)} missing keys, e.g. "
-            f"{result.missing_keys[:2]}; {len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:2]}); "
-            f"pass weights trained for this architecture")
+        return (f"{len(result.missing_keys)} missing keys, e.g. {result.missing_keys[:2]}; "
+                f"{len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:2]}")
+    return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import platform
 import re
@@ -86,11 +87,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _release(array: np.memmap) -> None:
+    """Write the memmap's pages to the file and unmap them, so resident memory stays one batch deep.
+
+    Without this the written pages stay in the process's RSS (as file-backed pages) until the build ends.
+    """
+    array.flush()
+    mm = getattr(array, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)  # shared file mapping: data stays in the file, pages leave the RSS
+
+
 class FeaturePartition:
     """Read access to one complete partition; arrays are memory-mapped, rows gathered on demand."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, cache_hit: bool = False):
         self.path = Path(path)
+        self.cache_hit = cache_hit  # True when ``FeatureStore.build`` found it already complete
         meta_file = self.path / "meta.json"
         if not meta_file.is_file():
             raise FsadError(f"{meta_file}: feature partition missing or incomplete; rebuild it with `fsad embed`")
@@ -183,9 +196,8 @@ class FeatureStore:
         key = partition_key(dataset.category, backbone, info.sha256, image_size, layers, patch_dim, fingerprint)
         final = self.root / key
         if (final / "meta.json").is_file():
-            part = FeaturePartition(final)
-            part.cache_hit = True
-            return part
+            return FeaturePartition(final, cache_hit=True)
+        device = resolve_device(device)
 
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_stale_tmp(key)
@@ -204,7 +216,6 @@ class FeatureStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         part = FeaturePartition(final)
-        part.cache_hit = False
         assert part.meta["key"] == meta["key"]
         return part
 
@@ -219,7 +230,6 @@ class FeatureStore:
                batch_size, num_workers, device, progress, patch_dim) -> dict:
         from tqdm.auto import tqdm
 
-        device = resolve_device(device)
         extractor = create_extractor(backbone, layers, weights_info=info, device=device)
         n = len(records)
         patch_mm = global_mm = None
@@ -235,6 +245,7 @@ class FeatureStore:
                                                           shape=(n,) + pooled.shape[1:])
                 patch_mm[start:start + len(patch)] = patch
                 global_mm[start:start + len(pooled)] = pooled
+                _release(patch_mm)
                 bar.update(len(patch))
             patch_mm.flush()
             global_mm.flush()

@@ -1,0 +1,172 @@
+"""Feature-store throughput: raw backbone forward vs the full store build from PNG, on the same images.
+
+    .venv/bin/python benchmarks/embed_throughput.py [--root ../shared/data/mvtec_ad] [--category bottle]
+
+(a) the extractor's forward pass (stage maps + global embedding) on pre-decoded, pre-resized tensors;
+(b) ``FeatureStore.build`` from the PNG files: DataLoader workers decode + resize while the main process
+    runs the same forward pass, PatchCore patch features and float16 memmap writes.
+Both in images/s and their ratio (target >= 0.8: decoding must overlap the forward pass), plus the
+peak memory of building the full store, measured in a fresh process: VmRSS/VmHWM of the builder
+(file-backed memmap pages included), its anonymous memory, and the largest decoding worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _status_kb(field: str, pid: str = "self") -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def child_build(args) -> None:
+    """Run in a fresh process: build the store once, report timing and peak memory as JSON."""
+    import torch
+
+    from fewshot_core.data.mvtec import load_category
+    from fewshot_core.features import FeatureStore
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dataset = load_category(args.root, args.category)
+    if args.limit:
+        dataset.records = dataset.records[: args.limit]
+    peak_anon = [0]
+    done = threading.Event()
+
+    def sample():  # RssAnon excludes the memmap's file-backed pages, which the kernel can drop any time
+        while not done.is_set():
+            peak_anon[0] = max(peak_anon[0], _status_kb("RssAnon"))
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    rss_before = _status_kb("VmRSS")
+    started = time.perf_counter()
+    part = FeatureStore(args.store).build(dataset, image_size=args.image_size, batch_size=args.batch_size,
+                                          num_workers=args.num_workers, device=args.device, progress=False)
+    wall = time.perf_counter() - started
+    done.set()
+    thread.join()
+    print(json.dumps({
+        "n": len(part), "build_s": part.meta["build"]["seconds"], "wall_s": wall, "cache_hit": part.cache_hit,
+        "hwm_mb": _status_kb("VmHWM") / 1024, "rss_before_mb": rss_before / 1024,
+        "anon_peak_mb": peak_anon[0] / 1024,
+        "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "patch_mb": (part.path / "patch.npy").stat().st_size / 2**20,
+        "global_mb": (part.path / "global.npy").stat().st_size / 2**20,
+        "device": part.meta["build"]["device"], "grid": part.grid, "patch_dim": part.patch_dim,
+    }))
+
+
+def raw_forward(args, paths) -> tuple[float, int]:
+    """images/s of the extractor alone on tensors decoded and resized beforehand (same preprocessing)."""
+    import torch
+
+    from fewshot_core.backbones import create_extractor
+    from fewshot_core.backbones.preprocess import Normalize, preprocess_config, resize_image, to_uint8_tensor
+    from fewshot_core.data.imageio import load_rgb
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = preprocess_config("tf_efficientnet_lite0")
+    images = torch.stack([to_uint8_tensor(resize_image(load_rgb(p), args.image_size, cfg["interpolation"]))
+                          for p in paths])
+    ext = create_extractor("tf_efficientnet_lite0", device=args.device)
+    norm = Normalize(cfg["mean"], cfg["std"])
+    batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+
+    def run(batch):
+        x = norm(batch.to(ext.device))
+        if ext.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                ext.forward_with_global(x)
+            torch.cuda.synchronize()
+        else:
+            ext.forward_with_global(x)
+
+    with torch.inference_mode():
+        run(batches[0])  # warm-up (kernel selection), not timed
+        started = time.perf_counter()
+        for batch in batches:
+            run(batch)
+        seconds = time.perf_counter() - started
+    return len(images) / seconds, len(images)
+
+
+def main() -> None:
+    from fewshot_core.paths import shared_mvtec_root
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, default=shared_mvtec_root())
+    p.add_argument("--category", default="bottle")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--limit", type=int, default=0, help="first N images only (0 = all, e.g. bottle's 292)")
+    p.add_argument("--child-build", dest="store", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.root is None:
+        sys.exit("no MVTec AD root: pass --root or set MVTEC_ROOT")
+    if args.store is not None:
+        return child_build(args)
+
+    from fewshot_core.data.mvtec import load_category
+
+    dataset = load_category(args.root, args.category)
+    records = dataset.records[: args.limit] if args.limit else dataset.records
+    with tempfile.TemporaryDirectory(prefix="fsad-bench-") as store:
+        cmd = [sys.executable, __file__, "--root", str(args.root), "--category", args.category,
+               "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+               "--num-workers", str(args.num_workers), "--threads", str(args.threads),
+               "--limit", str(args.limit), "--child-build", store]
+        if args.device:
+            cmd += ["--device", args.device]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ}).stdout
+        build = json.loads(out.strip().splitlines()[-1])
+    raw_ips, n = raw_forward(args, [r.path for r in records])
+    build_ips = build["n"] / build["build_s"]
+    load = os.getloadavg()[0]
+
+    print(f"\nembed throughput: {args.category}, {n} images ({', '.join(sorted({r.split for r in records}))}), "
+          f"tf_efficientnet_lite0 bundled weights, {args.image_size} px, batch {args.batch_size}, "
+          f"{args.num_workers} decode workers, device {build['device']}, torch threads "
+          f"{args.threads or 'default'}, {os.cpu_count()} CPUs, load average {load:.1f}")
+    rows = [
+        ("(a) raw forward, pre-decoded tensors", f"{raw_ips:.2f} images/s"),
+        ("(b) store build from PNG (decode+resize+forward+patch+write)", f"{build_ips:.2f} images/s"),
+        ("ratio (b)/(a)  [target >= 0.8]", f"{build_ips / raw_ips:.2f}"),
+        (f"store build wall time, {build['n']} images", f"{build['wall_s']:.1f} s"),
+        ("peak RSS builder process (VmHWM, incl. memmap file pages)", f"{build['hwm_mb']:.0f} MB"),
+        ("peak anonymous memory builder (RssAnon)", f"{build['anon_peak_mb']:.0f} MB"),
+        ("builder RSS before build (model + libraries)", f"{build['rss_before_mb']:.0f} MB"),
+        ("peak RSS largest decode worker", f"{build['worker_peak_mb']:.0f} MB"),
+        (f"store size: patch.npy {tuple(build['grid'])}x{build['patch_dim']} fp16 + global.npy",
+         f"{build['patch_mb']:.0f} MB + {build['global_mb']:.1f} MB"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print("-" * (width + 20))
+    for name, value in rows:
+        print(f"{name:<{width}}  {value:>16}")
+
+
+if __name__ == "__main__":
+    main()
