@@ -81,6 +81,17 @@ def test_flat_search_is_exact_and_squared():
     assert NearestNeighbors().fit(bank[:2]).search(query, 5)[1].shape == (50, 2)  # k clamped to the bank
 
 
+def test_torch_fallback_search_matches_faiss():
+    from fewshot_core.methods.nn_search import TorchFlatIndex
+
+    rng = np.random.default_rng(5)
+    bank, query = rng.normal(size=(300, 10)).astype(np.float32), rng.normal(size=(40, 10)).astype(np.float32)
+    d_f, i_f = NearestNeighbors(use_gpu=False).fit(bank).search(query, 4)
+    d_t, i_t = TorchFlatIndex(bank, "cpu").search(query, 4)
+    assert np.array_equal(i_f, i_t)
+    np.testing.assert_allclose(d_f, d_t, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_indexes_find_most_neighbours(kind):
     rng = np.random.default_rng(4)

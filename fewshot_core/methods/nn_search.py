@@ -2,7 +2,9 @@
 
 ``index="flat"`` (default) is exact (``IndexFlatL2``); ``"ivf"`` (inverted lists, ``nprobe`` probed)
 and ``"hnsw"`` are approximate options for large banks. With a GPU build of faiss and a visible GPU,
-``use_gpu="auto"`` moves the index there (flat and IVF; HNSW stays on the CPU). Distances are
+``use_gpu="auto"`` moves the index there (flat and IVF; HNSW stays on the CPU). With CUDA but only
+faiss-cpu installed (the usual pip setup) an exact flat search runs in torch on the GPU instead
+(chunked matrix products + top-k), as it does when faiss is missing altogether. Distances are
 **squared** L2, as faiss returns them; callers take the square root where they want Euclidean.
 """
 
@@ -10,14 +12,51 @@ from __future__ import annotations
 
 import math
 
-import faiss
 import numpy as np
 
+try:
+    import faiss
+except ImportError:  # pragma: no cover - faiss-cpu is a dependency; torch covers exact search without it
+    faiss = None
+
 INDEX_KINDS = ("flat", "ivf", "hnsw")
+_CHUNK_ELEMENTS = 1 << 27  # query rows x bank rows per distance block in the torch search (512 MB fp32)
 
 
 def gpu_available() -> bool:
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    return faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return torch.cuda.is_available()
+
+
+class TorchFlatIndex:
+    """Exact squared-L2 k-NN in torch (GPU when available): the fallback without faiss-gpu."""
+
+    def __init__(self, bank: np.ndarray, device: str):
+        import torch
+
+        self.torch = torch
+        self.bank = torch.from_numpy(bank).to(device)
+        self.bank_sq = (self.bank * self.bank).sum(1)
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        rows = max(1, _CHUNK_ELEMENTS // len(self.bank))
+        dists, idxs = [], []
+        with torch.no_grad():
+            for start in range(0, len(query), rows):
+                q = torch.from_numpy(query[start:start + rows]).to(self.bank.device)
+                d2 = torch.addmm(self.bank_sq[None], q, self.bank.T, alpha=-2.0).add_((q * q).sum(1, keepdim=True))
+                d, i = d2.topk(k, dim=1, largest=False)
+                dists.append(d.cpu())
+                idxs.append(i.cpu())
+        return torch.cat(dists).numpy(), torch.cat(idxs).numpy().astype(np.int64)
 
 
 class NearestNeighbors:
@@ -26,7 +65,7 @@ class NearestNeighbors:
         if index not in INDEX_KINDS:
             raise ValueError(f"unknown index {index!r}; choose one of {INDEX_KINDS}")
         self.kind = index
-        self.use_gpu = gpu_available() if use_gpu == "auto" else bool(use_gpu)
+        self.use_gpu = (gpu_available() or _torch_cuda()) if use_gpu == "auto" else bool(use_gpu)
         self.nlist, self.nprobe, self.hnsw_m, self.ef_search, self.seed = nlist, nprobe, hnsw_m, ef_search, seed
         self.index = None
         self.ntotal = 0
@@ -35,6 +74,11 @@ class NearestNeighbors:
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         n, d = bank.shape
         kind = self.kind
+        if faiss is None or (self.use_gpu and not gpu_available() and kind == "flat"):
+            # exact search in torch: on the GPU when asked for and faiss has none, or without faiss at all
+            device = "cuda" if self.use_gpu and _torch_cuda() else "cpu"
+            self.index, self.ntotal, self.effective_kind = TorchFlatIndex(bank, device), n, f"torch-flat-{device}"
+            return self
         nlist = self.nlist or max(1, int(4 * math.sqrt(n)))
         if kind == "ivf" and n < 39 * nlist:  # too few points to train the coarse quantiser: stay exact
             kind = "flat"
@@ -47,7 +91,7 @@ class NearestNeighbors:
         else:
             index = faiss.IndexHNSWFlat(d, self.hnsw_m)
             index.hnsw.efSearch = self.ef_search
-        if self.use_gpu and kind != "hnsw":
+        if self.use_gpu and kind != "hnsw" and gpu_available():
             self._resources = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._resources, 0, index)
         if not index.is_trained:
@@ -63,5 +107,6 @@ class NearestNeighbors:
         query = np.ascontiguousarray(query, dtype=np.float32)
         k = max(1, min(int(k), self.ntotal))
         dist, idx = self.index.search(query, k)
+        dist = np.ascontiguousarray(dist, dtype=np.float32)
         np.maximum(dist, 0.0, out=dist)  # ||a||^2 + ||b||^2 - 2ab can dip below 0 in float32
         return dist, idx
