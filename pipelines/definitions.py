@@ -35,7 +35,6 @@ def build_definitions(cfg: SweepConfig | None = None) -> dg.Definitions:
     evaluations = build_evaluation_assets(cfg, embeddings)
     benchmark_table, benchmark_summary, html_report = build_report_assets(cfg, evaluations)
     embeddings_job = dg.define_asset_job("embeddings_job", selection=dg.AssetSelection.assets(embeddings, banks),
-                                         partitions_def=embeddings.partitions_def,
                                          description="Embeddings and banks for requested backbone x category partitions.")
     nightly_job, nightly_schedule = build_nightly(lambda: build_definitions(cfg))
     return dg.Definitions(

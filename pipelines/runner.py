@@ -24,6 +24,11 @@ def _all_assets(defs: dg.Definitions) -> list:
     return [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
 
 
+def _all_definitions(defs: dg.Definitions) -> list:
+    """Assets plus the stand-alone asset checks, so a run of an asset also runs the checks on it."""
+    return _all_assets(defs) + list(defs.asset_checks or [])
+
+
 def stages(defs: dg.Definitions) -> list[tuple[str, list[dg.AssetsDefinition]]]:
     """Ordered (name, assets) groups; assets of a group share one partitions definition (or none)."""
     assets = _all_assets(defs)
@@ -39,11 +44,15 @@ def stages(defs: dg.Definitions) -> list[tuple[str, list[dg.AssetsDefinition]]]:
     return [(name, group) for name, group in out if group]
 
 
-def run_sweep(defs: dg.Definitions, instance: dg.DagsterInstance, log=print, tags: dict | None = None) -> list[dict]:
-    """Run every stage; raise FsadError naming the failed stage. Returns one summary dict per run."""
-    assets = _all_assets(defs)
+def run_sweep(defs: dg.Definitions, instance: dg.DagsterInstance, log=print, tags: dict | None = None,
+              quiet: bool = False) -> list[dict]:
+    """Run every stage; raise FsadError naming the failed stage. Returns one summary dict per run.
+
+    ``quiet`` keeps Dagster's console logger to warnings (the full event log stays in the instance)."""
+    everything = _all_definitions(defs)
     resources = defs.resources
     summaries = []
+    run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}} if quiet else None
     for name, group in stages(defs):
         run_tags = {"fsad/stage": name, **(tags or {})}
         pdef = group[0].partitions_def
@@ -54,8 +63,9 @@ def run_sweep(defs: dg.Definitions, instance: dg.DagsterInstance, log=print, tag
             run_tags.update({RANGE_START: keys[0], RANGE_END: keys[-1]})
         start = time.perf_counter()
         log(f"[{name}] {len(group)} asset(s)" + (f", {len(keys)} partition(s)" if pdef is not None else ""))
-        result = dg.materialize(assets, selection=[a.key for a in group], resources=resources, instance=instance,
-                                tags=run_tags, raise_on_error=False)
+        selection = dg.AssetSelection.assets(*[a.key for a in group])
+        result = dg.materialize(everything, selection=selection, resources=resources, instance=instance,
+                                tags=run_tags, raise_on_error=False, run_config=run_config)
         seconds = time.perf_counter() - start
         summaries.append({"stage": name, "run_id": result.run_id, "success": result.success, "seconds": seconds})
         if not result.success:

@@ -114,7 +114,7 @@ def _evaluate_partition(cfg, context, backbone, spec: MethodSpec, p: dict, ds, p
               "n_query": len(episode.query_ids)}
     tags = {tracking.PARTITION_TAG: p["key"], tracking.ASSET_TAG: context.asset_key.to_user_string(),
             "fsad.setting": setting.key, "fsad.method": spec.id, "fsad.category": p["category"]}
-    run_id = tracker.log_evaluation(experiment, context.run_id, f"{spec.id}|{p['category']}|{setting.key}",
+    run_id = tracker.log_evaluation(experiment, context.run.run_id, f"{spec.id}|{p['category']}|{setting.key}",
                                     params, {**metrics, "fit_seconds": fit_s, "score_seconds": score_s},
                                     tags, artifacts)
     gallery = None
@@ -126,7 +126,7 @@ def _evaluate_partition(cfg, context, backbone, spec: MethodSpec, p: dict, ds, p
            "protocol": setting.protocol, "setting": setting.name, "setting_key": setting.key,
            "shots": setting.k_good, "k_good": setting.k_good, "k_bad": setting.k_bad,
            "label_mode": setting.label_mode, "distance": spec.params.get("distance"), "seed": setting.seed,
-           "partition_key": p["key"], "mlflow_run_id": run_id, "dagster_run_id": context.run_id,
+           "partition_key": p["key"], "mlflow_run_id": run_id, "dagster_run_id": context.run.run_id,
            "n_support": len(episode.support_ids), "n_query": len(episode.query_ids),
            "fit_seconds": fit_s, "score_seconds": score_s, "feature_key": part.key,
            "gallery_png": None if gallery is None else str(gallery), **metrics}

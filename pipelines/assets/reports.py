@@ -69,7 +69,7 @@ def build_report_assets(cfg: SweepConfig, evaluation_assets: list[dg.AssetsDefin
         info = {"sweep": cfg.name, "config": cfg.source_file or "embedded default",
                 "backbones": ", ".join(cfg.backbones), "image size": cfg.image_size,
                 "MLflow tracking URI": mlflow.tracker().tracking_uri, "MLflow experiment": mlflow.experiment,
-                "Dagster run": context.run_id}
+                "Dagster run": context.run.run_id}
         text = render_report(benchmark_table, benchmark_summary, gallery, title=f"fsad report: {cfg.name}", info=info)
         path = write_report(report_path(cfg), text)
         return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(path)),

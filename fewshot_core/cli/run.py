@@ -1,0 +1,101 @@
+"""``fsad run``: materialise the whole default sweep in-process (Dagster + MLflow), then print where the
+report is and how to open the Dagster and MLflow UIs. ``fsad mlflow-ui``: start the MLflow UI on the
+tracking store the pipeline writes to."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fewshot_core.errors import FsadError
+from fewshot_core.paths import PROJECT_ROOT
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="run the whole benchmark sweep (data, features, every method, report) in-process",
+        description="Materialise the default Dagster sweep in-process: synthetic data (or MVTEC_ROOT / --root), "
+                    "the offline EfficientNet-Lite0 backbone, the fast methods, a small shots grid; results go "
+                    "to MLflow and an HTML report.")
+    p.add_argument("--config", help="sweep YAML (see pipelines/config.py); default: the embedded demo sweep")
+    p.add_argument("--root", help="MVTec-layout data root to use instead of the configured data")
+    p.add_argument("--dagster-home", help="Dagster instance folder (default: $DAGSTER_HOME, else <project>/dagster_home)")
+    p.add_argument("--verbose", action="store_true", help="show Dagster's step-level debug log")
+    p.set_defaults(func=run_command)
+
+    m = subparsers.add_parser("mlflow-ui", help="start the MLflow UI on the pipeline's tracking store",
+                              description="Start `mlflow ui` on the SQLite store under dagster_home (or "
+                                          "MLFLOW_TRACKING_URI), bound to 127.0.0.1.")
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--port", type=int, default=5000)
+    m.add_argument("--dagster-home", help="Dagster instance folder holding mlflow.db (default as for `fsad run`)")
+    m.set_defaults(func=mlflow_ui_command)
+
+
+def dagster_home(explicit: str | None = None) -> Path:
+    home = Path(explicit or os.environ.get("DAGSTER_HOME") or PROJECT_ROOT / "dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    template = PROJECT_ROOT / "dagster_home" / "dagster.yaml"
+    if not (home / "dagster.yaml").exists() and template.is_file():
+        shutil.copyfile(template, home / "dagster.yaml")  # same storage and run-queue settings everywhere
+    return home
+
+
+def run_command(args) -> int:
+    home = dagster_home(args.dagster_home)
+    os.environ["DAGSTER_HOME"] = str(home)  # before Dagster is imported: never a temporary instance
+    if args.config:
+        os.environ["FSAD_SWEEP_CONFIG"] = str(Path(args.config).resolve())
+    start = time.perf_counter()
+    import dagster as dg
+
+    from pipelines.assets.data import resolve_data
+    from pipelines.assets.reports import report_path
+    from pipelines.config import load_config
+    from pipelines.definitions import build_definitions
+    from pipelines.runner import run_sweep
+
+    cfg = load_config(args.config)
+    if args.root:
+        root = Path(args.root).expanduser().resolve()
+        if not root.exists():
+            raise FsadError(f"{root}: --root does not exist; pass an MVTec-layout folder (<category>/train/good)")
+        cfg.data_source, cfg.data_root = "mvtec", str(root)
+    data_root, source = resolve_data(cfg)
+    methods = [m.id for m in cfg.method_specs()]
+    print(f"fsad run: sweep {cfg.name!r} on {source} data at {data_root}")
+    print(f"  backbones {', '.join(cfg.backbones)}; methods {', '.join(methods)}; shots {cfg.shots}; "
+          f"ratios {cfg.ratios}; seeds {sorted(set(cfg.oneclass_seeds) | set(cfg.supervised_seeds))}")
+    defs = build_definitions(cfg)
+    instance = dg.DagsterInstance.get()
+    summaries = run_sweep(defs, instance, log=lambda msg: print("  " + msg, flush=True), quiet=not args.verbose)
+    from fewshot_core.tracking import default_tracking_uri
+
+    report = report_path(cfg)
+    print(f"\nDone in {time.perf_counter() - start:.0f}s ({len(summaries)} Dagster runs).")
+    print(f"  Report:      {report}")
+    print(f"  Tables:      {cfg.resolved_work_dir() / 'tables'}")
+    print(f"  MLflow:      {default_tracking_uri(home)} (experiment {cfg.name!r}); open it with `fsad mlflow-ui`")
+    print(f"  Dagster UI:  DAGSTER_HOME={home} dagster dev -w {PROJECT_ROOT / 'workspace.yaml'} -h 127.0.0.1"
+          + (f"  (with FSAD_SWEEP_CONFIG={cfg.source_file})" if cfg.source_file else ""))
+    return 0
+
+
+def mlflow_ui_command(args) -> int:
+    home = dagster_home(args.dagster_home)
+    from fewshot_core.tracking import default_artifact_root, default_tracking_uri
+
+    uri = default_tracking_uri(home)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port)]
+    if (artifacts := default_artifact_root(uri)) is not None:
+        cmd += ["--default-artifact-root", artifacts]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 130

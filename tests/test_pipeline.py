@@ -1,0 +1,272 @@
+"""The Dagster pipeline end to end on a tiny synthetic sweep: `fsad run` materialises every stage in-process,
+MLflow holds one nested run per evaluation partition, a second materialisation reuses the cached features,
+re-materialising a partition makes a new MLflow run, and the sensor requests the partitions new images touch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fewshot_core.cli import main
+from fewshot_core.errors import FsadError
+
+pytestmark = pytest.mark.timeout(600)
+
+SWEEP = """\
+name: tiny
+data: {{source: synthetic, synth: {{categories: 1, size: 64, n_train: 6, n_test_good: 4, n_test_per_defect: 2}}}}
+image_size: 64
+oneclass: {{shots: [1, 2], seeds: [0, 1]}}
+supervised: {{ratios: [[1, 1], [2, 1]], label_modes: [binary, multiclass], seeds: [0]}}
+methods:
+  - {{id: patchcore, method: patchcore}}
+  - {{id: knn, method: knn}}
+  - {{id: protonet-euclidean, method: protonet, params: {{distance: euclidean}}}}
+work_dir: {work}
+"""
+N_EVAL = 4 + 4 + 4  # patchcore and knn: 2 shots x 2 seeds; protonet: 2 ratios x 2 label modes x 1 seed
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Run `fsad run` once on a tiny config; yield (home, work, config, stdout) with the environment kept."""
+    base = tmp_path_factory.mktemp("pipeline")
+    home, work = base / "dagster_home", base / "work"
+    config = base / "sweep.yaml"
+    config.write_text(SWEEP.format(work=work))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("MVTEC_ROOT", raising=False)
+        mp.setenv("FSAD_SWEEP_CONFIG", str(config))
+        import io
+        from contextlib import redirect_stdout
+
+        out = io.StringIO()
+        with redirect_stdout(out):
+            code = main(["run", "--config", str(config), "--dagster-home", str(home)])
+        assert code == 0, out.getvalue()
+        yield home, work, config, out.getvalue()
+
+
+def _defs(config):
+    from pipelines.config import load_config
+    from pipelines.definitions import build_definitions
+
+    return build_definitions(load_config(config))
+
+
+def test_fsad_run_materialises_every_asset_and_prints_where_things_are(sweep):
+    import dagster as dg
+
+    home, work, config, out = sweep
+    report = work / "report" / "report.html"
+    assert f"Report:      {report}" in out
+    assert "dagster dev -w" in out and "-h 127.0.0.1" in out and "fsad mlflow-ui" in out
+    assert (home / "dagster.yaml").read_text() == (Path(__file__).parents[1] / "dagster_home" / "dagster.yaml").read_text()
+    instance = dg.DagsterInstance.get()
+    defs = _defs(config)
+    for asset in defs.assets:
+        key = asset.key
+        if asset.partitions_def is None:
+            assert instance.get_latest_materialization_event(key) is not None, key
+        else:
+            expected = asset.partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+            assert set(instance.get_materialized_partitions(key)) == set(expected), key
+    # Asset checks ran and passed: manifest validation, metric range, support/query disjointness, table.
+    checks = [c for a in defs.assets for c in a.check_keys]
+    checks += [c for chk in defs.asset_checks for c in chk.check_keys]
+    assert len(checks) >= 2 + 2 * 3
+    for check in checks:
+        record = instance.event_log_storage.get_latest_asset_check_execution_by_key([check]).get(check)
+        assert record is not None and record.status.value == "SUCCEEDED", check
+
+    table = pd.read_parquet(work / "tables" / "benchmark_table.parquet")
+    assert len(table) == N_EVAL
+    assert set(table["method"]) == {"patchcore", "knn", "protonet-euclidean"}
+    oc = table[table["protocol"] == "oneclass"]
+    assert oc["image_auroc"].between(0, 1).all() and oc["pixel_auroc"].between(0, 1).all()
+    sup = table[table["protocol"] == "supervised"]
+    assert sup["balanced_accuracy"].between(0, 1).all()
+    assert set(sup["label_mode"]) == {"binary", "multiclass"}
+    summary = pd.read_parquet(work / "tables" / "benchmark_summary.parquet")
+    assert (summary[summary["protocol"] == "oneclass"]["n_seeds"] == 2).all()
+    text = report.read_text()
+    assert "RQ1" in text and "RQ4" in text and text.count("data:image/png;base64,") >= 3
+    for run_id in table["mlflow_run_id"]:
+        assert run_id in text
+
+
+def test_mlflow_holds_one_nested_run_per_evaluation_partition(sweep):
+    from fewshot_core import tracking
+    from fewshot_core.tracking import Tracker, default_tracking_uri
+
+    home, work, _, _ = sweep
+    tracker = Tracker(default_tracking_uri(home))
+    runs = tracker.evaluation_runs("tiny")
+    table = pd.read_parquet(work / "tables" / "benchmark_table.parquet")
+    assert {r.info.run_id for r in runs} == set(table["mlflow_run_id"])
+    assert len(runs) == N_EVAL
+    parents = {r.data.tags[tracking.PARENT_RUN_TAG] for r in runs}
+    assert len(parents) == 2  # one per evaluation Dagster run (one-class group, supervised group)
+    for parent in parents:
+        p = tracker.client.get_run(parent)
+        assert p.data.tags[tracking.KIND_TAG] == "dagster-run" and p.data.tags[tracking.DAGSTER_RUN_TAG]
+    for r in runs:
+        tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
+        assert r.info.status == "FINISHED"
+        assert tags[tracking.DAGSTER_RUN_TAG] == tracker.client.get_run(tags[tracking.PARENT_RUN_TAG]).data.tags[
+            tracking.DAGSTER_RUN_TAG]
+        assert tags[tracking.ASSET_TAG].startswith("evaluation/")
+        assert tags[tracking.PARTITION_TAG].startswith("synth_fabric|")
+        assert tags[tracking.CODE_VERSION_TAG]
+        for name in ("method", "backbone", "category", "shots", "k_good", "k_bad", "ratio", "seed", "feature_key"):
+            assert name in params, name
+        assert params["backbone"] == "tf_efficientnet_lite0" and params["category"] == "synth_fabric"
+        artifacts = {a.path for a in tracker.client.list_artifacts(r.info.run_id, "plots")}
+        if params["protocol"] == "oneclass":
+            assert 0.0 <= metrics["image_auroc"] <= 1.0 and "pixel_auroc" in metrics and "aupro" in metrics
+            assert {"plots/roc_curve.png", "plots/anomaly_maps.png"} <= artifacts
+            model = [a.path for a in tracker.client.list_artifacts(r.info.run_id, "model")]
+            assert model == ["model/fitted_bank.npz"]
+        else:
+            assert 0.0 <= metrics["balanced_accuracy"] <= 1.0
+            assert "plots/confusion_matrix.png" in artifacts
+    row = table[(table["method"] == "patchcore") & (table["setting_key"] == "oc-k2-s1")].iloc[0]
+    assert tracker.client.get_run(row["mlflow_run_id"]).data.metrics["image_auroc"] == pytest.approx(row["image_auroc"])
+
+
+def test_second_materialisation_reuses_embeddings_and_makes_new_mlflow_runs(sweep):
+    import dagster as dg
+
+    from fewshot_core.tracking import Tracker, default_tracking_uri
+    from pipelines.assets.evaluation import evaluation_key
+
+    home, work, config, _ = sweep
+    defs = _defs(config)
+    instance = dg.DagsterInstance.get()
+    parts = [p for p in (work / "features").iterdir() if (p / "meta.json").is_file()]
+    assert len(parts) == 1
+    stamps = {f: f.stat().st_mtime_ns for f in parts[0].iterdir()}
+
+    assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
+    emb = dg.AssetKey("embeddings")
+    res = dg.materialize(assets, selection=[emb], resources=defs.resources, instance=instance,
+                         partition_key="tf_efficientnet_lite0|synth_fabric")
+    assert res.success
+    meta = instance.get_latest_materialization_event(emb).asset_materialization.metadata
+    assert meta["cache hits"].value == 1 and meta["partitions"].value == 1
+    assert {f: f.stat().st_mtime_ns for f in parts[0].iterdir()} == stamps  # nothing rewritten
+
+    tracker = Tracker(default_tracking_uri(home))
+    before = {r.info.run_id: r.data.metrics for r in tracker.evaluation_runs("tiny")}
+    key = dg.AssetKey(evaluation_key("tf_efficientnet_lite0", _spec(config, "knn")).path)
+    res = dg.materialize(assets, selection=[key], resources=defs.resources, instance=instance,
+                         partition_key="synth_fabric|oc-k1-s0")
+    assert res.success
+    after = {r.info.run_id: r for r in tracker.evaluation_runs("tiny")}
+    new = set(after) - set(before)
+    assert len(new) == 1  # a new run, the old ones untouched
+    assert all(after[rid].data.metrics == m for rid, m in before.items())
+    new_run = after[new.pop()]
+    assert new_run.data.tags["dagster.partition_key"] == "synth_fabric|oc-k1-s0"
+    old = [rid for rid, r in after.items() if r.data.tags["dagster.partition_key"] == "synth_fabric|oc-k1-s0"
+           and r.data.params["method_id"] == "knn" and rid != new_run.info.run_id]
+    assert len(old) == 1
+    assert after[old[0]].data.metrics["image_auroc"] == pytest.approx(new_run.data.metrics["image_auroc"])
+    part = pd.read_parquet(work / "tables" / "evaluation" / "tf_efficientnet_lite0" / "knn" / "synth_fabric"
+                           / "oc-k1-s0.parquet")
+    assert part["mlflow_run_id"].tolist() == [new_run.info.run_id]
+
+
+def _spec(config, method_id):
+    from pipelines.config import load_config
+
+    return next(m for m in load_config(config).method_specs() if m.id == method_id)
+
+
+def test_sensor_requests_partitions_for_new_and_changed_images(sweep):
+    import dagster as dg
+
+    from fewshot_core.data.synth import generate
+    from pipelines.partitions import CATEGORY
+
+    home, work, config, _ = sweep
+    defs = _defs(config)
+    instance = dg.DagsterInstance.get()
+    sensor = defs.get_sensor_def("new_images_sensor")
+    first = sensor(dg.build_sensor_context(instance=instance))
+    assert not first.run_requests and not first.dynamic_partitions_requests  # nothing new: baseline cursor
+    root = work / "synthetic"
+    generate(root, categories=2, seed=0, size=64, n_train=6, n_test_good=4, n_test_per_defect=2)
+    second = sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor))
+    assert [list(r.partition_keys) for r in second.dynamic_partitions_requests] == [["synth_disk"]]
+    assert [str(r.partition_key) for r in second.run_requests] == ["tf_efficientnet_lite0|synth_disk"]
+    instance.add_dynamic_partitions(CATEGORY.name, ["synth_disk"])
+    extra = root / "synth_fabric" / "train" / "good" / "zz_new.png"
+    shutil.copyfile(next((root / "synth_fabric" / "train" / "good").glob("*.png")), extra)
+    third = sensor(dg.build_sensor_context(instance=instance, cursor=second.cursor))
+    assert [str(r.partition_key) for r in third.run_requests] == ["tf_efficientnet_lite0|synth_fabric"]
+    assert not third.dynamic_partitions_requests
+    extra.unlink()
+    shutil.rmtree(root / "synth_disk")
+
+
+def test_definitions_expose_schedule_sensor_jobs_and_partitions(sweep):
+    _, _, config, _ = sweep
+    defs = _defs(config)
+    schedule = defs.get_schedule_def("nightly_sweep_schedule")
+    assert schedule.cron_schedule == "0 2 * * *" and schedule.job_name == "nightly_sweep"
+    assert defs.resolve_job_def("embeddings_job") is not None
+    emb = next(a for a in defs.assets if a.key.to_user_string() == "embeddings")
+    assert [d.name for d in emb.partitions_def.partitions_defs] == ["backbone", "category"]
+    ev = next(a for a in defs.assets if a.key.to_user_string().startswith("evaluation/"))
+    dims = {d.name: d.partitions_def for d in ev.partitions_def.partitions_defs}
+    assert set(dims) == {"category", "setting"}
+    assert set(dims["setting"].get_partition_keys()) == {"oc-k1-s0", "oc-k1-s1", "oc-k2-s0", "oc-k2-s1"}
+
+
+def test_setting_keys_round_trip_and_reject_garbage():
+    from pipelines.config import Setting
+
+    for key in ("oc-k4-s0", "sup-g10b1-bin-s3", "sup-g5b5-multi-s0"):
+        assert Setting.parse(key).key == key
+    s = Setting.parse("sup-g10b1-bin-s3")
+    assert (s.protocol, s.k_good, s.k_bad, s.label_mode, s.seed, s.name) == ("supervised", 10, 1, "binary", 3,
+                                                                          "sup-g10b1-bin")
+    with pytest.raises(FsadError, match="not a setting key"):
+        Setting.parse("k4")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("bogus: 1\n", "unknown key"),
+    ("methods: [{method: nope}]\n", "unknown method"),
+    ("oneclass: {shots: [0]}\n", "shots must be >= 1"),
+    ("data: [unclosed\n", "not valid YAML"),
+])
+def test_bad_sweep_config_names_the_file_and_the_fix(tmp_path, text, message):
+    from pipelines.config import load_config
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(textwrap.dedent(text))
+    with pytest.raises(FsadError, match=message) as exc:
+        load_config(path)
+    assert str(path) in str(exc.value) and ";" in str(exc.value)
+
+
+def test_fsad_run_reports_bad_config_without_traceback(tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("bogus: 1\n")
+    env = dict(os.environ)
+    try:
+        assert main(["run", "--config", str(path), "--dagster-home", str(tmp_path / "home")]) == 2
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    err = capsys.readouterr().err
+    assert err.startswith("fsad: error:") and "Traceback" not in err
