@@ -70,7 +70,10 @@ def test_augmentation_adds_transformed_supports(synth):
     dataset, partition, _ = synth
     episode = sample_oneclass(dataset, 1, 0)
     cache = {}
-    plain = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32)
+    details = {}
+    plain = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, details=details)
+    assert details["patch_maps"].shape == (len(episode.query_ids), *partition.grid)
+    assert len(details["model"].bank_) == plain["bank_size"] and len(details["image_scores"]) == plain["n_query"]
     feats = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, augment="features")
     imgs = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, augment="images",
                                 cache=cache)
@@ -141,13 +144,14 @@ def test_cli_errors_are_one_line(synth, synth_root, capsys):
 def test_patchcore_reaches_the_bar_on_real_bottle(mvtec_root):
     """Issue bar: full-shot image AUROC >= 0.99 and pixel AUROC >= 0.97; 1-shot image AUROC >= 0.95.
 
-    Uses the project's default feature store (a content-addressed cache, built once) and a 1 % coreset at
-    full shot so it stays within a couple of minutes on a CPU; the benchmark runs the 10 % default.
+    Uses the project's default feature store (a content-addressed cache: the first run embeds the 292
+    images, ~1-4 min on a CPU; later runs reuse it) and a 0.2 % coreset at full shot (428 of 214k
+    patches: the greedy coreset loop is memory-bound on a CPU); the benchmark runs the 10 % default.
     """
     dataset = load_dataset(mvtec_root, "bottle")
     partition = FeatureStore().build(dataset, progress=False)  # Lite0, 256 px, stride 8 + 16 stages
     (full,) = evaluate_oneclass(dataset, partition, "patchcore", "full", [0],
-                                {"coreset_ratio": 0.01, "min_bank": 0})
+                                {"coreset_ratio": 0.002, "min_bank": 0})
     assert full["image_auroc"] >= 0.99 and full["pixel_auroc"] >= 0.97, full
     one = evaluate_oneclass(dataset, partition, "patchcore", 1, [0, 1])
     assert min(r["image_auroc"] for r in one) >= 0.95, one

@@ -60,8 +60,13 @@ def _support_features(dataset, partition, episode, augment: str, transforms, cac
 def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: str,
                          method_params: Mapping | None = None, mask_size: int = 256,
                          augment: str = "none", augment_transforms: Sequence[str] = TRANSFORMS,
-                         sigma: float = DEFAULT_SIGMA, cache: dict | None = None) -> dict:
-    """Fit ``method`` on the episode's support features, score its queries, return one row of metrics."""
+                         sigma: float = DEFAULT_SIGMA, cache: dict | None = None,
+                         details: dict | None = None) -> dict:
+    """Fit ``method`` on the episode's support features, score its queries, return one row of metrics.
+
+    Pass a dict as ``details`` to get the fitted ``model``, ``image_scores``, ``patch_maps``, ``labels``
+    and ``query_ids`` back (for plots and saved banks without refitting).
+    """
     if method not in ONECLASS_METHODS:
         raise FsadError(f"method {method!r}: not a one-class method; use one of {', '.join(sorted(ONECLASS_METHODS))}")
     if augment not in AUGMENT_MODES:
@@ -102,6 +107,8 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
                 acc.add(amap, mask)
         metrics.update(acc.compute())
 
+    if details is not None:
+        details.update(model=model, image_scores=scores, patch_maps=patch_maps, labels=labels, query_ids=query_ids)
     n_train = len(dataset.train_good())
     return {
         "episode_id": episode.episode_id,
