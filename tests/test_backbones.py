@@ -177,3 +177,10 @@ def test_timm_checkpoint_found_in_the_local_cache_is_loaded_by_timm(monkeypatch,
     assert info.source == "timm" and info.path == str(file) and not info.is_random and len(info.sha256) == 64
     assert torch.equal(model.conv1.weight, state["conv1.weight"])
     assert torch.equal(model.layer3[0].bn1.running_var, state["layer3.0.bn1.running_var"])
+
+
+def test_vit_extractor_takes_the_store_image_size():
+    ext = create_extractor("vit_small_patch16_224", weights="random")
+    with torch.inference_mode():
+        maps, pooled = ext.forward_with_global(torch.zeros(1, 3, 64, 64))  # not its native 224
+    assert [tuple(m.shape) for m in maps] == [(1, 384, 4, 4)] * 2 and tuple(pooled.shape) == (1, 384)

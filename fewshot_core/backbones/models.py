@@ -23,15 +23,27 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def _size_kwargs(name: str) -> dict:
+    """ViTs are built for one input size; let them take any (position embeddings resampled on the fly)."""
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:
+        cfg = None
+    return {"dynamic_img_size": True} if cfg is not None and cfg.fixed_input_size else {}
+
+
 def _timm_model(name: str, info: WeightsInfo) -> nn.Module:
     import timm
 
     try:
         if info.source == "timm":  # timm applies its own checkpoint filters to its downloads
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": info.path})
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": info.path},
+                                     **_size_kwargs(name))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)  # "random" weights are a seeded, reproducible init
-            model = timm.create_model(name, pretrained=False)
+            model = timm.create_model(name, pretrained=False, **_size_kwargs(name))
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise FsadError(f"{name}: unknown timm backbone; pick a name from timm.list_models()") from None
