@@ -190,6 +190,8 @@ class FeatureStore:
             raise FsadError(f"{dataset.root}: category {dataset.category!r} has no images; check the dataset folder")
         if int(image_size) < 32:
             raise FsadError(f"--image-size {image_size}: too small for a CNN backbone; use 32 or more (default 256)")
+        if patch_dim is not None and int(patch_dim) < 1:
+            raise FsadError(f"--patch-dim {patch_dim}: must be a positive number of dimensions (or omitted)")
         info = resolve_weights(backbone, weights)
         layers = resolve_layers(backbone, layers)
         fingerprint = dataset_fingerprint(records)
