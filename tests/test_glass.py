@@ -100,3 +100,24 @@ def test_deterministic_by_seed():
     c = GLASS(**_cfg(steps=4)).fit_images(train, seed=6).score_images(train)[0]
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert not np.allclose(a, c)
+
+
+def test_runs_the_oneclass_protocol_from_images(synth_root, tmp_path):
+    from fewshot_core.data import load_dataset
+    from fewshot_core.episodes import sample_oneclass
+    from fewshot_core.methods.training import run_image_episode
+
+    ds = load_dataset(synth_root, "synth_disk")
+    episode = sample_oneclass(ds, 2, 0)
+    params = _cfg(steps=5)
+    row = run_image_episode(ds, episode, "glass", params, mask_size=64, artifact_dir=tmp_path)
+    assert row["method"] == "glass" and row["shots"] == 2 and row["n_query"] == len(ds.test())
+    assert 0 <= row["image_auroc"] <= 1 and 0 <= row["pixel_auroc"] <= 1 and "aupro" in row
+    assert row["train_steps"] == 5 and not row["loaded_from_artifact"]
+    again = run_image_episode(ds, episode, "glass", params, mask_size=64, artifact_dir=tmp_path)
+    assert again["loaded_from_artifact"] and again["image_auroc"] == row["image_auroc"]
+    assert again["train_s"] == row["train_s"]
+    with pytest.raises(FsadError, match="bad parameters"):
+        run_image_episode(ds, episode, "glass", {"nonsense": 1})
+    with pytest.raises(FsadError, match="not an image-trained"):
+        run_image_episode(ds, episode, "patchcore", {})

@@ -40,3 +40,6 @@ def get_method(name: str, **params):
         return cls(**params)
     except (TypeError, ValueError) as exc:
         raise FsadError(f"method {name!r}: bad parameters {params} ({exc}); see {cls.__module__}") from exc
+
+# Image-trained one-class methods (fit_images / score_images); evaluation runs them through methods.training.run_image_episode.
+IMAGE_METHODS: dict[str, str] = {"efficientad": "fewshot_core.methods.efficientad:EfficientAD", "glass": "fewshot_core.methods.glass:GLASS", "reb": "fewshot_core.methods.reb:REB"}

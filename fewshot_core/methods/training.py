@@ -158,7 +158,7 @@ def cosine_lr(optimizer: torch.optim.Optimizer, base_lrs: Sequence[float], step:
 
 # ---------------------------------------------------------------- images -> tensors
 
-def _to_pil(item: ImageLike) -> Image.Image:
+def _to_pil(item: ImageLike, max_side: int | None = None) -> Image.Image:
     if isinstance(item, Image.Image):
         return item.convert("RGB")
     if isinstance(item, np.ndarray):
@@ -170,7 +170,7 @@ def _to_pil(item: ImageLike) -> Image.Image:
         return Image.fromarray(arr[..., :3])
     from fewshot_core.data.imageio import load_rgb  # the project's one reading rule (EXIF, 16-bit, alpha)
 
-    return load_rgb(Path(item))
+    return load_rgb(Path(item), max_side=max_side)
 
 
 def load_images(items: Iterable[ImageLike] | torch.Tensor, size: int) -> torch.Tensor:
@@ -184,7 +184,7 @@ def load_images(items: Iterable[ImageLike] | torch.Tensor, size: int) -> torch.T
         return x.clamp(0, 1)
     out = []
     for item in items:
-        img = _to_pil(item).resize((size, size), Image.BILINEAR)
+        img = _to_pil(item, max_side=2 * size).resize((size, size), Image.BILINEAR)
         out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
     if not out:
         raise FsadError("support images: none given; pass at least one good image")
@@ -417,3 +417,97 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=mode), k.view(1, 1, 1, -1))
     x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode), k.view(1, 1, -1, 1))
     return x.squeeze(1)
+
+
+# ---------------------------------------------------------------- the evaluation path
+
+def get_image_method(name: str, artifact_dir=None, **params) -> TrainedDetector:
+    """A new image-trained detector ``name`` with config fields ``params`` (unknown fields: FsadError)."""
+    import importlib
+
+    from fewshot_core.methods import IMAGE_METHODS
+
+    target = IMAGE_METHODS.get(name)
+    if target is None:
+        raise FsadError(f"method {name!r}: not an image-trained method; use one of {', '.join(sorted(IMAGE_METHODS))}")
+    module, _, cls_name = target.partition(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    try:
+        return cls(artifact_dir=artifact_dir, **params)
+    except TypeError as exc:
+        raise FsadError(f"method {name!r}: bad parameters {params} ({exc}); see {module}") from exc
+
+
+def run_image_episode(dataset, episode, method: str, method_params: dict | None = None, mask_size: int = 256,
+                      artifact_dir=None, details: dict | None = None, score_batch: int = 16) -> dict:
+    """The one-class protocol for image-trained methods: fit on the episode's support *images*, score its queries.
+
+    Same row as ``evaluation.oneclass.run_oneclass_episode`` (image/pixel AUROC, F1-max, AUPRO, fit_s,
+    score_s, ...), so the two kinds of methods sit in one table. ``fit_s`` is the training time, or the
+    artifact load time when ``artifact_dir`` holds this exact model (``loaded_from_artifact`` says which).
+    Anomaly maps come at the method's ``map_size`` and are resized bilinearly to ``mask_size``.
+    """
+    import torch.nn.functional as F  # noqa: F811
+
+    from fewshot_core.data.imageio import load_mask
+    from fewshot_core.metrics import PixelAccumulator, image_metrics
+
+    params = dict(method_params or {})
+    model = get_image_method(method, artifact_dir=artifact_dir, **params)
+    support = [dataset.by_id(i).path for i in episode.support_ids]
+    t0 = time.perf_counter()
+    model.fit_images(support, seed=int(episode.seed))
+    fit_s = time.perf_counter() - t0
+
+    query_ids = list(episode.query_ids)
+    scores, maps, score_s = [], [], 0.0
+    for start in range(0, len(query_ids), score_batch):
+        batch = load_images([dataset.by_id(i).path for i in query_ids[start:start + score_batch]],
+                            model.config.image_size)
+        t0 = time.perf_counter()
+        s, m = model.score_images(batch)
+        score_s += time.perf_counter() - t0
+        scores.append(s)
+        maps.append(m)
+    scores, maps = np.concatenate(scores), np.concatenate(maps)
+    labels = np.array([dataset.by_id(i).label for i in query_ids], dtype=int)
+    metrics = image_metrics(labels, scores)
+    if dataset.has_masks:
+        acc = PixelAccumulator(value_range=(float(maps.min()), float(maps.max())))
+        for start in range(0, len(query_ids), score_batch):
+            up = F.interpolate(torch.from_numpy(maps[start:start + score_batch])[:, None], size=(mask_size, mask_size),
+                               mode="bilinear", align_corners=False)[:, 0].numpy()
+            for amap, image_id in zip(up, query_ids[start:start + score_batch]):
+                rec = dataset.by_id(image_id)
+                mask = (load_mask(rec.mask_path, int(mask_size)) if rec.mask_path is not None
+                        else np.zeros((mask_size, mask_size), dtype=bool))
+                acc.add(amap, mask)
+        metrics.update(acc.compute())
+    if details is not None:
+        details.update(model=model, image_scores=scores, anomaly_maps=maps, labels=labels, query_ids=query_ids)
+    n_train = len(dataset.train_good())
+    return {
+        "episode_id": episode.episode_id,
+        "protocol": "oneclass",
+        "category": episode.category,
+        "method": method,
+        "params": json.dumps(_jsonable(model.config), sort_keys=True, default=str),
+        "backbone": getattr(model.config, "backbone", None),
+        "partition_key": None,
+        "shots": len(episode.support_ids),
+        "full_shot": "yes" if episode.shots is None or len(episode.support_ids) == n_train else "no",
+        "seed": episode.seed,
+        "n_support": len(episode.support_ids),
+        "n_query": len(query_ids),
+        "augment": "none",
+        "mask_size": int(mask_size),
+        **metrics,
+        "bank_size": int(model.train_summary.get("bank", 0)),
+        "fit_s": round(fit_s, 4),
+        "score_s": round(score_s, 4),
+        "train_s": float(model.train_summary.get("fit_s", fit_s)),  # the original training, even when reloaded
+        "train_steps": int(model.train_summary.get("steps", 0)),
+        "stopped_by": str(model.train_summary.get("stopped_by", "")),
+        "loaded_from_artifact": bool(model.loaded_from_artifact),
+        "device": str(model.device),
+    }
