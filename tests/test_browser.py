@@ -1,0 +1,157 @@
+"""The Dagster UI in a real browser: `dagster dev` on 127.0.0.1 serves the fsad code location, headless
+Chromium (Debian's, driven by Playwright) shows the asset graph and a materialisation made beforehand, and
+the whole `dagster dev` process group is gone afterwards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+PROJECT = Path(__file__).resolve().parents[1]
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.timeout(420),
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                       "(apt-get install -y chromium; .ci/run installs it)"),
+]
+
+SWEEP = """\
+name: ui
+data: {{source: synthetic, synth: {{categories: 1, size: 64, n_train: 4, n_test_good: 2, n_test_per_defect: 1}}}}
+image_size: 64
+oneclass: {{shots: [1], seeds: [0]}}
+supervised: {{ratios: [[1, 1]], label_modes: [binary], seeds: [0]}}
+methods: [{{id: knn, method: knn}}]
+work_dir: {work}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _processes_with_env(marker: str) -> list[int]:
+    """Pids of live processes whose environment holds ``marker`` (catches children that left the group)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                status = (entry / "status").read_text()
+                if "\nState:\tZ" not in status:
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    pgid = proc.pid  # start_new_session=True: the leader's pid is the group id
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        if not _group_alive(pgid):
+            break
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.time() + wait
+        while time.time() < deadline and _group_alive(pgid):
+            proc.poll()
+            time.sleep(0.3)
+    proc.wait(timeout=10)
+
+
+def test_dagster_ui_shows_asset_graph_and_materialisation(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    home, work = tmp_path / "dagster_home", tmp_path / "work"
+    home.mkdir()
+    shutil.copyfile(PROJECT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    config = tmp_path / "sweep.yaml"
+    config.write_text(SWEEP.format(work=work))
+    env = dict(os.environ, DAGSTER_HOME=str(home), FSAD_SWEEP_CONFIG=str(config), MLFLOW_TRACKING_URI="")
+
+    # A materialisation for the UI to show: the data stage, in-process, in the same instance.
+    code = ("import dagster as dg; from pipelines.config import load_config; "
+            "from pipelines.definitions import build_definitions; "
+            "defs = build_definitions(load_config()); "
+            "r = dg.materialize(list(defs.assets) + list(defs.asset_checks), "
+            "selection=dg.AssetSelection.assets('dataset', 'image_manifest'), resources=defs.resources, "
+            "instance=dg.DagsterInstance.get()); assert r.success")
+    subprocess.run([sys.executable, "-c", code], cwd=PROJECT, env=env, check=True, timeout=180,
+                   capture_output=True)
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "dagster-dev.log").open("w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml",
+                             "-h", "127.0.0.1", "-p", str(port)],
+                            cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url + "/server_info", timeout=2).read()
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "dagster-dev.log").read_text()[-3000:]
+                assert time.time() < deadline, "dagster dev did not answer within 180 s"
+                time.sleep(1)
+
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.set_default_timeout(60_000)
+                page.goto(url + "/asset-groups")
+                skip = page.get_by_role("button", name="Skip")
+                try:  # "Join the Dagster community" on a fresh instance
+                    skip.click(timeout=15_000)
+                except Exception:  # noqa: BLE001 - the dialog is optional
+                    pass
+                # The global graph: one node per stage group, code location loaded.
+                for group in ("data", "features", "evaluation", "reports"):
+                    page.get_by_text(group, exact=True).first.wait_for()
+                assert "Global asset lineage" in page.inner_text("body")
+                # The catalog lists every asset of the code location.
+                page.goto(url + "/assets")
+                for name in ("dataset", "image_manifest", "embeddings", "memory_banks", "benchmark_table",
+                             "html_report"):
+                    page.get_by_text(name, exact=True).first.wait_for()
+                page.get_by_text("evaluation", exact=True).first.wait_for()
+                # The materialisation made above, with its metadata.
+                page.goto(url + "/assets/dataset")
+                page.get_by_text("Latest materialization").first.wait_for()
+                page.get_by_text("synth_fabric").first.wait_for()
+                page.get_by_text(str(work / "synthetic")).first.wait_for()
+            finally:
+                browser.close()
+    finally:
+        _stop_group(proc)
+        log.close()
+    assert not _group_alive(proc.pid), "dagster dev left processes in its group"
+    assert _processes_with_env(f"DAGSTER_HOME={home}") == [], "dagster dev left processes behind"
