@@ -125,6 +125,16 @@ def test_cli_json_and_table(synth, synth_root, capsys):
     assert "mean±std" in out and "image_auroc" in out and out.count("\n") >= 4
 
 
+def test_cli_dispatches_the_supervised_protocol(synth, synth_root, capsys):
+    dataset, _, store = synth
+    base = [str(synth_root), "--category", dataset.category, "--store", str(store), "--image-size",
+            str(IMAGE_SIZE), "--num-workers", "0"]
+    assert main(["evaluate", *base, "--protocol", "supervised", "--method", "protonet", "--k-good", "2",
+                 "--k-bad", "1", "--seeds", "0", "--distance", "cosine", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["k_good"] == 2 and row["k_bad"] == 1 and json.loads(row["params"])["distance"] == "cosine"
+
+
 def test_cli_errors_are_one_line(synth, synth_root, capsys):
     dataset, _, store = synth
     base = [str(synth_root), "--category", dataset.category, "--store", str(store), "--image-size",

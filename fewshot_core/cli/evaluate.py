@@ -159,8 +159,9 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    first = rows[0] if rows else {}
+    shown = json.loads(rows[0].get("params", "{}")) if rows else {}
+    shown.pop("seed", None)  # follows each row's episode seed
     print(f"{args.protocol} · {dataset.category} · {args.method} · {partition.meta.get('backbone')} "
-          f"@ {partition.image_size}px · params {first.get('params', '{}')}")
+          f"@ {partition.image_size}px · params {json.dumps(shown, sort_keys=True)}")
     print(format_table(rows, args.protocol))
     return 0
