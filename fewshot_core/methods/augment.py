@@ -9,10 +9,12 @@ A known remedy for 1-shot memory banks (more poses of the same normal texture). 
   is **not** the same: CNN filters are not rotation-equivariant, so a rotated feature map is not the
   feature map of the rotated image (the texture *inside* each patch descriptor stays un-rotated). It only
   adds spatial re-arrangements of existing descriptors, useful for position-dependent scores, never new
-  descriptors; with a plain nearest-neighbour bank it changes nothing. Kept for ablations.
+  descriptors. Kept for ablations.
 
-Transforms are applied after the store's square resize; for square images a flip or a 90-degree
-rotation commutes with that resize, so the result matches embedding the transformed original.
+Transforms are applied after the store's square resize (to what the backbone sees). For square
+originals (MVTec AD) a flip or a 90-degree rotation commutes with that resize, so the result matches
+embedding the transformed original; for non-square originals it is the transformed squashed image.
+Note that with a 1-NN bank (PatchCore, LDKNN) the "features" mode only duplicates descriptors.
 """
 
 from __future__ import annotations
