@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fewshot_core.methods.base import OneClassMethod, pooled_max, as_patch_array
+from fewshot_core.methods.base import OneClassMethod, as_patch_array, pooled_max
 from fewshot_core.methods.knn import build_bank
 from fewshot_core.methods.nn_search import NearestNeighbors
 
