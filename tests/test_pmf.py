@@ -72,6 +72,14 @@ def test_one_shot_keeps_lr_zero_unless_augmented_fallback(task):
     assert set(aug.fit_info_["lr_scores"]) == {"0.0", "0.01"}
 
 
+def test_single_class_held_out_does_not_pick_an_lr(task):
+    """1 good : 4 bad leaves only bad images held out: any collapsed model would score 100% there."""
+    X, y, _, _ = task
+    s = np.array([0, 20, 21, 22, 23])
+    m = PMF(_backbone(), steps=3, lr_candidates=(1e-2,)).fit(X[s], y[s])
+    assert m.fit_info_["lr"] == 0.0 and m.fit_info_["lr_scores"] == {}
+
+
 def test_time_budget_bounds_the_work(task):
     X, y, s, _ = task
     m = PMF(_backbone(), steps=1000, lr_candidates=(1e-2,), time_budget_s=0.0).fit(X[s], y[s])

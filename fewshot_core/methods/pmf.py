@@ -11,9 +11,12 @@ hushell/pmf_cvpr22). Stages here:
   prototypes, a few Adam steps on the whole backbone. The learning rate comes from a small set by the
   reference implementation's rule: one image per class forms the prototypes, the remaining support
   images are held out, each candidate lr (and lr = 0, no fine-tuning) is tried from the same start and
-  the best held-out accuracy wins (strictly better than lr = 0). With one shot per class nothing is left
-  to hold out; the reference then keeps lr = 0 (``search_fallback="none"``, the default), or
-  ``"augmented"`` scores the candidates on a fresh augmented draw of the support instead.
+  the best held-out score wins (strictly better than lr = 0). The score is *balanced* accuracy (the
+  reference uses accuracy, the same thing on its balanced episodes): with 1 good : 5 bad shots plain
+  accuracy rewards a collapsed backbone that calls everything anomalous, and on real bottle it picked
+  lr = 1e-2 and ended at chance. For the same reason the held-out images must cover at least two
+  classes. Otherwise (e.g. one shot per class) the reference keeps lr = 0 (``search_fallback="none"``,
+  the default), or ``"augmented"`` scores the candidates on a fresh augmented draw of the support.
 
 Deviations, both for small CPU budgets: BatchNorm layers stay in eval mode (a 2-image batch would wreck
 the running statistics), and steps are bounded by ``steps`` and by a wall-time budget
@@ -132,9 +135,10 @@ class PMF:
         return torch.cat([embed(model, x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
 
     def _accuracy(self, model, x_proto, y_proto, x_eval, y_eval, n_classes) -> float:
+        """Balanced accuracy: the mean over held-out classes of their recall."""
         protos = _prototypes(self._embed_batched(model, x_proto), y_proto, n_classes)
-        pred = cosine_logits(self._embed_batched(model, x_eval), protos, self.scale).argmax(1)
-        return float((pred == y_eval).float().mean())
+        hit = (cosine_logits(self._embed_batched(model, x_eval), protos, self.scale).argmax(1) == y_eval).float()
+        return float(torch.stack([hit[y_eval == c].mean() for c in torch.unique(y_eval)]).mean())
 
     def _device(self) -> torch.device:
         return next(self.backbone.parameters()).device
@@ -158,7 +162,7 @@ class PMF:
         proto_idx = np.array([rng.choice(np.flatnonzero(y_np == c)) for c in range(n_classes)])
         rest = np.setdiff1d(np.arange(len(y)), proto_idx)
         x_p, y_p = x[proto_idx], y[proto_idx]
-        if len(rest):
+        if len(np.unique(y_np[rest])) >= 2:
             x_eval, y_eval, p_x, p_y = x[rest], y[rest], x_p, y_p
         elif self.search_fallback == "augmented":
             eval_gen = torch.Generator().manual_seed(self.seed + 1)
