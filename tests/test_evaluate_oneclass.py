@@ -100,6 +100,25 @@ def test_augment_features_are_real_re_embeddings(synth):
     assert np.corrcoef(real.ravel(), approx.ravel())[0, 1] > 0.8  # but the same image content
 
 
+def test_image_trained_methods_go_through_the_training_runner(synth, monkeypatch):
+    import fewshot_core.methods as methods
+    import fewshot_core.methods.training as training
+
+    dataset, _, _ = synth
+    calls = []
+
+    def fake(ds, episode, method, params, mask_size, cache=None):
+        calls.append((episode.seed, method, params, mask_size))
+        return {"method": method, "seed": episode.seed, "image_auroc": 0.5}
+
+    monkeypatch.setattr(methods, "IMAGE_METHODS", {"toy": "nowhere:Toy"}, raising=False)
+    monkeypatch.setattr(training, "run_image_episode", fake)
+    rows = evaluate_oneclass(dataset, None, "toy", 1, [0, 1], {"epochs": 1}, mask_size=64)
+    assert [r["seed"] for r in rows] == [0, 1] and calls[0] == (0, "toy", {"epochs": 1}, 64)
+    with pytest.raises(FsadError, match="augment"):
+        evaluate_oneclass(dataset, None, "toy", 1, [0], augment="images")
+
+
 def test_bad_inputs_raise_fsad_errors(synth):
     dataset, partition, _ = synth
     with pytest.raises(FsadError, match="not a one-class method"):

@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--category", help="category to evaluate (with layout flags: its name)")
     p.add_argument("--protocol", choices=("oneclass", "supervised"), default="oneclass")
     p.add_argument("--method", required=True,
-                   help="one-class: patchcore, knn, ldknn; supervised: protonet, pmf, caml, patchcore, ldknn")
+                   help="one-class: patchcore, knn, ldknn (features), efficientad, glass, reb (trained on images); "
+                        "supervised: protonet, pmf, caml, patchcore, ldknn")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="method parameter (repeatable; JSON values), e.g. --param coreset_ratio=0.01 --param k=5")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], metavar="S")
@@ -123,6 +124,12 @@ def _rows(args, dataset, partition) -> list[dict]:
                                label_mode=args.label_mode, pool=args.pool, method_params=params)
 
 
+def _is_image_method(method: str) -> bool:
+    from fewshot_core.evaluation.oneclass import is_image_method
+
+    return is_image_method(method)
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
@@ -154,14 +161,17 @@ def run(args) -> int:
     if any(s < 0 for s in args.seeds):
         raise FsadError(f"--seeds {args.seeds}: seeds must be non-negative integers")
     dataset = _dataset(args)
-    partition = _partition(args, dataset)
+    partition = None
+    if args.protocol == "supervised" or not _is_image_method(args.method):
+        partition = _partition(args, dataset)
     rows = _rows(args, dataset, partition)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     shown = json.loads(rows[0].get("params", "{}")) if rows else {}
     shown.pop("seed", None)  # follows each row's episode seed
-    print(f"{args.protocol} · {dataset.category} · {args.method} · {partition.meta.get('backbone')} "
-          f"@ {partition.image_size}px · params {json.dumps(shown, sort_keys=True)}")
+    features = f"{partition.meta.get('backbone')} @ {partition.image_size}px" if partition else "trained on images"
+    print(f"{args.protocol} · {dataset.category} · {args.method} · {features} · params "
+          f"{json.dumps(shown, sort_keys=True)}")
     print(format_table(rows, args.protocol))
     return 0

@@ -12,6 +12,10 @@ a string so aggregation never averages it), ``seed``, ``n_support``, ``n_query``
 ``mask_size``), the metrics present (``image_auroc``, ``image_f1_max``, ``pixel_auroc``,
 ``pixel_f1_max``, ``aupro``), ``bank_size``, ``fit_s`` (fit, plus embedding of augmented images) and
 ``score_s`` (scoring only; anomaly maps and metrics excluded).
+
+``evaluate_oneclass`` also runs the image-trained methods (``methods.IMAGE_METHODS``: EfficientAD,
+GLASS, REB) through ``methods.training.run_image_episode``, which returns the same row; they need no
+partition.
 """
 
 from __future__ import annotations
@@ -154,9 +158,25 @@ def evaluate_oneclass(dataset, partition, method: str, shots, seeds, method_para
     if isinstance(seeds, (int, np.integer)):
         seeds = [int(seeds)]
     cache = {} if cache is None else cache
+    image_method = is_image_method(method)
+    if image_method and augment != "none":
+        raise FsadError(f"augment {augment!r}: only for feature-based methods; {method} trains on images")
     rows = []
     for seed in seeds:
         episode = sample_oneclass(dataset, shots, int(seed))
-        rows.append(run_oneclass_episode(dataset, partition, episode, method, method_params, mask_size,
-                                         augment, augment_transforms, sigma, cache))
+        if image_method:  # trained on pixels, not on the store: methods.training runs the same protocol
+            from fewshot_core.methods.training import run_image_episode
+
+            rows.append(run_image_episode(dataset, episode, method, dict(method_params or {}), mask_size,
+                                          cache=cache))
+        else:
+            rows.append(run_oneclass_episode(dataset, partition, episode, method, method_params, mask_size,
+                                             augment, augment_transforms, sigma, cache))
     return rows
+
+
+def is_image_method(method: str) -> bool:
+    """Methods trained on images (EfficientAD, GLASS, REB) rather than on cached patch features."""
+    from fewshot_core import methods
+
+    return method in getattr(methods, "IMAGE_METHODS", {})
