@@ -27,13 +27,15 @@ def setting_partitions(keys: list[str]) -> dg.MultiPartitionsDefinition:
     return dg.MultiPartitionsDefinition({"category": CATEGORY, "setting": dg.StaticPartitionsDefinition(keys)})
 
 
-def embeddings_for_evaluation(backbone: str, setting_keys: list[str]) -> dg.MultiPartitionMapping:
-    """Evaluation (category, setting) depends on embeddings (backbone, category) of its own backbone only."""
-    return dg.MultiPartitionMapping({
-        "category": dg.DimensionPartitionMapping("category", dg.IdentityPartitionMapping()),
-        "backbone": dg.DimensionPartitionMapping(
-            "setting", dg.StaticPartitionMapping({backbone: set(setting_keys)})),
-    })
+def embeddings_for_evaluation(backbone: str, setting_keys: list[str],
+                              all_categories: bool = False) -> dg.MultiPartitionMapping:
+    """Evaluation (category, setting) depends on embeddings (backbone, category) of its own backbone only;
+    with ``all_categories`` (meta-training on the other categories) on every category of that backbone."""
+    mapping = {"backbone": dg.DimensionPartitionMapping(
+        "setting", dg.StaticPartitionMapping({backbone: set(setting_keys)}))}
+    if not all_categories:  # an unmapped dimension maps to all of its partitions
+        mapping["category"] = dg.DimensionPartitionMapping("category", dg.IdentityPartitionMapping())
+    return dg.MultiPartitionMapping(mapping)
 
 
 def split_key(partition_key) -> dict[str, str]:

@@ -47,7 +47,8 @@ def _evaluation_asset(cfg: SweepConfig, embeddings_asset, backbone: str, spec: M
 
     @dg.asset(
         key=key, partitions_def=setting_partitions(keys), group_name="evaluation", io_manager_key="table_io",
-        deps=[dg.AssetDep(embeddings_asset, partition_mapping=embeddings_for_evaluation(backbone, keys))],
+        deps=[dg.AssetDep(embeddings_asset, partition_mapping=embeddings_for_evaluation(
+            backbone, keys, all_categories=_needs_other_categories(spec)))],
         backfill_policy=dg.BackfillPolicy.single_run(), kinds={"mlflow"},
         check_specs=[dg.AssetCheckSpec(METRICS_IN_UNIT_RANGE, asset=key,
                                        description="every metric in [0, 1] and the headline metric not NaN"),
@@ -67,6 +68,8 @@ def _evaluation_asset(cfg: SweepConfig, embeddings_asset, backbone: str, spec: M
                 ds = load_category(cfg, p["category"])
                 parts[p["category"]] = (ds, feature_store.build(ds, backbone, device.resolve()))
             ds, part = parts[p["category"]]
+            if _needs_other_categories(spec) and "meta_pool" not in cache:
+                cache["meta_pool"] = _meta_pool(cfg, context, backbone, feature_store, device)
             row, overlap = _evaluate_partition(cfg, context, backbone, spec, p, ds, part, tracker, mlflow.experiment,
                                                cache)
             row["mlflow_experiment_id"] = exp_id
@@ -92,6 +95,24 @@ def _evaluation_asset(cfg: SweepConfig, embeddings_asset, backbone: str, spec: M
     return _eval
 
 
+def _needs_other_categories(spec: MethodSpec) -> bool:
+    """CAML without a published checkpoint meta-trains on the *other* categories' cached embeddings."""
+    return spec.method == "caml" and not spec.params.get("checkpoint")
+
+
+def _meta_pool(cfg, context, backbone, feature_store, device) -> dict:
+    """Every registered category's (dataset, features) for CAML's meta-training pool; the method itself
+    leaves the evaluated category out (and refuses a model that saw it)."""
+    from fewshot_core.evaluation.supervised import caml_pool
+    from pipelines.partitions import CATEGORY
+
+    pairs = []
+    for category in context.instance.get_dynamic_partitions(CATEGORY.name):
+        ds = load_category(cfg, category)
+        pairs.append((ds, feature_store.build(ds, backbone, device.resolve())))
+    return caml_pool(pairs)
+
+
 def _metrics_of(row: dict) -> dict[str, float]:
     return {k: float(v) for k, v in row.items() if k in _METRIC_NAMES or k.startswith("recall_")}
 
@@ -99,8 +120,10 @@ def _metrics_of(row: dict) -> dict[str, float]:
 def _evaluate_partition(cfg, context, backbone, spec: MethodSpec, p: dict, ds, part, tracker,
                         experiment, cache: dict) -> tuple[dict, int]:
     setting = Setting.parse(p["setting"])
-    run = _run_oneclass if setting.protocol == ONECLASS else _run_supervised
-    lib_row, artifacts, episode = run(ds, part, spec, setting, cache)
+    if setting.protocol == ONECLASS:
+        lib_row, artifacts, episode = _run_oneclass(ds, part, spec, setting, cache)
+    else:
+        lib_row, artifacts, episode = _run_supervised(cfg, ds, part, spec, setting, cache)
     metrics = {k: float(v) for k, v in lib_row.items() if k in _METRIC_NAMES or k.startswith("recall_")}
     overlap = len(set(episode.support_ids) & set(episode.query_ids))
     fit_s = float(lib_row.get("fit_s", np.nan))
@@ -184,13 +207,17 @@ def _run_oneclass(ds, part, spec: MethodSpec, setting: Setting, cache: dict):
     return row, artifacts, ep
 
 
-def _run_supervised(ds, part, spec: MethodSpec, setting: Setting, cache: dict):
+def _run_supervised(cfg, ds, part, spec: MethodSpec, setting: Setting, cache: dict):
     from fewshot_core.episodes import sample_supervised
     from fewshot_core.evaluation.supervised import run_supervised_episode
     from fewshot_core.reports import plots
 
     ep = sample_supervised(ds, setting.k_good, setting.k_bad, setting.seed, setting.label_mode, pool="test")
-    row = run_supervised_episode(ds, part, ep, spec.method, spec.params, cache=cache)
+    params = dict(spec.params)
+    if _needs_other_categories(spec):
+        params.setdefault("cache_root", str(cfg.resolved_work_dir() / "artifacts"))
+        params["meta_pool"] = cache["meta_pool"]
+    row = run_supervised_episode(ds, part, ep, spec.method, params, cache=cache)
     classes = json.loads(row["classes"])
     artifacts = {"plots/confusion_matrix.png": plots.confusion_matrix_png(
         json.loads(row["confusion"]), classes, f"{spec.id} {ds.category} {setting.key}")}
