@@ -60,3 +60,56 @@ def test_children_nest_under_one_parent_per_dagster_run(tracker, tmp_path):
     # The old run is untouched by later ones.
     assert tracker.client.get_run(ids[0]).data.metrics == {"image_auroc": 0.75}
     assert len(tracker.evaluation_runs("sweep", "dag-2")) == 1
+
+
+def test_fsad_mlflow_ui_serves_the_pipeline_store(tmp_path):
+    """`fsad mlflow-ui` starts MLflow on the SQLite store under the Dagster home, bound to 127.0.0.1."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    home = tmp_path / "home"
+    Tracker(tracking.default_tracking_uri(home)).log_evaluation("ui-sweep", "dag-1", "r", {"method": "knn"},
+                                                               {"image_auroc": 0.5})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "fewshot_core", "mlflow-ui", "--port", str(port),
+                             "--dagster-home", str(home)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                break
+            except OSError:
+                assert proc.poll() is None, "fsad mlflow-ui exited"
+                assert time.time() < deadline, "MLflow UI did not answer within 120 s"
+                time.sleep(1)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+                                     data=json.dumps({"max_results": 10}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        names = {e["name"] for e in json.loads(urllib.request.urlopen(req, timeout=10).read())["experiments"]}
+        assert "ui-sweep" in names
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            for _ in range(50):
+                try:
+                    os.killpg(proc.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.2)
+        proc.wait(timeout=10)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)

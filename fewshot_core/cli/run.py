@@ -32,6 +32,7 @@ def register(subparsers) -> None:
                                           "MLFLOW_TRACKING_URI), bound to 127.0.0.1.")
     m.add_argument("--host", default="127.0.0.1")
     m.add_argument("--port", type=int, default=5000)
+    m.add_argument("--workers", type=int, default=1, help="server worker processes (default 1: small machines)")
     m.add_argument("--dagster-home", help="Dagster instance folder holding mlflow.db (default as for `fsad run`)")
     m.set_defaults(func=mlflow_ui_command)
 
@@ -91,7 +92,7 @@ def mlflow_ui_command(args) -> int:
 
     uri = default_tracking_uri(home)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-           "--port", str(args.port)]
+           "--port", str(args.port), "--workers", str(args.workers)]
     if (artifacts := default_artifact_root(uri)) is not None:
         cmd += ["--default-artifact-root", artifacts]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
