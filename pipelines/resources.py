@@ -35,7 +35,7 @@ class FeatureStoreResource(dg.ConfigurableResource):
     root: str
     image_size: int = 112
     batch_size: int = 16
-    num_workers: int = 0  # DataLoader decode workers; 0 keeps Dagster's in-process runs single-process
+    num_workers: int = 2  # DataLoader decode workers: decoding overlaps the forward pass (the store's default)
 
     def store(self):
         from fewshot_core.features import FeatureStore

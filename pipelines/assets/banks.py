@@ -32,7 +32,7 @@ def build_banks_asset(cfg: SweepConfig, embeddings_asset) -> dg.AssetsDefinition
             ds = load_category(cfg, p["category"])
             part = feature_store.build(ds, p["backbone"], device.resolve())
             train = [r.image_id for r in ds.train_good()]
-            bank = get_method("patchcore", coreset_ratio=0.1).fit(part.patch(train))
+            bank = get_method("patchcore", coreset_ratio=0.1, min_bank=1000).fit(part.patch(train))
             classes, protos = ["good"], [part.global_(train).mean(0)]
             for defect in ds.defect_types():
                 ids = [r.image_id for r in ds.test() if r.defect_type == defect]

@@ -63,8 +63,6 @@ def build_report_assets(cfg: SweepConfig, evaluation_assets: list[dg.AssetsDefin
                           "number linked to its MLflow run.")
     def html_report(context: dg.AssetExecutionContext, benchmark_table: pd.DataFrame,
                     benchmark_summary: pd.DataFrame, mlflow: MlflowTracking) -> dg.MaterializeResult:
-        from fewshot_core.tracking import Tracker  # noqa: F401  (link targets come from the rows)
-
         gallery = _gallery(benchmark_table)
         info = {"sweep": cfg.name, "config": cfg.source_file or "embedded default",
                 "backbones": ", ".join(cfg.backbones), "image size": cfg.image_size,
