@@ -88,7 +88,7 @@ class EfficientADConfig:
     image_size: int = 128  # paper: 256 (CPU default kept small)
     steps: int = 300  # paper: 70 000
     batch_size: int = 1  # paper: 1
-    lr: float = 1e-4
+    lr: float = 5e-4  # paper: 1e-4 over 70 000 steps; short budgets need larger steps
     weight_decay: float = 1e-5
     out_channels: int = 384
     hard_quantile: float = 0.999
