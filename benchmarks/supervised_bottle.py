@@ -93,7 +93,8 @@ def run(args) -> pd.DataFrame:
         configs = CONFIGS
         if method == "caml":
             params.update(meta_pool=caml_meta_pool(args, store), cache_root=str(Path(args.work) / "artifacts"),
-                          train={"steps": args.caml_steps, "time_budget_s": args.caml_budget})
+                          train={"steps": args.caml_steps, "time_budget_s": args.caml_budget,
+                                 "episodes_per_step": args.caml_episodes})
         if method == "pmf":
             seeds = list(range(args.pmf_seeds))
             configs = [c for c in CONFIGS if f"g{c[0]}b{c[1]}" in args.pmf_configs] if args.pmf_configs else CONFIGS
@@ -195,11 +196,12 @@ def main(argv=None):
     ap.add_argument("--work", default=".fsad/bench_supervised", help="synthetic categories and CAML artifacts")
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (more than 1 thrashes a busy CPU)")
     ap.add_argument("--methods", nargs="+", default=[m for m in ALL_METHODS if m != "pmf"], choices=ALL_METHODS)
     ap.add_argument("--synth-categories", type=int, default=8)
-    ap.add_argument("--caml-steps", type=int, default=1500)
-    ap.add_argument("--caml-budget", type=float, default=300.0)
+    ap.add_argument("--caml-steps", type=int, default=600)
+    ap.add_argument("--caml-episodes", type=int, default=4, help="episodes per meta-training step")
+    ap.add_argument("--caml-budget", type=float, default=900.0)
     ap.add_argument("--pmf-seeds", type=int, default=5)
     ap.add_argument("--pmf-configs", nargs="*", default=None, help="subset such as g1b1 g5b5 (default all)")
     ap.add_argument("--pmf-steps", type=int, default=20)

@@ -11,7 +11,6 @@ from fewshot_core.errors import FsadError
 from fewshot_core.methods.caml import (
     CAML,
     CAMLConfig,
-    CAMLSequenceModel,
     MetaTrainConfig,
     load_artifact,
     load_published_checkpoint,
