@@ -40,7 +40,8 @@ _OC_RE = re.compile(r"^oc-k(\d+)-s(\d+)$")
 _SUP_RE = re.compile(r"^sup-g(\d+)b(\d+)-(bin|multi)-s(\d+)$")
 
 # Methods the default job runs when they exist, in this order: cheap from cached features. The trained
-# detectors (efficientad, glass, reb) and the meta-trained ones (pmf, caml) join through a config file.
+# detectors (efficientad, glass, reb: minutes of training per episode on a CPU) and the meta-trained ones
+# (pmf, caml) join through a config file, e.g. ``- {id: efficientad, method: efficientad, params: {steps: 300}}``.
 DEFAULT_METHODS = (
     {"id": "patchcore", "method": "patchcore"},
     {"id": "knn", "method": "knn"},
@@ -93,10 +94,17 @@ def supervised_method_names() -> set[str]:
     return names | set(SUPERVISED_METHODS)
 
 
+def image_method_names() -> set[str]:
+    """One-class methods trained on the support images (EfficientAD, GLASS, REB), not on cached features."""
+    from fewshot_core import methods
+
+    return set(getattr(methods, "IMAGE_METHODS", {}))
+
+
 def known_methods() -> set[str]:
     from fewshot_core import methods
 
-    return set(methods.ONECLASS_METHODS) | supervised_method_names()
+    return set(methods.ONECLASS_METHODS) | image_method_names() | supervised_method_names()
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,7 @@ class MethodSpec:
 
         if self.protocol_override:
             return self.protocol_override
-        return ONECLASS if self.method in methods.ONECLASS_METHODS else SUPERVISED
+        return ONECLASS if self.method in set(methods.ONECLASS_METHODS) | image_method_names() else SUPERVISED
 
 
 @dataclass

@@ -18,7 +18,7 @@ import pandas as pd
 
 from fewshot_core import tracking
 from pipelines.assets.data import load_category
-from pipelines.config import ONECLASS, MethodSpec, Setting, SweepConfig, supervised_method_names
+from pipelines.config import ONECLASS, MethodSpec, Setting, SweepConfig, image_method_names, supervised_method_names
 from pipelines.partitions import embeddings_for_evaluation, keys_of, setting_partitions
 from pipelines.resources import DeviceResource, FeatureStoreResource, MlflowTracking
 
@@ -121,7 +121,7 @@ def _evaluate_partition(cfg, context, backbone, spec: MethodSpec, p: dict, ds, p
                         experiment, cache: dict) -> tuple[dict, int]:
     setting = Setting.parse(p["setting"])
     if setting.protocol == ONECLASS:
-        lib_row, artifacts, episode = _run_oneclass(ds, part, spec, setting, cache)
+        lib_row, artifacts, episode = _run_oneclass(cfg, ds, part, spec, setting, cache)
     else:
         lib_row, artifacts, episode = _run_supervised(cfg, ds, part, spec, setting, cache)
     metrics = {k: float(v) for k, v in lib_row.items() if k in _METRIC_NAMES or k.startswith("recall_")}
@@ -162,7 +162,7 @@ _METRIC_NAMES = {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "
                  "balanced_accuracy", "macro_f1", "auroc"}
 
 
-def _run_oneclass(ds, part, spec: MethodSpec, setting: Setting, cache: dict):
+def _run_oneclass(cfg, ds, part, spec: MethodSpec, setting: Setting, cache: dict):
     """The library's episode (authoritative metrics), then a refit of the same seeded method on the same
     support for the artifacts: scores for the ROC curve, maps for the gallery, the fitted bank. Both fits
     are deterministic, so the artifacts describe exactly the run whose metrics are logged (checked)."""
@@ -176,17 +176,30 @@ def _run_oneclass(ds, part, spec: MethodSpec, setting: Setting, cache: dict):
 
     ep = sample_oneclass(ds, setting.k_good, setting.seed)
     size = part.image_size
-    row = run_oneclass_episode(ds, part, ep, spec.method, spec.params, mask_size=size, cache=cache)
-
-    params = {"seed": setting.seed, **spec.params}
-    method = get_method(spec.method, **params).fit(part.patch(list(ep.support_ids)))
     records = [ds.by_id(i) for i in ep.query_ids]
     labels = np.array([r.label for r in records])
-    scores, patch_maps = method.score(part.patch(list(ep.query_ids)))
-    again = image_metrics(labels, scores).get("image_auroc")
-    if again is not None and not np.isclose(again, row.get("image_auroc", again), atol=1e-6):
-        raise RuntimeError(f"{spec.id} {setting.key}: refit for artifacts gave image AUROC {again}, "
-                           f"the episode {row.get('image_auroc')}; the method is not deterministic under its seed")
+    model_files: dict = {}
+    if spec.method in image_method_names():  # trained on the support images; the library hands back details
+        from fewshot_core.methods.training import run_image_episode
+
+        details: dict = {}
+        row = run_image_episode(ds, ep, spec.method, spec.params, mask_size=size, details=details, cache=cache,
+                                artifact_dir=cfg.resolved_work_dir() / "artifacts")
+        scores, patch_maps = details["image_scores"], details["anomaly_maps"]
+        folder = getattr(details["model"], "artifact_path", None)
+        if folder is not None and Path(folder).is_dir():
+            model_files = {f"model/{f.name}": f for f in sorted(Path(folder).iterdir()) if f.is_file()}
+    else:
+        row = run_oneclass_episode(ds, part, ep, spec.method, spec.params, mask_size=size, cache=cache)
+        params = {"seed": setting.seed, **spec.params}
+        method = get_method(spec.method, **params).fit(part.patch(list(ep.support_ids)))
+        scores, patch_maps = method.score(part.patch(list(ep.query_ids)))
+        again = image_metrics(labels, scores).get("image_auroc")
+        if again is not None and not np.isclose(again, row.get("image_auroc", again), atol=1e-6):
+            raise RuntimeError(f"{spec.id} {setting.key}: refit for artifacts gave image AUROC {again}, the "
+                               f"episode {row.get('image_auroc')}; the method is not deterministic under its seed")
+        with tempfile.TemporaryDirectory() as tmp:
+            model_files = {"model/fitted_bank.npz": method.save(Path(tmp) / "fitted.npz").read_bytes()}
     artifacts = {"plots/roc_curve.png": plots.roc_curve_png(labels, scores, f"{spec.id} {ds.category} {setting.key}")}
     # Gallery: the two highest-scored anomalous images, the highest-scored good one, the lowest anomalous.
     order = np.argsort(-scores)
@@ -194,13 +207,13 @@ def _run_oneclass(ds, part, spec: MethodSpec, setting: Setting, cache: dict):
     good = [int(i) for i in order if labels[i] == 0]
     pick = list(dict.fromkeys(bad[:2] + good[:1] + bad[-1:]))[:GALLERY_IMAGES]
     if pick:
-        maps = to_image_maps(patch_maps[pick], size)
+        # trained detectors return smoothed image-level maps already: only rescale those
+        maps = to_image_maps(patch_maps[pick], size, sigma=0 if spec.method in image_method_names() else 4.0)
         items = [{"image": np.asarray(load_rgb(records[i].path).convert("RGB").resize((size, size))), "map": m,
                   "mask": load_mask(records[i].mask_path, size) if records[i].mask_path else None,
                   "caption": f"{records[i].defect_type} s={scores[i]:.2f}"} for i, m in zip(pick, maps)]
         artifacts["plots/anomaly_maps.png"] = plots.anomaly_gallery(items, f"{spec.id} · {ds.category} · {setting.key}")
-    with tempfile.TemporaryDirectory() as tmp:
-        artifacts["model/fitted_bank.npz"] = method.save(Path(tmp) / "fitted.npz").read_bytes()
+    artifacts.update(model_files)
     artifacts["episode.json"] = json.dumps({"episode_id": ep.episode_id, "support_ids": ep.support_ids,
                                             "query_ids": ep.query_ids, "labels": labels.tolist(),
                                             "scores": [float(s) for s in scores]}, indent=1)
