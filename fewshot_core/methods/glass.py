@@ -47,6 +47,8 @@ class GLASSConfig:
     embed_dim: int | None = None  # None: concatenated backbone channels; else PatchCore-style pooling
     dsc_hidden: int = 1024
     dsc_layers: int = 2
+    # GAS constants are the reference's absolute values, tuned there for WideResNet-50 features; Lite0 patch
+    # features are larger (norm ~60, nearest-neighbour distance ~10 on bottle), so scale them with the backbone.
     noise: float = 0.015
     ascent_steps: int = 20
     ascent_lr: float = 0.001
@@ -140,7 +142,7 @@ class GLASS(TrainedDetector):
             masks.append(m.astype(np.float32))
         aug = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float()
         mask = torch.from_numpy(np.stack(masks))[:, None]
-        # a patch is anomalous if the mask covers it (max-pool to the feature grid, as the reference's threshold)
+        # patch label: 1 where at least a quarter of its cell of the feature grid is masked
         mask_s = (F.adaptive_avg_pool2d(mask, self.grid) > 0.25).float().flatten()
         return aug, mask_s
 

@@ -455,14 +455,15 @@ def _episode_images(dataset, ids, size: int, cache: dict | None) -> torch.Tensor
 
 
 def run_image_episode(dataset, episode, method: str, method_params: dict | None = None, mask_size: int = 256,
-                      artifact_dir=None, details: dict | None = None, score_batch: int = 16,
+                      artifact_dir="auto", details: dict | None = None, score_batch: int = 16,
                       cache: dict | None = None) -> dict:
     """The one-class protocol for image-trained methods: fit on the episode's support *images*, score its queries.
 
     Same row as ``evaluation.oneclass.run_oneclass_episode`` (image/pixel AUROC, F1-max, AUPRO, fit_s,
     score_s, ...), so the two kinds of methods sit in one table. ``fit_s`` is the training time, or the
     artifact load time when ``artifact_dir`` holds this exact model (``loaded_from_artifact`` says which);
-    ``train_s`` is always the original training time. ``cache`` (a dict) keeps decoded images across episodes.
+    ``train_s`` is always the original training time. ``artifact_dir="auto"`` is ``$FSAD_HOME/artifacts``;
+    None trains without saving. ``cache`` (a dict) keeps decoded images and masks across episodes.
     Anomaly maps come at the method's ``map_size`` and are resized bilinearly to ``mask_size``.
     """
     import torch.nn.functional as F  # noqa: F811
@@ -470,6 +471,10 @@ def run_image_episode(dataset, episode, method: str, method_params: dict | None 
     from fewshot_core.data.imageio import load_mask
     from fewshot_core.metrics import PixelAccumulator, image_metrics
 
+    if artifact_dir == "auto":  # trained weights live beside the feature store, so reruns reload them
+        from fewshot_core.paths import default_work_dir
+
+        artifact_dir = default_work_dir() / "artifacts"
     params = dict(method_params or {})
     model = get_image_method(method, artifact_dir=artifact_dir, **params)
     support = _episode_images(dataset, list(episode.support_ids), model.config.image_size, cache)
