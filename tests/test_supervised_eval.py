@@ -131,6 +131,13 @@ def test_caml_meta_trains_on_other_categories_only(data, tmp_path, monkeypatch):
     assert np.mean([r["balanced_accuracy"] for r in rows]) > 0.4  # 4 ways: chance 0.25
     assert len(list((tmp_path / "caml").iterdir())) == 1  # one artifact, shared across seeds
 
+    # A cache shared across categories (as the pipeline does) never reuses another category's model.
+    shared, quick = {}, dict(params, train={"steps": 3, "time_budget_s": 30})
+    run_supervised_episode(ds, part, sample_supervised(ds, 1, 1, 0), "caml", quick, cache=shared)
+    other_ds, other_part = pairs[0]
+    row = run_supervised_episode(other_ds, other_part, sample_supervised(other_ds, 1, 1, 0), "caml", quick, cache=shared)
+    assert "other1" not in json.loads(row["info"])["trained_on"]
+
     # A model that did see the evaluated category is refused.
     from fewshot_core.methods import caml
 

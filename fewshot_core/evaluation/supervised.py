@@ -133,12 +133,14 @@ def _caml_model(dataset, partition, params: dict, cache: dict):
     from fewshot_core.methods.caml import CAMLConfig, MetaTrainConfig, load_published_checkpoint, meta_train_or_load
     from fewshot_core.paths import default_work_dir
 
-    key = ("caml", json.dumps({k: v for k, v in params.items() if k != "meta_pool"}, sort_keys=True, default=str))
-    if key in cache:
-        return cache[key]
-    if params.get("checkpoint"):
+    # The evaluated category is part of the key: a cache shared across categories (the pipeline's) must
+    # never hand category B the model meta-trained with B in its pool.
+    key = ("caml", dataset.category,
+           json.dumps({k: v for k, v in params.items() if k not in ("meta_pool", "images")}, sort_keys=True, default=str))
+    model = cache.get(key)
+    if model is None and params.get("checkpoint"):
         model = load_published_checkpoint(params["checkpoint"], num_heads=int(params.get("num_heads", 16)))
-    elif params.get("meta_pool"):
+    elif model is None and params.get("meta_pool"):
         pool = params["meta_pool"]
         feat_dim = next(iter(pool.values()))[0].shape[1]
         cfg = CAMLConfig(feat_dim=feat_dim, **params.get("model", {}))
@@ -147,7 +149,7 @@ def _caml_model(dataset, partition, params: dict, cache: dict):
                                    cache_root=Path(params.get("cache_root") or default_work_dir() / "artifacts"),
                                    key_extra={"backbone": partition.meta.get("backbone"),
                                               "image_size": partition.meta.get("image_size")})
-    else:
+    elif model is None:
         raise FsadError("caml: needs a published checkpoint (method_params checkpoint=<model.pth>) or embeddings "
                         "of other categories to meta-train on (meta_pool=caml_pool([(dataset, partition), ...]))")
     if dataset.category in model.trained_on:  # leave-the-evaluated-category-out, enforced
