@@ -270,3 +270,57 @@ def test_fsad_run_reports_bad_config_without_traceback(tmp_path, capsys):
         os.environ.update(env)
     err = capsys.readouterr().err
     assert err.startswith("fsad: error:") and "Traceback" not in err
+
+
+def test_benchmark_check_fails_on_bad_rows():
+    import dagster as dg
+
+    from pipelines.checks import build_table_checks
+
+    @dg.asset
+    def benchmark_table():
+        return None
+
+    (check,) = build_table_checks(benchmark_table)
+    good = pd.DataFrame({"method": ["knn", "knn"], "backbone": ["b", "b"], "category": ["c", "c"],
+                         "setting_key": ["oc-k1-s0", "oc-k1-s1"], "mlflow_run_id": ["r1", "r2"],
+                         "image_auroc": [0.9, 0.8], "fit_seconds": [12.0, 3.0]})
+    assert check(good).passed
+    bad = good.assign(image_auroc=[0.9, 1.2])
+    assert not check(bad).passed
+    dup = good.assign(setting_key=["oc-k1-s0", "oc-k1-s0"])
+    assert not check(dup).passed
+
+
+def test_io_managers_write_one_file_per_partition_and_read_back_what_exists(tmp_path):
+    import dagster as dg
+    import numpy as np
+
+    from pipelines.io_managers import ArrayStoreIOManager, ParquetIOManager
+
+    parts = dg.StaticPartitionsDefinition(["a", "b", "c"])
+
+    @dg.asset(partitions_def=parts, io_manager_key="table_io", backfill_policy=dg.BackfillPolicy.single_run())
+    def rows(context):
+        return {k: pd.DataFrame({"k": [k], "v": [len(k)]}) for k in context.partition_keys}
+
+    @dg.asset(io_manager_key="table_io")
+    def table(rows):
+        return rows.sort_values("k")
+
+    @dg.asset(partitions_def=parts, io_manager_key="array_io")
+    def arrays(context):
+        return {"x": np.arange(3.0), "names": np.array(["p", "q"])}
+
+    resources = {"table_io": ParquetIOManager(base_dir=str(tmp_path)),
+                 "array_io": ArrayStoreIOManager(base_dir=str(tmp_path))}
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([rows], resources=resources, instance=instance,
+                          tags={"dagster/asset_partition_range_start": "a",
+                                "dagster/asset_partition_range_end": "b"}).success
+    assert sorted(p.name for p in (tmp_path / "rows").iterdir()) == ["a.parquet", "b.parquet"]
+    res = dg.materialize([rows, table], selection=[table.key], resources=resources, instance=instance)
+    assert res.success and res.output_for_node("table")["k"].tolist() == ["a", "b"]  # c never materialised
+    assert dg.materialize([arrays], partition_key="c", resources=resources, instance=instance).success
+    back = ArrayStoreIOManager(base_dir=str(tmp_path))._read(tmp_path / "arrays" / "c.npz")
+    assert back["x"].tolist() == [0.0, 1.0, 2.0] and back["names"].tolist() == ["p", "q"]
