@@ -18,7 +18,18 @@ ONECLASS_METHODS: dict[str, str] = {
     "ldknn": "fewshot_core.methods.ldknn:LDKNN",
 }
 
-SUPERVISED_METHODS: dict[str, str] = {}
+SUPERVISED_METHODS: dict[str, str] = {
+    "protonet": "fewshot_core.methods.protonet:ProtoNet",
+    # P>M>F and CAML need a backbone or a trained sequence model: evaluation.supervised builds them.
+}
+
+# Image-trained one-class methods (``fit_images`` / ``score_images``); evaluation runs them through
+# ``methods.training.run_image_episode`` instead of the feature store.
+IMAGE_METHODS: dict[str, str] = {
+    "efficientad": "fewshot_core.methods.efficientad:EfficientAD",
+    "glass": "fewshot_core.methods.glass:GLASS",
+    "reb": "fewshot_core.methods.reb:REB",
+}
 
 
 def method_names() -> list[str]:
@@ -41,5 +52,3 @@ def get_method(name: str, **params):
     except (TypeError, ValueError) as exc:
         raise FsadError(f"method {name!r}: bad parameters {params} ({exc}); see {cls.__module__}") from exc
 
-# Image-trained one-class methods (fit_images / score_images); evaluation runs them through methods.training.run_image_episode.
-IMAGE_METHODS: dict[str, str] = {"efficientad": "fewshot_core.methods.efficientad:EfficientAD", "glass": "fewshot_core.methods.glass:GLASS", "reb": "fewshot_core.methods.reb:REB"}
