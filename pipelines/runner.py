@@ -48,11 +48,12 @@ def run_sweep(defs: dg.Definitions, instance: dg.DagsterInstance, log=print, tag
               quiet: bool = False) -> list[dict]:
     """Run every stage; raise FsadError naming the failed stage. Returns one summary dict per run.
 
-    ``quiet`` keeps Dagster's console logger to warnings (the full event log stays in the instance)."""
+    ``quiet`` silences Dagster's console logger (the full event log stays in the instance)."""
     everything = _all_definitions(defs)
     resources = defs.resources
     summaries = []
-    run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}} if quiet else None
+    # quiet: the failure reason is re-raised below in one line; the full event log stays in the instance
+    run_config = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}} if quiet else None
     for name, group in stages(defs):
         run_tags = {"fsad/stage": name, **(tags or {})}
         pdef = group[0].partitions_def
@@ -69,9 +70,23 @@ def run_sweep(defs: dg.Definitions, instance: dg.DagsterInstance, log=print, tag
         seconds = time.perf_counter() - start
         summaries.append({"stage": name, "run_id": result.run_id, "success": result.success, "seconds": seconds})
         if not result.success:
-            failure = next((e for e in result.all_events if e.is_failure), None)
-            why = failure.message if failure is not None else "see the Dagster UI"
-            raise FsadError(f"stage {name}: Dagster run {result.run_id} failed ({why.splitlines()[0]}); "
-                            "open the run in `dagster dev` for the step logs")
+            raise FsadError(f"stage {name}: Dagster run {result.run_id} failed ({_failure_reason(result)}); "
+                            "fix that, or open the run in `dagster dev` for the step logs")
         log(f"[{name}] done in {seconds:.1f}s (run {result.run_id[:8]})")
     return summaries
+
+
+def _failure_reason(result) -> str:
+    """The first failed step's own error message (a user error reads as its one line), else the event's."""
+    for event in result.all_events:
+        if event.is_step_failure:
+            error = event.step_failure_data.error
+            while error is not None and error.cause is not None and "dagster" in (error.cls_name or "").lower():
+                error = error.cause  # unwrap Dagster's "Error occurred while executing..." wrappers
+            text = (error.message if error is not None else event.message) or ""
+            if error is not None and error.cls_name and text.startswith(f"{error.cls_name}: "):
+                text = text[len(error.cls_name) + 2:]
+            text = text.replace("fewshot_core.errors.FsadError: ", "")
+            return f"step {event.step_key}: {text.strip().splitlines()[0] if text.strip() else 'failed'}"
+    failure = next((e for e in result.all_events if e.is_failure), None)
+    return failure.message.splitlines()[0] if failure is not None and failure.message else "see the Dagster UI"

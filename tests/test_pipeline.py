@@ -214,7 +214,12 @@ def test_sensor_requests_partitions_for_new_and_changed_images(sweep):
     assert [str(r.partition_key) for r in third.run_requests] == ["tf_efficientnet_lite0|synth_fabric"]
     assert not third.dynamic_partitions_requests
     extra.unlink()
+    # A category folder that disappears is unregistered by the next data run (range runs would fail on it).
     shutil.rmtree(root / "synth_disk")
+    everything = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)] + list(defs.asset_checks)
+    assert dg.materialize(everything, selection=[dg.AssetKey("dataset")], resources=defs.resources,
+                          instance=instance).success
+    assert instance.get_dynamic_partitions(CATEGORY.name) == ["synth_fabric"]
 
 
 def test_definitions_expose_schedule_sensor_jobs_and_partitions(sweep):
@@ -324,3 +329,21 @@ def test_io_managers_write_one_file_per_partition_and_read_back_what_exists(tmp_
     assert dg.materialize([arrays], partition_key="c", resources=resources, instance=instance).success
     back = ArrayStoreIOManager(base_dir=str(tmp_path))._read(tmp_path / "arrays" / "c.npz")
     assert back["x"].tolist() == [0.0, 1.0, 2.0] and back["names"].tolist() == ["p", "q"]
+
+
+def test_fsad_run_reports_a_failed_step_in_one_line(sweep, capsys):
+    """An impossible setting (more bad shots than images) fails its stage; the CLI names the cause and exits 2."""
+    home, work, config, _ = sweep
+    bad = config.parent / "bad.yaml"
+    bad.write_text(config.read_text().replace("ratios: [[1, 1], [2, 1]]", "ratios: [[1, 5]]")
+                   .replace("label_modes: [binary, multiclass]", "label_modes: [binary]")
+                   .replace("  - {id: patchcore, method: patchcore}\n  - {id: knn, method: knn}\n", ""))
+    env = dict(os.environ)
+    try:
+        assert main(["run", "--config", str(bad), "--dagster-home", str(home)]) == 2
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fsad: error: stage evaluation")
+    assert "k_bad=5" in err[0] and "Traceback" not in err[0]

@@ -70,9 +70,18 @@ def build_data_assets(cfg: SweepConfig):
         known = set(context.instance.get_dynamic_partitions(CATEGORY.name))
         if new := [c for c in cats if c not in known]:
             context.instance.add_dynamic_partitions(CATEGORY.name, new)
+        # A category whose folder is gone (renamed, deleted) would fail every range run: unregister it.
+        # Its past materialisations stay in the event log and its MLflow runs are untouched.
+        from fewshot_core.data import list_categories
+
+        present = set(cats) | (set(list_categories(root)) if root.is_dir() else set())
+        for stale in sorted(known - present):
+            context.instance.delete_dynamic_partition(CATEGORY.name, stale)
+            context.log.warning(f"category {stale!r} no longer under {root}: removed from the partitions")
         context.log.info(f"{source} data at {root}: {', '.join(cats)}")
         return dg.MaterializeResult(metadata={"root": dg.MetadataValue.path(str(root)), "source": source,
-                                              "categories": ", ".join(cats), "new partitions": len(new)})
+                                              "categories": ", ".join(cats), "new partitions": len(new),
+                                              "removed partitions": ", ".join(sorted(known - present)) or "none"})
 
     @dg.asset(deps=[dataset], group_name="data", io_manager_key="table_io", kinds={"pandas", "parquet"},
               description="One row per image (id, split, defect type, label, path, mask, size) of every category.")
