@@ -47,8 +47,11 @@ class GLASSConfig:
     embed_dim: int | None = None  # None: concatenated backbone channels; else PatchCore-style pooling
     dsc_hidden: int = 1024
     dsc_layers: int = 2
-    # GAS constants are the reference's absolute values, tuned there for WideResNet-50 features; Lite0 patch
-    # features are larger (norm ~60, nearest-neighbour distance ~10 on bottle), so scale them with the backbone.
+    # GAS constants are the reference's absolute values, tuned there for WideResNet-50 features. Lite0 patch
+    # features are larger (norm ~60, nearest-neighbour distance ~10 on bottle): with ``standardize`` the
+    # features are divided by their RMS spread on the support (one scalar), which puts noise and radius
+    # back on the scale they were tuned for.
+    standardize: bool = True
     noise: float = 0.015
     ascent_steps: int = 20
     ascent_lr: float = 0.001
@@ -94,7 +97,7 @@ def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> 
 
 class GLASS(TrainedDetector):
     name = "glass"
-    version = 1
+    version = 2
 
     def __init__(self, config: GLASSConfig | None = None, artifact_dir=None, **overrides):
         config = config or GLASSConfig(**overrides)
@@ -113,6 +116,7 @@ class GLASS(TrainedDetector):
     def _build(self) -> None:
         """Fresh adaptor + discriminator (again after seeding, so the initial weights follow the seed)."""
         self.adaptor = nn.Linear(self.dim, self.dim).to(self.device)
+        self.scale = torch.ones((), device=self.device)
         self.discriminator = Discriminator(self.dim, self.config.dsc_hidden, self.config.dsc_layers).to(self.device)
 
     @torch.no_grad()
@@ -123,7 +127,7 @@ class GLASS(TrainedDetector):
         return patch_embed([f.float() for f in feats], out_dim=self.config.embed_dim)
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        return self._features(x).permute(0, 2, 3, 1).reshape(-1, self.dim)
+        return self._features(x).permute(0, 2, 3, 1).reshape(-1, self.dim) / self.scale
 
     # ------------------------------------------------------------------ local anomaly synthesis
     def _synthesize(self, imgs: np.ndarray, fgs: list[np.ndarray], rng: np.random.Generator):
@@ -153,6 +157,10 @@ class GLASS(TrainedDetector):
         rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
         imgs_u8 = (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         fgs = [foreground_mask(im) if c.use_foreground else np.ones(im.shape[:2], bool) for im in imgs_u8]
+        if c.standardize:  # one scalar: the RMS deviation of the support's patch features from their mean
+            with torch.no_grad():
+                f = torch.cat([self._flat(x[i:i + 8]) for i in range(0, len(x), 8)])
+                self.scale = (f - f.mean(0)).pow(2).mean().sqrt().clamp_min(1e-6)
         proj_opt = torch.optim.Adam(self.adaptor.parameters(), lr=c.lr, weight_decay=1e-5)
         dsc_opt = torch.optim.AdamW(self.discriminator.parameters(), lr=2 * c.lr)
         loop = TrainLoop(c.steps, c.time_budget_s, desc="glass", progress=c.progress)
@@ -210,6 +218,7 @@ class GLASS(TrainedDetector):
         self.adaptor.eval()
         self.discriminator.eval()
         return {**loop.summary(), "textures": self.textures.description, "feature_dim": self.dim,
+                "feature_scale": float(self.scale),
                 "grid": list(self.grid)}
 
     def _score(self, x):
@@ -222,11 +231,13 @@ class GLASS(TrainedDetector):
         return patch.flatten(1).max(1).values, maps
 
     def _state(self) -> dict:
-        return {"adaptor": cpu_state(self.adaptor), "discriminator": cpu_state(self.discriminator)}
+        return {"adaptor": cpu_state(self.adaptor), "discriminator": cpu_state(self.discriminator),
+                "scale": self.scale.detach().cpu()}
 
     def _load_state(self, state: dict) -> None:
         self.adaptor.load_state_dict(state["adaptor"])
         self.discriminator.load_state_dict(state["discriminator"])
+        self.scale = state["scale"].to(self.device)
         self.adaptor.eval()
         self.discriminator.eval()
 
