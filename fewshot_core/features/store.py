@@ -33,6 +33,7 @@ import pandas as pd
 from fewshot_core.backbones.models import DEFAULT_BACKBONE, create_extractor, resolve_device, resolve_layers, stage_info
 from fewshot_core.backbones.preprocess import preprocessing_record
 from fewshot_core.backbones.weights import resolve_weights
+from fewshot_core.data.imageio import CONVERSION_RULES
 from fewshot_core.errors import FsadError
 from fewshot_core.features.extract import iter_embeddings
 from fewshot_core.features.patch import PATCH_SIZE, patch_dim_of
@@ -269,7 +270,9 @@ class FeatureStore:
             "key": key, "store_version": STORE_VERSION, "category": dataset.category, "n_images": n,
             "dataset_fingerprint": fingerprint, "backbone": backbone,
             "weights": info.to_dict(), "is_random": info.is_random,
-            "image_size": int(image_size), "preprocessing": preprocessing_record(backbone, image_size, crop=False),
+            "image_size": int(image_size),
+            "preprocessing": {**preprocessing_record(backbone, image_size, crop=False),
+                              "reader": "fewshot_core.data.imageio.load_rgb", "rgb_conversion": CONVERSION_RULES},
             "layers": list(layers),
             "layer_info": [{"index": i, "module": infos[i].get("module"), "channels": c,
                             "stride": int(infos[i]["reduction"])} for i, c in zip(layers, channels)],
