@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from fewshot_core.backbones import DEFAULT_BACKBONE
+from fewshot_core.data.layouts import add_layout_arguments, dataset_from_args
 from fewshot_core.errors import FsadError
 
 
@@ -20,8 +21,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("embed", help="extract and cache patch + global features for one category",
                               description="Embed every image of a category (train and test) once into the "
                                           "feature store; a second call returns the cached partition.")
-    p.add_argument("root", type=Path, help="dataset root holding <category>/train, <category>/test")
-    p.add_argument("--category", required=True)
+    p.add_argument("root", nargs="?", metavar="ROOT",
+                   help="MVTec-layout root holding <category>/train, <category>/test (or use the layout flags)")
+    p.add_argument("--category", help="category to embed (with layout flags: its name)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm model name (default {DEFAULT_BACKBONE})")
     p.add_argument("--image-size", type=int, default=256, help="square resize, no crop (default 256)")
     p.add_argument("--layers", type=_layers, default=None,
@@ -35,17 +37,17 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-workers", type=int, default=2, help="image decoding processes (0 = in-process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_layout_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from fewshot_core.data.mvtec import load_category
     from fewshot_core.features.store import FeatureStore
 
     if args.batch_size < 1 or args.num_workers < 0:
         raise FsadError(f"--batch-size {args.batch_size} / --num-workers {args.num_workers}: "
                         f"need batch size >= 1 and workers >= 0")
-    dataset = load_category(args.root, args.category)
+    dataset = dataset_from_args(args)
     store = FeatureStore(args.store)
     part = store.build(dataset, backbone=args.backbone, image_size=args.image_size, layers=args.layers,
                        weights=args.weights, batch_size=args.batch_size, num_workers=args.num_workers,

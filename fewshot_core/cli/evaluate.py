@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+from fewshot_core.data.layouts import add_layout_arguments, dataset_from_args
 from fewshot_core.errors import FsadError
 
 ONECLASS_COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "fit_s", "score_s")
@@ -68,27 +69,8 @@ def register(subparsers) -> None:
     g.add_argument("--store", type=Path, default=None, help="feature store folder (default $FSAD_HOME/features)")
     g.add_argument("--device", default=None, help="embedding device: cpu, cuda (default: cuda when available)")
     g.add_argument("--num-workers", type=int, default=2, help="image decoding processes when embedding")
-    try:
-        from fewshot_core.data.layouts import add_layout_arguments
-    except ImportError:  # pragma: no cover - the data layer always ships it
-        add_layout_arguments = None
-    if add_layout_arguments is not None:
-        add_layout_arguments(p)
+    add_layout_arguments(p)
     p.set_defaults(func=run)
-
-
-def _dataset(args):
-    try:
-        from fewshot_core.data.layouts import dataset_from_args
-    except ImportError:  # pragma: no cover
-        dataset_from_args = None
-    if dataset_from_args is not None:
-        return dataset_from_args(args)
-    if not args.root or not args.category:
-        raise FsadError("fsad evaluate: give ROOT and --category")
-    from fewshot_core.data.mvtec import load_category
-
-    return load_category(args.root, args.category)
 
 
 def _partition(args, dataset):
@@ -160,7 +142,7 @@ def format_table(rows: list[dict], protocol: str) -> str:
 def run(args) -> int:
     if any(s < 0 for s in args.seeds):
         raise FsadError(f"--seeds {args.seeds}: seeds must be non-negative integers")
-    dataset = _dataset(args)
+    dataset = dataset_from_args(args)
     partition = None
     if args.protocol == "supervised" or not _is_image_method(args.method):
         partition = _partition(args, dataset)
