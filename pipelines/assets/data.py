@@ -10,6 +10,7 @@ import pandas as pd
 from fewshot_core.errors import FsadError
 from fewshot_core.paths import shared_mvtec_root
 from pipelines.config import SweepConfig
+from pipelines.metadata import md_table
 from pipelines.partitions import CATEGORY
 
 
@@ -96,7 +97,7 @@ def build_data_assets(cfg: SweepConfig):
         context.add_output_metadata({
             "categories": len(datasets),
             "image-level categories (no masks)": ", ".join(d.category for d in datasets if not d.has_masks) or "none",
-            "counts": dg.MetadataValue.md(counts.to_markdown(index=False) if _has_tabulate() else counts.to_string()),
+            "counts": dg.MetadataValue.md(md_table(counts.to_dict("records"))),
         })
         return df
 
@@ -127,10 +128,3 @@ def build_data_assets(cfg: SweepConfig):
 
     return [dataset, image_manifest, manifest_validates]
 
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -11,6 +11,7 @@ import dagster as dg
 
 from pipelines.assets.data import load_category
 from pipelines.config import SweepConfig
+from pipelines.metadata import md_table
 from pipelines.partitions import embedding_partitions, keys_of
 from pipelines.resources import DeviceResource, FeatureStoreResource
 
@@ -39,16 +40,8 @@ def build_embeddings_asset(cfg: SweepConfig, dataset_asset) -> dg.AssetsDefiniti
             "store": dg.MetadataValue.path(feature_store.root),
             "weights": str(weights.get("source", part.meta.get("weights_source", ""))),
             "random weights": bool(part.is_random),
-            "partitions built": dg.MetadataValue.md(_md_table(rows)),
+            "partitions built": dg.MetadataValue.md(md_table(rows)),
         })
 
     return embeddings
 
-
-def _md_table(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
-    return "\n".join(lines)

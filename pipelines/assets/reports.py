@@ -2,7 +2,6 @@
 self-contained HTML report with the four research-question sections and the anomaly-map gallery."""
 
 
-import base64
 from pathlib import Path
 
 import dagster as dg
@@ -11,15 +10,12 @@ import pandas as pd
 from fewshot_core.reports import aggregate, render_report, write_report
 from fewshot_core.reports import plots
 from pipelines.config import SweepConfig
+from pipelines.metadata import md_png
 from pipelines.resources import MlflowTracking
 
 
 def report_path(cfg: SweepConfig) -> Path:
     return cfg.resolved_work_dir() / "report" / "report.html"
-
-
-def _md_png(png: bytes, alt: str) -> str:
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
 def build_report_assets(cfg: SweepConfig, evaluation_assets: list[dg.AssetsDefinition]):
@@ -53,7 +49,7 @@ def build_report_assets(cfg: SweepConfig, evaluation_assets: list[dg.AssetsDefin
             best = oc.sort_values("image_auroc_mean", ascending=False).iloc[0]
             meta["best one-class image AUROC"] = float(best["image_auroc_mean"])
             meta["best one-class setting"] = f"{best['method']} {best['category']} {best['setting']}"
-            meta["AUROC vs shots"] = dg.MetadataValue.md(_md_png(plots.metric_vs_shots(oc, "image_auroc"),
+            meta["AUROC vs shots"] = dg.MetadataValue.md(md_png(plots.metric_vs_shots(oc, "image_auroc"),
                                                                  "image AUROC vs shots"))
         context.add_output_metadata(meta)
         return agg
