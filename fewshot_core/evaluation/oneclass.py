@@ -51,6 +51,46 @@ def _masks(dataset, ids: Sequence[str], mask_size: int, cache: dict) -> np.ndarr
     return cache[key]
 
 
+def query_metrics(dataset, query_ids: Sequence[str], scores: np.ndarray, maps: np.ndarray, resize,
+                  mask_size: int, cache: dict) -> tuple[np.ndarray, dict]:
+    """Labels and metrics of an episode's queries: image metrics from ``scores``; pixel metrics (only
+    where the dataset has masks) from ``maps`` turned into ``mask_size`` maps by ``resize(batch)``, batch
+    by batch so the full-resolution maps never sit in memory together."""
+    labels = np.array([dataset.by_id(i).label for i in query_ids], dtype=int)
+    metrics = image_metrics(labels, scores)
+    if dataset.has_masks:
+        masks = _masks(dataset, query_ids, int(mask_size), cache)
+        # resized maps never leave the raw maps' range (convex upsampling/smoothing): fixes the bins
+        acc = PixelAccumulator(value_range=(float(maps.min()), float(maps.max())))
+        for start in range(0, len(query_ids), SCORE_BATCH):
+            for amap, mask in zip(resize(maps[start:start + SCORE_BATCH]), masks[start:start + SCORE_BATCH]):
+                acc.add(amap, mask)
+        metrics.update(acc.compute())
+    return labels, metrics
+
+
+def episode_identity(dataset, episode: OneClassEpisode, method: str, params: Mapping, backbone, partition_key,
+                     n_query: int, augment: str, mask_size: int) -> dict:
+    """The identity columns every one-class row starts with (see the module docstring)."""
+    n_train = len(dataset.train_good())
+    return {
+        "episode_id": episode.episode_id,
+        "protocol": "oneclass",
+        "category": episode.category,
+        "method": method,
+        "params": json.dumps(params, sort_keys=True, default=str),
+        "backbone": backbone,
+        "partition_key": partition_key,
+        "shots": len(episode.support_ids),
+        "full_shot": "yes" if episode.shots is None or len(episode.support_ids) == n_train else "no",
+        "seed": episode.seed,
+        "n_support": len(episode.support_ids),
+        "n_query": int(n_query),
+        "augment": augment,
+        "mask_size": int(mask_size),
+    }
+
+
 def _support_features(dataset, partition, episode, augment: str, transforms, cache) -> np.ndarray:
     support = partition.patch(list(episode.support_ids))
     if augment == "features":
@@ -99,36 +139,13 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
         patch_maps.append(m)
     scores, patch_maps = np.concatenate(scores), np.concatenate(patch_maps)
 
-    labels = np.array([dataset.by_id(i).label for i in query_ids], dtype=int)
-    metrics = image_metrics(labels, scores)
-    if dataset.has_masks:
-        masks = _masks(dataset, query_ids, int(mask_size), cache)
-        # image maps never leave the patch maps' range (convex upsampling/smoothing): fixes the bins
-        acc = PixelAccumulator(value_range=(float(patch_maps.min()), float(patch_maps.max())))
-        for start in range(0, len(query_ids), SCORE_BATCH):
-            maps = to_image_maps(patch_maps[start:start + SCORE_BATCH], int(mask_size), sigma)
-            for amap, mask in zip(maps, masks[start:start + SCORE_BATCH]):
-                acc.add(amap, mask)
-        metrics.update(acc.compute())
-
+    labels, metrics = query_metrics(dataset, query_ids, scores, patch_maps,
+                                    lambda batch: to_image_maps(batch, int(mask_size), sigma), mask_size, cache)
     if details is not None:
         details.update(model=model, image_scores=scores, patch_maps=patch_maps, labels=labels, query_ids=query_ids)
-    n_train = len(dataset.train_good())
     return {
-        "episode_id": episode.episode_id,
-        "protocol": "oneclass",
-        "category": episode.category,
-        "method": method,
-        "params": json.dumps(model.get_params(), sort_keys=True, default=str),
-        "backbone": partition.meta.get("backbone"),
-        "partition_key": partition.meta.get("key"),
-        "shots": len(episode.support_ids),
-        "full_shot": "yes" if episode.shots is None or len(episode.support_ids) == n_train else "no",
-        "seed": episode.seed,
-        "n_support": len(episode.support_ids),
-        "n_query": len(query_ids),
-        "augment": augment,
-        "mask_size": int(mask_size),
+        **episode_identity(dataset, episode, method, model.get_params(), partition.meta.get("backbone"),
+                           partition.meta.get("key"), len(query_ids), augment, mask_size),
         **metrics,
         "bank_size": int(len(getattr(model, "bank_", ()))),
         "fit_s": round(fit_s, 4),

@@ -132,7 +132,6 @@ class GLASS(TrainedDetector):
     # ------------------------------------------------------------------ local anomaly synthesis
     def _synthesize(self, imgs: np.ndarray, fgs: list[np.ndarray], rng: np.random.Generator):
         """LAS on uint8 images [b,h,w,3] -> (aug float [b,3,h,w] in [0,1], patch mask [b*h'*w'] of 0/1)."""
-        c = self.config
         out, masks = [], []
         for img, fg in zip(imgs, fgs):
             m = perlin_mask(img.shape[:2], rng) & fg

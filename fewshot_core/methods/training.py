@@ -468,8 +468,7 @@ def run_image_episode(dataset, episode, method: str, method_params: dict | None 
     """
     import torch.nn.functional as F  # noqa: F811
 
-    from fewshot_core.data.imageio import load_mask
-    from fewshot_core.metrics import PixelAccumulator, image_metrics
+    from fewshot_core.evaluation.oneclass import episode_identity, query_metrics
 
     if artifact_dir == "auto":  # trained weights live beside the feature store, so reruns reload them
         from fewshot_core.paths import default_work_dir
@@ -492,42 +491,17 @@ def run_image_episode(dataset, episode, method: str, method_params: dict | None 
         scores.append(s)
         maps.append(m)
     scores, maps = np.concatenate(scores), np.concatenate(maps)
-    labels = np.array([dataset.by_id(i).label for i in query_ids], dtype=int)
-    metrics = image_metrics(labels, scores)
-    if dataset.has_masks:
-        acc = PixelAccumulator(value_range=(float(maps.min()), float(maps.max())))
-        for start in range(0, len(query_ids), score_batch):
-            up = F.interpolate(torch.from_numpy(maps[start:start + score_batch])[:, None], size=(mask_size, mask_size),
-                               mode="bilinear", align_corners=False)[:, 0].numpy()
-            for amap, image_id in zip(up, query_ids[start:start + score_batch]):
-                key = ("mask", image_id, int(mask_size))
-                mask = None if cache is None else cache.get(key)
-                if mask is None:
-                    rec = dataset.by_id(image_id)
-                    mask = (load_mask(rec.mask_path, int(mask_size)) if rec.mask_path is not None
-                            else np.zeros((mask_size, mask_size), dtype=bool))
-                    if cache is not None:
-                        cache[key] = mask
-                acc.add(amap, mask)
-        metrics.update(acc.compute())
+    def resize(batch: np.ndarray) -> np.ndarray:
+        return F.interpolate(torch.from_numpy(batch)[:, None], size=(mask_size, mask_size), mode="bilinear",
+                             align_corners=False)[:, 0].numpy()
+
+    labels, metrics = query_metrics(dataset, query_ids, scores, maps, resize, int(mask_size),
+                                    {} if cache is None else cache)
     if details is not None:
         details.update(model=model, image_scores=scores, anomaly_maps=maps, labels=labels, query_ids=query_ids)
-    n_train = len(dataset.train_good())
     return {
-        "episode_id": episode.episode_id,
-        "protocol": "oneclass",
-        "category": episode.category,
-        "method": method,
-        "params": json.dumps(_jsonable(model.config), sort_keys=True, default=str),
-        "backbone": getattr(model.config, "backbone", None),
-        "partition_key": None,
-        "shots": len(episode.support_ids),
-        "full_shot": "yes" if episode.shots is None or len(episode.support_ids) == n_train else "no",
-        "seed": episode.seed,
-        "n_support": len(episode.support_ids),
-        "n_query": len(query_ids),
-        "augment": "none",
-        "mask_size": int(mask_size),
+        **episode_identity(dataset, episode, method, _jsonable(model.config), getattr(model.config, "backbone", None),
+                           None, len(query_ids), "none", mask_size),
         **metrics,
         "bank_size": int(model.train_summary.get("bank", 0)),
         "fit_s": round(fit_s, 4),
