@@ -69,6 +69,22 @@ def _processes_with_env(marker: str) -> list[int]:
     return found
 
 
+def _wait_for_run(asset: str, timeout: float):
+    """The run that materialises ``asset`` (launched from the UI), once it has finished; reads the instance
+    of ``$DAGSTER_HOME`` (dagster.yaml's storage is defined relative to it)."""
+    import dagster as dg
+
+    instance = dg.DagsterInstance.get()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = [r for r in instance.get_runs(limit=10)
+                if r.asset_selection and dg.AssetKey(asset) in r.asset_selection]
+        if runs and runs[0].status.value in ("SUCCESS", "FAILURE", "CANCELED"):
+            return runs[0]
+        time.sleep(1)
+    raise AssertionError(f"no finished run of {asset} within {timeout} s")
+
+
 def _stop_group(proc: subprocess.Popen) -> None:
     pgid = proc.pid  # start_new_session=True: the leader's pid is the group id
     for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
@@ -95,12 +111,12 @@ def test_dagster_ui_shows_asset_graph_and_materialisation(tmp_path):
     config.write_text(SWEEP.format(work=work))
     env = dict(os.environ, DAGSTER_HOME=str(home), FSAD_SWEEP_CONFIG=str(config), MLFLOW_TRACKING_URI="")
 
-    # A materialisation for the UI to show: the data stage, in-process, in the same instance.
+    # A materialisation for the UI to show: the dataset asset, in-process, in the same instance.
     code = ("import dagster as dg; from pipelines.config import load_config; "
             "from pipelines.definitions import build_definitions; "
             "defs = build_definitions(load_config()); "
             "r = dg.materialize(list(defs.assets) + list(defs.asset_checks), "
-            "selection=dg.AssetSelection.assets('dataset', 'image_manifest'), resources=defs.resources, "
+            "selection=dg.AssetSelection.assets('dataset'), resources=defs.resources, "
             "instance=dg.DagsterInstance.get()); assert r.success")
     subprocess.run([sys.executable, "-c", code], cwd=PROJECT, env=env, check=True, timeout=180,
                    capture_output=True)
@@ -148,6 +164,18 @@ def test_dagster_ui_shows_asset_graph_and_materialisation(tmp_path):
                 page.get_by_text("Latest materialization").first.wait_for()
                 page.get_by_text("synth_fabric").first.wait_for()
                 page.get_by_text(str(work / "synthetic")).first.wait_for()
+                # A materialisation launched from the UI: queued, dequeued by the daemon, run, shown.
+                page.goto(url + "/assets/image_manifest")
+                page.get_by_text("Materialize", exact=True).first.click()
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setenv("DAGSTER_HOME", str(home))
+                    run = _wait_for_run("image_manifest", timeout=180)
+                assert run.status.value == "SUCCESS", run.status
+                page.goto(url + "/assets/image_manifest")
+                page.get_by_text("Latest materialization").first.wait_for()
+                page.get_by_text("image-level categories (no masks)").first.wait_for()
+                page.goto(url + f"/runs/{run.run_id}")
+                page.get_by_text("Success").first.wait_for()
             finally:
                 browser.close()
     finally:
