@@ -73,7 +73,7 @@ class Setting:
         return self.key.rsplit("-s", 1)[0]
 
     @classmethod
-    def parse(cls, key: str) -> "Setting":
+    def parse(cls, key: str) -> Setting:
         if m := _OC_RE.match(key):
             return cls(ONECLASS, int(m[1]), 0, int(m[2]))
         if m := _SUP_RE.match(key):

@@ -196,7 +196,7 @@ def test_sensor_requests_partitions_for_new_and_changed_images(sweep):
     from fewshot_core.data.synth import generate
     from pipelines.partitions import CATEGORY
 
-    home, work, config, _ = sweep
+    _, work, config, _ = sweep
     defs = _defs(config)
     instance = dg.DagsterInstance.get()
     sensor = defs.get_sensor_def("new_images_sensor")
@@ -333,7 +333,7 @@ def test_io_managers_write_one_file_per_partition_and_read_back_what_exists(tmp_
 
 def test_fsad_run_reports_a_failed_step_in_one_line(sweep, capsys):
     """An impossible setting (more bad shots than images) fails its stage; the CLI names the cause and exits 2."""
-    home, work, config, _ = sweep
+    home, _, config, _ = sweep
     bad = config.parent / "bad.yaml"
     bad.write_text(config.read_text().replace("ratios: [[1, 1], [2, 1]]", "ratios: [[1, 5]]")
                    .replace("label_modes: [binary, multiclass]", "label_modes: [binary]")

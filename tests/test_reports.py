@@ -9,8 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fewshot_core.reports import aggregate, bootstrap_ci, render_report, write_report
-from fewshot_core.reports import plots
+from fewshot_core.reports import aggregate, bootstrap_ci, plots, render_report, write_report
 
 
 def test_bootstrap_ci_brackets_the_mean_and_is_deterministic():

@@ -11,7 +11,7 @@ import hashlib
 import html
 import os
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +161,7 @@ def render_report(rows: pd.DataFrame, agg: pd.DataFrame, gallery: list[dict] | N
         return f"{mlflow_ui}/#/experiments/{exp}/runs/{rec.get('mlflow_run_id')}"
 
     info = dict(info or {})
-    info.setdefault("generated", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    info.setdefault("generated", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
     info.setdefault("evaluation rows", len(rows))
     meta = "".join(f'<tr><th class="l">{html.escape(str(k))}</th><td class="l">{html.escape(str(v))}</td></tr>'
                    for k, v in info.items())
@@ -175,11 +175,11 @@ def render_report(rows: pd.DataFrame, agg: pd.DataFrame, gallery: list[dict] | N
         ("rq4", "RQ4 · Euclidean vs cosine distance",
          "Prototypical network with either distance on the same episodes.", _section_distance(agg)),
     ]
-    out = [f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-           f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><table>{meta}</table>",
-           "<p class=note>Values are means over seeds with a 95% percentile-bootstrap interval. Hover a value to "
-           "see its MLflow run ids; click it to jump to its per-seed rows, which link to MLflow "
-           f"(start the UI with <code>fsad mlflow-ui</code>, served at {html.escape(mlflow_ui)}).</p>",
+    out = [(f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><table>{meta}</table>"),
+           ("<p class=note>Values are means over seeds with a 95% percentile-bootstrap interval. Hover a value to "
+            "see its MLflow run ids; click it to jump to its per-seed rows, which link to MLflow "
+            f"(start the UI with <code>fsad mlflow-ui</code>, served at {html.escape(mlflow_ui)}).</p>"),
            "<ul>" + "".join(f'<li><a href="#{a}">{html.escape(t)}</a></li>' for a, t, _, _ in sections)
            + '<li><a href="#gallery">Anomaly maps</a></li><li><a href="#runs">All runs</a></li></ul>']
     for anchor, heading, note, body in sections:

@@ -7,9 +7,9 @@ import io
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and in Dagster workers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
 
 def to_png(fig, dpi: int = 100) -> bytes:

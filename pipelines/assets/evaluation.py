@@ -9,7 +9,6 @@ or confusion matrix, the fitted bank or model) and returns one table row carryin
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import dagster as dg

@@ -7,8 +7,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from fewshot_core.reports import aggregate, render_report, write_report
-from fewshot_core.reports import plots
+from fewshot_core.reports import aggregate, plots, render_report, write_report
 from pipelines.config import SweepConfig
 from pipelines.metadata import md_png
 from pipelines.resources import MlflowTracking
