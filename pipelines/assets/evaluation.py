@@ -162,15 +162,12 @@ _METRIC_NAMES = {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "
 
 
 def _run_oneclass(cfg, ds, part, spec: MethodSpec, setting: Setting, cache: dict):
-    """The library's episode (authoritative metrics), then a refit of the same seeded method on the same
-    support for the artifacts: scores for the ROC curve, maps for the gallery, the fitted bank. Both fits
-    are deterministic, so the artifacts describe exactly the run whose metrics are logged (checked)."""
+    """The library's episode, with its details (fitted model, scores, maps) handed back for the artifacts:
+    the ROC curve, the anomaly-map gallery and the fitted bank describe exactly the logged run."""
     from fewshot_core.data.imageio import load_mask, load_rgb
     from fewshot_core.episodes import sample_oneclass
     from fewshot_core.evaluation.oneclass import run_oneclass_episode
-    from fewshot_core.methods import get_method
     from fewshot_core.methods.anomaly_map import to_image_maps
-    from fewshot_core.metrics import image_metrics
     from fewshot_core.reports import plots
 
     ep = sample_oneclass(ds, setting.k_good, setting.seed)
@@ -178,10 +175,10 @@ def _run_oneclass(cfg, ds, part, spec: MethodSpec, setting: Setting, cache: dict
     records = [ds.by_id(i) for i in ep.query_ids]
     labels = np.array([r.label for r in records])
     model_files: dict = {}
-    if spec.method in image_method_names():  # trained on the support images; the library hands back details
+    details: dict = {}
+    if spec.method in image_method_names():  # trained on the support images, not on the store
         from fewshot_core.methods.training import run_image_episode
 
-        details: dict = {}
         row = run_image_episode(ds, ep, spec.method, spec.params, mask_size=size, details=details, cache=cache,
                                 artifact_dir=cfg.resolved_work_dir() / "artifacts")
         scores, patch_maps = details["image_scores"], details["anomaly_maps"]
@@ -189,16 +186,11 @@ def _run_oneclass(cfg, ds, part, spec: MethodSpec, setting: Setting, cache: dict
         if folder is not None and Path(folder).is_dir():
             model_files = {f"model/{f.name}": f for f in sorted(Path(folder).iterdir()) if f.is_file()}
     else:
-        row = run_oneclass_episode(ds, part, ep, spec.method, spec.params, mask_size=size, cache=cache)
-        params = {"seed": setting.seed, **spec.params}
-        method = get_method(spec.method, **params).fit(part.patch(list(ep.support_ids)))
-        scores, patch_maps = method.score(part.patch(list(ep.query_ids)))
-        again = image_metrics(labels, scores).get("image_auroc")
-        if again is not None and not np.isclose(again, row.get("image_auroc", again), atol=1e-6):
-            raise RuntimeError(f"{spec.id} {setting.key}: refit for artifacts gave image AUROC {again}, the "
-                               f"episode {row.get('image_auroc')}; the method is not deterministic under its seed")
+        row = run_oneclass_episode(ds, part, ep, spec.method, spec.params, mask_size=size, cache=cache,
+                                   details=details)
+        scores, patch_maps = details["image_scores"], details["patch_maps"]
         with tempfile.TemporaryDirectory() as tmp:
-            model_files = {"model/fitted_bank.npz": method.save(Path(tmp) / "fitted.npz").read_bytes()}
+            model_files = {"model/fitted_bank.npz": details["model"].save(Path(tmp) / "fitted.npz").read_bytes()}
     artifacts = {"plots/roc_curve.png": plots.roc_curve_png(labels, scores, f"{spec.id} {ds.category} {setting.key}")}
     # Gallery: the two highest-scored anomalous images, the highest-scored good one, the lowest anomalous.
     order = np.argsort(-scores)
