@@ -7,6 +7,8 @@ EfficientNet-Lite0 backbone, the fast methods that exist, a small shots grid and
 
     name: bottle-sweep
     data: {source: mvtec, root: ../shared/data/mvtec_ad, categories: [bottle]}
+    # or your own folders, one layout YAML per category (image-level when it names no masks):
+    # data: {source: layout, layouts: [parts/housing.yaml, parts/gasket.yaml]}
     backbones: [tf_efficientnet_lite0]
     image_size: 224
     oneclass: {shots: [1, 2, 4, 8], seeds: [0, 1, 2, 3, 4]}
@@ -129,9 +131,10 @@ class MethodSpec:
 @dataclass
 class SweepConfig:
     name: str = "fsad-default"
-    # data.source: auto (MVTEC_ROOT when set, else synthetic) | synthetic | mvtec | download
+    # data.source: auto (MVTEC_ROOT when set, else synthetic) | synthetic | mvtec | download | layout
     data_source: str = "auto"
     data_root: str | None = None
+    data_layouts: list[str] | None = None  # source "layout": one layout YAML per category (fewshot_core.data.layouts)
     categories: list[str] | None = None  # None: every category found under the root
     synth: dict = field(default_factory=lambda: {"categories": 2, "seed": 0, "size": 112, "n_train": 12,
                                                   "n_test_good": 6, "n_test_per_defect": 3})
@@ -196,8 +199,13 @@ def load_config(path: str | Path | None = None) -> SweepConfig:
         cfg.name = str(raw.get("name", cfg.name))
         data = raw.get("data", {}) or {}
         cfg.data_source = str(data.get("source", cfg.data_source))
-        if cfg.data_source not in ("auto", "synthetic", "mvtec", "download"):
-            _fail(path, f"data.source {cfg.data_source!r} unknown", "use auto, synthetic, mvtec or download")
+        if cfg.data_source not in ("auto", "synthetic", "mvtec", "download", "layout"):
+            _fail(path, f"data.source {cfg.data_source!r} unknown", "use auto, synthetic, mvtec, download or layout")
+        if cfg.data_source == "layout":
+            if not data.get("layouts"):
+                _fail(path, "data.source layout needs data.layouts", "list one layout YAML per category "
+                      "(keys: name, good_dir, defect_dirs, ...; see fewshot_core/data/layouts.py)")
+            cfg.data_layouts = [str((base / os.path.expanduser(str(f))).resolve()) for f in data["layouts"]]
         if data.get("root"):
             cfg.data_root = str((base / Path(os.path.expanduser(str(data["root"])))).resolve())
         if data.get("categories") is not None:

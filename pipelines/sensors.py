@@ -27,6 +27,12 @@ def folder_fingerprint(folder: Path) -> str:
     return f"{count}:{newest:.3f}"
 
 
+def layout_folders(layout) -> list[Path]:
+    """The folders a ``LayoutConfig`` reads images from (absent optional ones left out)."""
+    folders = [layout.good_dir, layout.test_good_dir, *layout.defect_dirs.values(), layout.mask_dir]
+    return [Path(f) for f in folders if f is not None and Path(f).is_dir()]
+
+
 def build_new_images_sensor(cfg: SweepConfig, embeddings_job) -> dg.SensorDefinition:
     @dg.sensor(job=embeddings_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
                description="Watches the dataset folder; new or changed images request the affected embeddings "
@@ -34,12 +40,18 @@ def build_new_images_sensor(cfg: SweepConfig, embeddings_job) -> dg.SensorDefini
     def new_images_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
         from pipelines.assets.data import resolve_data
 
-        root, _ = resolve_data(cfg)
+        root, source = resolve_data(cfg)
         if not root.is_dir():
             return dg.SkipReason(f"{root}: dataset folder not there yet")
         previous = json.loads(context.cursor) if context.cursor else {}
-        current = {c.name: folder_fingerprint(c) for c in sorted(root.iterdir())
-                   if (c / "train" / "good").is_dir() and (not cfg.categories or c.name in cfg.categories)}
+        if source == "layout":  # users' own folders: fingerprint every folder a layout names
+            from pipelines.assets.data import layouts
+
+            current = {name: ";".join(folder_fingerprint(d) for d in layout_folders(lc))
+                       for name, lc in layouts(cfg).items()}
+        else:
+            current = {c.name: folder_fingerprint(c) for c in sorted(root.iterdir())
+                       if (c / "train" / "good").is_dir() and (not cfg.categories or c.name in cfg.categories)}
         known = set(context.instance.get_dynamic_partitions(CATEGORY.name))
         new = [c for c in current if c not in known]
         changed = [c for c, fp in current.items() if c in known and previous.get(c) not in (None, fp)]

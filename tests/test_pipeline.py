@@ -347,3 +347,37 @@ def test_fsad_run_reports_a_failed_step_in_one_line(sweep, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fsad: error: stage evaluation")
     assert "k_bad=5" in err[0] and "Traceback" not in err[0]
+
+
+def test_own_image_level_layout_runs_through_the_pipeline(tmp_path, monkeypatch):
+    """Issue 8 in the pipeline: a layout YAML (no masks) is a category; image metrics only, no pixel columns."""
+    from _builders import build_folder_layout
+
+    dirs = build_folder_layout(tmp_path / "own", n_good=6, defects={"scratch": 2, "dent": 2}, test_good=2, size=48)
+    layout = tmp_path / "housing.yaml"
+    layout.write_text(textwrap.dedent(f"""\
+        name: housing
+        good_dir: {dirs['good_dir']}
+        test_good_dir: {dirs['test_good_dir']}
+        defect_dirs: [{', '.join(str(d) for d in dirs['defect_dirs'])}]
+        """))
+    config = tmp_path / "sweep.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        name: own
+        data: {{source: layout, layouts: [{layout.name}]}}
+        image_size: 64
+        oneclass: {{shots: [2], seeds: [0]}}
+        supervised: {{ratios: [], seeds: []}}
+        methods:
+          - {{id: patchcore, method: patchcore}}
+        work_dir: {tmp_path / 'work'}
+        """))
+    home = tmp_path / "home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["run", "--config", str(config), "--dagster-home", str(home)]) == 0
+    tables = list((tmp_path / "work").rglob("*.parquet"))
+    rows = pd.concat([pd.read_parquet(t) for t in tables if "image_auroc" in pd.read_parquet(t).columns])
+    housing = rows[rows["category"] == "housing"]
+    assert len(housing) >= 1 and housing["image_auroc"].between(0, 1).all()
+    assert "aupro" not in housing.columns or housing["aupro"].isna().all()

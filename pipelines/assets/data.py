@@ -23,6 +23,8 @@ def resolve_data(cfg: SweepConfig) -> tuple[Path, str]:
         return Path(cfg.data_root or cfg.resolved_work_dir() / "synthetic"), source
     if source == "download":
         return Path(cfg.data_root or cfg.resolved_work_dir() / "mvtec_ad"), source
+    if source == "layout":  # several folders; the first layout file's folder stands for them in messages
+        return Path(cfg.data_layouts[0]).parent, source
     root = Path(cfg.data_root) if cfg.data_root else shared_mvtec_root()
     if root is None or not root.exists():
         raise FsadError(f"{cfg.source_file or 'MVTEC_ROOT'}: MVTec AD root {root} not found; set MVTEC_ROOT or "
@@ -30,8 +32,29 @@ def resolve_data(cfg: SweepConfig) -> tuple[Path, str]:
     return root, source
 
 
+def layouts(cfg: SweepConfig) -> dict:
+    """Category name -> ``LayoutConfig`` for ``data.source: layout`` (users' own folders)."""
+    from fewshot_core.data.layouts import LayoutConfig
+
+    found = [LayoutConfig.from_yaml(Path(f)) for f in cfg.data_layouts or []]
+    by_name = {lc.name: lc for lc in found}
+    if len(by_name) != len(found):
+        raise FsadError(f"{cfg.source_file}: data.layouts declare the same name twice; give each layout its own name")
+    return by_name
+
+
+def source_for(cfg: SweepConfig, category: str):
+    """What ``fewshot_core.data.load_dataset`` reads ``category`` from: its layout, or the MVTec root."""
+    if cfg.data_source == "layout":
+        return layouts(cfg)[category]
+    return resolve_data(cfg)[0]
+
+
 def categories(cfg: SweepConfig, root: Path) -> list[str]:
-    """The configured categories, or every category found under the root."""
+    """The configured categories, or every category found under the root (or declared by the layouts)."""
+    if cfg.data_source == "layout":
+        names = list(layouts(cfg))
+        return [c for c in names if c in cfg.categories] if cfg.categories else names
     if cfg.categories:
         return list(cfg.categories)
     from fewshot_core.data import list_categories
@@ -46,8 +69,7 @@ def categories(cfg: SweepConfig, root: Path) -> list[str]:
 def load_category(cfg: SweepConfig, category: str):
     from fewshot_core.data import load_dataset
 
-    root, _ = resolve_data(cfg)
-    return load_dataset(root, category)
+    return load_dataset(source_for(cfg, category), category)
 
 
 def build_data_assets(cfg: SweepConfig):
@@ -75,7 +97,7 @@ def build_data_assets(cfg: SweepConfig):
         # Its past materialisations stay in the event log and its MLflow runs are untouched.
         from fewshot_core.data import list_categories
 
-        present = set(cats) | (set(list_categories(root)) if root.is_dir() else set())
+        present = set(cats) | (set(list_categories(root)) if source != "layout" and root.is_dir() else set())
         for stale in sorted(known - present):
             context.instance.delete_dynamic_partition(CATEGORY.name, stale)
             context.log.warning(f"category {stale!r} no longer under {root}: removed from the partitions")
@@ -91,7 +113,7 @@ def build_data_assets(cfg: SweepConfig):
         from fewshot_core.data.manifest import build_manifest
 
         root, _ = resolve_data(cfg)
-        datasets = [load_dataset(root, c) for c in categories(cfg, root)]
+        datasets = [load_dataset(source_for(cfg, c), c) for c in categories(cfg, root)]
         df = build_manifest(datasets)
         counts = df.groupby(["category", "split", "label"]).size().rename("images").reset_index()
         context.add_output_metadata({
@@ -109,7 +131,7 @@ def build_data_assets(cfg: SweepConfig):
         root, _ = resolve_data(cfg)
         problems: list[str] = []
         for cat, rows in image_manifest.groupby("category"):
-            report = validate(root, str(cat))
+            report = validate(source_for(cfg, str(cat)), str(cat))
             problems += report.problems
             counts = report.counts.get(str(cat), {})
             expected = sum(n for split in ("train", "test") for n in counts.get(split, {}).values())
