@@ -51,6 +51,20 @@ def _masks(dataset, ids: Sequence[str], mask_size: int, cache: dict) -> np.ndarr
     return cache[key]
 
 
+def score_in_batches(query_ids: Sequence[str], load, score, batch: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(scores, maps, seconds spent in ``score``) of the queries, ``batch`` at a time: ``load(ids)`` gives a
+    batch's inputs (features or images), ``score(inputs)`` its (scores, maps). Bounds memory on large test sets."""
+    scores, maps, seconds = [], [], 0.0
+    for start in range(0, len(query_ids), batch):
+        inputs = load(list(query_ids[start:start + batch]))
+        t0 = time.perf_counter()
+        s, m = score(inputs)
+        seconds += time.perf_counter() - t0
+        scores.append(s)
+        maps.append(m)
+    return np.concatenate(scores), np.concatenate(maps), seconds
+
+
 def query_metrics(dataset, query_ids: Sequence[str], scores: np.ndarray, maps: np.ndarray, resize,
                   mask_size: int, cache: dict) -> tuple[np.ndarray, dict]:
     """Labels and metrics of an episode's queries: image metrics from ``scores``; pixel metrics (only
@@ -129,15 +143,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     del support
 
     query_ids = list(episode.query_ids)
-    scores, patch_maps, score_s = [], [], 0.0
-    for start in range(0, len(query_ids), SCORE_BATCH):
-        query = partition.patch(query_ids[start:start + SCORE_BATCH])
-        t0 = time.perf_counter()
-        s, m = model.score(query)
-        score_s += time.perf_counter() - t0
-        scores.append(s)
-        patch_maps.append(m)
-    scores, patch_maps = np.concatenate(scores), np.concatenate(patch_maps)
+    scores, patch_maps, score_s = score_in_batches(query_ids, partition.patch, model.score, SCORE_BATCH)
 
     labels, metrics = query_metrics(dataset, query_ids, scores, patch_maps,
                                     lambda batch: to_image_maps(batch, int(mask_size), sigma), mask_size, cache)

@@ -468,7 +468,7 @@ def run_image_episode(dataset, episode, method: str, method_params: dict | None 
     """
     import torch.nn.functional as F  # noqa: F811
 
-    from fewshot_core.evaluation.oneclass import episode_identity, query_metrics
+    from fewshot_core.evaluation.oneclass import episode_identity, query_metrics, score_in_batches
 
     if artifact_dir == "auto":  # trained weights live beside the feature store, so reruns reload them
         from fewshot_core.paths import default_work_dir
@@ -482,15 +482,9 @@ def run_image_episode(dataset, episode, method: str, method_params: dict | None 
     fit_s = time.perf_counter() - t0
 
     query_ids = list(episode.query_ids)
-    scores, maps, score_s = [], [], 0.0
-    for start in range(0, len(query_ids), score_batch):
-        batch = _episode_images(dataset, query_ids[start:start + score_batch], model.config.image_size, cache)
-        t0 = time.perf_counter()
-        s, m = model.score_images(batch)
-        score_s += time.perf_counter() - t0
-        scores.append(s)
-        maps.append(m)
-    scores, maps = np.concatenate(scores), np.concatenate(maps)
+    scores, maps, score_s = score_in_batches(
+        query_ids, lambda ids: _episode_images(dataset, ids, model.config.image_size, cache), model.score_images,
+        score_batch)
     def resize(batch: np.ndarray) -> np.ndarray:
         return F.interpolate(torch.from_numpy(batch)[:, None], size=(mask_size, mask_size), mode="bilinear",
                              align_corners=False)[:, 0].numpy()
