@@ -13,9 +13,11 @@ from fewshot_core.methods.caml import (
     CAMLConfig,
     MetaTrainConfig,
     load_artifact,
+    ARTIFACT_VERSION,
     load_published_checkpoint,
     meta_train,
     meta_train_or_load,
+    random_rotation,
 )
 from fewshot_core.methods.elmes import elmes
 
@@ -85,6 +87,73 @@ def test_binary_and_imbalanced_episodes(trained, pool):
     assert balanced_accuracy_score(yb[query], pred) > 0.6
 
 
+def _shared_direction_category(rng, direction, n_per=16, n_defects=3):
+    """Like ``_category`` but every defect type lies along ``direction`` from the good cluster (plus its
+    own offset), as the generated categories' defects share feature directions."""
+    base = rng.standard_normal(D) * 3
+    X, y = [], []
+    for name in ["good"] + [f"defect{i}" for i in range(n_defects)]:
+        mu = base if name == "good" else base + 2.0 * direction + 0.7 * rng.standard_normal(D)
+        X.append(mu + 0.3 * rng.standard_normal((n_per, D)))
+        y += [name] * n_per
+    return np.concatenate(X).astype(np.float32), np.array(y)
+
+
+def test_prediction_follows_the_support_on_a_category_with_new_defect_directions():
+    """Regression: meta-trained on categories whose defects all lie along one direction u, the model
+    must still classify a category whose defects lie along another direction v by comparing the query
+    with the labelled support, and its predictions must follow the support labels when these are
+    swapped. Without the random rotation of meta-training episodes the model learns "along u means
+    anomalous" (held-out balanced accuracy about 0.65 here, the inverted ranking seen on real bottle)."""
+    rng = np.random.default_rng(1)
+    u, v = np.eye(D)[0], np.eye(D)[1]
+    pool = {f"cat{i}": _shared_direction_category(rng, u) for i in range(1, 7)}
+    pool["new"] = _shared_direction_category(rng, v)
+    model = meta_train(pool, exclude="new", cfg=CFG, train=MetaTrainConfig(steps=150, time_budget_s=120, lr=3e-3))
+    from sklearn.metrics import balanced_accuracy_score
+
+    X, y = pool["new"]
+    yb = np.where(y == "good", "good", "anomalous")
+    baccs, follows = [], []
+    for seed in range(3):
+        r = np.random.default_rng(seed)  # 3 good shots + 1 per defect type, as the supervised protocol draws them
+        s = np.concatenate([r.choice(np.flatnonzero(y == c), 3 if c == "good" else 1, replace=False) for c in np.unique(y)])
+        q = np.setdiff1d(np.arange(len(y)), s)
+        pred = CAML(model).fit(X[s], yb[s]).predict(X[q])
+        swapped = CAML(model).fit(X[s], np.where(yb[s] == "good", "anomalous", "good")).predict(X[q])
+        baccs.append(balanced_accuracy_score(yb[q], pred))
+        follows.append((swapped != pred).mean())
+    print("new-direction category: balanced acc", np.round(baccs, 2), "follows swapped labels", np.round(follows, 2))
+    assert np.mean(baccs) > 0.8, baccs
+    assert np.mean(follows) > 0.75, follows
+
+
+def test_random_rotation_keeps_the_episode_geometry():
+    rng = np.random.default_rng(0)
+    s, q = rng.standard_normal((7, 40)), rng.standard_normal((5, 40))
+    rs, rq = random_rotation(np.random.default_rng(1), s, q)
+    both, rboth = np.concatenate([s, q]), np.concatenate([rs, rq])
+    np.testing.assert_allclose(rboth @ rboth.T, both @ both.T, atol=1e-4)  # all inner products kept
+    assert not np.allclose(rboth, both, atol=0.1)  # but the coordinates moved
+    rs2, _ = random_rotation(np.random.default_rng(2), s, q)
+    assert not np.allclose(rs2, rs, atol=0.1)  # a fresh orientation per draw
+
+
+def test_rotation_averaging_is_per_query_and_seeded(trained, pool):
+    """Test-time averaging over rotations: on by default for a model meta-trained on rotated episodes,
+    deterministic, and a query's probabilities do not depend on which other queries are scored with it."""
+    X, y = pool["cat0"]
+    s = np.concatenate([np.flatnonzero(y == c)[:2] for c in np.unique(y)])
+    q = np.setdiff1d(np.arange(len(y)), s)
+    est = CAML(trained).fit(X[s], y[s])
+    assert trained.train_info["rotated"] and est.rotations == 8
+    full = est.predict_proba(X[q])
+    np.testing.assert_allclose(full.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(est.predict_proba(X[q[::3]]), full[::3], atol=1e-6)
+    np.testing.assert_array_equal(CAML(trained).fit(X[s], y[s]).predict_proba(X[q]), full)
+    assert not np.allclose(CAML(trained, rotations=0).fit(X[s], y[s]).predict_proba(X[q]), full)
+
+
 def test_meta_training_never_reads_the_evaluated_category(pool, trained):
     """Same seed, evaluated category replaced by garbage (or dropped): bit-identical weights."""
     poisoned = dict(pool)
@@ -111,7 +180,7 @@ def test_artifact_saved_and_reloaded_instead_of_retraining(tmp_path, pool, monke
     first = meta_train_or_load(pool, "cat0", CFG, short, tmp_path, key_extra={"backbone": "x"})
     (folder,) = (tmp_path / "caml").iterdir()
     meta = json.loads((folder / "config.json").read_text())
-    assert meta["artifact_version"] == 1 and "cat0" not in meta["trained_on"]
+    assert meta["artifact_version"] == ARTIFACT_VERSION and "cat0" not in meta["trained_on"]
     import fewshot_core.methods.caml as caml_mod
 
     monkeypatch.setattr(caml_mod, "meta_train", lambda *a, **k: pytest.fail("retrained instead of reloading"))
@@ -153,6 +222,7 @@ def test_published_checkpoint_layout_loads_and_matches(tmp_path):
     path = tmp_path / "model.pth"
     torch.save(sd, path)
     model = load_published_checkpoint(path, num_heads=2)
+    assert CAML(model).rotations == 0  # raw CLIP coordinates: never rotated
     assert (model.cfg.feat_dim, model.cfg.num_ways, model.cfg.num_layers, model.cfg.mlp_dim) == (feat, ways, layers, mlp)
 
     # Reference forward written from their block definition.
