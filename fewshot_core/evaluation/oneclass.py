@@ -28,7 +28,7 @@ import numpy as np
 
 from fewshot_core.episodes import OneClassEpisode, sample_oneclass
 from fewshot_core.errors import FsadError
-from fewshot_core.methods import ONECLASS_METHODS, get_method
+from fewshot_core.methods import IMAGE_METHODS, ONECLASS_METHODS, get_method
 from fewshot_core.methods.anomaly_map import DEFAULT_SIGMA, to_image_maps
 from fewshot_core.methods.augment import AUGMENT_MODES, TRANSFORMS, augment_feature_maps, embed_augmented
 from fewshot_core.metrics import PixelAccumulator, image_metrics
@@ -126,7 +126,8 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     and ``query_ids`` back (for plots and saved banks without refitting).
     """
     if method not in ONECLASS_METHODS:
-        raise FsadError(f"method {method!r}: not a one-class method; use one of {', '.join(sorted(ONECLASS_METHODS))}")
+        choices = sorted(ONECLASS_METHODS) + sorted(IMAGE_METHODS)
+        raise FsadError(f"method {method!r}: not a one-class method; use one of {', '.join(choices)}")
     if augment not in AUGMENT_MODES:
         raise FsadError(f"augment {augment!r}: unknown; use one of {', '.join(AUGMENT_MODES)}")
     if int(mask_size) < 8:
@@ -200,6 +201,6 @@ def evaluate_oneclass(dataset, partition, method: str, shots, seeds, method_para
 
 def is_image_method(method: str) -> bool:
     """Methods trained on images (EfficientAD, GLASS, REB) rather than on cached patch features."""
-    from fewshot_core import methods
+    from fewshot_core import methods  # looked up at call time: the registry is a module attribute
 
-    return method in getattr(methods, "IMAGE_METHODS", {})
+    return method in methods.IMAGE_METHODS
