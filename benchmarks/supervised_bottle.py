@@ -14,7 +14,9 @@ Prints, per method and label mode, balanced accuracy / binary image AUROC (mean 
 The ResNet50 of the thesis has no offline weights here: every method uses the bundled ImageNet
 EfficientNet-Lite0 (global = pooled pre-logit features, 1280-d). CAML's sequence model cannot be
 meta-trained on other MVTec categories (only bottle is available offline): it is meta-trained on
-generated categories (fewshot_core.data.synth), never on bottle, which is a large domain gap.
+generated categories (fewshot_core.data.synth), never on bottle, which is a large domain gap; its
+episodes are randomly rotated so it cannot learn the generated defects' feature directions (see
+fewshot_core/methods/caml.py), and it averages over 8 rotations at test time.
 P>M>F fine-tunes the whole backbone per episode; on a shared 2-core CPU that costs minutes per
 episode, so it runs a reduced setting by default, or on a GPU from an exported bundle:
 
@@ -199,7 +201,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads (more than 1 thrashes a busy CPU)")
     ap.add_argument("--methods", nargs="+", default=[m for m in ALL_METHODS if m != "pmf"], choices=ALL_METHODS)
     ap.add_argument("--synth-categories", type=int, default=8)
-    ap.add_argument("--caml-steps", type=int, default=600)
+    ap.add_argument("--caml-steps", type=int, default=1200)
     ap.add_argument("--caml-episodes", type=int, default=4, help="episodes per meta-training step")
     ap.add_argument("--caml-budget", type=float, default=900.0)
     ap.add_argument("--pmf-seeds", type=int, default=5)

@@ -154,6 +154,21 @@ def test_rotation_averaging_is_per_query_and_seeded(trained, pool):
     assert not np.allclose(CAML(trained, rotations=0).fit(X[s], y[s]).predict_proba(X[q]), full)
 
 
+def test_support_is_balanced_like_the_meta_training_episodes(trained, pool):
+    """Meta-trained on equal-shot episodes, the model gets test supports with every class repeated up to
+    the largest class's count (1 good : 15 bad on bottle otherwise made it answer the minority class)."""
+    X, y = pool["cat0"]
+    yb = np.where(y == "good", "good", "anomalous")
+    s = np.concatenate([np.flatnonzero(yb == "good")[:1], np.flatnonzero(yb != "good")[:5]])
+    est = CAML(trained).fit(X[s], yb[s])
+    assert trained.train_info["balanced_shots"] and est.balance_support
+    assert np.bincount(est.support_labels_).tolist() == [5, 5]
+    good = list(est.classes_).index("good")
+    np.testing.assert_array_equal(est.support_[est.support_labels_ == good], np.repeat(X[s[:1]], 5, axis=0))
+    plain = CAML(trained, balance_support=False).fit(X[s], yb[s])
+    assert np.bincount(plain.support_labels_).tolist() == [5, 1]
+
+
 def test_meta_training_never_reads_the_evaluated_category(pool, trained):
     """Same seed, evaluated category replaced by garbage (or dropped): bit-identical weights."""
     poisoned = dict(pool)
@@ -222,7 +237,7 @@ def test_published_checkpoint_layout_loads_and_matches(tmp_path):
     path = tmp_path / "model.pth"
     torch.save(sd, path)
     model = load_published_checkpoint(path, num_heads=2)
-    assert CAML(model).rotations == 0  # raw CLIP coordinates: never rotated
+    assert CAML(model).rotations == 0 and not CAML(model).balance_support  # published: as the authors run it
     assert (model.cfg.feat_dim, model.cfg.num_ways, model.cfg.num_layers, model.cfg.mlp_dim) == (feat, ways, layers, mlp)
 
     # Reference forward written from their block definition.
