@@ -165,6 +165,12 @@ def test_support_is_balanced_like_the_meta_training_episodes(trained, pool):
     assert np.bincount(est.support_labels_).tolist() == [5, 5]
     good = list(est.classes_).index("good")
     np.testing.assert_array_equal(est.support_[est.support_labels_ == good], np.repeat(X[s[:1]], 5, axis=0))
+    s3 = np.concatenate([np.flatnonzero(yb == "good")[:7], np.flatnonzero(yb != "good")[:3]])  # 7 : 3 -> 7 : 9
+    a = CAML(trained).fit(X[s3], yb[s3])
+    assert sorted(np.bincount(a.support_labels_).tolist()) == [7, 9]
+    perm = np.random.default_rng(0).permutation(len(s3))  # support order does not matter
+    np.testing.assert_allclose(CAML(trained).fit(X[s3[perm]], yb[s3[perm]]).predict_proba(X[:20]),
+                               a.predict_proba(X[:20]), atol=1e-5)
     plain = CAML(trained, balance_support=False).fit(X[s], yb[s])
     assert np.bincount(plain.support_labels_).tolist() == [5, 1]
 

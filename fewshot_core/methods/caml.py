@@ -198,8 +198,8 @@ class CAML:
     0.68 -> 0.91 with 8). ``None``: 8 for such a model, 0 otherwise (the published checkpoint reads
     raw CLIP coordinates and must not be rotated).
 
-    ``balance_support``: repeat the shots of the smaller classes (cyclically) up to the largest class's
-    count, so that every class has the same weight in attention, as in the balanced episodes the model
+    ``balance_support``: repeat every shot of a smaller class ceil(largest / its count) times, so that the
+    classes weigh (about) the same in attention, as in the balanced episodes the model
     was meta-trained on (``MetaTrainConfig.balanced_shots``). ``None``: on for such a model.
     """
 
@@ -231,8 +231,11 @@ class CAML:
             )
         labels = np.searchsorted(self.classes_, y)
         if self.balance_support:
-            most = np.bincount(labels).max()
-            idx = np.concatenate([np.resize(np.flatnonzero(labels == c), most) for c in range(len(self.classes_))])
+            # Every shot of a class repeated the same number of times (not cyclically up to an exact
+            # count): the prediction stays independent of the order of the support.
+            counts = np.bincount(labels)
+            idx = np.concatenate([np.repeat(np.flatnonzero(labels == c), -(-counts.max() // n))
+                                  for c, n in enumerate(counts)])
             X, labels = X[idx], labels[idx]
         self.support_ = X
         self.support_labels_ = labels
