@@ -50,6 +50,9 @@ DEFAULT_METHODS = (
     {"id": "ldknn", "method": "ldknn"},
     {"id": "protonet-euclidean", "method": "protonet", "params": {"distance": "euclidean"}},
     {"id": "protonet-cosine", "method": "protonet", "params": {"distance": "cosine"}},
+    # PatchCore on the good shots of the same supervised binary episodes: few-shot learning and the
+    # one-class anomaly detector side by side in one table (the thesis's first research question)
+    {"id": "patchcore-supervised", "method": "patchcore", "protocol": "supervised"},
 )
 
 
@@ -161,8 +164,8 @@ class SweepConfig:
         if self.methods is not None:
             return list(self.methods)
         known = known_methods()
-        return [MethodSpec(m["id"], m["method"], dict(m.get("params", {}))) for m in DEFAULT_METHODS
-                if m["method"] in known]
+        return [MethodSpec(m["id"], m["method"], dict(m.get("params", {})), m.get("protocol"))
+                for m in DEFAULT_METHODS if m["method"] in known]
 
     def resolved_work_dir(self) -> Path:
         if self.work_dir:

@@ -381,3 +381,14 @@ def test_own_image_level_layout_runs_through_the_pipeline(tmp_path, monkeypatch)
     housing = rows[rows["category"] == "housing"]
     assert len(housing) >= 1 and housing["image_auroc"].between(0, 1).all()
     assert "aupro" not in housing.columns or housing["aupro"].isna().all()
+
+
+def test_default_sweep_puts_few_shot_learning_and_patchcore_in_one_supervised_table(monkeypatch):
+    """Thesis RQ1 (is few-shot learning fit for anomaly detection vs PatchCore?) needs both families on the
+    same supervised binary episodes in the embedded default sweep."""
+    from pipelines.config import SUPERVISED, load_config
+
+    monkeypatch.delenv("FSAD_SWEEP_CONFIG", raising=False)
+    specs = load_config(None).method_specs()
+    supervised = {s.method for s in specs if s.protocol == SUPERVISED}
+    assert {"protonet", "patchcore"} <= supervised
