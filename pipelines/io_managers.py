@@ -8,25 +8,13 @@ from a partial sweep.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from fewshot_core.atomic import atomic_write
 
 
 class _PartitionedFiles(dg.ConfigurableIOManager):
@@ -87,7 +75,7 @@ class ParquetIOManager(_PartitionedFiles):
     def _write(self, path: Path, obj: pd.DataFrame) -> dict:
         if not isinstance(obj, pd.DataFrame):
             raise TypeError(f"ParquetIOManager stores pandas DataFrames, got {type(obj).__name__}")
-        _atomic(path, lambda tmp: obj.to_parquet(tmp, index=False))
+        atomic_write(path, lambda tmp: obj.to_parquet(tmp, index=False))
         return {"path": dg.MetadataValue.path(str(path)), "dagster/row_count": len(obj)}
 
     def _read(self, path: Path) -> pd.DataFrame:
@@ -113,7 +101,7 @@ class ArrayStoreIOManager(_PartitionedFiles):
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, **arrays)
 
-        _atomic(path, write)
+        atomic_write(path, write)
         return {"path": dg.MetadataValue.path(str(path)),
                 "arrays": ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())}
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 
+from fewshot_core.atomic import atomic_write
 from fewshot_core.data.imageio import image_size
 from fewshot_core.data.mvtec import Dataset
 from fewshot_core.errors import FsadError
@@ -40,17 +40,7 @@ def build_manifest(datasets: Dataset | list[Dataset]) -> pd.DataFrame:
 
 def write_manifest(df: pd.DataFrame, out_path: Path) -> Path:
     """Write atomically: a temporary sibling, then ``os.replace`` (readers never see half a file)."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False, engine="pyarrow")
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_path
+    return atomic_write(out_path, lambda tmp: df.to_parquet(tmp, index=False, engine="pyarrow"))
 
 
 def read_manifest(path: Path) -> pd.DataFrame:

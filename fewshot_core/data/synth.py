@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fewshot_core.atomic import atomic_write_text
 from fewshot_core.errors import FsadError
 
 GENERATOR_VERSION = 1
@@ -444,13 +445,6 @@ inspection accuracy: benchmark on MVTec AD (`fsad data download ROOT`) or your o
 """
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def generate(
     root,
     categories: int = 2,
@@ -507,12 +501,12 @@ def generate(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         record[name] = params
-        _atomic_write_text(record_path, json.dumps({"categories": record}, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(record_path, json.dumps({"categories": record}, indent=2, sort_keys=True) + "\n")
         names.append(name)
 
     summary = f"categories={categories}, seed={seed}, size={size}, n_train={n_train}, " \
               f"n_test_good={n_test_good}, n_test_per_defect={n_test_per_defect}"
     readme = README.format(version=GENERATOR_VERSION, params=summary)
     if not (root / "README.txt").is_file() or (root / "README.txt").read_text() != readme:
-        _atomic_write_text(root / "README.txt", readme)
+        atomic_write_text(root / "README.txt", readme)
     return names

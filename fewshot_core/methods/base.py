@@ -12,14 +12,13 @@ A one-class method is fitted on the patch features of good support images and sc
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fewshot_core.atomic import atomic_write
 from fewshot_core.errors import FsadError
 
 
@@ -75,18 +74,10 @@ class OneClassMethod:
     def save(self, path) -> Path:
         """Write the fitted state and the parameters to ``path`` (.npz), atomically."""
         self._check_fitted()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = json.dumps({"method": self.name, "params": self.get_params()})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, __header__=np.array(header), **self._state())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        # suffix .npz: np.savez appends it to any other name, and the rename would miss the file
+        return atomic_write(path, lambda tmp: np.savez(tmp, __header__=np.array(header), **self._state()),
+                            suffix=".npz")
 
     @classmethod
     def load(cls, path) -> OneClassMethod:

@@ -15,7 +15,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fewshot_core.atomic import atomic_write_bytes
 from fewshot_core.errors import FsadError
 
 # Bump when the artifact layout changes; old artifacts are then retrained instead of misread.
@@ -232,19 +232,6 @@ def config_hash(payload: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 @dataclass(frozen=True)
 class ArtifactStore:
     """``<root>/<method>/<key>/{model.pt, meta.json}``; ``key`` is ``config_hash`` of everything that shaped training.
@@ -278,7 +265,7 @@ class ArtifactStore:
         d = self.dir_for(method, key)
         buf = io.BytesIO()
         torch.save(state, buf)
-        _atomic_write_bytes(d / "model.pt", buf.getvalue())
+        atomic_write_bytes(d / "model.pt", buf.getvalue())
         full_meta = {
             "format": ARTIFACT_FORMAT,
             "method": method,
@@ -287,7 +274,7 @@ class ArtifactStore:
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **_jsonable(meta),
         }
-        _atomic_write_bytes(d / "meta.json", json.dumps(full_meta, indent=2, sort_keys=True).encode())
+        atomic_write_bytes(d / "meta.json", json.dumps(full_meta, indent=2, sort_keys=True).encode())
         return d
 
 

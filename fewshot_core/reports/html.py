@@ -9,14 +9,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from fewshot_core.atomic import atomic_write_text
 from fewshot_core.reports import plots
 from fewshot_core.reports.aggregate import format_ci, metric_columns
 
@@ -202,11 +201,4 @@ def render_report(rows: pd.DataFrame, agg: pd.DataFrame, gallery: list[dict] | N
 
 def write_report(path: Path, text: str) -> Path:
     """Atomic write: temporary sibling, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text, mode=0o644)  # a report is meant to be shared (mkstemp makes 0600)
