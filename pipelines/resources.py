@@ -24,7 +24,7 @@ class DeviceResource(dg.ConfigurableResource):
             torch.set_num_threads(self.torch_threads)
 
     def resolve(self) -> str:
-        from fewshot_core.backbones.models import resolve_device
+        from fewshot_core.device import resolve_device
 
         return str(resolve_device(self.device))
 

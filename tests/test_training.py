@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fewshot_core.device import resolve_device
 from fewshot_core.errors import FsadError
 from fewshot_core.methods.training import (
     ArtifactStore,
@@ -20,7 +21,6 @@ from fewshot_core.methods.training import (
     gaussian_blur,
     images_fingerprint,
     load_images,
-    select_device,
 )
 
 
@@ -88,9 +88,9 @@ def test_gaussian_blur_keeps_constants_and_mass():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
 def test_explicit_cuda_without_gpu_is_user_error():
-    assert select_device(None).type == "cpu"
+    assert resolve_device(None).type == "cpu"
     with pytest.raises(FsadError):
-        select_device("cuda")
+        resolve_device("cuda")
 
 
 def test_artifact_store_roundtrip_and_corruption(tmp_path):

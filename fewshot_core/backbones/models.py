@@ -6,21 +6,10 @@ import torch
 from torch import nn
 
 from fewshot_core.backbones.weights import RANDOM_SEED, WeightsInfo, load_weights, resolve_weights
+from fewshot_core.device import resolve_device
 from fewshot_core.errors import FsadError
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise FsadError(f"--device {device}: not a torch device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FsadError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return device
 
 
 def _size_kwargs(name: str) -> dict:

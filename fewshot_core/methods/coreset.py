@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fewshot_core.device import resolve_device
+
 
 def coreset_size(n: int, ratio: float, min_keep: int) -> int:
     """How many of ``n`` patches to keep: ``int(n * ratio)``, but never fewer than ``min(n, min_keep)``.
@@ -24,19 +26,13 @@ def coreset_size(n: int, ratio: float, min_keep: int) -> int:
     return min(n, max(int(n * ratio), min_keep))
 
 
-def _device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def approximate_greedy_coreset(features: np.ndarray, n_select: int, proj_dim: int = 128, n_starts: int = 10,
                                seed: int = 0, device=None, chunk: int = 65536) -> np.ndarray:
     """Indices (int64, selection order) of ``n_select`` rows of ``features`` [N, d] chosen greedily."""
     n, d = features.shape
     if n_select >= n:
         return np.arange(n, dtype=np.int64)
-    dev = _device(device)
+    dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     with torch.no_grad():

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fewshot_core.atomic import atomic_write_bytes
+from fewshot_core.device import resolve_device
 from fewshot_core.errors import FsadError
 
 # Bump when the artifact layout changes; old artifacts are then retrained instead of misread.
@@ -42,16 +43,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def select_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/"auto": CUDA when present, else CPU. An explicit device that is absent is a user error."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FsadError(f"device={device}: CUDA is not available on this machine; use device=auto or cpu")
-    return dev
 
 
 def autocast(device: torch.device, enabled: bool = True):
@@ -324,7 +315,7 @@ class TrainedDetector:
     def __init__(self, config, artifact_dir: str | os.PathLike | None = None):
         self.config = config
         self.store = ArtifactStore(Path(artifact_dir)) if artifact_dir else None
-        self.device = select_device(getattr(config, "device", None))
+        self.device = resolve_device(getattr(config, "device", None))
         self.train_summary: dict = {}
         self.meta: dict = {}
         self.loaded_from_artifact = False
