@@ -6,7 +6,6 @@ Random weights are never a fallback; they are used only for ``weights="random"``
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import sys
@@ -22,6 +21,7 @@ from fewshot_core.backbones.lite_weights import (
     is_efficientnet_pytorch_state_dict,
     to_timm_state_dict,
 )
+from fewshot_core import checksums
 from fewshot_core.errors import FsadError
 
 RANDOM_SEED = 0  # random init is seeded so "random" features are reproducible and cacheable
@@ -46,12 +46,8 @@ def sha256_file(path: str | Path) -> str:
 
 
 @lru_cache(maxsize=32)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:  # size/mtime in the key: a changed file re-hashes
+    return checksums.sha256_file(path)
 
 
 def _offline() -> bool:

@@ -9,7 +9,6 @@ is used instead when given, e.g. for an internal mirror with its own checksums.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import shutil
@@ -22,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from fewshot_core.checksums import sha256_file
 from fewshot_core.errors import FsadError
 
 MVTEC_CATEGORIES = (
@@ -150,14 +150,6 @@ def _check_existing(root: Path, categories: Sequence[str]) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Transfer
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch(
