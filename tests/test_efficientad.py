@@ -9,7 +9,9 @@ from sklearn.metrics import roc_auc_score
 
 from fewshot_core.data.synth import KINDS, render_sample
 from fewshot_core.errors import FsadError
+from fewshot_core.methods import efficientad
 from fewshot_core.methods.efficientad import AutoEncoder, EfficientAD, pdn_output_size, pdn_small
+from fewshot_core.methods.generic_images import GenericImages
 
 SIZE = 64
 
@@ -53,7 +55,7 @@ def test_short_training_lowers_loss_and_separates():
     s = m.train_summary
     assert s["loss_last"] < s["loss_first"]
     assert s["teacher"]["teacher_loss_last"] < s["teacher"]["teacher_loss_first"]
-    assert s["teacher"]["source"] == "distilled" and m.meta["teacher_source"] == "distilled"
+    assert s["teacher"]["source"] == "distilled:generic" and m.meta["teacher_source"] == "distilled:generic"
     scores, maps = m.score_images(good + bad)
     assert maps.shape == (8, SIZE, SIZE) and np.isfinite(maps).all()
     assert roc_auc_score([0] * 4 + [1] * 4, scores) > 0.6
@@ -85,9 +87,42 @@ def test_deterministic_reload_and_published_teacher(tmp_path):
 
 
 def test_time_budget_stops_training():
-    m = EfficientAD(**_tiny(steps=10_000, teacher_steps=10_000, time_budget_s=3)).fit_images(_renders("t", 2), seed=0)
+    m = EfficientAD(**_tiny(steps=10_000, teacher_steps=10_000, time_budget_s=3, teacher="support")).fit_images(
+        _renders("t", 2), seed=0)
     assert m.train_summary["stopped_by"] == "time"
     assert m.train_summary["teacher"]["teacher_stopped_by"] == "time"
+
+
+def test_generic_teacher_is_shared_cached_and_never_sees_the_support(tmp_path):
+    """One teacher per configuration, distilled on generic pictures only (the paper's ImageNet teacher)."""
+    efficientad._TEACHERS.clear()
+    a = EfficientAD(**_tiny(teacher_steps=4), artifact_dir=tmp_path).fit_images(_renders("a", 2), seed=0)
+    assert a.train_summary["teacher"]["source"] == "distilled:generic"
+    assert "scikit-image" in a.train_summary["teacher"]["images"]
+    assert (tmp_path / "efficientad-teacher").is_dir()
+    # other support images, other seed, nothing in memory: the same teacher comes back from the store
+    efficientad._TEACHERS.clear()
+    b = EfficientAD(**_tiny(teacher_steps=4), artifact_dir=tmp_path).fit_images(_renders("b", 3), seed=5)
+    for pa, pb in zip(a.teacher.parameters(), b.teacher.parameters()):
+        assert torch.equal(pa, pb)
+    # cached or freshly distilled, the episode's own random draws (student init, batches) are the same
+    efficientad._TEACHERS.clear()
+    c = EfficientAD(**_tiny(teacher_steps=4)).fit_images(_renders("b", 3), seed=5)
+    np.testing.assert_allclose(c.score_images(_renders("q", 2))[0], b.score_images(_renders("q", 2))[0], rtol=1e-5)
+
+
+def test_generic_images_are_deterministic_and_check_their_folder(tmp_path):
+    g = GenericImages()
+    a, b = g.batch(6, 48, np.random.default_rng(3)), g.batch(6, 48, np.random.default_rng(3))
+    assert a.shape == (6, 3, 48, 48) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert 0 <= a.min() and a.max() <= 1 and len({im.numpy().tobytes() for im in a}) == 6  # varied crops
+    with pytest.raises(FsadError, match="not found"):
+        GenericImages(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FsadError, match="no images"):
+        GenericImages(tmp_path / "empty")
+    with pytest.raises(FsadError, match="teacher"):
+        EfficientAD(teacher="imagenet")
 
 
 def test_bad_image_size():

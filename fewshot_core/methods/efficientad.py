@@ -1,13 +1,17 @@
 """EfficientAD-S (Batzner et al., WACV 2024): PDN teacher, student and autoencoder.
 
 * Teacher: the small patch description network (PDN). Loaded from a published ``teacher_small.pth``
-  when ``teacher_path`` is given; offline it is distilled here from the default pretrained backbone's
-  patch features (PatchCore-style, ``out_channels`` wide) on the available good images, and the
-  artifact records which.
+  when ``teacher_path`` is given. Offline (``teacher="generic"``, the default) it is distilled here
+  from the default pretrained backbone's patch features (PatchCore-style, ``out_channels`` wide) on
+  generic images (``generic_images``: an ImageNet/DTD folder when given, else scikit-image's pictures
+  and generated textures), like the paper's ImageNet distillation: once per configuration, cached as
+  its own artifact and shared by every category and episode; it never sees MVTec images.
+  ``teacher="support"`` distils on the support images instead (a teacher that only knows normal
+  images extrapolates on defects the way the student does, so it detects less; kept for comparison).
 * Student: a PDN with twice the channels; the first half mimics the teacher with the hard-feature loss
   (mean of the squared differences above their 0.999 quantile), the second half mimics the autoencoder.
-  The paper's ImageNet penalty (student output on natural images pushed to zero) uses generated
-  textures here, as no ImageNet is available offline (``penalty="textures"``, or "none").
+  The paper's ImageNet penalty (student output on natural images pushed to zero) draws from the same
+  generic images (``penalty="generic"``, or "none").
 * Autoencoder: reconstructs the teacher's output from a 1×1 bottleneck; its difference to the student's
   second half is the logical (global) map.
 * Maps are normalised with the 0.9 / 0.995 quantiles measured on held-out good images (10% of the
@@ -16,6 +20,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,16 +29,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_core.errors import FsadError
-from fewshot_core.methods.perlin import make_texture
+from fewshot_core.methods.generic_images import GenericImages
 from fewshot_core.methods.training import (
     TrainedDetector,
     TrainLoop,
     autocast,
     backbone_extractor,
+    config_hash,
     cpu_state,
-    patch_embed,
     normalize,
+    patch_embed,
 )
+
+# Generic teachers distilled in this process: key -> (state, meta); the artifact store keeps them across runs.
+_TEACHERS: dict[str, tuple[dict, dict]] = {}
 
 # PDN inputs use ImageNet statistics (as the published teacher was trained).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,25 +101,35 @@ class EfficientADConfig:
     weight_decay: float = 1e-5
     out_channels: int = 384
     hard_quantile: float = 0.999
-    penalty: str = "textures"  # stand-in for the ImageNet penalty images; "none" to skip
+    penalty: str = "generic"  # paper: ImageNet images; here generic images (see module doc), or "none"
     teacher_path: str | None = None  # published teacher_small.pth (ImageNet-normalised inputs)
-    teacher_steps: int = 200  # offline distillation steps when no teacher_path
+    teacher: str = "generic"  # offline distillation data when no teacher_path: "generic" | "support"
+    generic_dir: str | None = None  # ImageNet/DTD folder for the teacher and penalty; None: bundled pictures
+    teacher_steps: int = 1500  # offline distillation steps (paper: 60 000 on ImageNet)
+    teacher_batch: int = 8
     teacher_lr: float = 1e-3
     backbone: str = "tf_efficientnet_lite0"  # distillation target
     backbone_layers: tuple[int, ...] | None = None  # None: the feature store default (stride 8 + 16)
     backbone_weights: str = "auto"
     val_fraction: float = 0.1  # held-out good images for the map quantiles
-    time_budget_s: float | None = 540.0  # shared by distillation + training
+    time_budget_s: float | None = 540.0  # training (+ distillation with teacher="support")
+    teacher_time_budget_s: float | None = 900.0  # the one-off generic distillation
     device: str | None = None
     amp: bool = True
     progress: bool = True
     threads: int | None = None
     score_batch: int = 8
 
+    def __post_init__(self):
+        if self.teacher not in ("generic", "support"):
+            raise FsadError(f"efficientad teacher={self.teacher!r}: use 'generic' or 'support' (or teacher_path)")
+        if self.penalty not in ("generic", "none"):
+            raise FsadError(f"efficientad penalty={self.penalty!r}: use 'generic' or 'none'")
+
 
 class EfficientAD(TrainedDetector):
     name = "efficientad"
-    version = 1
+    version = 2  # 2: generic-image teacher and penalty
 
     def __init__(self, config: EfficientADConfig | None = None, artifact_dir=None, **overrides):
         config = config or EfficientADConfig(**overrides)
@@ -118,7 +137,7 @@ class EfficientAD(TrainedDetector):
         c = config
         self.out_size = pdn_output_size(c.image_size)
         self._build()
-        self.teacher_source = "published:" + str(c.teacher_path) if c.teacher_path else "distilled"
+        self.teacher_source = "published:" + str(c.teacher_path) if c.teacher_path else f"distilled:{c.teacher}"
 
     def _build(self) -> None:
         """Fresh networks (called again after seeding, so the initial weights follow the seed)."""
@@ -148,27 +167,19 @@ class EfficientAD(TrainedDetector):
             raise FsadError(f"{path}: not an EfficientAD-S teacher with {self.config.out_channels} channels "
                             f"({str(exc).splitlines()[0]}); use teacher_small.pth") from exc
 
-    def _distill_teacher(self, x: torch.Tensor, gen: torch.Generator, loop: TrainLoop) -> dict:
-        """Train the PDN to regress backbone patch features (the paper distils WideResNet-101 on ImageNet)."""
+    def _distill_teacher(self, draw, loop: TrainLoop) -> dict:
+        """Train the PDN to regress backbone patch features (the paper distils WideResNet-101 on ImageNet).
+
+        ``draw(extractor, info)`` returns a callable giving one batch (images, standardised targets).
+        """
         c = self.config
         extractor, info = backbone_extractor(c.backbone, c.backbone_layers, c.backbone_weights, self.device)
         extractor = extractor.to(self.device).eval()
-
-        with torch.no_grad():  # targets once per image; augmentations move image and target together
-            tg = []
-            for i in range(0, len(x), 8):
-                feats = extractor(normalize(x[i:i + 8], info["mean"], info["std"]))
-                emb = patch_embed(feats, out_dim=c.out_channels)
-                tg.append(F.interpolate(emb, size=(self.out_size, self.out_size), mode="bilinear",
-                                        align_corners=False))
-            tg = torch.cat(tg)
-            # channel standardisation, so every channel weighs the same in the regression
-            tg = (tg - tg.mean(dim=(0, 2, 3), keepdim=True)) / (tg.std(dim=(0, 2, 3), keepdim=True) + 1e-6)
+        next_batch = draw(extractor, info)
         opt = torch.optim.Adam(self.teacher.parameters(), lr=c.teacher_lr, weight_decay=c.weight_decay)
         self.teacher.train()
         for _ in loop:
-            idx = torch.randint(len(x), (max(4, c.batch_size),), generator=gen)
-            batch, tgt = _augment_geometry(x[idx], tg[idx], gen)
+            batch, tgt = next_batch()
             with autocast(self.device, c.amp):
                 out = self.teacher(normalize(batch, IMAGENET_MEAN, IMAGENET_STD))
             loss = F.mse_loss(out.float(), tgt)
@@ -177,8 +188,85 @@ class EfficientAD(TrainedDetector):
             opt.step()
             loop.log(loss=loss.item())
         del extractor
-        return {"source": "distilled", "backbone": info["name"], "layers": info["layers"],
-                "weights": info["weights"], **{f"teacher_{k}": v for k, v in loop.summary().items()}}
+        return {"backbone": info["name"], "layers": info["layers"], "weights": info["weights"],
+                **{f"teacher_{k}": v for k, v in loop.summary().items()}}
+
+    @torch.no_grad()
+    def _targets(self, extractor, info, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        out = []
+        for i in range(0, len(x), 8):
+            with autocast(self.device, c.amp):
+                feats = extractor(normalize(x[i:i + 8], info["mean"], info["std"]))
+            emb = patch_embed([f.float() for f in feats], out_dim=c.out_channels)
+            out.append(F.interpolate(emb, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False))
+        return torch.cat(out)
+
+    def _support_batches(self, x: torch.Tensor, gen: torch.Generator):
+        """Distillation data = the support: targets once per image; augmentations move image and target together."""
+        def draw(extractor, info):
+            tg = self._targets(extractor, info, x)
+            # channel standardisation, so every channel weighs the same in the regression
+            tg = (tg - tg.mean(dim=(0, 2, 3), keepdim=True)) / (tg.std(dim=(0, 2, 3), keepdim=True) + 1e-6)
+
+            def next_batch():
+                idx = torch.randint(len(x), (max(4, self.config.batch_size),), generator=gen)
+                return _augment_geometry(x[idx], tg[idx], gen)
+            return next_batch
+        return draw
+
+    def _generic_batches(self, source: GenericImages, rng: np.random.Generator):
+        """Distillation data = fresh generic crops every step, targets computed on the fly."""
+        c = self.config
+
+        def draw(extractor, info):
+            probe = self._targets(extractor, info, source.batch(64, c.image_size, rng, self.device))
+            mean, std = probe.mean(dim=(0, 2, 3), keepdim=True), probe.std(dim=(0, 2, 3), keepdim=True) + 1e-6
+
+            def next_batch():
+                x = source.batch(c.teacher_batch, c.image_size, rng, self.device)
+                return x, (self._targets(extractor, info, x) - mean) / std
+            return next_batch
+        return draw
+
+    def prepare_teacher(self) -> dict:
+        """Distil (or load) the generic teacher now, e.g. once before starting parallel fits of a sweep."""
+        if self.config.teacher_path or self.config.teacher != "generic":
+            raise FsadError("efficientad prepare_teacher: only the generic teacher is shared; unset teacher_path")
+        return self._generic_teacher()
+
+    def _generic_teacher(self) -> dict:
+        """The category-agnostic teacher: loaded from memory or the artifact store, else distilled once.
+
+        Its own seed (0) and a forked RNG: whether it was cached or trained must not change the episode's
+        random draws that follow.
+        """
+        c = self.config
+        spec = {"kind": "efficientad-teacher", "version": 1, "image_size": c.image_size,
+                "out_channels": c.out_channels, "steps": c.teacher_steps, "batch": c.teacher_batch,
+                "lr": c.teacher_lr, "weight_decay": c.weight_decay, "backbone": c.backbone,
+                "layers": list(c.backbone_layers) if c.backbone_layers else None,
+                "weights": c.backbone_weights, "generic_dir": c.generic_dir}
+        key = config_hash(spec)
+        hit = _TEACHERS.get(key)
+        if hit is None and self.store is not None:
+            hit = self.store.load("efficientad-teacher", key, map_location="cpu")
+        if hit is None:
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(0)
+                self.teacher = pdn_small(c.out_channels).to(self.device)
+                source = GenericImages(c.generic_dir)
+                loop = TrainLoop(c.teacher_steps, c.teacher_time_budget_s, desc="efficientad:generic-teacher",
+                                 progress=c.progress)
+                meta = {"source": "distilled:generic", "images": source.description, "key": key,
+                        **self._distill_teacher(self._generic_batches(source, np.random.default_rng(0)), loop)}
+            hit = (cpu_state(self.teacher), meta)
+            if self.store is not None:
+                self.store.save("efficientad-teacher", key, hit[0], hit[1])
+        _TEACHERS[key] = hit
+        self.teacher.load_state_dict(hit[0])
+        return dict(hit[1])
 
     # ------------------------------------------------------------------ training
     def _forward_parts(self, x):
@@ -190,20 +278,22 @@ class EfficientAD(TrainedDetector):
         c = self.config
         self._build()
         info: dict = {}
-        n_val = int(round(len(x) * c.val_fraction)) if len(x) >= 10 else 0
+        n_val = round(len(x) * c.val_fraction) if len(x) >= 10 else 0
         perm = torch.randperm(len(x), generator=gen)
         x_val, x_train = x[perm[:n_val]], x[perm[n_val:]]
         rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
 
-        import time as _time
-        t0 = _time.perf_counter()
+        t0 = time.perf_counter()
         if c.teacher_path:
             self._load_teacher()
             info["teacher"] = {"source": "published", "path": str(c.teacher_path)}
+        elif c.teacher == "generic":
+            info["teacher"] = self._generic_teacher()
+            t0 = time.perf_counter()  # the shared one-off distillation is not this fit's training time
         else:
             tloop = TrainLoop(c.teacher_steps, c.time_budget_s and c.time_budget_s / 3, desc="efficientad:teacher",
                               progress=c.progress)
-            info["teacher"] = self._distill_teacher(x_train, gen, tloop)
+            info["teacher"] = {"source": "distilled:support", **self._distill_teacher(self._support_batches(x_train, gen), tloop)}
         self.teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -215,12 +305,13 @@ class EfficientAD(TrainedDetector):
             self.register["t_std"] = outs.std(dim=(0, 2, 3), keepdim=True) + 1e-6
         self.register = {k: v.to(self.device) for k, v in self.register.items()}
 
-        remaining = None if c.time_budget_s is None else max(1.0, c.time_budget_s - (_time.perf_counter() - t0))
+        remaining = None if c.time_budget_s is None else max(1.0, c.time_budget_s - (time.perf_counter() - t0))
         loop = TrainLoop(c.steps, remaining, desc="efficientad", progress=c.progress)
         params = list(self.student.parameters()) + list(self.ae.parameters())
         opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(0.95 * c.steps)), gamma=0.1)
         C = c.out_channels
+        penalty_images = GenericImages(c.generic_dir) if c.penalty == "generic" else None
         self.student.train()
         self.ae.train()
         for _ in loop:
@@ -236,9 +327,9 @@ class EfficientAD(TrainedDetector):
                 d_hard = torch.quantile(dist.flatten()[: 2**24], c.hard_quantile)
                 loss_hard = dist[dist >= d_hard].mean()
                 loss_pen = torch.zeros((), device=self.device)
-                if c.penalty == "textures":
-                    tex = torch.from_numpy(make_texture(c.image_size, rng)).permute(2, 0, 1)[None].float() / 255
-                    s_pen = self.student(normalize(tex.to(self.device), IMAGENET_MEAN, IMAGENET_STD))
+                if penalty_images is not None:
+                    pen = penalty_images.batch(c.batch_size, c.image_size, rng, self.device)
+                    s_pen = self.student(normalize(pen, IMAGENET_MEAN, IMAGENET_STD))
                     loss_pen = (s_pen[:, :C].float() ** 2).mean()
                 ae_out = self.ae(xa).float()
                 s_ae = self.student(xa)[:, C:].float()
