@@ -36,17 +36,19 @@ from fewshot_core.paths import default_work_dir, shared_mvtec_root  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
-# Per-method budgets. "cpu" = the class defaults (CPU-sized); "gpu" = longer runs at 256 px that still
-# keep the whole table (27 fits) within minutes on one modern GPU; "quick" = a smoke run.
+# Per-method budgets. "cpu" = the class defaults (CPU-sized); "gpu" = longer runs at 256 px, each fit
+# capped in time so the table (27 fits, run as parallel processes per method and shot count) fits in
+# minutes on one modern GPU; "quick" = a smoke run.
 PRESETS = {
     "cpu": {"efficientad": {}, "glass": {}, "reb": {}},
     "gpu": {
-        "efficientad": {"image_size": 256, "steps": 2000, "teacher_steps": 800, "lr": 5e-4, "batch_size": 4},
-        "glass": {"image_size": 256, "steps": 600, "batch_size": 8},
-        "reb": {"image_size": 256, "steps": 120, "batch_size": 32, "lr": 0.01},
+        "efficientad": {"image_size": 256, "steps": 12000, "batch_size": 4, "lr": 2e-4, "time_budget_s": 90,
+                        "teacher_steps": 10000, "teacher_batch": 16, "teacher_time_budget_s": 120},
+        "glass": {"image_size": 256, "steps": 3000, "batch_size": 8, "time_budget_s": 100},
+        "reb": {"image_size": 256, "steps": 300, "batch_size": 32, "lr": 0.01, "time_budget_s": 60},
     },
     "quick": {
-        "efficientad": {"image_size": 128, "steps": 30, "teacher_steps": 20, "penalty": "none"},
+        "efficientad": {"image_size": 128, "steps": 30, "teacher_steps": 20},
         "glass": {"image_size": 128, "steps": 30, "batch_size": 2},
         "reb": {"image_size": 128, "steps": 5, "batch_size": 8},
     },
@@ -70,6 +72,30 @@ def _line(method, shots, rows, train_key) -> str:
             + f" {train:>9.1f} {score:>8.2f}" + extra)
 
 
+def print_table(paths) -> int:
+    """One table from the row files of several runs (e.g. one per method and shot count on one GPU)."""
+    rows, devices = [], set()
+    for path in paths:
+        if not Path(path).exists():
+            print(f"(missing: {path})")
+            continue
+        data = json.loads(Path(path).read_text())
+        rows += data["rows"]
+        devices.add(data["device"])
+    order = {"patchcore": 0, "efficientad": 1, "glass": 2, "reb": 3}
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((int(r["shots"]), r.get("label", r["method"])), []).append(r)
+    head = (f"{'method':<12} {'shots':>5} " + " ".join(f"{m:>15}" for m in METRICS) + f" {'train_s':>9} {'score_s':>8}"
+            + f" {'steps':>6} {'stop':>6} device")
+    print(f"devices: {sorted(devices)}\n" + head + "\n" + "-" * len(head))
+    for (shots, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1].split(":")[0], 9), kv[0][1])):
+        key = "fit_s" if method == "patchcore" else "train_s"
+        label = "full" if rs[0].get("full_shot") == "yes" else shots
+        print(_line(method, label, rs, key) + f"  (seeds {sorted(r['seed'] for r in rs)})")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, default=None, help="MVTec AD root (default ../shared/data/mvtec_ad)")
@@ -90,7 +116,14 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="train into a temporary artifact folder (no reuse)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", type=Path, default=None, help="also write every row here")
+    p.add_argument("--tag", default=None, help="label the rows (method:tag), e.g. for an ablation run beside the defaults")
+    p.add_argument("--prepare", action="store_true",
+                   help="only distil the shared EfficientAD teacher into --artifacts (before parallel runs)")
+    p.add_argument("--table-from", type=Path, nargs="+", default=None,
+                   help="print one table from the --json files of several (parallel) runs and exit")
     args = p.parse_args(argv)
+    if args.table_from:
+        return print_table(args.table_from)
 
     import torch
 
@@ -118,6 +151,16 @@ def main(argv=None) -> int:
         method, _, name = key.partition(".")
         target = patchcore_params if method == "patchcore" else params.setdefault(method, {})
         target[name] = json.loads(value)
+
+    if args.prepare:
+        from fewshot_core.methods.efficientad import EfficientAD
+
+        artifacts = args.artifacts or default_work_dir() / "artifacts"
+        t0 = time.perf_counter()
+        meta = EfficientAD(artifact_dir=artifacts, **params.get("efficientad", {})).prepare_teacher()
+        print(f"EfficientAD generic teacher in {artifacts} ({time.perf_counter() - t0:.1f} s): "
+              f"{ {k: v for k, v in meta.items() if k.startswith('teacher_') or k == 'images'} }", flush=True)
+        return 0
 
     root = args.root or shared_mvtec_root()
     if root is None:
@@ -164,8 +207,9 @@ def main(argv=None) -> int:
                 episode = sample_oneclass(dataset, parse_shots(shots), seed)
                 rows.append(run_image_episode(dataset, episode, method, params[method], mask_size=args.mask_size,
                                               artifact_dir=artifacts, cache=cache))
+                rows[-1]["label"] = f"{method}:{args.tag}" if args.tag else method
             results.extend(rows)
-            print(_line(method, shots, rows, "train_s"), flush=True)
+            print(_line(rows[0]["label"], shots, rows, "train_s"), flush=True)
             save()
     return 0
 
