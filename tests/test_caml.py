@@ -9,11 +9,12 @@ import torch
 
 from fewshot_core.errors import FsadError
 from fewshot_core.methods.caml import (
+    ARTIFACT_VERSION,
     CAML,
     CAMLConfig,
     MetaTrainConfig,
+    _sample_episode,
     load_artifact,
-    ARTIFACT_VERSION,
     load_published_checkpoint,
     meta_train,
     meta_train_or_load,
@@ -28,12 +29,12 @@ CFG = CAMLConfig(feat_dim=D, num_ways=5, label_dim=16, proj_dim=48, num_layers=2
 TRAIN = MetaTrainConfig(steps=150, time_budget_s=120, episodes_per_step=8, seed=0)
 
 
-def _category(rng, n_per=16, n_defects=3):
+def _category(rng, n_per=16, n_defects=3, spread=1.0):
     """A 'category': a good cluster plus defect clusters offset from it, all at new random places."""
     base = rng.standard_normal(D) * 3
     X, y = [], []
     for name in ["good"] + [f"defect{i}" for i in range(n_defects)]:
-        mu = base if name == "good" else base + rng.standard_normal(D)
+        mu = base if name == "good" else base + spread * rng.standard_normal(D)
         X.append(mu + 0.3 * rng.standard_normal((n_per, D)))
         y += [name] * n_per
     return np.concatenate(X).astype(np.float32), np.array(y)
@@ -85,6 +86,43 @@ def test_binary_and_imbalanced_episodes(trained, pool):
     from sklearn.metrics import balanced_accuracy_score
 
     assert balanced_accuracy_score(yb[query], pred) > 0.6
+
+
+def test_multiclass_meta_training_episodes_hold_every_class():
+    """``ways="all"``: an episode that is not binarised holds every class of its category (up to
+    ``num_ways``), as CAML's fixed N-way episodes; ``ways="random"`` (artifact version 3) drew 2..N."""
+    rng = np.random.default_rng(0)
+    X, y = _category(rng, n_defects=4)  # 5 classes, as the generated categories
+    ways = {"all": set(), "random": set()}
+    for mode, seen in ways.items():
+        tc = MetaTrainConfig(ways=mode, binary_fraction=0.0)
+        r = np.random.default_rng(1)
+        for _ in range(40):
+            _, s_lab, _, q_lab, label_ids = _sample_episode(r, X, y, 5, tc)
+            seen.add(len(np.unique(s_lab)))
+            assert set(np.unique(s_lab)) == set(label_ids) and len(np.unique(q_lab)) == len(label_ids)
+    assert ways["all"] == {5} and ways["random"] == {2, 3, 4, 5}
+    with pytest.raises(ValueError, match="ways"):
+        MetaTrainConfig(ways="some")
+
+
+def test_short_meta_training_learns_the_five_way_comparison():
+    """Regression (bottle multiclass: AUROC 0.81-0.87 against ProtoNet's 0.95-0.99, binary on par): the
+    model has to learn to compare a query with many labelled classes at once, and episodes of a random
+    2..N ways teach that slowly. Here, held-out 5-way 1-shot accuracy after 150 steps on categories with
+    nearby defect clusters: 0.95 with every class in each episode, 0.89 with random way counts."""
+    rng = np.random.default_rng(0)
+    pool = {f"cat{i}": _category(rng, n_defects=4, spread=0.6) for i in range(7)}
+    model = meta_train(pool, exclude="cat0", cfg=CFG, train=MetaTrainConfig(steps=150, time_budget_s=120, seed=1))
+    X, y = pool["cat0"]
+    accs = []
+    for seed in range(4):
+        r = np.random.default_rng(seed)
+        s = np.concatenate([r.choice(np.flatnonzero(y == c), 1, replace=False) for c in np.unique(y)])
+        q = np.setdiff1d(np.arange(len(y)), s)
+        accs.append((CAML(model).fit(X[s], y[s]).predict(X[q]) == y[q]).mean())
+    print("5-way held-out accuracy", np.round(accs, 3))
+    assert np.mean(accs) > 0.92, accs  # chance 0.2
 
 
 def _shared_direction_category(rng, direction, n_per=16, n_defects=3):
@@ -250,7 +288,7 @@ def test_published_checkpoint_layout_loads_and_matches(tmp_path):
     q, s, labels = torch.randn(3, feat), torch.randn(4, feat), torch.tensor([0, 1, 1, 0])
     lab_emb = torch.cat([sd[p + "unk_emb"][0], sd[p + "label_elmes"][labels]])
     x = torch.cat([torch.cat([q[:, None], s[None].expand(3, 4, feat)], 1), lab_emb[None].expand(3, 5, lab)], -1)
-    ln = lambda t, w, b_: torch.nn.functional.layer_norm(t, (hid,), w, b_, eps=1e-6)  # noqa: E731
+    ln = lambda t, w, b_: torch.nn.functional.layer_norm(t, (hid,), w, b_, eps=1e-6)
     for i in range(layers):
         b = f"{p}encoder.layers.encoder_layer_{i}."
         att = torch.nn.MultiheadAttention(hid, 2, batch_first=True)

@@ -52,7 +52,9 @@ from torch import nn
 from fewshot_core.errors import FsadError
 from fewshot_core.methods.elmes import elmes
 
-ARTIFACT_VERSION = 3  # 2: episodes randomly rotated (``rotate``); 3: class-balanced shots (``balanced_shots``)
+# 2: episodes randomly rotated (``rotate``); 3: class-balanced shots (``balanced_shots``); 4: every class of
+# the category in a multiclass episode (``ways="all"``)
+ARTIFACT_VERSION = 4
 GOOD = "good"
 
 
@@ -100,7 +102,17 @@ class MetaTrainConfig:
     # tuned to the meta-training domain; on bottle it over-corrected and predicted the class with the
     # fewest shots (1 good : 15 bad -> every query "good"). ``CAML`` balances test supports to match.
     balanced_shots: bool = True
+    # Classes per episode. "all": every class of the (binarised or not) category, up to ``num_ways``, as
+    # CAML meta-trains on fixed N-way episodes. "random": 2..that many, uniformly (artifact version 3):
+    # few episodes were then 4- or 5-way and the model learnt to compare a query with many labelled
+    # classes slowly (tests: held-out 5-way accuracy 0.89 vs 0.95 after 150 steps; on bottle, at 1200 x 4
+    # episodes, multiclass AUROC 0.81-0.87 vs 0.85-0.96 with "all"; ProtoNet 0.95-0.99).
+    ways: str = "all"
     seed: int = 0
+
+    def __post_init__(self):
+        if self.ways not in ("all", "random"):
+            raise ValueError(f"MetaTrainConfig.ways must be 'all' or 'random', got {self.ways!r}")
 
 
 class CAMLSequenceModel(nn.Module):
@@ -215,7 +227,7 @@ class CAML:
         self.rotations = int(rotations)
         self.seed = seed
 
-    def fit(self, X, y) -> "CAML":
+    def fit(self, X, y) -> CAML:
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y)
         if X.ndim != 2 or X.shape[1] != self.model.cfg.feat_dim:
@@ -282,7 +294,7 @@ def _excluded_pool(pool: EmbeddingPool, exclude: str | Iterable[str]) -> dict[st
     if not excluded:
         raise ValueError("meta_train needs the evaluated category in `exclude` (leave-the-category-out)")
     kept = {}
-    for cat in sorted(k for k in pool.keys() if k not in excluded):
+    for cat in sorted(k for k in pool if k not in excluded):
         X, y = pool[cat]
         y = np.asarray(y).astype(str)
         if len(set(y.tolist())) >= 2:
@@ -297,7 +309,8 @@ def _sample_episode(rng: np.random.Generator, X: np.ndarray, y: np.ndarray, num_
     usable = names[counts >= 2]  # each class needs one support and one query at least
     if len(usable) < 2:
         return None
-    ways = int(rng.integers(2, min(len(usable), num_ways) + 1))
+    most = min(len(usable), num_ways)
+    ways = most if tc.ways == "all" else int(rng.integers(2, most + 1))
     chosen = rng.choice(usable, size=ways, replace=False)
     label_ids = rng.permutation(num_ways)[:ways]  # random class -> label-vector assignment
     s_idx, s_lab, q_idx, q_lab = [], [], [], []
@@ -461,7 +474,7 @@ def load_published_checkpoint(path: str | Path, num_heads: int = 16) -> CAMLSequ
         raise FsadError(f"{path}: CAML checkpoint not found; pass the path of the released model.pth")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file for the user
+    except Exception as exc:  # any unpickling problem is a bad file for the user
         raise FsadError(f"{path}: cannot read CAML checkpoint ({exc}); pass the released model.pth") from exc
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     prefix = "transformer_encoder."
