@@ -210,7 +210,9 @@ def main(argv=None):
     ap.add_argument("--pmf-configs", nargs="*", default=None, help="subset such as g1b1 g5b5 (default all)")
     ap.add_argument("--pmf-modes", nargs="+", default=["binary", "multiclass"], help="label modes of --pmf-bundle runs")
     ap.add_argument("--pmf-steps", type=int, default=20)
-    ap.add_argument("--pmf-search-steps", type=int, default=10)
+    # P>M>F validates each lr with as many steps as the final fine-tuning uses (fewer steps in the search
+    # picked lr 1e-2, then 50 steps at it collapsed the backbone on some bottle supports)
+    ap.add_argument("--pmf-search-steps", type=int, default=None, help="default: --pmf-steps (the reference rule)")
     ap.add_argument("--pmf-image-size", type=int, default=128)
     ap.add_argument("--pmf-budget", type=float, default=120.0)
     ap.add_argument("--pmf-export")

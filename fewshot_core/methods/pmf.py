@@ -174,7 +174,8 @@ class PMF:
         if x_eval is not None and self.lr_candidates:
             model = _freeze_bn(copy.deepcopy(self.backbone))
             best = scores[0.0] = self._accuracy(model, p_x, p_y, x_eval, y_eval, n_classes)
-            for lr in self.lr_candidates:
+            # gentlest first: on a tie (tiny held-out sets tie often) the smaller change to the backbone wins
+            for lr in sorted(self.lr_candidates):
                 model = _freeze_bn(copy.deepcopy(self.backbone))
                 _steps(model, p_x, p_y, p_x, p_y, n_classes, lr, self.search_steps, self.scale, gen,
                        self.aug_prob, deadline)
