@@ -68,7 +68,7 @@ def _line(method, shots, rows, train_key) -> str:
     extra = ""
     if "train_steps" in rows[0]:
         extra = f" {int(np.mean([r['train_steps'] for r in rows])):>6} {rows[0]['stopped_by']:>6} {rows[0]['device']}"
-    return (f"{method:<12} {str(shots):>5} " + " ".join(f"{_ms([r.get(m) for r in rows]):>15}" for m in METRICS)
+    return (f"{method:<20} {str(shots):>5} " + " ".join(f"{_ms([r.get(m) for r in rows]):>15}" for m in METRICS)
             + f" {train:>9.1f} {score:>8.2f}" + extra)
 
 
@@ -86,7 +86,7 @@ def print_table(paths) -> int:
     groups: dict = {}
     for r in rows:
         groups.setdefault((int(r["shots"]), r.get("label", r["method"])), []).append(r)
-    head = (f"{'method':<12} {'shots':>5} " + " ".join(f"{m:>15}" for m in METRICS) + f" {'train_s':>9} {'score_s':>8}"
+    head = (f"{'method':<20} {'shots':>5} " + " ".join(f"{m:>15}" for m in METRICS) + f" {'train_s':>9} {'score_s':>8}"
             + f" {'steps':>6} {'stop':>6} device")
     print(f"devices: {sorted(devices)}\n" + head + "\n" + "-" * len(head))
     for (shots, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1].split(":")[0], 9), kv[0][1])):
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     for m in args.methods:
         print(f"  {m}: {params[m]}", flush=True)
 
-    head = (f"{'method':<12} {'shots':>5} " + " ".join(f"{m:>15}" for m in METRICS) + f" {'train_s':>9} {'score_s':>8}"
+    head = (f"{'method':<20} {'shots':>5} " + " ".join(f"{m:>15}" for m in METRICS) + f" {'train_s':>9} {'score_s':>8}"
             + f" {'steps':>6} {'stop':>6} device")
     print("\n" + head + "\n" + "-" * len(head), flush=True)
     results = []
