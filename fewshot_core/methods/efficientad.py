@@ -248,7 +248,8 @@ class EfficientAD(TrainedDetector):
                 "out_channels": c.out_channels, "steps": c.teacher_steps, "batch": c.teacher_batch,
                 "lr": c.teacher_lr, "weight_decay": c.weight_decay, "backbone": c.backbone,
                 "layers": list(c.backbone_layers) if c.backbone_layers else None,
-                "weights": c.backbone_weights, "generic_dir": c.generic_dir}
+                "weights": c.backbone_weights, "generic_dir": c.generic_dir,
+                "time_budget_s": c.teacher_time_budget_s}  # a cap that stops early makes another teacher
         key = config_hash(spec)
         hit = _TEACHERS.get(key)
         if hit is None and self.store is not None:
