@@ -52,6 +52,31 @@ def test_fine_tuning_learns_what_the_frozen_backbone_misses(task):
         assert torch.equal(v, before[k]), k
 
 
+def test_diverged_fine_tuning_falls_back_to_the_pretrained_backbone(task, monkeypatch):
+    """A final fine-tuning that sorts its own support worse than the pretrained backbone is discarded."""
+    from fewshot_core.methods import pmf as pmf_module
+
+    X, y, s, q = task
+    real_steps = pmf_module._steps
+
+    def steps_then_diverge(model, x_proto, *args):
+        done = real_steps(model, x_proto, *args)
+        if len(x_proto) == len(s):  # the final run on the whole support (the search uses one shot per class)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()  # every image maps to the same point: the support is no longer separable
+        return done
+
+    monkeypatch.setattr(pmf_module, "_steps", steps_then_diverge)
+    tuned = PMF(_backbone(), steps=60, lr_candidates=(1e-2, 1e-3), seed=0).fit(X[s], y[s])
+    plain = PMF(_backbone(), steps=0, lr_candidates=()).fit(X[s], y[s])
+    assert tuned.fit_info_["reverted_lr"] in (1e-2, 1e-3) and tuned.fit_info_["lr"] == 0.0
+    np.testing.assert_allclose(tuned.predict_proba(X[q]), plain.predict_proba(X[q]), rtol=1e-6)
+    monkeypatch.undo()
+    healthy = PMF(_backbone(), steps=60, lr_candidates=(1e-2, 1e-3), seed=0).fit(X[s], y[s])
+    assert healthy.fit_info_["reverted_lr"] is None and healthy.fit_info_["lr"] > 0
+
+
 def test_deterministic_by_seed_and_queries_scored_independently(task):
     X, y, s, q = task
     a = PMF(_backbone(), steps=4, search_steps=2, lr_candidates=(1e-2,), seed=3).fit(X[s], y[s])
