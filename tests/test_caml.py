@@ -61,13 +61,18 @@ def test_elmes_is_equal_length_and_maximally_equiangular(c):
     np.testing.assert_array_equal(v, elmes(c, 16, seed=3))  # fixed by the seed
 
 
+def _episodes(y, shots, seeds):
+    """(support, query) index pairs: ``shots`` per class drawn by each seed, the rest as queries."""
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        support = np.concatenate([rng.choice(np.flatnonzero(y == c), shots, replace=False) for c in np.unique(y)])
+        yield support, np.setdiff1d(np.arange(len(y)), support)
+
+
 def test_learns_in_context_on_a_held_out_category(trained, pool):
     X, y = pool["cat0"]
     accs = []
-    for seed in range(4):
-        rng = np.random.default_rng(seed)
-        support = np.concatenate([rng.choice(np.flatnonzero(y == c), 2, replace=False) for c in np.unique(y)])
-        query = np.setdiff1d(np.arange(len(y)), support)
+    for support, query in _episodes(y, shots=2, seeds=range(4)):
         model = CAML(trained).fit(X[support], y[support])
         proba = model.predict_proba(X[query])
         np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-6)
@@ -115,12 +120,7 @@ def test_short_meta_training_learns_the_five_way_comparison():
     pool = {f"cat{i}": _category(rng, n_defects=4, spread=0.6) for i in range(7)}
     model = meta_train(pool, exclude="cat0", cfg=CFG, train=MetaTrainConfig(steps=150, time_budget_s=120, seed=1))
     X, y = pool["cat0"]
-    accs = []
-    for seed in range(4):
-        r = np.random.default_rng(seed)
-        s = np.concatenate([r.choice(np.flatnonzero(y == c), 1, replace=False) for c in np.unique(y)])
-        q = np.setdiff1d(np.arange(len(y)), s)
-        accs.append((CAML(model).fit(X[s], y[s]).predict(X[q]) == y[q]).mean())
+    accs = [(CAML(model).fit(X[s], y[s]).predict(X[q]) == y[q]).mean() for s, q in _episodes(y, 1, range(4))]
     print("5-way held-out accuracy", np.round(accs, 3))
     assert np.mean(accs) > 0.92, accs  # chance 0.2
 
