@@ -184,8 +184,25 @@ def test_pmf_and_protonet_through_the_real_store(synth_root, tmp_path):
     part = FeatureStore(tmp_path / "store").build(ds, image_size=64, num_workers=0, progress=False)
     proto = evaluate_supervised(ds, part, "protonet", 2, 1, [0], method_params={"distance": "cosine"})
     pmf = evaluate_supervised(ds, part, "pmf", 2, 1, [0],
-                              method_params={"steps": 2, "search_steps": 1, "lr_candidates": [1e-3], "image_size": 64})
+                              method_params={"steps": 2, "search_steps": 1, "lr_candidates": [1e-3], "image_size": 64,
+                                             "backbone": "tf_efficientnet_lite0"})
     for r in proto + pmf:
         assert 0 <= r["balanced_accuracy"] <= 1 and "auroc" in r
     assert json.loads(pmf[0]["info"])["steps_done"] in (0, 2)
     assert pmf[0]["n_query"] == proto[0]["n_query"]
+
+
+def test_pmf_takes_dino_vit_s_when_its_weights_can_be_had(monkeypatch):
+    """P>M>F's paper backbone when available and nothing else was asked for; the store's otherwise."""
+    from fewshot_core.evaluation import supervised as sup
+
+    part = type("Part", (), {"meta": {"backbone": "tf_efficientnet_lite0"}})()
+    monkeypatch.setattr(sup, "_PAPER_BACKBONE_AVAILABLE", {sup.PMF_PAPER_BACKBONE: True})
+    assert sup._pmf_backbone_name(part, {}) == "vit_small_patch16_224.dino"
+    assert sup._pmf_backbone_name(part, {"backbone": "resnet50"}) == "resnet50"  # asked for
+    assert sup._pmf_backbone_name(part, {"weights": "lite0.pth"}) == "tf_efficientnet_lite0"  # weights for the store's
+    assert sup._pmf_backbone_name(part, {"images": {"a": 0}}) == "tf_efficientnet_lite0"  # preprocessed for it
+    resnet_store = type("Part", (), {"meta": {"backbone": "resnet50"}})()  # fsad evaluate --backbone resnet50
+    assert sup._pmf_backbone_name(resnet_store, {}) == "resnet50"
+    monkeypatch.setattr(sup, "_PAPER_BACKBONE_AVAILABLE", {sup.PMF_PAPER_BACKBONE: False})  # offline, not cached
+    assert sup._pmf_backbone_name(part, {}) == "tf_efficientnet_lite0"

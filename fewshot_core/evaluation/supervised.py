@@ -159,10 +159,42 @@ def _caml_model(dataset, partition, params: dict, cache: dict):
     return model
 
 
+PMF_PAPER_BACKBONE = "vit_small_patch16_224.dino"  # P>M>F's pre-training: DINO ViT-S/16, 224 px
+_PAPER_BACKBONE_AVAILABLE: dict[str, bool] = {}  # one probe per process (offline it costs a failed connect)
+
+
+def _paper_backbone_available() -> bool:
+    """Whether DINO ViT-S weights can be had (local timm/HF cache, or a download when online)."""
+    if PMF_PAPER_BACKBONE not in _PAPER_BACKBONE_AVAILABLE:
+        from fewshot_core.backbones import resolve_weights
+
+        try:
+            resolve_weights(PMF_PAPER_BACKBONE, "auto")
+            _PAPER_BACKBONE_AVAILABLE[PMF_PAPER_BACKBONE] = True
+        except FsadError:
+            _PAPER_BACKBONE_AVAILABLE[PMF_PAPER_BACKBONE] = False
+    return _PAPER_BACKBONE_AVAILABLE[PMF_PAPER_BACKBONE]
+
+
+def _pmf_backbone_name(partition, params: dict) -> str:
+    """The paper's DINO ViT-S/16 when nothing else was asked for (no backbone, weights or preprocessed
+    images; the store on the default backbone) and its weights can be had; otherwise the given backbone
+    or the feature store's (offline: the bundled Lite0)."""
+    from fewshot_core.backbones.models import DEFAULT_BACKBONE
+
+    if params.get("backbone"):
+        return params["backbone"]
+    store_backbone = partition.meta.get("backbone")
+    chosen = "weights" in params or params.get("images") is not None or store_backbone != DEFAULT_BACKBONE
+    if not chosen and _paper_backbone_available():
+        return PMF_PAPER_BACKBONE
+    return store_backbone
+
+
 def _pmf_backbone(partition, params: dict, cache: dict):
     from fewshot_core.backbones import create_model
 
-    name = params.get("backbone") or partition.meta.get("backbone")
+    name = _pmf_backbone_name(partition, params)
     key = ("pmf-backbone", name, params.get("weights", "auto"), params.get("device", "cpu"))
     if key not in cache:
         cache[key] = create_model(name, weights=params.get("weights", "auto"), device=params.get("device", "cpu"))
@@ -189,8 +221,10 @@ def _build(method: str, dataset, partition, episode: SupervisedEpisode, params: 
         from fewshot_core.methods.pmf import PMF
 
         name, backbone = _pmf_backbone(partition, params, cache)
-        size = int(params.get("image_size", 128))
+        # a ViT's patch grid is fixed by its checkpoint: DINO ViT-S/16 reads 224 px; CNNs take 128 by default
+        size = int(params.get("image_size", 224 if name == PMF_PAPER_BACKBONE else 128))
         est = PMF(backbone, seed=episode.seed, **{k: params[k] for k in PMF_KEYS if k in params})
+        est.backbone_name = name
         pre = params.get("images")
         return (est, _images(dataset, episode.support_ids, name, size, cache, pre),
                 _images(dataset, episode.query_ids, name, size, cache, pre))
@@ -247,7 +281,7 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
         "category": episode.category,
         "method": method,
         "params": _jsonable_params(params),
-        "backbone": partition.meta.get("backbone"),
+        "backbone": getattr(est, "backbone_name", None) or partition.meta.get("backbone"),
         "label_mode": episode.label_mode,
         "pool": episode.pool,
         "k_good": episode.k_good,

@@ -3,8 +3,9 @@
 The classifier is ProtoNet with a cosine head, ``logits = scale · cos(f(x), c_k)`` (scale 10 as in
 hushell/pmf_cvpr22). Stages here:
 
-* pre-training: whatever backbone is passed (DINO ViT-S/16 in the paper; offline here the bundled
-  EfficientNet-Lite0 ImageNet weights).
+* pre-training: whatever backbone is passed. The evaluation (``evaluation/supervised.py``) passes the
+  paper's DINO ViT-S/16 when its weights can be had and nothing else was asked for, otherwise the
+  feature store's backbone (offline: the bundled EfficientNet-Lite0 ImageNet weights).
 * meta-training (optional, ``meta_train_backbone``): ProtoNet episodes drawn from images of *other*
   categories, cosine loss, the evaluated category excluded before sampling.
 * fine-tuning (``PMF.fit``): augmented support images act as pseudo-queries against the support's
@@ -17,6 +18,10 @@ hushell/pmf_cvpr22). Stages here:
   lr = 1e-2 and ended at chance. For the same reason the held-out images must cover at least two
   classes. Otherwise (e.g. one shot per class) the reference keeps lr = 0 (``search_fallback="none"``,
   the default), or ``"augmented"`` scores the candidates on a fresh augmented draw of the support.
+  Candidates are tried gentlest first (ties keep the smaller change), and a final fine-tuning that
+  classifies its own support worse than the pretrained backbone is discarded as diverged
+  (``fit_info_["reverted_lr"]``): on bottle the tiny held-out split sometimes picked lr 1e-2, which
+  collapsed the backbone to chance.
 
 Deviations, both for small CPU budgets: BatchNorm layers stay in eval mode (a 2-image batch would wreck
 the running statistics), and steps are bounded by ``steps`` and by a wall-time budget
