@@ -78,6 +78,12 @@ def _line(method, shots, rows, train_key) -> str:
             + f" {train:>9.1f} {score:>8.2f}" + extra)
 
 
+def _head() -> str:
+    head = (f"{'method':<20} {'shots':>5} " + " ".join(f"{m:>15}" for m in METRICS) + f" {'train_s':>9} {'score_s':>8}"
+            + f" {'steps':>6} {'stop':>6} device")
+    return head + "\n" + "-" * len(head)
+
+
 def print_table(paths) -> int:
     """One table from the row files of several runs (e.g. one per method and shot count on one GPU)."""
     rows, devices = [], set()
@@ -92,9 +98,8 @@ def print_table(paths) -> int:
     groups: dict = {}
     for r in rows:
         groups.setdefault((int(r["shots"]), r.get("label", r["method"])), []).append(r)
-    head = (f"{'method':<20} {'shots':>5} " + " ".join(f"{m:>15}" for m in METRICS) + f" {'train_s':>9} {'score_s':>8}"
-            + f" {'steps':>6} {'stop':>6} device")
-    print(f"devices: {sorted(devices)}\n" + head + "\n" + "-" * len(head))
+    head = _head()
+    print(f"devices: {sorted(devices)}\n" + head)
     for (shots, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1].split(":")[0], 9), kv[0][1])):
         key = "fit_s" if method == "patchcore" else "train_s"
         label = "full" if rs[0].get("full_shot") == "yes" else shots
@@ -180,9 +185,8 @@ def main(argv=None) -> int:
     for m in args.methods:
         print(f"  {m}: {params[m]}", flush=True)
 
-    head = (f"{'method':<20} {'shots':>5} " + " ".join(f"{m:>15}" for m in METRICS) + f" {'train_s':>9} {'score_s':>8}"
-            + f" {'steps':>6} {'stop':>6} device")
-    print("\n" + head + "\n" + "-" * len(head), flush=True)
+    head = _head()
+    print("\n" + head, flush=True)
     results = []
     cache: dict = {}
 

@@ -197,12 +197,12 @@ def test_pmf_takes_dino_vit_s_when_its_weights_can_be_had(monkeypatch):
     from fewshot_core.evaluation import supervised as sup
 
     part = type("Part", (), {"meta": {"backbone": "tf_efficientnet_lite0"}})()
-    monkeypatch.setattr(sup, "_PAPER_BACKBONE_AVAILABLE", {sup.PMF_PAPER_BACKBONE: True})
+    monkeypatch.setattr(sup, "_paper_backbone_available", lambda: True)
     assert sup._pmf_backbone_name(part, {}) == "vit_small_patch16_224.dino"
     assert sup._pmf_backbone_name(part, {"backbone": "resnet50"}) == "resnet50"  # asked for
     assert sup._pmf_backbone_name(part, {"weights": "lite0.pth"}) == "tf_efficientnet_lite0"  # weights for the store's
     assert sup._pmf_backbone_name(part, {"images": {"a": 0}}) == "tf_efficientnet_lite0"  # preprocessed for it
     resnet_store = type("Part", (), {"meta": {"backbone": "resnet50"}})()  # fsad evaluate --backbone resnet50
     assert sup._pmf_backbone_name(resnet_store, {}) == "resnet50"
-    monkeypatch.setattr(sup, "_PAPER_BACKBONE_AVAILABLE", {sup.PMF_PAPER_BACKBONE: False})  # offline, not cached
+    monkeypatch.setattr(sup, "_paper_backbone_available", lambda: False)  # offline, not cached
     assert sup._pmf_backbone_name(part, {}) == "tf_efficientnet_lite0"

@@ -17,6 +17,8 @@ Binary AUROC ranks by the anomaly log-odds ``log P(not good) − log P(good)``, 
 
 from __future__ import annotations
 
+import functools
+
 import json
 import time
 from collections.abc import Iterable, Mapping
@@ -160,20 +162,18 @@ def _caml_model(dataset, partition, params: dict, cache: dict):
 
 
 PMF_PAPER_BACKBONE = "vit_small_patch16_224.dino"  # P>M>F's pre-training: DINO ViT-S/16, 224 px
-_PAPER_BACKBONE_AVAILABLE: dict[str, bool] = {}  # one probe per process (offline it costs a failed connect)
 
 
+@functools.cache  # one probe per process: offline it costs a failed connect
 def _paper_backbone_available() -> bool:
     """Whether DINO ViT-S weights can be had (local timm/HF cache, or a download when online)."""
-    if PMF_PAPER_BACKBONE not in _PAPER_BACKBONE_AVAILABLE:
-        from fewshot_core.backbones import resolve_weights
+    from fewshot_core.backbones import resolve_weights
 
-        try:
-            resolve_weights(PMF_PAPER_BACKBONE, "auto")
-            _PAPER_BACKBONE_AVAILABLE[PMF_PAPER_BACKBONE] = True
-        except FsadError:
-            _PAPER_BACKBONE_AVAILABLE[PMF_PAPER_BACKBONE] = False
-    return _PAPER_BACKBONE_AVAILABLE[PMF_PAPER_BACKBONE]
+    try:
+        resolve_weights(PMF_PAPER_BACKBONE, "auto")
+        return True
+    except FsadError:
+        return False
 
 
 def _pmf_backbone_name(partition, params: dict) -> str:

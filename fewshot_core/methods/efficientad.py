@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_core.errors import FsadError
-from fewshot_core.methods.generic_images import GenericImages
+from fewshot_core.methods.generic_images import GenericImages, shared_generic_images
 from fewshot_core.methods.training import (
     TrainedDetector,
     TrainLoop,
@@ -259,7 +259,7 @@ class EfficientAD(TrainedDetector):
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(0)
                 self.teacher = pdn_small(c.out_channels).to(self.device)
-                source = GenericImages(c.generic_dir)
+                source = shared_generic_images(c.generic_dir)
                 loop = TrainLoop(c.teacher_steps, c.teacher_time_budget_s, desc="efficientad:generic-teacher",
                                  progress=c.progress)
                 meta = {"source": "distilled:generic", "images": source.description, "key": key,
@@ -314,7 +314,7 @@ class EfficientAD(TrainedDetector):
         opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(0.95 * c.steps)), gamma=0.1)
         C = c.out_channels
-        penalty_images = GenericImages(c.generic_dir) if c.penalty == "generic" else None
+        penalty_images = shared_generic_images(c.generic_dir) if c.penalty == "generic" else None
         self.student.train()
         self.ae.train()
         for _ in loop:

@@ -14,6 +14,7 @@ None of them is an MVTec image, so a model trained on them never sees the evalua
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +121,9 @@ class GenericImages:
                 img = img.flip(2)
             out.append(img)
         return (torch.stack(out) / 255.0).clamp(0, 1)
+
+
+@functools.cache
+def shared_generic_images(folder: str | None = None) -> GenericImages:
+    """One source per folder and process: its pictures and texture pool are decoded once, not per fit."""
+    return GenericImages(folder)
