@@ -68,7 +68,7 @@ def test_fsad_run_materialises_every_asset_and_prints_where_things_are(sweep):
     report = work / "report" / "report.html"
     assert f"Report:      {report}" in out
     assert "dagster dev -w" in out and "-h 127.0.0.1" in out and "fsad mlflow-ui" in out
-    assert (home / "dagster.yaml").read_text() == (Path(__file__).parents[1] / "dagster_home" / "dagster.yaml").read_text()
+    assert (home / "dagster.yaml").read_text() == (Path(__file__).parents[2] / "dagster_home" / "dagster.yaml").read_text()
     instance = dg.DagsterInstance.get()
     defs = _defs(config)
     for asset in defs.assets:
