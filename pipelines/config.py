@@ -88,28 +88,23 @@ class Setting:
 
 
 def supervised_method_names() -> set[str]:
-    """Methods the supervised protocol runs (its own list: some wrap backbones rather than the registry)."""
-    from fewshot_core import methods
+    """Methods the supervised protocol runs (supervised learners and one-class methods on patch features)."""
+    from fewshot_core.methods import registry
 
-    names = set(methods.SUPERVISED_METHODS)
-    try:
-        from fewshot_core.evaluation.supervised import SUPERVISED_METHODS
-    except ImportError:
-        return names
-    return names | set(SUPERVISED_METHODS)
+    return set(registry.names(protocol=registry.SUPERVISED))
 
 
 def image_method_names() -> set[str]:
     """One-class methods trained on the support images (EfficientAD, GLASS, REB), not on cached features."""
-    from fewshot_core import methods
+    from fewshot_core.methods import registry
 
-    return set(getattr(methods, "IMAGE_METHODS", {}))
+    return set(registry.names(family=registry.ONECLASS, input_kind=registry.IMAGES))
 
 
 def known_methods() -> set[str]:
-    from fewshot_core import methods
+    from fewshot_core.methods import registry
 
-    return set(methods.ONECLASS_METHODS) | image_method_names() | supervised_method_names()
+    return set(registry.names())
 
 
 @dataclass(frozen=True)
@@ -124,11 +119,11 @@ class MethodSpec:
 
     @property
     def protocol(self) -> str:
-        from fewshot_core import methods
+        from fewshot_core.methods import registry
 
         if self.protocol_override:
             return self.protocol_override
-        return ONECLASS if self.method in set(methods.ONECLASS_METHODS) | image_method_names() else SUPERVISED
+        return registry.get(self.method).family
 
 
 @dataclass
@@ -238,11 +233,13 @@ def load_config(path: str | Path | None = None) -> SweepConfig:
         _fail(path, f"supervised.label_modes {bad} unknown", "use binary and/or multiclass")
     if any(k < 1 for k in cfg.shots) or any(g < 1 or b < 0 for g, b in cfg.ratios):
         _fail(path, "shots must be >= 1 and ratios [good >= 1, bad >= 0]", "fix oneclass.shots / supervised.ratios")
+    from fewshot_core.methods import registry
+
     known = known_methods()
     if unknown := [m.method for m in cfg.method_specs() if m.method not in known]:
         _fail(path, f"unknown method(s) {', '.join(unknown)}", f"choose from {', '.join(sorted(known))}")
     if bad := [m.id for m in cfg.method_specs() if m.protocol not in (ONECLASS, SUPERVISED)
-               or (m.protocol == ONECLASS and m.method not in known - supervised_method_names())]:
+               or m.protocol not in registry.get(m.method).protocols]:
         _fail(path, f"methods {bad}: protocol must be oneclass (one-class methods only) or supervised",
               "fix their protocol: field")
     ids = [m.id for m in cfg.method_specs()]

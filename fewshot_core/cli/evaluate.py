@@ -106,10 +106,12 @@ def _rows(args, dataset, partition) -> list[dict]:
                                label_mode=args.label_mode, pool=args.pool, method_params=params)
 
 
-def _is_image_method(method: str) -> bool:
-    from fewshot_core.evaluation.oneclass import is_image_method
+def _needs_features(protocol: str, method: str) -> bool:
+    """Whether the method reads the feature store (the registry's input kind), i.e. a partition must exist."""
+    from fewshot_core.methods import registry
 
-    return is_image_method(method)
+    entry = registry.get(method, protocol=protocol)
+    return protocol == "supervised" or entry.input_kind != registry.IMAGES
 
 
 def _fmt(value) -> str:
@@ -144,7 +146,7 @@ def run(args) -> int:
         raise FsadError(f"--seeds {args.seeds}: seeds must be non-negative integers")
     dataset = dataset_from_args(args)
     partition = None
-    if args.protocol == "supervised" or not _is_image_method(args.method):
+    if _needs_features(args.protocol, args.method):
         partition = _partition(args, dataset)
     rows = _rows(args, dataset, partition)
     if args.json:

@@ -13,9 +13,8 @@ a string so aggregation never averages it), ``seed``, ``n_support``, ``n_query``
 ``pixel_f1_max``, ``aupro``), ``bank_size``, ``fit_s`` (fit, plus embedding of augmented images) and
 ``score_s`` (scoring only; anomaly maps and metrics excluded).
 
-``evaluate_oneclass`` also runs the image-trained methods (``methods.IMAGE_METHODS``: EfficientAD,
-GLASS, REB) through ``methods.training.run_image_episode``, which returns the same row; they need no
-partition.
+The registry entry's input kind picks the loader: patch features from the store, or the images
+themselves for the detectors that train on pixels (EfficientAD, GLASS, REB; they need no partition).
 """
 
 from __future__ import annotations
@@ -28,8 +27,8 @@ import numpy as np
 
 from fewshot_core.episodes import OneClassEpisode, sample_oneclass
 from fewshot_core.errors import FsadError
-from fewshot_core.methods import IMAGE_METHODS, ONECLASS_METHODS, get_method
-from fewshot_core.methods.anomaly_map import DEFAULT_SIGMA, to_image_maps
+from fewshot_core.methods import registry
+from fewshot_core.methods.anomaly_map import DEFAULT_SIGMA
 from fewshot_core.methods.augment import AUGMENT_MODES, TRANSFORMS, augment_feature_maps, embed_augmented
 from fewshot_core.metrics import PixelAccumulator, image_metrics
 
@@ -119,15 +118,15 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
                          method_params: Mapping | None = None, mask_size: int = 256,
                          augment: str = "none", augment_transforms: Sequence[str] = TRANSFORMS,
                          sigma: float = DEFAULT_SIGMA, cache: dict | None = None,
-                         details: dict | None = None) -> dict:
+                         details: dict | None = None, runtime=None) -> dict:
     """Fit ``method`` on the episode's support features, score its queries, return one row of metrics.
 
     Pass a dict as ``details`` to get the fitted ``model``, ``image_scores``, ``patch_maps``, ``labels``
     and ``query_ids`` back (for plots and saved banks without refitting).
     """
-    if method not in ONECLASS_METHODS:
-        choices = sorted(ONECLASS_METHODS) + sorted(IMAGE_METHODS)
-        raise FsadError(f"method {method!r}: not a one-class method; use one of {', '.join(choices)}")
+    entry = registry.get(method, protocol=registry.ONECLASS)
+    if entry.input_kind != registry.PATCHES:
+        raise FsadError(f"method {method!r}: trains on images, not on patch features; run it with evaluate_oneclass")
     if augment not in AUGMENT_MODES:
         raise FsadError(f"augment {augment!r}: unknown; use one of {', '.join(AUGMENT_MODES)}")
     if int(mask_size) < 8:
@@ -135,7 +134,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     cache = {} if cache is None else cache
     params = dict(method_params or {})
     params.setdefault("seed", episode.seed)  # coreset / index randomness follows the episode seed
-    model = get_method(method, **params)
+    model = registry.create(method, runtime=runtime, **params)
 
     t0 = time.perf_counter()
     support = _support_features(dataset, partition, episode, augment, augment_transforms, cache)
@@ -147,7 +146,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     scores, patch_maps, score_s = score_in_batches(query_ids, partition.patch, model.score, SCORE_BATCH)
 
     labels, metrics = query_metrics(dataset, query_ids, scores, patch_maps,
-                                    lambda batch: to_image_maps(batch, int(mask_size), sigma), mask_size, cache)
+                                    lambda batch: model.anomaly_maps(batch, int(mask_size), sigma), mask_size, cache)
     if details is not None:
         details.update(model=model, image_scores=scores, patch_maps=patch_maps, labels=labels, query_ids=query_ids)
     return {
@@ -176,13 +175,14 @@ def parse_shots(shots) -> int | None:
 def evaluate_oneclass(dataset, partition, method: str, shots, seeds, method_params: Mapping | None = None,
                       mask_size: int = 256, augment: str = "none",
                       augment_transforms: Sequence[str] = TRANSFORMS, sigma: float = DEFAULT_SIGMA,
-                      cache: dict | None = None) -> list[dict]:
-    """One row per seed (see ``run_oneclass_episode``); ``shots`` is an int or ``"full"``/None."""
+                      cache: dict | None = None, runtime=None) -> list[dict]:
+    """One row per seed (see ``run_oneclass_episode``); ``shots`` is an int or ``"full"``/None.
+    ``runtime`` (``fewshot_core.runtime.Runtime``) says where and how to compute."""
     shots = parse_shots(shots)
     if isinstance(seeds, (int, np.integer)):
         seeds = [int(seeds)]
     cache = {} if cache is None else cache
-    image_method = is_image_method(method)
+    image_method = registry.get(method, protocol=registry.ONECLASS).input_kind == registry.IMAGES
     if image_method and augment != "none":
         raise FsadError(f"augment {augment!r}: only for feature-based methods; {method} trains on images")
     rows = []
@@ -195,12 +195,5 @@ def evaluate_oneclass(dataset, partition, method: str, shots, seeds, method_para
                                           cache=cache))
         else:
             rows.append(run_oneclass_episode(dataset, partition, episode, method, method_params, mask_size,
-                                             augment, augment_transforms, sigma, cache))
+                                             augment, augment_transforms, sigma, cache, runtime=runtime))
     return rows
-
-
-def is_image_method(method: str) -> bool:
-    """Methods trained on images (EfficientAD, GLASS, REB) rather than on cached patch features."""
-    from fewshot_core import methods  # looked up at call time: the registry is a module attribute
-
-    return method in methods.IMAGE_METHODS

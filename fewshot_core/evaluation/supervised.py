@@ -25,78 +25,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
-from scipy.special import log_expit, logsumexp
+from scipy.special import logsumexp
 
 from fewshot_core.data.records import GOOD
 from fewshot_core.episodes import SupervisedEpisode, sample_supervised
 from fewshot_core.errors import FsadError
+from fewshot_core.methods import registry
+from fewshot_core.methods.oneclass_classifier import OneClassClassifier
 from fewshot_core.metrics.classification import classification_metrics, confusion
-
-SUPERVISED_METHODS = ("protonet", "pmf", "caml")
-ONE_CLASS_METHODS = ("patchcore", "ldknn")
-METHODS = SUPERVISED_METHODS + ONE_CLASS_METHODS
-
-
-class OneClassAsSupervised:
-    """A one-class method under the supervised protocol (binary only).
-
-    The memory bank holds the good shots only. The score s becomes P(anomalous) = σ((s − t) / τ):
-    t is the midpoint between the median leave-one-out score of the good shots (each scored by a bank
-    of the other good shots, so it is an out-of-bank score like a query's) and the median score of the
-    bad shots; τ is a quarter of their gap. With a single good shot there is no leave-one-out score and
-    t = median(bad) / 2 (a good query is assumed to score near 0); with no bad shot t = max(LOO).
-    """
-
-    def __init__(self, name: str, params: dict | None = None):
-        self.name = name
-        self.params = dict(params or {})
-
-    def _new(self):
-        from fewshot_core.methods import get_method
-
-        return get_method(self.name, **self.params)
-
-    def fit(self, patches: np.ndarray, labels) -> "OneClassAsSupervised":
-        labels = np.asarray(labels)
-        self.classes_ = np.unique(labels)
-        if GOOD not in self.classes_ or len(self.classes_) > 2:
-            raise FsadError(f"{self.name}: the supervised protocol runs one-class methods in binary mode with good "
-                            "shots; use --label-mode binary")
-        good = np.flatnonzero(labels == GOOD)
-        bad = np.flatnonzero(labels != GOOD)
-        self.method_ = self._new().fit(patches[good])
-        loo = np.array([self._new().fit(patches[np.delete(good, i)]).score(patches[good[i : i + 1]])[0][0]
-                        for i in range(len(good))]) if len(good) >= 2 else np.array([])
-        bad_scores = self.method_.score(patches[bad])[0] if len(bad) else np.array([])
-        if len(loo) and len(bad_scores):
-            lo, hi = float(np.median(loo)), float(np.median(bad_scores))
-        elif len(bad_scores):
-            lo, hi = 0.0, float(np.median(bad_scores))
-        elif len(loo):
-            lo = hi = float(np.max(loo))
-        else:
-            raise FsadError(f"{self.name}: one good shot and no bad shot leave nothing to calibrate a threshold; "
-                            "use k_good >= 2 or k_bad >= 1")
-        self.threshold_ = (lo + hi) / 2
-        gap = abs(hi - lo) if hi != lo else (np.std(loo) if len(loo) > 1 else abs(hi))
-        self.scale_ = max(float(gap) / 4, 1e-6 * (abs(self.threshold_) + 1.0))
-        self.fit_info_ = {"threshold": self.threshold_, "scale": self.scale_, "n_bank_images": int(len(good))}
-        return self
-
-    def anomaly_logit(self, patches) -> np.ndarray:
-        return (np.asarray(self.method_.score(patches)[0], dtype=np.float64) - self.threshold_) / self.scale_
-
-    def predict_log_proba(self, patches) -> np.ndarray:
-        z = self.anomaly_logit(patches)
-        cols = {GOOD: log_expit(-z)}
-        out = np.empty((len(z), len(self.classes_)))
-        for j, c in enumerate(self.classes_):
-            out[:, j] = cols.get(c, log_expit(z))
-        return out
-
-    def predict_proba(self, patches) -> np.ndarray:
-        return np.exp(self.predict_log_proba(patches))
-
 
 # ---------------------------------------------------------------- inputs and method construction
 
@@ -205,12 +141,16 @@ PMF_KEYS = ("steps", "search_steps", "lr_candidates", "scale", "aug_prob", "time
             "batch_size")
 
 
-def _build(method: str, dataset, partition, episode: SupervisedEpisode, params: dict, cache: dict):
+def _build(method: str, dataset, partition, episode: SupervisedEpisode, params: dict, cache: dict, runtime=None):
     """(estimator, support inputs, query inputs) for one episode."""
+    entry = registry.get(method, protocol=registry.SUPERVISED)
+    if entry.family == registry.ONECLASS:  # fitted on the good shots only, calibrated on all (binary)
+        if episode.label_mode != "binary":
+            raise FsadError(f"{method}: one-class methods only run in binary mode; use --label-mode binary")
+        est = OneClassClassifier(method, params).set_runtime(runtime)
+        return est, partition.patch(episode.support_ids), partition.patch(episode.query_ids)
     if method == "protonet":
-        from fewshot_core.methods.protonet import ProtoNet
-
-        est = ProtoNet(params.get("distance", "euclidean"), params.get("temperature"))
+        est = registry.create(method, runtime=runtime, **params)
         return est, partition.global_(episode.support_ids), partition.global_(episode.query_ids)
     if method == "caml":
         from fewshot_core.methods.caml import CAML
@@ -228,12 +168,7 @@ def _build(method: str, dataset, partition, episode: SupervisedEpisode, params: 
         pre = params.get("images")
         return (est, _images(dataset, episode.support_ids, name, size, cache, pre),
                 _images(dataset, episode.query_ids, name, size, cache, pre))
-    if method in ONE_CLASS_METHODS:
-        if episode.label_mode != "binary":
-            raise FsadError(f"{method}: one-class methods only run in binary mode; use --label-mode binary")
-        est = OneClassAsSupervised(method, params)
-        return est, partition.patch(episode.support_ids), partition.patch(episode.query_ids)
-    raise FsadError(f"method {method!r}: not available under the supervised protocol; use one of {', '.join(METHODS)}")
+    raise FsadError(f"method {method!r}: no input builder under the supervised protocol")  # pragma: no cover
 
 
 def _log_proba(est, X) -> np.ndarray:
@@ -248,14 +183,14 @@ def _jsonable_params(params: dict) -> str:
 
 
 def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, method: str,
-                           method_params: Mapping | None = None, cache: dict | None = None) -> dict:
+                           method_params: Mapping | None = None, cache: dict | None = None, runtime=None) -> dict:
     """Fit on the episode's support only, predict its queries, return one row of metrics."""
     params = dict(method_params or {})
     cache = {} if cache is None else cache
     names = np.asarray(episode.classes)
     y_support = names[np.asarray(episode.support_labels)]
     y_query = names[np.asarray(episode.query_labels)]
-    est, X_support, X_query = _build(method, dataset, partition, episode, params, cache)
+    est, X_support, X_query = _build(method, dataset, partition, episode, params, cache, runtime)
 
     t0 = time.perf_counter()
     est.fit(X_support, y_support)
@@ -300,16 +235,15 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
 
 def evaluate_supervised(dataset, partition, method: str, k_good: int, k_bad: int, seeds,
                         label_mode: str = "binary", pool: str = "test",
-                        method_params: Mapping | None = None) -> list[dict]:
+                        method_params: Mapping | None = None, runtime=None) -> list[dict]:
     """One row per seed (see ``run_supervised_episode``); models that do not depend on the episode
     (a meta-trained CAML, a loaded backbone, decoded images) are built once and shared across seeds."""
-    if method not in METHODS:
-        raise FsadError(f"method {method!r}: not available under the supervised protocol; use one of {', '.join(METHODS)}")
+    registry.get(method, protocol=registry.SUPERVISED)
     if isinstance(seeds, (int, np.integer)):
         seeds = [int(seeds)]
     cache: dict = {}
     rows = []
     for seed in seeds:
         episode = sample_supervised(dataset, k_good, k_bad, seed, label_mode=label_mode, pool=pool)
-        rows.append(run_supervised_episode(dataset, partition, episode, method, method_params, cache))
+        rows.append(run_supervised_episode(dataset, partition, episode, method, method_params, cache, runtime))
     return rows

@@ -1,25 +1,29 @@
-"""What every one-class method shares: input checks, the pooled image score, and saving the fitted state.
+"""The detector contract every method follows (scikit-learn conventions).
 
-A one-class method is fitted on the patch features of good support images and scores query images:
-
-    fit(support: float32 [n, h, w, d]) -> self
-    score(query: float32 [m, h, w, d]) -> (image_scores [m], patch_maps [m, h, w])
-
-``save(path)`` writes the fitted state (memory bank and friends) and the constructor parameters to one
-``.npz`` file (atomically), so MLflow can log it; ``load(path)`` rebuilds a ready-to-score method.
+* Hyper-parameters are the keyword arguments of ``__init__`` and stored under the same names; ``get_params``
+  reads them back from the signature, so a model can always be rebuilt from its parameters.
+* ``fit`` takes data only: ``Detector.fit(X)`` on good images (patch features [n, h, w, d] or images
+  [n, 3, S, S], as the registry entry's input kind says); ``Classifier.fit(X, y)`` on labelled shots.
+  Fitted state ends with an underscore (``bank_``, ``classes_``).
+* How to compute (device, artifact folder, threads, progress) is a ``Runtime`` (``set_runtime``), never a
+  parameter.
+* ``Detector.score(X) -> (image_scores [m], maps [m, h, w])`` at the method's own map resolution;
+  ``anomaly_maps(maps, size)`` is the one shared post-processing to image resolution (bilinear, then a
+  Gaussian of ``map_sigma`` pixels: 4 for patch-level maps, 0 for maps a method already smoothed).
+* ``save(folder)`` / ``Method.load(folder)``: one format for every method (``methods/persistence.py``).
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fewshot_core.atomic import atomic_write
-from fewshot_core.errors import FsadError
+from fewshot_core.methods.anomaly_map import DEFAULT_SIGMA, to_image_maps
+from fewshot_core.runtime import DEFAULT_RUNTIME, Runtime
 
 
 def as_patch_array(x, what: str = "features") -> np.ndarray:
@@ -43,58 +47,110 @@ def pooled_max(patch_maps: np.ndarray, kernel: int = 3, stride: int | None = Non
     return pooled.flatten(1).amax(1).numpy()
 
 
-class OneClassMethod:
-    """Base class: subclasses set ``name``, implement ``fit``/``score``, ``_state``/``_set_state``."""
+class NotFittedError(RuntimeError):
+    pass
+
+
+class Method:
+    """Base of every method: parameters, runtime, fitted check, save/load."""
 
     name = "base"
-
-    def __init__(self, **params):
-        self.params = dict(params)
-
-    def get_params(self) -> dict:
-        return dict(self.params)
-
-    def fit(self, support) -> OneClassMethod:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def score(self, query) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    # --- persistence -------------------------------------------------------------------------
-    def _state(self) -> dict[str, np.ndarray]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def _set_state(self, state: dict[str, np.ndarray]) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def _check_fitted(self) -> None:
-        if not getattr(self, "fitted_", False):
-            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(support) first")
-
-    def save(self, path) -> Path:
-        """Write the fitted state and the parameters to ``path`` (.npz), atomically."""
-        self._check_fitted()
-        header = json.dumps({"method": self.name, "params": self.get_params()})
-        # suffix .npz: np.savez appends it to any other name, and the rename would miss the file
-        return atomic_write(path, lambda tmp: np.savez(tmp, __header__=np.array(header), **self._state()),
-                            suffix=".npz")
+    # Bump when the saved state of this method changes meaning; older folders then ask to be rebuilt.
+    version = 1
+    _runtime: Runtime = DEFAULT_RUNTIME
 
     @classmethod
-    def load(cls, path) -> OneClassMethod:
-        """Rebuild a fitted method from ``save``'s file."""
-        path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                header = json.loads(str(data["__header__"]))
-                state = {k: data[k] for k in data.files if k != "__header__"}
-        except (OSError, KeyError, ValueError) as exc:
-            raise FsadError(f"{path}: not a saved fsad method ({exc}); save one with method.save(path)") from exc
-        if header["method"] != cls.name and cls is not OneClassMethod:
-            raise FsadError(f"{path}: holds a {header['method']!r} method, not {cls.name!r}; load it with that class")
-        if cls is OneClassMethod:
-            from fewshot_core.methods import get_method_class
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in sig.parameters.values()
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
-            cls = get_method_class(header["method"])
-        method = cls(**header["params"])
-        method._set_state(state)
-        return method
+    def get_params(self) -> dict:
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params) -> "Method":
+        unknown = sorted(set(params) - set(self._param_names()))
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown parameter(s) {', '.join(unknown)}")
+        for k, v in params.items():
+            setattr(self, k, v)
+        return self
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    def set_runtime(self, runtime: Runtime | None) -> "Method":
+        self._runtime = runtime or DEFAULT_RUNTIME
+        return self
+
+    def is_fitted(self) -> bool:
+        return bool(getattr(self, "fitted_", False))
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted():
+            raise NotFittedError(f"{type(self).__name__} is not fitted: call fit first")
+
+    # --- persistence (methods/persistence.py) ----------------------------------------------------
+    def get_state(self) -> dict:
+        """The fitted state: ``{"arrays": {name: ndarray}, "tensors": {name: tensor or state dict},
+        "info": JSON-able dict}`` (any part may be missing)."""
+        raise NotImplementedError
+
+    def set_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def provenance(self) -> dict:
+        """What a saved model records about its inputs beyond its parameters (backbone, weights hash)."""
+        return {}
+
+    def save(self, folder, extra: dict | None = None) -> Path:
+        from fewshot_core.methods.persistence import save_model
+
+        return save_model(self, folder, extra)
+
+    @classmethod
+    def load(cls, folder, runtime: Runtime | None = None) -> "Method":
+        from fewshot_core.methods.persistence import load_model
+
+        model = load_model(folder, runtime)
+        if cls is not Method and cls not in (Detector, Classifier) and not isinstance(model, cls):
+            from fewshot_core.errors import FsadError
+
+            raise FsadError(f"{folder}: holds a {model.name!r} model, not {cls.name!r}; load it with Method.load")
+        return model
+
+
+class Detector(Method):
+    """A one-class detector: ``fit(X)`` on good images, ``score(X) -> (image_scores, maps)``."""
+
+    input_kind = "patches"
+    map_sigma: float = DEFAULT_SIGMA
+
+    def fit(self, X) -> "Detector":  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def score(self, X) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def anomaly_maps(self, maps: np.ndarray, size, sigma: float | None = None) -> np.ndarray:
+        """``score``'s maps at image resolution ``size``: the shared post-processing of every detector."""
+        return to_image_maps(maps, size, self.map_sigma if sigma is None else sigma)
+
+
+class Classifier(Method):
+    """A supervised few-shot learner: ``fit(X, y)``, ``predict_log_proba(X) -> [m, C]`` over ``classes_``."""
+
+    input_kind = "embeddings"
+
+    def fit(self, X, y) -> "Classifier":  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def predict_log_proba(self, X) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def predict_proba(self, X) -> np.ndarray:
+        return np.exp(self.predict_log_proba(X))
+
+    def predict(self, X) -> np.ndarray:
+        return np.asarray(self.classes_)[np.argmax(self.predict_log_proba(X), axis=1)]

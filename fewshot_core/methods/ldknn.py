@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fewshot_core.methods.base import OneClassMethod, as_patch_array, pooled_max
+from fewshot_core.methods.base import Detector, as_patch_array, pooled_max
 from fewshot_core.methods.knn import build_bank
 from fewshot_core.methods.nn_search import NearestNeighbors
 
@@ -25,52 +25,59 @@ LD_FORMS = ("difference", "ratio")
 _RATIO_EPS = 1e-12  # LD is 0 for a patch with an exact duplicate; keeps the ratio finite
 
 
-class LDKNN(OneClassMethod):
+class LDKNN(Detector):
     name = "ldknn"
+    input_kind = "patches"
 
     def __init__(self, k: int = 5, ld_coef: float = 1.0, ld_form: str = "difference", pool: int = 3,
-                 coreset_ratio: float = 1.0, min_bank: int = 10_000, index: str = "flat", use_gpu="auto",
-                 seed: int = 0):
+                 coreset_ratio: float = 1.0, min_bank: int = 10_000, index: str = "flat", seed: int = 0):
         if ld_form not in LD_FORMS:
             raise ValueError(f"ld_form must be one of {LD_FORMS}, got {ld_form!r}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        super().__init__(k=k, ld_coef=ld_coef, ld_form=ld_form, pool=pool, coreset_ratio=coreset_ratio,
-                         min_bank=min_bank, index=index, use_gpu=use_gpu, seed=seed)
+        self.k = k
+        self.ld_coef = ld_coef
+        self.ld_form = ld_form
+        self.pool = pool
+        self.coreset_ratio = coreset_ratio
+        self.min_bank = min_bank
+        self.index = index
+        self.seed = seed
 
     def _index(self, data: np.ndarray) -> NearestNeighbors:
-        return NearestNeighbors(self.params["index"], self.params["use_gpu"], seed=self.params["seed"]).fit(data)
+        return NearestNeighbors(self.index, self.runtime.faiss_gpu, seed=self.seed).fit(data)
 
-    def fit(self, support) -> LDKNN:
-        everything, bank = build_bank(support, self.params)
+    def fit(self, X) -> LDKNN:
+        everything, bank = build_bank(X, self.coreset_ratio, self.min_bank, self.seed)
         self.bank_ = np.array(bank, copy=True)
         self.nn_ = self._index(self.bank_)
         full = self.nn_ if bank is everything else self._index(everything)
-        sq, _ = full.search(self.bank_, self.params["k"] + 1)
+        sq, _ = full.search(self.bank_, self.k + 1)
         neighbours = sq[:, 1:] if sq.shape[1] > 1 else sq  # a one-patch support has no other neighbour
         self.ld_ = neighbours.mean(1).astype(np.float32)
         self.fitted_ = True
         return self
 
-    def score(self, query) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, X) -> tuple[np.ndarray, np.ndarray]:
         self._check_fitted()
-        q = as_patch_array(query, "query")
+        q = as_patch_array(X, "query")
         m, h, w, d = q.shape
         sq, idx = self.nn_.search(q.reshape(-1, d), 1)
         dist, ld = sq[:, 0], self.ld_[idx[:, 0]]
-        lam = self.params["ld_coef"]
-        if self.params["ld_form"] == "difference":
+        lam = self.ld_coef
+        if self.ld_form == "difference":
             patch = dist - lam * ld if lam else dist
         else:
             patch = dist / np.maximum(ld, _RATIO_EPS) ** lam if lam else dist
         patch = patch.astype(np.float32).reshape(m, h, w)
-        return pooled_max(patch, self.params["pool"]), patch
+        return pooled_max(patch, self.pool), patch
 
-    def _state(self):
-        return {"bank": self.bank_, "ld": self.ld_}
+    def get_state(self) -> dict:
+        return {"arrays": {"bank": self.bank_, "ld": self.ld_}}
 
-    def _set_state(self, state):
-        self.bank_ = np.ascontiguousarray(state["bank"], dtype=np.float32)
-        self.ld_ = np.asarray(state["ld"], dtype=np.float32)
+    def set_state(self, state: dict) -> None:
+        arrays = state["arrays"]
+        self.bank_ = np.ascontiguousarray(arrays["bank"], dtype=np.float32)
+        self.ld_ = np.asarray(arrays["ld"], dtype=np.float32)
         self.nn_ = self._index(self.bank_)
         self.fitted_ = True

@@ -14,38 +14,42 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fewshot_core.methods.base import OneClassMethod, as_patch_array
+from fewshot_core.methods.base import Detector, as_patch_array
 from fewshot_core.methods.coreset import approximate_greedy_coreset, coreset_size
 from fewshot_core.methods.nn_search import NearestNeighbors
 
 
-class PatchCore(OneClassMethod):
+class PatchCore(Detector):
     name = "patchcore"
+    input_kind = "patches"
 
     def __init__(self, coreset_ratio: float = 0.1, min_bank: int = 10_000, num_neighbors: int = 9,
-                 proj_dim: int = 128, n_starts: int = 10, index: str = "flat", use_gpu="auto", seed: int = 0):
-        super().__init__(coreset_ratio=coreset_ratio, min_bank=min_bank, num_neighbors=num_neighbors,
-                         proj_dim=proj_dim, n_starts=n_starts, index=index, use_gpu=use_gpu, seed=seed)
+                 proj_dim: int = 128, n_starts: int = 10, index: str = "flat", seed: int = 0):
+        self.coreset_ratio = coreset_ratio
+        self.min_bank = min_bank
+        self.num_neighbors = num_neighbors
+        self.proj_dim = proj_dim
+        self.n_starts = n_starts
+        self.index = index
+        self.seed = seed
         coreset_size(1, coreset_ratio, 0)  # validates the ratio early
 
-    def fit(self, support) -> PatchCore:
-        feats = as_patch_array(support, "support")
+    def fit(self, X) -> PatchCore:
+        feats = as_patch_array(X, "support")
         flat = feats.reshape(-1, feats.shape[-1])
-        p = self.params
-        keep = coreset_size(len(flat), p["coreset_ratio"], p["min_bank"])
-        idx = approximate_greedy_coreset(flat, keep, p["proj_dim"], p["n_starts"], seed=p["seed"])
+        keep = coreset_size(len(flat), self.coreset_ratio, self.min_bank)
+        idx = approximate_greedy_coreset(flat, keep, self.proj_dim, self.n_starts, seed=self.seed)
         self.bank_ = flat[np.sort(idx)] if keep < len(flat) else flat.copy()
         self._build_index()
         return self
 
     def _build_index(self) -> None:
-        p = self.params
-        self.nn_ = NearestNeighbors(p["index"], p["use_gpu"], seed=p["seed"]).fit(self.bank_)
+        self.nn_ = NearestNeighbors(self.index, self.runtime.faiss_gpu, seed=self.seed).fit(self.bank_)
         self.fitted_ = True
 
-    def score(self, query) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, X) -> tuple[np.ndarray, np.ndarray]:
         self._check_fitted()
-        q = as_patch_array(query, "query")
+        q = as_patch_array(X, "query")
         m, h, w, d = q.shape
         flat = q.reshape(-1, d)
         sq, nn_idx = self.nn_.search(flat, 1)
@@ -54,7 +58,7 @@ class PatchCore(OneClassMethod):
             patch.reshape(m, h, w)
 
     def _image_scores(self, patch: np.ndarray, nn_idx: np.ndarray, q: np.ndarray) -> np.ndarray:
-        b = min(self.params["num_neighbors"], len(self.bank_))
+        b = min(self.num_neighbors, len(self.bank_))
         rows = np.arange(len(patch))
         star = patch.argmax(1)  # m_test,* : the patch farthest from the bank
         s_star = patch[rows, star]
@@ -67,9 +71,9 @@ class PatchCore(OneClassMethod):
         weights = 1.0 - torch.softmax(dists.double(), dim=1)[:, 0].numpy()
         return (weights * s_star).astype(np.float32)
 
-    def _state(self):
-        return {"bank": self.bank_}
+    def get_state(self) -> dict:
+        return {"arrays": {"bank": self.bank_}}
 
-    def _set_state(self, state):
-        self.bank_ = np.ascontiguousarray(state["bank"], dtype=np.float32)
+    def set_state(self, state: dict) -> None:
+        self.bank_ = np.ascontiguousarray(state["arrays"]["bank"], dtype=np.float32)
         self._build_index()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import log_softmax
 
+from fewshot_core.methods.base import Classifier
+
 DISTANCES = ("euclidean", "cosine")
 DEFAULT_TEMPERATURE = {"euclidean": 1.0, "cosine": 0.1}
 
@@ -33,16 +35,23 @@ def class_distances(queries: np.ndarray, prototypes: np.ndarray, distance: str) 
     raise ValueError(f"unknown distance {distance!r}; use one of {DISTANCES}")
 
 
-class ProtoNet:
+class ProtoNet(Classifier):
     """Nearest-class-mean classifier with softmax over negative distances."""
+
+    name = "protonet"
+    input_kind = "embeddings"
 
     def __init__(self, distance: str = "euclidean", temperature: float | None = None):
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}; use one of {DISTANCES}")
-        self.distance = distance
-        self.temperature = DEFAULT_TEMPERATURE[distance] if temperature is None else float(temperature)
-        if self.temperature <= 0:
+        if temperature is not None and float(temperature) <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.distance = distance
+        self.temperature = temperature
+
+    @property
+    def temperature_(self) -> float:
+        return DEFAULT_TEMPERATURE[self.distance] if self.temperature is None else float(self.temperature)
 
     def fit(self, X, y) -> "ProtoNet":
         X = np.asarray(X, dtype=np.float32)
@@ -51,17 +60,19 @@ class ProtoNet:
             raise ValueError(f"expected X [n, D] and y [n] with n > 0, got {X.shape} and {y.shape}")
         self.classes_ = np.unique(y)
         self.prototypes_ = np.stack([X[y == c].mean(0) for c in self.classes_]).astype(np.float32)
+        self.fitted_ = True
         return self
 
     def decision_function(self, X) -> np.ndarray:
         """Logits [m, C] = −distance / temperature."""
-        return -class_distances(np.asarray(X, dtype=np.float32), self.prototypes_, self.distance) / self.temperature
+        return -class_distances(np.asarray(X, dtype=np.float32), self.prototypes_, self.distance) / self.temperature_
 
     def predict_log_proba(self, X) -> np.ndarray:
         return log_softmax(self.decision_function(X), axis=1)
 
-    def predict_proba(self, X) -> np.ndarray:
-        return np.exp(self.predict_log_proba(X))
+    def get_state(self) -> dict:
+        return {"arrays": {"prototypes": self.prototypes_, "classes": np.asarray(self.classes_).astype(str)}}
 
-    def predict(self, X) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+    def set_state(self, state: dict) -> None:
+        self.prototypes_ = np.asarray(state["arrays"]["prototypes"], dtype=np.float32)
+        self.classes_ = np.asarray(state["arrays"]["classes"])

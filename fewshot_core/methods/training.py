@@ -406,19 +406,17 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
 
 def get_image_method(name: str, artifact_dir=None, **params) -> TrainedDetector:
     """A new image-trained detector ``name`` with config fields ``params`` (unknown fields: FsadError)."""
-    import importlib
+    from fewshot_core.methods import registry
 
-    from fewshot_core.methods import IMAGE_METHODS
-
-    target = IMAGE_METHODS.get(name)
-    if target is None:
-        raise FsadError(f"method {name!r}: not an image-trained method; use one of {', '.join(sorted(IMAGE_METHODS))}")
-    module, _, cls_name = target.partition(":")
-    cls = getattr(importlib.import_module(module), cls_name)
+    entry = registry.get(name, protocol=registry.ONECLASS)
+    if entry.input_kind != registry.IMAGES:
+        raise FsadError(f"method {name!r}: not an image-trained method; use one of "
+                        f"{', '.join(registry.names(input_kind=registry.IMAGES, family=registry.ONECLASS))}")
+    cls = entry.load_class()
     try:
         return cls(artifact_dir=artifact_dir, **params)
     except TypeError as exc:
-        raise FsadError(f"method {name!r}: bad parameters {params} ({exc}); see {module}") from exc
+        raise FsadError(f"method {name!r}: bad parameters {params} ({exc}); see {cls.__module__}") from exc
 
 
 def _episode_images(dataset, ids, size: int, cache: dict | None) -> torch.Tensor:

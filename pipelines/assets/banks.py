@@ -25,21 +25,21 @@ def build_banks_asset(cfg: SweepConfig, embeddings_asset) -> dg.AssetsDefinition
                           "prototypes (mean global embedding: good from train, each defect type from test).")
     def memory_banks(context: dg.AssetExecutionContext, feature_store: FeatureStoreResource,
                      device: DeviceResource) -> dict:
-        from fewshot_core.methods import get_method
+        from fewshot_core.methods import create
 
         out, sizes = {}, []
         for p in keys_of(context):
             ds = load_category(cfg, p["category"])
             part = feature_store.build(ds, p["backbone"], device.resolve())
             train = [r.image_id for r in ds.train_good()]
-            bank = get_method("patchcore", coreset_ratio=0.1, min_bank=1000).fit(part.patch(train))
+            bank = create("patchcore", coreset_ratio=0.1, min_bank=1000).fit(part.patch(train))
             classes, protos = ["good"], [part.global_(train).mean(0)]
             for defect in ds.defect_types():
                 ids = [r.image_id for r in ds.test() if r.defect_type == defect]
                 if ids:
                     classes.append(defect)
                     protos.append(part.global_(ids).mean(0))
-            state = {f"patchcore_{k}": v for k, v in bank._state().items()}
+            state = {f"patchcore_{k}": v for k, v in bank.get_state()["arrays"].items()}
             out[p["key"]] = {**state, "prototypes": np.stack(protos).astype(np.float32),
                              "prototype_classes": np.array(classes),
                              "feature_key": np.array(part.key),

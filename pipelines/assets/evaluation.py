@@ -190,7 +190,8 @@ def _run_oneclass(cfg, ds, part, spec: MethodSpec, setting: Setting, cache: dict
                                    details=details)
         scores, patch_maps = details["image_scores"], details["patch_maps"]
         with tempfile.TemporaryDirectory() as tmp:
-            model_files = {"model/fitted_bank.npz": details["model"].save(Path(tmp) / "fitted.npz").read_bytes()}
+            folder = details["model"].save(Path(tmp) / "model")
+            model_files = {f"model/{f.name}": f.read_bytes() for f in sorted(folder.iterdir()) if f.is_file()}
     artifacts = {"plots/roc_curve.png": plots.roc_curve_png(labels, scores, f"{spec.id} {ds.category} {setting.key}")}
     # Gallery: the two highest-scored anomalous images, the highest-scored good one, the lowest anomalous.
     order = np.argsort(-scores)

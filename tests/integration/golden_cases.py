@@ -10,7 +10,7 @@ from pathlib import Path
 
 SYNTH_SIZE = 64
 BOTTLE_SIZE = 128
-FAST = {"use_gpu": False}
+FAST: dict = {}
 TRAINED = {"image_size": 64, "progress": False, "threads": 1, "device": "cpu"}
 
 CASES: dict[str, dict] = {}

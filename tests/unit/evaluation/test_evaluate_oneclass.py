@@ -13,6 +13,7 @@ from fewshot_core.cli import main
 from fewshot_core.data import list_categories, load_dataset
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.oneclass import evaluate_oneclass, parse_shots, run_oneclass_episode
+from fewshot_core.methods import registry
 from fewshot_core.episodes import sample_oneclass
 from fewshot_core.features.store import FeatureStore
 
@@ -111,7 +112,7 @@ def test_image_trained_methods_go_through_the_training_runner(synth, monkeypatch
         calls.append((episode.seed, method, params, mask_size))
         return {"method": method, "seed": episode.seed, "image_auroc": 0.5}
 
-    monkeypatch.setattr(methods, "IMAGE_METHODS", {"toy": "nowhere:Toy"}, raising=False)
+    monkeypatch.setitem(registry.REGISTRY, "toy", registry.MethodEntry("toy", "oneclass", "images", "nowhere:Toy", "toy"))
     monkeypatch.setattr(training, "run_image_episode", fake)
     rows = evaluate_oneclass(dataset, None, "toy", 1, [0, 1], {"epochs": 1}, mask_size=64)
     assert [r["seed"] for r in rows] == [0, 1] and calls[0] == (0, "toy", {"epochs": 1}, 64)
@@ -121,7 +122,7 @@ def test_image_trained_methods_go_through_the_training_runner(synth, monkeypatch
 
 def test_bad_inputs_raise_fsad_errors(synth):
     dataset, partition, _ = synth
-    with pytest.raises(FsadError, match="not a one-class method"):
+    with pytest.raises(FsadError, match="not available under the oneclass protocol"):
         evaluate_oneclass(dataset, partition, "protonet", 1, [0])
     with pytest.raises(FsadError, match="shots"):
         parse_shots("many")

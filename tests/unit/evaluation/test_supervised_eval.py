@@ -153,7 +153,7 @@ def test_caml_meta_trains_on_other_categories_only(data, tmp_path, monkeypatch):
 @pytest.mark.parametrize("method", ["patchcore", "ldknn"])
 def test_one_class_methods_under_the_protocol(data, method):
     ds, part = data
-    params = {"use_gpu": False} if method == "patchcore" else {"use_gpu": False, "k": 1, "pool": 1}
+    params = {} if method == "patchcore" else {"k": 1, "pool": 1}
     rows = evaluate_supervised(ds, part, method, k_good=3, k_bad=1, seeds=[0, 1], method_params=params)
     for r in rows:
         assert r["auroc"] > 0.9 and r["balanced_accuracy"] > 0.7, r
@@ -164,8 +164,10 @@ def test_one_class_methods_under_the_protocol(data, method):
 
 def test_unknown_method_is_a_user_error(data):
     ds, part = data
-    with pytest.raises(FsadError, match="supervised protocol"):
+    with pytest.raises(FsadError, match="unknown; choose one of"):
         evaluate_supervised(ds, part, "svm", 1, 1, [0])
+    with pytest.raises(FsadError, match="not available under the supervised protocol"):
+        evaluate_supervised(ds, part, "efficientad", 1, 1, [0])
 
 
 def test_pmf_and_protonet_through_the_real_store(synth_root, tmp_path):

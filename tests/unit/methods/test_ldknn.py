@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot_core.methods.base import OneClassMethod, pooled_max
+from fewshot_core.methods.base import Method, pooled_max
 from fewshot_core.methods.knn import KNN
 from fewshot_core.methods.ldknn import LDKNN
 
@@ -97,7 +97,7 @@ def test_density_correction_changes_scores_and_both_detect_defects():
 def test_save_load_and_bad_params(tmp_path):
     sup, qry = _data(seed=7)
     model = LDKNN(k=3, ld_coef=0.7).fit(sup)
-    again = OneClassMethod.load(model.save(tmp_path / "ld.npz"))
+    again = Method.load(model.save(tmp_path / "ld"))
     assert isinstance(again, LDKNN)
     np.testing.assert_array_equal(again.ld_, model.ld_)
     for a, b in zip(model.score(qry), again.score(qry)):
