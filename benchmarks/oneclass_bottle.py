@@ -28,7 +28,7 @@ from fewshot_core.data import load_dataset  # noqa: E402
 from fewshot_core.episodes import sample_oneclass  # noqa: E402
 from fewshot_core.evaluation.oneclass import evaluate_oneclass, parse_shots  # noqa: E402
 from fewshot_core.features.store import FeatureStore  # noqa: E402
-from fewshot_core.methods import get_method  # noqa: E402
+from fewshot_core.methods import create  # noqa: E402
 from fewshot_core.methods import nn_search  # noqa: E402
 from fewshot_core.paths import shared_mvtec_root  # noqa: E402
 
@@ -75,7 +75,7 @@ def speed(dataset, partition, shots, params, repeats: int = 3) -> dict:
     support = partition.patch(list(episode.support_ids))
     query = partition.patch(list(episode.query_ids))
     flat = query.reshape(-1, query.shape[-1])
-    model = get_method("patchcore", **params)
+    model = create("patchcore", **params)
     t0 = time.perf_counter()
     model.fit(support)
     fit_s = time.perf_counter() - t0

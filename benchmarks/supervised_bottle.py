@@ -48,8 +48,6 @@ ALL_METHODS = ["protonet-euclidean", "protonet-cosine", "caml", "patchcore", "ld
 def method_call(label: str) -> tuple[str, dict]:
     if label.startswith("protonet-"):
         return "protonet", {"distance": label.split("-", 1)[1]}
-    if label in ("patchcore", "ldknn"):
-        return label, {"use_gpu": False}
     return label, {}
 
 
@@ -57,7 +55,7 @@ def caml_meta_pool(args, store):
     """Lite0 embeddings of generated categories (never bottle) for CAML's meta-training."""
     from fewshot_core.data import load_dataset
     from fewshot_core.data.synth import generate
-    from fewshot_core.evaluation.supervised import caml_pool
+    from fewshot_core.evaluation.meta_pool import pool_from_partitions
 
     root = Path(args.work) / "synth"
     names = generate(root, categories=args.synth_categories, seed=0, size=128, n_train=20, n_test_good=10,
@@ -67,7 +65,7 @@ def caml_meta_pool(args, store):
         ds = load_dataset(root, name)
         pairs.append((ds, store.build(ds, backbone=BACKBONE, image_size=args.image_size, num_workers=0,
                                       progress=False)))
-    return caml_pool(pairs)
+    return pool_from_partitions(pairs, source="synthetic (benchmark)")
 
 
 def run(args) -> pd.DataFrame:
@@ -88,14 +86,18 @@ def run(args) -> pd.DataFrame:
     part = store.build(bottle, backbone=BACKBONE, image_size=args.image_size, num_workers=0, progress=False)
     print(f"# bottle partition {part.key} ({time.perf_counter() - t0:.1f}s)", flush=True)
 
+    from fewshot_core.runtime import Runtime
+
+    runtime = Runtime(artifact_dir=Path(args.work) / "artifacts", faiss_gpu=False)
     rows = []
     for label in args.methods:
         method, params = method_call(label)
         seeds = list(range(args.seeds))
         configs = CONFIGS
+        meta_pool = None
         if method == "caml":
-            params.update(meta_pool=caml_meta_pool(args, store), cache_root=str(Path(args.work) / "artifacts"),
-                          train={"steps": args.caml_steps, "time_budget_s": args.caml_budget,
+            meta_pool = caml_meta_pool(args, store)
+            params.update(train={"steps": args.caml_steps, "time_budget_s": args.caml_budget,
                                  "episodes_per_step": args.caml_episodes})
         if method == "pmf":
             seeds = list(range(args.pmf_seeds))
@@ -106,7 +108,8 @@ def run(args) -> pd.DataFrame:
         for mode in modes:
             for g, b in configs:
                 t = time.perf_counter()
-                out = evaluate_supervised(bottle, part, method, g, b, seeds, label_mode=mode, method_params=params)
+                out = evaluate_supervised(bottle, part, method, g, b, seeds, label_mode=mode, method_params=params,
+                                          meta_pool=meta_pool, runtime=runtime)
                 for r in out:
                     r["method_label"] = label
                 rows += out
@@ -158,14 +161,18 @@ def run_pmf_bundle(args) -> pd.DataFrame:
     imgs = torch.from_numpy(np.load(b / "images.npz")["images"]).permute(0, 3, 1, 2).float() / 255.0
     images = {r.image_id: (x - mean) / std for r, x in zip(recs, imgs)}
     part = type("MetaOnly", (), {"meta": {"backbone": BACKBONE, "image_size": imgs.shape[-1]}})()
-    params = {"images": images, "weights": str(b / "lite0.pth"), "device": args.device, "steps": args.pmf_steps,
+    from fewshot_core.runtime import Runtime
+
+    runtime = Runtime(device=args.device)
+    params = {"weights": str(b / "lite0.pth"), "steps": args.pmf_steps,
               "search_steps": args.pmf_search_steps, "image_size": imgs.shape[-1], "time_budget_s": args.pmf_budget}
     rows = []
     configs = [c for c in CONFIGS if f"g{c[0]}b{c[1]}" in args.pmf_configs] if args.pmf_configs else CONFIGS
     for mode in args.pmf_modes:
         for g, k in configs:
             t = time.perf_counter()
-            out = evaluate_supervised(ds, part, "pmf", g, k, list(range(args.pmf_seeds)), mode, method_params=params)
+            out = evaluate_supervised(ds, part, "pmf", g, k, list(range(args.pmf_seeds)), mode, method_params=params,
+                                      images=images, runtime=runtime)
             for r in out:
                 r["method_label"] = "pmf"
             rows += out

@@ -60,6 +60,11 @@ def register(subparsers) -> None:
     g.add_argument("--label-mode", choices=("binary", "multiclass"), default="binary")
     g.add_argument("--distance", choices=("euclidean", "cosine"), default=None, help="ProtoNet distance")
     g.add_argument("--pool", choices=("test", "all"), default="test", help="where shots and queries are drawn from")
+    g.add_argument("--meta-pool", default=None, metavar="SOURCE",
+                   help="what a meta-trained method (caml) learns from, never the evaluated category: 'synthetic' "
+                        "(or 'synthetic:N', N generated categories), 'root' (the other categories of ROOT) or a "
+                        "PATH to another MVTec-layout root; default: 'root' when ROOT has other categories, "
+                        "else 'synthetic'")
     g = p.add_argument_group("features (the store partition)")
     g.add_argument("--backbone", default=None, help="timm model name (default tf_efficientnet_lite0)")
     g.add_argument("--image-size", type=int, default=256, help="square resize, no crop (default 256)")
@@ -103,7 +108,42 @@ def _rows(args, dataset, partition) -> list[dict]:
     except ImportError as exc:
         raise FsadError(f"supervised protocol unavailable ({exc}); install the project with its dependencies") from exc
     return evaluate_supervised(dataset, partition, args.method, args.k_good, args.k_bad, args.seeds,
-                               label_mode=args.label_mode, pool=args.pool, method_params=params)
+                               label_mode=args.label_mode, pool=args.pool, method_params=params,
+                               meta_pool=_meta_pool(args, dataset, partition, params))
+
+
+def _meta_pool(args, dataset, partition, params: dict):
+    """The meta-training pool for a meta-trained method (None for the others, or with a checkpoint)."""
+    from fewshot_core.data import list_categories
+    from fewshot_core.evaluation import meta_pool as pools
+    from fewshot_core.features.store import FeatureStore
+    from fewshot_core.methods import registry
+    from fewshot_core.paths import default_work_dir
+
+    if not hasattr(registry.get(args.method).load_class(), "meta_fit") or params.get("checkpoint"):
+        return None
+    source = args.meta_pool
+    others = [c for c in list_categories(dataset.root) if c != dataset.category] if dataset.root.is_dir() else []
+    if source is None:
+        source = "root" if others else pools.SYNTHETIC
+    store = FeatureStore(args.store)
+    build = dict(layers=args.layers, weights=args.weights, num_workers=args.num_workers, device=args.device,
+                 patch_dim=args.patch_dim)
+    backbone, size = partition.meta.get("backbone"), partition.image_size
+    if source == "root":
+        if not others:
+            raise FsadError(f"--meta-pool root: {dataset.root} has no category besides {dataset.category!r}; "
+                            "use --meta-pool synthetic or a PATH to another root")
+        return pools.root_pool(dataset.root, store, backbone, size, categories=others, **build)
+    if source == pools.SYNTHETIC or source.startswith(pools.SYNTHETIC + ":"):
+        count = source.partition(":")[2] or "4"
+        if not count.isdigit() or int(count) < 1:
+            raise FsadError(f"--meta-pool {source}: give synthetic:N with N >= 1 generated categories")
+        return pools.synthetic_pool(store, backbone, size, default_work_dir(), categories=int(count), **build)
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        raise FsadError(f"--meta-pool {source}: not 'synthetic', 'root' or an existing folder; pass one of those")
+    return pools.root_pool(root, store, backbone, size, **build)
 
 
 def _needs_features(protocol: str, method: str) -> bool:
@@ -155,7 +195,8 @@ def run(args) -> int:
     shown = json.loads(rows[0].get("params", "{}")) if rows else {}
     shown.pop("seed", None)  # follows each row's episode seed
     features = f"{partition.meta.get('backbone')} @ {partition.image_size}px" if partition else "trained on images"
+    pool = rows[0].get("meta_pool") if rows else ""
     print(f"{args.protocol} · {dataset.category} · {args.method} · {features} · params "
-          f"{json.dumps(shown, sort_keys=True)}")
+          f"{json.dumps(shown, sort_keys=True)}" + (f" · meta-trained on {pool}" if pool else ""))
     print(format_table(rows, args.protocol))
     return 0

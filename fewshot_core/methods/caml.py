@@ -17,18 +17,18 @@ Two ways to get the sequence model:
 * ``meta_train(pool, exclude=...)``: offline meta-training on episodes drawn from cached embeddings of
   *other* categories (leave-the-evaluated-category-out). The evaluated category is dropped from the pool
   before any sampling, and the trained model records the categories it saw (``trained_on``).
-  ``meta_train_or_load`` keeps the result as a versioned artifact (``model.pt`` + ``config.json``) and
-  reloads it instead of retraining.
+  ``meta_train_or_load`` keeps the result as a saved CAML model folder (``methods/persistence.py``) under
+  the runtime's artifact folder and reloads it instead of retraining.
 
 An episode with C classes uses label vectors 0..C−1 and the first C logits; C above the model's
 ``num_ways`` is refused.
 
 Meta-training episodes are randomly rotated (``MetaTrainConfig.rotate``). The paper meta-trains on
 large, varied datasets; a handful of categories (here generated ones) share their good-vs-defect
-feature directions, and a model trained on them unrotated scores queries along those fixed directions
-and ignores the support labels: on the real bottle its binary AUROC was 0.15-0.42 and did not change
-when the support labels were swapped. Rotated, only the in-episode geometry is informative, so the
-model must compare the query with the labelled support.
+feature directions, and a model trained on them unrotated learns to score queries along those fixed
+directions and to ignore the support labels, which fails on a new domain. Rotated, only the in-episode
+geometry is informative, so the model must compare the query with the labelled support
+(docs/benchmarks.md has the measurements behind these choices).
 """
 
 from __future__ import annotations
@@ -36,9 +36,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -50,11 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_core.errors import FsadError
+from fewshot_core.methods.base import Classifier
 from fewshot_core.methods.elmes import elmes
 
-# 2: episodes randomly rotated (``rotate``); 3: class-balanced shots (``balanced_shots``); 4: every class of
-# the category in a multiclass episode (``ways="all"``)
-ARTIFACT_VERSION = 4
 GOOD = "good"
 
 
@@ -83,11 +78,10 @@ class CAMLConfig:
 
 @dataclass(frozen=True)
 class MetaTrainConfig:
-    # 400 x 8 episodes left the 4-way comparison unlearnt on bottle (multiclass AUROC ~0.82); 1500 x 8
-    # reaches ProtoNet's level. A few CPU minutes, once: the model is cached as an artifact.
+    # Many-way comparison is learnt slowly; a few CPU minutes, once: the model is cached as an artifact.
     steps: int = 1500
     time_budget_s: float = 600.0
-    lr: float = 3e-3  # learning to compare under random rotations is slow; 1e-3 is still far from done at 600 steps
+    lr: float = 3e-3  # learning to compare under random rotations is slow at smaller rates
     weight_decay: float = 1e-4
     episodes_per_step: int = 8
     max_shots: int = 10
@@ -96,19 +90,16 @@ class MetaTrainConfig:
     # Give every episode a fresh uniformly random orientation of the feature space (see
     # ``random_rotation``). Without it the input projection learns the few directions in which the
     # meta-training categories' defects lie and the model scores queries by those fixed directions
-    # instead of comparing them with the support: on a new domain (synthetic -> real bottle) its
-    # ranking then ignores the support labels and comes out inverted.
+    # instead of comparing them with the support, so on a new domain its ranking ignores the labels.
     rotate: bool = True
     # Same number of shots for every class of an episode (drawn 1..max_shots per episode). With a
     # per-class count the model learns a count correction (label-only, it does not look at the images)
-    # tuned to the meta-training domain; on bottle it over-corrected and predicted the class with the
-    # fewest shots (1 good : 15 bad -> every query "good"). ``CAML`` balances test supports to match.
+    # tuned to the meta-training domain, which over-corrects elsewhere. ``CAML`` balances test supports
+    # to match.
     balanced_shots: bool = True
     # Classes per episode. "all": every class of the (binarised or not) category, up to ``num_ways``, as
-    # CAML meta-trains on fixed N-way episodes. "random": 2..that many, uniformly (artifact version 3):
-    # few episodes were then 4- or 5-way and the model learnt to compare a query with many labelled
-    # classes slowly (tests: held-out 5-way accuracy 0.89 vs 0.95 after 150 steps; on bottle, at 1200 x 4
-    # episodes, multiclass AUROC 0.81-0.87 vs 0.85-0.96 with "all"; ProtoNet 0.95-0.99).
+    # CAML meta-trains on fixed N-way episodes. "random": 2..that many, uniformly: few episodes are then
+    # many-way, and comparing a query with many labelled classes is learnt slowly.
     ways: str = "all"
     seed: int = 0
 
@@ -203,48 +194,98 @@ def haar_rotations(k: int, dim: int, seed: int) -> np.ndarray:
     return out
 
 
-class CAML:
-    """Estimator wrapper: ``fit`` stores the support, ``predict_proba`` runs the sequence model.
+class CAML(Classifier):
+    """Estimator: ``meta_fit(pool, exclude)`` (or a published ``checkpoint``) gives the sequence model;
+    ``fit(X, y)`` stores an episode's support, ``predict_log_proba`` runs the sequence model.
+
+    ``sequence_model``: an already meta-trained ``CAMLSequenceModel`` (None: from ``checkpoint`` or
+    ``meta_fit``). ``model`` / ``train``: ``CAMLConfig`` (without ``feat_dim``) and ``MetaTrainConfig``
+    fields for ``meta_fit``.
 
     ``rotations``: average the log-probabilities over this many seeded random rotations of the
     episode (``random_rotation``). A model meta-trained on rotated episodes is invariant to the
-    orientation only approximately; averaging removes most of what is left (on bottle, binary AUROC
-    0.68 -> 0.91 with 8). ``None``: 8 for such a model, 0 otherwise (the published checkpoint reads
-    raw CLIP coordinates and must not be rotated).
+    orientation only approximately; averaging removes most of what is left. ``None``: 8 for such a
+    model, 0 otherwise (the published checkpoint reads raw CLIP coordinates and must not be rotated).
 
     ``balance_support``: repeat every shot of a smaller class ceil(largest / its count) times, so that the
     classes weigh (about) the same in attention, as in the balanced episodes the model
     was meta-trained on (``MetaTrainConfig.balanced_shots``). ``None``: on for such a model.
     """
 
-    def __init__(self, model: CAMLSequenceModel, batch_size: int = 256, rotations: int | None = None, seed: int = 0,
-                 balance_support: bool | None = None):
-        self.model = model.eval()
-        self.batch_size = batch_size
-        if balance_support is None:
-            balance_support = bool(getattr(model, "train_info", {}).get("balanced_shots"))
-        self.balance_support = balance_support
-        if rotations is None:
-            rotations = 8 if getattr(model, "train_info", {}).get("rotated") else 0
-        self.rotations = int(rotations)
-        self.seed = seed
+    name = "caml"
+    input_kind = "embeddings"
+    # 5: the one model-folder format (earlier: episodes rotated, balanced shots, all ways per episode)
+    version = 5
 
+    def __init__(self, sequence_model: CAMLSequenceModel | None = None, checkpoint: str | None = None,
+                 num_heads: int = 16, model: dict | None = None, train: dict | None = None, batch_size: int = 256,
+                 rotations: int | None = None, seed: int = 0, balance_support: bool | None = None):
+        self.sequence_model = sequence_model
+        self.checkpoint = checkpoint
+        self.num_heads = num_heads
+        self.model = model
+        self.train = train
+        self.batch_size = batch_size
+        self.rotations = rotations
+        self.seed = seed
+        self.balance_support = balance_support
+
+    def get_params(self) -> dict:
+        # the sequence model is fitted state (saved with get_state), not a parameter a folder can hold
+        return {**super().get_params(), "sequence_model": None}
+
+    # --- the sequence model ----------------------------------------------------------------------
+    def _sequence(self) -> CAMLSequenceModel:
+        model = getattr(self, "sequence_model_", None)
+        if model is None and self.sequence_model is not None:
+            model = self.sequence_model
+        if model is None and self.checkpoint:
+            model = load_published_checkpoint(self.checkpoint, num_heads=int(self.num_heads))
+        if model is None:
+            raise FsadError("caml: needs a published checkpoint (param checkpoint=<model.pth>) or a meta-training "
+                            "pool of other categories (meta_fit; from the CLI --meta-pool synthetic or "
+                            "--meta-pool ROOT)")
+        self.sequence_model_ = model.eval()
+        return self.sequence_model_
+
+    def meta_fit(self, pool: EmbeddingPool, exclude: str | Iterable[str], key_extra: dict | None = None) -> "CAML":
+        """Meta-train the sequence model on ``pool`` without the ``exclude`` categories (cached as an artifact
+        under the runtime's artifact folder, keyed by configuration and data)."""
+        feat_dim = next(iter(pool.values()))[0].shape[1]
+        cfg = CAMLConfig(feat_dim=feat_dim, **(self.model or {}))
+        train = MetaTrainConfig(**(self.train or {}))
+        self.sequence_model_ = meta_train_or_load(pool, exclude=exclude, cfg=cfg, train=train,
+                                                  cache_root=self.runtime.artifacts, key_extra=key_extra)
+        return self
+
+    @property
+    def trained_on(self) -> tuple[str, ...]:
+        return tuple(self._sequence().trained_on)
+
+    def _effective(self) -> tuple[int, bool]:
+        info = getattr(self._sequence(), "train_info", {}) or {}
+        rotations = (8 if info.get("rotated") else 0) if self.rotations is None else int(self.rotations)
+        balance = bool(info.get("balanced_shots")) if self.balance_support is None else bool(self.balance_support)
+        return rotations, balance
+
+    # --- one episode -------------------------------------------------------------------------------
     def fit(self, X, y) -> CAML:
+        model = self._sequence()
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y)
-        if X.ndim != 2 or X.shape[1] != self.model.cfg.feat_dim:
+        if X.ndim != 2 or X.shape[1] != model.cfg.feat_dim:
             raise FsadError(
-                f"caml: embeddings have shape {X.shape}, the sequence model expects dim {self.model.cfg.feat_dim}; "
+                f"caml: embeddings have shape {X.shape}, the sequence model expects dim {model.cfg.feat_dim}; "
                 "use the backbone the model was trained (or published) with"
             )
         self.classes_ = np.unique(y)
-        if not 2 <= len(self.classes_) <= self.model.cfg.num_ways:
+        if not 2 <= len(self.classes_) <= model.cfg.num_ways:
             raise FsadError(
-                f"caml: episode has {len(self.classes_)} classes, the model supports 2..{self.model.cfg.num_ways} "
+                f"caml: episode has {len(self.classes_)} classes, the model supports 2..{model.cfg.num_ways} "
                 "ways; meta-train with a larger num_ways or use fewer classes"
             )
         labels = np.searchsorted(self.classes_, y)
-        if self.balance_support:
+        if self._effective()[1]:
             # Every shot of a class repeated the same number of times (not cyclically up to an exact
             # count): the prediction stays independent of the order of the support.
             counts = np.bincount(labels)
@@ -253,36 +294,63 @@ class CAML:
             X, labels = X[idx], labels[idx]
         self.support_ = X
         self.support_labels_ = labels
+        self.fitted_ = True
         return self
 
     @torch.no_grad()
     def _log_proba(self, support: np.ndarray, query: np.ndarray) -> np.ndarray:
+        model = self._sequence()
         s = torch.from_numpy(np.ascontiguousarray(support, dtype=np.float32))
         lab = torch.from_numpy(self.support_labels_.astype(np.int64))
         out = []
         for i in range(0, len(query), self.batch_size):
             q = torch.from_numpy(np.ascontiguousarray(query[i : i + self.batch_size], dtype=np.float32))
-            out.append(torch.log_softmax(self.model(q, s, lab)[:, : len(self.classes_)].double(), dim=1))
+            out.append(torch.log_softmax(model(q, s, lab)[:, : len(self.classes_)].double(), dim=1))
         return torch.cat(out).numpy()
 
     def predict_log_proba(self, X) -> np.ndarray:
-        support, query = normalise_episode(self.support_, np.asarray(X, dtype=np.float32), self.model.cfg.normalise)
-        if not self.rotations:
+        if getattr(self, "support_", None) is None:
+            raise FsadError("caml: predict before fit; fit the episode's support first")
+        support, query = normalise_episode(self.support_, np.asarray(X, dtype=np.float32),
+                                           self._sequence().cfg.normalise)
+        rotations = self._effective()[0]
+        if not rotations:
             return self._log_proba(support, query)
         # Full D x D rotations fixed by the seed (not drawn from the episode's span): a query's
         # prediction depends on the support and that query only, never on the other queries.
         lp = np.mean([self._log_proba(support @ R.T, query @ R.T)
-                      for R in haar_rotations(self.rotations, support.shape[1], self.seed)], axis=0)
+                      for R in haar_rotations(rotations, support.shape[1], self.seed)], axis=0)
         return lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)
 
     def decision_function(self, X) -> np.ndarray:
         return self.predict_log_proba(X)
 
-    def predict_proba(self, X) -> np.ndarray:
-        return np.exp(self.predict_log_proba(X))
+    # --- persistence -------------------------------------------------------------------------------
+    def get_state(self) -> dict:
+        model = self._sequence()
+        state = {"tensors": {"sequence_model": model.state_dict()},
+                 "info": {"model": asdict(model.cfg), "trained_on": list(model.trained_on),
+                          "train_info": getattr(model, "train_info", {})}}
+        if getattr(self, "support_", None) is not None:
+            state["arrays"] = {"support": self.support_, "support_labels": self.support_labels_,
+                               "classes": np.asarray(self.classes_).astype(str)}
+        return state
 
-    def predict(self, X) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+    def set_state(self, state: dict) -> None:
+        info = state["info"]
+        model = CAMLSequenceModel(CAMLConfig(**info["model"]))
+        model.load_state_dict(state["tensors"]["sequence_model"])
+        model.trained_on = tuple(info["trained_on"])
+        model.train_info = info.get("train_info", {})
+        self.sequence_model_ = model.eval()
+        arrays = state.get("arrays") or {}
+        if arrays:
+            self.support_ = np.asarray(arrays["support"], dtype=np.float32)
+            self.support_labels_ = np.asarray(arrays["support_labels"])
+            self.classes_ = np.asarray(arrays["classes"])
+
+    def is_fitted(self) -> bool:  # meta-fitted is enough to be saved (the meta-training cache)
+        return getattr(self, "sequence_model_", None) is not None
 
 
 # ---------------------------------------------------------------- meta-training (leave-category-out)
@@ -401,46 +469,20 @@ def _fingerprint(data: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> str:
     return h.hexdigest()
 
 
-def save_artifact(model: CAMLSequenceModel, directory: Path, extra: dict | None = None) -> Path:
-    """Write ``model.pt`` + ``config.json`` into ``directory`` atomically (temp dir, then rename)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        torch.save(model.state_dict(), tmp / "model.pt")
-        meta = {
-            "artifact_version": ARTIFACT_VERSION,
-            "model": asdict(model.cfg),
-            "trained_on": list(model.trained_on),
-            "train_info": getattr(model, "train_info", {}),
-            **(extra or {}),
-        }
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if directory.exists():  # a concurrent writer finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+def _load_cached(directory: Path) -> CAMLSequenceModel | None:
+    """The meta-trained sequence model cached in ``directory``, or None when absent or of an older layout
+    (a cache: retrained, never misread)."""
+    from fewshot_core.methods import persistence
 
-
-def load_artifact(directory: Path) -> CAMLSequenceModel:
-    directory = Path(directory)
-    cfg_path = directory / "config.json"
     try:
-        meta = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FsadError(f"{cfg_path}: cannot read CAML artifact config ({exc}); delete the folder to retrain") from exc
-    if meta.get("artifact_version") != ARTIFACT_VERSION:
-        raise FsadError(f"{cfg_path}: artifact version {meta.get('artifact_version')} != {ARTIFACT_VERSION}; "
-                        "delete the folder to retrain")
-    model = CAMLSequenceModel(CAMLConfig(**meta["model"]))
-    model.load_state_dict(torch.load(directory / "model.pt", map_location="cpu", weights_only=True))
-    model.trained_on = tuple(meta["trained_on"])
-    model.train_info = meta.get("train_info", {})
-    return model.eval()
+        manifest = persistence.read_manifest(directory)
+        if manifest.get("method") != CAML.name or manifest.get("method_version") != CAML.version:
+            return None
+        model = CAML()
+        model.set_state(persistence.read_state(directory, manifest))
+    except FsadError:
+        return None
+    return model.sequence_model_
 
 
 def meta_train_or_load(
@@ -448,21 +490,26 @@ def meta_train_or_load(
     exclude: str | Iterable[str],
     cfg: CAMLConfig,
     train: MetaTrainConfig,
-    cache_root: Path,
+    cache_root: Path | None,
     key_extra: dict | None = None,
 ) -> CAMLSequenceModel:
-    """Reload the artifact for (config, training data, ``key_extra`` such as the backbone) or train it."""
+    """Reload the cached model for (config, training data, ``key_extra`` such as the backbone) or train it;
+    ``cache_root`` None trains without caching."""
     data = _excluded_pool(pool, exclude)
     key_src = json.dumps(
-        {"v": ARTIFACT_VERSION, "model": asdict(cfg), "train": asdict(train),
+        {"v": CAML.version, "model": asdict(cfg), "train": asdict(train),
          "data": _fingerprint(data), "extra": key_extra or {}},
         sort_keys=True,
     )
-    directory = Path(cache_root) / "caml" / hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    if (directory / "config.json").is_file():
-        return load_artifact(directory)
+    directory = None if cache_root is None else (
+        Path(cache_root) / "caml" / hashlib.sha256(key_src.encode()).hexdigest()[:16])
+    if directory is not None and (model := _load_cached(directory)) is not None:
+        return model
     model = meta_train(data, exclude=exclude, cfg=cfg, train=train)
-    save_artifact(model, directory, extra={"key": json.loads(key_src)})
+    if directory is not None:
+        est = CAML()
+        est.sequence_model_ = model
+        est.save(directory, extra={"key": json.loads(key_src)})
     return model
 
 

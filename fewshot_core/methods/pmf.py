@@ -3,9 +3,9 @@
 The classifier is ProtoNet with a cosine head, ``logits = scale · cos(f(x), c_k)`` (scale 10 as in
 hushell/pmf_cvpr22). Stages here:
 
-* pre-training: whatever backbone is passed. The evaluation (``evaluation/supervised.py``) passes the
-  paper's DINO ViT-S/16 when its weights can be had and nothing else was asked for, otherwise the
-  feature store's backbone (offline: the bundled EfficientNet-Lite0 ImageNet weights).
+* pre-training: the backbone asked for; by default (``default_backbone``) the paper's DINO ViT-S/16
+  when its weights can be had and nothing else was asked for, otherwise the feature store's backbone
+  (offline: the bundled EfficientNet-Lite0 ImageNet weights).
 * meta-training (optional, ``meta_train_backbone``): ProtoNet episodes drawn from images of *other*
   categories, cosine loss, the evaluated category excluded before sampling.
 * fine-tuning (``PMF.fit``): augmented support images act as pseudo-queries against the support's
@@ -14,14 +14,12 @@ hushell/pmf_cvpr22). Stages here:
   images are held out, each candidate lr (and lr = 0, no fine-tuning) is tried from the same start and
   the best held-out score wins (strictly better than lr = 0). The score is *balanced* accuracy (the
   reference uses accuracy, the same thing on its balanced episodes): with 1 good : 5 bad shots plain
-  accuracy rewards a collapsed backbone that calls everything anomalous, and on real bottle it picked
-  lr = 1e-2 and ended at chance. For the same reason the held-out images must cover at least two
+  accuracy rewards a collapsed backbone that calls everything anomalous. For the same reason the held-out images must cover at least two
   classes. Otherwise (e.g. one shot per class) the reference keeps lr = 0 (``search_fallback="none"``,
   the default), or ``"augmented"`` scores the candidates on a fresh augmented draw of the support.
   Candidates are tried gentlest first (ties keep the smaller change), and a final fine-tuning that
   classifies its own support worse than the pretrained backbone is discarded as diverged
-  (``fit_info_["reverted_lr"]``): on bottle the tiny held-out split sometimes picked lr 1e-2, which
-  collapsed the backbone to chance.
+  (``fit_info_["reverted_lr"]``): a tiny held-out split can pick a rate that collapses the backbone.
 
 Deviations, both for small CPU budgets: BatchNorm layers stay in eval mode (a 2-image batch would wreck
 the running statistics), and steps are bounded by ``steps`` and by a wall-time budget
@@ -31,6 +29,7 @@ the running statistics), and steps are bounded by ``steps`` and by a wall-time b
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Iterable, Mapping
 
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_core.errors import FsadError
+from fewshot_core.methods.base import Classifier
 
 
 def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -106,12 +106,55 @@ def _steps(model, x_proto, y_proto, x_pseudo, y_pseudo, n_classes, lr, steps, sc
     return done
 
 
-class PMF:
-    """Fine-tuning ProtoNet over images. ``fit(images [n,3,H,W], labels)``, ``predict_proba(images)``."""
+PAPER_BACKBONE = "vit_small_patch16_224.dino"  # P>M>F's pre-training: DINO ViT-S/16, 224 px
+
+
+@functools.cache  # one probe per process: offline it costs a failed connect
+def paper_backbone_available() -> bool:
+    """Whether DINO ViT-S weights can be had (local timm/HF cache, or a download when online)."""
+    from fewshot_core.backbones import resolve_weights
+
+    try:
+        resolve_weights(PAPER_BACKBONE, "auto")
+        return True
+    except FsadError:
+        return False
+
+
+def default_backbone(store_backbone: str | None, weights_given: bool = False) -> str | None:
+    """The paper's DINO ViT-S/16 when nothing else was asked for (no weights, the store on the default
+    backbone) and its weights can be had; otherwise the feature store's backbone (offline: Lite0)."""
+    from fewshot_core.backbones.models import DEFAULT_BACKBONE
+
+    if not weights_given and store_backbone == DEFAULT_BACKBONE and paper_backbone_available():
+        return PAPER_BACKBONE
+    return store_backbone
+
+
+@functools.lru_cache(maxsize=2)
+def _pretrained_model(name: str, weights: str, device: str) -> nn.Module:
+    """The pre-trained backbone, loaded once per process; never modified (fine-tuning works on copies)."""
+    from fewshot_core.backbones import create_model
+
+    return create_model(name, weights=weights, device=device)
+
+
+class PMF(Classifier):
+    """Fine-tuning ProtoNet over images. ``fit(images [n,3,H,W], labels)``, ``predict_proba(images)``.
+
+    ``backbone``: a timm name (its pre-trained weights from ``weights``) or a ready ``nn.Module``;
+    ``image_size``: the input size (None: 224 for the paper's ViT, whose patch grid is fixed by its
+    checkpoint, 128 for CNNs).
+    """
+
+    name = "pmf"
+    input_kind = "images"
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: str | nn.Module | None = None,
+        weights: str = "auto",
+        image_size: int | None = None,
         steps: int = 20,
         search_steps: int | None = None,
         lr_candidates: Iterable[float] = (1e-2, 1e-3, 1e-4),
@@ -125,15 +168,35 @@ class PMF:
         if search_fallback not in ("none", "augmented"):
             raise ValueError(f"search_fallback must be 'none' or 'augmented', got {search_fallback!r}")
         self.backbone = backbone
-        self.steps = int(steps)
-        self.search_steps = self.steps if search_steps is None else int(search_steps)
-        self.lr_candidates = tuple(float(v) for v in lr_candidates)
-        self.scale = float(scale)
+        self.weights = weights
+        self.image_size = image_size
+        self.steps = steps
+        self.search_steps = search_steps
+        self.lr_candidates = lr_candidates
+        self.scale = scale
         self.aug_prob = aug_prob
-        self.time_budget_s = float(time_budget_s)
+        self.time_budget_s = time_budget_s
         self.search_fallback = search_fallback
         self.seed = seed
         self.batch_size = batch_size
+
+    @property
+    def backbone_name(self) -> str | None:
+        return self.backbone if isinstance(self.backbone, str) or self.backbone is None else type(self.backbone).__name__
+
+    @property
+    def input_size(self) -> int:
+        """The square input resolution the images must be preprocessed to."""
+        if self.image_size:
+            return int(self.image_size)
+        return 224 if self.backbone == PAPER_BACKBONE else 128
+
+    def _pretrained(self) -> nn.Module:
+        if isinstance(self.backbone, nn.Module):
+            return self.backbone
+        if not self.backbone:
+            raise FsadError("pmf: no backbone; pass backbone=<timm name> (the protocol uses the store's)")
+        return _pretrained_model(self.backbone, str(self.weights), str(self.runtime.torch_device()))
 
     @torch.no_grad()
     def _embed_batched(self, model, x):
@@ -145,11 +208,12 @@ class PMF:
         hit = (cosine_logits(self._embed_batched(model, x_eval), protos, self.scale).argmax(1) == y_eval).float()
         return float(torch.stack([hit[y_eval == c].mean() for c in torch.unique(y_eval)]).mean())
 
-    def _device(self) -> torch.device:
-        return next(self.backbone.parameters()).device
-
     def fit(self, images: torch.Tensor, labels) -> "PMF":
-        x = torch.as_tensor(images, dtype=torch.float32).to(self._device())
+        backbone = self._pretrained()
+        steps = int(self.steps)
+        search_steps = steps if self.search_steps is None else int(self.search_steps)
+        lr_candidates = tuple(float(v) for v in self.lr_candidates)
+        x = torch.as_tensor(images, dtype=torch.float32).to(next(backbone.parameters()).device)
         labels = np.asarray(labels)
         if x.ndim != 4 or len(x) != len(labels):
             raise ValueError(f"expected images [n, 3, H, W] and labels [n], got {tuple(x.shape)}, {labels.shape}")
@@ -157,9 +221,8 @@ class PMF:
         n_classes = len(self.classes_)
         y = torch.from_numpy(np.searchsorted(self.classes_, labels).astype(np.int64)).to(x.device)
         gen = torch.Generator().manual_seed(self.seed)
-        torch.manual_seed(self.seed)
         start = time.perf_counter()
-        deadline = start + self.time_budget_s
+        deadline = start + float(self.time_budget_s)
 
         # lr search (reference rule): one image per class -> prototypes, the rest -> held-out.
         rng = np.random.default_rng(self.seed)
@@ -176,13 +239,13 @@ class PMF:
             x_eval = None
         scores = {}
         best_lr = 0.0
-        if x_eval is not None and self.lr_candidates:
-            model = _freeze_bn(copy.deepcopy(self.backbone))
+        if x_eval is not None and lr_candidates:
+            model = _freeze_bn(copy.deepcopy(backbone))
             best = scores[0.0] = self._accuracy(model, p_x, p_y, x_eval, y_eval, n_classes)
             # gentlest first: on a tie (tiny held-out sets tie often) the smaller change to the backbone wins
-            for lr in sorted(self.lr_candidates):
-                model = _freeze_bn(copy.deepcopy(self.backbone))
-                _steps(model, p_x, p_y, p_x, p_y, n_classes, lr, self.search_steps, self.scale, gen,
+            for lr in sorted(lr_candidates):
+                model = _freeze_bn(copy.deepcopy(backbone))
+                _steps(model, p_x, p_y, p_x, p_y, n_classes, lr, search_steps, self.scale, gen,
                        self.aug_prob, deadline)
                 scores[lr] = self._accuracy(model, p_x, p_y, x_eval, y_eval, n_classes)
                 if scores[lr] > best:
@@ -190,15 +253,14 @@ class PMF:
                 if time.perf_counter() > deadline:
                     break
 
-        model = _freeze_bn(copy.deepcopy(self.backbone))
+        model = _freeze_bn(copy.deepcopy(backbone))
         done, reverted = 0, None
         if best_lr > 0:
-            done = _steps(model, x, y, x, y, n_classes, best_lr, self.steps, self.scale, gen, self.aug_prob, deadline)
+            done = _steps(model, x, y, x, y, n_classes, best_lr, steps, self.scale, gen, self.aug_prob, deadline)
             # A fine-tuning that sorts its own support worse than the pretrained backbone did has diverged
-            # (on bottle, lr 1e-2 took the support's balanced accuracy 0.83 -> 0.50 and the queries' AUROC
-            # 0.99 -> 0.54, while the tiny held-out split could not tell): keep the pretrained backbone.
-            if self._accuracy(model, x, y, x, y, n_classes) < self._accuracy(self.backbone, x, y, x, y, n_classes):
-                model, reverted, best_lr = _freeze_bn(copy.deepcopy(self.backbone)), best_lr, 0.0
+            # (the tiny held-out split cannot always tell): keep the pretrained backbone.
+            if self._accuracy(model, x, y, x, y, n_classes) < self._accuracy(backbone, x, y, x, y, n_classes):
+                model, reverted, best_lr = _freeze_bn(copy.deepcopy(backbone)), best_lr, 0.0
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -209,6 +271,7 @@ class PMF:
             "reverted_lr": reverted,
             "seconds": round(time.perf_counter() - start, 2), "budget_hit": time.perf_counter() > deadline,
         }
+        self.fitted_ = True
         return self
 
     def decision_function(self, images) -> np.ndarray:
@@ -219,11 +282,27 @@ class PMF:
         z = self.decision_function(images)
         return z - np.logaddexp.reduce(z, axis=1, keepdims=True)
 
-    def predict_proba(self, images) -> np.ndarray:
-        return np.exp(self.predict_log_proba(images))
+    def provenance(self) -> dict:
+        from fewshot_core.backbones import resolve_weights
 
-    def predict(self, images) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(images), axis=1)]
+        if not isinstance(self.backbone, str):
+            return {"backbone": self.backbone_name}
+        return {"backbone": self.backbone, "weights": resolve_weights(self.backbone, self.weights).to_dict(),
+                "image_size": self.input_size}
+
+    def get_state(self) -> dict:
+        return {"tensors": {"model": self.model_.state_dict(), "prototypes": self.prototypes_.cpu()},
+                "arrays": {"classes": np.asarray(self.classes_).astype(str)}, "info": self.fit_info_}
+
+    def set_state(self, state: dict) -> None:
+        model = copy.deepcopy(self._pretrained())
+        model.load_state_dict(state["tensors"]["model"])
+        self.model_ = model.eval()
+        for p in self.model_.parameters():
+            p.requires_grad_(False)
+        self.prototypes_ = state["tensors"]["prototypes"].to(next(self.model_.parameters()).device)
+        self.classes_ = np.asarray(state["arrays"]["classes"])
+        self.fit_info_ = dict(state.get("info") or {})
 
 
 def meta_train_backbone(

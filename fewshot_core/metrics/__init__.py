@@ -5,8 +5,8 @@ Keys: ``image_auroc``, ``image_f1_max`` (image.py); ``pixel_auroc``, ``pixel_f1_
 Classification metrics for the supervised protocol live in ``classification.py``.
 """
 
-from fewshot_core.metrics.aupro import FPR_LIMIT, aupro
+from fewshot_core.metrics.aupro import FPR_LIMIT
 from fewshot_core.metrics.image import f1_max, image_metrics
-from fewshot_core.metrics.pixel import PixelAccumulator, pixel_metrics
+from fewshot_core.metrics.pixel import PixelAccumulator, aupro, pixel_metrics
 
 __all__ = ["FPR_LIMIT", "PixelAccumulator", "aupro", "f1_max", "image_metrics", "pixel_metrics"]

@@ -9,7 +9,8 @@ perfect detector scores 1.
 
 PRO(t) is a weighted pixel count: a pixel of region r carries weight 1 / (|r| · R), R the number of
 regions. That lets the streaming accumulator in ``pixel.py`` compute AUPRO from the same sorted (or
-histogrammed) scores as the pixel ROC, without keeping per-region state.
+histogrammed) scores as the pixel ROC, without keeping per-region state; ``pixel.aupro`` is the
+one-call version for a small set of maps.
 """
 
 from __future__ import annotations
@@ -52,20 +53,3 @@ def area_to_limit(x: np.ndarray, y: np.ndarray, limit: float) -> float:
 def aupro_from_curve(fpr: np.ndarray, pro: np.ndarray, limit: float = FPR_LIMIT) -> float:
     """Normalised AUPRO from a PRO curve sampled at decreasing thresholds (fpr starting at 0)."""
     return area_to_limit(fpr, pro, limit) / limit
-
-
-def aupro(anomaly_maps, masks, limit: float = FPR_LIMIT) -> float:
-    """Exact AUPRO of a small set of maps (every distinct score is a threshold).
-
-    ``anomaly_maps`` and ``masks`` are sequences (or arrays) of equally shaped 2-D maps. Raises
-    ValueError when there is no defect region or no defect-free pixel.
-    """
-    from fewshot_core.metrics.pixel import PixelAccumulator
-
-    acc = PixelAccumulator()
-    for amap, mask in zip(anomaly_maps, masks, strict=True):
-        acc.add(amap, mask)
-    result = acc.compute(limit=limit)
-    if "aupro" not in result:
-        raise ValueError("AUPRO needs at least one defect region and one defect-free pixel")
-    return result["aupro"]

@@ -125,3 +125,18 @@ def pixel_metrics(anomaly_maps, masks, **accumulator_options) -> dict[str, float
     for amap, mask in zip(anomaly_maps, masks, strict=True):
         acc.add(amap, mask)
     return acc.compute()
+
+
+def aupro(anomaly_maps, masks, limit: float = FPR_LIMIT) -> float:
+    """Exact AUPRO of a small set of maps (every distinct score is a threshold).
+
+    ``anomaly_maps`` and ``masks`` are sequences (or arrays) of equally shaped 2-D maps. Raises
+    ValueError when there is no defect region or no defect-free pixel.
+    """
+    acc = PixelAccumulator()
+    for amap, mask in zip(anomaly_maps, masks, strict=True):
+        acc.add(amap, mask)
+    result = acc.compute(limit=limit)
+    if "aupro" not in result:
+        raise ValueError("AUPRO needs at least one defect region and one defect-free pixel")
+    return result["aupro"]

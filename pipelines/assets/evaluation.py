@@ -102,14 +102,14 @@ def _needs_other_categories(spec: MethodSpec) -> bool:
 def _meta_pool(cfg, context, backbone, feature_store, device) -> dict:
     """Every registered category's (dataset, features) for CAML's meta-training pool; the method itself
     leaves the evaluated category out (and refuses a model that saw it)."""
-    from fewshot_core.evaluation.supervised import caml_pool
+    from fewshot_core.evaluation.meta_pool import pool_from_partitions
     from pipelines.partitions import CATEGORY
 
     pairs = []
     for category in context.instance.get_dynamic_partitions(CATEGORY.name):
         ds = load_category(cfg, category)
         pairs.append((ds, feature_store.build(ds, backbone, device.resolve())))
-    return caml_pool(pairs)
+    return pool_from_partitions(pairs, source="sweep categories")
 
 
 def _metrics_of(row: dict) -> dict[str, float]:
@@ -218,11 +218,11 @@ def _run_supervised(cfg, ds, part, spec: MethodSpec, setting: Setting, cache: di
     from fewshot_core.reports import plots
 
     ep = sample_supervised(ds, setting.k_good, setting.k_bad, setting.seed, setting.label_mode, pool="test")
-    params = dict(spec.params)
-    if _needs_other_categories(spec):
-        params.setdefault("cache_root", str(cfg.resolved_work_dir() / "artifacts"))
-        params["meta_pool"] = cache["meta_pool"]
-    row = run_supervised_episode(ds, part, ep, spec.method, params, cache=cache)
+    from fewshot_core.runtime import Runtime
+
+    meta_pool = cache.get("meta_pool") if _needs_other_categories(spec) else None
+    row = run_supervised_episode(ds, part, ep, spec.method, dict(spec.params), cache=cache, meta_pool=meta_pool,
+                                 runtime=Runtime(artifact_dir=cfg.resolved_work_dir() / "artifacts"))
     classes = json.loads(row["classes"])
     artifacts = {"plots/confusion_matrix.png": plots.confusion_matrix_png(
         json.loads(row["confusion"]), classes, f"{spec.id} {ds.category} {setting.key}")}

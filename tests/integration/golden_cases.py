@@ -43,7 +43,7 @@ for data in ("synth", "bottle"):
           label_mode="multiclass", seeds=[0, 1], caml_pool=True)
     _case(f"{data}-sup-pmf-binary", bottle=bottle, data=data, protocol="supervised", method="pmf",
           params={"steps": 2, "search_steps": 1, "lr_candidates": [1e-3], "image_size": 64,
-                  "backbone": "tf_efficientnet_lite0"}, k_good=2, k_bad=1, label_mode="binary", seeds=[0])
+                  "backbone": "tf_efficientnet_lite0", "time_budget_s": 3600}, k_good=2, k_bad=1, label_mode="binary", seeds=[0])
 
 for method, params in (("efficientad", {"steps": 3, "teacher_steps": 2, "penalty": "none"}),
                        ("glass", {"steps": 4, "batch_size": 2, "dsc_hidden": 64, "ascent_steps": 2}),
@@ -115,11 +115,12 @@ def run_case(name: str, env: GoldenEnv) -> list[dict]:
                                       mask_size=size, artifact_dir=None) for s in spec["seeds"]]
         return evaluate_oneclass(ds, part, spec["method"], spec["shots"], spec["seeds"], method_params=params,
                                  mask_size=size, augment=spec.get("augment", "none"))
-    from fewshot_core.evaluation.supervised import caml_pool, evaluate_supervised
+    from fewshot_core.evaluation.meta_pool import pool_from_partitions
+    from fewshot_core.evaluation.supervised import evaluate_supervised
+    from fewshot_core.runtime import Runtime
 
     part = env.partition(ds, size)
-    if spec.get("caml_pool"):
-        params["meta_pool"] = caml_pool(env.caml_pool_pairs(ds.category))
-        params["cache_root"] = str(env.tmp / "artifacts")
+    meta_pool = pool_from_partitions(env.caml_pool_pairs(ds.category)) if spec.get("caml_pool") else None
     return evaluate_supervised(ds, part, spec["method"], spec["k_good"], spec["k_bad"], spec["seeds"],
-                               label_mode=spec["label_mode"], method_params=params)
+                               label_mode=spec["label_mode"], method_params=params, meta_pool=meta_pool,
+                               runtime=Runtime(artifact_dir=env.tmp / "artifacts"))

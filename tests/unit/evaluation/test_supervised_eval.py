@@ -13,7 +13,9 @@ from fewshot_core.data.mvtec import Dataset
 from fewshot_core.data.records import ImageRecord, make_image_id
 from fewshot_core.episodes import sample_supervised
 from fewshot_core.errors import FsadError
-from fewshot_core.evaluation.supervised import caml_pool, evaluate_supervised, run_supervised_episode
+from fewshot_core.evaluation.meta_pool import pool_from_partitions
+from fewshot_core.evaluation.supervised import evaluate_supervised, run_supervised_episode
+from fewshot_core.runtime import Runtime
 
 DEFECTS = ("crack", "hole", "stain")
 torch.set_num_threads(1)
@@ -122,30 +124,37 @@ def test_caml_meta_trains_on_other_categories_only(data, tmp_path, monkeypatch):
     ds, part = data
     others = [(_dataset(c), None) for c in ("other1", "other2", "other3")]
     pairs = [(d, FakePartition(d, seed=i + 1)) for i, (d, _) in enumerate(others)]
-    pool = caml_pool(pairs + [(ds, part)])  # the evaluated category is in the pool on purpose
-    params = {"meta_pool": pool, "cache_root": str(tmp_path),
-              "train": {"steps": 150, "episodes_per_step": 4, "time_budget_s": 600}}
-    rows = evaluate_supervised(ds, part, "caml", 2, 2, seeds=[0, 1], label_mode="multiclass", method_params=params)
+    pool = pool_from_partitions(pairs + [(ds, part)], source="test")  # the evaluated category is in the pool on purpose
+    params = {"train": {"steps": 150, "episodes_per_step": 4, "time_budget_s": 600}}
+    rt = Runtime(artifact_dir=tmp_path)
+    rows = evaluate_supervised(ds, part, "caml", 2, 2, seeds=[0, 1], label_mode="multiclass", method_params=params,
+                               meta_pool=pool, runtime=rt)
     info = json.loads(rows[0]["info"])
     assert sorted(info["trained_on"]) == ["other1", "other2", "other3"]
+    assert rows[0]["meta_pool"] == "test: other1, other2, other3"  # the row says what it learnt from
     assert np.mean([r["balanced_accuracy"] for r in rows]) > 0.4  # 4 ways: chance 0.25
     assert len(list((tmp_path / "caml").iterdir())) == 1  # one artifact, shared across seeds
 
     # A cache shared across categories (as the pipeline does) never reuses another category's model.
     shared, quick = {}, dict(params, train={"steps": 3, "time_budget_s": 30})
-    run_supervised_episode(ds, part, sample_supervised(ds, 1, 1, 0), "caml", quick, cache=shared)
+    run_supervised_episode(ds, part, sample_supervised(ds, 1, 1, 0), "caml", quick, cache=shared, meta_pool=pool,
+                           runtime=rt)
     other_ds, other_part = pairs[0]
-    row = run_supervised_episode(other_ds, other_part, sample_supervised(other_ds, 1, 1, 0), "caml", quick, cache=shared)
+    row = run_supervised_episode(other_ds, other_part, sample_supervised(other_ds, 1, 1, 0), "caml", quick,
+                                 cache=shared, meta_pool=pool, runtime=rt)
     assert "other1" not in json.loads(row["info"])["trained_on"]
 
     # A model that did see the evaluated category is refused.
     from fewshot_core.methods import caml
 
-    leaky = caml.load_artifact(next((tmp_path / "caml").iterdir()))
+    from fewshot_core.methods.base import Method
+
+    leaky = Method.load(next((tmp_path / "caml").iterdir())).sequence_model_
     leaky.trained_on = ("part", "other1")
     monkeypatch.setattr(caml, "meta_train_or_load", lambda *a, **k: leaky)
     with pytest.raises(FsadError, match="meta-trained on 'part'"):
-        evaluate_supervised(ds, part, "caml", 2, 2, [0], "multiclass", method_params=params)
+        evaluate_supervised(ds, part, "caml", 2, 2, [0], "multiclass", method_params=params, meta_pool=pool,
+                            runtime=rt)
     with pytest.raises(FsadError, match="checkpoint"):
         evaluate_supervised(ds, part, "caml", 1, 1, [0])
 
@@ -196,15 +205,13 @@ def test_pmf_and_protonet_through_the_real_store(synth_root, tmp_path):
 
 def test_pmf_takes_dino_vit_s_when_its_weights_can_be_had(monkeypatch):
     """P>M>F's paper backbone when available and nothing else was asked for; the store's otherwise."""
-    from fewshot_core.evaluation import supervised as sup
+    from fewshot_core.methods import pmf
 
-    part = type("Part", (), {"meta": {"backbone": "tf_efficientnet_lite0"}})()
-    monkeypatch.setattr(sup, "_paper_backbone_available", lambda: True)
-    assert sup._pmf_backbone_name(part, {}) == "vit_small_patch16_224.dino"
-    assert sup._pmf_backbone_name(part, {"backbone": "resnet50"}) == "resnet50"  # asked for
-    assert sup._pmf_backbone_name(part, {"weights": "lite0.pth"}) == "tf_efficientnet_lite0"  # weights for the store's
-    assert sup._pmf_backbone_name(part, {"images": {"a": 0}}) == "tf_efficientnet_lite0"  # preprocessed for it
-    resnet_store = type("Part", (), {"meta": {"backbone": "resnet50"}})()  # fsad evaluate --backbone resnet50
-    assert sup._pmf_backbone_name(resnet_store, {}) == "resnet50"
-    monkeypatch.setattr(sup, "_paper_backbone_available", lambda: False)  # offline, not cached
-    assert sup._pmf_backbone_name(part, {}) == "tf_efficientnet_lite0"
+    monkeypatch.setattr(pmf, "paper_backbone_available", lambda: True)
+    assert pmf.default_backbone("tf_efficientnet_lite0") == "vit_small_patch16_224.dino"
+    assert pmf.default_backbone("tf_efficientnet_lite0", weights_given=True) == "tf_efficientnet_lite0"
+    assert pmf.default_backbone("resnet50") == "resnet50"  # fsad evaluate --backbone resnet50
+    assert pmf.PMF(backbone="vit_small_patch16_224.dino").input_size == 224
+    assert pmf.PMF(backbone="tf_efficientnet_lite0").input_size == 128
+    monkeypatch.setattr(pmf, "paper_backbone_available", lambda: False)  # offline, not cached
+    assert pmf.default_backbone("tf_efficientnet_lite0") == "tf_efficientnet_lite0"

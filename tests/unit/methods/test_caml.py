@@ -9,12 +9,10 @@ import torch
 
 from fewshot_core.errors import FsadError
 from fewshot_core.methods.caml import (
-    ARTIFACT_VERSION,
     CAML,
     CAMLConfig,
     MetaTrainConfig,
     _sample_episode,
-    load_artifact,
     load_published_checkpoint,
     meta_train,
     meta_train_or_load,
@@ -184,7 +182,7 @@ def test_rotation_averaging_is_per_query_and_seeded(trained, pool):
     s = np.concatenate([np.flatnonzero(y == c)[:2] for c in np.unique(y)])
     q = np.setdiff1d(np.arange(len(y)), s)
     est = CAML(trained).fit(X[s], y[s])
-    assert trained.train_info["rotated"] and est.rotations == 8
+    assert trained.train_info["rotated"] and est._effective()[0] == 8
     full = est.predict_proba(X[q])
     np.testing.assert_allclose(full.sum(1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(est.predict_proba(X[q[::3]]), full[::3], atol=1e-6)
@@ -199,7 +197,7 @@ def test_support_is_balanced_like_the_meta_training_episodes(trained, pool):
     yb = np.where(y == "good", "good", "anomalous")
     s = np.concatenate([np.flatnonzero(yb == "good")[:1], np.flatnonzero(yb != "good")[:5]])
     est = CAML(trained).fit(X[s], yb[s])
-    assert trained.train_info["balanced_shots"] and est.balance_support
+    assert trained.train_info["balanced_shots"] and est._effective()[1]
     assert np.bincount(est.support_labels_).tolist() == [5, 5]
     good = list(est.classes_).index("good")
     np.testing.assert_array_equal(est.support_[est.support_labels_ == good], np.repeat(X[s[:1]], 5, axis=0))
@@ -238,8 +236,9 @@ def test_artifact_saved_and_reloaded_instead_of_retraining(tmp_path, pool, monke
     short = MetaTrainConfig(steps=5, time_budget_s=60, seed=1)
     first = meta_train_or_load(pool, "cat0", CFG, short, tmp_path, key_extra={"backbone": "x"})
     (folder,) = (tmp_path / "caml").iterdir()
-    meta = json.loads((folder / "config.json").read_text())
-    assert meta["artifact_version"] == ARTIFACT_VERSION and "cat0" not in meta["trained_on"]
+    meta = json.loads((folder / "fsad_model.json").read_text())
+    assert meta["method"] == "caml" and meta["method_version"] == CAML.version
+    assert "cat0" not in meta["info"]["trained_on"]
     import fewshot_core.methods.caml as caml_mod
 
     monkeypatch.setattr(caml_mod, "meta_train", lambda *a, **k: pytest.fail("retrained instead of reloading"))
@@ -247,7 +246,13 @@ def test_artifact_saved_and_reloaded_instead_of_retraining(tmp_path, pool, monke
     for k, v in first.state_dict().items():
         assert torch.equal(v, again.state_dict()[k])
     assert again.trained_on == first.trained_on
-    assert load_artifact(folder).cfg == CFG
+    from fewshot_core.methods.base import Method
+
+    assert Method.load(folder).sequence_model_.cfg == CFG
+    # an older or foreign folder in the cache is retrained, never misread
+    (folder / "fsad_model.json").write_text(json.dumps({**meta, "method_version": 4}))
+    monkeypatch.setattr(caml_mod, "meta_train", lambda *a, **k: first)
+    assert meta_train_or_load(pool, "cat0", CFG, short, tmp_path, key_extra={"backbone": "x"}) is first
 
 
 def test_episode_wider_than_the_model_is_refused(trained):
@@ -281,7 +286,7 @@ def test_published_checkpoint_layout_loads_and_matches(tmp_path):
     path = tmp_path / "model.pth"
     torch.save(sd, path)
     model = load_published_checkpoint(path, num_heads=2)
-    assert CAML(model).rotations == 0 and not CAML(model).balance_support  # published: as the authors run it
+    assert CAML(model)._effective() == (0, False)  # published: as the authors run it, no rotations or balancing
     assert (model.cfg.feat_dim, model.cfg.num_ways, model.cfg.num_layers, model.cfg.mlp_dim) == (feat, ways, layers, mlp)
 
     # Reference forward written from their block definition.

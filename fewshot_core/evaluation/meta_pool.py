@@ -1,0 +1,89 @@
+"""Meta-training pools: the embeddings of *other* categories a meta-trained method (CAML) learns from.
+
+A pool is data, given to the protocol explicitly (``evaluate_supervised(..., meta_pool=...)``), and every
+row records which pool was used (``meta_pool`` column). Three sources:
+
+* ``pool_from_partitions(pairs)``: categories already embedded, e.g. the other categories of a sweep;
+* ``root_pool(root, store, ...)``: every category of another MVTec-layout root;
+* ``synthetic_pool(store, ...)``: generated categories (``fewshot_core.data.synth``), made once under the
+  work folder and embedded with the same backbone and size, so a root with one category (bottle) can
+  still meta-train.
+
+The evaluated category is left out by the method before any sampling (and a model that saw it is refused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fewshot_core.data.records import GOOD
+from fewshot_core.errors import FsadError
+
+SYNTHETIC = "synthetic"
+
+
+@dataclass(frozen=True)
+class MetaPool:
+    """``source`` says where the categories came from; ``embeddings`` maps category -> (X [n, D], labels [n])
+    with labels ``good`` or the defect type."""
+
+    source: str
+    embeddings: Mapping[str, tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def categories(self) -> list[str]:
+        return sorted(self.embeddings)
+
+    def describe(self, exclude: str | None = None) -> str:
+        cats = [c for c in self.categories if c != exclude]
+        return f"{self.source}: {', '.join(cats)}"
+
+
+def pool_from_partitions(pairs: Iterable[tuple], source: str = "categories") -> MetaPool:
+    """A pool from (dataset, feature partition) pairs: every image's global embedding and label."""
+    embeddings = {}
+    for dataset, partition in pairs:
+        ids = [r.image_id for r in dataset.records]
+        labels = np.array([GOOD if r.label == 0 else r.defect_type for r in dataset.records])
+        embeddings[dataset.category] = (partition.global_(ids), labels)
+    if not embeddings:
+        raise FsadError(f"meta-training pool ({source}): no categories; give another root or use 'synthetic'")
+    return MetaPool(source, embeddings)
+
+
+def root_pool(root, store, backbone: str, image_size: int, categories: list[str] | None = None,
+              **build) -> MetaPool:
+    """Every category (or ``categories``) of the MVTec-layout ``root``, embedded in ``store``."""
+    from fewshot_core.data import list_categories, load_dataset
+
+    root = Path(root).expanduser().resolve()
+    names = categories or list_categories(root)
+    if not names:
+        raise FsadError(f"{root}: no MVTec-layout categories for the meta-training pool; pass a root with "
+                        "<category>/train/good folders or use --meta-pool synthetic")
+    pairs = []
+    for name in names:
+        ds = load_dataset(root, name)
+        pairs.append((ds, store.build(ds, backbone=backbone, image_size=image_size, progress=False, **build)))
+    return pool_from_partitions(pairs, source=f"root {root}")
+
+
+def synthetic_pool(store, backbone: str, image_size: int, work_dir, categories: int = 4, seed: int = 0,
+                   **build) -> MetaPool:
+    """``categories`` generated categories (made once under ``work_dir``), embedded in ``store``."""
+    from fewshot_core.data import list_categories, load_dataset
+    from fewshot_core.data.synth import generate
+
+    if categories < 1:
+        raise FsadError(f"synthetic meta-training pool: categories={categories}; give 1 or more")
+    root = Path(work_dir) / "meta_pool" / f"synthetic-c{categories}-s{seed}"
+    generate(root, categories=categories, seed=seed)  # idempotent: categories already written are kept
+    pairs = []
+    for name in list_categories(root):
+        ds = load_dataset(root, name)
+        pairs.append((ds, store.build(ds, backbone=backbone, image_size=image_size, progress=False, **build)))
+    return pool_from_partitions(pairs, source=f"{SYNTHETIC} ({categories} generated, seed {seed})")
