@@ -1,16 +1,27 @@
-"""Where things live: shared real data, default stores. One place, overridable by environment."""
+"""Where things live: shared real data, default stores. One place, overridable by environment.
+
+Writable defaults come from the environment (``FSAD_HOME``, ``DAGSTER_HOME``) or the current directory,
+never from where the package is installed: in a wheel install that is a read-only ``site-packages``.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+def source_checkout() -> Path | None:
+    """The source checkout this package runs from (the folder holding its ``pyproject.toml``), else None
+    (an installed wheel). Only for read-only look-ups: the git commit, ``../shared`` beside a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
 
 
 def shared_root() -> Path:
-    """The ``../shared`` folder beside the project (override with ``FSAD_SHARED``)."""
-    return Path(os.environ.get("FSAD_SHARED", PROJECT_ROOT.parent / "shared"))
+    """``FSAD_SHARED``, else the ``shared`` folder beside the checkout (or beside the current directory)."""
+    if env := os.environ.get("FSAD_SHARED"):
+        return Path(env)
+    return (source_checkout() or Path.cwd()).parent / "shared"
 
 
 def shared_mvtec_root() -> Path | None:
@@ -20,9 +31,14 @@ def shared_mvtec_root() -> Path | None:
     return root if root.is_dir() else None
 
 
+def dagster_home() -> Path:
+    """The Dagster instance folder (also holding the MLflow store): ``DAGSTER_HOME``, else ``./dagster_home``."""
+    return Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / "dagster_home")
+
+
 def default_work_dir() -> Path:
-    """Writable working folder for caches and outputs (``FSAD_HOME``, default ``<project>/.fsad``)."""
-    return Path(os.environ.get("FSAD_HOME", PROJECT_ROOT / ".fsad"))
+    """Writable working folder for caches and outputs: ``FSAD_HOME``, else ``./.fsad``."""
+    return Path(os.environ.get("FSAD_HOME") or Path.cwd() / ".fsad")
 
 
 def default_store_dir() -> Path:

@@ -5,8 +5,8 @@ Plain ``MlflowClient`` calls (no fluent ``mlflow.start_run`` state, no dagster-m
 assets of one Dagster run can log into the same parent without sharing process-global state, and a
 re-materialised partition always gets a *new* child run instead of touching an old one.
 
-The tracking URI defaults to a SQLite database under ``dagster_home/`` with artifacts beside it
-(``dagster_home/mlartifacts``); ``MLFLOW_TRACKING_URI`` points it at a server instead.
+The tracking URI defaults to a SQLite database in the Dagster home (``fewshot_core.paths.dagster_home``)
+with artifacts beside it (``<home>/mlartifacts``); ``MLFLOW_TRACKING_URI`` points it at a server instead.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
-from fewshot_core.paths import PROJECT_ROOT
+from fewshot_core.paths import dagster_home, source_checkout
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 KIND_TAG = "fsad.kind"  # "dagster-run" for parents, "evaluation" for children
@@ -29,11 +29,6 @@ PARTITION_TAG = "dagster.partition_key"
 ASSET_TAG = "dagster.asset_key"
 CODE_VERSION_TAG = "fsad.code_version"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
-
-
-def dagster_home() -> Path:
-    """``DAGSTER_HOME`` when set, else ``<project>/dagster_home``."""
-    return Path(os.environ.get("DAGSTER_HOME") or PROJECT_ROOT / "dagster_home")
 
 
 def default_tracking_uri(home: Path | None = None) -> str:
@@ -55,9 +50,12 @@ def default_artifact_root(tracking_uri: str) -> str | None:
 
 @lru_cache(maxsize=1)
 def git_commit() -> str | None:
-    """The project's current commit, or None outside a git checkout."""
+    """The project's current commit, or None outside a git checkout (an installed wheel)."""
+    checkout = source_checkout()
+    if checkout is None:
+        return None
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True,
                              text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -193,6 +191,15 @@ class Tracker:
             token = page.token
             if not token:
                 return runs
+
+    def artifact_bytes(self, run_id: str, path: str) -> bytes | None:
+        """The content of one logged artifact file, or None when the run has no such file."""
+        with tempfile.TemporaryDirectory(prefix="fsad-mlflow-") as tmp:
+            try:
+                local = self.client.download_artifacts(run_id, path, tmp)
+            except Exception:  # MLflow raises its own, store-specific errors for a missing file
+                return None
+            return Path(local).read_bytes() if Path(local).is_file() else None
 
     def run_url(self, run_id: str, experiment_id: str | None = None, ui_base: str = "http://127.0.0.1:5000") -> str:
         if experiment_id is None:
