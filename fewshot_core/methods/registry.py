@@ -41,6 +41,7 @@ class MethodEntry:
     summary: str
     defaults: dict = field(default_factory=dict)
     paper: str = ""
+    meta_pool: bool = False  # meta-trains on other categories (a pool the protocol is given) without a checkpoint
 
     @property
     def label_modes(self) -> tuple[str, ...]:
@@ -74,7 +75,8 @@ _ENTRIES = (
     MethodEntry("protonet", SUPERVISED, EMBEDDINGS, "fewshot_core.methods.protonet:ProtoNet",
                 "nearest class mean, Euclidean or cosine", paper="Snell et al., NeurIPS 2017"),
     MethodEntry("caml", SUPERVISED, EMBEDDINGS, "fewshot_core.methods.caml:CAML",
-                "in-context sequence model over support embeddings", paper="Fifty et al., ICLR 2024"),
+                "in-context sequence model over support embeddings", paper="Fifty et al., ICLR 2024",
+                meta_pool=True),
     MethodEntry("pmf", SUPERVISED, IMAGES, "fewshot_core.methods.pmf:PMF",
                 "pre-train, meta-train, fine-tune a ProtoNet backbone", paper="Hu et al., CVPR 2022"),
 )

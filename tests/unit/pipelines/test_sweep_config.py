@@ -1,0 +1,123 @@
+"""The sweep YAML schema: strict keys and types, no repeated grid values, one-line errors naming the key and
+the fix; the same files as before still load."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from fewshot_core.errors import FsadError
+from pipelines.config import QUICK_LOOK_IMAGE_SIZE, STANDARD_IMAGE_SIZE, SweepConfig, load_config
+
+
+def _load(tmp_path, text):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path, load_config(path)
+
+
+def _refused(tmp_path, text) -> str:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(textwrap.dedent(text))
+    with pytest.raises(FsadError) as exc:
+        load_config(path)
+    message = str(exc.value)
+    assert message.startswith(f"{path}: ") and ";" in message and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("text, key, fix", [
+    ("oneclass: {shot: [1, 2]}\n", "oneclass.shot", "shots, seeds"),
+    ("data: {rooot: /data}\n", "data.rooot", "source, root"),
+    ("data: {synth: {categoriez: 2}}\n", "data.synth.categoriez", "n_train"),
+    ("methods: [{method: knn, parms: {}}]\n", "methods[0].parms", "params"),
+    ("bogus: 1\n", "bogus", "oneclass"),
+])
+def test_unknown_nested_keys_are_refused_naming_the_key_and_the_allowed_ones(tmp_path, text, key, fix):
+    message = _refused(tmp_path, text)
+    assert f"unknown key {key}" in message and fix in message
+
+
+@pytest.mark.parametrize("text, key", [
+    ("oneclass: {shots: [1.7]}\n", "oneclass.shots[0]"),
+    ("oneclass: {shots: [true]}\n", "oneclass.shots[0]"),
+    ("oneclass: {seeds: ['0']}\n", "oneclass.seeds[0]"),
+    ("supervised: {ratios: [[1, 1.5]]}\n", "supervised.ratios[0][1]"),
+    ("image_size: 112.0\n", "image_size"),
+])
+def test_non_integer_grid_values_are_refused(tmp_path, text, key):
+    message = _refused(tmp_path, text)
+    assert key in message and "whole number" in message
+
+
+@pytest.mark.parametrize("text, what", [
+    ("oneclass: {shots: [1, 2, 1]}\n", "repeated shots 1"),
+    ("oneclass: {seeds: [0, 0, 1]}\n", "repeated seeds 0"),
+    ("supervised: {seeds: [3, 3]}\n", "repeated seeds 3"),
+    ("supervised: {ratios: [[1, 1], [3, 1], [1, 1]]}\n", "repeated ratios"),
+    ("supervised: {label_modes: [binary, binary]}\n", "repeated label_modes binary"),
+    ("backbones: [tf_efficientnet_lite0, tf_efficientnet_lite0]\n", "repeated backbones"),
+    ("methods: [{method: knn}, {id: knn, method: patchcore}]\n", "repeated method ids knn"),
+])
+def test_repeated_grid_values_are_refused_in_one_line(tmp_path, text, what):
+    assert what in _refused(tmp_path, text)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("methods: [{method: nope}]\n", "unknown method 'nope'"),
+    ("methods: [{method: protonet, protocol: oneclass}]\n", "protocol oneclass not available"),
+    ("oneclass: {shots: [0]}\n", "oneclass.shots[0] 0: input should be greater than or equal to 1"),
+    ("supervised: {label_modes: [triple]}\n", "supervised.label_modes[0] 'triple'"),
+    ("data: {source: layout}\n", "needs data.layouts"),
+    ("data: [unclosed\n", "not valid YAML"),
+    ("- 1\n", "top level must be a mapping"),
+    ("methods: [{id: 'bad id', method: knn}]\n", "methods[0].id"),
+])
+def test_other_mistakes_name_the_setting(tmp_path, text, message):
+    assert message in _refused(tmp_path, text)
+
+
+def test_the_documented_example_still_loads(tmp_path):
+    from pipelines import config
+
+    example = config.__doc__.split("e.g.::", 1)[1].split("\n\n")[1]
+    _, cfg = _load(tmp_path, textwrap.dedent(example))
+    assert cfg.name == "bottle-sweep" and cfg.categories == ["bottle"] and cfg.image_size == 224
+    assert cfg.shots == [1, 2, 4, 8] and cfg.ratios == [(1, 1), (5, 1), (10, 1)]
+    assert [m.id for m in cfg.method_specs()] == ["patchcore", "protonet-cosine"]
+    assert cfg.data_root == str((tmp_path / "../shared/data/mvtec_ad").resolve())
+    assert {s.key for s in cfg.oneclass_settings()} >= {"oc-k8-s4"}
+
+
+def test_method_policy_comes_from_the_registry(tmp_path):
+    _, cfg = _load(tmp_path, """\
+        supervised: {ratios: [[1, 1]], label_modes: [binary, multiclass], seeds: [0]}
+        methods:
+          - {id: pc-sup, method: patchcore, protocol: supervised}
+          - {method: protonet}
+          - {method: knn}
+        """)
+    by_id = {s.id: [k.key for k in cfg.settings_for(s)] for s in cfg.method_specs()}
+    assert by_id["pc-sup"] == ["sup-g1b1-bin-s0"]  # a one-class method cannot name defect types
+    assert by_id["protonet"] == ["sup-g1b1-bin-s0", "sup-g1b1-multi-s0"]
+    assert by_id["knn"][0] == "oc-k1-s0"
+
+
+def test_image_size_defaults_to_the_standard_resolution_on_real_data(monkeypatch, tmp_path):
+    monkeypatch.delenv("MVTEC_ROOT", raising=False)
+    assert SweepConfig().resolved_image_size() == QUICK_LOOK_IMAGE_SIZE
+    assert "quick look" in SweepConfig().image_size_note()
+    monkeypatch.setenv("MVTEC_ROOT", str(tmp_path))
+    assert SweepConfig().resolved_image_size() == STANDARD_IMAGE_SIZE == 256
+    assert "standard" in SweepConfig().image_size_note()
+    assert SweepConfig(image_size=128).resolved_image_size() == 128
+    assert "quick look" in SweepConfig(image_size=128).image_size_note()
+
+
+def test_work_dir_defaults_to_the_dagster_home_never_the_package(monkeypatch, tmp_path):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert SweepConfig().resolved_work_dir() == tmp_path / "dagster_home" / "fsad"
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "h"))
+    assert SweepConfig().resolved_work_dir() == tmp_path / "h" / "fsad"
