@@ -1,6 +1,8 @@
 """The ``fsad`` command. Each sub-command lives in its own module and registers itself here.
 
-Errors meant for users (``FsadError``) print one line on stderr and exit with their code, never a
+The library's own commands are listed below; packages built on it (the Dagster pipeline's ``run`` and
+``mlflow-ui``) add theirs through the ``fsad.commands`` entry-point group, so this package never imports
+them. Errors meant for users (``FsadError``) print one line on stderr and exit with their code, never a
 traceback.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib.metadata import entry_points
 
 from fewshot_core.errors import FsadError
 
@@ -17,26 +20,33 @@ _COMMAND_MODULES = (
     "fewshot_core.cli.data",
     "fewshot_core.cli.embed",
     "fewshot_core.cli.evaluate",
-    "fewshot_core.cli.run",
 )
+ENTRY_POINT_GROUP = "fsad.commands"  # value: "module:register"
+
+
+def _registrars():
+    yield from (importlib.import_module(name).register for name in _COMMAND_MODULES)
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        yield ep.load()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fsad", description="Few-shot industrial anomaly detection benchmark.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # sub-command not written yet
-                continue
-            raise
-        module.register(sub)
+    for register in _registrars():
+        register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and not argv[0].startswith("-") and not any(entry_points(group=ENTRY_POINT_GROUP)):
+        known = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        if argv[0] not in known:  # e.g. `run` from a checkout whose install predates the entry point
+            print(f"fsad: error: unknown command {argv[0]!r} and no {ENTRY_POINT_GROUP} entry points are "
+                  "installed; reinstall fsad (pip install -e .) to register the pipeline's commands", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

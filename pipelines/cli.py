@@ -1,18 +1,21 @@
-"""``fsad run``: materialise the whole default sweep in-process (Dagster + MLflow), then print where the
-report is and how to open the Dagster and MLflow UIs. ``fsad mlflow-ui``: start the MLflow UI on the
-tracking store the pipeline writes to."""
+"""``fsad run`` and ``fsad mlflow-ui``: the sub-commands that need Dagster, registered from here through
+the ``fsad.commands`` entry-point group (``pyproject.toml``), so ``fewshot_core`` never imports Dagster.
+
+``fsad run`` materialises the whole sweep in-process, then prints where the report is and how to open the
+Dagster and MLflow UIs; ``fsad mlflow-ui`` starts the MLflow UI on the tracking store the pipeline writes to.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
+from importlib.resources import files
 from pathlib import Path
 
 from fewshot_core.errors import FsadError
-from fewshot_core.paths import PROJECT_ROOT
+from fewshot_core.paths import dagster_home
 
 
 def register(subparsers) -> None:
@@ -23,12 +26,12 @@ def register(subparsers) -> None:
                     "to MLflow and an HTML report.")
     p.add_argument("--config", help="sweep YAML (see pipelines/config.py); default: the embedded demo sweep")
     p.add_argument("--root", help="MVTec-layout data root to use instead of the configured data")
-    p.add_argument("--dagster-home", help="Dagster instance folder (default: $DAGSTER_HOME, else <project>/dagster_home)")
+    p.add_argument("--dagster-home", help="Dagster instance folder (default: $DAGSTER_HOME, else ./dagster_home)")
     p.add_argument("--verbose", action="store_true", help="show Dagster's step-level debug log")
     p.set_defaults(func=run_command)
 
     m = subparsers.add_parser("mlflow-ui", help="start the MLflow UI on the pipeline's tracking store",
-                              description="Start `mlflow ui` on the SQLite store under dagster_home (or "
+                              description="Start `mlflow ui` on the SQLite store in the Dagster home (or "
                                           "MLFLOW_TRACKING_URI), bound to 127.0.0.1.")
     m.add_argument("--host", default="127.0.0.1")
     m.add_argument("--port", type=int, default=5000)
@@ -37,17 +40,33 @@ def register(subparsers) -> None:
     m.set_defaults(func=mlflow_ui_command)
 
 
-def dagster_home(explicit: str | None = None) -> Path:
-    home = Path(explicit or os.environ.get("DAGSTER_HOME") or PROJECT_ROOT / "dagster_home").resolve()
+def instance_template() -> bytes:
+    """The packaged ``dagster.yaml`` (storage and run-queue settings) every fsad home starts from."""
+    return files("pipelines").joinpath("templates", "dagster.yaml").read_bytes()
+
+
+def prepare_home(explicit: str | None = None) -> Path:
+    """The Dagster home (``--dagster-home``, ``DAGSTER_HOME``, else ``./dagster_home``), with fsad's
+    ``dagster.yaml`` copied in when it has none."""
+    home = Path(explicit).expanduser().resolve() if explicit else dagster_home().resolve()
     home.mkdir(parents=True, exist_ok=True)
-    template = PROJECT_ROOT / "dagster_home" / "dagster.yaml"
-    if not (home / "dagster.yaml").exists() and template.is_file():
-        shutil.copyfile(template, home / "dagster.yaml")  # same storage and run-queue settings everywhere
+    target = home / "dagster.yaml"
+    if not target.exists():
+        from fewshot_core.atomic import atomic_write_bytes
+
+        atomic_write_bytes(target, instance_template(), mode=0o644)
     return home
 
 
+def dagster_ui_command(home: Path, cfg) -> str:
+    """How to open this sweep in the Dagster UI: the checkout's workspace file when run from one."""
+    target = "-w workspace.yaml" if (Path.cwd() / "workspace.yaml").is_file() else "-m pipelines.definitions"
+    env = f"DAGSTER_HOME={home}" + (f" FSAD_SWEEP_CONFIG={cfg.source_file}" if cfg.source_file else "")
+    return f"{env} dagster dev {target} -h 127.0.0.1"
+
+
 def run_command(args) -> int:
-    home = dagster_home(args.dagster_home)
+    home = prepare_home(args.dagster_home)
     os.environ["DAGSTER_HOME"] = str(home)  # before Dagster is imported: never a temporary instance
     if args.config:
         os.environ["FSAD_SWEEP_CONFIG"] = str(Path(args.config).resolve())
@@ -68,7 +87,7 @@ def run_command(args) -> int:
         cfg.data_source, cfg.data_root = "mvtec", str(root)
     data_root, source = resolve_data(cfg)
     methods = [m.id for m in cfg.method_specs()]
-    print(f"fsad run: sweep {cfg.name!r} on {source} data at {data_root}")
+    print(f"fsad run: sweep {cfg.name!r} on {source} data at {data_root}, images at {cfg.image_size_note()}")
     print(f"  backbones {', '.join(cfg.backbones)}; methods {', '.join(methods)}; shots {cfg.shots}; "
           f"ratios {cfg.ratios}; seeds {sorted(set(cfg.oneclass_seeds) | set(cfg.supervised_seeds))}")
     defs = build_definitions(cfg)
@@ -81,13 +100,12 @@ def run_command(args) -> int:
     print(f"  Report:      {report}")
     print(f"  Tables:      {cfg.resolved_work_dir() / 'tables'}")
     print(f"  MLflow:      {default_tracking_uri(home)} (experiment {cfg.name!r}); open it with `fsad mlflow-ui`")
-    print(f"  Dagster UI:  DAGSTER_HOME={home} dagster dev -w {PROJECT_ROOT / 'workspace.yaml'} -h 127.0.0.1"
-          + (f"  (with FSAD_SWEEP_CONFIG={cfg.source_file})" if cfg.source_file else ""))
+    print(f"  Dagster UI:  {dagster_ui_command(home, cfg)}")
     return 0
 
 
 def mlflow_ui_command(args) -> int:
-    home = dagster_home(args.dagster_home)
+    home = prepare_home(args.dagster_home)
     from fewshot_core.tracking import default_artifact_root, default_tracking_uri
 
     uri = default_tracking_uri(home)
