@@ -38,9 +38,3 @@ def to_image_maps(patch_maps: np.ndarray, out_size, sigma: float = DEFAULT_SIGMA
         up = np.stack([ndimage.gaussian_filter(m, sigma=sigma) for m in up])
     up = up.astype(np.float32, copy=False)
     return up[0] if single else up
-
-
-def iter_image_maps(patch_maps: np.ndarray, out_size, sigma: float = DEFAULT_SIGMA, batch: int = 16):
-    """Yield one [H, W] image map at a time (bounded memory for large test sets)."""
-    for start in range(0, len(patch_maps), batch):
-        yield from to_image_maps(patch_maps[start:start + batch], out_size, sigma)

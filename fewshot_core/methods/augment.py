@@ -41,12 +41,6 @@ def check_transforms(transforms: Sequence[str]) -> tuple[str, ...]:
     return tuple(transforms)
 
 
-def augment_images(images: Sequence[Image.Image], transforms: Sequence[str] = TRANSFORMS) -> list[Image.Image]:
-    """Every image under every transform (image-major order), originals not included."""
-    transforms = check_transforms(transforms)
-    return [img.transpose(_PIL_OPS[t]) for img in images for t in transforms]
-
-
 def _grid_op(maps: np.ndarray, t: str) -> np.ndarray:
     # maps [n, h, w, d]; PIL's ROTATE_90 is counter-clockwise, as np.rot90 with k=1
     if t == "hflip":
