@@ -28,6 +28,14 @@ class DeviceResource(dg.ConfigurableResource):
 
         return str(resolve_device(self.device))
 
+    def runtime(self, artifact_dir):
+        """The ``fewshot_core.runtime.Runtime`` methods compute on: this device, trained weights cached in
+        ``artifact_dir``, no progress bars (the step log is the progress)."""
+        from fewshot_core.runtime import Runtime
+
+        return Runtime(device=self.resolve(), artifact_dir=artifact_dir, progress=False,
+                       threads=self.torch_threads or None)
+
 
 class FeatureStoreResource(dg.ConfigurableResource):
     """The on-disk feature store; a complete partition is reused, never recomputed."""
@@ -51,7 +59,7 @@ class FeatureStoreResource(dg.ConfigurableResource):
 
 class MlflowTracking(dg.ConfigurableResource):
     """MLflow via plain client calls; empty ``tracking_uri`` = ``MLFLOW_TRACKING_URI`` or the SQLite default
-    under ``dagster_home/``."""
+    in the Dagster home."""
 
     tracking_uri: str = ""
     experiment: str = "fsad-default"

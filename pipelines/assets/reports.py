@@ -8,6 +8,7 @@ import dagster as dg
 import pandas as pd
 
 from fewshot_core.reports import aggregate, plots, render_report, write_report
+from fewshot_core.reports.gallery import report_gallery
 from pipelines.config import SweepConfig
 from pipelines.metadata import md_png
 from pipelines.resources import MlflowTracking
@@ -58,10 +59,11 @@ def build_report_assets(cfg: SweepConfig, evaluation_assets: list[dg.AssetsDefin
                           "number linked to its MLflow run.")
     def html_report(context: dg.AssetExecutionContext, benchmark_table: pd.DataFrame,
                     benchmark_summary: pd.DataFrame, mlflow: MlflowTracking) -> dg.MaterializeResult:
-        gallery = _gallery(benchmark_table)
+        tracker = mlflow.tracker()
+        gallery = report_gallery(benchmark_table, tracker.artifact_bytes)
         info = {"sweep": cfg.name, "config": cfg.source_file or "embedded default",
-                "backbones": ", ".join(cfg.backbones), "image size": cfg.image_size,
-                "MLflow tracking URI": mlflow.tracker().tracking_uri, "MLflow experiment": mlflow.experiment,
+                "backbones": ", ".join(cfg.backbones), "image size": cfg.image_size_note(),
+                "MLflow tracking URI": tracker.tracking_uri, "MLflow experiment": mlflow.experiment,
                 "Dagster run": context.run.run_id}
         text = render_report(benchmark_table, benchmark_summary, gallery, title=f"fsad report: {cfg.name}", info=info)
         path = write_report(report_path(cfg), text)
@@ -71,19 +73,3 @@ def build_report_assets(cfg: SweepConfig, evaluation_assets: list[dg.AssetsDefin
                                               "rows": len(benchmark_table)})
 
     return [benchmark_table, benchmark_summary, html_report]
-
-
-def _gallery(rows: pd.DataFrame) -> list[dict]:
-    """Per one-class method and category: the anomaly-map strip of its largest-shot run (lowest seed)."""
-    if not len(rows) or "gallery_png" not in rows:
-        return []
-    have = rows[rows["gallery_png"].notna()]
-    items = []
-    for (method, cat), g in have.groupby(["method", "category"], sort=True):
-        pick = g.sort_values(["shots", "seed"], ascending=[False, True]).iloc[0]
-        path = Path(pick["gallery_png"])
-        if path.is_file():
-            items.append({"title": f"{method} · {cat} · {pick['setting_key']}", "png": path.read_bytes(),
-                          "run_id": pick.get("mlflow_run_id"),
-                          "mlflow_experiment_id": pick.get("mlflow_experiment_id")})
-    return items

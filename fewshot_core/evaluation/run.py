@@ -1,0 +1,140 @@
+"""One few-shot setting end to end: sample its episode, run the protocol, and build what describes it.
+
+``evaluate_setting`` is the per-partition work of the pipeline's evaluation assets, and what any other
+front end (``fsad evaluate``, a notebook) calls for the same numbers and the same artifacts: the row of
+metrics from ``run_oneclass_episode`` / ``run_supervised_episode``, the ROC curve or confusion matrix, the
+anomaly-map gallery, the fitted model's folder and the episode itself (support, queries, scores). Pure
+library code: no Dagster, no MLflow, nothing written outside a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fewshot_core.methods import registry
+from fewshot_core.settings import ONECLASS, Setting
+
+METRIC_NAMES = frozenset({"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro", "accuracy",
+                          "balanced_accuracy", "macro_f1", "auroc"})
+
+
+@dataclass
+class SettingResult:
+    """``row``: the protocol's row; ``artifacts``: file name -> bytes or text (``plots/roc_curve.png``,
+    ``plots/anomaly_maps.png``, ``model/...``, ``episode.json``); ``episode``: the sampled episode."""
+
+    row: dict
+    artifacts: dict = field(default_factory=dict)
+    episode: object = None
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.row.items() if k in METRIC_NAMES or k.startswith("recall_")}
+
+    @property
+    def fit_seconds(self) -> float:
+        return float(self.row.get("fit_s", np.nan))
+
+    @property
+    def score_seconds(self) -> float:
+        return float(self.row.get("score_s", self.row.get("predict_s", np.nan)))
+
+    @property
+    def overlap(self) -> int:
+        """Images that are both support and query (0 for a valid episode)."""
+        return len(set(self.episode.support_ids) & set(self.episode.query_ids))
+
+
+def evaluate_setting(dataset, partition, method: str, setting: Setting, method_params: Mapping | None = None,
+                     *, mask_size: int | None = None, cache: dict | None = None, runtime=None,
+                     meta_pool=None, bank: dict | None = None, title: str | None = None) -> SettingResult:
+    """Run ``method`` on ``setting``'s episode of ``dataset`` (features from ``partition``) and describe it.
+
+    ``mask_size`` defaults to the partition's image size; ``cache`` is shared across the settings of one
+    category (masks, images, meta-trained models); ``meta_pool`` is the meta-training pool of the methods
+    that need one. ``bank`` (``evaluation.support.build_support_bank``) supplies the support features, shared
+    with the other methods of the setting. ``title`` heads the plots (default: method, category and setting).
+    """
+    from fewshot_core.evaluation.support import BankedPartition, sample_episode
+
+    cache = {} if cache is None else cache
+    size = int(mask_size or partition.image_size)
+    title = title or f"{method} · {dataset.category} · {setting.key}"
+    episode = sample_episode(dataset, setting)
+    if bank is not None:
+        partition = BankedPartition(partition, bank)
+        partition.check(episode)
+    if setting.protocol == ONECLASS:
+        return _oneclass(dataset, partition, method, episode, dict(method_params or {}), size, cache, runtime,
+                         title)
+    return _supervised(dataset, partition, method, episode, dict(method_params or {}), cache, runtime, meta_pool,
+                       title)
+
+
+def _model_files(model) -> dict[str, bytes]:
+    """The fitted model's save folder as ``model/<file>`` artifacts (its manifest, arrays, weights)."""
+    folder = getattr(model, "artifact_path", None)  # trained detectors keep their own artifact folder
+    if folder is None and hasattr(model, "save"):
+        with tempfile.TemporaryDirectory(prefix="fsad-model-") as tmp:
+            saved = Path(model.save(Path(tmp) / "model"))
+            return {f"model/{f.name}": f.read_bytes() for f in sorted(saved.iterdir()) if f.is_file()}
+    if folder is not None and Path(folder).is_dir():
+        return {f"model/{f.name}": f.read_bytes() for f in sorted(Path(folder).iterdir()) if f.is_file()}
+    return {}
+
+
+def _oneclass(dataset, partition, method, episode, params, size, cache, runtime, title) -> SettingResult:
+    from fewshot_core.methods.anomaly_map import to_image_maps
+    from fewshot_core.reports import gallery, plots
+
+    details: dict = {}
+    if registry.get(method, protocol=ONECLASS).input_kind == registry.IMAGES:  # trained on the support images
+        from fewshot_core.methods.training import run_image_episode
+
+        row = run_image_episode(dataset, episode, method, params, mask_size=size, details=details, cache=cache,
+                                artifact_dir=runtime.artifacts if runtime is not None else "auto")
+        # their maps are smoothed at the method's own map size already: only rescale for display
+        image_maps = lambda maps: to_image_maps(maps, size, sigma=0)  # noqa: E731
+        maps = details["anomaly_maps"]
+    else:
+        from fewshot_core.evaluation.oneclass import run_oneclass_episode
+
+        row = run_oneclass_episode(dataset, partition, episode, method, params, mask_size=size, cache=cache,
+                                   details=details, runtime=runtime)
+        image_maps = lambda maps: details["model"].anomaly_maps(maps, size)  # noqa: E731  (as the metrics)
+        maps = details["patch_maps"]
+    scores, labels, query_ids = details["image_scores"], np.asarray(details["labels"]), list(details["query_ids"])
+    artifacts: dict = {"plots/roc_curve.png": plots.roc_curve_png(labels, scores, title)}
+    picks = gallery.pick_examples(labels, scores)
+    if picks:
+        artifacts[gallery.GALLERY_ARTIFACT] = gallery.render_gallery(dataset, query_ids, scores,
+                                                                     image_maps(maps[picks]), picks, size, title)
+    artifacts.update(_model_files(details["model"]))
+    artifacts["episode.json"] = json.dumps({"episode_id": episode.episode_id, "support_ids": episode.support_ids,
+                                            "query_ids": query_ids, "labels": labels.tolist(),
+                                            "scores": [float(s) for s in scores]}, indent=1)
+    return SettingResult(row, artifacts, episode)
+
+
+def _supervised(dataset, partition, method, episode, params, cache, runtime, meta_pool, title) -> SettingResult:
+    from fewshot_core.evaluation.supervised import run_supervised_episode
+    from fewshot_core.reports import plots
+
+    if meta_pool is not None:
+        params["meta_pool"] = meta_pool
+    row = run_supervised_episode(dataset, partition, episode, method, params, cache=cache, runtime=runtime)
+    classes, matrix = json.loads(row["classes"]), json.loads(row["confusion"])
+    artifacts = {"plots/confusion_matrix.png": plots.confusion_matrix_png(matrix, classes, title),
+                 "episode.json": json.dumps({"episode_id": episode.episode_id, "classes": classes,
+                                             "support_ids": episode.support_ids,
+                                             "support_labels": episode.support_labels,
+                                             "query_ids": episode.query_ids, "query_labels": episode.query_labels,
+                                             "confusion": matrix, "fit_info": json.loads(row.get("info", "{}"))},
+                                            indent=1)}
+    return SettingResult(row, artifacts, episode)
