@@ -13,11 +13,12 @@ import dagster as dg
 # Single-run backfills and multi-partition mappings are marked beta; the pipeline relies on both on purpose.
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
-from pipelines.assets.banks import build_banks_asset
+from pipelines.assets.banks import build_banks_assets
 from pipelines.assets.data import build_data_assets
 from pipelines.assets.embeddings import build_embeddings_asset
 from pipelines.assets.evaluation import build_evaluation_assets
 from pipelines.assets.reports import build_report_assets
+from pipelines.automation import automation_sensor, with_automation
 from pipelines.checks import build_table_checks
 from pipelines.config import SweepConfig, load_config
 from pipelines.io_managers import ArrayStoreIOManager, ParquetIOManager
@@ -30,22 +31,22 @@ def build_definitions(cfg: SweepConfig | None = None) -> dg.Definitions:
     cfg = cfg or load_config()
     work = cfg.resolved_work_dir()
     dataset, image_manifest, manifest_check = build_data_assets(cfg)
-    embeddings = build_embeddings_asset(cfg, dataset)
-    banks = build_banks_asset(cfg, embeddings)
+    embeddings = build_embeddings_asset(cfg, image_manifest)
+    banks = build_banks_assets(cfg, embeddings)
     evaluations = build_evaluation_assets(cfg, embeddings)
     benchmark_table, benchmark_summary, html_report = build_report_assets(cfg, evaluations)
-    embeddings_job = dg.define_asset_job("embeddings_job", selection=dg.AssetSelection.assets(embeddings, banks),
-                                         description="Embeddings and banks for requested backbone x category partitions.")
+    embeddings_job = dg.define_asset_job("embeddings_job", selection=dg.AssetSelection.assets(embeddings),
+                                         description="Embeddings for requested backbone x category partitions.")
     nightly_job, nightly_schedule = build_nightly(lambda: build_definitions(cfg))
     return dg.Definitions(
-        assets=[dataset, image_manifest, embeddings, banks, *evaluations, benchmark_table, benchmark_summary,
-                html_report],
+        assets=with_automation([dataset, image_manifest, embeddings, *banks, *evaluations, benchmark_table,
+                                benchmark_summary, html_report]),
         asset_checks=[manifest_check, *build_table_checks(benchmark_table)],
         jobs=[embeddings_job, nightly_job],
         schedules=[nightly_schedule],
-        sensors=[build_new_images_sensor(cfg, embeddings_job)],
+        sensors=[build_new_images_sensor(cfg, embeddings_job), automation_sensor()],
         resources={
-            "feature_store": FeatureStoreResource(root=str(work / "features"), image_size=cfg.image_size),
+            "feature_store": FeatureStoreResource(root=str(work / "features"), image_size=cfg.resolved_image_size()),
             "mlflow": MlflowTracking(experiment=cfg.name),
             "device": DeviceResource(device="auto", torch_threads=2),
             "table_io": ParquetIOManager(base_dir=str(work / "tables")),

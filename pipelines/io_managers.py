@@ -1,7 +1,8 @@
 """IO managers: Parquet tables and ``.npz`` array stores, one file per asset partition, written atomically.
 
 Both accept the outputs of single-run backfills (one step covering many partitions): the asset then returns
-``{partition_key: value}`` and each value lands in its own partition file. Reading a partitioned upstream
+``{partition_key: value}``, each value lands in its own partition file and each partition's materialisation
+carries its own file's metadata (path, row count), never the batch's. Reading a partitioned upstream
 from an unpartitioned asset returns only the partitions that were materialised, so a report can be built
 from a partial sweep.
 """
@@ -38,18 +39,20 @@ class _PartitionedFiles(dg.ConfigurableIOManager):
             return
         if not context.has_asset_partitions:
             meta = self._write(self._path(context.asset_key, None), obj)
-        else:
-            keys = list(context.asset_partition_keys)
-            if len(keys) == 1 and not (isinstance(obj, dict) and set(obj) == set(keys)):
-                obj = {keys[0]: obj}
-            if not isinstance(obj, dict) or not set(obj) <= set(keys):
-                raise TypeError(f"{context.asset_key.to_user_string()}: a multi-partition step must return "
-                                f"{{partition_key: value}} for its partitions")
-            meta = {}
-            for key, value in obj.items():
-                meta = self._write(self._path(context.asset_key, key), value)
-            meta = {"partitions written": len(obj), **meta} if len(obj) > 1 else meta
-        context.add_output_metadata({k: v for k, v in meta.items() if v is not None})
+            context.add_output_metadata({k: v for k, v in meta.items() if v is not None})
+            return
+        keys = list(context.asset_partition_keys)
+        if len(keys) == 1 and not (isinstance(obj, dict) and set(obj) == set(keys)):
+            obj = {keys[0]: obj}
+        if not isinstance(obj, dict) or not set(obj) <= set(keys):
+            raise TypeError(f"{context.asset_key.to_user_string()}: a multi-partition step must return "
+                            f"{{partition_key: value}} for its partitions")
+        for key, value in obj.items():
+            meta = {k: v for k, v in self._write(self._path(context.asset_key, key), value).items() if v is not None}
+            if len(keys) == 1:
+                context.add_output_metadata(meta)
+            else:  # a single-run backfill: each partition's event carries its own path and row count
+                context.step_context.add_asset_metadata(meta, asset_key=context.asset_key, partition_key=key)
 
     def load_input(self, context: dg.InputContext):
         key = context.asset_key

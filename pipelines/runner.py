@@ -1,7 +1,8 @@
 """Materialise the whole sweep in-process, stage by stage (``fsad run`` and the nightly schedule).
 
 Dagster runs one partitions definition per run, so the sweep is a short sequence of runs on the same
-instance: data -> embeddings + banks (all backbone x category partitions in one run) -> one run per group
+instance: data -> embeddings (all backbone x category partitions in one run) -> support banks (every
+category x setting) -> one run per group
 of evaluation assets sharing a partitions definition -> the report tables and HTML. Partitioned stages use
 single-run backfills (a partition-range run), so a sweep costs a handful of runs, not one per partition.
 Every run is recorded in the instance and shows in the UI like a backfill launched there.
@@ -35,7 +36,7 @@ def stages(defs: dg.Definitions) -> list[tuple[str, list[dg.AssetsDefinition]]]:
     by_group: dict[str, list] = defaultdict(list)
     for a in assets:
         by_group[a.group_names_by_key[a.key]].append(a)
-    out = [("data", by_group["data"]), ("features", by_group["features"])]
+    out = [("data", by_group["data"]), ("features", by_group["features"]), ("banks", by_group["banks"])]
     evals: dict[str, list] = defaultdict(list)
     for a in by_group["evaluation"]:
         evals[str(a.partitions_def)].append(a)
@@ -76,8 +77,24 @@ def run_sweep(defs: dg.Definitions, instance: dg.DagsterInstance, log=print, tag
     return summaries
 
 
+def _failed_blocking_check(result) -> str | None:
+    """A failed blocking check's first problem (a data validation stopping the chain), if one failed."""
+    for event in result.all_events:
+        if event.event_type_value != "ASSET_CHECK_EVALUATION":
+            continue
+        evaluation = event.event_specific_data
+        if not evaluation.passed and getattr(evaluation, "blocking", False):
+            detail = getattr(evaluation, "description", None) or "see its metadata in the Dagster UI"
+            return (f"blocking check {evaluation.check_name} on {evaluation.asset_key.to_user_string()} "
+                    f"failed: {detail}")
+    return None
+
+
 def _failure_reason(result) -> str:
-    """The first failed step's own error message (a user error reads as its one line), else the event's."""
+    """A failed blocking check's problem, else the first failed step's own error message (a user error
+    reads as its one line), else the event's."""
+    if (check := _failed_blocking_check(result)) is not None:
+        return check
     for event in result.all_events:
         if event.is_step_failure:
             error = event.step_failure_data.error

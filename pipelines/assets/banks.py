@@ -1,52 +1,64 @@
-"""Banks stage: per backbone x category, the full-shot PatchCore memory bank (coreset of every training
-patch) and class prototypes of the global embeddings, stored as ``.npz`` arrays.
+"""Banks stage: per backbone, one support bank per category x setting (``fewshot_core.evaluation.support``):
+the support images' patch features and embeddings, and the class prototypes of the supervised settings.
 
-These are the deployable "all good data" models next to the few-shot episodes: the evaluation assets build
-their own per-episode banks from the same cached features, so this stage never feeds the query images of a
-few-shot episode into a support set.
+Every evaluation of a setting fits on its bank, so the methods that share a support (PatchCore, kNN, LDKNN
+on ``oc-k4-s0``; ProtoNet and PatchCore-as-classifier on ``sup-g3b1-bin-s0``) share one cached bank, and
+the lineage reads embeddings -> memory banks and prototypes -> evaluations.
 """
 
 
-import json
-
 import dagster as dg
-import numpy as np
 
+from fewshot_core.settings import Setting
 from pipelines.assets.data import load_category
 from pipelines.config import SweepConfig
-from pipelines.partitions import embedding_partitions, keys_of
+from pipelines.partitions import keys_of, setting_backfill_policy, setting_partitions
 from pipelines.resources import DeviceResource, FeatureStoreResource
 
 
-def build_banks_asset(cfg: SweepConfig, embeddings_asset) -> dg.AssetsDefinition:
-    @dg.asset(partitions_def=embedding_partitions(cfg), deps=[embeddings_asset], group_name="features",
-              io_manager_key="array_io", backfill_policy=dg.BackfillPolicy.single_run(), kinds={"numpy"},
-              description="Full-shot PatchCore memory bank (greedy coreset of all training patches) and class "
-                          "prototypes (mean global embedding: good from train, each defect type from test).")
+def bank_key(backbone: str) -> dg.AssetKey:
+    return dg.AssetKey(["memory_banks", backbone.replace("-", "_")])
+
+
+def bank_setting_keys(cfg: SweepConfig) -> list[str]:
+    """Every setting some method of the sweep runs, in grid order."""
+    wanted = {s.key for spec in cfg.method_specs() for s in cfg.settings_for(spec)}
+    return [s.key for s in cfg.oneclass_settings() + cfg.supervised_settings() if s.key in wanted]
+
+
+def build_banks_assets(cfg: SweepConfig, embeddings_asset) -> list[dg.AssetsDefinition]:
+    keys = bank_setting_keys(cfg)
+    if not keys:
+        return []
+    return [_banks_asset(cfg, embeddings_asset, backbone, keys) for backbone in cfg.backbones]
+
+
+def _banks_asset(cfg: SweepConfig, embeddings_asset, backbone: str, keys: list[str]) -> dg.AssetsDefinition:
+    from pipelines.partitions import embeddings_for_evaluation
+
+    @dg.asset(key=bank_key(backbone), partitions_def=setting_partitions(keys), group_name="banks",
+              deps=[dg.AssetDep(embeddings_asset, partition_mapping=embeddings_for_evaluation(backbone, keys))],
+              io_manager_key="array_io", backfill_policy=setting_backfill_policy(keys), kinds={"numpy"},
+              description=f"Support banks ({backbone}): per category x setting, the support images' patch features "
+                          "and embeddings (+ class prototypes for supervised settings) every method of that "
+                          "setting fits on.")
     def memory_banks(context: dg.AssetExecutionContext, feature_store: FeatureStoreResource,
                      device: DeviceResource) -> dict:
-        from fewshot_core.methods import create
+        from fewshot_core.evaluation.support import build_support_bank
 
-        out, sizes = {}, []
+        out, parts = {}, {}
         for p in keys_of(context):
-            ds = load_category(cfg, p["category"])
-            part = feature_store.build(ds, p["backbone"], device.resolve())
-            train = [r.image_id for r in ds.train_good()]
-            bank = create("patchcore", coreset_ratio=0.1, min_bank=1000).fit(part.patch(train))
-            classes, protos = ["good"], [part.global_(train).mean(0)]
-            for defect in ds.defect_types():
-                ids = [r.image_id for r in ds.test() if r.defect_type == defect]
-                if ids:
-                    classes.append(defect)
-                    protos.append(part.global_(ids).mean(0))
-            state = {f"patchcore_{k}": v for k, v in bank.get_state()["arrays"].items()}
-            out[p["key"]] = {**state, "prototypes": np.stack(protos).astype(np.float32),
-                             "prototype_classes": np.array(classes),
-                             "feature_key": np.array(part.key),
-                             "patchcore_params": np.array(json.dumps(bank.get_params()))}
-            sizes.append(f"{p['key']}: bank {bank.bank_.shape[0]} of {len(train) * np.prod(part.grid)} patches, "
-                         f"{len(classes)} prototypes")
-        context.add_output_metadata({"banks": dg.MetadataValue.md("\n".join(f"- {s}" for s in sizes))})
+            if p["category"] not in parts:
+                ds = load_category(cfg, p["category"])
+                parts[p["category"]] = (ds, feature_store.build(ds, backbone, device.resolve()))
+            ds, part = parts[p["category"]]
+            bank = build_support_bank(ds, part, Setting.parse(p["setting"]))
+            out[p["key"]] = bank
+            meta = {"support images": len(bank["support_ids"]), "feature key": part.key,
+                    "patch bank": " x ".join(map(str, bank["support_patches"].shape))}
+            if "prototypes" in bank:
+                meta["prototypes"] = len(bank["prototypes"])
+            context.add_asset_metadata(meta, partition_key=p["key"])
         return out if len(out) > 1 else next(iter(out.values()))
 
     return memory_banks

@@ -1,7 +1,6 @@
 """Data stage: the dataset on disk (synthetic, local MVTec AD, or downloaded) and its Parquet manifest."""
 
 
-import os
 from pathlib import Path
 
 import dagster as dg
@@ -16,9 +15,7 @@ from pipelines.partitions import CATEGORY
 
 def resolve_data(cfg: SweepConfig) -> tuple[Path, str]:
     """(root, source) for the configured data; ``auto`` is MVTEC_ROOT when set, else synthetic."""
-    source = cfg.data_source
-    if source == "auto":
-        source = "mvtec" if (cfg.data_root or os.environ.get("MVTEC_ROOT")) else "synthetic"
+    source = cfg.resolved_source()
     if source == "synthetic":
         return Path(cfg.data_root or cfg.resolved_work_dir() / "synthetic"), source
     if source == "download":
@@ -72,6 +69,28 @@ def load_category(cfg: SweepConfig, category: str):
     return load_dataset(source_for(cfg, category), category)
 
 
+def manifest_problems(cfg: SweepConfig, manifest: pd.DataFrame) -> list[str]:
+    """The library validator's problems for every category, plus disagreements with the manifest."""
+    from fewshot_core.data.validate import validate
+
+    problems: list[str] = []
+    for cat, rows in manifest.groupby("category"):
+        report = validate(source_for(cfg, str(cat)), str(cat))
+        problems += report.problems
+        counts = report.counts.get(str(cat), {})
+        expected = sum(n for split in ("train", "test") for n in counts.get(split, {}).values())
+        if expected != len(rows):
+            problems.append(f"{cat}: manifest has {len(rows)} images, the folder {expected}")
+        defects = rows[rows["label"] == 1]
+        masked = defects["mask_path"].notna()
+        if masked.any() and not masked.all():
+            problems.append(f"{cat}: {int((~masked).sum())} defect images without a mask")
+        missing = [p for p in defects["mask_path"].dropna() if not Path(p).is_file()]
+        if missing:
+            problems.append(f"{cat}: {len(missing)} mask files missing, e.g. {missing[0]}")
+    return problems
+
+
 def build_data_assets(cfg: SweepConfig):
     @dg.asset(group_name="data", kinds={"python"},
               description="The image folders: synthetic (default), a local MVTec AD copy (MVTEC_ROOT) or a download. "
@@ -123,28 +142,15 @@ def build_data_assets(cfg: SweepConfig):
         })
         return df
 
-    @dg.asset_check(asset=image_manifest, description="The manifest matches a fresh validation of the folders: "
-                    "no problems, same image counts, every defect image of a masked category has its mask.")
+    @dg.asset_check(asset=image_manifest, blocking=True,
+                    description="Blocking: the manifest matches a fresh validation of the folders (fsad data "
+                                "validate): no problems such as a mask whose size differs from its image, same "
+                                "image counts, every defect image of a masked category has its mask. A failure "
+                                "stops the chain: nothing downstream is computed from bad data.")
     def manifest_validates(image_manifest: pd.DataFrame) -> dg.AssetCheckResult:
-        from fewshot_core.data.validate import validate
-
-        root, _ = resolve_data(cfg)
-        problems: list[str] = []
-        for cat, rows in image_manifest.groupby("category"):
-            report = validate(source_for(cfg, str(cat)), str(cat))
-            problems += report.problems
-            counts = report.counts.get(str(cat), {})
-            expected = sum(n for split in ("train", "test") for n in counts.get(split, {}).values())
-            if expected != len(rows):
-                problems.append(f"{cat}: manifest has {len(rows)} images, the folder {expected}")
-            defects = rows[rows["label"] == 1]
-            masked = defects["mask_path"].notna()
-            if masked.any() and not masked.all():
-                problems.append(f"{cat}: {int((~masked).sum())} defect images without a mask")
-            missing = [p for p in defects["mask_path"].dropna() if not Path(p).is_file()]
-            if missing:
-                problems.append(f"{cat}: {len(missing)} mask files missing, e.g. {missing[0]}")
-        return dg.AssetCheckResult(passed=not problems, metadata={
+        problems = manifest_problems(cfg, image_manifest)
+        return dg.AssetCheckResult(passed=not problems, severity=dg.AssetCheckSeverity.ERROR,
+                                   description=problems[0] if problems else None, metadata={
             "images": len(image_manifest), "problems": len(problems),
             "first problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems[:20]) or "none")})
 

@@ -1,0 +1,41 @@
+"""Declarative automation: whatever updates the embeddings (the new-images sensor, a backfill in the UI)
+carries on through the support banks and evaluations to an updated report, with no run launched by hand.
+
+The condition fires only after an upstream *update*, never for partitions that are merely missing, so
+starting ``dagster dev`` on a home that ``fsad run`` filled launches nothing. Data and embeddings are never
+automated: the sensor and the nightly schedule decide when images are read.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+AFTER_UPSTREAM_UPDATES = (
+    dg.AutomationCondition.any_deps_updated().since_last_handled()
+    & ~dg.AutomationCondition.any_deps_missing()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+).with_label("after upstream updates")
+
+AUTOMATED_GROUPS = ("banks", "evaluation", "reports")
+
+
+def automated() -> dg.AssetSelection:
+    return dg.AssetSelection.groups(*AUTOMATED_GROUPS)
+
+
+def with_automation(assets: list) -> list:
+    """``assets`` with the condition on every banks, evaluation and report asset."""
+    def apply(spec: dg.AssetSpec) -> dg.AssetSpec:
+        if spec.group_name in AUTOMATED_GROUPS:
+            return spec.replace_attributes(automation_condition=AFTER_UPSTREAM_UPDATES)
+        return spec
+
+    return [a.map_asset_specs(apply) for a in assets]
+
+
+def automation_sensor() -> dg.AutomationConditionSensorDefinition:
+    return dg.AutomationConditionSensorDefinition(
+        "downstream_of_new_images", target=automated(), default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Materialises banks, evaluations and the report after their upstream updates (new images "
+                    "picked up by new_images_sensor, or embeddings materialised from the UI).")
