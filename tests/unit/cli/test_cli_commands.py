@@ -65,3 +65,12 @@ def test_the_instance_template_ships_as_package_data(tmp_path, monkeypatch):
     home = prepare_home(None)
     assert home == tmp_path / "dagster_home"
     assert (home / "dagster.yaml").read_bytes() == instance_template() and b"max_concurrent_runs" in instance_template()
+
+
+def test_a_stale_install_without_the_entry_points_says_how_to_fix_it(monkeypatch, capsys):
+    import fewshot_core.cli as cli
+
+    monkeypatch.setattr(cli, "entry_points", lambda group: [])
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install -e ." in err[0] and "fsad.commands" in err[0]
