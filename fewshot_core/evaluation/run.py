@@ -57,9 +57,10 @@ def evaluate_setting(dataset, partition, method: str, setting: Setting, method_p
     """Run ``method`` on ``setting``'s episode of ``dataset`` (features from ``partition``) and describe it.
 
     ``mask_size`` defaults to the partition's image size; ``cache`` is shared across the settings of one
-    category (masks, images, meta-trained models); ``meta_pool`` is the meta-training pool of the methods
-    that need one. ``bank`` (``evaluation.support.build_support_bank``) supplies the support features, shared
-    with the other methods of the setting. ``title`` heads the plots (default: method, category and setting).
+    category (masks, images, meta-trained models); ``meta_pool`` (``evaluation.meta_pool.MetaPool``) is the
+    meta-training pool of the methods that need one. ``bank`` (``evaluation.support.build_support_bank``)
+    supplies the support features, shared with the other methods of the setting. ``title`` heads the plots
+    (default: method, category and setting).
     """
     from fewshot_core.evaluation.support import BankedPartition, sample_episode
 
@@ -126,9 +127,8 @@ def _supervised(dataset, partition, method, episode, params, cache, runtime, met
     from fewshot_core.evaluation.supervised import run_supervised_episode
     from fewshot_core.reports import plots
 
-    if meta_pool is not None:
-        params["meta_pool"] = meta_pool
-    row = run_supervised_episode(dataset, partition, episode, method, params, cache=cache, runtime=runtime)
+    row = run_supervised_episode(dataset, partition, episode, method, params, cache=cache, runtime=runtime,
+                                 meta_pool=meta_pool)
     classes, matrix = json.loads(row["classes"]), json.loads(row["confusion"])
     artifacts = {"plots/confusion_matrix.png": plots.confusion_matrix_png(matrix, classes, title),
                  "episode.json": json.dumps({"episode_id": episode.episode_id, "classes": classes,

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fewshot_core import tracking
+from fewshot_core.errors import FsadError
 from fewshot_core.settings import ONECLASS, Setting
 from pipelines.assets.banks import bank_key
 from pipelines.assets.data import load_category
@@ -85,6 +86,9 @@ def _evaluation_asset(cfg: SweepConfig, embeddings_asset, backbone: str, spec: M
             if _needs_meta_pool(spec) and pool is None:
                 pool = _meta_pool(cfg, context, backbone, feature_store, device)
             setting = Setting.parse(p["setting"])
+            if p["key"] not in banks:
+                raise FsadError(f"{p['key']}: no support bank yet; materialise {bank_key(backbone).to_user_string()} "
+                                "for this partition first (fsad run does)")
             result = evaluate_setting(ds, part, spec.method, setting, params, cache=caches[category],
                                       runtime=runtime, meta_pool=pool, bank=banks[p["key"]],
                                       title=f"{spec.id} · {category} · {setting.key}")
@@ -141,7 +145,7 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
               "label_mode": setting.label_mode or "", "seed": setting.seed, "image_size": part.image_size,
               "feature_key": part.key, "weights_random": part.is_random, "episode_id": lib_row.get("episode_id"),
               "method_params": lib_row.get("params", "{}"), "n_support": len(episode.support_ids),
-              "n_query": len(episode.query_ids)}
+              "n_query": len(episode.query_ids), "meta_pool": lib_row.get("meta_pool", "")}
     tags = {tracking.PARTITION_TAG: p["key"], tracking.ASSET_TAG: context.asset_key.to_user_string(),
             "fsad.setting": setting.key, "fsad.method": spec.id, "fsad.category": p["category"]}
     run_id = tracker.log_evaluation(experiment, context.run.run_id, f"{spec.id}|{p['category']}|{setting.key}",
@@ -156,5 +160,5 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
             "partition_key": p["key"], "mlflow_run_id": run_id, "mlflow_experiment_id": exp_id,
             "dagster_run_id": context.run.run_id, "n_support": len(episode.support_ids),
             "n_query": len(episode.query_ids), "fit_seconds": fit_s, "score_seconds": score_s,
-            "feature_key": part.key,
+            "feature_key": part.key, "meta_pool": lib_row.get("meta_pool") or None,
             "gallery_artifact": GALLERY_ARTIFACT if GALLERY_ARTIFACT in result.artifacts else None, **metrics}

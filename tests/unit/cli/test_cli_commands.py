@@ -1,9 +1,8 @@
-"""The library never imports Dagster or the pipeline: ``fsad run`` and ``fsad mlflow-ui`` come from
-``pipelines`` through the ``fsad.commands`` entry-point group."""
+"""``fsad run`` and ``fsad mlflow-ui`` come from ``pipelines`` through the ``fsad.commands`` entry-point
+group, so loading the library and its CLI loads no Dagster (the import graph itself: test_architecture)."""
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -11,22 +10,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def _imported_names(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
-
-
-def test_no_library_module_imports_dagster_or_pipelines():
-    offenders = {str(p.relative_to(ROOT)): sorted(_imported_names(p) & {"dagster", "pipelines"})
-                 for p in (ROOT / "fewshot_core").rglob("*.py")}
-    assert {k: v for k, v in offenders.items() if v} == {}
 
 
 @pytest.mark.slow  # imports torch, timm, mlflow, ...
