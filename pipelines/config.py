@@ -16,6 +16,9 @@ EfficientNet-Lite0 backbone, the fast methods that exist, a small shots grid and
     methods:
       - {id: patchcore, method: patchcore}
       - {id: protonet-cosine, method: protonet, params: {distance: cosine}}
+      # meta-trained methods learn from other categories: the sweep's (default; generated ones when it has
+      # only one), generated ones (synthetic or synthetic:N), or another root's (a path)
+      - {id: caml, method: caml, meta_pool: synthetic}
 
 Every key is checked (``pipelines/sweep_schema.py``): an unknown or misspelt key, a non-integer shot or a
 repeated value is refused in one line. ``image_size`` left out means the methods' standard 256 px on real
@@ -141,7 +144,15 @@ def _from_file(sweep: SweepFile, path: Path) -> SweepConfig:
         for item in sweep.methods:
             if item.method not in registry.names():
                 _fail(path, f"unknown method {item.method!r}", f"choose from {', '.join(registry.names())}")
-            spec = MethodSpec(item.id or item.method, item.method, dict(item.params), item.protocol)
+            pool = item.meta_pool
+            if pool not in (None, "categories") and not pool.startswith("synthetic"):
+                pool = resolve(pool)
+                if not Path(pool).is_dir():
+                    _fail(path, f"method {item.id or item.method}: meta_pool {item.meta_pool!r} is not a folder",
+                          "use categories, synthetic, synthetic:N or the path of another MVTec-layout root")
+            spec = MethodSpec(item.id or item.method, item.method, dict(item.params), item.protocol, pool)
+            if pool is not None and not spec.entry.meta_pool:
+                _fail(path, f"method {spec.id}: meta_pool is for meta-trained methods", "remove the meta_pool key")
             if spec.protocol not in spec.entry.protocols:
                 _fail(path, f"method {spec.id}: protocol {spec.protocol} not available for {spec.method}",
                       f"use protocol: {' or '.join(spec.entry.protocols)}")

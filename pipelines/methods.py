@@ -31,6 +31,7 @@ class MethodSpec:
     method: str
     params: dict = field(default_factory=dict)
     protocol_override: str | None = None
+    meta_pool: str | None = None  # meta-trained methods: categories | synthetic[:N] | another root's path
 
     @property
     def entry(self):

@@ -82,6 +82,9 @@ class MethodItem(_Strict):
     id: MethodId | None = None
     params: dict[str, Any] = {}
     protocol: Literal["oneclass", "supervised"] | None = None
+    # meta-trained methods (CAML): "categories" (the sweep's other categories; generated ones when it has
+    # only one), "synthetic" / "synthetic:N" (N generated categories), or the path of another MVTec root
+    meta_pool: Annotated[str, Field(pattern=r"^(categories|synthetic(:[1-9][0-9]*)?|[^:].*)$")] | None = None
 
 
 class SweepFile(_Strict):

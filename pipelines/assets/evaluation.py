@@ -84,7 +84,7 @@ def _evaluation_asset(cfg: SweepConfig, embeddings_asset, backbone: str, spec: M
             ds, part = parts[category]
             params = dict(spec.params)
             if _needs_meta_pool(spec) and pool is None:
-                pool = _meta_pool(cfg, context, backbone, feature_store, device)
+                pool = _meta_pool(cfg, context, backbone, feature_store, device, spec.meta_pool)
             setting = Setting.parse(p["setting"])
             if p["key"] not in banks:
                 raise FsadError(f"{p['key']}: no support bank yet; materialise {bank_key(backbone).to_user_string()} "
@@ -119,17 +119,29 @@ def _partition_metadata(row: dict, metrics: dict, tracker, exp_id: str) -> dict:
     return meta
 
 
-def _meta_pool(cfg, context, backbone, feature_store, device):
-    """The sweep's registered categories as the meta-training pool (``MetaPool``); the method itself leaves
-    the evaluated category out (and refuses a model that saw it)."""
-    from fewshot_core.evaluation.meta_pool import pool_from_partitions
+def _meta_pool(cfg, context, backbone, feature_store, device, source: str | None):
+    """The meta-training pool (``MetaPool``) the method spec asks for: the sweep's registered categories
+    (generated ones when the sweep has a single category, e.g. bottle), generated categories, or another
+    root's. The method itself leaves the evaluated category out (and refuses a model that saw it)."""
+    from fewshot_core.evaluation import meta_pool as pools
     from pipelines.partitions import CATEGORY
 
-    pairs = []
-    for category in context.instance.get_dynamic_partitions(CATEGORY.name):
-        ds = load_category(cfg, category)
-        pairs.append((ds, feature_store.build(ds, backbone, device.resolve())))
-    return pool_from_partitions(pairs, source="sweep categories")
+    categories = context.instance.get_dynamic_partitions(CATEGORY.name)
+    if source in (None, "categories") and len(categories) < 2:
+        source = pools.SYNTHETIC
+    build = dict(batch_size=feature_store.batch_size, num_workers=feature_store.num_workers,
+                 device=device.resolve())
+    if source in (None, "categories"):
+        pairs = []
+        for category in categories:
+            ds = load_category(cfg, category)
+            pairs.append((ds, feature_store.build(ds, backbone, device.resolve())))
+        return pools.pool_from_partitions(pairs, source="sweep categories")
+    store, size = feature_store.store(), feature_store.image_size
+    if source.startswith(pools.SYNTHETIC):
+        count = int(source.partition(":")[2] or 4)
+        return pools.synthetic_pool(store, backbone, size, cfg.resolved_work_dir(), categories=count, **build)
+    return pools.root_pool(source, store, backbone, size, **build)
 
 
 def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpec, p: dict, setting: Setting,

@@ -121,3 +121,17 @@ def test_work_dir_defaults_to_the_dagster_home_never_the_package(monkeypatch, tm
     assert SweepConfig().resolved_work_dir() == tmp_path / "dagster_home" / "fsad"
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "h"))
     assert SweepConfig().resolved_work_dir() == tmp_path / "h" / "fsad"
+
+
+def test_meta_trained_methods_choose_their_pool(tmp_path):
+    (tmp_path / "other_root").mkdir()
+    _, cfg = _load(tmp_path, """\
+        methods:
+          - {id: caml-cats, method: caml}
+          - {id: caml-synth, method: caml, meta_pool: "synthetic:3"}
+          - {id: caml-root, method: caml, meta_pool: other_root}
+        """)
+    pools = {m.id: m.meta_pool for m in cfg.method_specs()}
+    assert pools == {"caml-cats": None, "caml-synth": "synthetic:3", "caml-root": str(tmp_path / "other_root")}
+    assert "not a folder" in _refused(tmp_path, "methods: [{method: caml, meta_pool: nowhere}]")
+    assert "meta-trained" in _refused(tmp_path, "methods: [{method: protonet, meta_pool: synthetic}]")
