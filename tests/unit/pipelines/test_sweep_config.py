@@ -85,7 +85,8 @@ def test_the_documented_example_still_loads(tmp_path):
     _, cfg = _load(tmp_path, textwrap.dedent(example))
     assert cfg.name == "bottle-sweep" and cfg.categories == ["bottle"] and cfg.image_size == 224
     assert cfg.shots == [1, 2, 4, 8] and cfg.ratios == [(1, 1), (5, 1), (10, 1)]
-    assert [m.id for m in cfg.method_specs()] == ["patchcore", "protonet-cosine"]
+    assert [m.id for m in cfg.method_specs()] == ["patchcore", "protonet-cosine", "caml"]
+    assert cfg.method_specs()[2].meta_pool == "synthetic"
     assert cfg.data_root == str((tmp_path / "../shared/data/mvtec_ad").resolve())
     assert {s.key for s in cfg.oneclass_settings()} >= {"oc-k8-s4"}
 
