@@ -2,15 +2,24 @@
 
 from fewshot_core.features.extract import embed_batch, iter_embeddings
 from fewshot_core.features.patch import local_aggregate, patch_features
-from fewshot_core.features.store import FeaturePartition, FeatureStore, dataset_fingerprint, partition_key
+from fewshot_core.features.store import (
+    FeaturePartition,
+    FeatureStore,
+    PartitionDamaged,
+    dataset_fingerprint,
+    partition_key,
+    verify_partition,
+)
 
 __all__ = [
     "FeaturePartition",
     "FeatureStore",
+    "PartitionDamaged",
     "dataset_fingerprint",
     "embed_batch",
     "iter_embeddings",
     "local_aggregate",
     "partition_key",
     "patch_features",
+    "verify_partition",
 ]
