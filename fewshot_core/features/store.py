@@ -63,6 +63,7 @@ _LOCKS = ".locks"
 # errno values that mean "this folder cannot take the partition", reported in one line
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+_SYNC_EVERY = 32 << 20  # bytes of an array file between flushes to disk during a build
 
 
 def dataset_fingerprint(records, cache: HashCache | None = None) -> str:
@@ -275,6 +276,7 @@ class _ArrayFile:
         self.path, self.n, self.rows, self.shape = path, n, 0, None
         self.fd: int | None = None
         self.hasher = BlockHasher()
+        self._synced = 0
 
     def append(self, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array, dtype=np.float16)
@@ -286,6 +288,10 @@ class _ArrayFile:
             self._write(header)
         self._write(array)
         self.rows += len(array)
+        if self.hasher.size - self._synced >= _SYNC_EVERY:
+            # on the writer thread: the disk writes back while the forward runs, not all at the end
+            os.fdatasync(self.fd)
+            self._synced = self.hasher.size
 
     def _write(self, data) -> None:
         view = memoryview(data).cast("B")
