@@ -23,6 +23,13 @@ from fewshot_core.features import FeatureStore, embed_batch
 
 torch.set_num_threads(2)
 SIZE = 64
+# The store's own bookkeeping (image hash cache, lock files) is not partition data.
+BOOKKEEPING = {".file-hashes.json", ".locks"}
+
+
+def _leftovers(root):
+    """Everything under the store root but its bookkeeping: partitions, temp and trash folders."""
+    return sorted(p.name for p in root.iterdir() if p.name not in BOOKKEEPING)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +49,8 @@ def built(dataset, tmp_path_factory):
 def test_build_writes_a_complete_partition_matching_direct_extraction(dataset, built):
     store, part = built
     assert not part.cache_hit and store.keys() == [part.key]
-    assert {p.name for p in part.path.iterdir()} == {"patch.npy", "global.npy", "index.parquet", "meta.json"}
+    assert {p.name for p in part.path.iterdir()} == {"patch.npy", "global.npy", "index.parquet", "meta.json",
+                                                     ".verified.json"}
     n = len(dataset.records)
     raw = np.load(part.path / "patch.npy", mmap_mode="r")
     assert raw.dtype == np.float16 and raw.shape == (n, 8, 8, 152)
@@ -109,7 +117,7 @@ def test_interrupted_build_leaves_nothing_visible_and_rebuilds(dataset, tmp_path
     monkeypatch.setattr(store_mod, "iter_embeddings", dies_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
         store.build(dataset, image_size=SIZE, batch_size=3, num_workers=0, progress=False)
-    assert store.keys() == [] and list(tmp_path.iterdir()) == []
+    assert store.keys() == [] and _leftovers(tmp_path) == []
 
     monkeypatch.setattr(store_mod, "iter_embeddings", real)
     part = store.build(dataset, image_size=SIZE, batch_size=3, num_workers=0, progress=False)
@@ -144,4 +152,4 @@ def test_unknown_ids_and_unreadable_images_are_user_errors(dataset, built, tmp_p
     with pytest.raises(FsadError) as exc:  # raised inside a worker process, reported as one line
         store.build(broken, image_size=SIZE, num_workers=1, progress=False)
     assert str(exc.value).startswith(f"{broken_file}: ") and "\n" not in str(exc.value)
-    assert store.keys() == [] and [p.name for p in (tmp_path / "store").iterdir()] == []
+    assert store.keys() == [] and _leftovers(tmp_path / "store") == []
