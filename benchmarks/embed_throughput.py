@@ -4,11 +4,12 @@
 
 (a) the extractor's forward pass (stage maps + global embedding) on pre-decoded, pre-resized tensors;
 (b) ``FeatureStore.build`` from the PNG files: DataLoader workers decode + resize while the main process
-    runs the same forward pass, PatchCore patch features and float16 memmap writes.
+    runs the same forward pass and PatchCore patch features, and a writer thread hashes and writes the
+    float16 arrays (content fingerprint of the images and checksums included).
 Both in images/s and their ratio (target >= 0.8: decoding must overlap the forward pass); (a) is timed
 before and after (b) and averaged, since other users' load on a shared machine drifts. Also the
-peak memory of building the full store, measured in a fresh process: VmRSS/VmHWM of the builder
-(file-backed memmap pages included), its anonymous memory, and the largest decoding worker.
+peak memory of building the full store, measured in a fresh process: VmRSS/VmHWM of the builder,
+its anonymous memory, and the largest decoding worker.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def child_build(args) -> None:
     peak_anon = [0]
     done = threading.Event()
 
-    def sample():  # RssAnon excludes the memmap's file-backed pages, which the kernel can drop any time
+    def sample():  # RssAnon: the builder's own memory, without file-backed pages the kernel can drop
         while not done.is_set():
             peak_anon[0] = max(peak_anon[0], _status_kb("RssAnon"))
             time.sleep(0.1)
@@ -168,7 +169,7 @@ def main() -> None:
         ("(b) store build from PNG (decode+resize+forward+patch+write)", f"{build_ips:.2f} images/s"),
         ("ratio (b)/(a)  [target >= 0.8]", f"{build_ips / raw_ips:.2f}"),
         (f"store build wall time, {build['n']} images", f"{build['wall_s']:.1f} s"),
-        ("peak RSS builder process (VmHWM, incl. memmap file pages)", f"{build['hwm_mb']:.0f} MB"),
+        ("peak RSS builder process (VmHWM)", f"{build['hwm_mb']:.0f} MB"),
         ("peak anonymous memory builder (RssAnon)", f"{build['anon_peak_mb']:.0f} MB"),
         ("builder RSS before build (model + libraries)", f"{build['rss_before_mb']:.0f} MB"),
         ("peak RSS largest decode worker", f"{build['worker_peak_mb']:.0f} MB"),
