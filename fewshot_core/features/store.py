@@ -13,7 +13,7 @@ partition, and the build says what changed against the last partition of the sam
 the files against ``meta.json`` (``integrity``); a damaged partition is reported in one line and rebuilt.
 
 A build writes into a hidden temporary folder and renames it into place only when complete, so a crash
-never leaves a visible half partition. It holds a per-key lock file (``.locks/<key>.lock``, ``flock``)
+never leaves a visible half partition. It holds a per-key lock file (``.locks/<key>.lock``, ``lockf``)
 while it builds: a second process asking for the same partition waits and then reuses the first one's
 result instead of computing it again. Disk-full and read-only stores end in one line and leave no
 temporary folder behind.
@@ -63,6 +63,8 @@ _LOCKS = ".locks"
 # errno values that mean "this folder cannot take the partition", reported in one line
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
 _SYNC_EVERY = 32 << 20  # bytes of an array file between flushes to disk during a build
 
 
@@ -416,27 +418,37 @@ class FeatureStore:
 
     @contextmanager
     def lock(self, key: str):
-        """Exclusive per-key build lock across processes (``flock``: released by the kernel if the holder dies)."""
-        try:
-            (self.root / _LOCKS).mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / _LOCKS / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise (_os_error(exc, self.root) or exc) from None
-        try:
+        """Exclusive per-key build lock across processes and threads.
+
+        A POSIX record lock (``lockf``): the kernel drops it when the holder dies, forked decode
+        workers do not inherit it, and it also holds on NFS. It does not exclude threads of one
+        process, so a per-key thread lock comes first.
+        """
+        with _THREAD_LOCKS_GUARD:
+            thread_lock = _THREAD_LOCKS.setdefault(str(self.root.absolute() / key), threading.Lock())
+        with thread_lock:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                _notice(f"{key}: another process (pid {holder}) is building this partition; waiting to reuse it")
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                (self.root / _LOCKS).mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.root / _LOCKS / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise (_os_error(exc, self.root) or exc) from None
             try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            except OSError:
-                pass  # the pid is only for the waiting message
-            yield
-        finally:
-            os.close(fd)
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                        raise
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    _notice(f"{key}: another process (pid {holder}) is building this partition; waiting to reuse it")
+                    fcntl.lockf(fd, fcntl.LOCK_EX)
+                try:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                except OSError:
+                    pass  # the pid is only for the waiting message
+                yield
+            finally:
+                os.close(fd)  # releases the record lock
 
     def build(self, dataset, backbone: str = DEFAULT_BACKBONE, image_size: int = 256, layers=None,
               weights="auto", batch_size: int = 16, num_workers: int = 2, device=None, progress: bool = True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -222,3 +223,24 @@ def test_patch_dim_larger_than_the_features_is_refused(data, tmp_path):
     assert not (tmp_path / "store").exists()
     part = store.build(load_category(root, category), **OPTS, patch_dim=152)  # the full width is allowed
     assert part.patch_dim == 152
+
+
+def test_two_threads_building_one_partition_build_it_once(data, tmp_path, monkeypatch):
+    root, category = data
+    store = FeatureStore(tmp_path / "store")
+    builds = []
+    real = store_mod.create_extractor
+    monkeypatch.setattr(store_mod, "create_extractor", lambda *a, **k: builds.append(1) or real(*a, **k))
+    results = [None, None]
+
+    def build(i):
+        results[i] = FeatureStore(tmp_path / "store").build(load_category(root, category), **OPTS)
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and sorted(p.cache_hit for p in results) == [False, True]
+    assert results[0].key == results[1].key and store.keys() == [results[0].key]
+    assert np.array_equal(results[0].patch(), results[1].patch())
