@@ -162,9 +162,10 @@ def verify_partition(path: str | Path, full: bool = True) -> list[str]:
     """Problems found in the partition at ``path`` ([] when intact), one short line each.
 
     ``full=True`` hashes every block of every file against the checksums in ``meta.json`` (what
-    ``fsad store verify`` and the pipeline's asset check run); ``full=False`` is the cheap check done
-    on every load (sizes, small files, and sampled blocks unless the files changed since the last full
-    verification). Never raises for a damaged partition; only for a path that is not a folder.
+    ``fsad store verify`` runs; an asset check over the store calls ``FeatureStore(root).verify()`` and
+    fails on any non-empty list); ``full=False`` is the cheap check done on every load (sizes, small
+    files, and sampled blocks unless the files changed since the last full verification). Never raises
+    for a damaged partition; only for a path that is not a folder.
     """
     path = Path(path)
     if not path.is_dir():
