@@ -3,7 +3,8 @@
 The library's own commands are listed below; packages built on it (the Dagster pipeline's ``run`` and
 ``mlflow-ui``) add theirs through the ``fsad.commands`` entry-point group, so this package never imports
 them. Errors meant for users (``FsadError``) print one line on stderr and exit with their code, never a
-traceback.
+traceback. So do write failures (read-only folder, no permission, full disk) that reach the top: the line
+names the folder and the fix the sub-command registered as ``write_fix``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     except FsadError as exc:
         print(f"fsad: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        from fewshot_core.outputs import is_write_error, write_error
+
+        if not is_write_error(exc):
+            raise
+        err = write_error(exc, fix=getattr(args, "write_fix", None))
+        print(f"fsad: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("fsad: interrupted", file=sys.stderr)
         return 130
