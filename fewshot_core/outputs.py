@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,11 +45,12 @@ def write_error(exc: OSError, path=None, fix: str | None = None) -> FsadError:
     return FsadError(f"{folder}: cannot write there ({detail}); {fix or remedy}")
 
 
-def require_writable(folder, fix: str | None = None) -> Path:
+def require_writable(folder, fix: str | None = None, min_free_mb: float = 0) -> Path:
     """Create ``folder`` if needed and prove a file can be created in it; else a one-line FsadError.
 
     For commands that always write (``fsad run``, ``fsad data manifest``): failing before any work is
-    done beats failing minutes later with half the outputs written.
+    done beats failing minutes later with half the outputs written. ``min_free_mb``: also refuse a
+    folder with less free space than that (an empty probe file fits even on a full disk).
     """
     folder = Path(folder)
     try:
@@ -56,6 +58,11 @@ def require_writable(folder, fix: str | None = None) -> Path:
         fd, probe = tempfile.mkstemp(prefix=".fsad-write-probe-", dir=folder)
         os.close(fd)
         os.unlink(probe)
+        free_mb = shutil.disk_usage(folder).free / 2**20
     except OSError as exc:
         raise write_error(exc, folder, fix) from None
+    if free_mb < min_free_mb:
+        what, remedy = WRITE_ERRNOS[errno.ENOSPC]
+        raise FsadError(f"{folder}: cannot write there ({what}: {free_mb:.1f} MiB free, {min_free_mb:g} MiB "
+                        f"needed); {fix or remedy}")
     return folder

@@ -15,6 +15,7 @@ to leave a half-migrated ``mlflow.db`` that every later run failed on.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sqlite3
@@ -151,7 +152,11 @@ def _build_db(db: Path, artifact_root: str | None) -> None:
 
     tmp = db.with_name(f".{db.name}.{os.getpid()}.building")
     tmp_uri = f"sqlite:///{tmp}"
+    chatty = [logging.getLogger(n) for n in ("mlflow.store.db.utils", "alembic.runtime.migration")]
+    levels = [lg.level for lg in chatty]
     try:
+        for lg in chatty:  # its "Creating initial MLflow database tables..." lines say nothing to a user here
+            lg.setLevel(logging.WARNING)
         SqlAlchemyStore(tmp_uri, artifact_root)  # tables, every migration, the default experiment
         _forget_engine(tmp_uri)  # closes the connections: the file is whole before it moves
         with open(tmp, "rb") as f:
@@ -167,6 +172,9 @@ def _build_db(db: Path, artifact_root: str | None) -> None:
         for leftover in db.parent.glob(f"{tmp.name}*"):
             leftover.unlink(missing_ok=True)
         raise
+    finally:
+        for lg, level in zip(chatty, levels):
+            lg.setLevel(level)
 
 
 @lru_cache(maxsize=1)

@@ -70,8 +70,9 @@ def run_command(args) -> int:
     data_root, source = resolve_data(cfg)
     from fewshot_core.outputs import require_writable
 
-    require_writable(cfg.resolved_work_dir(), f"set work_dir in {cfg.source_file or 'the sweep YAML'} "
-                     "(or FSAD_HOME) to a writable folder")  # before any stage: fail now, not halfway
+    # before any stage: fail now, not halfway (features, tables and the report need some room)
+    require_writable(cfg.resolved_work_dir(), f"free space or set work_dir in {cfg.source_file or 'the sweep YAML'} "
+                     "to a writable folder", min_free_mb=50)
     methods = [m.id for m in cfg.method_specs()]
     print(f"fsad run: sweep {cfg.name!r} on {source} data at {data_root}, images at {cfg.image_size_note()}")
     print(f"  backbones {', '.join(cfg.backbones)}; methods {', '.join(methods)}; shots {cfg.shots}; "

@@ -39,6 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _output_folder(args: argparse.Namespace):
+    """Where a command writes, for a write error that names no file (a full disk fails in ``write()``)."""
+    for attr in ("out", "store", "dagster_home"):
+        if getattr(args, attr, None):
+            return getattr(args, attr)
+    if args.command in ("embed", "evaluate"):
+        from fewshot_core.paths import default_store_dir
+
+        return default_store_dir()
+    return getattr(args, "root", None) if args.command == "data" else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -59,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not is_write_error(exc):
             raise
-        err = write_error(exc, fix=getattr(args, "write_fix", None))
+        err = write_error(exc, exc.filename or _output_folder(args), getattr(args, "write_fix", None))
         print(f"fsad: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
