@@ -137,12 +137,33 @@ def _numbers(table: pd.DataFrame) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Numbers of one clean run on its own home: every fault below must end with exactly these."""
-    base = tmp_path_factory.mktemp("reference")
-    config, work = _sweep(base)
-    Run(config, base / "home", base, "reference").finish()
-    return _numbers(_table(work))
+def concurrent(tmp_path_factory):
+    """Two `fsad run` started at once on one fresh home (own work dirs: the feature store's own
+    concurrency is tested in tests/integration/test_store_faults.py); yields (home, [(run, work), ...])."""
+    base = tmp_path_factory.mktemp("concurrent")
+    home = base / "home"
+    runs = []
+    for tag in ("first", "second"):
+        config, work = _sweep(base, tag)
+        runs.append((Run(config, home, base, tag), work))
+    for run, _ in runs:
+        run.finish()
+    return home, runs
+
+
+@pytest.fixture(scope="module")
+def reference(concurrent):
+    """Numbers of a clean run: every fault below must end with exactly these."""
+    return _numbers(_table(concurrent[1][0][1]))
+
+
+def test_two_runs_at_once_on_a_fresh_home_both_succeed(concurrent, reference):
+    """Before: one of them died with sqlite3.IntegrityError (Dagster's and MLflow's first-use table creation
+    raced). Now the second waits for the first's initialisation of the home and reuses it."""
+    home, runs = concurrent
+    for _, work in runs:
+        pd.testing.assert_frame_equal(_numbers(_table(work)), reference)
+    assert len(_mlflow_runs(home)) == 2 * len(reference)
 
 
 def test_kill_9_at_any_point_of_fsad_run_then_a_rerun_gives_the_same_numbers(tmp_path, reference):
@@ -183,20 +204,6 @@ def test_kill_9_at_any_point_of_fsad_run_then_a_rerun_gives_the_same_numbers(tmp
         assert after[run_id] == (status, metrics)
     assert (work / "report" / "report.html").is_file()
     assert not list(home.glob(".mlflow.db.*")), "leftovers of the killed builds were cleaned"
-
-
-def test_two_runs_at_once_on_a_fresh_home_both_succeed(tmp_path, reference):
-    """Before: one of them died with sqlite3.IntegrityError (Dagster's and MLflow's first-use table creation
-    raced). Now the second waits for the first's initialisation of the home and reuses it."""
-    home = tmp_path / "home"
-    runs = []
-    for tag in ("first", "second"):  # separate work dirs: the feature store's own concurrency is tested elsewhere
-        config, work = _sweep(tmp_path, tag)
-        runs.append((Run(config, home, tmp_path, tag), work))
-    for run, work in runs:
-        run.finish()
-        pd.testing.assert_frame_equal(_numbers(_table(work)), reference)
-    assert len(_mlflow_runs(home)) == 2 * len(reference)
 
 
 _INIT = textwrap.dedent("""
