@@ -64,12 +64,14 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     return None
 
 
-def _expected_schema() -> tuple[set[str], str]:
-    """(tables, alembic head revision) of the installed MLflow's tracking schema."""
+@lru_cache(maxsize=1)
+def _expected_schema() -> tuple[frozenset[str], str]:
+    """(tables, alembic head revision) of the installed MLflow's tracking schema (parsing the migration
+    scripts costs a moment: once per process)."""
     from mlflow.store.db.base_sql_model import Base
     from mlflow.store.db.utils import _get_latest_schema_revision
 
-    return set(Base.metadata.tables), _get_latest_schema_revision()
+    return frozenset(Base.metadata.tables), _get_latest_schema_revision()
 
 
 def _db_state(db: Path) -> dict:
@@ -90,7 +92,7 @@ def _db_state(db: Path) -> dict:
     return {"tables": tables, "revision": revision, "runs": runs, "experiments": experiments, "default": default}
 
 
-def _is_complete(state: dict, tables: set[str], head: str) -> bool:
+def _is_complete(state: dict, tables: frozenset[str], head: str) -> bool:
     return tables <= state["tables"] and state["revision"] == head and state["default"]
 
 
