@@ -42,10 +42,18 @@ def _init_instance(home: Path) -> None:
     """Open the home's Dagster instance once and touch each storage, which creates its tables."""
     import dagster as dg
 
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        instance.get_runs(limit=1)  # run storage
-        instance.get_dynamic_partitions("fsad_init_probe")  # event log storage
-        instance.all_instigator_state()  # schedule storage
+    before = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)  # the template's storage settings read it
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            instance.get_runs(limit=1)  # run storage
+            instance.get_dynamic_partitions("fsad_init_probe")  # event log storage
+            instance.all_instigator_state()  # schedule storage
+    finally:
+        if before is None:
+            os.environ.pop("DAGSTER_HOME", None)
+        else:
+            os.environ["DAGSTER_HOME"] = before
 
 
 def prepare_home(explicit: str | os.PathLike | None = None, *, instance: bool = True,
