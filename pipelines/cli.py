@@ -11,11 +11,10 @@ import os
 import subprocess
 import sys
 import time
-from importlib.resources import files
 from pathlib import Path
 
 from fewshot_core.errors import FsadError
-from fewshot_core.paths import dagster_home
+from pipelines.home import instance_template, prepare_home, resolve_home  # noqa: F401 (instance_template: API)
 
 
 def register(subparsers) -> None:
@@ -28,7 +27,8 @@ def register(subparsers) -> None:
     p.add_argument("--root", help="MVTec-layout data root to use instead of the configured data")
     p.add_argument("--dagster-home", help="Dagster instance folder (default: $DAGSTER_HOME, else ./dagster_home)")
     p.add_argument("--verbose", action="store_true", help="show Dagster's step-level debug log")
-    p.set_defaults(func=run_command)
+    p.set_defaults(func=run_command, write_fix="pass --dagster-home DIR and set work_dir in the sweep YAML "
+                                               "to writable folders")
 
     m = subparsers.add_parser("mlflow-ui", help="start the MLflow UI on the pipeline's tracking store",
                               description="Start `mlflow ui` on the SQLite store in the Dagster home (or "
@@ -37,25 +37,7 @@ def register(subparsers) -> None:
     m.add_argument("--port", type=int, default=5000)
     m.add_argument("--workers", type=int, default=1, help="server worker processes (default 1: small machines)")
     m.add_argument("--dagster-home", help="Dagster instance folder holding mlflow.db (default as for `fsad run`)")
-    m.set_defaults(func=mlflow_ui_command)
-
-
-def instance_template() -> bytes:
-    """The packaged ``dagster.yaml`` (storage and run-queue settings) every fsad home starts from."""
-    return files("pipelines").joinpath("templates", "dagster.yaml").read_bytes()
-
-
-def prepare_home(explicit: str | None = None) -> Path:
-    """The Dagster home (``--dagster-home``, ``DAGSTER_HOME``, else ``./dagster_home``), with fsad's
-    ``dagster.yaml`` copied in when it has none."""
-    home = Path(explicit).expanduser().resolve() if explicit else dagster_home().resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    target = home / "dagster.yaml"
-    if not target.exists():
-        from fewshot_core.atomic import atomic_write_bytes
-
-        atomic_write_bytes(target, instance_template(), mode=0o644)
-    return home
+    m.set_defaults(func=mlflow_ui_command, write_fix="pass --dagster-home DIR (or set DAGSTER_HOME) to a writable folder")
 
 
 def dagster_ui_command(home: Path, cfg) -> str:
@@ -66,7 +48,7 @@ def dagster_ui_command(home: Path, cfg) -> str:
 
 
 def run_command(args) -> int:
-    home = prepare_home(args.dagster_home)
+    home = prepare_home(args.dagster_home)  # under a lock: concurrent runs on a fresh home are safe
     os.environ["DAGSTER_HOME"] = str(home)  # before Dagster is imported: never a temporary instance
     if args.config:
         os.environ["FSAD_SWEEP_CONFIG"] = str(Path(args.config).resolve())
@@ -86,6 +68,11 @@ def run_command(args) -> int:
             raise FsadError(f"{root}: --root does not exist; pass an MVTec-layout folder (<category>/train/good)")
         cfg.data_source, cfg.data_root = "mvtec", str(root)
     data_root, source = resolve_data(cfg)
+    from fewshot_core.outputs import require_writable
+
+    # before any stage: fail now, not halfway (features, tables and the report need some room)
+    require_writable(cfg.resolved_work_dir(), f"free space or set work_dir in {cfg.source_file or 'the sweep YAML'} "
+                     "to a writable folder", min_free_mb=50)
     methods = [m.id for m in cfg.method_specs()]
     print(f"fsad run: sweep {cfg.name!r} on {source} data at {data_root}, images at {cfg.image_size_note()}")
     print(f"  backbones {', '.join(cfg.backbones)}; methods {', '.join(methods)}; shots {cfg.shots}; "
@@ -105,10 +92,13 @@ def run_command(args) -> int:
 
 
 def mlflow_ui_command(args) -> int:
-    home = prepare_home(args.dagster_home)
-    from fewshot_core.tracking import default_artifact_root, default_tracking_uri
+    from fewshot_core.tracking import default_artifact_root, default_tracking_uri, sqlite_path
 
+    home = resolve_home(args.dagster_home)
     uri = default_tracking_uri(home)
+    db = sqlite_path(uri)
+    if db is None or not db.is_file():  # an existing store is only read: a read-only home is fine then
+        prepare_home(home, instance=False, tracking_uri=uri)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", str(args.workers)]
     if (artifacts := default_artifact_root(uri)) is not None:

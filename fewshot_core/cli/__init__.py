@@ -3,7 +3,8 @@
 The library's own commands are listed below; packages built on it (the Dagster pipeline's ``run`` and
 ``mlflow-ui``) add theirs through the ``fsad.commands`` entry-point group, so this package never imports
 them. Errors meant for users (``FsadError``) print one line on stderr and exit with their code, never a
-traceback.
+traceback. So do write failures (read-only folder, no permission, full disk) that reach the top: the line
+names the folder and the fix the sub-command registered as ``write_fix``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _output_folder(args: argparse.Namespace):
+    """Where a command writes, for a write error that names no file (a full disk fails in ``write()``)."""
+    for attr in ("out", "store", "dagster_home"):
+        if getattr(args, attr, None):
+            return getattr(args, attr)
+    if args.command in ("embed", "evaluate"):
+        from fewshot_core.paths import default_store_dir
+
+        return default_store_dir()
+    return getattr(args, "root", None) if args.command == "data" else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -54,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     except FsadError as exc:
         print(f"fsad: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        from fewshot_core.outputs import is_write_error, write_error
+
+        if not is_write_error(exc):
+            raise
+        err = write_error(exc, exc.filename or _output_folder(args), getattr(args, "write_fix", None))
+        print(f"fsad: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("fsad: interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from fewshot_core.cli.args import UniqueValues
 from fewshot_core.data.layouts import add_layout_arguments, source_from_args
 
 
@@ -28,20 +29,20 @@ def register(subparsers) -> None:
     p.add_argument("out", metavar="OUT.parquet")
     p.add_argument("--category", help="only this category (with layout flags: its name)")
     add_layout_arguments(p)
-    p.set_defaults(func=_manifest)
+    p.set_defaults(func=_manifest, write_fix="choose OUT.parquet in a writable folder")
 
     p = sub.add_parser("download", help="download official MVTec AD categories (checksummed)")
     p.add_argument("root", metavar="ROOT")
-    p.add_argument("--category", action="extend", nargs="+", default=None, metavar="C",
+    p.add_argument("--category", action=UniqueValues, extend=True, nargs="+", default=None, metavar="C",
                    help="categories to fetch (repeatable; default: all 15)")
-    p.set_defaults(func=_download)
+    p.set_defaults(func=_download, write_fix="pass a writable ROOT (the archive and the categories go there)")
 
     p = sub.add_parser("synth", help="write a deterministic synthetic MVTec-layout dataset")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("--categories", type=int, default=None, metavar="N", help="number of categories")
     p.add_argument("--seed", type=int, default=None, metavar="S")
     p.add_argument("--size", type=int, default=None, metavar="PX", help="image side in pixels")
-    p.set_defaults(func=_synth)
+    p.set_defaults(func=_synth, write_fix="pass a writable ROOT")
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -69,7 +70,9 @@ def _validate(args: argparse.Namespace) -> int:
 def _manifest(args: argparse.Namespace) -> int:
     from fewshot_core.data.layouts import load_datasets
     from fewshot_core.data.manifest import build_manifest, write_manifest
+    from fewshot_core.outputs import require_writable
 
+    require_writable(Path(args.out).absolute().parent, args.write_fix)  # before reading every image
     source = source_from_args(args)
     category = args.category if isinstance(source, Path) else None
     df = build_manifest(load_datasets(source, category))

@@ -6,15 +6,19 @@ import argparse
 from pathlib import Path
 
 from fewshot_core.backbones import DEFAULT_BACKBONE
+from fewshot_core.cli.args import first_duplicate, positive_int, workers
 from fewshot_core.data.layouts import add_layout_arguments, dataset_from_args
 from fewshot_core.errors import FsadError
 
 
 def _layers(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in text.split(","))
+        layers = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give stage indices like 2,3") from None
+    if (dup := first_duplicate(layers)) is not None:  # would concatenate the same stage twice
+        raise argparse.ArgumentTypeError(f"{text!r}: stage {dup} given twice; give each stage once")
+    return layers
 
 
 def register(subparsers) -> None:
@@ -34,11 +38,11 @@ def register(subparsers) -> None:
                    help="auto (bundled Lite0-2 or timm download), a local checkpoint PATH, or random")
     p.add_argument("--store", type=Path, default=None, help="feature store folder (default $FSAD_HOME/features)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-workers", type=int, default=2, help="image decoding processes (0 = in-process)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--num-workers", type=workers, default=2, help="image decoding processes (0 = in-process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_layout_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, write_fix="pass --store DIR (or set FSAD_HOME) to a writable folder")
 
 
 def run(args) -> int:

@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+from fewshot_core.cli.args import UniqueKeys, UniqueValues, first_duplicate, non_negative_int, positive_int, workers
 from fewshot_core.data.layouts import add_layout_arguments, dataset_from_args
 from fewshot_core.errors import FsadError
 
@@ -21,9 +22,12 @@ SUPERVISED_COLUMNS = ("auroc", "balanced_accuracy", "accuracy", "macro_f1", "fit
 
 def _layers(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in text.split(","))
+        layers = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give stage indices like 2,3") from None
+    if (dup := first_duplicate(layers)) is not None:  # would concatenate the same stage twice
+        raise argparse.ArgumentTypeError(f"{text!r}: stage {dup} given twice; give each stage once")
+    return layers
 
 
 def _param(text: str) -> tuple[str, object]:
@@ -45,13 +49,14 @@ def register(subparsers) -> None:
     p.add_argument("--method", required=True,
                    help="one-class: patchcore, knn, ldknn (features), efficientad, glass, reb (trained on images); "
                         "supervised: protonet, pmf, caml, patchcore, ldknn")
-    p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--param", type=_param, action=UniqueKeys, default=[], metavar="KEY=VALUE",
                    help="method parameter (repeatable; JSON values), e.g. --param coreset_ratio=0.01 --param k=5")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], metavar="S")
+    p.add_argument("--seeds", type=non_negative_int, nargs="+", action=UniqueValues, default=[0, 1, 2, 3, 4],
+                   metavar="S", help="episode seeds, each once (default 0 1 2 3 4)")
     p.add_argument("--json", action="store_true", help="print a JSON list of rows with every field")
     g = p.add_argument_group("one-class protocol")
     g.add_argument("--shots", default=None, help="good support images per episode: a number or 'full'")
-    g.add_argument("--mask-size", type=int, default=256, help="resolution of masks and anomaly maps (default 256)")
+    g.add_argument("--mask-size", type=positive_int, default=256, help="resolution of masks and anomaly maps (default 256)")
     g.add_argument("--augment", choices=("none", "features", "images"), default="none",
                    help="add flipped/rotated support images to the bank (images: re-embedded; features: grid approximation)")
     g = p.add_argument_group("supervised protocol")
@@ -73,9 +78,9 @@ def register(subparsers) -> None:
     g.add_argument("--weights", default="auto", help="auto, a local checkpoint PATH, or random")
     g.add_argument("--store", type=Path, default=None, help="feature store folder (default $FSAD_HOME/features)")
     g.add_argument("--device", default=None, help="embedding device: cpu, cuda (default: cuda when available)")
-    g.add_argument("--num-workers", type=int, default=2, help="image decoding processes when embedding")
+    g.add_argument("--num-workers", type=workers, default=2, help="image decoding processes when embedding")
     add_layout_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, write_fix="pass --store DIR and set FSAD_HOME (trained-model artifacts) to writable folders")
 
 
 def _partition(args, dataset):
@@ -182,8 +187,6 @@ def format_table(rows: list[dict], protocol: str) -> str:
 
 
 def run(args) -> int:
-    if any(s < 0 for s in args.seeds):
-        raise FsadError(f"--seeds {args.seeds}: seeds must be non-negative integers")
     dataset = dataset_from_args(args)
     partition = None
     if _needs_features(args.protocol, args.method):

@@ -104,7 +104,10 @@ def download_mvtec(
         )
     _check_existing(root, wanted)
     missing = [c for c in wanted if not is_present(root, c)]
-    root.mkdir(parents=True, exist_ok=True)
+    if missing:
+        from fewshot_core.outputs import require_writable
+
+        require_writable(root, "pass a writable ROOT (the archive and the categories go there)")
 
     # Per-category archives where the table has them, the whole-set archive for the rest.
     plan: dict[str, list[str]] = {}
@@ -308,24 +311,59 @@ def check_member(member: tarfile.TarInfo, archive: Path) -> PurePosixPath:
     return PurePosixPath(*clean) if clean else PurePosixPath(".")
 
 
+class _EndCheckingTarInfo(tarfile.TarInfo):
+    """Notes whether the member headers ended with tar's end-of-archive marker (a zero block).
+
+    ``tarfile`` stops iterating silently at an empty, cut or garbage header past the first member, so
+    an archive cut inside a member header would otherwise read as complete."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.fsad_end_marker = True
+            raise
+
+
+def _incomplete(tmp: Path, category: str) -> str | None:
+    """Why an extracted category is not a whole MVTec category (None if it is)."""
+    from fewshot_core.data.mvtec import scan_category
+
+    if not (tmp / category / "train" / "good").is_dir():
+        return f"{category}/ has no train/good"
+    problems = scan_category(tmp, category).problems
+    if problems:
+        return problems[0].replace(f"{tmp}/", "")
+    return None
+
+
 def extract_categories(archive: Path, root: Path, categories: Iterable[str]) -> list[Path]:
     """Extract ``categories`` (top-level folders) and root-level files of ``archive`` into ``root``.
 
     Members are checked one by one while streaming (one pass over the compressed file) into a temporary
-    folder beside ``root``; only when the whole archive passed are the categories moved into place with
-    ``os.replace``. Any rejected member aborts and removes the temporary folder, so nothing is written
-    outside it. Already-present categories are left untouched.
+    folder beside ``root``. Only when the whole archive was read to its end-of-archive marker and every
+    wanted category is complete (its folder structure scans without a problem: no defect image without
+    its mask, no empty split) are the categories moved into place, each with one ``os.replace``. Any
+    rejected member, a cut or damaged archive, or an incomplete category aborts before anything is moved
+    and removes the temporary folder. Already-present categories are left untouched.
     """
     archive, root = Path(archive), Path(root)
     wanted = {c for c in categories if not is_present(root, c)}
     if not wanted:
         return []
     root.mkdir(parents=True, exist_ok=True)
+    for cat in sorted(wanted):  # checked before extracting: os.replace cannot put a folder over these
+        if (root / cat).exists() or (root / cat).is_symlink():
+            raise FsadError(f"{root / cat}: exists but is not a complete category (no train/good); move it "
+                            "away or delete it, then re-run")
+    refuse = "refusing the archive (delete it and re-download)"
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
     try:
         found: set[str] = set()
         try:
-            with tarfile.open(archive, "r|*") as tar:
+            with tarfile.open(archive, "r|*", tarinfo=_EndCheckingTarInfo) as tar:
+                tar.fsad_end_marker = False
                 for member in tar:
                     path = check_member(member, archive)
                     if len(path.parts) > 1 and path.parts[0] == WRAPPER:
@@ -333,24 +371,37 @@ def extract_categories(archive: Path, root: Path, categories: Iterable[str]) -> 
                         member.name = str(path)
                     top = path.parts[0] if path.parts else "."
                     is_root_file = len(path.parts) == 1 and member.isfile()
+                    if is_root_file and (top in wanted or top in MVTEC_CATEGORIES):
+                        raise FsadError(f"{archive}: member {top!r} is a file where a category folder belongs; {refuse}")
                     if top not in wanted and not is_root_file:
                         continue  # another category: streamed past, never written
-                    found.add(top)
+                    if not is_root_file:
+                        found.add(top)
                     try:
                         tar.extract(member, tmp, filter="data")
                     except tarfile.FilterError as exc:
-                        raise FsadError(f"{archive}: {exc}; refusing the archive (delete it and re-download)") from None
+                        raise FsadError(f"{archive}: {exc}; {refuse}") from None
+                ended = tar.fsad_end_marker
         except (tarfile.TarError, EOFError, OSError) as exc:
+            from fewshot_core.outputs import is_write_error, write_error
+
+            if is_write_error(exc):
+                raise write_error(exc, root, "free space in ROOT or pass another ROOT") from None
             raise FsadError(f"{archive}: cannot read the archive ({exc}); delete it and re-download") from None
+        if not ended:
+            raise FsadError(f"{archive}: ends before tar's end-of-archive marker (cut or damaged, e.g. inside a member "
+                            "header); delete it and re-download")
         absent = sorted(c for c in wanted if c not in found)
         if absent:
             raise FsadError(f"{archive}: holds no folder {', '.join(absent)}; check the category names or the archive")
+        for cat in sorted(found):  # every category verified before the first one moves
+            if (why := _incomplete(tmp, cat)) is not None:
+                raise FsadError(f"{archive}: category {cat} is incomplete ({why}); not an intact MVTec AD archive, "
+                                "delete it and re-download")
         moved = []
         for entry in sorted(tmp.iterdir()):
             target = root / entry.name
             if entry.is_dir():
-                if not (entry / "train" / "good").is_dir():
-                    raise FsadError(f"{archive}: {entry.name}/ has no train/good; not an MVTec AD archive")
                 os.replace(entry, target)  # atomic per category
                 moved.append(target)
             elif not target.exists():  # licence/readme beside the categories

@@ -220,8 +220,10 @@ def scan_layout(cfg: LayoutConfig) -> CategoryScan:
 
 
 def load_layout(cfg: LayoutConfig) -> Dataset:
+    from fewshot_core.data.validate import require_consistent_masks
+
     hint = f"fsad data validate --layout-config {cfg.origin}" if cfg.origin != "flags" else "fsad data validate <same flags>"
-    return scan_layout(cfg).raise_if_problems(hint)
+    return require_consistent_masks(scan_layout(cfg).raise_if_problems(hint), hint)
 
 
 # --- sources: an MVTec root, a YAML file, or a LayoutConfig ------------------------------------------

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from fewshot_core import tracking
+from fewshot_core.errors import FsadError
 from fewshot_core.tracking import Tracker
 
 
@@ -113,3 +115,71 @@ def test_fsad_mlflow_ui_serves_the_pipeline_store(tmp_path):
         proc.wait(timeout=10)
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)
+
+
+# --- the tracking database is created atomically ----------------------------------------------------
+
+
+def _half_migrated(db):
+    """The state a kill -9 during MLflow's first table creation leaves: the migration that creates
+    ``trace_info`` ran its DDL (SQLite DDL is not transactional here) but its version stamp did not."""
+    import sqlalchemy
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from mlflow.store.tracking.dbmodels.initial_models import Base as InitialBase
+    from mlflow.store.db.utils import _get_alembic_config
+
+    url = f"sqlite:///{db}"
+    config = _get_alembic_config(url)
+    script = ScriptDirectory.from_config(config)
+    creates = next(r for r in script.walk_revisions()
+                   if "SqlTraceInfo.__tablename__" in Path(r.module.__file__).read_text()
+                   and "op.create_table(\n        SqlTraceInfo.__tablename__" in Path(r.module.__file__).read_text())
+    engine = sqlalchemy.create_engine(url)
+    InitialBase.metadata.create_all(engine)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, creates.revision)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text("UPDATE alembic_version SET version_num = :r"), {"r": creates.down_revision})
+    engine.dispose()
+
+
+def test_half_migrated_database_is_moved_aside_and_rebuilt(tmp_path, capsys):
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db = tmp_path / "mlflow.db"
+    _half_migrated(db)
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(db.read_bytes())
+    with pytest.raises(Exception, match="already exists"):  # what every later run met before
+        SqlAlchemyStore(f"sqlite:///{copy}", None)
+    tracker = Tracker(f"sqlite:///{db}")
+    run_id = tracker.log_evaluation("sweep", "dag-1", "knn|a|oc-k1-s0", {"method": "knn"}, {"image_auroc": 0.5})
+    assert tracker.client.get_run(run_id).data.metrics == {"image_auroc": 0.5}
+    assert len(list(tmp_path.glob("mlflow.db.broken-*"))) == 1  # kept for inspection, not deleted
+    assert "half-created" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".mlflow.db.*"))  # no temporary left
+
+
+def test_database_with_runs_at_an_old_schema_is_never_replaced(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    tracker = Tracker(f"sqlite:///{db}")
+    tracker.log_evaluation("sweep", "dag-1", "knn|a|oc-k1-s0", {"method": "knn"}, {"image_auroc": 0.5})
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE alembic_version SET version_num = 'older'")
+    before = db.read_bytes()
+    with pytest.raises(FsadError, match="mlflow db upgrade"):
+        tracking.ensure_tracking_db(f"sqlite:///{db}")
+    assert db.read_bytes() == before and not list(tmp_path.glob("mlflow.db.broken-*"))
+
+
+def test_leftover_of_a_killed_build_is_cleaned_and_the_database_built(tmp_path):
+    db = tmp_path / "mlflow.db"
+    (tmp_path / ".mlflow.db.12345.building").write_bytes(b"half")
+    assert tracking.ensure_tracking_db(f"sqlite:///{db}") == db
+    assert db.is_file() and not list(tmp_path.glob(".mlflow.db.*"))
+    state = tracking._db_state(db)
+    assert state["default"] and state["runs"] == 0

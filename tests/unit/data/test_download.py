@@ -316,3 +316,62 @@ def test_bad_requests_are_clear_errors(tmp_path):
     (tmp_path / "bottle").mkdir()
     with pytest.raises(FsadError, match="no train/good"):
         download_mvtec(tmp_path, ["bottle"], progress=False)
+
+
+def _tar_cut_in_header_of(files: dict[str, bytes], name: str) -> bytes:
+    """An uncompressed tar of ``files`` cut 100 bytes into the header of member ``name``."""
+    data = _tar(files, mode="w")
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        offset = tar.getmember(name).offset
+    return data[:offset + 100]
+
+
+def test_archive_cut_inside_a_member_header_extracts_nothing(tmp_path):
+    """Before: tarfile stopped silently at the cut header; bottle, missing its mask, was moved in and
+    counted as present from then on."""
+    archive = tmp_path / "cut.tar"
+    archive.write_bytes(_tar_cut_in_header_of(_layout_files(), "bottle/ground_truth/crack/000_mask.png"))
+    out = tmp_path / "out"
+    with pytest.raises(FsadError, match="end-of-archive marker.*re-download"):
+        extract_categories(archive, out, ["bottle"])
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing moved, no temporary left
+
+
+def test_archive_cut_in_another_categorys_header_is_still_refused(tmp_path):
+    archive = tmp_path / "cut.tar"
+    archive.write_bytes(_tar_cut_in_header_of(_layout_files(), "cable/test/good/000.png"))
+    with pytest.raises(FsadError, match="end-of-archive marker"):
+        extract_categories(archive, tmp_path / "out", ["bottle"])
+    assert not (tmp_path / "out" / "bottle").exists()
+
+
+def test_incomplete_category_in_a_whole_archive_is_refused(tmp_path):
+    files = _layout_files()
+    del files["bottle/ground_truth/crack/000_mask.png"]  # complete tar, incomplete category
+    files["bottle/ground_truth/crack/readme.txt"] = b"the mask folder is there, the mask is not"
+    archive = tmp_path / "x.tar.xz"
+    archive.write_bytes(_tar(files))
+    with pytest.raises(FsadError, match="category bottle is incomplete.*has no mask"):
+        extract_categories(archive, tmp_path / "out", ["bottle", "cable"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # cable, intact, not moved either
+
+
+def test_root_level_file_named_like_a_category_is_refused(tmp_path):
+    """Before: the file ``bottle`` counted as the category folder, was moved in, and the download 'succeeded'."""
+    files = {k: v for k, v in _layout_files().items() if not k.startswith("bottle/")}
+    files["bottle"] = b"not a folder"
+    archive = tmp_path / "x.tar.xz"
+    archive.write_bytes(_tar(files))
+    with pytest.raises(FsadError, match="member 'bottle' is a file where a category folder belongs"):
+        extract_categories(archive, tmp_path / "out", ["bottle"])
+    assert not (tmp_path / "out" / "bottle").exists()
+
+
+def test_no_category_moves_unless_all_are_complete(tmp_path):
+    files = _layout_files()
+    files = {k: v for k, v in files.items() if not k.startswith("cable/train/")}
+    archive = tmp_path / "x.tar.xz"
+    archive.write_bytes(_tar(files))
+    with pytest.raises(FsadError, match="category cable is incomplete.*no train/good"):
+        extract_categories(archive, tmp_path / "out", ["bottle", "cable"])
+    assert not (tmp_path / "out" / "bottle").exists()  # before: bottle was moved in, then cable failed

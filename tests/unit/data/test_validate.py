@@ -109,3 +109,37 @@ def test_unusable_source_raises(tmp_path):
         validate(tmp_path / "missing")
     with pytest.raises(FsadError, match="no category folders"):
         validate(tmp_path)
+
+
+def test_loading_refuses_a_mask_whose_size_differs_with_the_validators_line(tmp_path, capsys):
+    """Before: `fsad data validate` refused it, but loading (evaluate, the pipeline) resized the mask
+    silently and reported pixel metrics on it."""
+    from fewshot_core.cli import main
+    from fewshot_core.data import load_dataset
+    from fewshot_core.data.validate import mask_size_problems
+
+    build_mvtec_category(tmp_path, "widget", defects={"scratch": 2}, size=32)
+    write_mask(tmp_path / "widget" / "ground_truth" / "scratch" / "001_mask.png", (32, 24))
+    line = validate(tmp_path, "widget").problems
+    assert len(line) == 1 and "001_mask.png: mask is 32x24 but its image 001.png is 32x32" in line[0]
+    with pytest.raises(FsadError) as err:
+        load_dataset(tmp_path, "widget")
+    assert str(err.value).startswith(line[0]) and "fsad data validate" in str(err.value)
+    from fewshot_core.data.layouts import scan_source
+
+    assert mask_size_problems(scan_source(tmp_path, "widget")[0].dataset) == line
+    assert main(["evaluate", str(tmp_path), "--category", "widget", "--method", "knn", "--shots", "1",
+                 "--seeds", "0", "--image-size", "32", "--weights", "random", "--num-workers", "0"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.strip().splitlines() == [f"fsad: error: {err.value}"]
+
+
+def test_layout_loading_refuses_a_mismatched_mask(tmp_path):
+    from fewshot_core.data import load_dataset
+
+    dirs = build_folder_layout(tmp_path, n_good=4, defects={"dent": 1}, masks="nested")
+    cfg = LayoutConfig(good_dir=dirs["good_dir"], defect_dirs=dirs["defect_dirs"], mask_dir=dirs["mask_dir"], name="g")
+    load_dataset(cfg)
+    write_mask(tmp_path / "masks" / "dent" / "dent_00_mask.png", 16)
+    with pytest.raises(FsadError, match="dent_00_mask.png: mask is 16x16 but its image dent_00.png is 32x32"):
+        load_dataset(cfg)
