@@ -159,6 +159,38 @@ def _capsule(rng: np.random.Generator, size: int, palette: np.ndarray) -> Scene:
     return Scene(img, bg, alpha, alpha > 0.99, s)
 
 
+def _screw(rng: np.random.Generator, size: int, palette: np.ndarray) -> Scene:
+    """An elongated threaded part (shaft + head) at a random pose: any angle, off-centre position.
+
+    The hard case of few-shot inspection (MVTec AD's screw): the normal images differ by a rigid motion,
+    so a support patch matches a test patch only at the same orientation, and defects are small.
+    """
+    s = size / 128
+    yy, xx = _grid(size)
+    th = rng.uniform(0, 2 * np.pi)
+    half, rad = 0.27 * size * rng.uniform(0.96, 1.04), 0.045 * size
+    reach = half + 0.09 * size  # keep the whole part inside the image
+    cy, cx = size / 2 + rng.uniform(-1, 1, 2) * max(0.0, 0.5 * size - reach - 0.04 * size) * 0.6
+    a = (xx - cx) * np.cos(th) + (yy - cy) * np.sin(th)  # along the axis
+    b = -(xx - cx) * np.sin(th) + (yy - cy) * np.cos(th)
+    d = np.hypot(np.clip(np.abs(a) - half, 0.0, None), b)
+    shaft = np.clip(rad - d + 0.5, 0.0, 1.0)
+    hr = 0.085 * size  # the head: a disk at the +axis end, with a slot across it
+    hd = np.hypot(a - half, b)
+    head = np.clip(hr - hd + 0.5, 0.0, 1.0)
+    alpha = np.maximum(shaft, head)
+    bg = palette[0] * (1.0 + 0.05 * _smooth_field(rng, size, 5))[..., None]
+    pitch = 4.0 * s
+    thread = 0.82 + 0.18 * np.cos(2 * np.pi * (a + rng.uniform(0, pitch)) / pitch + 0.6 * b / rad)
+    shade = 1.0 - 0.4 * np.clip(np.abs(b) / rad, 0.0, 1.0) ** 2
+    body = np.where(head > shaft, 1.0 - 0.25 * (hd / hr) ** 2, thread * shade)
+    slot = (head > 0.5) & (np.abs(b) < 0.012 * size + 0.5) & (np.abs(a - half) < 0.7 * hr)
+    body = np.where(slot, 0.45, body)
+    fg = palette[1] * body[..., None]
+    img = bg * (1 - alpha[..., None]) + fg * alpha[..., None]
+    return Scene(img, bg, alpha, alpha > 0.99, s)
+
+
 # --------------------------------------------------------------------------------------------------
 # Defects: each returns (painted image, region); only pixels in the region change.
 
@@ -326,7 +358,26 @@ KINDS = (
 )
 
 
-def category_plan(categories: int) -> list[tuple[str, Kind, np.ndarray]]:
+# Kinds asked for by name only (``generate(kinds=...)``), so the default plan above stays as it is.
+EXTRA_KINDS = {
+    "screw": Kind("screw", _screw, ((128, 124, 118), (196, 198, 204)),
+                  ("scratch", "hole", "contamination", "missing_part")),
+}
+
+
+def category_plan(categories: int, kinds=None) -> list[tuple[str, Kind, np.ndarray]]:
+    """(name, kind, palette) per category: ``kinds`` (names of ``KINDS`` or ``EXTRA_KINDS``) gives one
+    ``synth_<kind>`` category each; otherwise ``categories`` of the default cycle."""
+    if kinds:
+        known = {k.name: k for k in KINDS} | EXTRA_KINDS
+        bad = [k for k in kinds if k not in known]
+        if bad:
+            raise FsadError(f"synth kinds {bad}: unknown; choose from {', '.join(sorted(known))}")
+        return [(f"synth_{k}", known[k], np.asarray(known[k].palette, dtype=np.float64)) for k in kinds]
+    return _default_plan(categories)
+
+
+def _default_plan(categories: int) -> list[tuple[str, Kind, np.ndarray]]:
     """(name, kind, palette) for ``categories`` categories: synth_fabric, synth_disk, ..., synth_fabric2."""
     plan = []
     for i in range(categories):
@@ -453,8 +504,10 @@ def generate(
     n_train: int = 20,
     n_test_good: int = 8,
     n_test_per_defect: int = 6,
+    kinds=None,
 ) -> list[str]:
-    """Write ``categories`` synthetic categories under ``root``; return their names.
+    """Write ``categories`` synthetic categories under ``root`` (or one per name in ``kinds``, e.g.
+    ``("screw",)``); return their names.
 
     Each category is rendered into a temporary folder beside its target and moved into place with
     ``os.replace``. A category already written with the same settings is skipped; one written by this
@@ -474,7 +527,7 @@ def generate(
     record = record.get("categories", {}) if isinstance(record, dict) else {}
 
     names = []
-    for name, kind, palette in category_plan(categories):
+    for name, kind, palette in category_plan(categories, kinds):
         params = {"version": GENERATOR_VERSION, "seed": int(seed), "size": int(size), "n_train": int(n_train),
                   "n_test_good": int(n_test_good), "n_test_per_defect": int(n_test_per_defect)}
         target = root / name

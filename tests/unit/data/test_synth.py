@@ -198,3 +198,32 @@ def test_default_size_categories_load_with_the_reader(synth_root):
         ds = mvtec.load_category(synth_root, name)
         assert len(ds.train_good()) == 12 and len(ds.defect_types()) == 4
         assert all(r.mask_path is not None and r.mask_path.is_file() for r in ds.test() if r.label == 1)
+
+
+def test_screw_kind_random_poses_small_defects_deterministic(tmp_path):
+    """The elongated-part kind: asked for by name, deterministic, parts at varied angles, small exact masks."""
+    from fewshot_core.data.synth import EXTRA_KINDS
+
+    kind = EXTRA_KINDS["screw"]
+    palette = np.asarray(kind.palette, dtype=np.float64)
+    img_a, _, _ = render_sample(kind, palette, 128, 0, ("synth_screw", "train", "good", "0"))
+    img_b, _, _ = render_sample(kind, palette, 128, 0, ("synth_screw", "train", "good", "0"))
+    assert np.array_equal(img_a, img_b)
+    # poses differ: the principal axis of the part's pixels points in different directions
+    angles = []
+    for i in range(6):
+        img, _, _ = render_sample(kind, palette, 128, 0, ("synth_screw", "train", "good", str(i)))
+        bright = img.astype(float).mean(-1) > np.percentile(img.astype(float).mean(-1), 88)
+        ys, xs = np.nonzero(bright)
+        cov = np.cov(np.stack([xs - xs.mean(), ys - ys.mean()]))
+        vec = np.linalg.eigh(cov)[1][:, -1]
+        angles.append(np.degrees(np.arctan2(vec[1], vec[0])) % 180)
+    assert np.ptp(angles) > 45
+    for defect in kind.defects:
+        img, normal, mask = render_sample(kind, palette, 128, 0, ("synth_screw", "test", defect, "0"), defect)
+        changed = np.abs(img.astype(int) - normal).max(-1) > 0
+        assert np.array_equal(changed, mask) and 0 < mask.mean() < 0.05
+    names = generate(tmp_path, seed=0, kinds=("screw",), **SMALL)
+    assert names == ["synth_screw"] and (tmp_path / "synth_screw" / "ground_truth" / "hole").is_dir()
+    with pytest.raises(FsadError, match="unknown"):
+        generate(tmp_path, kinds=("bolt",), **SMALL)
