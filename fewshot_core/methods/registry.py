@@ -15,10 +15,11 @@ from typing import Literal
 
 from fewshot_core.errors import FsadError
 
-Family = Literal["oneclass", "supervised"]
+Family = Literal["oneclass", "supervised", "transductive"]
 InputKind = Literal["patches", "embeddings", "images"]
 ONECLASS: Family = "oneclass"
 SUPERVISED: Family = "supervised"
+TRANSDUCTIVE: Family = "transductive"  # scores the unlabeled test images against each other (own protocol)
 PATCHES: InputKind = "patches"  # the store's patch features [n, h, w, d]
 EMBEDDINGS: InputKind = "embeddings"  # the store's global embeddings [n, D]
 IMAGES: InputKind = "images"  # pixels, float [n, 3, S, S] in [0, 1] (the method trains on them)
@@ -29,7 +30,8 @@ class MethodEntry:
     """What the registry knows of one method.
 
     ``family``: ``oneclass`` methods fit on good images and score anomalies; ``supervised`` ones fit on
-    labelled good and defective shots and classify. A one-class method on patch features also runs under
+    labelled good and defective shots and classify; ``transductive`` ones score the unlabeled test
+    images against each other (optionally with good shots) under their own protocol. A one-class method on patch features also runs under
     the supervised protocol (binary only, fitted on the good shots). ``factory`` is ``"module:Class"``;
     ``defaults`` are parameters the protocols pass unless the user overrides them.
     """
@@ -79,6 +81,9 @@ _ENTRIES = (
                 meta_pool=True),
     MethodEntry("pmf", SUPERVISED, IMAGES, "fewshot_core.methods.pmf:PMF",
                 "pre-train, meta-train, fine-tune a ProtoNet backbone", paper="Hu et al., CVPR 2022"),
+    MethodEntry("musc", TRANSDUCTIVE, PATCHES, "fewshot_core.methods.musc:MutualScoring",
+                "transductive: each test image's patches scored against the other test images (+ support)",
+                paper="Li et al., MuSc, ICLR 2024"),
 )
 REGISTRY: dict[str, MethodEntry] = {e.name: e for e in _ENTRIES}
 

@@ -1,0 +1,67 @@
+"""The transductive protocol: the unlabeled test images are scored together, with or without good shots.
+
+Not comparable with the one-class protocol row for row: a transductive method sees every test image
+(never a label) before it scores any, so a deployment must score batches of parts, not one part at a
+time. Rows say ``protocol="transductive"``; ``shots`` = 0 means no support at all (zero-shot).
+
+Same data, masks and metrics as the one-class protocol (``oneclass.query_metrics``); the support of
+``shots`` > 0 is the one-class episode's support for the same seed, so rows line up with one-class rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from fewshot_core.episodes import OneClassEpisode, sample_oneclass
+from fewshot_core.errors import FsadError
+from fewshot_core.evaluation.oneclass import episode_identity, query_metrics
+from fewshot_core.methods import registry
+from fewshot_core.methods.anomaly_map import DEFAULT_SIGMA
+
+
+def transductive_episode(dataset, shots: int, seed: int) -> OneClassEpisode:
+    """The one-class episode of ``shots`` good images (0: none; the whole test split is the query)."""
+    if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 0:
+        raise FsadError(f"shots {shots!r}: give 0 (test images only) or a positive number of good images")
+    if shots:
+        return sample_oneclass(dataset, int(shots), seed)
+    ep = sample_oneclass(dataset, 1, seed)
+    return OneClassEpisode(ep.episode_id.replace("oneclass-", "transductive-").replace("-k1-", "-k0-"),
+                           ep.category, 0, ep.seed, (), ep.query_ids)
+
+
+def run_transductive_episode(dataset, partition, episode: OneClassEpisode, method: str,
+                             method_params: Mapping | None = None, mask_size: int = 256,
+                             sigma: float = DEFAULT_SIGMA, cache: dict | None = None, runtime=None) -> dict:
+    entry = registry.get(method, protocol=registry.TRANSDUCTIVE)
+    cache = {} if cache is None else cache
+    model = registry.create(method, runtime=runtime, **{"seed": episode.seed, **dict(method_params or {})})
+    t0 = time.perf_counter()
+    model.fit(partition.patch(list(episode.support_ids)) if episode.support_ids else None)
+    fit_s = time.perf_counter() - t0
+    query_ids = list(episode.query_ids)
+    queries = partition.patch(query_ids)
+    t0 = time.perf_counter()
+    scores, maps = model.score(queries)  # all at once: each image is scored against the others
+    score_s = time.perf_counter() - t0
+    _, metrics = query_metrics(dataset, query_ids, scores, maps,
+                               lambda batch: model.anomaly_maps(batch, int(mask_size), sigma), mask_size, cache)
+    row = episode_identity(dataset, episode, entry.name, model.get_params(), partition.meta.get("backbone"),
+                           partition.meta.get("key"), len(query_ids), "none", mask_size)
+    row.update(protocol=registry.TRANSDUCTIVE, shots=len(episode.support_ids), full_shot="no")
+    return {**row, **metrics, "bank_size": int(len(episode.support_ids)), "fit_s": round(fit_s, 4),
+            "score_s": round(score_s, 4)}
+
+
+def evaluate_transductive(dataset, partition, method: str, shots: int, seeds, method_params: Mapping | None = None,
+                          mask_size: int = 256, sigma: float = DEFAULT_SIGMA, cache: dict | None = None,
+                          runtime=None) -> list[dict]:
+    """One row per seed; ``shots`` = 0 scores the test images against each other only."""
+    if isinstance(seeds, (int, np.integer)):
+        seeds = [int(seeds)]
+    cache = {} if cache is None else cache
+    return [run_transductive_episode(dataset, partition, transductive_episode(dataset, shots, int(seed)), method,
+                                     method_params, mask_size, sigma, cache, runtime) for seed in seeds]
