@@ -5,6 +5,13 @@ started from the mean distance to ``n_starts`` (10) random points, as patchcore-
 ``ApproximateGreedyCoresetSampler`` does. Memory is O(N · proj_dim): the projection is computed in
 chunks and each step updates one distance per point (never an N x N matrix). Distances are kept
 squared (same argmax, one op fewer per step). Runs on CUDA when available.
+
+On the CPU the plain loop streams all N projected points once per selected point and is memory-bound.
+``lazy_greedy_select`` (the default there) selects the same points: the points are grouped into blocks
+of neighbours; a block's stored maximum of "distance to the coreset" is an upper bound that can only
+fall as members join, so a block is brought up to date (one matrix product with every member chosen
+since its last update) only when it holds the largest bound. Far-away blocks wait while their bound
+stays below the top, then take many pending members in one product, near the machine's arithmetic rate.
 """
 
 from __future__ import annotations
@@ -26,9 +33,20 @@ def coreset_size(n: int, ratio: float, min_keep: int) -> int:
     return min(n, max(int(n * ratio), min_keep))
 
 
+SELECTIONS = ("auto", "plain", "lazy")
+_PRUNE_MARGIN = 1e-3
+LAZY_BLOCK = 1024  # points per block: small enough to refresh only what moves, large enough for a fast product
+
+
 def approximate_greedy_coreset(features: np.ndarray, n_select: int, proj_dim: int = 128, n_starts: int = 10,
-                               seed: int = 0, device=None, chunk: int = 65536) -> np.ndarray:
-    """Indices (int64, selection order) of ``n_select`` rows of ``features`` [N, d] chosen greedily."""
+                               seed: int = 0, device=None, chunk: int = 65536, selection: str = "auto") -> np.ndarray:
+    """Indices (int64, selection order) of ``n_select`` rows of ``features`` [N, d] chosen greedily.
+
+    ``selection``: ``"plain"`` (one full distance update per step), ``"lazy"`` (``lazy_greedy_select``,
+    the same farthest-point rule) or ``"auto"`` (lazy on the CPU, plain on a GPU).
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     n, d = features.shape
     if n_select >= n:
         return np.arange(n, dtype=np.int64)
@@ -47,6 +65,8 @@ def approximate_greedy_coreset(features: np.ndarray, n_select: int, proj_dim: in
         start_d = (sq[:, None] - 2 * z @ z[starts].T + sq[starts][None]).clamp_min_(0).sqrt_()
         min_d = start_d.mean(1).square_()
         del start_d
+        if selection == "lazy" or (selection == "auto" and dev.type == "cpu"):
+            return lazy_greedy_select(z, sq, min_d, n_select, seed=seed).numpy()
         chosen = torch.empty(n_select, dtype=torch.int64, device=dev)
         # [p, N] layout: the row-vector x matrix product streams it once per step and measured ~1.5x
         # faster on CPU than a matrix-vector product over [N, p]; the loop is memory-bound
@@ -59,3 +79,89 @@ def approximate_greedy_coreset(features: np.ndarray, n_select: int, proj_dim: in
             new_d = torch.addmm(sq_row, z[j][None], zt, alpha=-2.0)[0].add_(sq[j])
             torch.minimum(min_d, new_d, out=min_d)
     return chosen.cpu().numpy()
+
+
+def _blocks_of_neighbours(z: torch.Tensor, block: int, seed: int) -> torch.Tensor:
+    """A permutation of the points that puts neighbours together (k-means cells, then blocks of ``block``).
+
+    Only the speed depends on it: the selection is the same for any grouping.
+    """
+    n = len(z)
+    cells = max(1, n // block)
+    if cells == 1:
+        return torch.arange(n)
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - faiss-cpu is a dependency
+        return torch.arange(n)
+    x = np.ascontiguousarray(z.numpy(), dtype=np.float32)
+    km = faiss.Kmeans(x.shape[1], cells, niter=6, seed=int(seed) + 1, max_points_per_centroid=64, verbose=False)
+    km.train(x)
+    _, assign = km.index.search(x, 1)
+    return torch.from_numpy(np.argsort(assign[:, 0], kind="stable"))
+
+
+def lazy_greedy_select(z: torch.Tensor, sq: torch.Tensor, min_d: torch.Tensor, n_select: int,
+                       block: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Greedy farthest-point selection with lazily updated blocks (CPU tensors; see the module docstring).
+
+    ``z`` [N, p] projected points, ``sq`` their squared norms, ``min_d`` the initial squared distance to
+    the coreset. Picks the same points as the plain loop: at every step the block with the largest upper
+    bound is refreshed until the top block is current, whose maximum is then the global maximum. Ties go
+    to the lowest original index, as ``torch.argmax`` does.
+    """
+    n = len(z)
+    block = block or LAZY_BLOCK
+    order = _blocks_of_neighbours(z, block, seed)
+    zp, sqp, mdp = z[order].contiguous(), sq[order].contiguous(), min_d[order].clone()
+    n_blocks = (n + block - 1) // block
+    spans = [(b * block, min(n, (b + 1) * block)) for b in range(n_blocks)]
+    bounds = torch.stack([mdp[lo:hi].max() for lo, hi in spans])
+    # each block's centre and radius: a member c' with |c' - centre| - radius >= sqrt(bound) is farther
+    # from every point of the block than the block's largest distance to the coreset, so it changes nothing
+    centres = torch.stack([zp[lo:hi].mean(0) for lo, hi in spans])
+    radii = torch.stack([(zp[lo:hi] - c).norm(dim=1).max() for (lo, hi), c in zip(spans, centres)])
+    applied = np.zeros(n_blocks, dtype=np.int64)  # members already folded into each block
+    chosen_z = torch.empty(n_select, zp.shape[1], dtype=zp.dtype)
+    chosen_sq = torch.empty(n_select, dtype=zp.dtype)
+    chosen = torch.empty(n_select, dtype=torch.int64)
+
+    def refresh(b: int, upto: int) -> None:
+        lo, hi = spans[b]
+        pend_z, pend_sq = chosen_z[applied[b]:upto], chosen_sq[applied[b]:upto]
+        reach = (pend_z - centres[b]).norm(dim=1) - radii[b]
+        # margin far above float32 rounding of the distances, so no member that could matter is skipped
+        near = reach < bounds[b].sqrt() * (1 + _PRUNE_MARGIN) + _PRUNE_MARGIN
+        applied[b] = upto
+        if not bool(near.any()):
+            return
+        if not bool(near.all()):
+            pend_z, pend_sq = pend_z[near], pend_sq[near]
+        # squared distances to the pending members, |z|^2 - 2 z.c + |c|^2 in the plain loop's order
+        d = torch.addmm(sqp[lo:hi, None], zp[lo:hi], pend_z.T, alpha=-2.0).add_(pend_sq[None])
+        torch.minimum(mdp[lo:hi], d.amin(1), out=mdp[lo:hi])
+        bounds[b] = mdp[lo:hi].max()
+
+    with torch.no_grad():
+        for i in range(n_select):
+            while True:
+                top = bounds.max()
+                tied = torch.nonzero(bounds == top)[:, 0].tolist()
+                stale = [b for b in tied if applied[b] < i]
+                if not stale:
+                    break
+                for b in stale:
+                    refresh(b, i)
+            # every tied block is current: their maxima equal ``top``, the true global maximum
+            best = None
+            for b in tied:
+                lo, hi = spans[b]
+                pos = lo + torch.nonzero(mdp[lo:hi] == top)[:, 0]
+                cand = order[pos]
+                k = int(torch.argmin(cand))
+                if best is None or int(cand[k]) < int(order[best]):
+                    best = int(pos[k])
+            chosen[i] = order[best]
+            chosen_z[i] = zp[best]
+            chosen_sq[i] = sqp[best]
+    return chosen

@@ -20,6 +20,25 @@ except ImportError:  # pragma: no cover - faiss-cpu is a dependency; torch cover
     faiss = None
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
+_INDEX_OPTIONS = {"ivf": ("nlist", "nprobe"), "hnsw": ("hnsw_m", "ef_search"), "flat": ()}
+
+
+def parse_index(spec: str) -> tuple[str, dict]:
+    """``"flat"``, ``"ivf"``, ``"ivf:nprobe=16"``, ``"hnsw:ef_search=64,hnsw_m=16"`` -> (kind, options).
+
+    A method's ``index`` parameter is such a string, so the search settings travel with its parameters.
+    """
+    kind, _, rest = str(spec).partition(":")
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"unknown index {spec!r}; choose one of {INDEX_KINDS} (options as ivf:nprobe=16)")
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in _INDEX_OPTIONS[kind] or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"index {spec!r}: bad option {item!r}; {kind} takes "
+                             f"{', '.join(k + '=N' for k in _INDEX_OPTIONS[kind]) or 'no options'}")
+        opts[key] = int(value)
+    return kind, opts
 _CHUNK_ELEMENTS = 1 << 27  # query rows x bank rows per distance block in the torch search (512 MB fp32)
 
 
@@ -62,9 +81,10 @@ class TorchFlatIndex:
 class NearestNeighbors:
     def __init__(self, index: str = "flat", use_gpu="auto", nlist: int | None = None, nprobe: int = 8,
                  hnsw_m: int = 32, ef_search: int = 128, seed: int = 0):
-        if index not in INDEX_KINDS:
-            raise ValueError(f"unknown index {index!r}; choose one of {INDEX_KINDS}")
+        index, opts = parse_index(index)
         self.kind = index
+        nlist, nprobe = opts.get("nlist", nlist), opts.get("nprobe", nprobe)
+        hnsw_m, ef_search = opts.get("hnsw_m", hnsw_m), opts.get("ef_search", ef_search)
         self.use_gpu = (gpu_available() or _torch_cuda()) if use_gpu == "auto" else bool(use_gpu)
         self.nlist, self.nprobe, self.hnsw_m, self.ef_search, self.seed = nlist, nprobe, hnsw_m, ef_search, seed
         self.index = None

@@ -198,3 +198,53 @@ def test_registry():
         create("patchcore", coreset_ratio=2.0)
     with pytest.raises(FsadError, match="bad parameters"):
         create("knn", kay=3)
+
+
+def _plain_and_lazy(x, n_select, block, seed=0):
+    from fewshot_core.methods import coreset
+
+    plain = approximate_greedy_coreset(x, n_select, seed=seed, selection="plain")
+    old = coreset.LAZY_BLOCK
+    coreset.LAZY_BLOCK = block
+    try:
+        lazy = approximate_greedy_coreset(x, n_select, seed=seed, selection="lazy")
+    finally:
+        coreset.LAZY_BLOCK = old
+    return plain, lazy
+
+
+def test_lazy_coreset_selects_what_the_plain_loop_selects():
+    """Lazily refreshed, pruned blocks pick the same points in the same order (well-separated data)."""
+    rng = np.random.default_rng(4)
+    centers = rng.normal(size=(30, 16)) * 6
+    x = (centers[rng.integers(0, 30, 2000)] + rng.normal(size=(2000, 16))).astype(np.float32)
+    plain, lazy = _plain_and_lazy(x, 300, block=64)
+    assert np.array_equal(plain, lazy)
+
+
+def test_lazy_coreset_on_duplicates_selects_the_same_features():
+    """Exact duplicates tie on distance; which copy wins may differ by float rounding, the features do not."""
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(400, 8)).astype(np.float32)
+    x = np.concatenate([base, base[::-1]])  # every point twice, the copies in reverse order
+    plain, lazy = _plain_and_lazy(x, 120, block=32)
+    assert np.array_equal(x[plain], x[lazy])
+
+
+def test_coreset_selection_option_is_checked():
+    with pytest.raises(ValueError, match="selection"):
+        approximate_greedy_coreset(np.zeros((10, 4), np.float32), 2, selection="fast")
+
+
+def test_index_spec_carries_search_options():
+    from fewshot_core.methods.nn_search import parse_index
+
+    assert parse_index("flat") == ("flat", {})
+    assert parse_index("ivf:nprobe=16,nlist=64") == ("ivf", {"nprobe": 16, "nlist": 64})
+    assert parse_index("hnsw:ef_search=32") == ("hnsw", {"ef_search": 32})
+    for bad in ("ivfx", "ivf:ef_search=3", "hnsw:ef_search=0", "flat:nprobe=2"):
+        with pytest.raises(ValueError):
+            parse_index(bad)
+    x = np.random.default_rng(0).normal(size=(3000, 8)).astype(np.float32)
+    nn = NearestNeighbors("ivf:nprobe=3,nlist=16", use_gpu=False).fit(x)
+    assert nn.effective_kind == "ivf" and nn.index.nprobe == 3 and nn.index.nlist == 16
