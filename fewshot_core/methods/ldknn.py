@@ -11,6 +11,10 @@ Follows the authors' code (ShuaiLYU/REB, ``NNHead`` with ``NN_Type.ldknn``):
 
 λ = ``ld_coef`` (1 by default), K = ``k`` (5; REB sweeps 3-11). With λ = 0 the patch map is exactly the
 1-NN squared distance.
+
+Large banks (rotated supports): ``coreset_ratio`` < 1 keeps a coreset as the bank, and
+``density_on="bank"`` estimates LD inside that coreset instead of among all support patches (the
+K-NN search then runs over the coreset, not the full support: faster, a coarser density).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from fewshot_core.methods.knn import build_bank
 from fewshot_core.methods.nn_search import NearestNeighbors
 
 LD_FORMS = ("difference", "ratio")
+DENSITY_ON = ("support", "bank")
 _RATIO_EPS = 1e-12  # LD is 0 for a patch with an exact duplicate; keeps the ratio finite
 
 
@@ -30,11 +35,15 @@ class LDKNN(Detector):
     input_kind = "patches"
 
     def __init__(self, k: int = 5, ld_coef: float = 1.0, ld_form: str = "difference", pool: int = 3,
-                 coreset_ratio: float = 1.0, min_bank: int = 10_000, index: str = "flat", seed: int = 0):
+                 coreset_ratio: float = 1.0, min_bank: int = 10_000, index: str = "flat", seed: int = 0,
+                 density_on: str = "support"):
         if ld_form not in LD_FORMS:
             raise ValueError(f"ld_form must be one of {LD_FORMS}, got {ld_form!r}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if density_on not in DENSITY_ON:
+            raise ValueError(f"density_on must be one of {DENSITY_ON}, got {density_on!r}")
+        self.density_on = density_on
         self.k = k
         self.ld_coef = ld_coef
         self.ld_form = ld_form
@@ -51,7 +60,7 @@ class LDKNN(Detector):
         everything, bank = build_bank(X, self.coreset_ratio, self.min_bank, self.seed)
         self.bank_ = np.array(bank, copy=True)
         self.nn_ = self._index(self.bank_)
-        full = self.nn_ if bank is everything else self._index(everything)
+        full = self.nn_ if bank is everything or self.density_on == "bank" else self._index(everything)
         sq, _ = full.search(self.bank_, self.k + 1)
         neighbours = sq[:, 1:] if sq.shape[1] > 1 else sq  # a one-patch support has no other neighbour
         self.ld_ = neighbours.mean(1).astype(np.float32)

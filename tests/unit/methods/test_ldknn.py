@@ -106,3 +106,16 @@ def test_save_load_and_bad_params(tmp_path):
         LDKNN(ld_form="log")
     with pytest.raises(ValueError):
         KNN(k=0)
+
+
+def test_density_on_the_coreset_bank_only():
+    """``density_on="bank"``: LD among the coreset rows themselves (the cheaper, coarser estimate)."""
+    sup, _ = _data(seed=2)
+    model = LDKNN(k=3, coreset_ratio=0.2, min_bank=0, density_on="bank").fit(sup)
+    d = _sq(model.bank_, model.bank_)
+    np.fill_diagonal(d, np.inf)
+    np.testing.assert_allclose(model.ld_, np.sort(d, axis=1)[:, :3].mean(1), rtol=1e-4, atol=1e-5)
+    full = LDKNN(k=3, coreset_ratio=0.2, min_bank=0).fit(sup)
+    assert np.array_equal(full.bank_, model.bank_) and not np.allclose(full.ld_, model.ld_)
+    with pytest.raises(ValueError, match="density_on"):
+        LDKNN(density_on="all")
