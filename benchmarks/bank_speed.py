@@ -1,0 +1,137 @@
+"""Large banks: approximate nearest-neighbour search and coreset selection against the exact baseline.
+
+All rows of one table run in one process on the same arrays, so ratios are comparable even on a busy
+machine. For each index (faiss IVF with several ``nprobe``, HNSW with several ``efSearch``):
+
+* recall@1 against exact search (the fraction of query patches whose nearest distance is the exact one's,
+  up to float rounding; by distance, since duplicated bank rows tie)
+  and the relative error of the nearest distance;
+* search time and its ratio to exact search;
+* the detector's image AUROC with that index and its gap to exact search (target: within 0.005).
+
+The bank is the support patches of ``--shots`` bottle images, optionally with the store's grid flips and
+rotations (``--grid-augment``, ``augment="features"``) to reach the size of a rotated-support bank.
+
+    FSAD_HOME=/tmp/fsad python benchmarks/bank_speed.py --shots 16 --grid-augment --method ldknn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fewshot_core.data import load_dataset  # noqa: E402
+from fewshot_core.episodes import sample_oneclass  # noqa: E402
+from fewshot_core.features.store import FeatureStore  # noqa: E402
+from fewshot_core.methods import registry  # noqa: E402
+from fewshot_core.methods.augment import augment_feature_maps  # noqa: E402
+from fewshot_core.methods.nn_search import NearestNeighbors  # noqa: E402
+from fewshot_core.metrics import image_metrics  # noqa: E402
+from fewshot_core.paths import shared_mvtec_root  # noqa: E402
+
+INDEXES = (("flat", {}), ("ivf", {"nprobe": 4}), ("ivf", {"nprobe": 16}), ("ivf", {"nprobe": 64}),
+           ("hnsw", {"ef_search": 32}), ("hnsw", {"ef_search": 128}))
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def search_table(bank: np.ndarray, queries: np.ndarray, seed: int = 0) -> list[dict]:
+    """recall@1 / distance error / build and search seconds of every index against the exact one."""
+    rows, exact = [], None
+    for kind, opts in INDEXES:
+        nn, build_s = _timed(lambda: NearestNeighbors(kind, use_gpu=False, seed=seed, **opts).fit(bank))
+        (dist, idx), search_s = _timed(lambda: nn.search(queries, 1))
+        if exact is None:
+            exact = (dist[:, 0], idx[:, 0], search_s)
+        # by distance, not by index: duplicated bank rows (flips of flat regions) tie exactly
+        recall = float((dist[:, 0] <= exact[0] * (1 + 1e-5) + 1e-6).mean())
+        err = float(np.median(np.abs(np.sqrt(dist[:, 0]) - np.sqrt(exact[0])) / np.maximum(np.sqrt(exact[0]), 1e-12)))
+        rows.append({"index": kind, **opts, "effective": nn.effective_kind, "recall@1": recall,
+                     "median_rel_dist_err": err, "build_s": build_s, "search_s": search_s,
+                     "speedup": exact[2] / search_s})
+    return rows
+
+
+def detector_table(method: str, support: np.ndarray, queries: np.ndarray, labels: np.ndarray,
+                   params: dict) -> list[dict]:
+    """Fit + score seconds and image AUROC of ``method`` with each index, and the AUROC gap to exact."""
+    rows, exact = [], None
+    for kind, opts in INDEXES:
+        spec = kind + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
+        model = registry.create(method, index=spec, **params)
+        _, fit_s = _timed(lambda: model.fit(support))
+        (scores, _), score_s = _timed(lambda: model.score(queries))
+        auroc = image_metrics(labels, scores)["image_auroc"]
+        if exact is None:
+            exact = (auroc, fit_s + score_s)
+        rows.append({"index": kind, **opts, "image_auroc": auroc, "auroc_gap": auroc - exact[0], "fit_s": fit_s,
+                     "score_s": score_s, "speedup": exact[1] / (fit_s + score_s)})
+    return rows
+
+
+def _print(rows: list[dict], cols: list[str]) -> None:
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.4f}" if isinstance(v, float) else str(v))
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", type=Path, default=None)
+    p.add_argument("--store", type=Path, default=None)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid-augment", action="store_true", help="6x the bank with grid flips/rotations")
+    p.add_argument("--method", default="ldknn", choices=["patchcore", "knn", "ldknn"])
+    p.add_argument("--param", action="append", default=[], metavar="KEY=JSON")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    params = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.param)}
+    params.setdefault("seed", args.seed)
+
+    root = args.root or shared_mvtec_root()
+    if root is None:
+        print("no MVTec AD root: pass --root or set MVTEC_ROOT", file=sys.stderr)
+        return 2
+    ds = load_dataset(root, "bottle")
+    part = FeatureStore(args.store).build(ds, image_size=args.image_size, progress=False)
+    ep = sample_oneclass(ds, args.shots, args.seed)
+    support = np.asarray(part.patch(list(ep.support_ids)), dtype=np.float32)
+    if args.grid_augment:
+        support = augment_feature_maps(support)
+    queries = np.asarray(part.patch(list(ep.query_ids)), dtype=np.float32)
+    labels = np.array([ds.by_id(i).label for i in ep.query_ids])
+    flat_q = queries.reshape(-1, queries.shape[-1])
+    print(f"# bottle@{args.image_size}, {args.shots} shots{' x6 grid-augmented' if args.grid_augment else ''}: "
+          f"{support.shape[0] * support.shape[1] * support.shape[2]} support patches, {len(flat_q)} query patches, "
+          f"d={support.shape[-1]}")
+    print("\n## search against exact (bank = every support patch)")
+    search = search_table(support.reshape(-1, support.shape[-1]), flat_q, args.seed)
+    _print(search, ["index", "nprobe", "ef_search", "recall@1", "median_rel_dist_err", "build_s", "search_s", "speedup"])
+    print(f"\n## {args.method} {params} with each index")
+    det = detector_table(args.method, support, queries, labels, params)
+    _print(det, ["index", "nprobe", "ef_search", "image_auroc", "auroc_gap", "fit_s", "score_s", "speedup"])
+    if args.json:
+        args.json.write_text(json.dumps({"search": search, "detector": det}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

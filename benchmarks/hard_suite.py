@@ -1,0 +1,189 @@
+"""The hard development suite (issue 15): few-shot one-class detection where bottle is saturated.
+
+Datasets (derived into a cache folder in MVTec layout, never into the repository; bottle is only read):
+
+* ``bottle_posed``: bottle with a seeded random rotation (any angle), translation and scale change per
+  image, support and test alike; masks transformed identically (``fewshot_core.data.derived``).
+* ``bottle_small``: bottle's good images and only its small defects (mask <= 3 % of the image), embedded
+  at the suite's reduced resolution (256 px by default, against 900 px originals).
+* ``synth_screw``: the generator's elongated threaded part at random poses with small defects.
+* ``bottle``: the real category itself, so no default is tuned on the hard data alone.
+
+Every lever is a named row (``LEVERS``): a method, its parameters, the support augmentation and the input
+size. Each row runs on every dataset x shot count x seed; cells are image AUROC mean ± the 95 % t
+interval half-width over seeds (pixel AUROC in the JSON where masks exist).
+
+    FSAD_HOME=/tmp/fsad python benchmarks/hard_suite.py --levers patchcore ldknn --shots 1 4 16 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fewshot_core.data import load_dataset  # noqa: E402
+from fewshot_core.data.derived import posed_copy, small_defect_copy  # noqa: E402
+from fewshot_core.data.synth import generate  # noqa: E402
+from fewshot_core.evaluation.oneclass import evaluate_oneclass  # noqa: E402
+from fewshot_core.evaluation.transductive import evaluate_transductive  # noqa: E402
+from fewshot_core.methods import registry  # noqa: E402
+from fewshot_core.features.store import FeatureStore  # noqa: E402
+from fewshot_core.paths import default_work_dir, shared_mvtec_root  # noqa: E402
+
+DATASETS = ("bottle_posed", "bottle_small", "synth_screw", "bottle")
+HARD = DATASETS[:3]
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+# name -> (method, params, augment, image size or None for the suite's size)
+LEVERS: dict[str, tuple[str, dict, str, int | None]] = {
+    "patchcore": ("patchcore", {}, "none", None),
+    "ldknn": ("ldknn", {}, "none", None),
+    "patchcore+aug": ("patchcore", {}, "images", None),
+    "ldknn+aug": ("ldknn", {}, "images", None),
+    "patchcore@384": ("patchcore", {}, "none", 384),
+    "patchcore+aug@384": ("patchcore", {}, "images", 384),
+    "ldknn k3": ("ldknn", {"k": 3}, "none", None),
+    "ldknn k9": ("ldknn", {"k": 9}, "none", None),
+    "ldknn l0.5": ("ldknn", {"ld_coef": 0.5}, "none", None),
+    "ldknn l0": ("ldknn", {"ld_coef": 0.0}, "none", None),
+    "ldknn+aug l0.5": ("ldknn", {"ld_coef": 0.5}, "images", None),
+    "knn": ("knn", {}, "none", None),
+    "knn+aug": ("knn", {}, "images", None),
+    # transductive protocol (its own: scores the unlabeled test images against each other)
+    "musc 0-shot": ("musc", {}, "none", None),
+    "musc+shots": ("musc", {}, "none", None),
+}
+ZERO_SHOT = {"musc 0-shot"}
+
+
+def prepare(cache: Path, mvtec_root: Path | None, seed: int = 0) -> dict[str, object]:
+    """The suite's datasets (built once into ``cache``, reused after)."""
+    out = {}
+    if mvtec_root is not None:
+        bottle = load_dataset(mvtec_root, "bottle")
+        out["bottle"] = bottle
+        out["bottle_posed"] = load_dataset(cache, posed_copy(bottle, cache, seed=seed, size=512).name)
+        out["bottle_small"] = load_dataset(cache, small_defect_copy(bottle, cache, size=512).name)
+    synth = cache / "synth"
+    (name,) = generate(synth, seed=seed, size=256, n_train=24, n_test_good=16, n_test_per_defect=8, kinds=("screw",))
+    out["synth_screw"] = load_dataset(synth, name)
+    return out
+
+
+def interval(values) -> tuple[float, float]:
+    """Mean and the 95 % t-interval half-width (0 for a single value)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    if v.size < 2:
+        return float(v.mean()), 0.0
+    return float(v.mean()), float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+
+
+def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: int, log=print) -> list[dict]:
+    results, partitions, cache = [], {}, {}
+    for lever in levers:
+        method, params, augment, size = LEVERS[lever]
+        size = size or image_size
+        for name, ds in datasets.items():
+            key = (name, size)
+            if key not in partitions:
+                t0 = time.perf_counter()
+                partitions[key] = store.build(ds, image_size=size, progress=False)
+                log(f"# partition {name}@{size}: {time.perf_counter() - t0:.1f} s")
+            transductive = registry.get(method).family == registry.TRANSDUCTIVE
+            for shots in shots_list:
+                t0 = time.perf_counter()
+                if transductive:  # 0-shot rows have no support to draw: one seed says it all
+                    zero = lever in ZERO_SHOT
+                    rows = evaluate_transductive(ds, partitions[key], method, 0 if zero else shots,
+                                                 seeds[:1] if zero else seeds, params, cache=cache)
+                else:
+                    rows = evaluate_oneclass(ds, partitions[key], method, shots, seeds, params, augment=augment,
+                                             cache=cache)
+                res = {"lever": lever, "dataset": name, "shots": shots, "image_size": size,
+                       "seeds": [r["seed"] for r in rows], "protocol": rows[0]["protocol"],
+                       "fit_s": float(np.mean([r["fit_s"] for r in rows])),
+                       "score_s": float(np.mean([r["score_s"] for r in rows])),
+                       "wall_s": time.perf_counter() - t0, "bank": int(np.mean([r["bank_size"] for r in rows]))}
+                for m in METRICS:
+                    if m in rows[0]:
+                        res[m], res[m + "_ci"] = interval([r[m] for r in rows])
+                results.append(res)
+                log(f"{lever:<20} {name:<13} {shots:>3}  {res['image_auroc']:.4f} ± {res['image_auroc_ci']:.4f}"
+                    f"  fit {res['fit_s']:.2f} s score {res['score_s']:.2f} s bank {res['bank']}")
+    return results
+
+
+def table(results, shots_list, datasets) -> str:
+    """Markdown: one row per lever, one column per (dataset, shots); plus the hard-suite mean per shot."""
+    levers = list(dict.fromkeys(r["lever"] for r in results))
+    by = {(r["lever"], r["dataset"], r["shots"]): r for r in results}
+    cols = [(d, s) for d in datasets for s in shots_list]
+    hard = [d for d in datasets if d in HARD]
+    head = "| lever | " + " | ".join(f"{d} {s}" for d, s in cols) + \
+        (" | " + " | ".join(f"hard mean {s}" for s in shots_list) if hard else "") + " |"
+    lines = [head, "|" + "---|" * (1 + len(cols) + (len(shots_list) if hard else 0))]
+    for lever in levers:
+        cells = []
+        for d, s in cols:
+            r = by.get((lever, d, s))
+            cells.append(f"{r['image_auroc']:.3f}±{r['image_auroc_ci']:.3f}" if r else "-")
+        if hard:
+            for s in shots_list:
+                vals = [by[(lever, d, s)]["image_auroc"] for d in hard if (lever, d, s) in by]
+                cells.append(f"{np.mean(vals):.3f}" if len(vals) == len(hard) else "-")
+        lines.append(f"| {lever} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", type=Path, default=None, help="MVTec AD root (default MVTEC_ROOT or ../shared)")
+    p.add_argument("--cache", type=Path, default=None, help="derived datasets (default $FSAD_HOME/hard_suite)")
+    p.add_argument("--store", type=Path, default=None, help="feature store (default $FSAD_HOME/features)")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--datasets", nargs="*", default=list(DATASETS), choices=DATASETS)
+    p.add_argument("--levers", nargs="*", default=["patchcore", "ldknn", "patchcore+aug", "ldknn+aug"],
+                   choices=list(LEVERS))
+    p.add_argument("--shots", nargs="*", type=int, default=[1, 4, 16])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the derived poses and the synthetic parts")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write every result here")
+    args = p.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = args.root or shared_mvtec_root()
+    cache = args.cache or default_work_dir() / "hard_suite"
+    datasets = {k: v for k, v in prepare(cache, root, args.data_seed).items() if k in args.datasets}
+    missing = sorted(set(args.datasets) - set(datasets))
+    if missing:
+        print(f"# skipped {missing}: no MVTec AD root (pass --root or set MVTEC_ROOT)", file=sys.stderr)
+    for name, ds in datasets.items():
+        print(f"# {name}: {len(ds.train_good())} train/good, {len(ds.test())} test "
+              f"({sum(r.label for r in ds.test())} defective), masks {ds.has_masks}")
+    print(f"# cpu threads {torch.get_num_threads()}, cores {os.cpu_count()}, seeds {args.seeds}", flush=True)
+    results = run(args.levers, datasets, args.shots, args.seeds, FeatureStore(args.store), args.image_size,
+                  log=lambda s: print(s, flush=True))
+    print()
+    print(table(results, args.shots, list(datasets)))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
