@@ -144,6 +144,9 @@ def _from_file(sweep: SweepFile, path: Path) -> SweepConfig:
         for item in sweep.methods:
             if item.method not in registry.names():
                 _fail(path, f"unknown method {item.method!r}", f"choose from {', '.join(registry.names())}")
+            if registry.get(item.method).family == registry.TRANSDUCTIVE:  # no pipeline settings for it yet
+                _fail(path, f"method {item.method!r} is transductive (its own protocol)",
+                      "run it with fewshot_core.evaluation.transductive or benchmarks/hard_suite.py")
             pool = item.meta_pool
             if pool not in (None, "categories") and not pool.startswith("synthetic"):
                 pool = resolve(pool)

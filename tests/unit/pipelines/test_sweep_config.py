@@ -67,6 +67,7 @@ def test_repeated_grid_values_are_refused_in_one_line(tmp_path, text, what):
 @pytest.mark.parametrize("text, message", [
     ("methods: [{method: nope}]\n", "unknown method 'nope'"),
     ("methods: [{method: protonet, protocol: oneclass}]\n", "protocol oneclass not available"),
+    ("methods: [{method: musc}]\n", "method 'musc' is transductive"),
     ("oneclass: {shots: [0]}\n", "oneclass.shots[0] 0: input should be greater than or equal to 1"),
     ("supervised: {label_modes: [triple]}\n", "supervised.label_modes[0] 'triple'"),
     ("data: {source: layout}\n", "needs data.layouts"),
