@@ -17,7 +17,7 @@ ID_COLUMNS = (
     "n_support", "n_query", "n_support_good", "n_support_bad", "mlflow_experiment_id",
 )
 # The seed-free identity of a group.
-GROUP_COLUMNS = ("method", "backbone", "category", "protocol", "setting", "shots", "k_good", "k_bad",
+GROUP_COLUMNS = ("method", "method_name", "backbone", "category", "protocol", "setting", "shots", "k_good", "k_bad",
                  "label_mode", "distance")
 # Metrics shown first, in this order, when present.
 HEADLINE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max",

@@ -134,7 +134,7 @@ def rq1(rows, agg, image) -> Section:
         parts.append("<p class=note>Paired over the same episodes (category × setting × seed), best of each "
                      "family by mean image_auroc:</p>")
         parts.append(simple(["comparison", "metric", "few-shot learner", "one-class detector", "paired test"],
-                            [[f"{a} vs {b}", m, _f(r.mean_a), _f(r.mean_b), esc(r.text(m))]
+                            [[f"{a} vs {b}", m, _f(r.mean_a), _f(r.mean_b), esc(r.text(m, a, b))]
                              for m, r in ((RANK, res_rank), (DECIDE, res_dec))], left=2))
         n_settings = sb_rows["setting"].nunique()
         takeaway = (f"At equal support ({n_settings} binary settings, {res_rank.n} shared episodes), the best "
@@ -313,7 +313,7 @@ def rq4(rows, agg, image) -> Section:
         eps_same, eps = 0, 0
         for _, cell_a in a.groupby(["category", "setting"]):
             cell_b = b[(b["category"] == cell_a["category"].iloc[0]) & (b["setting"] == cell_a["setting"].iloc[0])]
-            same, n = stats.same_predictions(cell_a, cell_b, (RANK, DECIDE, "accuracy", "macro_f1"))
+            same, n = stats.same_predictions(cell_a, cell_b, (DECIDE, "accuracy", "macro_f1"))
             if n:
                 cells += 1
                 cells_same += int(same == n)
@@ -322,7 +322,7 @@ def rq4(rows, agg, image) -> Section:
         table.append([name, f"{cells_same} of {cells}", f"{eps_same} of {eps}", esc(res[DECIDE].text(DECIDE)),
                       esc(res[RANK].text(RANK))])
         s = (f"{name}: Euclidean and cosine give identical predictions in {cells_same} of {cells} cells "
-             f"({eps_same} of {eps} episodes: same confusion matrix and metrics)")
+             f"({eps_same} of {eps} episodes with the same confusion matrix)")
         if eps_same:
             s += (", because both assign a query to its nearest class prototype and ‖q−p‖² = ‖q‖² + ‖p‖² − "
                   "2‖q‖‖p‖·cos(q, p): for a fixed query the two orderings of the prototypes can differ only "
@@ -331,7 +331,7 @@ def rq4(rows, agg, image) -> Section:
                                                    ", which flip decisions only in the other episodes"))
         s += f"; {stats.verdict(res[DECIDE], 'Euclidean', 'cosine', DECIDE)}"
         sentences.append(s)
-    if table:
+    if table:  # decisions can agree while the score ranking (image AUROC) differs: the table shows both
         parts.append(simple(["method", "cells with identical predictions", "episodes", f"Δ{DECIDE} (Euclidean − "
                              "cosine)", f"Δ{RANK}"], table))
     takeaway = ". ".join(sentences) + "." if sentences else "Not answered: no method ran with both distances."

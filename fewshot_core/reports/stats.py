@@ -36,13 +36,14 @@ class Paired:
     def significant(self) -> bool:
         return math.isfinite(self.p) and self.p < ALPHA and not self.identical
 
-    def text(self, metric: str) -> str:
+    def text(self, metric: str, a: str = "", b: str = "") -> str:
         if self.n == 0:
             return f"no common episodes with {metric}"
         if self.identical:
             return f"identical {metric} in all {self.n} paired episodes"
         p = f"Wilcoxon p={self.p:.3g}" if math.isfinite(self.p) else "too few pairs for a test"
-        return f"Δ{metric} = {self.diff:+.3f} (n={self.n} paired episodes, {p})"
+        who = f" ({a} − {b})" if a and b else ""
+        return f"Δ{metric}{who} = {self.diff:+.3f}, n={self.n} paired episodes, {p}"
 
 
 def paired(rows_a: pd.DataFrame, rows_b: pd.DataFrame, metric: str, keys=EPISODE_KEYS) -> Paired:
@@ -85,11 +86,11 @@ def verdict(res: Paired, a: str, b: str, metric: str) -> str:
         return f"{a} and {b} give the same {metric} on every one of the {res.n} episodes"
     if res.significant:
         better = a if res.diff > 0 else b
-        return (f"{better} is consistently higher ({res.text(metric)})")
+        return f"{better} is consistently higher in {metric} ({res.text(metric, a, b)})"
     if res.n < min_pairs_for_significance():
-        return (f"{a} vs {b}: {res.text(metric)}; with {res.n} pairs no test can reach p<{ALPHA}, "
+        return (f"{a} vs {b}: {res.text(metric, a, b)}; with {res.n} pairs no test can reach p<{ALPHA}, "
                 f"so run at least {min_pairs_for_significance()} seeds × categories to decide")
-    return f"no consistent difference between {a} and {b} ({res.text(metric)})"
+    return f"no consistent difference in {metric} between {a} and {b} ({res.text(metric, a, b)})"
 
 
 def n_classes(rows: pd.DataFrame) -> int | None:
@@ -106,8 +107,9 @@ def chance_balanced_accuracy(classes: int | None) -> float:
 
 
 def same_predictions(rows_a: pd.DataFrame, rows_b: pd.DataFrame, metrics, keys=EPISODE_KEYS) -> tuple[int, int]:
-    """(episodes with identical predictions, paired episodes): identical = the same confusion matrix and the
-    same value of every metric (the AUROC fixes the score ranking) in that episode."""
+    """(episodes with identical predictions, paired episodes): identical = the same confusion matrix (the
+    same predicted class for every query, up to which query is which) and the same value of each of
+    ``metrics`` (pass decision metrics; pass the AUROC too to ask for the same score ranking)."""
     keys = [k for k in keys if k in rows_a and k in rows_b]
     cols = [m for m in metrics if m in rows_a and m in rows_b]
     if "confusion" in rows_a and "confusion" in rows_b:
