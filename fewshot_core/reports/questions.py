@@ -120,11 +120,11 @@ def rq1(rows, agg, image) -> Section:
     learners = _select(sb_rows, family=SUPERVISED)
     detectors = _select(sb_rows, family=ONECLASS)
     if len(sb_agg):
-        sb_agg = sb_agg.assign(family_label=[FAMILY_LABEL[f] for f in sb_agg["family"]])
+        sb_agg = sb_agg.assign(family=[FAMILY_LABEL[f] for f in sb_agg["family"]])  # header reads "family"
         labels = _setting_labels(sb_agg)
         for metric in (RANK, DECIDE):
             if f"{metric}_mean" in sb_agg and sb_agg[f"{metric}_mean"].notna().any():
-                parts.append(pivot(sb_agg, ["category", "family_label", "method"], "setting", metric, labels))
+                parts.append(pivot(sb_agg, ["category", "family", "method"], "setting", metric, labels))
     if len(learners) and len(detectors):
         a, b = _best(learners, RANK), _best(detectors, RANK)
         keys = ("category", "setting", "seed")
