@@ -207,8 +207,13 @@ def rq2(rows, agg, image) -> Section:
         up = [f"{m} (k_bad {k})" for m, k, _, r in diffs if r.significant and r.diff > 0]
         down = [f"{m} (k_bad {k})" for m, k, _, r in diffs if r.significant and r.diff < 0]
         n_pairs = sorted({r.n for *_, r in diffs})
-        sentences.append(f"More good than defective shots changes balanced accuracy by {mean_diff:+.3f} on "
-                         f"average over {len(diffs)} method × defective-shot comparisons")
+        per_method: dict[str, list[float]] = {}
+        for m, _, _, r in diffs:
+            per_method.setdefault(m, []).append(r.diff)
+        by_method = ", ".join(f"{m} {sum(v) / len(v):+.3f}" for m, v in sorted(per_method.items(),
+                                                                               key=lambda kv: -sum(kv[1]) / len(kv[1])))
+        sentences.append(f"More good shots at the same defective shots change balanced accuracy by {mean_diff:+.3f} "
+                         f"on average over {len(diffs)} method × defective-shot comparisons ({by_method})")
         if up or down:
             sentences.append(("consistently better for " + ", ".join(up) if up else "")
                              + ("; " if up and down else "")
