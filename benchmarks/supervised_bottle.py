@@ -114,7 +114,7 @@ def run(args) -> pd.DataFrame:
                     r["method_label"] = label
                 rows += out
                 print(f"# {label:20s} {mode:10s} g{g}b{b}: bacc {np.mean([r['balanced_accuracy'] for r in out]):.3f} "
-                      f"auroc {np.mean([r.get('auroc', np.nan) for r in out]):.3f} ({time.perf_counter() - t:.1f}s)",
+                      f"auroc {np.mean([r.get('image_auroc', np.nan) for r in out]):.3f} ({time.perf_counter() - t:.1f}s)",
                       flush=True)
     return pd.DataFrame(rows)
 
@@ -177,7 +177,7 @@ def run_pmf_bundle(args) -> pd.DataFrame:
                 r["method_label"] = "pmf"
             rows += out
             print(f"# pmf {mode} g{g}b{k}: bacc {np.mean([r['balanced_accuracy'] for r in out]):.3f} auroc "
-                  f"{np.mean([r['auroc'] for r in out]):.3f} lr {[json.loads(r['info'])['lr'] for r in out]} "
+                  f"{np.mean([r['image_auroc'] for r in out]):.3f} lr {[json.loads(r['info'])['lr'] for r in out]} "
                   f"({time.perf_counter() - t:.1f}s)", flush=True)
             if args.rows:  # partial results survive a time limit
                 pd.DataFrame(rows).to_csv(args.rows, index=False)
@@ -189,7 +189,7 @@ def table(df: pd.DataFrame) -> str:
     df["config"] = "g" + df["k_good"].astype(str) + "b" + df["k_bad"].astype(str)
     order = [f"g{g}b{b}" for g, b in CONFIGS]
     agg = df.groupby(["method_label", "label_mode", "config"]).agg(
-        bacc=("balanced_accuracy", "mean"), auroc=("auroc", "mean"), n=("seed", "nunique")).reset_index()
+        bacc=("balanced_accuracy", "mean"), auroc=("image_auroc", "mean"), n=("seed", "nunique")).reset_index()
     agg["cell"] = [f"{a:.3f}/{u:.3f}" + ("" if n == agg["n"].max() else f" (n={n})")
                    for a, u, n in zip(agg["bacc"], agg["auroc"], agg["n"])]
     wide = agg.pivot(index=["method_label", "label_mode"], columns="config", values="cell")

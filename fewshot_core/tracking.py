@@ -37,6 +37,16 @@ PARTITION_TAG = "dagster.partition_key"
 ASSET_TAG = "dagster.asset_key"
 CODE_VERSION_TAG = "fsad.code_version"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+STAGE_TAG = "fsad.stage"
+# A re-materialised partition leaves its older runs behind: they carry "true", the latest "false", so
+# ``tags.fsad.superseded = 'false'`` in the MLflow UI shows exactly the runs behind the current tables.
+SUPERSEDED_TAG = "fsad.superseded"
+SUPERSEDED_BY_TAG = "fsad.superseded_by"
+# MLflow 3 opens an experiment without this tag in its GenAI (traces) view; fsad logs model evaluations.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+MLFLOW_UI_ENV = "FSAD_MLFLOW_UI"
+DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"
 
 
 def default_tracking_uri(home: Path | None = None) -> str:
@@ -199,6 +209,45 @@ def code_version() -> str:
     return __version__
 
 
+def mlflow_ui_url() -> str:
+    """The MLflow UI address report links point at: ``FSAD_MLFLOW_UI`` when set, else 127.0.0.1:5000.
+
+    ``fsad mlflow-ui`` serves on the same host and port by default, so the links and the server agree.
+    """
+    from urllib.parse import urlsplit
+
+    from fewshot_core.errors import FsadError
+
+    url = (os.environ.get(MLFLOW_UI_ENV) or DEFAULT_MLFLOW_UI).strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise FsadError(f"{MLFLOW_UI_ENV}={url!r}: not an http(s) address; set it like http://127.0.0.1:5000")
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise FsadError(f"{MLFLOW_UI_ENV}={url!r}: bad port; set it like http://127.0.0.1:5000") from None
+    return url
+
+
+def mlflow_ui_host_port() -> tuple[str, int]:
+    """(host, port) of ``mlflow_ui_url()``, the defaults of ``fsad mlflow-ui``."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(mlflow_ui_url())
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def run_url(experiment_id, run_id, ui_base: str | None = None) -> str:
+    """The MLflow UI page of one run."""
+    return f"{ui_base or mlflow_ui_url()}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def parent_run_name(experiment: str, stage: str | None, dagster_run_id: str) -> str:
+    """``<sweep> · <stage>`` (e.g. ``fsad-default · evaluation 2/3``), the Dagster run's short id only when
+    the stage is unknown."""
+    return f"{experiment} · {stage}" if stage else f"{experiment} · dagster {dagster_run_id[:8]}"
+
+
 def _param_value(value) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."  # MLflow's param value limit
@@ -219,18 +268,23 @@ class Tracker:
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made before the tag was set
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         location = f"{self.artifact_root}/{name}" if self.artifact_root else None
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:  # created meanwhile by a concurrent step: read it back
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
                 raise
             return exp.experiment_id
 
-    def parent_run(self, experiment: str, dagster_run_id: str, tags: Mapping[str, str] | None = None) -> str:
-        """The parent run of one Dagster run, created on first use and found again afterwards."""
+    def parent_run(self, experiment: str, dagster_run_id: str, tags: Mapping[str, str] | None = None,
+                   stage: str | None = None) -> str:
+        """The parent run of one Dagster run, created on first use and found again afterwards; named by
+        sweep (the experiment) and stage."""
         exp_id = self.experiment_id(experiment)
         found = self.client.search_runs(
             [exp_id],
@@ -241,10 +295,13 @@ class Tracker:
         if found:
             return found[0].info.run_id
         all_tags = {KIND_TAG: "dagster-run", DAGSTER_RUN_TAG: dagster_run_id, CODE_VERSION_TAG: code_version()}
+        if stage:
+            all_tags[STAGE_TAG] = stage
         if (commit := git_commit()) is not None:
             all_tags[GIT_COMMIT_TAG] = commit
         all_tags.update(tags or {})
-        run = self.client.create_run(exp_id, tags=all_tags, run_name=f"dagster-{dagster_run_id[:8]}")
+        run = self.client.create_run(exp_id, tags=all_tags,
+                                     run_name=parent_run_name(experiment, stage, dagster_run_id))
         return run.info.run_id
 
     # -- evaluation children -----------------------------------------------------------------------
@@ -257,8 +314,12 @@ class Tracker:
         metrics: Mapping[str, float],
         tags: Mapping[str, str] | None = None,
         artifacts: Mapping[str, bytes | str | Path] | None = None,
+        stage: str | None = None,
     ) -> str:
         """Create a new child run under the Dagster run's parent and log everything into it.
+
+        Earlier evaluation runs of the same name (the same method, category and setting: a re-materialised
+        partition) are tagged superseded by the new one once it has finished.
 
         ``artifacts`` maps an artifact file name (``plots/roc.png``) to bytes, text, or a local path.
         Non-finite metrics are skipped (MLflow stores NaN, but a metric that could not be computed must be
@@ -266,10 +327,10 @@ class Tracker:
         """
         from mlflow.entities import Metric, Param
 
-        parent = self.parent_run(experiment, dagster_run_id)
+        parent = self.parent_run(experiment, dagster_run_id, stage=stage)
         exp_id = self.experiment_id(experiment)
         all_tags = {KIND_TAG: "evaluation", PARENT_RUN_TAG: parent, DAGSTER_RUN_TAG: dagster_run_id,
-                    CODE_VERSION_TAG: code_version()}
+                    CODE_VERSION_TAG: code_version(), SUPERSEDED_TAG: "false"}
         if (commit := git_commit()) is not None:
             all_tags[GIT_COMMIT_TAG] = commit
         all_tags.update({k: str(v) for k, v in (tags or {}).items()})
@@ -289,7 +350,18 @@ class Tracker:
             raise
         self.client.set_terminated(run_id, "FINISHED")
         self.client.set_terminated(parent, "FINISHED")  # keeps the parent's end time at its last child
+        self._supersede(exp_id, run_name, run_id)
         return run_id
+
+    def _supersede(self, exp_id: str, run_name: str, latest: str) -> None:
+        """Tag every other current evaluation run named ``run_name`` as superseded by ``latest``."""
+        name = run_name.replace("'", "\\'")
+        flt = (f"tags.`{KIND_TAG}` = 'evaluation' and tags.`{SUPERSEDED_TAG}` = 'false' "
+               f"and attributes.run_name = '{name}'")
+        for run in self.client.search_runs([exp_id], filter_string=flt, max_results=1000):
+            if run.info.run_id != latest:
+                self.client.set_tag(run.info.run_id, SUPERSEDED_TAG, "true")
+                self.client.set_tag(run.info.run_id, SUPERSEDED_BY_TAG, latest)
 
     def _log_artifacts(self, run_id: str, artifacts: Mapping[str, bytes | str | Path]) -> None:
         with tempfile.TemporaryDirectory(prefix="fsad-mlflow-") as tmp:
@@ -331,10 +403,10 @@ class Tracker:
                 return None
             return Path(local).read_bytes() if Path(local).is_file() else None
 
-    def run_url(self, run_id: str, experiment_id: str | None = None, ui_base: str = "http://127.0.0.1:5000") -> str:
+    def run_url(self, run_id: str, experiment_id: str | None = None, ui_base: str | None = None) -> str:
         if experiment_id is None:
             experiment_id = self.client.get_run(run_id).info.experiment_id
-        return f"{ui_base}/#/experiments/{experiment_id}/runs/{run_id}"
+        return run_url(experiment_id, run_id, ui_base)
 
 
 def _dirname(name: str) -> str | None:

@@ -33,8 +33,8 @@ def register(subparsers) -> None:
     m = subparsers.add_parser("mlflow-ui", help="start the MLflow UI on the pipeline's tracking store",
                               description="Start `mlflow ui` on the SQLite store in the Dagster home (or "
                                           "MLFLOW_TRACKING_URI), bound to 127.0.0.1.")
-    m.add_argument("--host", default="127.0.0.1")
-    m.add_argument("--port", type=int, default=5000)
+    m.add_argument("--host", help="default: the host of FSAD_MLFLOW_UI (127.0.0.1), where report links point")
+    m.add_argument("--port", type=int, help="default: the port of FSAD_MLFLOW_UI (5000), where report links point")
     m.add_argument("--workers", type=int, default=1, help="server worker processes (default 1: small machines)")
     m.add_argument("--dagster-home", help="Dagster instance folder holding mlflow.db (default as for `fsad run`)")
     m.set_defaults(func=mlflow_ui_command, write_fix="pass --dagster-home DIR (or set DAGSTER_HOME) to a writable folder")
@@ -92,9 +92,15 @@ def run_command(args) -> int:
 
 
 def mlflow_ui_command(args) -> int:
-    from fewshot_core.tracking import default_artifact_root, default_tracking_uri, sqlite_path
+    from fewshot_core.tracking import (MLFLOW_UI_ENV, default_artifact_root, default_tracking_uri,
+                                       mlflow_ui_host_port, sqlite_path)
 
     home = resolve_home(args.dagster_home)
+    host, port = mlflow_ui_host_port()
+    if (args.host or host, args.port or port) != (host, port):
+        print(f"note: reports link to {host}:{port}; set {MLFLOW_UI_ENV}=http://{args.host or host}:"
+              f"{args.port or port} before `fsad run` so their links open this server", flush=True)
+    args.host, args.port = args.host or host, args.port or port
     uri = default_tracking_uri(home)
     db = sqlite_path(uri)
     if db is None or not db.is_file():  # an existing store is only read: a read-only home is fine then

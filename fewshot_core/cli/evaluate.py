@@ -17,7 +17,7 @@ from fewshot_core.data.layouts import add_layout_arguments, dataset_from_args
 from fewshot_core.errors import FsadError
 
 ONECLASS_COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "fit_s", "score_s")
-SUPERVISED_COLUMNS = ("auroc", "balanced_accuracy", "accuracy", "macro_f1", "fit_s", "predict_s")
+SUPERVISED_COLUMNS = ("image_auroc", "balanced_accuracy", "accuracy", "macro_f1", "fit_s", "predict_s")
 
 
 def _layers(text: str) -> tuple[int, ...]:

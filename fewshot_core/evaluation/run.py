@@ -21,7 +21,7 @@ from fewshot_core.methods import registry
 from fewshot_core.settings import ONECLASS, Setting
 
 METRIC_NAMES = frozenset({"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro", "accuracy",
-                          "balanced_accuracy", "macro_f1", "auroc"})
+                          "balanced_accuracy", "macro_f1"})
 
 
 @dataclass

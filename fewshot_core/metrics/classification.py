@@ -1,6 +1,10 @@
 """Classification metrics for the supervised few-shot protocol (scikit-learn underneath).
 
-Binary AUROC is computed from an anomaly score that is monotone in 1 − P(good); callers pass the
+Metric names are shared with the one-class protocol so that runs of both sort in one MLflow column:
+``image_auroc`` is the good-vs-defective ranking of query images, ``balanced_accuracy`` the accuracy at the
+decision threshold (here: the predicted class).
+
+Binary AUROC (``image_auroc``) is computed from an anomaly score that is monotone in 1 − P(good); callers pass the
 log-odds ``log P(not good) − log P(good)`` so that saturated probabilities (1 − 1e-40 == 1.0 in float)
 do not turn into ties. A metric that cannot be computed (one class in the query) is absent, not NaN.
 """
@@ -28,9 +32,9 @@ def classification_metrics(
     anomaly_score: Sequence[float] | None = None,
     good_label="good",
 ) -> dict[str, float]:
-    """Accuracy, balanced accuracy, macro-F1 over ``classes``, ``recall_<class>`` and binary ``auroc``.
+    """Accuracy, balanced accuracy, macro-F1 over ``classes``, ``recall_<class>`` and binary ``image_auroc``.
 
-    ``auroc`` treats every class other than ``good_label`` as anomalous and ranks by ``anomaly_score``;
+    ``image_auroc`` treats every class other than ``good_label`` as anomalous and ranks by ``anomaly_score``;
     it is left out when the query holds only one of the two groups.
     """
     y_true = np.asarray(y_true)
@@ -53,7 +57,7 @@ def classification_metrics(
     if anomaly_score is not None:
         is_anomalous = (y_true != good_label).astype(int)
         if 0 < is_anomalous.sum() < len(is_anomalous):
-            out["auroc"] = float(roc_auc_score(is_anomalous, np.asarray(anomaly_score, dtype=np.float64)))
+            out["image_auroc"] = float(roc_auc_score(is_anomalous, np.asarray(anomaly_score, dtype=np.float64)))
     return out
 
 

@@ -14,13 +14,13 @@ import pandas as pd
 ID_COLUMNS = (
     "method", "method_name", "backbone", "category", "protocol", "setting", "setting_key", "shots",
     "k_good", "k_bad", "label_mode", "distance", "seed", "mlflow_run_id", "dagster_run_id", "partition_key",
-    "n_support", "n_query", "mlflow_experiment_id",
+    "n_support", "n_query", "n_support_good", "n_support_bad", "mlflow_experiment_id",
 )
 # The seed-free identity of a group.
-GROUP_COLUMNS = ("method", "backbone", "category", "protocol", "setting", "shots", "k_good", "k_bad",
+GROUP_COLUMNS = ("method", "method_name", "backbone", "category", "protocol", "setting", "shots", "k_good", "k_bad",
                  "label_mode", "distance")
 # Metrics shown first, in this order, when present.
-HEADLINE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "auroc",
+HEADLINE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max",
                     "balanced_accuracy", "accuracy", "macro_f1")
 
 
@@ -53,7 +53,8 @@ def bootstrap_ci(values, level: float = 0.95, n_boot: int = 2000, seed: int = 0)
 def aggregate(rows: pd.DataFrame, metrics: list[str] | None = None, level: float = 0.95,
               n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """One row per seed-free group with ``<metric>_mean``, ``<metric>_lo``, ``<metric>_hi``, ``n_seeds``,
-    ``seeds`` and ``run_ids`` (space-separated MLflow run ids of the rows it summarises)."""
+    ``seeds``, ``run_ids`` (space-separated MLflow run ids of the rows it summarises) and, where the rows
+    carry them, the episode sizes ``n_query``, ``n_support_good`` and ``n_support_bad`` (median over seeds)."""
     if rows.empty:
         return pd.DataFrame()
     metrics = metrics or metric_columns(rows)
@@ -64,6 +65,9 @@ def aggregate(rows: pd.DataFrame, metrics: list[str] | None = None, level: float
         rec["n_seeds"] = int(group["seed"].nunique()) if "seed" in group else len(group)
         rec["seeds"] = " ".join(str(s) for s in sorted(group["seed"].unique())) if "seed" in group else ""
         rec["run_ids"] = " ".join(str(r) for r in group.get("mlflow_run_id", pd.Series(dtype=str)).dropna())
+        for size in ("n_query", "n_support_good", "n_support_bad"):
+            if size in group and group[size].notna().any():
+                rec[size] = int(group[size].median())
         for m in metrics:
             mean, lo, hi = bootstrap_ci(group[m].to_numpy(), level=level, n_boot=n_boot, seed=seed)
             rec[f"{m}_mean"], rec[f"{m}_lo"], rec[f"{m}_hi"] = mean, lo, hi

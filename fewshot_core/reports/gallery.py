@@ -53,6 +53,6 @@ def report_gallery(rows: pd.DataFrame, fetch: Callable[[str, str], bytes | None]
         png = fetch(pick["mlflow_run_id"], pick["gallery_artifact"])
         if png:
             items.append({"title": f"{method} · {cat} · {pick['setting_key']}", "png": png,
-                          "run_id": pick["mlflow_run_id"],
+                          "mlflow_run_id": pick["mlflow_run_id"],  # the field render_report reads
                           "mlflow_experiment_id": pick.get("mlflow_experiment_id")})
     return items

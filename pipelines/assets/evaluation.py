@@ -162,7 +162,8 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
             "fsad.setting": setting.key, "fsad.method": spec.id, "fsad.category": p["category"]}
     run_id = tracker.log_evaluation(experiment, context.run.run_id, f"{spec.id}|{p['category']}|{setting.key}",
                                     params, {**metrics, "fit_seconds": fit_s, "score_seconds": score_s},
-                                    tags, result.artifacts)
+                                    tags, result.artifacts, stage=context.run.tags.get("fsad/stage")
+                                    or context.asset_key.to_user_string())
     context.log.info(f"{spec.id} {p['key']}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()
                                                          if k in ("image_auroc", "pixel_auroc", "balanced_accuracy")))
     return {"method": spec.id, "method_name": spec.method, "backbone": backbone, "category": p["category"],
@@ -171,6 +172,16 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
             "label_mode": setting.label_mode, "distance": spec.params.get("distance"), "seed": setting.seed,
             "partition_key": p["key"], "mlflow_run_id": run_id, "mlflow_experiment_id": exp_id,
             "dagster_run_id": context.run.run_id, "n_support": len(episode.support_ids),
-            "n_query": len(episode.query_ids), "fit_seconds": fit_s, "score_seconds": score_s,
+            "n_query": len(episode.query_ids), **_support_counts(episode), "confusion": lib_row.get("confusion"),
+            "fit_seconds": fit_s, "score_seconds": score_s,
             "feature_key": part.key, "meta_pool": lib_row.get("meta_pool") or None,
             "gallery_artifact": GALLERY_ARTIFACT if GALLERY_ARTIFACT in result.artifacts else None, **metrics}
+
+
+def _support_counts(episode) -> dict[str, int]:
+    """Good and defective images in the support (the report labels settings by these, not by k per type)."""
+    labels = getattr(episode, "support_labels", None)
+    if labels is None:  # one-class: good shots only
+        return {"n_support_good": len(episode.support_ids), "n_support_bad": 0}
+    good = sum(1 for y in labels if int(y) == 0)
+    return {"n_support_good": good, "n_support_bad": len(labels) - good}

@@ -9,6 +9,7 @@ import pandas as pd
 
 from fewshot_core.reports import aggregate, plots, render_report, write_report
 from fewshot_core.reports.gallery import report_gallery
+from fewshot_core.tracking import mlflow_ui_url
 from pipelines.config import SweepConfig
 from pipelines.metadata import md_png
 from pipelines.resources import MlflowTracking
@@ -64,6 +65,7 @@ def build_report_assets(cfg: SweepConfig, evaluation_assets: list[dg.AssetsDefin
         info = {"sweep": cfg.name, "config": cfg.source_file or "embedded default",
                 "backbones": ", ".join(cfg.backbones), "image size": cfg.image_size_note(),
                 "MLflow tracking URI": tracker.tracking_uri, "MLflow experiment": mlflow.experiment,
+                "MLflow UI (links)": mlflow_ui_url(),
                 "Dagster run": context.run.run_id}
         text = render_report(benchmark_table, benchmark_summary, gallery, title=f"fsad report: {cfg.name}", info=info)
         path = write_report(report_path(cfg), text)

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -23,7 +24,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.timeout(420),
+    pytest.mark.timeout(1800),
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
                        "(apt-get install -y chromium; .ci/run installs it)"),
 ]
@@ -183,3 +184,149 @@ def test_dagster_ui_shows_asset_graph_and_materialisation(tmp_path):
         log.close()
     assert not _group_alive(proc.pid), "dagster dev left processes in its group"
     assert _processes_with_env(f"DAGSTER_HOME={home}") == [], "dagster dev left processes behind"
+
+
+SWEEP_LINKS = """\
+name: ui-links
+data: {{source: synthetic, synth: {{categories: 1, size: 64, n_train: 4, n_test_good: 2, n_test_per_defect: 1}}}}
+image_size: 64
+oneclass: {{shots: [1], seeds: [0, 1]}}
+supervised: {{ratios: [[1, 1]], label_modes: [binary], seeds: [0]}}
+methods: [{{id: knn, method: knn}}]
+work_dir: {work}
+"""
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, f"{what} did not answer within {timeout} s"
+            time.sleep(1)
+
+
+def _wait_for_backfill(instance, timeout: float):
+    from dagster._core.execution.backfill import BulkActionStatus
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        backfills = instance.get_backfills(limit=5)
+        if backfills and backfills[0].status != BulkActionStatus.REQUESTED:
+            return backfills[0]
+        time.sleep(2)
+    raise AssertionError(f"no finished backfill within {timeout} s")
+
+
+def test_report_links_mlflow_runs_and_a_backfill_from_the_ui(tmp_path):
+    """After `fsad run`: a report link opens its run in a running MLflow UI; a backfill of one setting's
+    seeds launched from the Dagster UI succeeds; an evaluation partition's page links its own MLflow run."""
+    import re
+
+    import pandas as pd
+    from playwright.sync_api import sync_playwright
+
+    home, work = tmp_path / "dagster_home", tmp_path / "work"
+    home.mkdir()
+    shutil.copyfile(PROJECT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    config = tmp_path / "sweep.yaml"
+    config.write_text(SWEEP_LINKS.format(work=work))
+    ml_port, dg_port = _free_port(), _free_port()
+    env = dict(os.environ, DAGSTER_HOME=str(home), FSAD_SWEEP_CONFIG=str(config), MLFLOW_TRACKING_URI="",
+               FSAD_MLFLOW_UI=f"http://127.0.0.1:{ml_port}")
+    subprocess.run([sys.executable, "-m", "fewshot_core", "run", "--config", str(config), "--dagster-home",
+                    str(home)], cwd=PROJECT, env=env, check=True, timeout=900, capture_output=True)
+    report = work / "report" / "report.html"
+    table = pd.read_parquet(next((work / "tables").rglob("benchmark_table*")))
+    oc = table[table["setting_key"] == "oc-k1-s0"].iloc[0]
+
+    procs = []
+    ml_log, dg_log = tmp_path / "mlflow-ui.log", tmp_path / "dagster-dev.log"
+    try:
+        # `fsad mlflow-ui` without --port serves where the report's links point (FSAD_MLFLOW_UI)
+        procs.append(subprocess.Popen([sys.executable, "-m", "fewshot_core", "mlflow-ui", "--dagster-home", str(home)],
+                                      cwd=PROJECT, env=env, stdout=ml_log.open("w"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        procs.append(subprocess.Popen([str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml",
+                                       "-h", "127.0.0.1", "-p", str(dg_port)], cwd=PROJECT, env=env,
+                                      stdout=dg_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+        _wait_http(f"http://127.0.0.1:{ml_port}/health", procs[0], ml_log, "MLflow UI")
+        _wait_http(f"http://127.0.0.1:{dg_port}/server_info", procs[1], dg_log, "dagster dev")
+        url = f"http://127.0.0.1:{dg_port}"
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.set_default_timeout(90_000)
+                # 1. The report's run link opens that run in the MLflow UI.
+                page.goto(report.as_uri())
+                link = page.locator(f'h2#runs ~ div a[href*="/runs/{oc["mlflow_run_id"]}"]').first
+                href = link.get_attribute("href")
+                assert href.startswith(f"http://127.0.0.1:{ml_port}/#/experiments/{oc['mlflow_experiment_id']}/")
+                link.click()
+                page.wait_for_url(re.compile(f".*/runs/{oc['mlflow_run_id']}.*"))
+                page.get_by_text(f"knn|{oc['category']}|oc-k1-s0").first.wait_for()  # the run's name
+                page.get_by_text("image_auroc").first.wait_for()  # its metrics
+                # 2. A backfill of one setting's seeds (oc-k1, seeds 0 and 1) launched from the Dagster UI.
+                page.goto(url + "/assets/evaluation/tf_efficientnet_lite0/knn")
+                # "Join the Dagster community" opens over a fresh instance's first page and hides the rest
+                # from the accessibility tree, so it goes first
+                skip = page.get_by_role("button", name="Skip")
+                try:
+                    skip.click(timeout=60_000)
+                except Exception:  # noqa: BLE001 - the dialog is optional
+                    pass
+                page.get_by_role("button", name=re.compile(r"^Materialize")).first.click()
+                dialog = page.get_by_role("dialog")
+                setting_input = dialog.locator("input[type=text], input:not([type])").last
+                setting_input.fill("oc-k1-s0, oc-k1-s1")
+                setting_input.press("Enter")
+                before = len(table)
+                page.screenshot(path=str(tmp_path / "backfill-dialog.png"))
+                dialog.get_by_role("button", name=re.compile("Launch")).last.click()
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setenv("DAGSTER_HOME", str(home))
+                    import dagster as dg
+
+                    instance = dg.DagsterInstance.get()
+                    backfill = _wait_for_backfill(instance, timeout=600)
+                    assert backfill.status.value == "COMPLETED_SUCCESS", backfill.status
+                    runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill.backfill_id}))
+                    assert runs and all(r.status.value == "SUCCESS" for r in runs)
+                    keys = set()
+                    for r in runs:
+                        if "dagster/partition" in r.tags:
+                            keys.add(r.tags["dagster/partition"])
+                        for k in ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end"):
+                            if k in r.tags:
+                                keys.add(r.tags[k])
+                    assert {k.split("|")[1] for k in keys} <= {"oc-k1-s0", "oc-k1-s1"}, keys
+                assert before
+                page.goto(url + f"/runs/b/{backfill.backfill_id}")
+                page.get_by_text(re.compile("Completed|Success")).first.wait_for()
+                # 3. The partition's own page links its own (latest) MLflow run.
+                from fewshot_core.tracking import Tracker, default_tracking_uri
+
+                latest = [r for r in Tracker(default_tracking_uri(home)).evaluation_runs("ui-links")
+                          if r.data.tags.get("dagster.partition_key") == oc["partition_key"]
+                          and r.data.tags.get("fsad.superseded") == "false"]
+                assert len(latest) == 1
+                page.goto(url + "/assets/evaluation/tf_efficientnet_lite0/knn?view=partitions&partition="
+                          + urllib.parse.quote(oc["partition_key"]))
+                own = page.locator(f'a[href*="/runs/{latest[0].info.run_id}"]').first
+                own.wait_for()
+                assert own.get_attribute("href").startswith(f"http://127.0.0.1:{ml_port}/")
+            except Exception:
+                page.screenshot(path=str(tmp_path / "failure.png"))
+                raise
+            finally:
+                browser.close()
+    finally:
+        for proc in procs:
+            _stop_group(proc)
+    for proc in procs:
+        assert not _group_alive(proc.pid), "a server left processes in its group"
+    assert _processes_with_env(f"DAGSTER_HOME={home}") == [], "servers left processes behind"

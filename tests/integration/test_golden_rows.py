@@ -27,7 +27,7 @@ TOL = 1e-6
 IDENTITY = ("episode_id", "n_support", "n_query", "bank_size", "shots", "k_good", "k_bad", "seed")
 IGNORED = {"fit_s", "score_s", "predict_s", "train_s", "train_steps"}
 # Columns renamed since recording: recorded name -> current name.
-RENAMED: dict[str, str] = {}
+RENAMED: dict[str, str] = {"auroc": "image_auroc"}  # supervised rows: one name across protocols
 
 
 def _comparable(row: dict) -> dict:

@@ -183,3 +183,70 @@ def test_leftover_of_a_killed_build_is_cleaned_and_the_database_built(tmp_path):
     assert db.is_file() and not list(tmp_path.glob(".mlflow.db.*"))
     state = tracking._db_state(db)
     assert state["default"] and state["runs"] == 0
+
+
+def test_experiments_are_marked_model_training_for_mlflow_3(tracker):
+    """MLflow 3 opens an experiment without ``mlflow.experimentKind`` in its GenAI view."""
+    exp_id = tracker.experiment_id("kind")
+    assert tracker.client.get_experiment(exp_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    old = tracker.client.create_experiment("made-before")  # an experiment from an older fsad: tagged on use
+    assert tracker.experiment_id("made-before") == old
+    assert tracker.client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_parent_runs_are_named_by_sweep_and_stage(tracker):
+    child = tracker.log_evaluation("sweep", "0123456789abcdef", "knn|a|oc-k1-s0", {}, {"image_auroc": 0.5},
+                                   stage="evaluation 2/3")
+    parent = tracker.client.get_run(tracker.client.get_run(child).data.tags[tracking.PARENT_RUN_TAG])
+    assert parent.info.run_name == "sweep · evaluation 2/3"
+    assert parent.data.tags[tracking.STAGE_TAG] == "evaluation 2/3"
+    assert "dagster-" not in parent.info.run_name
+    assert tracking.parent_run_name("sweep", None, "0123456789abcdef") == "sweep · dagster 01234567"
+
+
+def test_a_rematerialised_partition_supersedes_its_older_run(tracker):
+    first = tracker.log_evaluation("sweep", "dag-1", "knn|a|oc-k1-s0", {}, {"image_auroc": 0.5})
+    other = tracker.log_evaluation("sweep", "dag-1", "knn|a|oc-k1-s1", {}, {"image_auroc": 0.6})
+    second = tracker.log_evaluation("sweep", "dag-2", "knn|a|oc-k1-s0", {}, {"image_auroc": 0.7})
+    tags = {i: tracker.client.get_run(i).data.tags for i in (first, other, second)}
+    assert tags[first][tracking.SUPERSEDED_TAG] == "true" and tags[first][tracking.SUPERSEDED_BY_TAG] == second
+    assert tags[second][tracking.SUPERSEDED_TAG] == "false" and tags[other][tracking.SUPERSEDED_TAG] == "false"
+    # The filter a user types in the MLflow UI shows exactly the current runs.
+    exp = tracker.client.get_experiment_by_name("sweep").experiment_id
+    current = tracker.client.search_runs([exp], f"tags.`{tracking.SUPERSEDED_TAG}` = 'false'")
+    assert {r.info.run_id for r in current} == {other, second}
+
+
+def test_mlflow_ui_address_is_one_setting(monkeypatch):
+    from fewshot_core.errors import FsadError
+
+    monkeypatch.delenv(tracking.MLFLOW_UI_ENV, raising=False)
+    assert tracking.mlflow_ui_url() == "http://127.0.0.1:5000"
+    assert tracking.mlflow_ui_host_port() == ("127.0.0.1", 5000)
+    monkeypatch.setenv(tracking.MLFLOW_UI_ENV, "http://127.0.0.1:5123/")
+    assert tracking.mlflow_ui_url() == "http://127.0.0.1:5123"
+    assert tracking.mlflow_ui_host_port() == ("127.0.0.1", 5123)
+    assert tracking.run_url("3", "abc") == "http://127.0.0.1:5123/#/experiments/3/runs/abc"
+    monkeypatch.setenv(tracking.MLFLOW_UI_ENV, "127.0.0.1:5000")
+    with pytest.raises(FsadError, match="FSAD_MLFLOW_UI"):
+        tracking.mlflow_ui_url()
+
+
+def test_fsad_mlflow_ui_defaults_to_the_setting(monkeypatch, capsys):
+    """`fsad mlflow-ui` without --port serves where report links point; a different --port says how to agree."""
+    import argparse
+
+    from pipelines import cli as run_cli
+
+    calls = []
+    monkeypatch.setattr(run_cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setenv(tracking.MLFLOW_UI_ENV, "http://127.0.0.1:5123")
+    args = argparse.Namespace(host=None, port=None, workers=1, dagster_home=None)
+    monkeypatch.setattr(run_cli, "prepare_home", lambda explicit=None: Path("/tmp/fsad-ui-home"))
+    assert run_cli.mlflow_ui_command(args) == 0
+    cmd = calls[-1]
+    assert cmd[cmd.index("--port") + 1] == "5123" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert "note:" not in capsys.readouterr().out
+    run_cli.mlflow_ui_command(argparse.Namespace(host=None, port=5999, workers=1, dagster_home=None))
+    assert calls[-1][calls[-1].index("--port") + 1] == "5999"
+    assert "FSAD_MLFLOW_UI=http://127.0.0.1:5999" in capsys.readouterr().out

@@ -92,4 +92,4 @@ def test_report_gallery_reads_the_strip_from_the_tracked_run():
                          "mlflow_run_id": ["r1", "r2", "r3"], "gallery_artifact": [GALLERY_ARTIFACT] * 2 + [None]})
     fetched = []
     items = report_gallery(rows, lambda run, path: fetched.append((run, path)) or b"png")
-    assert fetched == [("r2", GALLERY_ARTIFACT)] and [i["run_id"] for i in items] == ["r2"]
+    assert fetched == [("r2", GALLERY_ARTIFACT)] and [i["mlflow_run_id"] for i in items] == ["r2"]

@@ -76,7 +76,7 @@ def test_protonet_rows_and_metrics(data, label_mode, distance):
         assert cm.shape == (len(classes), len(classes)) and cm.sum() == r["n_query"]
         assert r["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
         assert all(f"recall_{c}" in r for c in classes)
-        assert 0 <= r["auroc"] <= 1 and r["fit_s"] >= 0 and r["predict_s"] >= 0
+        assert 0 <= r["image_auroc"] <= 1 and r["fit_s"] >= 0 and r["predict_s"] >= 0
         assert json.loads(r["params"]) == {"distance": distance}
         assert r["balanced_accuracy"] > 0.75  # easy clusters; chance is 1/len(classes)
     if label_mode == "multiclass":
@@ -117,7 +117,7 @@ def test_auroc_is_the_auroc_of_one_minus_p_good(data):
     p = ProtoNet("cosine", 5.0).fit(part.global_(ep.support_ids), names[list(ep.support_labels)])
     p_good = p.predict_proba(part.global_(ep.query_ids))[:, list(p.classes_).index("good")]
     truth = (np.array(ep.query_labels) != 0).astype(int)
-    assert row["auroc"] == pytest.approx(roc_auc_score(truth, 1 - p_good))
+    assert row["image_auroc"] == pytest.approx(roc_auc_score(truth, 1 - p_good))
 
 
 def test_caml_meta_trains_on_other_categories_only(data, tmp_path, monkeypatch):
@@ -165,7 +165,7 @@ def test_one_class_methods_under_the_protocol(data, method):
     params = {} if method == "patchcore" else {"k": 1, "pool": 1}
     rows = evaluate_supervised(ds, part, method, k_good=3, k_bad=1, seeds=[0, 1], method_params=params)
     for r in rows:
-        assert r["auroc"] > 0.9 and r["balanced_accuracy"] > 0.7, r
+        assert r["image_auroc"] > 0.9 and r["balanced_accuracy"] > 0.7, r
         assert json.loads(r["info"])["n_bank_images"] == 3  # good shots only in the bank
     with pytest.raises(FsadError, match="binary"):
         evaluate_supervised(ds, part, method, 2, 1, [0], label_mode="multiclass", method_params=params)
@@ -198,7 +198,7 @@ def test_pmf_and_protonet_through_the_real_store(synth_root, tmp_path):
                               method_params={"steps": 2, "search_steps": 1, "lr_candidates": [1e-3], "image_size": 64,
                                              "backbone": "tf_efficientnet_lite0"})
     for r in proto + pmf:
-        assert 0 <= r["balanced_accuracy"] <= 1 and "auroc" in r
+        assert 0 <= r["balanced_accuracy"] <= 1 and "image_auroc" in r
     assert json.loads(pmf[0]["info"])["steps_done"] in (0, 2)
     assert pmf[0]["n_query"] == proto[0]["n_query"]
 

@@ -19,7 +19,7 @@ def test_hand_example_multiclass():
     assert m["balanced_accuracy"] == pytest.approx((3 / 4 + 1 / 2 + 1) / 3)
     # per-class F1: crack p=1/2 r=1/2 -> 1/2; good p=3/4 r=3/4 -> 3/4; hole 1
     assert m["macro_f1"] == pytest.approx((0.5 + 0.75 + 1.0) / 3)
-    assert "auroc" not in m  # no score given
+    assert "image_auroc" not in m  # no score given
     cm = confusion(y_true, y_pred, ["crack", "good", "hole"])
     assert cm == [[1, 1, 0], [1, 3, 0], [0, 0, 2]]
     json.dumps(cm)  # serialisable as is
@@ -36,11 +36,11 @@ def test_binary_auroc_groups_all_defects_and_ranks_by_score():
     y_true = np.array(["good", "good", "crack", "hole"])
     score = np.array([-50.0, -49.0, 10.0, -49.5])  # hole sits between the two goods
     m = classification_metrics(y_true, y_true, classes=["crack", "good", "hole"], anomaly_score=score)
-    assert m["auroc"] == pytest.approx(3 / 4)
+    assert m["image_auroc"] == pytest.approx(3 / 4)
 
 
 def test_auroc_absent_with_one_group_and_recall_absent_for_missing_class():
     m = classification_metrics(["good", "good"], ["good", "bad"], classes=["bad", "good"], anomaly_score=[0.1, 0.2])
-    assert "auroc" not in m
+    assert "image_auroc" not in m
     assert "recall_bad" not in m and m["recall_good"] == pytest.approx(0.5)
     assert all(np.isfinite(v) for v in m.values())

@@ -49,7 +49,10 @@ def _rows():
                                          mlflow_run_id=f"run-{cat}-{dist}-{g}{b}{mode}-{seed}",
                                          mlflow_experiment_id="1",
                                          balanced_accuracy=float(rng.uniform(0.5, 1.0)),
-                                         auroc=float(rng.uniform(0.5, 1.0)) if mode == "binary" else float("nan")))
+                                         n_support_good=g, n_support_bad=3 * b, n_query=40,
+                                         confusion="[[1, 0], [0, 1]]" if mode == "binary" else
+                                         "[[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]",
+                                         image_auroc=float(rng.uniform(0.5, 1.0))))
     return pd.DataFrame(rows)
 
 
@@ -71,7 +74,7 @@ def test_aggregate_one_row_per_group_with_run_ids():
 def test_html_report_is_self_contained_and_links_every_number(tmp_path):
     rows = _rows()
     agg = aggregate(rows)
-    gallery = [{"title": "patchcore cat_a", "run_id": "run-cat_a-patchcore-4-0", "mlflow_experiment_id": "1",
+    gallery = [{"title": "patchcore cat_a", "mlflow_run_id": "run-cat_a-patchcore-4-0", "mlflow_experiment_id": "1",
                 "png": plots.anomaly_gallery([{"image": np.zeros((32, 32, 3), np.uint8),
                                                "map": np.random.default_rng(0).random((32, 32)),
                                                "mask": np.eye(32, dtype=bool), "caption": "x"}])}]
@@ -83,7 +86,7 @@ def test_html_report_is_self_contained_and_links_every_number(tmp_path):
     # Self-contained: no external resources, only embedded images that decode as PNG.
     assert not re.search(r'src="(?!data:)', text) and "<script" not in text and "stylesheet" not in text
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
-    assert len(images) >= 5  # 4 research-question plots + the gallery
+    assert len(images) >= 4  # shots, imbalance and distance plots + the gallery
     assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     # Every per-seed run links to MLflow, and every aggregated value links to an anchor that exists.
     for rid in rows["mlflow_run_id"]:
