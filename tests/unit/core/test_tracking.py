@@ -232,7 +232,7 @@ def test_mlflow_ui_address_is_one_setting(monkeypatch):
         tracking.mlflow_ui_url()
 
 
-def test_fsad_mlflow_ui_defaults_to_the_setting(monkeypatch, capsys):
+def test_fsad_mlflow_ui_defaults_to_the_setting(monkeypatch, capsys, tmp_path):
     """`fsad mlflow-ui` without --port serves where report links point; a different --port says how to agree."""
     import argparse
 
@@ -241,8 +241,9 @@ def test_fsad_mlflow_ui_defaults_to_the_setting(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(run_cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     monkeypatch.setenv(tracking.MLFLOW_UI_ENV, "http://127.0.0.1:5123")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     args = argparse.Namespace(host=None, port=None, workers=1, dagster_home=None)
-    monkeypatch.setattr(run_cli, "prepare_home", lambda explicit=None: Path("/tmp/fsad-ui-home"))
     assert run_cli.mlflow_ui_command(args) == 0
     cmd = calls[-1]
     assert cmd[cmd.index("--port") + 1] == "5123" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
