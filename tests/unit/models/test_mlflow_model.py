@@ -76,3 +76,89 @@ def test_patchcore_model_scores_like_the_evaluation(env):
     run = tracker.client.get_run(run_id)
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == ds.category
     assert run.outputs.model_outputs, "the logged model is linked to the run"
+
+
+@pytest.mark.slow
+def test_protonet_model_scores_like_the_evaluation(env):
+    from fewshot_core.episodes import sample_supervised
+    from fewshot_core.evaluation.supervised import run_supervised_episode
+    from fewshot_core.models.publish import publish_model
+
+    ds, part, tracker, uri = env
+    ep = sample_supervised(ds, 2, 1, 0, label_mode="multiclass", pool="test")
+    details: dict = {}
+    run_supervised_episode(ds, part, ep, "protonet", {}, details=details)
+    out = publish_model(tracker, _run(tracker), ds, details["model"], ep.support_ids, "supervised", partition=part)
+    got = _fresh_scores(uri, out["model_uri"], [ds.by_id(i).path for i in ep.query_ids])
+    np.testing.assert_allclose(got["score"], details["image_scores"], rtol=0, atol=1e-6)
+    assert got["label"] == [str(v) for v in details["y_pred"]]
+    assert got["decision"] == [v != "good" for v in details["y_pred"]]
+    assert got["meta"]["fsad"]["threshold_rule"] == "argmax"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_served_model_answers_an_image_with_score_and_decision(env, tmp_path):
+    """``mlflow models serve`` on 127.0.0.1: one posted image comes back with its score and decision."""
+    import base64
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    from fewshot_core.episodes import sample_oneclass
+    from fewshot_core.evaluation.oneclass import run_oneclass_episode
+    from fewshot_core.models.champion import Candidate, promote
+    from fewshot_core.models.publish import publish_model
+
+    ds, part, tracker, uri = env
+    ep = sample_oneclass(ds, 3, 1)
+    details: dict = {}
+    run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=64, details=details)
+    run_id = _run(tracker)
+    out = publish_model(tracker, run_id, ds, details["model"], ep.support_ids, "oneclass", partition=part,
+                        threshold=details["threshold"])
+    promote(tracker, Candidate(ds.category, "patchcore", None, 3, 0.9, 0.1, 1, out["model_uri"], run_id, "c"))
+    port = _free_port()
+    # the server execs uvicorn from PATH: this interpreter's environment first
+    path_env = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env_vars = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(PROJECT_ROOT), "PATH": path_env}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                             f"models:/fsad-{ds.category}@champion", "--env-manager", "local", "-h", "127.0.0.1",
+                             "-p", str(port), "-w", "1"], cwd=PROJECT_ROOT, env=env_vars,
+                            stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group: stopped as one below
+    try:
+        deadline = time.monotonic() + 420
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(2)
+        path = ds.by_id(ep.query_ids[-1]).path
+        body = json.dumps({"dataframe_split": {"columns": ["image"],
+                                               "data": [[base64.b64encode(path.read_bytes()).decode()]]}})
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=300).read())["predictions"][0]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    want = float(details["image_scores"][-1])
+    assert answer["image_score"] == pytest.approx(want, abs=1e-4)  # a batch of one vs the evaluation's batch
+    assert answer["decision"] == bool(want > details["threshold"].value)
+    assert answer["threshold"] == pytest.approx(details["threshold"].value)
