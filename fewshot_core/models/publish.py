@@ -30,6 +30,8 @@ def publish_model(tracker, run_id: str, dataset, model, support_ids: Sequence[st
 
     if not isinstance(model, Method) or model.name not in registry.REGISTRY:  # not (yet) on the contract
         return {}
+    if protocol == registry.SUPERVISED and model.input_kind == registry.IMAGES:
+        return {}  # P>M>F reads backbone-normalised pixels; its preprocessing is not in the deploy record yet
     data = tracking.log_dataset_input(tracker, run_id, dataset)
     spec = FeaturizerSpec.from_partition(partition) if partition is not None and model.input_kind != "images" else None
     with tempfile.TemporaryDirectory(prefix="fsad-model-") as tmp:

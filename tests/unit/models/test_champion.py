@@ -75,3 +75,18 @@ def test_worse_rerun_keeps_the_alias_better_one_moves_it(tracker):
     now = current_champion(tracker.client, "fsad-bottle")
     assert now.version != v1.version and now.tags["fsad.method"] == "ldknn"
     assert all(v.current_stage in (None, "None") for v in tracker.client.search_model_versions("name='fsad-bottle'"))
+
+
+def test_model_logging_leaves_the_process_tracking_uri_as_it_was(monkeypatch, tmp_path):
+    import os
+
+    from fewshot_core.models.mlflow_model import _fluent
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with _fluent(f"sqlite:///{tmp_path / 'a.db'}"):
+        assert os.environ["MLFLOW_TRACKING_URI"].endswith("a.db")
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # a later Tracker must not follow the model's store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    with _fluent(f"sqlite:///{tmp_path / 'a.db'}"):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
