@@ -108,8 +108,8 @@ def predict_files(model, images: list[Path], out: Path | None = None, overlays: 
             for i, path in enumerate(chunk, start):
                 try:
                     decoded.append((i, path, load_rgb(path)))
-                except FsadError as exc:
-                    print(f"fsad: error: {exc}", file=sys.stderr)
+                except FsadError as exc:  # through the bar, so the line is not glued to it
+                    bar.write(f"fsad: error: {exc}", file=sys.stderr)
                     rows.append({"image": str(path), "error": str(exc)})
             if decoded:
                 res = model.score([img for _, _, img in decoded], maps=want_maps)

@@ -49,7 +49,8 @@ def test_predict_reproduces_the_evaluation_auroc(mvtec_root, tmp_path):
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1, proc.stderr[-3000:]  # two bad inputs, the rest scored
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("fsad: error:")]
+    errors = [ln.split("\r")[-1] for ln in proc.stderr.splitlines() if "fsad: error:" in ln]
+    assert all(ln.startswith("fsad: error:") for ln in errors)  # not glued to the progress bar
     assert any("notes.txt" in ln for ln in errors) and any("broken.png" in ln for ln in errors)
     assert "Traceback" not in proc.stderr
 
