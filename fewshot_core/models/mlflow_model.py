@@ -198,15 +198,21 @@ def log_model(tracking_uri: str, run_id: str, folder, example_image=None, name: 
     example = None
     if example_image is not None:
         example = pd.DataFrame({"image": [example_image_bytes(example_image)]})
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    # Created here in the run's experiment: Model.log alone would file it under the process's active
+    # experiment (the Default one, with artifacts in ./mlruns of the working directory).
+    logged = client.create_logged_model(
+        experiment_id=client.get_run(run_id).info.experiment_id, name=name, source_run_id=run_id,
+        params={k: str(v) for k, v in meta.items()
+                if k in ("fsad_method", "category", "backbone", "image_size", "threshold") and v is not None},
+        tags={"fsad.category": meta["category"], "fsad.method": meta["fsad_method"],
+              "mlflow.loggedModel.flavor": "python_function", **{k: str(v) for k, v in (tags or {}).items()}})
     with _fluent(tracking_uri):
-        return Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+        return Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
                          python_model=FsadModel(), artifacts={ARTIFACT: str(folder)}, signature=signature(),
-                         input_example=example, pip_requirements=requirements(), metadata={"fsad": meta},
-                         params={k: v for k, v in meta.items() if k in ("fsad_method", "category", "backbone",
-                                                                         "image_size", "threshold")
-                                 and v is not None},
-                         tags={"fsad.category": meta["category"], "fsad.method": meta["fsad_method"],
-                               **{k: str(v) for k, v in (tags or {}).items()}})
+                         input_example=example, pip_requirements=requirements(), metadata={"fsad": meta})
 
 
 def load(model_uri: str, tracking_uri: str | None = None):

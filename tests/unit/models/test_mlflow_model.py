@@ -76,6 +76,9 @@ def test_patchcore_model_scores_like_the_evaluation(env):
     run = tracker.client.get_run(run_id)
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == ds.category
     assert run.outputs.model_outputs, "the logged model is linked to the run"
+    logged = tracker.client.get_logged_model(out["model_id"])
+    assert logged.experiment_id == run.info.experiment_id and logged.source_run_id == run_id
+    assert not (PROJECT_ROOT / "mlruns").exists(), "model files leaked into the working directory"
 
 
 @pytest.mark.slow
