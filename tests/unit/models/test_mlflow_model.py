@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fewshot_core.paths import PROJECT_ROOT
+PROJECT_ROOT = Path(__file__).resolve().parents[3]  # the checkout: subprocesses import this code
 
 FRESH = r"""
 import json, sys
