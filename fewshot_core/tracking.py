@@ -412,3 +412,22 @@ class Tracker:
 def _dirname(name: str) -> str | None:
     parent = str(Path(name).parent)
     return None if parent in ("", ".") else parent
+
+
+def category_dataset(dataset):
+    """The category's manifest as an MLflow dataset (name, digest over the records, source = its folder)."""
+    import mlflow.data
+    import pandas as pd
+
+    frame = pd.DataFrame([r.to_row() for r in dataset.records]).sort_values("image_id", ignore_index=True)
+    return mlflow.data.from_pandas(frame, source=str(Path(dataset.root).resolve()), name=dataset.category)
+
+
+def log_dataset_input(tracker: "Tracker", run_id: str, dataset, context: str = "evaluation"):
+    """Log the category's manifest as the run's dataset input (MLflow's Dataset column); returns it."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    data = category_dataset(dataset)
+    tracker.client.log_inputs(run_id, datasets=[DatasetInput(data._to_mlflow_entity(),
+                                                             tags=[InputTag("mlflow.data.context", context)])])
+    return data

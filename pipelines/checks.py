@@ -25,7 +25,7 @@ def build_table_checks(benchmark_table) -> list:
             if dup.any():
                 problems.append(f"{int(dup.sum())} duplicated evaluation keys")
             for m in metric_columns(benchmark_table):
-                if m.endswith("_seconds"):
+                if m.endswith("_seconds") or m == "threshold":  # timings; the decision threshold is on score scale
                     continue
                 v = benchmark_table[m].to_numpy(dtype=float)
                 v = v[np.isfinite(v)]

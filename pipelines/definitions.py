@@ -14,6 +14,7 @@ import dagster as dg
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 from pipelines.assets.banks import build_banks_assets
+from pipelines.assets.champion import build_champion_asset
 from pipelines.assets.data import build_data_assets
 from pipelines.assets.embeddings import build_embeddings_asset
 from pipelines.assets.evaluation import build_evaluation_assets
@@ -35,12 +36,13 @@ def build_definitions(cfg: SweepConfig | None = None) -> dg.Definitions:
     banks = build_banks_assets(cfg, embeddings)
     evaluations = build_evaluation_assets(cfg, embeddings)
     benchmark_table, benchmark_summary, html_report = build_report_assets(cfg, evaluations)
+    champion = build_champion_asset(cfg, html_report)
     embeddings_job = dg.define_asset_job("embeddings_job", selection=dg.AssetSelection.assets(embeddings),
                                          description="Embeddings for requested backbone x category partitions.")
     nightly_job, nightly_schedule = build_nightly(lambda: build_definitions(cfg))
     return dg.Definitions(
         assets=with_automation([dataset, image_manifest, embeddings, *banks, *evaluations, benchmark_table,
-                                benchmark_summary, html_report]),
+                                benchmark_summary, html_report, champion]),
         asset_checks=[manifest_check, *build_table_checks(benchmark_table)],
         jobs=[embeddings_job, nightly_job],
         schedules=[nightly_schedule],

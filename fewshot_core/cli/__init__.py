@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "fewshot_core.cli.data",
     "fewshot_core.cli.embed",
     "fewshot_core.cli.evaluate",
+    "fewshot_core.cli.predict",
     "fewshot_core.cli.store",
 )
 ENTRY_POINT_GROUP = "fsad.commands"  # value: "module:register"

@@ -7,6 +7,7 @@ results can say how an image was read.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -112,15 +113,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1 (replicated), CMYK, YCbCr, LAB, HSV
 
 
-def load_rgb(path: Path, max_side: int | None = None) -> Image.Image:
+def load_rgb(path: Path, max_side: int | None = None, data: bytes | None = None) -> Image.Image:
     """Open an image as 8-bit RGB, upright per EXIF, its longer side at most ``max_side`` pixels.
 
     Large JPEGs are decoded at a reduced scale (``draft``); other formats are decoded once and
     shrunk with ``reduce`` before resampling (``reducing_gap``), so no image is decoded twice.
+    ``data``: the encoded file's bytes (an upload to a served model); ``path`` then only names it in errors.
     """
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             orientation = _orientation(img)
             scale = None
             if max_side is not None and max(img.size) > max_side:
@@ -135,6 +137,9 @@ def load_rgb(path: Path, max_side: int | None = None) -> Image.Image:
                 rgb = rgb.transpose(_TRANSPOSE[orientation])
             return rgb if rgb is not img else img.copy()
     except _READ_ERRORS as exc:
+        if data is not None:
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise FsadError(f"{path}: cannot read image ({reason}); send a PNG, JPEG, BMP, TIFF or WebP file") from exc
         raise _fail(path, exc) from exc
 
 

@@ -10,7 +10,9 @@ Row fields: identity (``episode_id``, ``protocol``, ``category``, ``method``, ``
 ``backbone``, ``partition_key``, ``shots`` = number of support images, ``full_shot`` ("yes"/"no",
 a string so aggregation never averages it), ``seed``, ``n_support``, ``n_query``, ``augment``,
 ``mask_size``), the metrics present (``image_auroc``, ``image_f1_max``, ``pixel_auroc``,
-``pixel_f1_max``, ``aupro``), ``bank_size``, ``fit_s`` (fit, plus embedding of augmented images) and
+``pixel_f1_max``, ``aupro``), ``balanced_accuracy`` at the model's decision ``threshold`` (set from the
+good support images only, ``threshold_rule`` says how; ``evaluation/threshold.py``), ``bank_size``,
+``fit_s`` (fit, plus embedding of augmented images) and
 ``score_s`` (scoring only; anomaly maps and metrics excluded).
 
 The registry entry's input kind picks the loader: patch features from the store, or the images
@@ -27,6 +29,7 @@ import numpy as np
 
 from fewshot_core.episodes import OneClassEpisode, sample_oneclass
 from fewshot_core.errors import FsadError
+from fewshot_core.evaluation.threshold import ThresholdConfig, decision_metrics, fit_threshold
 from fewshot_core.methods import registry
 from fewshot_core.methods.anomaly_map import DEFAULT_SIGMA
 from fewshot_core.methods.augment import AUGMENT_MODES, TRANSFORMS, augment_feature_maps, embed_augmented
@@ -118,11 +121,13 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
                          method_params: Mapping | None = None, mask_size: int = 256,
                          augment: str = "none", augment_transforms: Sequence[str] = TRANSFORMS,
                          sigma: float = DEFAULT_SIGMA, cache: dict | None = None,
-                         details: dict | None = None, runtime=None) -> dict:
+                         details: dict | None = None, runtime=None,
+                         threshold: ThresholdConfig | None = None) -> dict:
     """Fit ``method`` on the episode's support features, score its queries, return one row of metrics.
 
-    Pass a dict as ``details`` to get the fitted ``model``, ``image_scores``, ``patch_maps``, ``labels``
-    and ``query_ids`` back (for plots and saved banks without refitting).
+    Pass a dict as ``details`` to get the fitted ``model``, ``image_scores``, ``patch_maps``, ``labels``,
+    ``query_ids`` and ``threshold`` back (for plots and saved models without refitting). ``threshold``:
+    how the decision threshold is set (default ``ThresholdConfig(seed=episode.seed)``).
     """
     entry = registry.get(method, protocol=registry.ONECLASS)
     if entry.input_kind != registry.PATCHES:
@@ -147,8 +152,12 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
 
     labels, metrics = query_metrics(dataset, query_ids, scores, patch_maps,
                                     lambda batch: model.anomaly_maps(batch, int(mask_size), sigma), mask_size, cache)
+    cut = support_threshold(method, params, partition.patch(list(episode.support_ids)), runtime,
+                            threshold or ThresholdConfig(seed=episode.seed))
+    metrics.update(decision_metrics(labels, scores, cut))
     if details is not None:
-        details.update(model=model, image_scores=scores, patch_maps=patch_maps, labels=labels, query_ids=query_ids)
+        details.update(model=model, image_scores=scores, patch_maps=patch_maps, labels=labels, query_ids=query_ids,
+                       threshold=cut)
     return {
         **episode_identity(dataset, episode, method, model.get_params(), partition.meta.get("backbone"),
                            partition.meta.get("key"), len(query_ids), augment, mask_size),
@@ -157,6 +166,17 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
         "fit_s": round(fit_s, 4),
         "score_s": round(score_s, 4),
     }
+
+
+def support_threshold(method: str, params: Mapping, support: np.ndarray, runtime, config: ThresholdConfig):
+    """The decision threshold from the good support alone: fresh copies of the method (same parameters
+    and seed) fitted on part of the support score the rest (leave-one-out or holdout). The copies see
+    the plain support features, without augmentation."""
+    def fit_score(train_idx, held_idx):
+        copy = registry.create(method, runtime=runtime, **params).fit(support[train_idx])
+        return copy.score(support[held_idx])[0]
+
+    return fit_threshold(len(support), fit_score, config)
 
 
 def parse_shots(shots) -> int | None:
@@ -175,7 +195,8 @@ def parse_shots(shots) -> int | None:
 def evaluate_oneclass(dataset, partition, method: str, shots, seeds, method_params: Mapping | None = None,
                       mask_size: int = 256, augment: str = "none",
                       augment_transforms: Sequence[str] = TRANSFORMS, sigma: float = DEFAULT_SIGMA,
-                      cache: dict | None = None, runtime=None) -> list[dict]:
+                      cache: dict | None = None, runtime=None,
+                      threshold: ThresholdConfig | None = None) -> list[dict]:
     """One row per seed (see ``run_oneclass_episode``); ``shots`` is an int or ``"full"``/None.
     ``runtime`` (``fewshot_core.runtime.Runtime``) says where and how to compute."""
     shots = parse_shots(shots)
@@ -195,5 +216,6 @@ def evaluate_oneclass(dataset, partition, method: str, shots, seeds, method_para
                                           cache=cache))
         else:
             rows.append(run_oneclass_episode(dataset, partition, episode, method, method_params, mask_size,
-                                             augment, augment_transforms, sigma, cache, runtime=runtime))
+                                             augment, augment_transforms, sigma, cache, runtime=runtime,
+                                             threshold=threshold))
     return rows

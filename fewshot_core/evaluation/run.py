@@ -32,6 +32,8 @@ class SettingResult:
     row: dict
     artifacts: dict = field(default_factory=dict)
     episode: object = None
+    model: object = None  # the fitted method (for fewshot_core.models.publish_model)
+    threshold: object = None  # one-class: its decision threshold (evaluation.threshold.Threshold)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -120,15 +122,16 @@ def _oneclass(dataset, partition, method, episode, params, size, cache, runtime,
     artifacts["episode.json"] = json.dumps({"episode_id": episode.episode_id, "support_ids": episode.support_ids,
                                             "query_ids": query_ids, "labels": labels.tolist(),
                                             "scores": [float(s) for s in scores]}, indent=1)
-    return SettingResult(row, artifacts, episode)
+    return SettingResult(row, artifacts, episode, model=details["model"], threshold=details.get("threshold"))
 
 
 def _supervised(dataset, partition, method, episode, params, cache, runtime, meta_pool, title) -> SettingResult:
     from fewshot_core.evaluation.supervised import run_supervised_episode
     from fewshot_core.reports import plots
 
+    details: dict = {}
     row = run_supervised_episode(dataset, partition, episode, method, params, cache=cache, runtime=runtime,
-                                 meta_pool=meta_pool)
+                                 meta_pool=meta_pool, details=details)
     classes, matrix = json.loads(row["classes"]), json.loads(row["confusion"])
     artifacts = {"plots/confusion_matrix.png": plots.confusion_matrix_png(matrix, classes, title),
                  "episode.json": json.dumps({"episode_id": episode.episode_id, "classes": classes,
@@ -137,4 +140,4 @@ def _supervised(dataset, partition, method, episode, params, cache, runtime, met
                                              "query_ids": episode.query_ids, "query_labels": episode.query_labels,
                                              "confusion": matrix, "fit_info": json.loads(row.get("info", "{}"))},
                                             indent=1)}
-    return SettingResult(row, artifacts, episode)
+    return SettingResult(row, artifacts, episode, model=details.get("model"))

@@ -142,7 +142,8 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
 
     ``meta_pool`` (``evaluation.meta_pool.MetaPool``): other categories a meta-trained method learns from;
     ``images``: preprocessed image tensors by image id, for image methods where the pixels are elsewhere;
-    ``details`` (a dict) receives the fitted ``model`` and the query log-probabilities."""
+    ``details`` (a dict) receives the fitted ``model``, the query log-probabilities, their anomaly
+    ``image_scores`` (log-odds, the score AUROC ranks by) and the predicted classes ``y_pred``."""
     params = dict(method_params or {})
     cache = {} if cache is None else cache
     names = np.asarray(episode.classes)
@@ -169,7 +170,8 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
     if hasattr(est, "trained_on"):
         info["trained_on"] = list(est.trained_on)
     if details is not None:
-        details.update(model=est, log_proba=logp, classes=classes, query_ids=list(episode.query_ids))
+        details.update(model=est, log_proba=logp, classes=classes, query_ids=list(episode.query_ids),
+                       image_scores=score, y_pred=y_pred)
     return {
         "episode_id": episode.episode_id,
         "category": episode.category,

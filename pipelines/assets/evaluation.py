@@ -16,6 +16,7 @@ import pandas as pd
 
 from fewshot_core import tracking
 from fewshot_core.errors import FsadError
+from fewshot_core.methods import registry
 from fewshot_core.settings import ONECLASS, Setting
 from pipelines.assets.banks import bank_key
 from pipelines.assets.data import load_category
@@ -92,10 +93,13 @@ def _evaluation_asset(cfg: SweepConfig, embeddings_asset, backbone: str, spec: M
             result = evaluate_setting(ds, part, spec.method, setting, params, cache=caches[category],
                                       runtime=runtime, meta_pool=pool, bank=banks[p["key"]],
                                       title=f"{spec.id} · {category} · {setting.key}")
-            row = _record(context, tracker, mlflow.experiment, exp_id, cfg, backbone, spec, p, setting, part, result)
+            row = _record(context, tracker, mlflow.experiment, exp_id, cfg, backbone, spec, p, setting, part, result,
+                          ds)
             out[p["key"]] = pd.DataFrame([row])
             metrics = result.metrics
-            bad_metrics += [f"{p['key']}: {m}={v}" for m, v in metrics.items() if not (np.isfinite(v) and 0 <= v <= 1)]
+            # NaN is allowed off the headline (e.g. no decision threshold from one good shot)
+            bad_metrics += [f"{p['key']}: {m}={v}" for m, v in metrics.items()
+                            if not (0 <= v <= 1) and (np.isfinite(v) or m == headline)]
             if headline not in metrics or not np.isfinite(metrics[headline]):
                 bad_metrics.append(f"{p['key']}: {headline} missing")
             if result.overlap:
@@ -145,8 +149,10 @@ def _meta_pool(cfg, context, backbone, feature_store, device, source: str | None
 
 
 def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpec, p: dict, setting: Setting,
-            part, result) -> dict:
-    """Log the partition's MLflow run and return its table row."""
+            part, result, ds) -> dict:
+    """Log the partition's MLflow run (with the fitted method as its MLflow Model) and return its table row."""
+    from fewshot_core.models.publish import publish_model
+
     from fewshot_core.reports.gallery import GALLERY_ARTIFACT
 
     lib_row, episode, metrics = result.row, result.episode, result.metrics
@@ -161,9 +167,15 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
     tags = {tracking.PARTITION_TAG: p["key"], tracking.ASSET_TAG: context.asset_key.to_user_string(),
             "fsad.setting": setting.key, "fsad.method": spec.id, "fsad.category": p["category"]}
     run_id = tracker.log_evaluation(experiment, context.run.run_id, f"{spec.id}|{p['category']}|{setting.key}",
-                                    params, {**metrics, "fit_seconds": fit_s, "score_seconds": score_s},
+                                    params, {**metrics, "fit_seconds": fit_s, "score_seconds": score_s,
+                                             "threshold": float(lib_row.get("threshold", np.nan))},
                                     tags, result.artifacts, stage=context.run.tags.get("fsad/stage")
                                     or context.asset_key.to_user_string())
+    image_method = registry.get(spec.method).input_kind == registry.IMAGES
+    published = publish_model(tracker, run_id, ds, result.model, episode.support_ids, setting.protocol,
+                              partition=None if image_method else part, threshold=result.threshold,
+                              image_size=getattr(result.model, "image_size", part.image_size) if image_method
+                              else None, tags=tags)
     context.log.info(f"{spec.id} {p['key']}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()
                                                          if k in ("image_auroc", "pixel_auroc", "balanced_accuracy")))
     return {"method": spec.id, "method_name": spec.method, "backbone": backbone, "category": p["category"],
@@ -175,7 +187,9 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
             "n_query": len(episode.query_ids), **_support_counts(episode), "confusion": lib_row.get("confusion"),
             "fit_seconds": fit_s, "score_seconds": score_s,
             "feature_key": part.key, "meta_pool": lib_row.get("meta_pool") or None,
-            "gallery_artifact": GALLERY_ARTIFACT if GALLERY_ARTIFACT in result.artifacts else None, **metrics}
+            "gallery_artifact": GALLERY_ARTIFACT if GALLERY_ARTIFACT in result.artifacts else None, **metrics,
+            "threshold": lib_row.get("threshold"), "threshold_rule": lib_row.get("threshold_rule"),
+            "model_uri": published.get("model_uri"), "dataset_digest": published.get("dataset_digest")}
 
 
 def _support_counts(episode) -> dict[str, int]:

@@ -135,13 +135,18 @@ def test_mlflow_holds_one_nested_run_per_evaluation_partition(sweep):
         if params["protocol"] == "oneclass":
             assert 0.0 <= metrics["image_auroc"] <= 1.0 and "pixel_auroc" in metrics and "aupro" in metrics
             assert {"plots/roc_curve.png", "plots/anomaly_maps.png"} <= artifacts
-            model = [a.path for a in tracker.client.list_artifacts(r.info.run_id, "model")]
-            assert "model/fsad_model.json" in model and "model/arrays.npz" in model
         else:
             assert 0.0 <= metrics["balanced_accuracy"] <= 1.0
             assert "plots/confusion_matrix.png" in artifacts
+        # the fitted method is the run's MLflow Model; the category's manifest its dataset input
+        assert r.outputs.model_outputs and tags["fsad.model_uri"].startswith("models:/")
+        assert [d.dataset.name for d in r.inputs.dataset_inputs] == ["synth_fabric"]
     row = table[(table["method"] == "patchcore") & (table["setting_key"] == "oc-k2-s1")].iloc[0]
     assert tracker.client.get_run(row["mlflow_run_id"]).data.metrics["image_auroc"] == pytest.approx(row["image_auroc"])
+    assert row["model_uri"] == tracker.client.get_run(row["mlflow_run_id"]).data.tags["fsad.model_uri"]
+    # after the report: the best one-class method at 2 shots is the category's champion
+    champion = tracker.client.get_model_version_by_alias("fsad-synth_fabric", "champion")
+    assert champion.tags["fsad.shots"] == "2" and champion.tags["fsad.method"] in ("patchcore", "knn")
 
 
 def test_second_materialisation_reuses_embeddings_and_makes_new_mlflow_runs(sweep):

@@ -1,0 +1,164 @@
+"""``fsad predict``: score new images with a logged or registered model, offline.
+
+    fsad predict IMAGES_OR_FOLDER... --model models:/fsad-bottle@champion [--out DIR]
+
+Writes ``DIR/predictions.csv`` and ``DIR/predictions.json`` (image, image_score, decision, threshold,
+label, error, overlay) and, for one-class detectors, an anomaly-map overlay PNG per image under
+``DIR/overlays/``. A file that is not an image or cannot be read gets a one-line error (on stderr and in
+its row) and the other images are still scored; the exit code is then 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fewshot_core.errors import FsadError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="score images with a logged model (MLflow URI or folder)",
+                              description="Score image files (or every image under folders) with a model: "
+                                          "models:/fsad-<category>@champion, runs:/<run>/model, models:/<id> or "
+                                          "a local model folder.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDER", help="image files and/or folders (recursive)")
+    p.add_argument("--model", required=True, help="model URI, e.g. models:/fsad-bottle@champion")
+    p.add_argument("--out", type=Path, default=Path("fsad-predictions"), help="output folder (default ./fsad-predictions)")
+    p.add_argument("--no-overlays", action="store_true", help="skip the anomaly-map overlay PNGs")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default MLFLOW_TRACKING_URI or "
+                                                        "dagster_home/mlflow.db)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def collect(inputs) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(image files in order, [(path, error)] for inputs that are missing or not images)."""
+    from fewshot_core.data.imageio import is_image_file
+
+    images, bad = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            images += [p for p in found if is_image_file(p)]
+            bad += [(p, f"{p}: not an image file (use .png, .jpg, .bmp, .tif or .webp); skipped")
+                    for p in found if not is_image_file(p)]
+        elif not path.exists():
+            bad.append((path, f"{path}: file not found"))
+        elif not is_image_file(path):
+            bad.append((path, f"{path}: not an image file (use .png, .jpg, .bmp, .tif or .webp); skipped"))
+        else:
+            images.append(path)
+    return images, bad
+
+
+def load_deployed(uri: str, tracking_uri: str | None = None):
+    """The ``DeployedModel`` behind a model URI, a logged MLflow model folder or a deployable folder."""
+    from fewshot_core.models.deployable import DeployedModel
+    from fewshot_core.models.mlflow_model import load
+
+    local = Path(uri)
+    if (local / "fsad_model.json").is_file():
+        return DeployedModel(local)
+    if "://" not in uri and ":/" not in uri and not local.exists():
+        raise FsadError(f"{uri}: model not found; give models:/fsad-<category>@champion, runs:/<run>/model or a "
+                        "model folder")
+    return load(uri, tracking_uri).unwrap_python_model().model
+
+
+def overlay_png(image, amap: np.ndarray, threshold: float | None) -> bytes:
+    """The image at the map's size with the anomaly map blended over it (jet; red = anomalous).
+
+    With a threshold the colour scale is fixed around it (0.5x .. 1.5x), so colours compare across
+    images; without one each map is scaled to its own range."""
+    import io
+
+    from matplotlib import colormaps
+    from PIL import Image
+
+    size = amap.shape[-1]
+    lo, hi = (0.5 * threshold, 1.5 * threshold) if threshold else (float(amap.min()), float(amap.max()))
+    norm = np.clip((amap - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    heat = colormaps["jet"](norm)[..., :3]
+    base = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
+    blend = (0.55 * base + 0.45 * heat) * 255.0
+    buf = io.BytesIO()
+    Image.fromarray(blend.clip(0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def predict_files(model, images: list[Path], out: Path | None = None, overlays: bool = True,
+                  progress: bool = True) -> list[dict]:
+    """One result row per image; unreadable images get their error and the rest are still scored."""
+    from tqdm.auto import tqdm
+
+    from fewshot_core.atomic import atomic_write_bytes
+    from fewshot_core.data.imageio import load_rgb
+    from fewshot_core.evaluation.oneclass import SCORE_BATCH
+
+    rows = []
+    want_maps = overlays and out is not None and model.is_detector
+    bar = tqdm(total=len(images), unit="img", desc="predict", disable=not progress)
+    try:
+        for start in range(0, len(images), SCORE_BATCH):
+            chunk, decoded = images[start:start + SCORE_BATCH], []
+            for i, path in enumerate(chunk, start):
+                try:
+                    decoded.append((i, path, load_rgb(path)))
+                except FsadError as exc:  # through the bar, so the line is not glued to it
+                    bar.write(f"fsad: error: {exc}", file=sys.stderr)
+                    rows.append({"image": str(path), "error": str(exc)})
+            if decoded:
+                res = model.score([img for _, _, img in decoded], maps=want_maps)
+                for j, (i, path, img) in enumerate(decoded):
+                    row = {"image": str(path), "image_score": float(res.image_score[j]),
+                           "decision": None if res.decision[j] is None else ("anomalous" if res.decision[j] else "good"),
+                           "threshold": res.threshold, "label": None if res.label is None else res.label[j],
+                           "error": None}
+                    if want_maps:
+                        target = out / "overlays" / f"{i:05d}_{path.stem}.png"  # index: stems repeat
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        atomic_write_bytes(target, overlay_png(img, res.anomaly_map[j], res.threshold))
+                        row["overlay"] = str(target)
+                    rows.append(row)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return rows
+
+
+def write_results(rows: list[dict], out: Path) -> tuple[Path, Path]:
+    import pandas as pd
+
+    from fewshot_core.atomic import atomic_write_bytes
+
+    out.mkdir(parents=True, exist_ok=True)
+    cols = ["image", "image_score", "decision", "threshold", "label", "error", "overlay"]
+    frame = pd.DataFrame(rows).reindex(columns=cols)
+    csv, js = out / "predictions.csv", out / "predictions.json"
+    atomic_write_bytes(csv, frame.to_csv(index=False).encode())
+    records = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
+               for r in frame.to_dict(orient="records")]
+    atomic_write_bytes(js, json.dumps(records, indent=1).encode())
+    return csv, js
+
+
+def run(args) -> int:
+    images, bad = collect(args.inputs)
+    for _, message in bad:
+        print(f"fsad: error: {message}", file=sys.stderr)
+    if not images:
+        raise FsadError("no images to score among " + ", ".join(args.inputs))
+    model = load_deployed(args.model, args.tracking_uri)
+    rows = predict_files(model, images, args.out, overlays=not args.no_overlays, progress=not args.no_progress)
+    rows += [{"image": str(p), "error": m} for p, m in bad]
+    csv, js = write_results(rows, args.out)
+    failed = sum(1 for r in rows if r.get("error"))
+    scored = len(rows) - failed
+    thr = getattr(model.threshold, "value", None) if model.is_detector else None
+    print(f"scored {scored} image(s), {failed} failed; threshold {thr if thr is not None else 'none'}; "
+          f"wrote {csv} and {js}")
+    return 1 if failed else 0

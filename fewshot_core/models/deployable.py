@@ -1,0 +1,132 @@
+"""A deployable model: a fitted method's save folder plus what it needs to score raw images end to end.
+
+The folder is the one save/load format (``methods/persistence.py``); its manifest's ``extra.deploy``
+adds the featurizer spec (feature-based methods) or the pixel size (methods trained on images), the
+decision threshold, and the audit trail: category, support image ids, dataset digest, partition key,
+code version and commit. ``DeployedModel`` loads such a folder and scores image files or encoded images:
+
+* one-class detectors: ``image_score`` (higher = more anomalous), ``decision`` = score above the
+  threshold (None where the threshold could not be set), optionally the anomaly map at image size;
+* supervised classifiers: ``image_score`` = anomaly log-odds ``log P(not good) - log P(good)`` (the
+  score their AUROC ranks by), ``decision`` = the predicted class is not ``good``, ``label`` = that class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fewshot_core.errors import FsadError
+from fewshot_core.evaluation.threshold import Threshold
+from fewshot_core.models.featurizer import Featurizer, FeaturizerSpec
+
+DEPLOY = "deploy"
+GOOD = "good"
+
+
+def save_deployable(model, folder, *, category: str, support_ids: Sequence[str], protocol: str,
+                    featurizer: FeaturizerSpec | None = None, image_size: int | None = None,
+                    threshold: Threshold | None = None, dataset: dict | None = None, extra: dict | None = None) -> Path:
+    """Save fitted ``model`` into ``folder`` with its deploy record (see the module docstring)."""
+    from fewshot_core.tracking import code_version, git_commit
+
+    if featurizer is None and image_size is None:
+        raise ValueError("a deployable model needs a featurizer spec (feature-based) or an image size (pixels)")
+    deploy = {
+        "protocol": protocol, "input_kind": getattr(model, "input_kind", "patches"), "category": category,
+        "support_ids": list(support_ids), "featurizer": featurizer.to_dict() if featurizer else None,
+        "image_size": int(image_size if image_size is not None else featurizer.image_size),
+        "threshold": threshold.to_dict() if threshold is not None else None,
+        "dataset": dataset, "code_version": code_version(), "git_commit": git_commit(), **(extra or {}),
+    }
+    return model.save(folder, extra={DEPLOY: deploy})
+
+
+def deploy_record(folder) -> dict:
+    """The deploy record of a saved folder; a plain saved method (no record) is a one-line error."""
+    from fewshot_core.methods.persistence import MANIFEST, read_manifest
+
+    record = (read_manifest(folder).get("extra") or {}).get(DEPLOY)
+    if not record:
+        raise FsadError(f"{Path(folder) / MANIFEST}: a fitted method without a deploy record (featurizer, "
+                        "threshold); save it with fewshot_core.models.save_deployable or rerun the evaluation")
+    return record
+
+
+@dataclass
+class Scores:
+    """Per-image outputs, aligned with the inputs."""
+
+    image_score: np.ndarray
+    decision: list  # bool or None per image
+    threshold: float | None
+    label: list | None = None  # supervised: the predicted class
+    anomaly_map: np.ndarray | None = None  # [n, S, S] at the model's image size
+
+
+class DeployedModel:
+    """A saved deployable folder, loaded for scoring (``score(images)``)."""
+
+    def __init__(self, folder, runtime=None, device=None):
+        from fewshot_core.methods.persistence import load_model, read_manifest
+
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.record = deploy_record(self.folder)
+        self.method = load_model(self.folder, runtime)
+        self.threshold = Threshold.from_dict(self.record.get("threshold"))
+        self.image_size = int(self.record["image_size"])
+        spec = self.record.get("featurizer")
+        self.featurizer = Featurizer(FeaturizerSpec.from_dict(spec), device=device) if spec else None
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
+    def is_detector(self) -> bool:
+        from fewshot_core.methods.base import Detector
+
+        return isinstance(self.method, Detector)
+
+    def _inputs(self, images: Sequence):
+        """The method's inputs for one batch: patch features, global embeddings or pixels [n, 3, S, S]."""
+        kind = self.record.get("input_kind", "patches")
+        if kind == "images":
+            from fewshot_core.methods.training import load_images
+
+            return load_images(list(images), self.image_size)
+        # A lone image is embedded beside a copy of itself: CPU kernels pick another algorithm for a batch
+        # of one, whose float16-rounded features differ in a few last digits from the store's batches.
+        pad = len(images) == 1
+        patch, pooled = self.featurizer(list(images) * 2 if pad else list(images))
+        if pad:
+            patch, pooled = patch[:1], pooled[:1]
+        return patch if kind == "patches" else pooled
+
+    def score(self, images: Sequence, maps: bool = False) -> Scores:
+        """Score image paths or decoded PIL images (one batch; ``score_many`` for long lists)."""
+        if not len(images):
+            raise FsadError("no images to score")
+        x = self._inputs(images)
+        if self.is_detector:
+            scores, raw = self.method.score(x)
+            scores = np.asarray(scores, dtype=np.float64)
+            decided = self.threshold.decide(scores) if self.threshold is not None else None
+            amap = self.method.anomaly_maps(raw, self.image_size) if maps else None
+            return Scores(scores, [None] * len(scores) if decided is None else [bool(d) for d in decided],
+                          self.threshold.value if self.threshold is not None and self.threshold.usable else None,
+                          anomaly_map=amap)
+        from scipy.special import logsumexp
+
+        logp = np.asarray(self.method.predict_log_proba(x), dtype=np.float64)
+        classes = np.asarray(self.method.classes_).astype(str)
+        good = np.flatnonzero(classes == GOOD)
+        if not len(good) or len(classes) < 2:
+            raise FsadError(f"{self.folder}: a classifier without a 'good' class and another cannot score anomalies")
+        score = logsumexp(np.delete(logp, good[0], axis=1), axis=1) - logp[:, good[0]]
+        labels = classes[np.argmax(logp, axis=1)]
+        return Scores(score, [bool(lab != GOOD) for lab in labels], None, label=[str(lab) for lab in labels])

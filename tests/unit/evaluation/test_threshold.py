@@ -1,0 +1,71 @@
+"""The decision threshold from good support images only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fewshot_core.errors import FsadError
+from fewshot_core.evaluation.threshold import (
+    Threshold,
+    ThresholdConfig,
+    decision_metrics,
+    fit_threshold,
+    threshold_from_scores,
+)
+
+
+def _distance_fit_score(values):
+    """A toy one-class model: score = distance to the mean of the training rows."""
+    values = np.asarray(values, dtype=float)
+
+    def fit_score(train, held):
+        return np.abs(values[held] - values[train].mean())
+
+    return fit_score
+
+
+def test_quantile_keeps_at_most_fpr_of_good_scores_above():
+    scores = np.arange(1, 21, dtype=float)  # 20 held-out good scores
+    t = threshold_from_scores(scores, 0.1, "x")
+    assert t.value == 19.0 and (scores > t.value).mean() <= 0.1
+    assert threshold_from_scores(scores, 0.0, "x").value == 20.0
+
+
+def test_leave_one_out_scores_each_image_with_a_model_that_did_not_see_it():
+    values = [0.0, 1.0, 2.0, 10.0]
+    t = fit_threshold(4, _distance_fit_score(values), ThresholdConfig(rule="loo", fpr=0.0))
+    # image 10 scored against the mean of the other three (1.0): 9.0 is the largest held-out score
+    assert t.value == pytest.approx(9.0) and t.rule.startswith("loo") and t.n_good == 4
+    assert len(t.good_scores) == 4
+
+
+def test_auto_switches_to_holdout_for_large_supports_and_is_seeded():
+    values = np.random.default_rng(0).normal(size=40)
+    a = fit_threshold(40, _distance_fit_score(values), ThresholdConfig(seed=3))
+    b = fit_threshold(40, _distance_fit_score(values), ThresholdConfig(seed=3))
+    c = fit_threshold(40, _distance_fit_score(values), ThresholdConfig(seed=4))
+    assert a.rule.startswith("holdout") and len(a.good_scores) == 8
+    assert a.value == b.value and a.good_scores != c.good_scores
+
+
+def test_one_good_shot_says_it_cannot():
+    t = fit_threshold(1, _distance_fit_score([0.0]))
+    assert t.value is None and not t.usable and "2 or more" in t.reason
+    assert t.decide([1.0, 2.0]) is None
+    m = decision_metrics([0, 1], [0.1, 0.9], t)
+    assert np.isnan(m["balanced_accuracy"]) and m["threshold_rule"].startswith("none")
+
+
+def test_balanced_accuracy_at_the_threshold():
+    t = Threshold(0.5, "loo fpr=0.05 n=2", 0.05, 2)
+    m = decision_metrics([0, 0, 1, 1], [0.1, 0.7, 0.9, 0.2], t)
+    assert m["balanced_accuracy"] == pytest.approx(0.5) and m["threshold"] == 0.5
+    assert Threshold.from_dict(t.to_dict()) == t
+
+
+def test_bad_config_is_a_user_error():
+    with pytest.raises(FsadError, match="fpr"):
+        ThresholdConfig(fpr=1.5)
+    with pytest.raises(FsadError, match="rule"):
+        ThresholdConfig(rule="magic")

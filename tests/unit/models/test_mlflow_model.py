@@ -1,0 +1,168 @@
+"""A logged model, loaded in a fresh process, scores images exactly as the evaluation did."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]  # the checkout: subprocesses import this code
+
+FRESH = r"""
+import json, sys
+import mlflow, pandas as pd
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[2])
+paths = json.loads(sys.argv[3])
+out = model.predict(pd.DataFrame({"path": paths}))
+print("RESULT" + json.dumps({"score": out["image_score"].tolist(), "decision": out["decision"].tolist(),
+                             "label": out["label"].tolist(), "meta": model.metadata.metadata}))
+"""
+
+
+def _fresh_scores(uri: str, model_uri: str, paths) -> dict:
+    proc = subprocess.run([sys.executable, "-c", FRESH, uri, model_uri, json.dumps([str(p) for p in paths])],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, synth_root):
+    from fewshot_core.data import load_dataset
+    from fewshot_core.features.store import FeatureStore
+    from fewshot_core.tracking import Tracker
+
+    tmp = tmp_path_factory.mktemp("mlflow-model")
+    category = sorted(p.name for p in synth_root.iterdir() if p.is_dir())[0]
+    ds = load_dataset(synth_root, category)
+    part = FeatureStore(tmp / "store").build(ds, image_size=64, num_workers=0, progress=False)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    return ds, part, Tracker(uri, (tmp / "artifacts").as_uri()), uri
+
+
+def _run(tracker):
+    return tracker.log_evaluation("t", "dag", "r", {}, {})
+
+
+@pytest.mark.slow
+def test_patchcore_model_scores_like_the_evaluation(env):
+    from fewshot_core.episodes import sample_oneclass
+    from fewshot_core.evaluation.oneclass import run_oneclass_episode
+    from fewshot_core.models.publish import publish_model
+
+    ds, part, tracker, uri = env
+    ep = sample_oneclass(ds, 4, 0)
+    details: dict = {}
+    row = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=64, details=details)
+    run_id = _run(tracker)
+    out = publish_model(tracker, run_id, ds, details["model"], ep.support_ids, "oneclass", partition=part,
+                        threshold=details["threshold"])
+    assert out["model_uri"].startswith("models:/")
+    paths = [ds.by_id(i).path for i in ep.query_ids]
+    got = _fresh_scores(uri, out["model_uri"], paths)
+    np.testing.assert_allclose(got["score"], details["image_scores"], rtol=0, atol=1e-6)
+    want = (np.asarray(details["image_scores"]) > row["threshold"]).tolist()
+    assert got["decision"] == want
+    meta = got["meta"]["fsad"]
+    assert meta["backbone"] == part.meta["backbone"] and meta["weights_sha256"] == part.meta["weights"]["sha256"]
+    assert meta["image_size"] == 64 and meta["support_ids"] == list(ep.support_ids)
+    assert meta["threshold"] == pytest.approx(row["threshold"])
+    run = tracker.client.get_run(run_id)
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == ds.category
+    assert run.outputs.model_outputs, "the logged model is linked to the run"
+    logged = tracker.client.get_logged_model(out["model_id"])
+    assert logged.experiment_id == run.info.experiment_id and logged.source_run_id == run_id
+    assert not (PROJECT_ROOT / "mlruns").exists(), "model files leaked into the working directory"
+
+
+@pytest.mark.slow
+def test_protonet_model_scores_like_the_evaluation(env):
+    from fewshot_core.episodes import sample_supervised
+    from fewshot_core.evaluation.supervised import run_supervised_episode
+    from fewshot_core.models.publish import publish_model
+
+    ds, part, tracker, uri = env
+    ep = sample_supervised(ds, 2, 1, 0, label_mode="multiclass", pool="test")
+    details: dict = {}
+    run_supervised_episode(ds, part, ep, "protonet", {}, details=details)
+    out = publish_model(tracker, _run(tracker), ds, details["model"], ep.support_ids, "supervised", partition=part)
+    got = _fresh_scores(uri, out["model_uri"], [ds.by_id(i).path for i in ep.query_ids])
+    np.testing.assert_allclose(got["score"], details["image_scores"], rtol=0, atol=1e-6)
+    assert got["label"] == [str(v) for v in details["y_pred"]]
+    assert got["decision"] == [v != "good" for v in details["y_pred"]]
+    assert got["meta"]["fsad"]["threshold_rule"] == "argmax"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_served_model_answers_an_image_with_score_and_decision(env, tmp_path):
+    """``mlflow models serve`` on 127.0.0.1: one posted image comes back with its score and decision."""
+    import base64
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    from fewshot_core.episodes import sample_oneclass
+    from fewshot_core.evaluation.oneclass import run_oneclass_episode
+    from fewshot_core.models.champion import Candidate, promote
+    from fewshot_core.models.publish import publish_model
+
+    ds, part, tracker, uri = env
+    ep = sample_oneclass(ds, 3, 1)
+    details: dict = {}
+    run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=64, details=details)
+    run_id = _run(tracker)
+    out = publish_model(tracker, run_id, ds, details["model"], ep.support_ids, "oneclass", partition=part,
+                        threshold=details["threshold"])
+    promote(tracker, Candidate(ds.category, "patchcore", None, 3, 0.9, 0.1, 1, out["model_uri"], run_id, "c"))
+    port = _free_port()
+    # the server execs uvicorn from PATH: this interpreter's environment first
+    path_env = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env_vars = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(PROJECT_ROOT), "PATH": path_env}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                             f"models:/fsad-{ds.category}@champion", "--env-manager", "local", "-h", "127.0.0.1",
+                             "-p", str(port), "-w", "1"], cwd=PROJECT_ROOT, env=env_vars,
+                            stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group: stopped as one below
+    try:
+        deadline = time.monotonic() + 420
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(2)
+        path = ds.by_id(ep.query_ids[-1]).path
+        body = json.dumps({"dataframe_split": {"columns": ["image"],
+                                               "data": [[base64.b64encode(path.read_bytes()).decode()]]}})
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=300).read())["predictions"][0]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    want = float(details["image_scores"][-1])
+    assert answer["image_score"] == pytest.approx(want, abs=1e-4)  # a batch of one vs the evaluation's batch
+    assert answer["decision"] == bool(want > details["threshold"].value)
+    assert answer["threshold"] == pytest.approx(details["threshold"].value)
