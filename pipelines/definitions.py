@@ -22,6 +22,7 @@ from pipelines.assets.reports import build_report_assets
 from pipelines.automation import automation_sensor, with_automation
 from pipelines.checks import build_table_checks
 from pipelines.config import SweepConfig, load_config
+from pipelines.deploy.profile import selection as deploy_selection
 from pipelines.io_managers import ArrayStoreIOManager, ParquetIOManager
 from pipelines.resources import DeviceResource, FeatureStoreResource, MlflowTracking
 from pipelines.schedules import build_nightly
@@ -30,7 +31,14 @@ from pipelines.sensors import build_new_images_sensor
 
 def build_definitions(cfg: SweepConfig | None = None) -> dg.Definitions:
     cfg = cfg or load_config()
+    # FSAD_PROFILE picks the executor and, off the embedded default, the shared folder every worker sees
+    profile = deploy_selection()
+    if profile.shared_root is not None and not cfg.work_dir:
+        cfg.work_dir = str(profile.shared_root / cfg.name)  # assets read resolved_work_dir() themselves
     work = cfg.resolved_work_dir()
+    extra_resources = {}
+    if profile.shared_root is not None:  # step outputs of the default IO manager must outlive the worker
+        extra_resources["io_manager"] = dg.FilesystemIOManager(base_dir=str(work / "dagster_io"))
     dataset, image_manifest, manifest_check = build_data_assets(cfg)
     embeddings = build_embeddings_asset(cfg, image_manifest)
     banks = build_banks_assets(cfg, embeddings)
@@ -53,10 +61,9 @@ def build_definitions(cfg: SweepConfig | None = None) -> dg.Definitions:
             "device": DeviceResource(device="auto", torch_threads=2),
             "table_io": ParquetIOManager(base_dir=str(work / "tables")),
             "array_io": ArrayStoreIOManager(base_dir=str(work / "arrays")),
+            **extra_resources,
         },
-        # One process per run: the heavy imports (torch, timm) load once and 2-core machines are not
-        # oversubscribed by a process per step.
-        executor=dg.in_process_executor,
+        executor=profile.executor,  # embedded: in-process (pipelines/deploy/profile.py says why)
     )
 
 

@@ -12,6 +12,7 @@ import dagster as dg
 from fewshot_core.settings import Setting
 from pipelines.assets.data import load_category
 from pipelines.config import SweepConfig
+from pipelines.deploy.profile import CPU_POOL, step_placement
 from pipelines.partitions import keys_of, setting_backfill_policy, setting_partitions
 from pipelines.resources import DeviceResource, FeatureStoreResource
 
@@ -39,6 +40,7 @@ def _banks_asset(cfg: SweepConfig, embeddings_asset, backbone: str, keys: list[s
     @dg.asset(key=bank_key(backbone), partitions_def=setting_partitions(keys), group_name="banks",
               deps=[dg.AssetDep(embeddings_asset, partition_mapping=embeddings_for_evaluation(backbone, keys))],
               io_manager_key="array_io", backfill_policy=setting_backfill_policy(keys), kinds={"numpy"},
+              **step_placement(CPU_POOL),
               description=f"Support banks ({backbone}): per category x setting, the support images' patch features "
                           "and embeddings (+ class prototypes for supervised settings) every method of that "
                           "setting fits on.")

@@ -11,6 +11,7 @@ import dagster as dg
 
 from pipelines.assets.data import load_category
 from pipelines.config import SweepConfig
+from pipelines.deploy.profile import CPU_POOL, step_placement
 from pipelines.partitions import embedding_partitions, keys_of
 from pipelines.resources import DeviceResource, FeatureStoreResource
 
@@ -19,6 +20,7 @@ def build_embeddings_asset(cfg: SweepConfig, image_manifest) -> dg.AssetsDefinit
     # on the manifest, whose blocking check gates this asset: features are never built from invalid data
     @dg.asset(partitions_def=embedding_partitions(cfg), deps=[image_manifest], group_name="features",
               backfill_policy=dg.BackfillPolicy.single_run(), kinds={"pytorch"},
+              **step_placement(CPU_POOL),
               description="PatchCore patch features and global embeddings of every image of a category, "
                           "in the on-disk feature store (reused when complete).")
     def embeddings(context: dg.AssetExecutionContext, feature_store: FeatureStoreResource,

@@ -21,6 +21,7 @@ from fewshot_core.settings import ONECLASS, Setting
 from pipelines.assets.banks import bank_key
 from pipelines.assets.data import load_category
 from pipelines.config import SweepConfig
+from pipelines.deploy.profile import pool_for_method, step_placement
 from pipelines.methods import MethodSpec
 from pipelines.partitions import embeddings_for_evaluation, keys_of, setting_backfill_policy, setting_partitions
 from pipelines.resources import DeviceResource, FeatureStoreResource, MlflowTracking
@@ -65,6 +66,7 @@ def _evaluation_asset(cfg: SweepConfig, embeddings_asset, backbone: str, spec: M
         description=f"{spec.id} ({spec.protocol}, {backbone}, params {spec.params or 'default'}): one episode per "
                     "category x setting, logged as a nested MLflow run.",
         metadata={"method": spec.method, "params": json.dumps(spec.params), "backbone": backbone},
+        **step_placement(pool_for_method(spec.method)),
     )
     def _eval(context: dg.AssetExecutionContext, feature_store: FeatureStoreResource, device: DeviceResource,
               mlflow: MlflowTracking, banks: dict):

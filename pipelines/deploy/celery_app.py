@@ -1,0 +1,104 @@
+"""The Celery app the profile's workers run: dagster-celery's step task on the profile's Redis broker.
+
+Start a worker with ``python -m pipelines.deploy worker --name NAME --queues cpu[,gpu]`` (it sets the
+environment from the profile and runs ``celery -A pipelines.deploy.celery_app worker``). The settings come
+from the same ``ClusterProfile.celery_settings()`` the executor in the run worker uses, so both agree.
+
+Before each step the worker removes what an earlier, killed attempt of that step left behind: feature-store
+temp folders of dead processes on this host, and the MLflow runs that attempt logged (the step re-evaluates every partition it covers, so they are superseded, never counted twice).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from celery.signals import task_prerun, worker_ready
+from dagster_celery.make_app import make_app
+from dagster_celery.tasks import create_task
+
+from pipelines.deploy.profile import load_profile
+
+log = logging.getLogger("fsad.worker")
+profile = load_profile()
+app = make_app({"broker": profile.broker_url, "backend": profile.backend_url, "include": [],
+                "config_source": profile.celery_settings()})
+execute_plan = create_task(app)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_temp_files(root: Path) -> list[Path]:
+    """Feature-store temp folders under ``root`` whose builder was a process of this host that no longer runs.
+
+    They are named ``.tmp-<key>-<pid>-<random>[@<host>]``; another host's pids mean nothing here, so its
+    folders are left to that host (a live build on a shared disk must never lose its folder)."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    host = socket.gethostname()
+    for tmp in root.rglob(".tmp-*"):
+        name = tmp.name
+        owner = name.rsplit("@", 1)[1] if "@" in name else host
+        pid = name.rsplit("@", 1)[0].rsplit("-", 2)[-2] if name.count("-") >= 3 else ""
+        if owner == host and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+@worker_ready.connect
+def _on_ready(**_kwargs) -> None:
+    for path in remove_dead_temp_files(profile.shared_root):
+        log.warning("removed %s (left by a dead process)", path)
+
+
+def _step_of(kwargs: dict) -> tuple[str | None, list[str]]:
+    from dagster._grpc.types import ExecuteStepArgs
+    from dagster._serdes import unpack_value
+
+    try:
+        args = unpack_value(kwargs["execute_step_args_packed"], as_type=ExecuteStepArgs)
+    except Exception:  # not a step task: nothing to clean
+        return None, []
+    return args.run_id, list(args.step_keys_to_execute or [])
+
+
+def superseded_mlflow_runs(tracker, dagster_run_id: str, step_keys: list[str]) -> list[str]:
+    """MLflow evaluation runs an earlier attempt of these steps (same Dagster run) logged."""
+    from fewshot_core import tracking
+
+    # Step keys of assets are their key path joined by "__"; the runs carry the key joined by "/".
+    assets = {key.replace("__", "/") for key in step_keys}
+    flt = (f"tags.`{tracking.KIND_TAG}` = 'evaluation' and tags.`{tracking.DAGSTER_RUN_TAG}` = '{dagster_run_id}'")
+    exps = [e.experiment_id for e in tracker.client.search_experiments()]
+    runs = tracker.client.search_runs(exps, filter_string=flt, max_results=5000) if exps else []
+    return [r.info.run_id for r in runs if r.data.tags.get(tracking.ASSET_TAG) in assets]
+
+
+@task_prerun.connect
+def _before_step(task=None, kwargs=None, **_extra) -> None:
+    run_id, step_keys = _step_of(kwargs or {})
+    if run_id is None:
+        return
+    for path in remove_dead_temp_files(profile.shared_root):
+        log.warning("removed %s (left by a dead process)", path)
+    if not any(k.startswith("evaluation__") for k in step_keys):
+        return
+    from fewshot_core.tracking import Tracker
+
+    tracker = Tracker(os.environ.get("MLFLOW_TRACKING_URI") or profile.mlflow_uri)
+    for mlflow_run in superseded_mlflow_runs(tracker, run_id, step_keys):
+        tracker.client.delete_run(mlflow_run)
+        log.warning("deleted MLflow run %s of an earlier attempt of %s", mlflow_run, ", ".join(step_keys))

@@ -1,0 +1,355 @@
+"""Start and stop the local version of the cluster profile: every service on the profile's host (127.0.0.1).
+
+``up`` starts, in order: PostgreSQL (Debian's ``postgresql``; databases ``dagster`` and ``mlflow``), Redis
+(``redis-server``; the Celery broker and result backend), the MLflow tracking server (PostgreSQL backend store,
+artifacts served from ``<shared_root>/mlflow-artifacts``), the Dagster webserver and daemon (instance on
+PostgreSQL, run queue, run retries, pool limits from the profile) and the profile's Celery workers. Each
+process writes its pid to ``<home>/run/<name>.pid`` and its log to ``<home>/logs/<name>.log``; ``down`` stops
+exactly those pids (their process groups: the webserver and daemon start code servers and run workers) and
+PostgreSQL through ``pg_ctl``. Everything binds to the profile's host only.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from fewshot_core.errors import FsadError
+from fewshot_core.paths import PROJECT_ROOT
+from pipelines.deploy.profile import ClusterProfile
+
+SERVICES_FILE = "services.json"
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def _run_dir(prof: ClusterProfile) -> Path:
+    return prof.home / "run"
+
+
+def _log(prof: ClusterProfile, name: str) -> Path:
+    return prof.home / "logs" / f"{name}.log"
+
+
+def _pid_file(prof: ClusterProfile, name: str) -> Path:
+    return _run_dir(prof) / f"{name}.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of this process counts as gone
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
+def _wait_port(host: str, port: int, what: str, prof: ClusterProfile, pid: int | None = None,
+               timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pid is not None and not _alive(pid):
+            raise FsadError(f"{what} exited at start; see {_log(prof, what)}")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise FsadError(f"{what} did not listen on {host}:{port} within {timeout:.0f}s; see {_log(prof, what)}")
+
+
+def _wait_http(url: str, what: str, prof: ClusterProfile, pid: int, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            raise FsadError(f"{what} exited at start; see {_log(prof, what)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise FsadError(f"{what} did not answer {url} within {timeout:.0f}s; see {_log(prof, what)}")
+
+
+def _record(prof: ClusterProfile, name: str, pid: int) -> None:
+    _pid_file(prof, name).write_text(f"{pid}\n")
+    services = _services(prof)
+    if name not in services:
+        services.append(name)
+    (_run_dir(prof) / SERVICES_FILE).write_text(json.dumps(services))
+
+
+def _services(prof: ClusterProfile) -> list[str]:
+    path = _run_dir(prof) / SERVICES_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def read_pid(prof: ClusterProfile, name: str) -> int | None:
+    path = _pid_file(prof, name)
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _spawn(prof: ClusterProfile, name: str, cmd: list[str], env: dict | None = None) -> int:
+    """Start ``cmd`` in its own session (so ``down`` can stop it with its children), log to logs/<name>.log."""
+    log = _log(prof, name).open("ab")
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env={**os.environ, **(env or {})}, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    _record(prof, name, proc.pid)
+    return proc.pid
+
+
+def _pg_bin(tool: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"))
+    path = found[-1] if found else shutil.which(tool)
+    if not path:
+        raise FsadError(f"{tool}: PostgreSQL binaries not found; install them (`apt-get install -y postgresql`)")
+    return path
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """initdb and the server refuse to run as root: run them as Debian's ``postgres`` user then."""
+    if os.geteuid() != 0:
+        return cmd
+    if shutil.which("runuser") is None:
+        raise FsadError("runuser not found; run `python -m pipelines.deploy up` as a non-root user instead")
+    return ["runuser", "-u", "postgres", "--", *cmd]
+
+
+def _python_env(prof: ClusterProfile, sweep: str | None) -> dict:
+    env = prof.process_env(sweep)
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def instance_yaml(prof: ClusterProfile) -> dict:
+    """``dagster.yaml`` of the profile: PostgreSQL storage, the run queue, run retries and monitoring."""
+    return {
+        "storage": {"postgres": {"postgres_url": prof.postgres_url("dagster")}},
+        "local_artifact_storage": {"module": "dagster._core.storage.root", "class": "LocalArtifactStorage",
+                                   "config": {"base_dir": str(prof.shared_root / "dagster_storage")}},
+        "compute_logs": {"module": "dagster._core.storage.local_compute_log_manager",
+                         "class": "LocalComputeLogManager",
+                         "config": {"base_dir": str(prof.shared_root / "dagster_storage" / "logs")}},
+        "run_retries": {"enabled": prof.run_retries > 0, "max_retries": prof.run_retries,
+                        "retry_on_asset_or_op_failure": True},
+        # a run worker that died (machine lost, OOM) is marked failed, so run retries take it up
+        "run_monitoring": {"enabled": True, "poll_interval_seconds": 5, "start_timeout_seconds": 600},
+        # the queued run coordinator (Dagster's default) dequeues at most this many runs at once
+        "concurrency": {"runs": {"max_concurrent_runs": prof.max_concurrent_runs},
+                        "pools": {"granularity": "op", "default_limit": max(prof.pools.values())}},
+        "telemetry": {"enabled": False},
+    }
+
+
+def write_instance(prof: ClusterProfile) -> Path:
+    prof.dagster_home.mkdir(parents=True, exist_ok=True)
+    path = prof.dagster_home / "dagster.yaml"
+    header = "# Written by `python -m pipelines.deploy up` from the cluster profile; edit the profile, not this.\n"
+    path.write_text(header + yaml.safe_dump(instance_yaml(prof), sort_keys=False))
+    return path
+
+
+def apply_pool_limits(prof: ClusterProfile) -> None:
+    """The profile's pool limits on the instance (what ``dagster instance concurrency set`` does)."""
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(prof.dagster_home)) as instance:
+        for pool, limit in prof.pools.items():
+            instance.event_log_storage.set_concurrency_slots(pool, limit)
+
+
+# -- services ------------------------------------------------------------------------------------------
+def start_postgres(prof: ClusterProfile) -> None:
+    data = prof.home / "postgres"
+    if os.geteuid() == 0:
+        for parent in [prof.home, *prof.home.parents]:
+            if parent.stat().st_mode & 0o001 == 0:  # the postgres user must reach its data folder
+                raise FsadError(f"{parent}: not searchable by the postgres user; chmod o+x it or choose "
+                                "another --home")
+    if not (data / "PG_VERSION").is_file():
+        data.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(data, "postgres", "postgres")
+        data.chmod(0o700)
+        out = subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+                                           "-E", "UTF8", "--locale=C", "--no-sync"]),
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise FsadError(f"initdb {data} failed: {(out.stderr or out.stdout).strip().splitlines()[-1]}")
+    log = _log(prof, "postgres")
+    log.touch()
+    if os.geteuid() == 0:
+        shutil.chown(log, "postgres", "postgres")
+    opts = f"-c listen_addresses={prof.host} -p {prof.ports['postgres']} -k {data} -c max_connections=200"
+    out = subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts, "-w",
+                                       "-t", "120", "start"]), capture_output=True, text=True)
+    if out.returncode != 0:
+        raise FsadError(f"PostgreSQL did not start on {prof.host}:{prof.ports['postgres']}; see {log}")
+    pid = int((data / "postmaster.pid").read_text().split()[0])
+    _record(prof, "postgres", pid)
+    import psycopg2
+
+    conn = psycopg2.connect(host=prof.host, port=prof.ports["postgres"], user="postgres", dbname="postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        for db in ("dagster", "mlflow"):
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
+            if cur.fetchone() is None:
+                cur.execute(f'CREATE DATABASE "{db}"')
+    conn.close()
+
+
+def start_redis(prof: ClusterProfile) -> None:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise FsadError("redis-server not found; install it (`apt-get install -y redis-server`)")
+    (prof.home / "redis").mkdir(parents=True, exist_ok=True)
+    pid = _spawn(prof, "redis", [exe, "--bind", prof.host, "--port", str(prof.ports["redis"]),
+                                 "--dir", str(prof.home / "redis"), "--save", "", "--appendonly", "no",
+                                 "--daemonize", "no"])
+    _wait_port(prof.host, prof.ports["redis"], "redis", prof, pid)
+
+
+def start_mlflow(prof: ClusterProfile, env: dict) -> None:
+    artifacts = prof.shared_root / "mlflow-artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    pid = _spawn(prof, "mlflow", [sys.executable, "-m", "mlflow", "server",
+                                  "--backend-store-uri", prof.postgres_url("mlflow"),
+                                  "--serve-artifacts", "--artifacts-destination", artifacts.as_uri(),
+                                  "--host", prof.host, "--port", str(prof.ports["mlflow"]), "--workers", "1"],
+                 env)
+    _wait_http(f"{prof.mlflow_uri}/health", "mlflow", prof, pid)
+
+
+def start_dagster(prof: ClusterProfile, env: dict) -> None:
+    workspace = str(PROJECT_ROOT / "workspace.yaml")
+    pid = _spawn(prof, "webserver", [sys.executable, "-m", "dagster_webserver", "-w", workspace, "-h", prof.host,
+                                     "-p", str(prof.ports["webserver"])], env)
+    _spawn(prof, "daemon", [sys.executable, "-m", "dagster._daemon", "run", "-w", workspace], env)
+    _wait_http(f"http://{prof.host}:{prof.ports['webserver']}/server_info", "webserver", prof, pid)
+
+
+def worker_command(prof: ClusterProfile, name: str, queues: list[str]) -> list[str]:
+    # solo pool, one step at a time: the step runs in the worker process itself, so killing the worker's
+    # pid stops its step, and a worker never competes with itself for the machine's cores
+    return [sys.executable, "-m", "celery", "-A", "pipelines.deploy.celery_app", "worker", "-Q", ",".join(queues),
+            "-n", f"{name}@%h", "--pool", "solo", "--concurrency", "1", "--loglevel", "INFO", "--without-gossip",
+            "--without-mingle"]
+
+
+def start_workers(prof: ClusterProfile, env: dict) -> None:
+    from celery import Celery
+
+    pids = {w["name"]: _spawn(prof, f"worker-{w['name']}", worker_command(prof, w["name"], w["queues"]), env)
+            for w in prof.workers}
+    app = Celery(broker=prof.broker_url, backend=prof.backend_url)
+    host = socket.gethostname()
+    wanted = {f"{name}@{host}" for name in pids}
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        for name, pid in pids.items():
+            if not _alive(pid):
+                raise FsadError(f"worker {name} exited at start; see {_log(prof, 'worker-' + name)}")
+        replies = app.control.ping(timeout=2) or []
+        if wanted <= {k for r in replies for k in r}:
+            return
+        time.sleep(1)
+    raise FsadError(f"workers {', '.join(sorted(wanted))} did not answer a ping within 300s; see {prof.home}/logs")
+
+
+def up(prof: ClusterProfile, sweep: str | None = None, log=print) -> None:
+    """Start every service of the profile; on any failure stop what was started and raise."""
+    for sub in ("run", "logs"):
+        (prof.home / sub).mkdir(parents=True, exist_ok=True)
+    if running := [n for n in _services(prof) if (p := read_pid(prof, n)) and _alive(p)]:
+        raise FsadError(f"{prof.home}: services already running ({', '.join(running)}); stop them with "
+                        f"`python -m pipelines.deploy down --home {prof.home}`")
+    (_run_dir(prof) / SERVICES_FILE).write_text("[]")
+    prof.shared_root.mkdir(parents=True, exist_ok=True)
+    env = _python_env(prof, sweep)
+    try:
+        log(f"postgresql on {prof.host}:{prof.ports['postgres']}")
+        start_postgres(prof)
+        log(f"redis-server on {prof.host}:{prof.ports['redis']}")
+        start_redis(prof)
+        write_instance(prof)
+        apply_pool_limits(prof)
+        log(f"mlflow server on {prof.mlflow_uri}")
+        start_mlflow(prof, env)
+        log(f"dagster webserver on http://{prof.host}:{prof.ports['webserver']} and daemon")
+        start_dagster(prof, env)
+        log(f"celery workers {', '.join(w['name'] + ' (' + ','.join(w['queues']) + ')' for w in prof.workers)}")
+        start_workers(prof, env)
+    except BaseException:
+        down(prof, log=lambda _msg: None)
+        raise
+
+
+def stop_pid(pid: int, timeout: float = 30.0) -> None:
+    """SIGTERM the process group led by ``pid`` (its children too), SIGKILL what is left after ``timeout``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                return
+            time.sleep(0.2)
+
+
+def down(prof: ClusterProfile, log=print) -> list[str]:
+    """Stop every service ``up`` recorded under the home, newest first; returns the names stopped."""
+    stopped = []
+    for name in reversed(_services(prof)):
+        pid = read_pid(prof, name)
+        if pid is None:
+            continue
+        if name == "postgres":
+            data = prof.home / "postgres"
+            if _alive(pid):
+                subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60",
+                                             "stop"]), capture_output=True)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        elif _alive(pid):
+            stop_pid(pid)
+        else:  # its children (code servers, run workers) may outlive a killed leader
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        _pid_file(prof, name).unlink(missing_ok=True)
+        stopped.append(name)
+        log(f"stopped {name} (pid {pid})")
+    (_run_dir(prof) / SERVICES_FILE).unlink(missing_ok=True)
+    return stopped
+
+
+def status(prof: ClusterProfile) -> dict[str, tuple[int | None, bool]]:
+    return {name: (pid, pid is not None and _alive(pid)) for name in _services(prof)
+            for pid in [read_pid(prof, name)]}
