@@ -5,7 +5,7 @@ environment from the profile and runs ``celery -A pipelines.deploy.celery_app wo
 from the same ``ClusterProfile.celery_settings()`` the executor in the run worker uses, so both agree.
 
 Before each step the worker removes what an earlier, killed attempt of that step left behind: feature-store
-temp folders of dead processes on this host, and the MLflow runs that attempt logged (the step re-evaluates every partition it covers, so they are superseded, never counted twice).
+temp folders of dead processes on this host, and the MLflow runs (with their artifacts) that attempt logged (the step re-evaluates every partition it covers, so they are superseded, never counted twice).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from celery.signals import task_prerun, worker_ready
 from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_task
 
+from pipelines.deploy.procs import pid_alive
 from pipelines.deploy.profile import load_profile
 
 log = logging.getLogger("fsad.worker")
@@ -27,16 +28,6 @@ profile = load_profile()
 app = make_app({"broker": profile.broker_url, "backend": profile.backend_url, "include": [],
                 "config_source": profile.celery_settings()})
 execute_plan = create_task(app)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_dead_temp_files(root: Path) -> list[Path]:
@@ -52,7 +43,7 @@ def remove_dead_temp_files(root: Path) -> list[Path]:
         name = tmp.name
         owner = name.rsplit("@", 1)[1] if "@" in name else host
         pid = name.rsplit("@", 1)[0].rsplit("-", 2)[-2] if name.count("-") >= 3 else ""
-        if owner == host and pid.isdigit() and not _pid_alive(int(pid)):
+        if owner == host and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
@@ -100,5 +91,17 @@ def _before_step(task=None, kwargs=None, **_extra) -> None:
 
     tracker = Tracker(os.environ.get("MLFLOW_TRACKING_URI") or profile.mlflow_uri)
     for mlflow_run in superseded_mlflow_runs(tracker, run_id, step_keys):
-        tracker.client.delete_run(mlflow_run)
+        discard_mlflow_run(tracker, mlflow_run)
         log.warning("deleted MLflow run %s of an earlier attempt of %s", mlflow_run, ", ".join(step_keys))
+
+
+def discard_mlflow_run(tracker, mlflow_run: str) -> None:
+    """Delete the run and its artifact files (a deleted run's artifacts would otherwise stay on the share)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    uri = tracker.client.get_run(mlflow_run).info.artifact_uri
+    try:
+        get_artifact_repository(uri, tracking_uri=tracker.tracking_uri).delete_artifacts()
+    except Exception as exc:  # nothing logged yet, or a store that cannot delete: the run goes anyway
+        log.warning("artifacts of MLflow run %s not deleted (%s)", mlflow_run, exc)
+    tracker.client.delete_run(mlflow_run)

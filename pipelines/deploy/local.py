@@ -27,6 +27,7 @@ import yaml
 
 from fewshot_core.errors import FsadError
 from fewshot_core.paths import PROJECT_ROOT
+from pipelines.deploy.procs import pid_alive
 from pipelines.deploy.profile import ClusterProfile
 
 SERVICES_FILE = "services.json"
@@ -45,24 +46,11 @@ def _pid_file(prof: ClusterProfile, name: str) -> Path:
     return _run_dir(prof) / f"{name}.pid"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of this process counts as gone
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:
-        return True
-
-
 def _wait_port(host: str, port: int, what: str, prof: ClusterProfile, pid: int | None = None,
                timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if pid is not None and not _alive(pid):
+        if pid is not None and not pid_alive(pid):
             raise FsadError(f"{what} exited at start; see {_log(prof, what)}")
         try:
             with socket.create_connection((host, port), timeout=1):
@@ -75,7 +63,7 @@ def _wait_port(host: str, port: int, what: str, prof: ClusterProfile, pid: int |
 def _wait_http(url: str, what: str, prof: ClusterProfile, pid: int, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not pid_alive(pid):
             raise FsadError(f"{what} exited at start; see {_log(prof, what)}")
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
@@ -175,7 +163,7 @@ def apply_pool_limits(prof: ClusterProfile) -> None:
     import dagster as dg
 
     with dg.DagsterInstance.from_config(str(prof.dagster_home)) as instance:
-        for pool, limit in prof.pools.items():
+        for pool, limit in prof.pools.items():  # per-pool limits live in the instance's storage, not dagster.yaml
             instance.event_log_storage.set_concurrency_slots(pool, limit)
 
 
@@ -269,7 +257,7 @@ def start_workers(prof: ClusterProfile, env: dict) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         for name, pid in pids.items():
-            if not _alive(pid):
+            if not pid_alive(pid):
                 raise FsadError(f"worker {name} exited at start; see {_log(prof, 'worker-' + name)}")
         replies = app.control.ping(timeout=2) or []
         if wanted <= {k for r in replies for k in r}:
@@ -282,7 +270,7 @@ def up(prof: ClusterProfile, sweep: str | None = None, log=print) -> None:
     """Start every service of the profile; on any failure stop what was started and raise."""
     for sub in ("run", "logs"):
         (prof.home / sub).mkdir(parents=True, exist_ok=True)
-    if running := [n for n in _services(prof) if (p := read_pid(prof, n)) and _alive(p)]:
+    if running := [n for n in _services(prof) if (p := read_pid(prof, n)) and pid_alive(p)]:
         raise FsadError(f"{prof.home}: services already running ({', '.join(running)}); stop them with "
                         f"`python -m pipelines.deploy down --home {prof.home}`")
     (_run_dir(prof) / SERVICES_FILE).write_text("[]")
@@ -317,7 +305,7 @@ def stop_pid(pid: int, timeout: float = 30.0) -> None:
             os.kill(pid, sig)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not _alive(pid):
+            if not pid_alive(pid):
                 return
             time.sleep(0.2)
 
@@ -331,12 +319,12 @@ def down(prof: ClusterProfile, log=print) -> list[str]:
             continue
         if name == "postgres":
             data = prof.home / "postgres"
-            if _alive(pid):
+            if pid_alive(pid):
                 subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60",
                                              "stop"]), capture_output=True)
-            if _alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
-        elif _alive(pid):
+        elif pid_alive(pid):
             stop_pid(pid)
         else:  # its children (code servers, run workers) may outlive a killed leader
             try:
@@ -351,5 +339,5 @@ def down(prof: ClusterProfile, log=print) -> list[str]:
 
 
 def status(prof: ClusterProfile) -> dict[str, tuple[int | None, bool]]:
-    return {name: (pid, pid is not None and _alive(pid)) for name in _services(prof)
+    return {name: (pid, pid is not None and pid_alive(pid)) for name in _services(prof)
             for pid in [read_pid(prof, name)]}
