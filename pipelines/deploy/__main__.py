@@ -5,6 +5,7 @@
     python -m pipelines.deploy status [--home DIR]
     python -m pipelines.deploy down [--home DIR]
     python -m pipelines.deploy worker --name w3 --queues gpu [--profile FILE]   # a worker on another machine
+    python -m pipelines.deploy pools --profile FILE     # the file's pool limits on the instance at DAGSTER_HOME
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
                        ("down", "stop everything `up` started (by its pid files)"),
                        ("status", "list the services `up` started and whether they run"),
                        ("sweep", "run the configured sweep through the running profile"),
-                       ("worker", "run one Celery worker in the foreground (other machines)")):
+                       ("worker", "run one Celery worker in the foreground (other machines)"),
+                       ("pools", "set the profile's pool limits on the Dagster instance at $DAGSTER_HOME")):
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--home", help="cluster home: service data, logs, pid files (default: $FSAD_CLUSTER_HOME, "
                                       "else <project>/.cluster)")
@@ -51,7 +53,17 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from pipelines.deploy import local
-    from pipelines.deploy.profile import load_profile
+    from pipelines.deploy.profile import load_profile, read_pools
+
+    if args.command == "pools":  # any profile file with `pools:` (the k8s one has no cluster keys)
+        limits = read_pools(args.profile or os.environ.get("FSAD_PROFILE_CONFIG") or "deploy/cluster.yaml")
+        import dagster as dg
+
+        with dg.DagsterInstance.get() as instance:
+            for pool, limit in limits.items():
+                instance.event_log_storage.set_concurrency_slots(pool, limit)
+        print("pool limits set: " + ", ".join(f"{p}={n}" for p, n in limits.items()))
+        return 0
 
     prof = load_profile(args.profile, args.home)
     sweep = getattr(args, "sweep", None) or os.environ.get("FSAD_SWEEP_CONFIG")

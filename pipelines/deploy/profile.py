@@ -50,10 +50,14 @@ def step_placement(pool: str) -> dict:
     """``pool`` and ``op_tags`` for an asset decorator: the Dagster pool (its limit caps steps across runs), the
     Celery queue of the same name, and the pod resources a k8s step of that pool asks for. All three are inert
     under the in-process executor (pools only limit when a limit is set on the instance)."""
-    resources = ({"limits": {"nvidia.com/gpu": "1"}, "requests": {"cpu": "4", "memory": "16Gi"}} if pool == GPU_POOL
-                 else {"requests": {"cpu": "2", "memory": "8Gi"}})
-    return {"pool": pool, "op_tags": {CELERY_QUEUE_TAG: pool,
-                                      K8S_CONFIG_TAG: {"container_config": {"resources": resources}}}}
+    k8s: dict = {"container_config": {"resources": {"requests": {"cpu": "2", "memory": "8Gi"}}}}
+    if pool == GPU_POOL:
+        k8s = {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"},
+                                                  "requests": {"cpu": "4", "memory": "16Gi"}}},
+               # GPU nodes are usually tainted so that only pods asking for a GPU land there
+               "pod_spec_config": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                    "effect": "NoSchedule"}]}}
+    return {"pool": pool, "op_tags": {CELERY_QUEUE_TAG: pool, K8S_CONFIG_TAG: k8s}}
 
 
 def _read_yaml(path: Path, what: str) -> dict:
@@ -220,6 +224,17 @@ def k8s_executor(path: str | Path | None = None):
         raise FsadError(f"{PROFILE_ENV}=k8s needs dagster-k8s; install it with `pip install -e '.[cluster]'` "
                         "(the Helm chart's user-code image must have it too)") from None
     return k8s_job_executor.configured(load_k8s_executor_config(path), name="fsad_k8s")
+
+
+def read_pools(path: str | Path) -> dict[str, int]:
+    """The ``pools:`` mapping of a profile file (cluster.yaml or k8s/executor.yaml): pool -> step limit."""
+    path = Path(path).resolve()
+    pools = _read_yaml(path, "profile").get("pools")
+    if not isinstance(pools, dict) or not pools or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                                                       for v in pools.values()):
+        raise FsadError(f"{path}: pools must map each pool to a limit >= 1 (e.g. pools: {{cpu: 2, gpu: 1}}); "
+                        "fix `pools:`")
+    return {str(k): int(v) for k, v in pools.items()}
 
 
 # -- what the code location uses -------------------------------------------------------------------------
