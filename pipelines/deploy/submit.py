@@ -49,36 +49,64 @@ def wait_for_chain(instance: dg.DagsterInstance, run_id: str, timeout: float, po
     raise FsadError(f"Dagster run {run_id} did not finish within {timeout:.0f}s; open it in the webserver")
 
 
+def category_ranges(pdef, keys: list[str]) -> list[tuple[str, str, int]]:
+    """(first key, last key, count) of each contiguous run of ``keys`` that shares one category.
+
+    A partition-range run covers the keys between its ends in the definition's own order, so only
+    contiguous runs can be one run each; with the category dimension first they are one per category."""
+    dims = [d.name for d in getattr(pdef, "partitions_defs", [])]
+    if "category" not in dims:
+        return [(keys[0], keys[-1], len(keys))]
+    at = dims.index("category")
+    groups: list[list[str]] = []
+    for key in keys:
+        if groups and groups[-1][0].split("|")[at] == key.split("|")[at]:
+            groups[-1].append(key)
+        else:
+            groups.append([key])
+    return [(g[0], g[-1], len(g)) for g in groups]
+
+
 def run_sweep_on_cluster(prof: ClusterProfile, defs: dg.Definitions, instance: dg.DagsterInstance, log=print,
-                         tags: dict | None = None, stage_timeout: float = 6 * 3600) -> list[dict]:
-    """Submit every stage in order and wait for each; raise FsadError naming the failed stage."""
+                         tags: dict | None = None, stage_timeout: float = 6 * 3600,
+                         per_category: bool = True) -> list[dict]:
+    """Submit every stage in order and wait for each; raise FsadError naming the failed stage.
+
+    ``per_category``: a partitioned stage is one run per category (all submitted at once), so the run queue,
+    the pools and the workers see categories x assets steps instead of one step per asset."""
     client = _client(prof)
     summaries = []
     for name, group in stages(defs):
-        run_tags = {"fsad/stage": name, **(tags or {})}
         pdef = group[0].partitions_def
-        n_keys = None
+        ranges: list[tuple[str, str, int] | None] = [None]
         if pdef is not None:
             keys = pdef.get_partition_keys(dynamic_partitions_store=instance)
             if not keys:
                 raise FsadError(f"stage {name}: no partitions (no categories registered); run the data stage first")
-            run_tags.update({RANGE_START: keys[0], RANGE_END: keys[-1]})
-            n_keys = len(keys)
+            ranges = category_ranges(pdef, keys) if per_category else [(keys[0], keys[-1], len(keys))]
         start = time.perf_counter()
-        log(f"[{name}] {len(group)} asset(s)" + (f", {n_keys} partition(s)" if n_keys else "") + " submitted")
-        try:
-            run_id = client.submit_job_execution("__ASSET_JOB", repository_location_name="fsad",
-                                                 repository_name="__repository__", tags=run_tags,
-                                                 asset_selection=[a.key for a in group])
-        except Exception as exc:  # the client wraps GraphQL and connection errors alike
-            raise FsadError(f"stage {name}: the webserver at {prof.host}:{prof.ports['webserver']} refused the run "
-                            f"({str(exc).splitlines()[0]}); is the profile up (`python -m pipelines.deploy up`)?")
-        final = wait_for_chain(instance, run_id, stage_timeout)
+        log(f"[{name}] {len(group)} asset(s)" + (f", {sum(r[2] for r in ranges)} partition(s) in {len(ranges)} "
+                                                 "run(s)" if pdef is not None else "") + " submitted")
+        submitted = []
+        for rng in ranges:
+            run_tags = {"fsad/stage": name, **(tags or {})}
+            if rng is not None:
+                run_tags.update({RANGE_START: rng[0], RANGE_END: rng[1]})
+            try:
+                submitted.append(client.submit_job_execution(
+                    "__ASSET_JOB", repository_location_name="fsad", repository_name="__repository__",
+                    tags=run_tags, asset_selection=[a.key for a in group]))
+            except Exception as exc:  # the client wraps GraphQL and connection errors alike
+                raise FsadError(f"stage {name}: the webserver at {prof.host}:{prof.ports['webserver']} refused the "
+                                f"run ({str(exc).splitlines()[0]}); is the profile up (`python -m pipelines.deploy "
+                                "up`)?") from None
+        finals = [wait_for_chain(instance, run_id, stage_timeout) for run_id in submitted]
         seconds = time.perf_counter() - start
-        summaries.append({"stage": name, "run_id": final.run_id, "root_run_id": run_id,
-                          "success": final.status == dg.DagsterRunStatus.SUCCESS, "seconds": seconds})
-        if final.status != dg.DagsterRunStatus.SUCCESS:
-            raise FsadError(f"stage {name}: Dagster run {final.run_id} ended {final.status.value}; open it in the "
-                            f"webserver (http://{prof.host}:{prof.ports['webserver']}/runs/{final.run_id})")
-        log(f"[{name}] done in {seconds:.1f}s (run {final.run_id[:8]})")
+        for run_id, final in zip(submitted, finals):
+            summaries.append({"stage": name, "run_id": final.run_id, "root_run_id": run_id,
+                              "success": final.status == dg.DagsterRunStatus.SUCCESS, "seconds": seconds})
+        if failed := [f for f in finals if f.status != dg.DagsterRunStatus.SUCCESS]:
+            raise FsadError(f"stage {name}: Dagster run {failed[0].run_id} ended {failed[0].status.value}; open it "
+                            f"in the webserver (http://{prof.host}:{prof.ports['webserver']}/runs/{failed[0].run_id})")
+        log(f"[{name}] done in {seconds:.1f}s ({len(finals)} run(s))")
     return summaries
