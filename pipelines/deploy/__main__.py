@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
                        ("pools", "set the profile's pool limits on the Dagster instance at $DAGSTER_HOME")):
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--home", help="cluster home: service data, logs, pid files (default: $FSAD_CLUSTER_HOME, "
-                                      "else <project>/.cluster)")
+                                      "else ./.cluster)")
         s.add_argument("--profile", help="cluster profile YAML (default: $FSAD_PROFILE_CONFIG, else "
                                          "deploy/cluster.yaml)")
         if name in ("up", "sweep", "worker"):

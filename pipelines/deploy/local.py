@@ -26,9 +26,8 @@ from pathlib import Path
 import yaml
 
 from fewshot_core.errors import FsadError
-from fewshot_core.paths import PROJECT_ROOT
 from pipelines.deploy.procs import pid_alive
-from pipelines.deploy.profile import ClusterProfile
+from pipelines.deploy.profile import CHECKOUT, ClusterProfile
 
 SERVICES_FILE = "services.json"
 
@@ -99,7 +98,7 @@ def read_pid(prof: ClusterProfile, name: str) -> int | None:
 def _spawn(prof: ClusterProfile, name: str, cmd: list[str], env: dict | None = None) -> int:
     """Start ``cmd`` in its own session (so ``down`` can stop it with its children), log to logs/<name>.log."""
     log = _log(prof, name).open("ab")
-    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env={**os.environ, **(env or {})}, stdout=log,
+    proc = subprocess.Popen(cmd, cwd=CHECKOUT, env={**os.environ, **(env or {})}, stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
     _record(prof, name, proc.pid)
@@ -125,7 +124,7 @@ def _as_postgres(cmd: list[str]) -> list[str]:
 
 def _python_env(prof: ClusterProfile, sweep: str | None) -> dict:
     env = prof.process_env(sweep)
-    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join([str(CHECKOUT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -231,7 +230,7 @@ def start_mlflow(prof: ClusterProfile, env: dict) -> None:
 
 
 def start_dagster(prof: ClusterProfile, env: dict) -> None:
-    workspace = str(PROJECT_ROOT / "workspace.yaml")
+    workspace = str(CHECKOUT / "workspace.yaml")
     pid = _spawn(prof, "webserver", [sys.executable, "-m", "dagster_webserver", "-w", workspace, "-h", prof.host,
                                      "-p", str(prof.ports["webserver"])], env)
     _spawn(prof, "daemon", [sys.executable, "-m", "dagster._daemon", "run", "-w", workspace], env)

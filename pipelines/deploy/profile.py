@@ -16,15 +16,16 @@ from pathlib import Path
 import yaml
 
 from fewshot_core.errors import FsadError
-from fewshot_core.paths import PROJECT_ROOT
 
 PROFILE_ENV = "FSAD_PROFILE"
 CONFIG_ENV = "FSAD_PROFILE_CONFIG"
 HOME_ENV = "FSAD_CLUSTER_HOME"
 SHARED_ENV = "FSAD_SHARED_ROOT"
 PROFILES = ("embedded", "cluster", "k8s")
-DEFAULT_CLUSTER_CONFIG = PROJECT_ROOT / "deploy" / "cluster.yaml"
-DEFAULT_K8S_CONFIG = PROJECT_ROOT / "deploy" / "k8s" / "executor.yaml"
+# The checkout holding deploy/ and workspace.yaml: every machine of the profile runs the code from one
+CHECKOUT = Path(__file__).resolve().parents[2]
+DEFAULT_CLUSTER_CONFIG = CHECKOUT / "deploy" / "cluster.yaml"
+DEFAULT_K8S_CONFIG = CHECKOUT / "deploy" / "k8s" / "executor.yaml"
 
 CPU_POOL, GPU_POOL = "cpu", "gpu"
 # Trained on the support images or meta-trained on a backbone: these want an accelerator; the rest run from
@@ -165,14 +166,14 @@ def _int(path, raw, key, default, minimum=0) -> int:
 
 def load_profile(path: str | Path | None = None, home: str | Path | None = None) -> ClusterProfile:
     """The cluster profile from ``path`` (else ``FSAD_PROFILE_CONFIG``, else ``deploy/cluster.yaml``); ``home``
-    (else ``FSAD_CLUSTER_HOME``, else ``<project>/.cluster``) holds the local services' data, logs and pids."""
+    (else ``FSAD_CLUSTER_HOME``, else ``./.cluster``) holds the local services' data, logs and pids."""
     path = Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CLUSTER_CONFIG).resolve()
     raw = _read_yaml(path, "cluster profile")
     known = {"host", "ports", "shared_root", "pools", "workers", "max_concurrent_runs", "celery", "run_retries",
              "step_retries"}
     if unknown := sorted(set(raw) - known):
         raise FsadError(f"{path}: unknown key(s) {', '.join(unknown)}; use only {', '.join(sorted(known))}")
-    home = Path(home or os.environ.get(HOME_ENV) or PROJECT_ROOT / ".cluster").resolve()
+    home = Path(home or os.environ.get(HOME_ENV) or Path.cwd() / ".cluster").resolve()
     prof = ClusterProfile(path=path, home=home)
     prof.host = str(os.environ.get("FSAD_CLUSTER_HOST") or raw.get("host", prof.host))
     ports = raw.get("ports") or {}

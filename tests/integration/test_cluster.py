@@ -171,7 +171,7 @@ def test_steps_ran_in_both_workers_and_postgres_holds_runs_and_events(cluster, s
     workers = step_workers(instance, [r["run_id"] for r in sweep])
     assert set(workers) == {"w1", "w2"}, workers
     steps = set().union(*workers.values())
-    assert {"dataset", "embeddings", "memory_banks", "benchmark_table"} <= steps
+    assert {"dataset", "embeddings", "benchmark_table"} <= steps and any(k.startswith("memory_banks") for k in steps)
     assert sum(k.startswith("evaluation__") for k in steps) == 3
     prof = cluster["prof"]
     with psycopg2.connect(host=prof.host, port=prof.ports["postgres"], user="postgres", dbname="dagster") as conn:
