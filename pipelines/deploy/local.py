@@ -303,10 +303,14 @@ def stop_pid(pid: int, timeout: float = 30.0) -> None:
         except PermissionError:
             os.kill(pid, sig)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not pid_alive(pid):
-                return
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.2)
+        if not pid_alive(pid):
+            break
+    try:  # members of the group that outlived their leader (a code server ignoring SIGTERM)
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def down(prof: ClusterProfile, log=print) -> list[str]:
