@@ -278,18 +278,6 @@ def test_worker_removes_only_this_hosts_dead_temp_folders(tmp_path):
     assert live.exists() and other.exists() and not dead.exists() and not legacy.exists()
 
 
-def test_store_never_reaps_another_hosts_build(tmp_path):
-    from fewshot_core.features.store import FeatureStore
-
-    key = "cat-bb-64-0123456789abcdef"
-    other = tmp_path / f".tmp-{key}-{_dead_pid()}-00000000@another-host"
-    mine = tmp_path / f".tmp-{key}-{_dead_pid()}-00000000@{socket.gethostname()}"
-    other.mkdir()
-    mine.mkdir()
-    FeatureStore(tmp_path)._remove_stale_tmp(key)
-    assert other.exists() and not mine.exists()
-
-
 def test_superseded_mlflow_runs_of_a_step_are_deleted_with_their_artifacts(tmp_path):
     from fewshot_core import tracking
     from fewshot_core.tracking import Tracker
