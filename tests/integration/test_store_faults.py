@@ -23,7 +23,7 @@ from fewshot_core.cli import main
 from fewshot_core.data.mvtec import load_category
 from fewshot_core.data.synth import generate
 from fewshot_core.features import FeatureStore, verify_partition
-from fewshot_core.paths import PROJECT_ROOT
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: subprocesses import this code
 
 SIZE = 64
 
