@@ -10,7 +10,7 @@ for the very same episodes (``sample_oneclass(dataset, shots, seed)``).
 
 Budgets: ``--preset cpu`` is each method's CPU default (one bottle fit within ~10 min on a laptop
 CPU); ``--preset gpu`` (the default when CUDA is present) trains longer and at 256 px. ``--steps``
-overrides every method's step count; ``--param METHOD.KEY=JSON`` sets any config field. Trained
+overrides every method's step count; ``--param METHOD.KEY=JSON`` sets any parameter. Trained
 weights go to ``--artifacts`` (default $FSAD_HOME/artifacts), so a rerun reloads them; pass
 ``--fresh`` to train into a temporary folder instead.
 """
@@ -29,10 +29,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fewshot_core.data import load_dataset  # noqa: E402
-from fewshot_core.episodes import sample_oneclass  # noqa: E402
 from fewshot_core.evaluation.oneclass import evaluate_oneclass, parse_shots  # noqa: E402
-from fewshot_core.methods.training import run_image_episode  # noqa: E402
+from fewshot_core.methods import registry  # noqa: E402
 from fewshot_core.paths import default_work_dir, shared_mvtec_root  # noqa: E402
+from fewshot_core.runtime import Runtime  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, default=None, help="seconds per fit (overrides each config)")
     p.add_argument("--quick", action="store_true", help="smoke run: preset quick, 1 seed, shots 1 and 4")
     p.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=JSON",
-                   help="config field, e.g. glass.steps=200 or patchcore.coreset_ratio=0.1")
+                   help="method parameter, e.g. glass.steps=200 or patchcore.coreset_ratio=0.1")
     p.add_argument("--no-patchcore", action="store_true", help="skip the PatchCore reference rows")
     p.add_argument("--mask-size", type=int, default=256)
     p.add_argument("--artifacts", type=Path, default=None, help="trained-weights folder (default $FSAD_HOME/artifacts)")
@@ -155,7 +155,6 @@ def main(argv=None) -> int:
             params[m]["steps"] = args.steps
         if args.time_budget is not None:
             params[m]["time_budget_s"] = args.time_budget
-        params[m]["progress"] = False
     patchcore_params: dict = {}
     for item in args.param:
         key, _, value = item.partition("=")
@@ -164,11 +163,10 @@ def main(argv=None) -> int:
         target[name] = json.loads(value)
 
     if args.prepare:
-        from fewshot_core.methods.efficientad import EfficientAD
-
         artifacts = args.artifacts or default_work_dir() / "artifacts"
         t0 = time.perf_counter()
-        meta = EfficientAD(artifact_dir=artifacts, **params.get("efficientad", {})).prepare_teacher()
+        runtime = Runtime(artifact_dir=artifacts, progress=False, threads=args.threads)
+        meta = registry.create("efficientad", runtime=runtime, **params.get("efficientad", {})).prepare_teacher()
         print(f"EfficientAD generic teacher in {artifacts} ({time.perf_counter() - t0:.1f} s): "
               f"{ {k: v for k, v in meta.items() if k.startswith('teacher_') or k == 'images'} }", flush=True)
         return 0
@@ -179,6 +177,7 @@ def main(argv=None) -> int:
         return 2
     dataset = load_dataset(root, "bottle")
     artifacts = Path(tempfile.mkdtemp(prefix="fsad-art-")) if args.fresh else (args.artifacts or default_work_dir() / "artifacts")
+    runtime = Runtime(artifact_dir=artifacts, progress=False, threads=args.threads)
     device = f"cuda: {torch.cuda.get_device_name(0)}" if cuda else f"cpu ({torch.get_num_threads()} threads)"
     print(f"bottle: {len(dataset.train_good())} train/good, {len(dataset.test())} test; device {device}; "
           f"preset {preset}; seeds {args.seeds}; artifacts {artifacts}", flush=True)
@@ -212,12 +211,10 @@ def main(argv=None) -> int:
             print(_line("patchcore", shots, rows, "fit_s"), flush=True)
             save()
         for method in args.methods:
-            rows = []
-            for seed in args.seeds:
-                episode = sample_oneclass(dataset, parse_shots(shots), seed)
-                rows.append(run_image_episode(dataset, episode, method, params[method], mask_size=args.mask_size,
-                                              artifact_dir=artifacts, cache=cache))
-                rows[-1]["label"] = f"{method}:{args.tag}" if args.tag else method
+            rows = evaluate_oneclass(dataset, None, method, parse_shots(shots), args.seeds, params[method],
+                                     mask_size=args.mask_size, cache=cache, runtime=runtime)
+            for row in rows:
+                row["label"] = f"{method}:{args.tag}" if args.tag else method
             results.extend(rows)
             print(_line(rows[0]["label"], shots, rows, "train_s"), flush=True)
             save()

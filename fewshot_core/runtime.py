@@ -20,7 +20,8 @@ class Runtime:
     """``device``: cpu, cuda, cuda:N or None (CUDA when present). ``artifact_dir``: where trained weights
     are cached and reloaded (None: train without caching; ``"auto"``: ``$FSAD_HOME/artifacts``).
     ``threads``: torch intra-op threads while a method runs (None: torch's choice). ``faiss_gpu``: "auto"
-    (GPU nearest-neighbour search when faiss has one), True or False."""
+    (GPU nearest-neighbour search when faiss has one), True or False. ``score_batch``: images per forward
+    pass when a detector that trains on images scores (bounds GPU and CPU memory)."""
 
     device: str | None = None
     artifact_dir: str | Path | None = AUTO
@@ -28,12 +29,15 @@ class Runtime:
     threads: int | None = None
     amp: bool = True
     faiss_gpu: bool | str = AUTO
+    score_batch: int = 8
 
     def __post_init__(self):
         from fewshot_core.errors import FsadError
 
         if self.threads is not None and int(self.threads) < 1:
             raise FsadError(f"threads={self.threads}: give a positive number of threads (or none for torch's choice)")
+        if int(self.score_batch) < 1:
+            raise FsadError(f"score_batch={self.score_batch}: give a positive number of images per batch")
 
     def replace(self, **changes) -> "Runtime":
         return replace(self, **changes)

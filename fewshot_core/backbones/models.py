@@ -41,12 +41,15 @@ def _timm_model(name: str, info: WeightsInfo) -> nn.Module:
     return model
 
 
-def create_model(name: str = DEFAULT_BACKBONE, weights="auto", device=None) -> nn.Module:
-    """The full timm model with resolved weights, in eval mode; ``model.fsad_weights`` is its ``WeightsInfo``."""
-    info = resolve_weights(name, weights)
-    model = _timm_model(name, info).eval().to(resolve_device(device))
-    model.fsad_weights = info
-    return model
+def create_model(name: str = DEFAULT_BACKBONE, weights="auto", device=None,
+                 weights_info: WeightsInfo | None = None) -> nn.Module:
+    """The full timm model with resolved weights, in eval mode.
+
+    Which weights those are is ``resolve_weights(name, weights)``; a caller that records them (a method's
+    provenance) resolves them first and passes ``weights_info``, so the record and the model cannot differ.
+    """
+    info = weights_info or resolve_weights(name, weights)
+    return _timm_model(name, info).eval().to(resolve_device(device))
 
 
 def default_layers(feature_info: list[dict]) -> tuple[int, int]:

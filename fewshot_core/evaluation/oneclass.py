@@ -1,10 +1,12 @@
 """The one-class protocol: fit a method on k good support images, score the whole test split.
 
-Everything comes from the feature store (``partition.patch(ids)``); masks are read at ``mask_size``
-(a square resolution, 256 by default: the store resizes images to a square without cropping, so
-upsampling the patch map to the mask size is a pure rescale). Pixel metrics stream through
-``PixelAccumulator`` (exact below ~8 M pixels, fixed-bin histograms above). Pure library code:
-no printing, no Dagster, no MLflow.
+The registry entry's input kind picks the loader: patch features from the feature store
+(``partition.patch(ids)``), or, for the detectors that train on pixels (EfficientAD, GLASS, REB; they
+need no partition), the decoded images at the detector's ``image_size``. Masks are read at ``mask_size``
+(a square resolution, 256 by default: the store and the image loader resize to a square without
+cropping, so rescaling a map to the mask size is a pure rescale); every detector's maps reach it through
+its ``anomaly_maps`` (the one shared post-processing). Pixel metrics stream through ``PixelAccumulator``
+(exact below ~8 M pixels, fixed-bin histograms above). Pure library code: no printing, no Dagster, no MLflow.
 
 Row fields: identity (``episode_id``, ``protocol``, ``category``, ``method``, ``params`` as JSON,
 ``backbone``, ``partition_key``, ``shots`` = number of support images, ``full_shot`` ("yes"/"no",
@@ -12,8 +14,10 @@ a string so aggregation never averages it), ``seed``, ``n_support``, ``n_query``
 ``mask_size``), the metrics present (``image_auroc``, ``image_f1_max``, ``pixel_auroc``,
 ``pixel_f1_max``, ``aupro``), ``balanced_accuracy`` at the model's decision ``threshold`` (set from the
 good support images only, ``threshold_rule`` says how; ``evaluation/threshold.py``), ``bank_size``,
-``fit_s`` (fit, plus embedding of augmented images) and
-``score_s`` (scoring only; anomaly maps and metrics excluded).
+``fit_s`` (fit, plus embedding of augmented images) and ``score_s`` (scoring only; anomaly maps and
+metrics excluded). Detectors that train on images add ``train_s`` (the original training time, also when
+the weights were reloaded; ``fit_s`` is then the load time), ``train_steps``, ``stopped_by``,
+``loaded_from_artifact`` and ``device``.
 
 The registry entry's input kind picks the loader: patch features from the store, or the images
 themselves for the detectors that train on pixels (EfficientAD, GLASS, REB; they need no partition).
@@ -29,9 +33,8 @@ import numpy as np
 
 from fewshot_core.episodes import OneClassEpisode, sample_oneclass
 from fewshot_core.errors import FsadError
-from fewshot_core.evaluation.threshold import ThresholdConfig, decision_metrics, fit_threshold
+from fewshot_core.evaluation.threshold import Threshold, ThresholdConfig, decision_metrics, fit_threshold
 from fewshot_core.methods import registry
-from fewshot_core.methods.anomaly_map import DEFAULT_SIGMA
 from fewshot_core.methods.augment import AUGMENT_MODES, TRANSFORMS, augment_feature_maps, embed_augmented
 from fewshot_core.metrics import PixelAccumulator, image_metrics
 
@@ -107,6 +110,31 @@ def episode_identity(dataset, episode: OneClassEpisode, method: str, params: Map
     }
 
 
+def episode_images(dataset, ids: Sequence[str], size: int, cache: dict | None):
+    """Images of ``ids`` at ``size`` (float [n, 3, S, S] in [0, 1]); decoded once per (image, size) with a cache."""
+    import torch
+
+    from fewshot_core.methods.training import load_images
+
+    if cache is None:
+        return load_images([dataset.by_id(i).path for i in ids], size)
+    keys = {i: ("image", str(dataset.root), dataset.category, i, size) for i in ids}
+    missing = [i for i in ids if keys[i] not in cache]
+    if missing:
+        for i, x in zip(missing, load_images([dataset.by_id(i).path for i in missing], size)):
+            cache[keys[i]] = x
+    return torch.stack([cache[keys[i]] for i in ids])
+
+
+def _trained_fields(model) -> dict:
+    """Row fields of a detector that trains on images, from its ``fit_info_``."""
+    info = getattr(model, "fit_info_", {})
+    return {"train_s": float(info.get("fit_s", 0.0)), "train_steps": int(info.get("steps", 0)),
+            "stopped_by": str(info.get("stopped_by", "")),
+            "loaded_from_artifact": bool(info.get("loaded_from_artifact", False)),
+            "device": str(info.get("device", ""))}
+
+
 def _support_features(dataset, partition, episode, augment: str, transforms, cache) -> np.ndarray:
     support = partition.patch(list(episode.support_ids))
     if augment == "features":
@@ -120,51 +148,75 @@ def _support_features(dataset, partition, episode, augment: str, transforms, cac
 def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: str,
                          method_params: Mapping | None = None, mask_size: int = 256,
                          augment: str = "none", augment_transforms: Sequence[str] = TRANSFORMS,
-                         sigma: float = DEFAULT_SIGMA, cache: dict | None = None,
+                         sigma: float | None = None, cache: dict | None = None,
                          details: dict | None = None, runtime=None,
                          threshold: ThresholdConfig | None = None) -> dict:
-    """Fit ``method`` on the episode's support features, score its queries, return one row of metrics.
+    """Fit ``method`` on the episode's support (features or images, as its registry entry says), score its
+    queries, return one row of metrics. ``sigma`` overrides the detector's own map smoothing (None: its
+    ``map_sigma``, 4 px for patch maps, 0 for maps already smoothed at image resolution).
 
-    Pass a dict as ``details`` to get the fitted ``model``, ``image_scores``, ``patch_maps``, ``labels``,
-    ``query_ids`` and ``threshold`` back (for plots and saved models without refitting). ``threshold``:
-    how the decision threshold is set (default ``ThresholdConfig(seed=episode.seed)``).
+    Pass a dict as ``details`` to get the fitted ``model``, ``image_scores``, ``patch_maps`` (the maps
+    ``score`` returned, at the method's own resolution), ``labels``, ``query_ids`` and ``threshold`` back
+    (for plots and saved models without refitting). ``threshold``: how the decision threshold is set
+    (default ``ThresholdConfig(seed=episode.seed)``).
     """
     entry = registry.get(method, protocol=registry.ONECLASS)
-    if entry.input_kind != registry.PATCHES:
-        raise FsadError(f"method {method!r}: trains on images, not on patch features; run it with evaluate_oneclass")
+    on_images = entry.input_kind == registry.IMAGES
     if augment not in AUGMENT_MODES:
         raise FsadError(f"augment {augment!r}: unknown; use one of {', '.join(AUGMENT_MODES)}")
+    if on_images and augment != "none":
+        raise FsadError(f"augment {augment!r}: only for feature-based methods; {method} trains on images")
+    if not on_images and partition is None:
+        raise FsadError(f"method {method!r}: reads patch features; build the feature-store partition first (fsad embed)")
     if int(mask_size) < 8:
         raise FsadError(f"mask size {mask_size}: too small; use e.g. 256")
     cache = {} if cache is None else cache
     params = dict(method_params or {})
-    params.setdefault("seed", episode.seed)  # coreset / index randomness follows the episode seed
+    params.setdefault("seed", episode.seed)  # coreset / index / training randomness follows the episode seed
     model = registry.create(method, runtime=runtime, **params)
 
-    t0 = time.perf_counter()
-    support = _support_features(dataset, partition, episode, augment, augment_transforms, cache)
+    if on_images:
+        size = int(model.image_size)
+        load = lambda ids: episode_images(dataset, ids, size, cache)  # noqa: E731
+        support = load(list(episode.support_ids))
+        t0 = time.perf_counter()  # decoding is not the method's time
+    else:
+        load = partition.patch
+        t0 = time.perf_counter()
+        support = _support_features(dataset, partition, episode, augment, augment_transforms, cache)
     model.fit(support)
     fit_s = time.perf_counter() - t0
     del support
 
     query_ids = list(episode.query_ids)
-    scores, patch_maps, score_s = score_in_batches(query_ids, partition.patch, model.score, SCORE_BATCH)
+    scores, patch_maps, score_s = score_in_batches(query_ids, load, model.score, SCORE_BATCH)
 
     labels, metrics = query_metrics(dataset, query_ids, scores, patch_maps,
                                     lambda batch: model.anomaly_maps(batch, int(mask_size), sigma), mask_size, cache)
-    cut = support_threshold(method, params, partition.patch(list(episode.support_ids)), runtime,
-                            threshold or ThresholdConfig(seed=episode.seed))
+    if on_images:  # held-out scores would need the detector trained again without each held-out image
+        cut = Threshold(None, "none", float((threshold or ThresholdConfig()).fpr), len(episode.support_ids), [],
+                        "trained on images: a support-only threshold would retrain the detector; not computed")
+    else:
+        cut = support_threshold(method, params, partition.patch(list(episode.support_ids)), runtime,
+                                threshold or ThresholdConfig(seed=episode.seed))
     metrics.update(decision_metrics(labels, scores, cut))
     if details is not None:
         details.update(model=model, image_scores=scores, patch_maps=patch_maps, labels=labels, query_ids=query_ids,
                        threshold=cut)
+    if on_images:
+        backbone, partition_key = getattr(model, "backbone", None), None
+        bank = getattr(model, "fit_info_", {}).get("bank", 0)
+    else:
+        backbone, partition_key = partition.meta.get("backbone"), partition.meta.get("key")
+        bank = len(getattr(model, "bank_", ()))
     return {
-        **episode_identity(dataset, episode, method, model.get_params(), partition.meta.get("backbone"),
-                           partition.meta.get("key"), len(query_ids), augment, mask_size),
+        **episode_identity(dataset, episode, method, model.get_params(), backbone, partition_key, len(query_ids),
+                           augment, mask_size),
         **metrics,
-        "bank_size": int(len(getattr(model, "bank_", ()))),
+        "bank_size": int(bank),
         "fit_s": round(fit_s, 4),
         "score_s": round(score_s, 4),
+        **(_trained_fields(model) if on_images else {}),
     }
 
 
@@ -194,28 +246,17 @@ def parse_shots(shots) -> int | None:
 
 def evaluate_oneclass(dataset, partition, method: str, shots, seeds, method_params: Mapping | None = None,
                       mask_size: int = 256, augment: str = "none",
-                      augment_transforms: Sequence[str] = TRANSFORMS, sigma: float = DEFAULT_SIGMA,
+                      augment_transforms: Sequence[str] = TRANSFORMS, sigma: float | None = None,
                       cache: dict | None = None, runtime=None,
                       threshold: ThresholdConfig | None = None) -> list[dict]:
     """One row per seed (see ``run_oneclass_episode``); ``shots`` is an int or ``"full"``/None.
-    ``runtime`` (``fewshot_core.runtime.Runtime``) says where and how to compute."""
+    ``runtime`` (``fewshot_core.runtime.Runtime``) says where and how to compute, and where the detectors
+    that train on images cache their weights. ``partition`` may be None for those."""
     shots = parse_shots(shots)
     if isinstance(seeds, (int, np.integer)):
         seeds = [int(seeds)]
     cache = {} if cache is None else cache
-    image_method = registry.get(method, protocol=registry.ONECLASS).input_kind == registry.IMAGES
-    if image_method and augment != "none":
-        raise FsadError(f"augment {augment!r}: only for feature-based methods; {method} trains on images")
-    rows = []
-    for seed in seeds:
-        episode = sample_oneclass(dataset, shots, int(seed))
-        if image_method:  # trained on pixels, not on the store: methods.training runs the same protocol
-            from fewshot_core.methods.training import run_image_episode
-
-            rows.append(run_image_episode(dataset, episode, method, dict(method_params or {}), mask_size,
-                                          cache=cache))
-        else:
-            rows.append(run_oneclass_episode(dataset, partition, episode, method, method_params, mask_size,
-                                             augment, augment_transforms, sigma, cache, runtime=runtime,
-                                             threshold=threshold))
-    return rows
+    registry.get(method, protocol=registry.ONECLASS)  # an unknown method fails before any episode is drawn
+    return [run_oneclass_episode(dataset, partition, sample_oneclass(dataset, shots, int(seed)), method,
+                                 method_params, mask_size, augment, augment_transforms, sigma, cache,
+                                 runtime=runtime, threshold=threshold) for seed in seeds]

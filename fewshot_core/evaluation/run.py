@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fewshot_core.methods import registry
 from fewshot_core.settings import ONECLASS, Setting
 
 METRIC_NAMES = frozenset({"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro", "accuracy",
@@ -82,36 +81,22 @@ def evaluate_setting(dataset, partition, method: str, setting: Setting, method_p
 
 def _model_files(model) -> dict[str, bytes]:
     """The fitted model's save folder as ``model/<file>`` artifacts (its manifest, arrays, weights)."""
-    folder = getattr(model, "artifact_path", None)  # trained detectors keep their own artifact folder
-    if folder is None and hasattr(model, "save"):
-        with tempfile.TemporaryDirectory(prefix="fsad-model-") as tmp:
-            saved = Path(model.save(Path(tmp) / "model"))
-            return {f"model/{f.name}": f.read_bytes() for f in sorted(saved.iterdir()) if f.is_file()}
-    if folder is not None and Path(folder).is_dir():
-        return {f"model/{f.name}": f.read_bytes() for f in sorted(Path(folder).iterdir()) if f.is_file()}
-    return {}
+    if not hasattr(model, "save"):
+        return {}
+    with tempfile.TemporaryDirectory(prefix="fsad-model-") as tmp:
+        saved = Path(model.save(Path(tmp) / "model"))
+        return {f"model/{f.name}": f.read_bytes() for f in sorted(saved.iterdir()) if f.is_file()}
 
 
 def _oneclass(dataset, partition, method, episode, params, size, cache, runtime, title) -> SettingResult:
-    from fewshot_core.methods.anomaly_map import to_image_maps
+    from fewshot_core.evaluation.oneclass import run_oneclass_episode
     from fewshot_core.reports import gallery, plots
 
-    details: dict = {}
-    if registry.get(method, protocol=ONECLASS).input_kind == registry.IMAGES:  # trained on the support images
-        from fewshot_core.methods.training import run_image_episode
-
-        row = run_image_episode(dataset, episode, method, params, mask_size=size, details=details, cache=cache,
-                                artifact_dir=runtime.artifacts if runtime is not None else "auto")
-        # their maps are smoothed at the method's own map size already: only rescale for display
-        image_maps = lambda maps: to_image_maps(maps, size, sigma=0)  # noqa: E731
-        maps = details["anomaly_maps"]
-    else:
-        from fewshot_core.evaluation.oneclass import run_oneclass_episode
-
-        row = run_oneclass_episode(dataset, partition, episode, method, params, mask_size=size, cache=cache,
-                                   details=details, runtime=runtime)
-        image_maps = lambda maps: details["model"].anomaly_maps(maps, size)  # noqa: E731  (as the metrics)
-        maps = details["patch_maps"]
+    details: dict = {}  # the loader (store features or decoded images) follows the registry's input kind
+    row = run_oneclass_episode(dataset, partition, episode, method, params, mask_size=size, cache=cache,
+                               details=details, runtime=runtime)
+    image_maps = lambda maps: details["model"].anomaly_maps(maps, size)  # noqa: E731  (as the metrics)
+    maps = details["patch_maps"]
     scores, labels, query_ids = details["image_scores"], np.asarray(details["labels"]), list(details["query_ids"])
     artifacts: dict = {"plots/roc_curve.png": plots.roc_curve_png(labels, scores, title)}
     picks = gallery.pick_examples(labels, scores)

@@ -113,34 +113,35 @@ def save_model(model, folder, extra: dict | None = None) -> Path:
     return folder
 
 
-def read_manifest(folder) -> dict:
-    """The manifest of a saved model folder; anything else is a one-line error saying how to rebuild."""
+def read_manifest(folder, rebuild: str = REBUILD) -> dict:
+    """The manifest of a saved model folder; anything else is a one-line error saying how to rebuild
+    (``rebuild``: that advice, e.g. a cache's "delete it to retrain")."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
-        raise FsadError(f"{folder}: no saved fsad model there (not a folder); {REBUILD}")
+        raise FsadError(f"{folder}: no saved fsad model there (not a folder); {rebuild}")
     if not path.is_file():
-        raise FsadError(f"{folder}: not a saved fsad model ({MANIFEST} missing; an older or foreign folder); {REBUILD}")
+        raise FsadError(f"{folder}: not a saved fsad model ({MANIFEST} missing; an older or foreign folder); {rebuild}")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise FsadError(f"{path}: unreadable model manifest ({exc}); {REBUILD}") from exc
+        raise FsadError(f"{path}: unreadable model manifest ({exc}); {rebuild}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise FsadError(f"{path}: not an fsad model manifest; {REBUILD}")
+        raise FsadError(f"{path}: not an fsad model manifest; {rebuild}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise FsadError(f"{path}: model format v{manifest.get('format_version')}, this fsad reads "
-                        f"v{FORMAT_VERSION}; {REBUILD}")
+                        f"v{FORMAT_VERSION}; {rebuild}")
     return manifest
 
 
-def read_state(folder, manifest: dict) -> dict:
+def read_state(folder, manifest: dict, rebuild: str = REBUILD) -> dict:
     """The state files of ``folder``, each verified against the manifest's checksum."""
     folder = Path(folder)
     state: dict = {"info": manifest.get("info") or {}}
     for name, digest in (manifest.get("files") or {}).items():
         path = folder / name
         if not path.is_file() or sha256_file(path) != digest:
-            raise FsadError(f"{path}: missing or damaged (checksum mismatch); {REBUILD}")
+            raise FsadError(f"{path}: missing or damaged (checksum mismatch); {rebuild}")
     if ARRAYS in manifest.get("files", {}):
         with np.load(folder / ARRAYS, allow_pickle=False) as data:
             state["arrays"] = {k: data[k] for k in data.files}
@@ -168,3 +169,18 @@ def load_model(folder, runtime=None):
     model.set_state(read_state(folder, manifest))
     model.fitted_ = True
     return model
+
+
+def load_state_into(model, folder, rebuild: str = REBUILD) -> dict:
+    """Give the unfitted ``model`` the state saved in ``folder`` and return the manifest, verified to be of
+    the same method, method version and parameters (a cache folder found by key must hold that very model)."""
+    manifest = read_manifest(folder, rebuild)
+    path = Path(folder) / MANIFEST
+    if manifest.get("method") != model.name or manifest.get("method_version") != model.version:
+        raise FsadError(f"{path}: holds {manifest.get('method')} state v{manifest.get('method_version')}, not "
+                        f"{model.name} v{model.version}; {rebuild}")
+    if manifest.get("params") != jsonable(model.get_params()):
+        raise FsadError(f"{path}: saved with other {model.name} parameters than asked for; {rebuild}")
+    model.set_state(read_state(folder, manifest, rebuild))
+    model.fitted_ = True
+    return manifest

@@ -3,14 +3,12 @@
 Training (§3.1.2, §4.2): the ImageNet backbone gets a 7-way head (normal + 3 shapes × 2 fills) and is
 fine-tuned end to end with cross-entropy on DefectMaker samples drawn from the good support images;
 SGD with momentum and a cosine learning-rate decay (paper: lr 0.03, batch 1024, 300 iterations at
-256 px; the CPU defaults are smaller, see ``REBConfig``). The fine-tuned network's stride-8/16 stages
+256 px; the CPU defaults are smaller, see ``REB``'s parameters). The fine-tuned network's stride-8/16 stages
 then give PatchCore-style patch features of the support images; ``LDKNN`` (methods/ldknn.py) builds
 the local-density memory bank from them and scores query patches. Maps: upsampled + σ=4 smoothing.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,6 +16,7 @@ import torch.nn.functional as F
 
 from fewshot_core.methods.anomaly_map import to_image_maps
 from fewshot_core.methods.defectmaker import CLASSES, DefectMaker, DefectMakerConfig
+from fewshot_core.methods.ldknn import LDKNN
 from fewshot_core.methods.training import (
     TrainedDetector,
     TrainLoop,
@@ -27,69 +26,83 @@ from fewshot_core.methods.training import (
     grad_scaler,
     normalize,
     patch_embed,
+    seeded,
 )
-
-
-@dataclass
-class REBConfig:
-    image_size: int = 256  # paper: 256
-    steps: int = 100  # paper: 300 iterations
-    batch_size: int = 16  # paper: 1024 (accumulated)
-    lr: float = 0.003  # paper: 0.03 at batch 1024; smaller for small batches
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    flip: bool = True  # random horizontal flips of the synthetic batch
-    saliency_model: str | None = None  # TorchScript saliency net; None: foreground estimate
-    backbone: str = "tf_efficientnet_lite0"
-    backbone_layers: tuple[int, ...] | None = None  # None: the feature store default (stride 8 + 16)
-    backbone_weights: str = "auto"
-    patch_dim: int | None = None  # None: concatenated channels, as the feature store's default
-    k: int = 5  # LDKNN neighbours
-    ld_coef: float = 1.0
-    coreset_ratio: float = 1.0  # REB: no coreset
-    finetune: bool = True  # False: ImageNet weights + LDKNN (the paper's "LDKNN" ablation)
-    time_budget_s: float | None = 540.0
-    device: str | None = None
-    amp: bool = True
-    progress: bool = True
-    threads: int | None = None
-    score_batch: int = 8
 
 
 class REB(TrainedDetector):
     name = "reb"
-    version = 1
+    version = 2  # 2: the one save format (manifest + tensors + LDKNN arrays), parameters in __init__
 
-    def __init__(self, config: REBConfig | None = None, artifact_dir=None, **overrides):
+    def __init__(self, image_size: int = 256,  # paper: 256
+                 steps: int = 100,  # paper: 300 iterations
+                 batch_size: int = 16,  # paper: 1024 (accumulated)
+                 lr: float = 0.003,  # paper: 0.03 at batch 1024; smaller for small batches
+                 momentum: float = 0.9,
+                 weight_decay: float = 1e-4,
+                 flip: bool = True,  # random horizontal flips of the synthetic batch
+                 saliency_model: str | None = None,  # TorchScript saliency net; None: foreground estimate
+                 backbone: str = "tf_efficientnet_lite0",
+                 backbone_layers: tuple[int, ...] | None = None,  # None: the feature store default (stride 8 + 16)
+                 backbone_weights: str = "auto",
+                 patch_dim: int | None = None,  # None: concatenated channels, as the feature store's default
+                 k: int = 5,  # LDKNN neighbours
+                 ld_coef: float = 1.0,
+                 coreset_ratio: float = 1.0,  # REB: no coreset
+                 finetune: bool = True,  # False: ImageNet weights + LDKNN (the paper's "LDKNN" ablation)
+                 time_budget_s: float | None = 540.0,
+                 seed: int = 0):
+        self.image_size = image_size
+        self.steps = steps
+        self.batch_size = batch_size
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.flip = flip
+        self.saliency_model = saliency_model
+        self.backbone = backbone
+        self.backbone_layers = backbone_layers
+        self.backbone_weights = backbone_weights
+        self.patch_dim = patch_dim
+        self.k = k
+        self.ld_coef = ld_coef
+        self.coreset_ratio = coreset_ratio
+        self.finetune = finetune
+        self.time_budget_s = time_budget_s
+        self.seed = seed
+
+    def provenance(self) -> dict:
+        out = super().provenance()
+        if self.saliency_model:
+            from fewshot_core.checksums import sha256_file
+
+            out["saliency_model"] = {"path": str(self.saliency_model), "sha256": sha256_file(self.saliency_model)}
+        return out
+
+    def _setup(self) -> None:
         from fewshot_core.backbones import preprocess_config
 
-        config = config or REBConfig(**overrides)
-        super().__init__(config, artifact_dir)
-        c = config
-        self._build()
-        cfg = preprocess_config(c.backbone)
-        self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
-        self.maker = DefectMaker(DefectMakerConfig(), saliency_model=c.saliency_model)
-        self.ldknn = None
+        cfg = preprocess_config(self.backbone)
+        self.mean_, self.std_ = tuple(cfg["mean"]), tuple(cfg["std"])
+        self.maker_ = DefectMaker(DefectMakerConfig(), saliency_model=self.saliency_model)
+        self.weights_ = self.weights_info()
 
     def _build(self) -> None:
-        """The pretrained backbone with a fresh 7-way head (again after seeding: the head's init follows the seed)."""
+        """The pretrained backbone with a fresh 7-way head (inside the fit's seeded scope: the head's init
+        follows the seed)."""
         from fewshot_core.backbones import create_model
 
-        c = self.config
-        self.model = create_model(c.backbone, weights=c.backbone_weights, device=self.device)
-        self.weights_info = self.model.fsad_weights
-        self.model.reset_classifier(len(CLASSES))
-        self.model.to(self.device)
+        self.model_ = create_model(self.backbone, device=self.device_, weights_info=self.weights_)
+        self.model_.reset_classifier(len(CLASSES))
+        self.model_.to(self.device_)
         self._extractor = None
 
     def _extractor_of_model(self):
         from fewshot_core.backbones import FeatureExtractor
 
         if self._extractor is None:
-            self.model.eval()
-            self._extractor = FeatureExtractor(self.model, self.config.backbone_layers, self.config.backbone,
-                                               self.weights_info)
+            self.model_.eval()
+            self._extractor = FeatureExtractor(self.model_, self.backbone_layers, self.backbone, self.weights_)
         return self._extractor
 
     @torch.no_grad()
@@ -98,30 +111,31 @@ class REB(TrainedDetector):
         ext = self._extractor_of_model()
         out = []
         for i in range(0, len(x), 8):
-            with autocast(self.device, self.config.amp):
-                maps = ext(normalize(x[i:i + 8].to(self.device), self.mean, self.std))
-            out.append(patch_embed([m.float() for m in maps], self.config.patch_dim).permute(0, 2, 3, 1).cpu())
+            with autocast(self.device_, self.runtime.amp):
+                maps = ext(normalize(x[i:i + 8].to(self.device_), self.mean_, self.std_))
+            out.append(patch_embed([m.float() for m in maps], self.patch_dim).permute(0, 2, 3, 1).cpu())
         return torch.cat(out).numpy().astype(np.float32)
 
     def _finetune(self, x: torch.Tensor, gen: torch.Generator) -> dict:
-        c = self.config
+        device, amp = self.device_, self.runtime.amp
         rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
         imgs = list((x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
-        fgs = [self.maker.foreground(im) for im in imgs]
-        self.model.train()
-        opt = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        scaler = grad_scaler(self.device, c.amp)
-        loop = TrainLoop(c.steps, c.time_budget_s, desc="reb:defectmaker", progress=c.progress)
+        fgs = [self.maker_.foreground(im) for im in imgs]
+        self.model_.train()
+        opt = torch.optim.SGD(self.model_.parameters(), lr=self.lr, momentum=self.momentum,
+                              weight_decay=self.weight_decay)
+        scaler = grad_scaler(device, amp)
+        loop = TrainLoop(self.steps, self.time_budget_s, desc="reb:defectmaker", progress=self.runtime.progress)
         for step in loop:
-            cosine_lr(opt, [c.lr], step, c.steps)
-            batch, _, labels = self.maker.batch(imgs, rng, c.batch_size, fgs=fgs)
+            cosine_lr(opt, [self.lr], step, self.steps)
+            batch, _, labels = self.maker_.batch(imgs, rng, self.batch_size, fgs=fgs)
             xb = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float().div(255)
-            if c.flip:
+            if self.flip:
                 flip = torch.rand(len(xb), generator=gen) < 0.5
                 xb[flip] = xb[flip].flip(-1)
-            yb = torch.from_numpy(labels).to(self.device)
-            with autocast(self.device, c.amp):
-                logits = self.model(normalize(xb.to(self.device), self.mean, self.std))
+            yb = torch.from_numpy(labels).to(device)
+            with autocast(device, amp):
+                logits = self.model_(normalize(xb.to(device), self.mean_, self.std_))
             loss = F.cross_entropy(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -129,40 +143,41 @@ class REB(TrainedDetector):
             scaler.update()
             acc = (logits.argmax(1) == yb).float().mean().item()
             loop.log(loss=loss.item(), acc=acc)
-        self.model.eval()
+        self.model_.eval()
         return loop.summary()
 
-    def _train(self, x: torch.Tensor, gen: torch.Generator) -> dict:
-        from fewshot_core.methods.ldknn import LDKNN
+    def _ldknn(self, seed: int) -> LDKNN:
+        return LDKNN(k=self.k, ld_coef=self.ld_coef, coreset_ratio=self.coreset_ratio,
+                     seed=seed).set_runtime(self.runtime)
 
-        c = self.config
+    def _train(self, x: torch.Tensor, gen: torch.Generator) -> dict:
         self._build()
-        info = self._finetune(x, gen) if c.finetune and c.steps > 0 else {"steps": 0, "stopped_by": "finetune off"}
+        info = self._finetune(x, gen) if self.finetune and self.steps > 0 else {"steps": 0, "stopped_by": "finetune off"}
         self._extractor = None
         feats = self.patch_features(x)
-        self.ldknn = LDKNN(k=c.k, ld_coef=c.ld_coef, coreset_ratio=c.coreset_ratio,
-                           seed=int(torch.randint(2**31, (1,), generator=gen))).fit(feats)
-        return {**info, "bank": int(len(self.ldknn.bank_)), "grid": list(feats.shape[1:3]),
-                "feature_dim": int(feats.shape[-1])}
+        self.ldknn_ = self._ldknn(int(torch.randint(2**31, (1,), generator=gen))).fit(feats)
+        return {**info, "bank": int(len(self.ldknn_.bank_)), "grid": list(feats.shape[1:3]),
+                "feature_dim": int(feats.shape[-1]), "classes": list(CLASSES)}
 
     def _score(self, x):
-        scores, patch = self.ldknn.score(self.patch_features(x))
+        scores, patch = self.ldknn_.score(self.patch_features(x))
         maps = to_image_maps(patch, x.shape[-1])
         return torch.from_numpy(scores), torch.from_numpy(maps)
 
-    def _state(self) -> dict:
-        return {"model": cpu_state(self.model), "ldknn_params": dict(self.ldknn.get_params()),
-                "ldknn": {k: torch.from_numpy(np.asarray(v)) for k, v in self.ldknn._state().items()}}
+    # ------------------------------------------------------------------ persistence
+    def get_state(self) -> dict:
+        state = super().get_state()
+        state["info"]["ldknn_seed"] = int(self.ldknn_.seed)
+        ldknn = self.ldknn_.get_state()["arrays"]
+        return {**state, "tensors": {"model": cpu_state(self.model_)},
+                "arrays": {f"ldknn.{k}": v for k, v in ldknn.items()}}
 
-    def _load_state(self, state: dict) -> None:
-        from fewshot_core.methods.ldknn import LDKNN
-
-        self.model.load_state_dict(state["model"])
-        self.model.eval()
-        self._extractor = None
-        self.ldknn = LDKNN(**state["ldknn_params"])
-        self.ldknn._set_state({k: v.numpy() for k, v in state["ldknn"].items()})
-
-    def _extra_meta(self) -> dict:
-        return {"backbone": {"name": self.config.backbone, "weights": self.weights_info.to_dict()},
-                "classes": list(CLASSES)}
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        with seeded(self.seed, self.device_):  # the head's init draws from the RNG; keep the caller's
+            self._build()
+        self.model_.load_state_dict(state["tensors"]["model"])
+        self.model_.eval()
+        self.ldknn_ = self._ldknn(int(state["info"]["ldknn_seed"]))
+        self.ldknn_.set_state({"arrays": {k[len("ldknn."):]: v for k, v in state["arrays"].items()
+                                          if k.startswith("ldknn.")}})

@@ -1,48 +1,52 @@
-"""Shared machinery of the trained detectors (EfficientAD, GLASS, REB).
+"""Shared machinery of the detectors that train on images (EfficientAD, GLASS, REB).
 
-One place for what every training loop needs and must do the same way: seeding, device and mixed
-precision choice, a step/time budget with progress, image loading into tensors, and a versioned
-on-disk artifact keyed by a hash of (method, config, seed, support images) so evaluation reloads a
-trained model instead of training again.
+One place for what every training loop needs and must do the same way: scoped seeding, mixed precision,
+a step/time budget with progress, images into tensors, backbone patch features, and the trained-weights
+cache. ``TrainedDetector.fit`` first looks for this very model in ``<artifacts>/<method>/<key>/``, a folder
+in the one save format of every method (methods/persistence.py), keyed by a hash of the parameters (seed
+included), the backbone weights and the support images; it trains only on a miss and saves what it trained.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
-import json
 import os
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fewshot_core.atomic import atomic_write_bytes
-from fewshot_core.device import resolve_device
 from fewshot_core.errors import FsadError
-
-# Bump when the artifact layout changes; old artifacts are then retrained instead of misread.
-ARTIFACT_FORMAT = 1
+from fewshot_core.methods.base import Detector
+from fewshot_core.methods.persistence import config_hash, load_state_into, save_model
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
+# What a damaged, foreign or outdated cache folder tells the user (the cache is rebuilt by training again).
+CACHE_REBUILD = "delete {folder} to retrain"
 
-# ---------------------------------------------------------------- seeding, device, precision
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; returns a CPU generator for the method's own draws."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
+# ---------------------------------------------------------------- seeding, precision
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[torch.Generator]:
+    """torch's global RNG seeded with ``seed`` for the duration, the caller's RNG state restored afterwards.
+
+    Module initialisation and dropout draw from the global RNG, so a fit seeds it, but only inside this
+    scope; the method's own draws use the yielded CPU generator (seeded alike).
+    """
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield torch.Generator().manual_seed(seed)
 
 
 def autocast(device: torch.device, enabled: bool = True):
@@ -59,12 +63,6 @@ def autocast(device: torch.device, enabled: bool = True):
 def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradScaler:
     use = enabled and device.type == "cuda" and not torch.cuda.is_bf16_supported()
     return torch.amp.GradScaler("cuda", enabled=use)
-
-
-def cpu_threads(n: int | None) -> None:
-    """Cap intra-op threads (the benchmark machines are shared); ``None`` leaves torch's choice."""
-    if n:
-        torch.set_num_threads(int(n))
 
 
 # ---------------------------------------------------------------- budget + progress
@@ -169,8 +167,18 @@ def _to_pil(item: ImageLike, max_side: int | None = None) -> Image.Image:
     return load_rgb(Path(item), max_side=max_side)
 
 
-def load_images(items: Iterable[ImageLike] | torch.Tensor, size: int) -> torch.Tensor:
-    """Images (paths, PIL, HxWx3 arrays, or a float tensor [n,3,H,W] in [0,1]) -> float32 [n,3,size,size] in [0,1]."""
+def _is_image_batch(items) -> bool:
+    return isinstance(items, np.ndarray) and items.ndim == 4 and items.shape[1] == 3
+
+
+def load_images(items: Iterable[ImageLike] | torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
+    """Images -> float32 [n, 3, size, size] in [0, 1].
+
+    Takes a float batch [n, 3, H, W] in [0, 1] (torch or numpy), or a sequence of paths, PIL images or
+    H x W (x 3) arrays (uint8, or floats in [0, 1]).
+    """
+    if _is_image_batch(items):
+        items = torch.from_numpy(np.ascontiguousarray(items))
     if isinstance(items, torch.Tensor):
         x = items.float()
         if x.ndim != 4 or x.shape[1] != 3:
@@ -194,79 +202,11 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
 
 
 def images_fingerprint(x: torch.Tensor) -> str:
-    """Content hash of the (resized) support images: the artifact key must change when the images do."""
+    """Content hash of the (resized) support images: the cache key must change when the images do."""
     h = hashlib.sha256()
     h.update(str(tuple(x.shape)).encode())
     h.update((x.detach().cpu().numpy() * 255).round().astype(np.uint8).tobytes())
     return h.hexdigest()[:16]
-
-
-# ---------------------------------------------------------------- versioned artifacts
-
-def _jsonable(obj: Any) -> Any:
-    if is_dataclass(obj):
-        obj = asdict(obj)
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in sorted(obj.items())}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    return obj
-
-
-def config_hash(payload: dict) -> str:
-    """Stable short hash of a JSON-able dict (key order does not matter)."""
-    text = json.dumps(_jsonable(payload), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class ArtifactStore:
-    """``<root>/<method>/<key>/{model.pt, meta.json}``; ``key`` is ``config_hash`` of everything that shaped training.
-
-    ``model.pt`` is written before ``meta.json``, so a present meta means a complete artifact.
-    """
-
-    root: Path
-
-    def dir_for(self, method: str, key: str) -> Path:
-        return Path(self.root) / method / key
-
-    def load(self, method: str, key: str, map_location: str | torch.device = "cpu") -> tuple[dict, dict] | None:
-        d = self.dir_for(method, key)
-        meta_path, model_path = d / "meta.json", d / "model.pt"
-        if not meta_path.is_file() or not model_path.is_file():
-            return None
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise FsadError(f"{meta_path}: unreadable artifact metadata ({exc}); delete {d} to retrain") from exc
-        if meta.get("format") != ARTIFACT_FORMAT:
-            return None  # older layout: retrain rather than misread
-        try:
-            state = torch.load(model_path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # truncated/corrupt file
-            raise FsadError(f"{model_path}: cannot load trained weights ({exc}); delete {d} to retrain") from exc
-        return state, meta
-
-    def save(self, method: str, key: str, state: dict, meta: dict) -> Path:
-        d = self.dir_for(method, key)
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write_bytes(d / "model.pt", buf.getvalue())
-        full_meta = {
-            "format": ARTIFACT_FORMAT,
-            "method": method,
-            "key": key,
-            "torch": torch.__version__,
-            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **_jsonable(meta),
-        }
-        atomic_write_bytes(d / "meta.json", json.dumps(full_meta, indent=2, sort_keys=True).encode())
-        return d
 
 
 def cpu_state(module: torch.nn.Module) -> dict:
@@ -296,97 +236,6 @@ def patch_embed(feature_maps: Sequence[torch.Tensor], out_dim: int | None = None
     return patch_features(list(feature_maps), patch_dim=out_dim).permute(0, 3, 1, 2)
 
 
-# ---------------------------------------------------------------- the common estimator shell
-
-class TrainedDetector:
-    """Base of the image-trained one-class detectors.
-
-    Subclasses set ``name`` and ``version`` and implement ``_train(x, gen)`` (x: float [n,3,S,S] in [0,1]
-    on the device), ``_state()`` / ``_load_state(state)`` and ``_score(x) -> (scores [m], maps [m,S,S])``.
-    ``fit_images`` looks the trained weights up in the artifact store first and trains only on a miss.
-    Anomaly maps come back at ``map_size`` = ``config.image_size`` pixels (resize to the mask size).
-    """
-
-    name = "trained"
-    version = 1
-    # Config fields that do not change the trained weights (kept out of the artifact key).
-    runtime_fields = ("device", "amp", "progress", "threads", "artifact_dir", "score_batch")
-
-    def __init__(self, config, artifact_dir: str | os.PathLike | None = None):
-        self.config = config
-        self.store = ArtifactStore(Path(artifact_dir)) if artifact_dir else None
-        self.device = resolve_device(getattr(config, "device", None))
-        self.train_summary: dict = {}
-        self.meta: dict = {}
-        self.loaded_from_artifact = False
-        self.artifact_path: Path | None = None
-        self._fitted = False
-
-    @property
-    def map_size(self) -> int:
-        return int(self.config.image_size)
-
-    def artifact_key(self, x: torch.Tensor, seed: int) -> str:
-        cfg = {k: v for k, v in _jsonable(self.config).items() if k not in self.runtime_fields}
-        return config_hash({"method": self.name, "version": self.version, "config": cfg, "seed": seed,
-                            "support": images_fingerprint(x)})
-
-    def fit_images(self, support: Iterable[ImageLike] | torch.Tensor, seed: int = 0) -> "TrainedDetector":
-        cpu_threads(getattr(self.config, "threads", None))
-        x = load_images(support, self.config.image_size)
-        key = self.artifact_key(x, seed)
-        if self.store is not None:
-            hit = self.store.load(self.name, key, map_location=self.device)
-            if hit is not None:
-                state, meta = hit
-                self._load_state(state)
-                self.meta, self.train_summary = meta, meta.get("train", {})
-                self.loaded_from_artifact, self._fitted = True, True
-                self.artifact_path = self.store.dir_for(self.name, key)
-                return self
-        gen = seed_everything(seed)
-        t0 = time.perf_counter()
-        self.train_summary = dict(self._train(x.to(self.device), gen) or {})
-        self.train_summary["fit_s"] = round(time.perf_counter() - t0, 3)
-        self.meta = {"config": self.config, "seed": seed, "n_support": len(x), "train": self.train_summary,
-                     "device": str(self.device), **self._extra_meta()}
-        self._fitted, self.loaded_from_artifact = True, False
-        if self.store is not None:
-            self.artifact_path = self.store.save(self.name, key, self._state(), self.meta)
-        return self
-
-    @torch.no_grad()
-    def score_images(self, query: Iterable[ImageLike] | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores [m] and anomaly maps [m, map_size, map_size] (float32, higher = more anomalous)."""
-        if not self._fitted:
-            raise FsadError(f"{self.name}: score_images called before fit_images; fit on good images first")
-        batch = int(getattr(self.config, "score_batch", 8) or 8)
-        items = query if isinstance(query, torch.Tensor) else list(query)
-        scores, maps = [], []
-        for i in range(0, len(items), batch):
-            x = load_images(items[i:i + batch], self.config.image_size).to(self.device)
-            s, m = self._score(x)
-            scores.append(s.float().cpu().numpy())
-            maps.append(m.float().cpu().numpy())
-        return np.concatenate(scores).astype(np.float32), np.concatenate(maps).astype(np.float32)
-
-    # subclasses
-    def _extra_meta(self) -> dict:
-        return {}
-
-    def _train(self, x: torch.Tensor, gen: torch.Generator) -> dict:
-        raise NotImplementedError
-
-    def _state(self) -> dict:
-        raise NotImplementedError
-
-    def _load_state(self, state: dict) -> None:
-        raise NotImplementedError
-
-    def _score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-
 def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     """Gaussian smoothing of [m, H, W] maps (σ in pixels, kernel 2·⌈4σ⌉+1 as in PatchCore/GLASS)."""
     if sigma <= 0:
@@ -402,83 +251,116 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     return x.squeeze(1)
 
 
-# ---------------------------------------------------------------- the evaluation path
+# ---------------------------------------------------------------- the trained-weights cache
 
-def get_image_method(name: str, artifact_dir=None, **params) -> TrainedDetector:
-    """A new image-trained detector ``name`` with config fields ``params`` (unknown fields: FsadError)."""
-    from fewshot_core.methods import registry
+def cached_fit(model, folder: Path | None, train) -> None:
+    """Reload ``model`` from ``folder`` when it holds this very model, else run ``train()`` and save there.
 
-    entry = registry.get(name, protocol=registry.ONECLASS)
-    if entry.input_kind != registry.IMAGES:
-        raise FsadError(f"method {name!r}: not an image-trained method; use one of "
-                        f"{', '.join(registry.names(input_kind=registry.IMAGES, family=registry.ONECLASS))}")
-    cls = entry.load_class()
-    try:
-        return cls(artifact_dir=artifact_dir, **params)
-    except TypeError as exc:
-        raise FsadError(f"method {name!r}: bad parameters {params} ({exc}); see {cls.__module__}") from exc
-
-
-def _episode_images(dataset, ids, size: int, cache: dict | None) -> torch.Tensor:
-    """Images of ``ids`` at ``size`` (float [n,3,S,S]); decoded once per (image, size) when a cache is given."""
-    if cache is None:
-        return load_images([dataset.by_id(i).path for i in ids], size)
-    missing = [i for i in ids if (i, size) not in cache]
-    if missing:
-        for i, x in zip(missing, load_images([dataset.by_id(i).path for i in missing], size)):
-            cache[(i, size)] = x
-    return torch.stack([cache[(i, size)] for i in ids])
-
-
-def run_image_episode(dataset, episode, method: str, method_params: dict | None = None, mask_size: int = 256,
-                      artifact_dir="auto", details: dict | None = None, score_batch: int = 16,
-                      cache: dict | None = None) -> dict:
-    """The one-class protocol for image-trained methods: fit on the episode's support *images*, score its queries.
-
-    Same row as ``evaluation.oneclass.run_oneclass_episode`` (image/pixel AUROC, F1-max, AUPRO, fit_s,
-    score_s, ...), so the two kinds of methods sit in one table. ``fit_s`` is the training time, or the
-    artifact load time when ``artifact_dir`` holds this exact model (``loaded_from_artifact`` says which);
-    ``train_s`` is always the original training time. ``artifact_dir="auto"`` is ``$FSAD_HOME/artifacts``;
-    None trains without saving. ``cache`` (a dict) keeps decoded images and masks across episodes.
-    Anomaly maps come at the method's ``map_size`` and are resized bilinearly to ``mask_size``.
+    ``folder`` None: no cache. A folder that exists but is damaged, foreign or of an older format is a
+    one-line error naming it (delete it to retrain), never silently overwritten or misread.
     """
-    import torch.nn.functional as F  # noqa: F811
+    if folder is not None and folder.exists():
+        load_state_into(model, folder, CACHE_REBUILD.format(folder=folder))
+        return
+    train()
+    model.fitted_ = True
+    if folder is not None:
+        save_model(model, folder)
 
-    from fewshot_core.evaluation.oneclass import episode_identity, query_metrics, score_in_batches
 
-    if artifact_dir == "auto":  # trained weights live beside the feature store, so reruns reload them
-        from fewshot_core.paths import default_work_dir
+# ---------------------------------------------------------------- the common detector shell
 
-        artifact_dir = default_work_dir() / "artifacts"
-    params = dict(method_params or {})
-    model = get_image_method(method, artifact_dir=artifact_dir, **params)
-    support = _episode_images(dataset, list(episode.support_ids), model.config.image_size, cache)
-    t0 = time.perf_counter()
-    model.fit_images(support, seed=int(episode.seed))
-    fit_s = time.perf_counter() - t0
+class TrainedDetector(Detector):
+    """Base of the one-class detectors that train on the support images.
 
-    query_ids = list(episode.query_ids)
-    scores, maps, score_s = score_in_batches(
-        query_ids, lambda ids: _episode_images(dataset, ids, model.config.image_size, cache), model.score_images,
-        score_batch)
-    def resize(batch: np.ndarray) -> np.ndarray:
-        return F.interpolate(torch.from_numpy(batch)[:, None], size=(mask_size, mask_size), mode="bilinear",
-                             align_corners=False)[:, 0].numpy()
+    Subclasses hold their hyper-parameters as ``__init__`` keyword arguments (``image_size``, ``seed``,
+    ``backbone``, ``backbone_weights`` among them) and implement ``_setup()`` (the untrained parts:
+    frozen backbone, synthesis helpers), ``_train(x, gen) -> info`` (x: float [n, 3, S, S] on the device,
+    under ``seeded(seed)``), ``get_state()`` / ``set_state()`` (extending this class's) and
+    ``_score(x) -> (scores [m], maps [m, S, S])`` as tensors.
 
-    labels, metrics = query_metrics(dataset, query_ids, scores, maps, resize, int(mask_size),
-                                    {} if cache is None else cache)
-    if details is not None:
-        details.update(model=model, image_scores=scores, anomaly_maps=maps, labels=labels, query_ids=query_ids)
-    return {
-        **episode_identity(dataset, episode, method, _jsonable(model.config), getattr(model.config, "backbone", None),
-                           None, len(query_ids), "none", mask_size),
-        **metrics,
-        "bank_size": int(model.train_summary.get("bank", 0)),
-        "fit_s": round(fit_s, 4),
-        "score_s": round(score_s, 4),
-        "train_s": float(model.train_summary.get("fit_s", fit_s)),  # the original training, even when reloaded
-        "train_steps": int(model.train_summary.get("steps", 0)),
-        "stopped_by": str(model.train_summary.get("stopped_by", "")),
-        "loaded_from_artifact": bool(model.loaded_from_artifact),
-        "device": str(model.device),
-    }
+    ``fit`` reloads the trained weights from the runtime's artifact folder when they are there and trains
+    only on a miss; ``fit_info_`` says what happened (steps, stopped_by, fit_s of the original training,
+    loaded_from_artifact, device, and the method's own details). Maps come back at ``image_size`` pixels,
+    already smoothed: ``map_sigma`` is 0, so ``anomaly_maps`` only rescales them.
+    """
+
+    input_kind = "images"
+    map_sigma = 0.0
+    # fit_info_ entries about this process, not about the trained model (never saved)
+    _VOLATILE = ("loaded_from_artifact", "artifact", "device")
+
+    def _setup(self) -> None:
+        raise NotImplementedError
+
+    def _train(self, x: torch.Tensor, gen: torch.Generator) -> dict:
+        raise NotImplementedError
+
+    def _score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ identity
+    def weights_info(self):
+        """The resolved backbone weights (source, sha256, path) this detector starts from."""
+        from fewshot_core.backbones import resolve_weights
+
+        return resolve_weights(self.backbone, self.backbone_weights)
+
+    def provenance(self) -> dict:
+        info = self.weights_info()
+        return {"backbone": self.backbone, "weights": {"source": info.source, "sha256": info.sha256}}
+
+    def cache_key(self, x: torch.Tensor) -> str:
+        """Hash of everything that shapes the trained weights: parameters (seed included), backbone weights
+        and the support images; never the runtime (device, threads, artifact folder)."""
+        return config_hash({"method": self.name, "version": self.version, "params": self.get_params(),
+                            "provenance": self.provenance(), "support": images_fingerprint(x)})
+
+    # ------------------------------------------------------------------ fit / score
+    def fit(self, X) -> "TrainedDetector":
+        """Train on good images ``X`` (float [n, 3, S, S] in [0, 1], or paths / PIL images / arrays)."""
+        x = load_images(X, self.image_size)
+        self.device_ = self.runtime.torch_device()
+        root = self.runtime.artifacts
+        folder = None if root is None else root / self.name / self.cache_key(x)
+
+        def train():
+            self._setup()
+            t0 = time.perf_counter()
+            with seeded(self.seed, self.device_) as gen:
+                info = dict(self._train(x.to(self.device_), gen) or {})
+            info.update(fit_s=round(time.perf_counter() - t0, 3), n_support=len(x))
+            self.fit_info_ = {**info, "loaded_from_artifact": False}
+
+        with self.runtime.thread_limit():
+            cached_fit(self, folder, train)
+        self.fit_info_.update(device=str(self.device_))
+        if folder is not None:
+            self.fit_info_["artifact"] = str(folder)
+        return self
+
+    @torch.no_grad()
+    def score(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores [m] and anomaly maps [m, image_size, image_size] (float32, higher = more anomalous)."""
+        self._check_fitted()
+        items = torch.from_numpy(np.ascontiguousarray(X)) if _is_image_batch(X) else X
+        items = items if isinstance(items, torch.Tensor) else list(items)
+        batch = int(self.runtime.score_batch)
+        scores, maps = [], []
+        with self.runtime.thread_limit():
+            for i in range(0, len(items), batch):
+                x = load_images(items[i:i + batch], self.image_size).to(self.device_)
+                s, m = self._score(x)
+                scores.append(s.float().cpu().numpy())
+                maps.append(m.float().cpu().numpy())
+        return np.concatenate(scores).astype(np.float32), np.concatenate(maps).astype(np.float32)
+
+    # ------------------------------------------------------------------ persistence (extended by subclasses)
+    def get_state(self) -> dict:
+        return {"info": {"fit": {k: v for k, v in self.fit_info_.items() if k not in self._VOLATILE}}}
+
+    def set_state(self, state: dict) -> None:
+        """The fitted state back (from ``get_state``); subclasses rebuild their networks after this."""
+        self.device_ = self.runtime.torch_device()
+        self.fit_info_ = {**(state.get("info") or {}).get("fit", {}), "loaded_from_artifact": True}
+        self._setup()

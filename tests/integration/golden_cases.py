@@ -11,7 +11,7 @@ from pathlib import Path
 SYNTH_SIZE = 64
 BOTTLE_SIZE = 128
 FAST: dict = {}
-TRAINED = {"image_size": 64, "progress": False, "threads": 1, "device": "cpu"}
+TRAINED = {"image_size": 64}
 
 CASES: dict[str, dict] = {}
 
@@ -106,15 +106,14 @@ def run_case(name: str, env: GoldenEnv) -> list[dict]:
     if spec["protocol"] == "oneclass":
         from fewshot_core.evaluation.oneclass import evaluate_oneclass
 
-        part = None if spec.get("trained") else env.partition(ds, size)
-        if spec.get("trained"):
-            from fewshot_core.methods.training import run_image_episode
-            from fewshot_core.episodes import sample_oneclass
+        if spec.get("trained"):  # trained on the images: no partition; one thread, no weight cache
+            from fewshot_core.runtime import Runtime
 
-            return [run_image_episode(ds, sample_oneclass(ds, spec["shots"], s), spec["method"], params,
-                                      mask_size=size, artifact_dir=None) for s in spec["seeds"]]
-        return evaluate_oneclass(ds, part, spec["method"], spec["shots"], spec["seeds"], method_params=params,
-                                 mask_size=size, augment=spec.get("augment", "none"))
+            runtime = Runtime(device="cpu", threads=1, progress=False, artifact_dir=None)
+            return evaluate_oneclass(ds, None, spec["method"], spec["shots"], spec["seeds"], method_params=params,
+                                     mask_size=size, runtime=runtime)
+        return evaluate_oneclass(ds, env.partition(ds, size), spec["method"], spec["shots"], spec["seeds"],
+                                 method_params=params, mask_size=size, augment=spec.get("augment", "none"))
     from fewshot_core.evaluation.meta_pool import pool_from_partitions
     from fewshot_core.evaluation.supervised import evaluate_supervised
     from fewshot_core.runtime import Runtime

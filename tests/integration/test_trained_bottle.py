@@ -12,19 +12,19 @@ from __future__ import annotations
 import pytest
 
 from fewshot_core.data import load_dataset
-from fewshot_core.episodes import sample_oneclass
-from fewshot_core.methods.training import run_image_episode
+from fewshot_core.evaluation.oneclass import evaluate_oneclass
+from fewshot_core.runtime import Runtime
 
 SEED = 0
 
 
 def _one_shot(mvtec_root, tmp_path, method: str, **params) -> dict:
     dataset = load_dataset(mvtec_root, "bottle")
-    episode = sample_oneclass(dataset, 1, SEED)
     # one thread: results don't depend on the core count, and a busy 2-core runner isn't oversubscribed
-    params = dict(device="cpu", threads=1, time_budget_s=None, progress=False, **params)
-    row = run_image_episode(dataset, episode, method, params, mask_size=params["image_size"],
-                            artifact_dir=tmp_path)
+    runtime = Runtime(device="cpu", threads=1, progress=False, artifact_dir=tmp_path)
+    params = dict(time_budget_s=None, **params)
+    (row,) = evaluate_oneclass(dataset, None, method, 1, [SEED], params, mask_size=params["image_size"],
+                               runtime=runtime)
     assert row["train_steps"] == params["steps"] and row["stopped_by"] == "steps", row
     assert not row["loaded_from_artifact"] and row["n_query"] == len(dataset.test())
     return row

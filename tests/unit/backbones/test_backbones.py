@@ -32,7 +32,7 @@ def test_lite0_bundled_weights_classify_a_real_cat_photo(lite0):
     from PIL import Image
     from skimage import data
 
-    info = lite0.fsad_weights
+    info = resolve_weights("tf_efficientnet_lite0")
     assert info.source == "bundled" and not info.is_random
     assert info.sha256 == BUNDLED["tf_efficientnet_lite0"][2]
     x = build_transform("tf_efficientnet_lite0", 224, crop=True)(Image.fromarray(data.chelsea())).unsqueeze(0)
@@ -123,7 +123,7 @@ def test_local_weights_file_is_used_hashed_and_checked(tmp_path, lite0):
     path = tmp_path / "lite0.pth"
     torch.save(lite0.state_dict(), path)
     info = resolve_weights("tf_efficientnet_lite0", path)
-    assert info.source == "file" and len(info.sha256) == 64 and info.sha256 != lite0.fsad_weights.sha256
+    assert info.source == "file" and len(info.sha256) == 64 and info.sha256 != resolve_weights("tf_efficientnet_lite0").sha256
     ext = create_extractor("tf_efficientnet_lite0", weights=path)
     assert torch.equal(ext.model.conv_stem.weight, lite0.conv_stem.weight)
 
@@ -172,8 +172,8 @@ def test_timm_checkpoint_found_in_the_local_cache_is_loaded_by_timm(monkeypatch,
         return str(file) if filename == "model.safetensors" else None
 
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cached)
-    model = create_model("resnet18")
-    info = model.fsad_weights
+    info = resolve_weights("resnet18")
+    model = create_model("resnet18", weights_info=info)
     assert info.source == "timm" and info.path == str(file) and not info.is_random and len(info.sha256) == 64
     assert torch.equal(model.conv1.weight, state["conv1.weight"])
     assert torch.equal(model.layer3[0].bn1.running_var, state["layer3.0.bn1.running_var"])

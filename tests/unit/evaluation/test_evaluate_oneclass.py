@@ -14,6 +14,7 @@ from fewshot_core.data import list_categories, load_dataset
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.oneclass import evaluate_oneclass, parse_shots, run_oneclass_episode
 from fewshot_core.methods import registry
+from fewshot_core.methods.base import Detector
 from fewshot_core.episodes import sample_oneclass
 from fewshot_core.features.store import FeatureStore
 
@@ -101,21 +102,53 @@ def test_augment_features_are_real_re_embeddings(synth):
     assert np.corrcoef(real.ravel(), approx.ravel())[0, 1] > 0.8  # but the same image content
 
 
-def test_image_trained_methods_go_through_the_training_runner(synth, monkeypatch):
-    import fewshot_core.methods as methods
-    import fewshot_core.methods.training as training
+class ToyImages(Detector):
+    """An image-kind detector: the registry entry's input kind makes the protocol hand it decoded images."""
 
+    name = "toy"
+    input_kind = "images"
+    map_sigma = 0.0
+    seen: list = []
+
+    def __init__(self, image_size: int = 24, seed: int = 0):
+        self.image_size = image_size
+        self.seed = seed
+
+    def fit(self, X):
+        self.seen.append(("fit", tuple(X.shape), float(X.min()), float(X.max())))
+        self.mean_ = X.mean(0)
+        self.fit_info_ = {"steps": 7, "stopped_by": "steps", "fit_s": 1.5, "device": "cpu",
+                          "loaded_from_artifact": False}
+        self.fitted_ = True
+        return self
+
+    def score(self, X):
+        self.seen.append(("score", tuple(X.shape)))
+        maps = ((X - self.mean_) ** 2).mean(1).numpy()
+        return maps.reshape(len(maps), -1).max(1), maps
+
+
+def test_image_kind_methods_get_images_at_their_size_and_the_shared_post_processing(synth, monkeypatch):
     dataset, _, _ = synth
-    calls = []
-
-    def fake(ds, episode, method, params, mask_size, cache=None):
-        calls.append((episode.seed, method, params, mask_size))
-        return {"method": method, "seed": episode.seed, "image_auroc": 0.5}
-
-    monkeypatch.setitem(registry.REGISTRY, "toy", registry.MethodEntry("toy", "oneclass", "images", "nowhere:Toy", "toy"))
-    monkeypatch.setattr(training, "run_image_episode", fake)
-    rows = evaluate_oneclass(dataset, None, "toy", 1, [0, 1], {"epochs": 1}, mask_size=64)
-    assert [r["seed"] for r in rows] == [0, 1] and calls[0] == (0, "toy", {"epochs": 1}, 64)
+    ToyImages.seen = []
+    monkeypatch.setitem(registry.REGISTRY, "toy",
+                        registry.MethodEntry("toy", "oneclass", "images", f"{__name__}:ToyImages", "toy"))
+    details: dict = {}
+    ep = sample_oneclass(dataset, 2, 1)
+    row = run_oneclass_episode(dataset, None, ep, "toy", {"image_size": 24}, mask_size=32, details=details)
+    assert ToyImages.seen[0][:2] == ("fit", (2, 3, 24, 24)) and 0 <= ToyImages.seen[0][2] <= ToyImages.seen[0][3] <= 1
+    assert all(kind == "score" and shape[1:] == (3, 24, 24) for kind, shape in ToyImages.seen[1:])
+    assert row["train_steps"] == 7 and row["train_s"] == 1.5 and row["stopped_by"] == "steps"
+    assert row["seed"] == 1 and json.loads(row["params"]) == {"image_size": 24, "seed": 1}
+    assert row["partition_key"] is None and not row["loaded_from_artifact"] and 0 <= row["pixel_auroc"] <= 1
+    # pixel metrics come from the detector's own maps, only rescaled (map_sigma 0) to the mask size
+    model = details["model"]
+    assert details["patch_maps"].shape[1:] == (24, 24)
+    np.testing.assert_allclose(model.anomaly_maps(details["patch_maps"][:1], 32)[0],
+                               torch.nn.functional.interpolate(torch.from_numpy(details["patch_maps"][:1])[:, None],
+                                                               size=(32, 32), mode="bilinear", align_corners=False)[0, 0].numpy())
+    rows = evaluate_oneclass(dataset, None, "toy", 1, [0, 1], {"image_size": 24}, mask_size=32)
+    assert [r["seed"] for r in rows] == [0, 1]
     with pytest.raises(FsadError, match="augment"):
         evaluate_oneclass(dataset, None, "toy", 1, [0], augment="images")
 

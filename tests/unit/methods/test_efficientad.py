@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,9 +11,12 @@ from sklearn.metrics import roc_auc_score
 
 from fewshot_core.data.synth import KINDS, render_sample
 from fewshot_core.errors import FsadError
-from fewshot_core.methods import efficientad
-from fewshot_core.methods.efficientad import AutoEncoder, EfficientAD, pdn_output_size, pdn_small
+from fewshot_core.methods import efficientad, registry
+from fewshot_core.methods.base import Method
+from fewshot_core.methods.efficientad import AutoEncoder, EfficientAD, GenericTeacher, pdn_output_size, pdn_small
 from fewshot_core.methods.generic_images import GenericImages
+from fewshot_core.methods.persistence import MANIFEST
+from fewshot_core.runtime import Runtime
 
 SIZE = 64
 
@@ -35,8 +40,15 @@ def _with_noise_patch(images, seed=0):
 
 
 def _tiny(**kw):
-    base = dict(image_size=SIZE, steps=3, teacher_steps=2, penalty="none", progress=False, threads=1, device="cpu")
-    return {**base, **kw}
+    return {**dict(image_size=SIZE, steps=3, teacher_steps=2, penalty="none"), **kw}
+
+
+def _rt(artifacts=None) -> Runtime:
+    return Runtime(device="cpu", threads=1, progress=False, artifact_dir=artifacts)
+
+
+def _fit(images, artifacts=None, **params) -> EfficientAD:
+    return registry.create("efficientad", runtime=_rt(artifacts), **_tiny(**params)).fit(images)
 
 
 @pytest.mark.parametrize("size", [64, 128, 256])
@@ -51,64 +63,99 @@ def test_architecture_shapes(size):
 def test_short_training_lowers_loss_and_separates():
     train, good = _renders("train", 6), _renders("good", 4)
     bad = _with_noise_patch(_renders("bad", 4))
-    m = EfficientAD(**_tiny(steps=50, teacher_steps=30, lr=1e-3, hard_quantile=0.5)).fit_images(train, seed=0)
-    s = m.train_summary
+    m = _fit(train, steps=50, teacher_steps=30, lr=1e-3, hard_quantile=0.5, seed=0)
+    s = m.fit_info_
     assert s["loss_last"] < s["loss_first"]
     assert s["teacher"]["teacher_loss_last"] < s["teacher"]["teacher_loss_first"]
-    assert s["teacher"]["source"] == "distilled:generic" and m.meta["teacher_source"] == "distilled:generic"
-    scores, maps = m.score_images(good + bad)
-    assert maps.shape == (8, SIZE, SIZE) and np.isfinite(maps).all()
+    assert s["teacher"]["source"] == "distilled:generic" and m.provenance()["teacher"]["source"] == "distilled:generic"
+    scores, maps = m.score(good + bad)
+    assert maps.shape == (8, SIZE, SIZE) and maps.dtype == np.float32 and np.isfinite(maps).all()
     assert roc_auc_score([0] * 4 + [1] * 4, scores) > 0.6
 
 
 def test_deterministic_reload_and_published_teacher(tmp_path):
     train = _renders("train", 3)
-    a = EfficientAD(**_tiny(), artifact_dir=tmp_path / "a").fit_images(train, seed=3)
-    b = EfficientAD(**_tiny(), artifact_dir=tmp_path / "b").fit_images(train, seed=3)
-    sa, ma = a.score_images(train)
-    sb, mb = b.score_images(train)
+    a = _fit(train, tmp_path / "a", seed=3)
+    b = _fit(train, tmp_path / "b", seed=3)
+    sa, ma = a.score(train)
+    sb, mb = b.score(train)
     np.testing.assert_allclose(sa, sb, rtol=1e-5, atol=1e-6)
-    c = EfficientAD(**_tiny(), artifact_dir=tmp_path / "a").fit_images(train, seed=3)
-    assert c.loaded_from_artifact and not a.loaded_from_artifact
-    np.testing.assert_array_equal(c.score_images(train)[0], sa)
-    assert c.train_summary["steps"] == 3 and c.train_summary["stopped_by"] == "steps"
+    c = _fit(train, tmp_path / "a", seed=3)
+    assert c.fit_info_["loaded_from_artifact"] and not a.fit_info_["loaded_from_artifact"]
+    np.testing.assert_array_equal(c.score(train)[0], sa)
+    assert c.fit_info_["steps"] == 3 and c.fit_info_["stopped_by"] == "steps"
+    # the cached folder is a saved model: Method.load rebuilds it, scoring identically
+    (folder,) = (tmp_path / "a" / "efficientad").iterdir()
+    loaded = Method.load(folder, runtime=_rt())
+    assert isinstance(loaded, EfficientAD) and loaded.get_params() == a.get_params()
+    for x, y in zip(loaded.score(train), a.score(train)):
+        np.testing.assert_array_equal(x, y)
 
-    # a published-style teacher file is loaded, not distilled, and recorded
+    # a published-style teacher file is loaded, not distilled, and recorded (with its hash)
     path = tmp_path / "teacher_small.pth"
-    torch.save(a.teacher.state_dict(), path)
-    d = EfficientAD(**_tiny(teacher_path=str(path))).fit_images(train, seed=3)
-    assert d.train_summary["teacher"] == {"source": "published", "path": str(path)}
-    assert torch.equal(d.teacher[0].weight, a.teacher[0].weight)
+    torch.save(a.teacher_.state_dict(), path)
+    d = _fit(train, teacher_path=str(path), seed=3)
+    assert d.fit_info_["teacher"] == {"source": "published", "path": str(path)}
+    assert len(d.provenance()["teacher"]["sha256"]) == 64
+    assert torch.equal(d.teacher_[0].weight, a.teacher_[0].weight)
     with pytest.raises(FsadError, match="teacher"):
-        EfficientAD(**_tiny(teacher_path=str(tmp_path / "missing.pth"))).fit_images(train, seed=3)
+        _fit(train, teacher_path=str(tmp_path / "missing.pth"), seed=3)
     torch.save({"bad": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(FsadError, match="teacher_small"):
-        EfficientAD(**_tiny(teacher_path=str(tmp_path / "bad.pth"))).fit_images(train, seed=3)
+        _fit(train, teacher_path=str(tmp_path / "bad.pth"), seed=3)
+
+
+def test_parameters_are_the_init_arguments_and_runtime_is_not_one():
+    m = registry.create("efficientad", steps=4, lr=1e-3)
+    params = m.get_params()
+    assert params["steps"] == 4 and params["lr"] == 1e-3 and params["seed"] == 0 and params["teacher"] == "generic"
+    assert not {"device", "amp", "progress", "threads", "artifact_dir", "score_batch"} & set(params)
+    assert m.input_kind == "images" and m.map_sigma == 0
+    with pytest.raises(FsadError, match="bad parameters"):
+        registry.create("efficientad", device="cpu")
 
 
 def test_time_budget_stops_training():
-    m = EfficientAD(**_tiny(steps=10_000, teacher_steps=10_000, time_budget_s=3, teacher="support")).fit_images(
-        _renders("t", 2), seed=0)
-    assert m.train_summary["stopped_by"] == "time"
-    assert m.train_summary["teacher"]["teacher_stopped_by"] == "time"
+    m = _fit(_renders("t", 2), steps=10_000, teacher_steps=10_000, time_budget_s=3, teacher="support", seed=0)
+    assert m.fit_info_["stopped_by"] == "time"
+    assert m.fit_info_["teacher"]["teacher_stopped_by"] == "time"
 
 
 def test_generic_teacher_is_shared_cached_and_never_sees_the_support(tmp_path):
     """One teacher per configuration, distilled on generic pictures only (the paper's ImageNet teacher)."""
     efficientad._TEACHERS.clear()
-    a = EfficientAD(**_tiny(teacher_steps=4), artifact_dir=tmp_path).fit_images(_renders("a", 2), seed=0)
-    assert a.train_summary["teacher"]["source"] == "distilled:generic"
-    assert "scikit-image" in a.train_summary["teacher"]["images"]
-    assert (tmp_path / "efficientad-teacher").is_dir()
-    # other support images, other seed, nothing in memory: the same teacher comes back from the store
+    a = _fit(_renders("a", 2), tmp_path, teacher_steps=4, seed=0)
+    assert a.fit_info_["teacher"]["source"] == "distilled:generic"
+    assert "scikit-image" in a.fit_info_["teacher"]["images"]
+    (teacher_folder,) = (tmp_path / "efficientad-teacher").iterdir()
+    assert json.loads((teacher_folder / MANIFEST).read_text())["method"] == "efficientad-teacher"  # the one format
+    # other support images, other seed, nothing in memory: the same teacher comes back from its folder
     efficientad._TEACHERS.clear()
-    b = EfficientAD(**_tiny(teacher_steps=4), artifact_dir=tmp_path).fit_images(_renders("b", 3), seed=5)
-    for pa, pb in zip(a.teacher.parameters(), b.teacher.parameters()):
+    b = _fit(_renders("b", 3), tmp_path, teacher_steps=4, seed=5)
+    for pa, pb in zip(a.teacher_.parameters(), b.teacher_.parameters()):
         assert torch.equal(pa, pb)
     # cached or freshly distilled, the episode's own random draws (student init, batches) are the same
     efficientad._TEACHERS.clear()
-    c = EfficientAD(**_tiny(teacher_steps=4)).fit_images(_renders("b", 3), seed=5)
-    np.testing.assert_allclose(c.score_images(_renders("q", 2))[0], b.score_images(_renders("q", 2))[0], rtol=1e-5)
+    c = _fit(_renders("b", 3), teacher_steps=4, seed=5)
+    np.testing.assert_allclose(c.score(_renders("q", 2))[0], b.score(_renders("q", 2))[0], rtol=1e-5)
+    # a damaged teacher folder is refused in one line that says how to rebuild it
+    efficientad._TEACHERS.clear()
+    (teacher_folder / "tensors.pt").write_bytes(b"garbage")
+    with pytest.raises(FsadError, match=f"delete {teacher_folder} to retrain"):
+        _fit(_renders("b", 3), tmp_path, teacher_steps=4, seed=6)  # a new fit: it needs the teacher
+    efficientad._TEACHERS.clear()
+
+
+def test_prepare_teacher_fills_the_cache_that_fits_then_use(tmp_path):
+    efficientad._TEACHERS.clear()
+    model = registry.create("efficientad", runtime=_rt(tmp_path), **_tiny(teacher_steps=3))
+    info = model.prepare_teacher()
+    assert info["source"] == "distilled:generic" and info["teacher_steps"] == 3
+    teacher = GenericTeacher(SIZE, steps=3).set_runtime(_rt(tmp_path))
+    assert (tmp_path / "efficientad-teacher" / teacher.cache_key() / MANIFEST).is_file()
+    with pytest.raises(FsadError, match="only the generic teacher"):
+        registry.create("efficientad", **_tiny(teacher="support")).prepare_teacher()
+    efficientad._TEACHERS.clear()
 
 
 def test_generic_images_are_deterministic_and_check_their_folder(tmp_path):

@@ -7,7 +7,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from fewshot_core.data.synth import KINDS, render_sample
+from fewshot_core.methods import registry
+from fewshot_core.methods.base import Method
 from fewshot_core.methods.reb import REB
+from fewshot_core.runtime import Runtime
 
 
 def _renders(tag, n, size):
@@ -24,35 +27,49 @@ def _defects(n, size):
 
 
 def _cfg(**kw):
-    base = dict(image_size=64, steps=3, batch_size=8, progress=False, threads=1, device="cpu")
-    return {**base, **kw}
+    return {**dict(image_size=64, steps=3, batch_size=8), **kw}
+
+
+def _rt(artifacts=None) -> Runtime:
+    return Runtime(device="cpu", threads=1, progress=False, artifact_dir=artifacts)
+
+
+def _fit(images, artifacts=None, **params) -> REB:
+    return registry.create("reb", runtime=_rt(artifacts), **_cfg(**params)).fit(images)
 
 
 def test_finetuning_learns_and_ldknn_separates(tmp_path):
     train, good, bad = _renders("train", 5, 96), _renders("good", 5, 96), _defects(5, 96)
-    m = REB(**_cfg(image_size=96, steps=40, batch_size=14, lr=0.01), artifact_dir=tmp_path).fit_images(train, seed=0)
-    s = m.train_summary
+    m = _fit(train, tmp_path, image_size=96, steps=40, batch_size=14, lr=0.01, seed=0)
+    s = m.fit_info_
     assert s["steps"] == 40 and s["loss_last"] < s["loss_first"]
     assert s["acc_last"] > 1 / 7  # better than guessing among the 7 classes
     assert s["bank"] == 5 * s["grid"][0] * s["grid"][1]  # no coreset: every support patch
-    scores, maps = m.score_images(good + bad)
+    scores, maps = m.score(good + bad)
     assert maps.shape == (10, 96, 96) and np.isfinite(maps).all()
     assert roc_auc_score([0] * 5 + [1] * 5, scores) > 0.7
     # the fine-tuned backbone differs from the ImageNet one
-    fresh = REB(**_cfg(image_size=96))
+    from fewshot_core.backbones import create_model
+
     name = "conv_stem.weight"
-    assert not torch.equal(fresh.model.state_dict()[name], m.model.state_dict()[name].to(fresh.device))
+    assert not torch.equal(create_model("tf_efficientnet_lite0").state_dict()[name], m.model_.state_dict()[name])
     # reload: same scores, no training
-    again = REB(**_cfg(image_size=96, steps=40, batch_size=14, lr=0.01), artifact_dir=tmp_path).fit_images(train, seed=0)
-    assert again.loaded_from_artifact
-    np.testing.assert_allclose(again.score_images(good + bad)[0], scores, rtol=1e-5, atol=1e-6)
+    again = _fit(train, tmp_path, image_size=96, steps=40, batch_size=14, lr=0.01, seed=0)
+    assert again.fit_info_["loaded_from_artifact"]
+    np.testing.assert_allclose(again.score(good + bad)[0], scores, rtol=1e-5, atol=1e-6)
 
 
-def test_deterministic_by_seed_and_ablation_without_finetuning():
+def test_deterministic_by_seed_and_ablation_without_finetuning(tmp_path):
     train = _renders("train", 2, 64)
-    a = REB(**_cfg()).fit_images(train, seed=1).score_images(train)[0]
-    b = REB(**_cfg()).fit_images(train, seed=1).score_images(train)[0]
+    model = _fit(train, seed=1)
+    a = model.score(train)[0]
+    b = _fit(train, seed=1).score(train)[0]
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    plain = REB(**_cfg(finetune=False)).fit_images(train, seed=1)
-    assert plain.train_summary["steps"] == 0
-    assert not np.allclose(plain.score_images(train)[0], a)
+    plain = _fit(train, finetune=False, seed=1)
+    assert plain.fit_info_["steps"] == 0
+    assert not np.allclose(plain.score(train)[0], a)
+    # save / Method.load: fine-tuned network and LDKNN bank come back, scoring identically
+    again = Method.load(model.save(tmp_path / "reb"), runtime=_rt())
+    assert isinstance(again, REB) and again.ldknn_.seed == model.ldknn_.seed
+    for x, y in zip(again.score(train), model.score(train)):
+        np.testing.assert_array_equal(x, y)
