@@ -220,7 +220,7 @@ def scan_layout(cfg: LayoutConfig) -> CategoryScan:
 
 
 def load_layout(cfg: LayoutConfig) -> Dataset:
-    from fewshot_core.data.validate import require_consistent_masks
+    from fewshot_core.data.mask_sizes import require_consistent_masks
 
     hint = f"fsad data validate --layout-config {cfg.origin}" if cfg.origin != "flags" else "fsad data validate <same flags>"
     return require_consistent_masks(scan_layout(cfg).raise_if_problems(hint), hint)
