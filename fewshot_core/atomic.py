@@ -6,6 +6,7 @@ Readers never see half a file, and a failed or interrupted write leaves the earl
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,3 +38,17 @@ def atomic_write_bytes(path, data: bytes, mode: int | None = None) -> Path:
 
 def atomic_write_text(path, text: str, mode: int | None = None) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), mode=mode)
+
+
+def replace_dir(tmp, target) -> Path:
+    """Move the finished folder ``tmp`` into place at ``target`` (a sibling), replacing an earlier one: the
+    old folder is moved aside first (``os.replace`` cannot overwrite a non-empty folder), then deleted."""
+    tmp, target = Path(tmp), Path(target)
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, old / target.name)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return target

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fewshot_core.atomic import atomic_write_text
+from fewshot_core.atomic import atomic_write_text, replace_dir
 from fewshot_core.errors import FsadError
 
 DERIVED_VERSION = 1
@@ -102,13 +102,7 @@ def _build(target: Path, record: dict, write) -> Path:
     try:
         write(tmp)
         atomic_write_text(tmp / RECORD, json.dumps(record, indent=1, sort_keys=True) + "\n")
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import shutil
 import struct
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fewshot_core.atomic import atomic_write_text
+from fewshot_core.atomic import atomic_write_text, replace_dir
 from fewshot_core.errors import FsadError
 
 GENERATOR_VERSION = 1
@@ -544,13 +543,7 @@ def generate(
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         try:
             _write_category(tmp, name, kind, palette, size, seed, n_train, n_test_good, n_test_per_defect)
-            if target.exists():  # ours, stale: swap it out, then delete
-                old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=root))
-                os.replace(target, old / name)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
+            replace_dir(tmp, target)  # an existing one is ours and stale: swapped out, then deleted
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         record[name] = params

@@ -49,6 +49,7 @@ from fewshot_core.backbones.preprocess import preprocessing_record
 from fewshot_core.backbones.weights import resolve_weights
 from fewshot_core.data.imageio import CONVERSION_RULES
 from fewshot_core.errors import FsadError
+from fewshot_core.processes import pid_alive
 from fewshot_core.features.extract import iter_embeddings
 from fewshot_core.features.fingerprint import CACHE_NAME, HashCache, content_hashes, describe_changes, fingerprint_of
 from fewshot_core.features.integrity import ARRAY_FILES, BlockHasher, check_files, checksum_file, write_stamp
@@ -106,13 +107,6 @@ def _versions() -> dict:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -527,7 +521,7 @@ class FeatureStore:
         for prefix in (_TMP_PREFIX, _TRASH_PREFIX):
             for tmp in self.root.glob(f"{prefix}{key}-*"):
                 pid = tmp.name[len(prefix) + len(key) + 1:].split("-")[0]
-                if pid.isdigit() and not _pid_alive(int(pid)):
+                if pid.isdigit() and not pid_alive(int(pid)):
                     shutil.rmtree(tmp, ignore_errors=True)
 
     def _changes_since_previous(self, category: str, spec: str, key: str, hashes: dict) -> dict | None:

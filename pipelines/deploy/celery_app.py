@@ -20,7 +20,7 @@ from celery.signals import task_prerun, worker_ready
 from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_task
 
-from pipelines.deploy.procs import pid_alive
+from fewshot_core.processes import pid_alive
 from pipelines.deploy.profile import load_profile
 
 log = logging.getLogger("fsad.worker")

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from fewshot_core.errors import FsadError
-from pipelines.deploy.procs import pid_alive
+from fewshot_core.processes import pid_alive
 from pipelines.deploy.profile import CHECKOUT, ClusterProfile
 
 SERVICES_FILE = "services.json"

@@ -75,7 +75,7 @@ def cluster():
     if reason := _missing_services():
         pytest.skip(reason)
     from pipelines.deploy import local
-    from pipelines.deploy.procs import pid_alive
+    from fewshot_core.processes import pid_alive
     from pipelines.deploy.profile import load_profile
 
     # not under pytest's tmp folder: that one is private to root and the postgres user must reach its data

@@ -1,4 +1,5 @@
-"""Process liveness by pid, as the profile's pid files and temp-folder names need it."""
+"""Process liveness by pid: lock files, temp-folder names and the deployment profile's pid files name
+processes that may have died."""
 
 from __future__ import annotations
 
