@@ -23,6 +23,10 @@ from golden_cases import CASES, run_case  # noqa: E402
 FIXTURE = Path(__file__).parent / "golden" / "rows.json"
 RECORD = os.environ.get("FSAD_GOLDEN_RECORD") == "1"
 TOL = 1e-6
+# Pixel-level metrics integrate over every threshold of float32 maps whose BLAS summation order follows the
+# thread count: a 1e-7 change in a map value moves AUPRO by ~1e-6 (seen when other tests ran first).
+PIXEL_TOL = 1e-5
+PIXEL_METRICS = {"aupro", "pixel_auroc", "pixel_f1_max"}
 # Identity columns compared exactly; every other numeric column except timings is a metric.
 IDENTITY = ("episode_id", "n_support", "n_query", "bank_size", "shots", "k_good", "k_bad", "seed")
 IGNORED = {"fit_s", "score_s", "predict_s", "train_s", "train_steps"}
@@ -83,4 +87,5 @@ def test_rows_match_the_recording(case, recorded, golden_env, request):
             elif isinstance(expected, float) and math.isnan(expected):
                 assert math.isnan(got), f"{case}: {key} {got} != nan"
             else:
-                assert abs(float(got) - float(expected)) <= TOL, f"{case}: {key} {got} != {expected}"
+                tol = PIXEL_TOL if key in PIXEL_METRICS else TOL
+                assert abs(float(got) - float(expected)) <= tol, f"{case}: {key} {got} != {expected}"
