@@ -503,7 +503,8 @@ def test_updated_embeddings_carry_on_to_an_updated_report(sweep):
 
 
 def test_a_mask_of_the_wrong_size_stops_the_chain_with_the_validators_line(tmp_path, capsys):
-    """Issue 17.2: the blocking manifest check stops `fsad run` before any features are computed."""
+    """Issue 17.2: the data stage stops `fsad run` with the validator's line before any features are computed
+    (the dataset loader refuses the mask already; the blocking manifest check guards what loads)."""
     from PIL import Image
 
     from fewshot_core.data.synth import generate
@@ -523,8 +524,8 @@ def test_a_mask_of_the_wrong_size_stops_the_chain_with_the_validators_line(tmp_p
         os.environ.clear()
         os.environ.update(env)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("fsad: error: stage data") and "manifest_validates" in err[0]
-    assert mask.name in err[0] and "40" in err[0]
+    assert len(err) == 1 and err[0].startswith("fsad: error: stage data")
+    assert mask.name in err[0] and "mask is 40x40" in err[0] and "fsad data validate" in err[0]
     assert not (tmp_path / "work" / "features").exists()
 
 
