@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from fewshot_core.atomic import replace_dir
 from fewshot_core.checksums import sha256_file
 from fewshot_core.errors import FsadError
 
@@ -100,13 +100,7 @@ def save_model(model, folder, extra: dict | None = None) -> Path:
             **({"extra": jsonable(extra)} if extra else {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        old = None
-        if folder.exists():  # move the earlier save aside first: os.replace cannot overwrite a folder
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
