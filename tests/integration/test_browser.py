@@ -86,6 +86,14 @@ def _wait_for_run(asset: str, timeout: float):
     raise AssertionError(f"no finished run of {asset} within {timeout} s")
 
 
+def _skip_welcome(page) -> None:
+    """Close "Join the Dagster community" (shown once on a fresh instance, over whatever page opens first)."""
+    try:
+        page.get_by_role("button", name="Skip").click(timeout=15_000)
+    except Exception:  # noqa: BLE001 - the dialog is optional
+        pass
+
+
 def _stop_group(proc: subprocess.Popen) -> None:
     pgid = proc.pid  # start_new_session=True: the leader's pid is the group id
     for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
@@ -145,11 +153,7 @@ def test_dagster_ui_shows_asset_graph_and_materialisation(tmp_path):
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
                 page.set_default_timeout(60_000)
                 page.goto(url + "/asset-groups")
-                skip = page.get_by_role("button", name="Skip")
-                try:  # "Join the Dagster community" on a fresh instance
-                    skip.click(timeout=15_000)
-                except Exception:  # noqa: BLE001 - the dialog is optional
-                    pass
+                _skip_welcome(page)
                 # The global graph: one node per stage group, code location loaded.
                 for group in ("data", "features", "evaluation", "reports"):
                     page.get_by_text(group, exact=True).first.wait_for()
@@ -191,7 +195,7 @@ SWEEP_LINKS = """\
 name: ui-links
 data: {{source: synthetic, synth: {{categories: 1, size: 64, n_train: 4, n_test_good: 2, n_test_per_defect: 1}}}}
 image_size: 64
-oneclass: {{shots: [1], seeds: [0, 1]}}
+oneclass: {{shots: [1, 2], seeds: [0, 1]}}
 supervised: {{ratios: [[1, 1]], label_modes: [binary], seeds: [0]}}
 methods: [{{id: knn, method: knn}}]
 work_dir: {work}
@@ -210,9 +214,43 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: 
             time.sleep(1)
 
 
+def _wait_for_backfill(home: Path, known: set, timeout: float):
+    """The backfill launched from the UI (not in ``known``), once the daemon has finished it."""
+    import dagster as dg
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(home))
+        instance = dg.DagsterInstance.get()
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            new = [b for b in instance.get_backfills(limit=10) if b.backfill_id not in known]
+            if new and new[0].status.value not in ("REQUESTED", "CANCELING"):
+                return new[0]
+            time.sleep(1)
+    raise AssertionError(f"the backfill launched from the UI did not finish within {timeout} s")
+
+
+def _backfill_runs(home: Path, backfill_id: str) -> set:
+    import dagster as dg
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(home))
+        runs = dg.DagsterInstance.get().get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+    return {r.run_id for r in runs}
+
+
+def _backfill_ids(home: Path) -> set:
+    import dagster as dg
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(home))
+        return {b.backfill_id for b in dg.DagsterInstance.get().get_backfills(limit=100)}
+
+
 def test_report_links_and_partition_pages_open_their_mlflow_runs(tmp_path):
-    """After `fsad run`: a report link opens its run in a running MLflow UI, and an evaluation partition's
-    page in the Dagster UI links its own (latest, not superseded) MLflow run."""
+    """After `fsad run`: a report link opens its run in a running MLflow UI, an evaluation partition's page
+    in the Dagster UI links its own (latest, not superseded) MLflow run, and a backfill of one setting's
+    seeds, picked with clicks in the asset's launch dialog, runs and succeeds."""
     import re
 
     import pandas as pd
@@ -271,6 +309,36 @@ def test_report_links_and_partition_pages_open_their_mlflow_runs(tmp_path):
                 own = page.locator(f'a[href*="/runs/{latest[0].info.run_id}"]').first
                 own.wait_for()
                 assert own.get_attribute("href").startswith(f"http://127.0.0.1:{ml_port}/")
+                # 3. A backfill of one setting's seeds (1 shot, seeds 0 and 1; not the 2-shot ones), with clicks:
+                # the category dimension's "All", then the two seeds in the setting dimension's list.
+                known = _backfill_ids(home)
+                page.goto(url + "/assets/evaluation/tf_efficientnet_lite0/knn")
+                _skip_welcome(page)
+                page.get_by_text(re.compile(r"^Materialize")).first.click()
+                dialog = page.locator('[role="dialog"]', has_text="Partition selection").first
+                dialog.get_by_role("button", name="All").first.click()
+                dialog.get_by_text("Select a partition or create one").last.click()
+                for key in ("oc-k1-s0", "oc-k1-s1"):
+                    page.get_by_role("menuitem", name=key).click()  # its name repeats the key (truncation helper)
+                page.keyboard.press("Escape")
+                dialog.get_by_text("2 partitions").first.wait_for()
+                dialog.get_by_role("button", name="Launch backfill").click()
+                backfill = _wait_for_backfill(home, known, timeout=900)
+                assert backfill.status.value == "COMPLETED_SUCCESS", backfill.status
+                targeted = backfill.asset_backfill_data.target_subset.partitions_subsets_by_asset_key
+                assert {k.to_user_string(): set(v.get_partition_keys()) for k, v in targeted.items()} == {
+                    "evaluation/tf_efficientnet_lite0/knn": {f"{oc['category']}|oc-k1-s0", f"{oc['category']}|oc-k1-s1"}}
+                page.goto(url + f"/runs/b/{backfill.backfill_id}")
+                page.get_by_text("Succeeded").first.wait_for()
+                page.get_by_text("100% completed").first.wait_for()
+                # each seed got a new MLflow run, and the one it replaced is tagged superseded
+                runs = Tracker(default_tracking_uri(home)).evaluation_runs("ui-links")
+                for seed in (0, 1):
+                    key = f"{oc['category']}|oc-k1-s{seed}"
+                    mine = [r for r in runs if r.data.tags.get("dagster.partition_key") == key]
+                    current = [r for r in mine if r.data.tags.get("fsad.superseded") == "false"]
+                    assert len(mine) == 2 and len(current) == 1, key
+                    assert current[0].data.tags["dagster.run_id"] in _backfill_runs(home, backfill.backfill_id)
             except Exception:
                 page.screenshot(path=str(tmp_path / "failure.png"))
                 raise
