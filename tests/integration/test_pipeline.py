@@ -105,6 +105,23 @@ def test_fsad_run_materialises_every_asset_and_prints_where_things_are(sweep):
         assert run_id in text
 
 
+def test_full_data_model_is_registered_beside_the_champion(sweep):
+    """The full-data detector per category is its own asset and MLflow run and the registered model's
+    ``full-data`` version; the few-shot champion is another version of the same registered model."""
+    from fewshot_core import tracking
+    from fewshot_core.tracking import Tracker, default_tracking_uri
+
+    home, _, _, _ = sweep
+    tracker = Tracker(default_tracking_uri(home))
+    full = tracker.client.get_model_version_by_alias("fsad-synth_fabric", "full-data")
+    run = tracker.client.get_run(full.tags["fsad.mlflow_run_id"])
+    assert run.data.tags[tracking.KIND_TAG] == "full-data" and run.data.tags[tracking.ASSET_TAG] == "full_data_model"
+    assert run.data.params["method"] == "patchcore" and run.data.params["n_support"] == "6"
+    assert run.data.params["threshold_rule"].startswith("holdout") and "image_auroc" in run.data.metrics
+    champion = tracker.client.get_model_version_by_alias("fsad-synth_fabric", "champion")
+    assert champion.version != full.version
+
+
 def test_mlflow_holds_one_nested_run_per_evaluation_partition(sweep):
     from fewshot_core import tracking
     from fewshot_core.tracking import Tracker, default_tracking_uri
