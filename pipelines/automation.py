@@ -2,7 +2,8 @@
 carries on through the support banks and evaluations to an updated report, with no run launched by hand.
 
 The condition fires only after an upstream *update*, never for partitions that are merely missing, so
-starting ``dagster dev`` on a home that ``fsad run`` filled launches nothing. Data and embeddings are never
+starting ``dagster dev`` on a home that ``fsad run`` filled launches nothing. Updates made by a sweep's own
+runs (tagged ``fsad/stage``) do not count: the sweep materialises its next stage itself. Data and embeddings are never
 automated: the sensor and the nightly schedule decide when images are read.
 """
 
@@ -10,8 +11,20 @@ from __future__ import annotations
 
 import dagster as dg
 
+SWEEP_TAG = "fsad/stage"  # on every run of a sweep (fsad run, the cluster sweep, the nightly schedule)
+
+# A dependency update counts unless a sweep made it: the sweep runs its own next stage, and the daemon's
+# sensor launching that stage as well would evaluate every partition twice.
+_UPDATED_OUTSIDE_A_SWEEP = (
+    (dg.AutomationCondition.newly_updated()
+     & ~dg.AutomationCondition.all_new_updates_have_run_tags(tag_keys={SWEEP_TAG})
+     & ~dg.AutomationCondition.executed_with_root_target())
+    | dg.AutomationCondition.will_be_requested()
+)
+
 AFTER_UPSTREAM_UPDATES = (
-    dg.AutomationCondition.any_deps_updated().since_last_handled()
+    dg.AutomationCondition.any_deps_match(_UPDATED_OUTSIDE_A_SWEEP).with_label("any deps updated outside a sweep")
+    .since_last_handled()
     & ~dg.AutomationCondition.any_deps_missing()
     & ~dg.AutomationCondition.any_deps_in_progress()
     & ~dg.AutomationCondition.in_progress()

@@ -16,6 +16,7 @@ from collections import defaultdict
 import dagster as dg
 
 from fewshot_core.errors import FsadError
+from pipelines.automation import SWEEP_TAG
 
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
@@ -57,7 +58,7 @@ def run_sweep(defs: dg.Definitions, instance: dg.DagsterInstance, log=print, tag
     # quiet: the failure reason is re-raised below in one line; the full event log stays in the instance
     run_config = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}} if quiet else None
     for name, group in stages(defs):
-        run_tags = {"fsad/stage": name, **(tags or {})}
+        run_tags = {SWEEP_TAG: name, **(tags or {})}
         pdef = group[0].partitions_def
         if pdef is not None:
             keys = pdef.get_partition_keys(dynamic_partitions_store=instance)

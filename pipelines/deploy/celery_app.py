@@ -4,8 +4,11 @@ Start a worker with ``python -m pipelines.deploy worker --name NAME --queues cpu
 environment from the profile and runs ``celery -A pipelines.deploy.celery_app worker``). The settings come
 from the same ``ClusterProfile.celery_settings()`` the executor in the run worker uses, so both agree.
 
-Before each step the worker removes what an earlier, killed attempt of that step left behind: feature-store
-temp folders of dead processes on this host, and the MLflow runs (with their artifacts) that attempt logged (the step re-evaluates every partition it covers, so they are superseded, never counted twice).
+Each step runs under a lease (``step_lease.py``), so a message the broker redelivers while its first
+execution is still alive waits for that execution instead of running the step a second time. Before it
+executes a step the worker removes what an earlier, killed attempt of that step left behind: feature-store
+temp folders of dead processes on this host, and the MLflow runs (with their artifacts) that attempt logged
+(the step re-evaluates every partition it covers, so they are superseded, never counted twice).
 """
 
 from __future__ import annotations
@@ -16,18 +19,46 @@ import shutil
 import socket
 from pathlib import Path
 
-from celery.signals import task_prerun, worker_ready
+from celery.signals import worker_ready
 from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_task
 
 from fewshot_core.processes import pid_alive
 from pipelines.deploy.profile import load_profile
+from pipelines.deploy.step_lease import StepLease, lease_name
 
 log = logging.getLogger("fsad.worker")
 profile = load_profile()
 app = make_app({"broker": profile.broker_url, "backend": profile.backend_url, "include": [],
                 "config_source": profile.celery_settings()})
-execute_plan = create_task(app)
+_redis = None
+
+
+def _lease_store():
+    global _redis
+    if _redis is None:
+        import redis
+
+        _redis = redis.Redis.from_url(profile.broker_url)
+    return _redis
+
+
+class LeasedStep(app.Task):
+    """dagster-celery's step task, run under the step's lease and after cleaning up a killed attempt."""
+
+    def __call__(self, *args, **kwargs):
+        run_id, step_keys = _step_of(kwargs)
+        if run_id is None or not self.request.id:  # called in-process (eager): nothing to share
+            return super().__call__(*args, **kwargs)
+
+        def execute():
+            _before_step(run_id, step_keys)
+            return super(LeasedStep, self).__call__(*args, **kwargs)
+
+        return StepLease(_lease_store(), lease_name(self.request.id, step_keys)).run(execute)
+
+
+execute_plan = create_task(app, base=LeasedStep)
 
 
 def remove_dead_temp_files(root: Path) -> list[Path]:
@@ -78,11 +109,7 @@ def superseded_mlflow_runs(tracker, dagster_run_id: str, step_keys: list[str]) -
     return [r.info.run_id for r in runs if r.data.tags.get(tracking.ASSET_TAG) in assets]
 
 
-@task_prerun.connect
-def _before_step(task=None, kwargs=None, **_extra) -> None:
-    run_id, step_keys = _step_of(kwargs or {})
-    if run_id is None:
-        return
+def _before_step(run_id: str, step_keys: list[str]) -> None:
     for path in remove_dead_temp_files(profile.shared_root):
         log.warning("removed %s (left by a dead process)", path)
     if not any(k.startswith("evaluation__") for k in step_keys):

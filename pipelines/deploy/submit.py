@@ -11,6 +11,7 @@ import time
 import dagster as dg
 
 from fewshot_core.errors import FsadError
+from pipelines.automation import SWEEP_TAG
 from pipelines.deploy.profile import ClusterProfile
 from pipelines.runner import RANGE_END, RANGE_START, stages
 
@@ -89,7 +90,7 @@ def run_sweep_on_cluster(prof: ClusterProfile, defs: dg.Definitions, instance: d
                                                  "run(s)" if pdef is not None else "") + " submitted")
         submitted = []
         for rng in ranges:
-            run_tags = {"fsad/stage": name, **(tags or {})}
+            run_tags = {SWEEP_TAG: name, **(tags or {})}
             if rng is not None:
                 run_tags.update({RANGE_START: rng[0], RANGE_END: rng[1]})
             try:

@@ -85,13 +85,14 @@ def cluster():
     sweep = base / "sweep.yaml"
     sweep.write_text(SWEEP)
     profile = base / "profile.yaml"
-    # a short visibility timeout: the killed worker's step is handed to the other worker within a minute
+    # a short visibility timeout: the killed worker's step is handed to the other worker within seconds, and
+    # every step longer than it is redelivered while still running (the step lease must keep it exactly once)
     profile.write_text((ROOT / "deploy" / "cluster.yaml").read_text()
                        .replace("ports: {postgres: 55432, redis: 56379, mlflow: 55000, webserver: 53000}",
                                 f"ports: {{postgres: {_free_port()}, redis: {_free_port()}, mlflow: {_free_port()}, "
                                 f"webserver: {_free_port()}}}")
                        .replace("visibility_timeout_s: 10800, restore_interval_s: 10",
-                                "visibility_timeout_s: 60, restore_interval_s: 2"))
+                                "visibility_timeout_s: 20, restore_interval_s: 2"))
     prof = load_profile(profile, home)
     args = ["--home", str(home), "--profile", str(profile)]
     started: dict[str, int] = {}
@@ -187,6 +188,15 @@ def test_steps_ran_in_both_workers_and_postgres_holds_runs_and_events(cluster, s
                 assert events.get(DagsterEventType.STEP_SUCCESS.value, 0) >= 1, events
             cur.execute("SELECT count(*) FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION'")
             assert cur.fetchone()[0] >= N_EVAL
+
+
+def test_the_daemon_launched_nothing_beside_the_sweep(cluster, sweep, instance):
+    """The daemon's automation sensor runs in the profile; a sweep's own updates must not trigger it (it
+    would evaluate every partition a second time, beside the sweep's evaluation stage)."""
+    from pipelines.automation import SWEEP_TAG
+
+    others = [(r.run_id[:8], dict(r.tags)) for r in instance.get_runs() if SWEEP_TAG not in r.tags]
+    assert not others, others
 
 
 def test_pools_and_queues_come_from_the_profile(cluster, sweep, instance):
@@ -300,5 +310,6 @@ def test_killed_worker_mid_sweep_still_finishes_every_partition_once(cluster, sw
     # the killed build's partial files are gone, and the rebuilt partition is complete
     assert not any(p.exists() for p in partial)
     assert not list(prof.shared_root.rglob(".tmp-*"))
-    (complete,) = [p for p in (work / "features").iterdir()]
+    # beside it only the store's own dot-entries (per-key locks, the image hash cache)
+    (complete,) = [p for p in (work / "features").iterdir() if not p.name.startswith(".")]
     assert (complete / "meta.json").is_file() and (complete / "patch.npy").is_file()

@@ -494,7 +494,8 @@ def test_updated_embeddings_carry_on_to_an_updated_report(sweep):
     import dagster as dg
 
     from pipelines.assets.evaluation import evaluation_key
-    from pipelines.runner import stages
+    from pipelines.automation import SWEEP_TAG
+    from pipelines.runner import RANGE_END, RANGE_START, stages
 
     _, _, config, _ = sweep
     defs = _defs(config)
@@ -502,6 +503,19 @@ def test_updated_embeddings_carry_on_to_an_updated_report(sweep):
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     assert first.total_requested == 0
     assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
+    # a sweep's own run updating the embeddings launches nothing: the sweep runs its next stages itself
+    assert dg.materialize(assets, selection=[dg.AssetKey("embeddings")], resources=defs.resources,
+                          instance=instance, partition_key="tf_efficientnet_lite0|synth_fabric",
+                          tags={SWEEP_TAG: "features"}).success
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+    assert first.total_requested == 0, _requested(first)
+    for _name, group in stages(defs)[2:-1]:  # banks and evaluations as the sweep runs them: range runs
+        keys = group[0].partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+        assert dg.materialize(assets, selection=[a.key for a in group], resources=defs.resources,
+                              instance=instance, tags={SWEEP_TAG: _name, RANGE_START: keys[0],
+                                                       RANGE_END: keys[-1]}).success
+        first = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+        assert first.total_requested == 0, (_name, _requested(first))
     assert dg.materialize(assets, selection=[dg.AssetKey("embeddings")], resources=defs.resources,
                           instance=instance, partition_key="tf_efficientnet_lite0|synth_fabric").success
     second = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
