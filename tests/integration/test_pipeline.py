@@ -509,7 +509,7 @@ def test_updated_embeddings_carry_on_to_an_updated_report(sweep):
                           tags={SWEEP_TAG: "features"}).success
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     assert first.total_requested == 0, _requested(first)
-    for _name, group in stages(defs)[2:-1]:  # banks and evaluations as the sweep runs them: range runs
+    for _name, group in stages(defs)[2:-1]:  # banks, models, evaluations as the sweep runs them: range runs
         keys = group[0].partitions_def.get_partition_keys(dynamic_partitions_store=instance)
         assert dg.materialize(assets, selection=[a.key for a in group], resources=defs.resources,
                               instance=instance, tags={SWEEP_TAG: _name, RANGE_START: keys[0],
@@ -521,6 +521,7 @@ def test_updated_embeddings_carry_on_to_an_updated_report(sweep):
     second = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     requested = _requested(second)
     assert "memory_banks/tf_efficientnet_lite0" in requested and any(k.startswith("evaluation/") for k in requested)
+    assert "full_data_model" in requested  # the production candidate follows new images too
     assert not {"dataset", "image_manifest", "embeddings"} & requested
     # the automation sensor launches those; once an evaluation is updated, the tables and the report follow
     knn = evaluation_key("tf_efficientnet_lite0", _spec(config, "knn"))
