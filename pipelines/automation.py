@@ -1,10 +1,11 @@
 """Declarative automation: whatever updates the embeddings (the new-images sensor, a backfill in the UI)
-carries on through the support banks and evaluations to an updated report, with no run launched by hand.
+carries on through the support banks, the full-data model and the evaluations to an updated report, with
+no run launched by hand.
 
 The condition fires only after an upstream *update*, never for partitions that are merely missing, so
 starting ``dagster dev`` on a home that ``fsad run`` filled launches nothing. Updates made by a sweep's own
-runs (tagged ``fsad/stage``) do not count: the sweep materialises its next stage itself. Data and embeddings are never
-automated: the sensor and the nightly schedule decide when images are read.
+runs (tagged ``fsad/stage``) do not count: the sweep materialises its next stage itself. Data and
+embeddings are never automated: the sensor and the nightly schedule decide when images are read.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ AFTER_UPSTREAM_UPDATES = (
     & ~dg.AutomationCondition.in_progress()
 ).with_label("after upstream updates")
 
-AUTOMATED_GROUPS = ("banks", "evaluation", "reports")
+AUTOMATED_GROUPS = ("banks", "models", "evaluation", "reports")
 
 
 def automated() -> dg.AssetSelection:
@@ -38,7 +39,7 @@ def automated() -> dg.AssetSelection:
 
 
 def with_automation(assets: list) -> list:
-    """``assets`` with the condition on every banks, evaluation and report asset."""
+    """``assets`` with the condition on every banks, full-data model, evaluation and report asset."""
     def apply(spec: dg.AssetSpec) -> dg.AssetSpec:
         if spec.group_name in AUTOMATED_GROUPS:
             return spec.replace_attributes(automation_condition=AFTER_UPSTREAM_UPDATES)

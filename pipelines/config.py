@@ -19,6 +19,10 @@ EfficientNet-Lite0 backbone, the fast methods that exist, a small shots grid and
       # meta-trained methods learn from other categories: the sweep's (default; generated ones when it has
       # only one), generated ones (synthetic or synthetic:N), or another root's (a path)
       - {id: caml, method: caml, meta_pool: synthetic}
+    # the champion per category: best mean metric over seeds at the largest (or given) shot count
+    champion: {metric: image_auroc, protocol: oneclass, shots: null}
+    # the full-data model per category, registered as fsad-<category>@full-data (null: none)
+    full_data: {method: patchcore, params: {}, backbone: null}
 
 Every key is checked (``pipelines/sweep_schema.py``): an unknown or misspelt key, a non-integer shot or a
 repeated value is refused in one line. ``image_size`` left out means the methods' standard 256 px on real
@@ -62,6 +66,10 @@ class SweepConfig:
     label_modes: list[str] = field(default_factory=lambda: ["binary", "multiclass"])
     supervised_seeds: list[int] = field(default_factory=lambda: [0, 1])
     methods: list[MethodSpec] | None = None  # None: the default methods that exist
+    # the champion per category (ChampionCriterion fields): default image AUROC at the largest shot count
+    champion: dict = field(default_factory=dict)
+    # the full-data model per category ({method, params, backbone}); None: not built
+    full_data: dict | None = field(default_factory=lambda: SweepFile().full_data.model_dump())
     work_dir: str | None = None  # feature store, tables, report; default <dagster_home>/fsad
     source_file: str | None = None
 
@@ -98,6 +106,11 @@ class SweepConfig:
 
     def method_specs(self) -> list[MethodSpec]:
         return list(self.methods) if self.methods is not None else default_specs()
+
+    def full_data_backbone(self) -> str | None:
+        if self.full_data is None:
+            return None
+        return self.full_data.get("backbone") or self.backbones[0]
 
     def resolved_work_dir(self) -> Path:
         return Path(self.work_dir) if self.work_dir else dagster_home() / "fsad"
@@ -160,6 +173,18 @@ def _from_file(sweep: SweepFile, path: Path) -> SweepConfig:
                 _fail(path, f"method {spec.id}: protocol {spec.protocol} not available for {spec.method}",
                       f"use protocol: {' or '.join(spec.entry.protocols)}")
             methods.append(spec)
+    full_data = sweep.full_data.model_dump() if sweep.full_data is not None else None
+    if full_data is not None:
+        method = full_data["method"]
+        if method not in registry.names():
+            _fail(path, f"full_data.method {method!r} is unknown", f"choose from {', '.join(registry.names())}")
+        entry = registry.get(method)
+        if registry.ONECLASS not in entry.protocols or entry.input_kind == registry.IMAGES:
+            _fail(path, f"full_data.method {method!r} is not a feature-based one-class detector",
+                  "use patchcore, knn or ldknn, or full_data: null to build none")
+        if full_data["backbone"] is not None and full_data["backbone"] not in sweep.backbones:
+            _fail(path, f"full_data.backbone {full_data['backbone']!r} is not one of the sweep's backbones",
+                  f"use one of {', '.join(sweep.backbones)}")
     return SweepConfig(
         name=sweep.name, data_source=data.source, data_root=resolve(data.root) if data.root else None,
         data_layouts=[resolve(f) for f in data.layouts] if data.source == "layout" else None,
@@ -168,4 +193,5 @@ def _from_file(sweep: SweepFile, path: Path) -> SweepConfig:
         shots=list(sweep.oneclass.shots), oneclass_seeds=list(sweep.oneclass.seeds),
         ratios=[tuple(r) for r in sweep.supervised.ratios], label_modes=list(sweep.supervised.label_modes),
         supervised_seeds=list(sweep.supervised.seeds), methods=methods,
+        champion=sweep.champion.model_dump(), full_data=full_data,
         work_dir=resolve(sweep.work_dir) if sweep.work_dir else None, source_file=str(path.resolve()))

@@ -18,6 +18,7 @@ from pipelines.assets.champion import build_champion_asset
 from pipelines.assets.data import build_data_assets
 from pipelines.assets.embeddings import build_embeddings_asset
 from pipelines.assets.evaluation import build_evaluation_assets
+from pipelines.assets.full_data import build_full_data_asset
 from pipelines.assets.reports import build_report_assets
 from pipelines.automation import automation_sensor, with_automation
 from pipelines.checks import build_table_checks
@@ -42,6 +43,7 @@ def build_definitions(cfg: SweepConfig | None = None) -> dg.Definitions:
     dataset, image_manifest, manifest_check = build_data_assets(cfg)
     embeddings = build_embeddings_asset(cfg, image_manifest)
     banks = build_banks_assets(cfg, embeddings)
+    full_data = [a for a in [build_full_data_asset(cfg, embeddings)] if a is not None]
     evaluations = build_evaluation_assets(cfg, embeddings)
     benchmark_table, benchmark_summary, html_report = build_report_assets(cfg, evaluations)
     champion = build_champion_asset(cfg, html_report)
@@ -49,7 +51,7 @@ def build_definitions(cfg: SweepConfig | None = None) -> dg.Definitions:
                                          description="Embeddings for requested backbone x category partitions.")
     nightly_job, nightly_schedule = build_nightly(lambda: build_definitions(cfg))
     return dg.Definitions(
-        assets=with_automation([dataset, image_manifest, embeddings, *banks, *evaluations, benchmark_table,
+        assets=with_automation([dataset, image_manifest, embeddings, *banks, *full_data, *evaluations, benchmark_table,
                                 benchmark_summary, html_report, champion]),
         asset_checks=[manifest_check, *build_table_checks(benchmark_table)],
         jobs=[embeddings_job, nightly_job],

@@ -2,7 +2,7 @@
 
 Dagster runs one partitions definition per run, so the sweep is a short sequence of runs on the same
 instance: data -> embeddings (all backbone x category partitions in one run) -> support banks (every
-category x setting) -> one run per group
+category x setting) -> the full-data model per category -> one run per group
 of evaluation assets sharing a partitions definition -> the report tables and HTML. Partitioned stages use
 single-run backfills (a partition-range run), so a sweep costs a handful of runs, not one per partition.
 Every run is recorded in the instance and shows in the UI like a backfill launched there.
@@ -37,7 +37,8 @@ def stages(defs: dg.Definitions) -> list[tuple[str, list[dg.AssetsDefinition]]]:
     by_group: dict[str, list] = defaultdict(list)
     for a in assets:
         by_group[a.group_names_by_key[a.key]].append(a)
-    out = [("data", by_group["data"]), ("features", by_group["features"]), ("banks", by_group["banks"])]
+    out = [("data", by_group["data"]), ("features", by_group["features"]), ("banks", by_group["banks"]),
+           ("models", by_group["models"])]
     evals: dict[str, list] = defaultdict(list)
     for a in by_group["evaluation"]:
         evals[str(a.partitions_def)].append(a)

@@ -87,6 +87,25 @@ class MethodItem(_Strict):
     meta_pool: Annotated[str, Field(pattern=r"^(categories|synthetic(:[1-9][0-9]*)?|[^:].*)$")] | None = None
 
 
+# Metrics a champion can be chosen by: every one is higher-is-better and present in the benchmark table
+CHAMPION_METRICS = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro", "balanced_accuracy",
+                    "accuracy", "macro_f1")
+
+
+class ChampionSection(_Strict):
+    """How the champion per category is chosen (``fewshot_core.models.champion.ChampionCriterion``)."""
+    metric: Literal[CHAMPION_METRICS] = "image_auroc"
+    protocol: Literal["oneclass", "supervised"] = "oneclass"
+    shots: PositiveInt | None = None  # None: the largest shot count of the sweep
+
+
+class FullDataSection(_Strict):
+    """The full-data model per category: one feature-based detector fitted on every good training image."""
+    method: str = "patchcore"
+    params: dict[str, Any] = {}
+    backbone: str | None = None  # None: the sweep's first backbone
+
+
 class SweepFile(_Strict):
     name: Annotated[str, Field(min_length=1)] = "fsad-default"
     data: DataSection = DataSection()
@@ -96,6 +115,8 @@ class SweepFile(_Strict):
     oneclass: OneclassSection = OneclassSection()
     supervised: SupervisedSection = SupervisedSection()
     methods: list[MethodItem] | None = None
+    champion: ChampionSection = ChampionSection()
+    full_data: FullDataSection | None = FullDataSection()  # null: no full-data model
     work_dir: str | None = None
 
     @field_validator("backbones")

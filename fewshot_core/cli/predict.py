@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -101,16 +102,34 @@ def predict_files(model, images: list[Path], out: Path | None = None, overlays: 
 
     rows = []
     want_maps = overlays and out is not None and model.is_detector
+    chunks = [images[start:start + SCORE_BATCH] for start in range(0, len(images), SCORE_BATCH)]
+
+    def decode(index: int) -> list:
+        """(position, path, image or the error) of chunk ``index``."""
+        got = []
+        for i, path in enumerate(chunks[index], index * SCORE_BATCH):
+            try:
+                got.append((i, path, load_rgb(path)))
+            except FsadError as exc:
+                got.append((i, path, exc))
+        return got
+
     bar = tqdm(total=len(images), unit="img", desc="predict", disable=not progress)
+    # The next chunk is decoded in a thread while this one is scored: PNG decoding releases the GIL, so it
+    # overlaps the forward pass as the store's DataLoader workers do.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsad-decode")
     try:
-        for start in range(0, len(images), SCORE_BATCH):
-            chunk, decoded = images[start:start + SCORE_BATCH], []
-            for i, path in enumerate(chunk, start):
-                try:
-                    decoded.append((i, path, load_rgb(path)))
-                except FsadError as exc:  # through the bar, so the line is not glued to it
-                    bar.write(f"fsad: error: {exc}", file=sys.stderr)
-                    rows.append({"image": str(path), "error": str(exc)})
+        pending = pool.submit(decode, 0) if chunks else None
+        for index in range(len(chunks)):
+            got = pending.result()
+            pending = pool.submit(decode, index + 1) if index + 1 < len(chunks) else None
+            decoded = []
+            for i, path, img in got:
+                if isinstance(img, FsadError):  # through the bar, so the line is not glued to it
+                    bar.write(f"fsad: error: {img}", file=sys.stderr)
+                    rows.append({"image": str(path), "error": str(img)})
+                else:
+                    decoded.append((i, path, img))
             if decoded:
                 res = model.score([img for _, _, img in decoded], maps=want_maps)
                 for j, (i, path, img) in enumerate(decoded):
@@ -124,8 +143,9 @@ def predict_files(model, images: list[Path], out: Path | None = None, overlays: 
                         atomic_write_bytes(target, overlay_png(img, res.anomaly_map[j], res.threshold))
                         row["overlay"] = str(target)
                     rows.append(row)
-            bar.update(len(chunk))
+            bar.update(len(chunks[index]))
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     return rows
 

@@ -1,7 +1,8 @@
 """A deployable model: a fitted method's save folder plus what it needs to score raw images end to end.
 
 The folder is the one save/load format (``methods/persistence.py``); its manifest's ``extra.deploy``
-adds the featurizer spec (feature-based methods) or the pixel size (methods trained on images), the
+adds the featurizer spec (feature-based methods) or the pixel size (methods trained on images; with the
+backbone whose normalisation they expect for those fine-tuning a backbone, P>M>F), the
 decision threshold, and the audit trail: category, support image ids, dataset digest, partition key,
 code version and commit. ``DeployedModel`` loads such a folder and scores image files or encoded images:
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.threshold import Threshold
@@ -29,8 +31,12 @@ GOOD = "good"
 
 def save_deployable(model, folder, *, category: str, support_ids: Sequence[str], protocol: str,
                     featurizer: FeaturizerSpec | None = None, image_size: int | None = None,
-                    threshold: Threshold | None = None, dataset: dict | None = None, extra: dict | None = None) -> Path:
-    """Save fitted ``model`` into ``folder`` with its deploy record (see the module docstring)."""
+                    threshold: Threshold | None = None, dataset: dict | None = None, extra: dict | None = None,
+                    pixels: dict | None = None) -> Path:
+    """Save fitted ``model`` into ``folder`` with its deploy record (see the module docstring).
+
+    ``pixels``: for methods that read backbone-normalised pixels (P>M>F), ``{"backbone": name}``: images
+    are then preprocessed as the backbone's timm config says, at ``image_size``."""
     from fewshot_core.tracking import code_version, git_commit
 
     if featurizer is None and image_size is None:
@@ -40,7 +46,8 @@ def save_deployable(model, folder, *, category: str, support_ids: Sequence[str],
         "support_ids": list(support_ids), "featurizer": featurizer.to_dict() if featurizer else None,
         "image_size": int(image_size if image_size is not None else featurizer.image_size),
         "threshold": threshold.to_dict() if threshold is not None else None,
-        "dataset": dataset, "code_version": code_version(), "git_commit": git_commit(), **(extra or {}),
+        "dataset": dataset, "code_version": code_version(), "git_commit": git_commit(),
+        "pixels": dict(pixels) if pixels else None, **(extra or {}),
     }
     return model.save(folder, extra={DEPLOY: deploy})
 
@@ -81,6 +88,7 @@ class DeployedModel:
         self.image_size = int(self.record["image_size"])
         spec = self.record.get("featurizer")
         self.featurizer = Featurizer(FeaturizerSpec.from_dict(spec), device=device) if spec else None
+        self._transform = None
 
     @property
     def name(self) -> str:
@@ -95,6 +103,8 @@ class DeployedModel:
     def _inputs(self, images: Sequence):
         """The method's inputs for one batch: patch features, global embeddings or pixels [n, 3, S, S]."""
         kind = self.record.get("input_kind", "patches")
+        if kind == "images" and self.record.get("pixels"):
+            return self._normalised(images)
         if kind == "images":
             from fewshot_core.methods.training import load_images
 
@@ -106,6 +116,18 @@ class DeployedModel:
         if pad:
             patch, pooled = patch[:1], pooled[:1]
         return patch if kind == "patches" else pooled
+
+    def _normalised(self, images: Sequence):
+        """Pixels as the evaluation fed them: decoded, resized and normalised for the record's backbone."""
+        import torch
+
+        from fewshot_core.backbones import build_transform
+        from fewshot_core.data.imageio import load_rgb
+
+        if self._transform is None:
+            self._transform = build_transform(self.record["pixels"]["backbone"], self.image_size)
+        return torch.stack([self._transform(item if isinstance(item, Image.Image)
+                                            else load_rgb(item, max_side=4 * self.image_size)) for item in images])
 
     def score(self, images: Sequence, maps: bool = False) -> Scores:
         """Score image paths or decoded PIL images (one batch; ``score_many`` for long lists)."""

@@ -3,11 +3,14 @@ MLflow Model and the category's manifest as the run's dataset input."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from fewshot_core.errors import FsadError
 from fewshot_core.methods import registry
+from fewshot_core.methods.persistence import jsonable
 
 MODEL_URI_TAG = "fsad.model_uri"
 
@@ -30,13 +33,17 @@ def publish_model(tracker, run_id: str, dataset, model, support_ids: Sequence[st
 
     if not isinstance(model, Method) or model.name not in registry.REGISTRY:  # not (yet) on the contract
         return {}
-    if protocol == registry.SUPERVISED and model.input_kind == registry.IMAGES:
-        return {}  # P>M>F reads backbone-normalised pixels; its preprocessing is not in the deploy record yet
+    pixels = None
+    if protocol == registry.SUPERVISED and model.input_kind == registry.IMAGES:  # P>M>F: normalised pixels
+        if not isinstance(getattr(model, "backbone", None), str):
+            return {}  # a backbone passed as a module: nothing names it for rebuilding
+        pixels, image_size = {"backbone": model.backbone}, int(model.input_size)
     data = tracking.log_dataset_input(tracker, run_id, dataset)
     spec = FeaturizerSpec.from_partition(partition) if partition is not None and model.input_kind != "images" else None
     with tempfile.TemporaryDirectory(prefix="fsad-model-") as tmp:
         folder = save_deployable(model, Path(tmp) / "model", category=dataset.category, support_ids=support_ids,
                                  protocol=protocol, featurizer=spec, image_size=image_size, threshold=threshold,
+                                 pixels=pixels,
                                  dataset={"name": data.name, "digest": data.digest, "source": str(dataset.root)})
         example = dataset.by_id(support_ids[0]).path if support_ids else None
         info = log_model(tracker.tracking_uri, run_id, folder, example_image=example, tags=tags)
@@ -45,38 +52,68 @@ def publish_model(tracker, run_id: str, dataset, model, support_ids: Sequence[st
 
 
 FULL_DATA_ALIAS = "full-data"
+FULL_DATA_KIND = "full-data"
 
 
 def publish_full_data(tracker, experiment: str, dagster_run_id: str, dataset, partition, method: str = "patchcore",
-                      params: dict | None = None, threshold=None) -> dict:
+                      params: dict | None = None, threshold=None, runtime=None, tags: dict | None = None) -> dict:
     """Fit ``method`` on every good training image of ``dataset`` (the production candidate beside the few-shot
-    episodes), set its threshold from the training images (holdout: no test image is used), log it into a run
-    of its own and register it as a version of ``fsad-<category>`` with the alias ``full-data``.
+    episodes), set its threshold from the training images alone (holdout by default), report what it gives on
+    the test split, log it into a run of its own and register it as a version of ``fsad-<category>`` with the
+    alias ``full-data``.
 
-    Returns the ``publish_model`` result plus ``run_id``, ``version`` and the fitted ``model``."""
+    Returns the ``publish_model`` result plus ``run_id``, ``version``, ``metrics``, ``threshold`` and the
+    fitted ``model``."""
+    import time
+
     import mlflow
 
     from fewshot_core import tracking
-    from fewshot_core.evaluation.oneclass import support_threshold
-    from fewshot_core.evaluation.threshold import ThresholdConfig
+    from fewshot_core.evaluation.oneclass import SCORE_BATCH, score_in_batches, support_threshold
+    from fewshot_core.evaluation.threshold import ThresholdConfig, decision_metrics
+    from fewshot_core.metrics import image_metrics
     from fewshot_core.models.champion import registered_name
     from fewshot_core.models.mlflow_model import _fluent
 
+    entry = registry.get(method, protocol=registry.ONECLASS)
+    if entry.input_kind == registry.IMAGES:
+        raise FsadError(f"full-data model {method!r}: trains on images; choose a feature-based detector "
+                        "(patchcore, knn, ldknn)")
     params = dict(params or {})
+    params.setdefault("seed", 0)
     train = [r.image_id for r in dataset.train_good()]
+    if not train:
+        raise FsadError(f"{dataset.root}: category {dataset.category} has no good training images; "
+                        "add train/good images or leave the full-data model out (full_data: null)")
     support = partition.patch(train)
-    model = registry.create(method, **params).fit(support)
-    cut = support_threshold(method, params, support, None, threshold or ThresholdConfig(rule="holdout"))
-    tags = {tracking.KIND_TAG: "full-data", "fsad.category": dataset.category, "fsad.method": method}
+    t0 = time.perf_counter()
+    model = registry.create(method, runtime=runtime, **params).fit(support)
+    fit_s = time.perf_counter() - t0
+    cut = support_threshold(method, params, support, runtime, threshold or ThresholdConfig(rule="holdout"))
+    del support
+    test = [r.image_id for r in dataset.test()]
+    metrics: dict = {"fit_seconds": fit_s, "threshold": cut.value if cut.usable else float("nan")}
+    if test:
+        scores, _maps, score_s = score_in_batches(test, partition.patch, model.score, SCORE_BATCH)
+        labels = [dataset.by_id(i).label for i in test]
+        metrics.update(image_metrics(labels, scores))
+        decided = decision_metrics(labels, scores, cut)
+        decided.pop("threshold_rule", None)  # a param of the run (the rule), not a metric
+        metrics.update(decided)
+        metrics["score_seconds"] = score_s
+    run_tags = {tracking.KIND_TAG: FULL_DATA_KIND, "fsad.category": dataset.category, "fsad.method": method,
+                **(tags or {})}
     run_id = tracker.log_evaluation(experiment, dagster_run_id, f"{method}|{dataset.category}|full-data",
                                     {"method": method, "category": dataset.category, "n_support": len(train),
-                                     "feature_key": partition.key, "threshold_rule": cut.rule},
-                                    {"threshold": cut.value if cut.usable else float("nan")}, tags)
-    out = publish_model(tracker, run_id, dataset, model, train, "oneclass", partition=partition, threshold=cut,
-                        tags=tags)
+                                     "n_query": len(test), "feature_key": partition.key,
+                                     "threshold_rule": cut.rule, "method_params": json.dumps(jsonable(params), sort_keys=True)},
+                                    metrics, run_tags, stage=FULL_DATA_KIND)
+    out = publish_model(tracker, run_id, dataset, model, train, registry.ONECLASS, partition=partition,
+                        threshold=cut, tags=run_tags)
     name = registered_name(dataset.category)
     with _fluent(tracker.tracking_uri):
         version = mlflow.register_model(out["model_uri"], name, tags={"fsad.mlflow_run_id": run_id,
-                                                                      "fsad.kind": "full-data"})
+                                                                      "fsad.kind": FULL_DATA_KIND})
     tracker.client.set_registered_model_alias(name, FULL_DATA_ALIAS, version.version)
-    return {**out, "run_id": run_id, "version": version.version, "model": model, "threshold": cut}
+    return {**out, "run_id": run_id, "version": version.version, "model": model, "threshold": cut,
+            "metrics": metrics}

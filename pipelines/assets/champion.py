@@ -12,7 +12,7 @@ from pipelines.resources import MlflowTracking
 def build_champion_asset(cfg: SweepConfig, html_report) -> dg.AssetsDefinition:
     from fewshot_core.models.champion import ChampionCriterion
 
-    criterion = ChampionCriterion(**(getattr(cfg, "champion", None) or {}))  # default: image AUROC, largest shots
+    criterion = ChampionCriterion(**cfg.champion)  # the sweep's champion: key; default image AUROC, largest shots
     @dg.asset(group_name="reports", kinds={"mlflow"}, deps=[html_report],
               ins={"benchmark_table": dg.AssetIn()},
               description="Registers the best method per category as fsad-<category> with the alias champion "

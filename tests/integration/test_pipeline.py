@@ -105,6 +105,23 @@ def test_fsad_run_materialises_every_asset_and_prints_where_things_are(sweep):
         assert run_id in text
 
 
+def test_full_data_model_is_registered_beside_the_champion(sweep):
+    """The full-data detector per category is its own asset and MLflow run and the registered model's
+    ``full-data`` version; the few-shot champion is another version of the same registered model."""
+    from fewshot_core import tracking
+    from fewshot_core.tracking import Tracker, default_tracking_uri
+
+    home, _, _, _ = sweep
+    tracker = Tracker(default_tracking_uri(home))
+    full = tracker.client.get_model_version_by_alias("fsad-synth_fabric", "full-data")
+    run = tracker.client.get_run(full.tags["fsad.mlflow_run_id"])
+    assert run.data.tags[tracking.KIND_TAG] == "full-data" and run.data.tags[tracking.ASSET_TAG] == "full_data_model"
+    assert run.data.params["method"] == "patchcore" and run.data.params["n_support"] == "6"
+    assert run.data.params["threshold_rule"].startswith("holdout") and "image_auroc" in run.data.metrics
+    champion = tracker.client.get_model_version_by_alias("fsad-synth_fabric", "champion")
+    assert champion.version != full.version
+
+
 def test_mlflow_holds_one_nested_run_per_evaluation_partition(sweep):
     from fewshot_core import tracking
     from fewshot_core.tracking import Tracker, default_tracking_uri
@@ -492,7 +509,7 @@ def test_updated_embeddings_carry_on_to_an_updated_report(sweep):
                           tags={SWEEP_TAG: "features"}).success
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     assert first.total_requested == 0, _requested(first)
-    for _name, group in stages(defs)[2:-1]:  # banks and evaluations as the sweep runs them: range runs
+    for _name, group in stages(defs)[2:-1]:  # banks, models, evaluations as the sweep runs them: range runs
         keys = group[0].partitions_def.get_partition_keys(dynamic_partitions_store=instance)
         assert dg.materialize(assets, selection=[a.key for a in group], resources=defs.resources,
                               instance=instance, tags={SWEEP_TAG: _name, RANGE_START: keys[0],
@@ -504,6 +521,7 @@ def test_updated_embeddings_carry_on_to_an_updated_report(sweep):
     second = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     requested = _requested(second)
     assert "memory_banks/tf_efficientnet_lite0" in requested and any(k.startswith("evaluation/") for k in requested)
+    assert "full_data_model" in requested  # the production candidate follows new images too
     assert not {"dataset", "image_manifest", "embeddings"} & requested
     # the automation sensor launches those; once an evaluation is updated, the tables and the report follow
     knn = evaluation_key("tf_efficientnet_lite0", _spec(config, "knn"))

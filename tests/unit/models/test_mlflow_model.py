@@ -100,6 +100,86 @@ def test_protonet_model_scores_like_the_evaluation(env):
     assert got["meta"]["fsad"]["threshold_rule"] == "argmax"
 
 
+@pytest.mark.slow
+def test_pmf_model_scores_like_the_evaluation(env, tmp_path):
+    """P>M>F (a fine-tuned backbone on normalised pixels, short schedule): the model records the backbone
+    whose preprocessing it needs and, in a fresh process, classifies the queries as the evaluation did."""
+    from fewshot_core.episodes import sample_supervised
+    from fewshot_core.evaluation.supervised import run_supervised_episode
+    from fewshot_core.models.publish import publish_model
+    from fewshot_core.runtime import Runtime
+
+    ds, part, tracker, uri = env
+    ep = sample_supervised(ds, 2, 1, 0, label_mode="binary", pool="test")
+    details: dict = {}
+    params = {"steps": 2, "search_steps": 1, "lr_candidates": [1e-3], "image_size": 64,
+              "backbone": "tf_efficientnet_lite0", "time_budget_s": 3600}
+    run_supervised_episode(ds, part, ep, "pmf", params, details=details,
+                           runtime=Runtime(artifact_dir=tmp_path / "artifacts", progress=False))
+    out = publish_model(tracker, _run(tracker), ds, details["model"], ep.support_ids, "supervised", partition=part)
+    assert out["model_uri"].startswith("models:/")
+    got = _fresh_scores(uri, out["model_uri"], [ds.by_id(i).path for i in ep.query_ids])
+    np.testing.assert_allclose(got["score"], details["image_scores"], rtol=0, atol=1e-6)
+    assert got["label"] == [str(v) for v in details["y_pred"]]
+    assert got["meta"]["fsad"]["fsad_method"] == "pmf" and got["meta"]["fsad"]["image_size"] == 64
+
+
+@pytest.mark.slow
+def test_trained_detector_model_scores_like_the_evaluation(env, tmp_path):
+    """EfficientAD (trained on the support images, short schedule): the logged model carries its weights and
+    pixel size and, loaded in a fresh process, scores the queries as the evaluation did."""
+    from fewshot_core.episodes import sample_oneclass
+    from fewshot_core.evaluation.oneclass import run_oneclass_episode
+    from fewshot_core.models.publish import publish_model
+    from fewshot_core.runtime import Runtime
+
+    ds, _part, tracker, uri = env
+    ep = sample_oneclass(ds, 2, 0)
+    details: dict = {}
+    params = {"steps": 3, "teacher_steps": 2, "penalty": "none", "image_size": 64}
+    run_oneclass_episode(ds, None, ep, "efficientad", params, mask_size=64, details=details,
+                         runtime=Runtime(artifact_dir=tmp_path / "artifacts", progress=False))
+    out = publish_model(tracker, _run(tracker), ds, details["model"], ep.support_ids, "oneclass",
+                        threshold=details["threshold"], image_size=details["model"].image_size)
+    assert out["model_uri"].startswith("models:/")
+    got = _fresh_scores(uri, out["model_uri"], [ds.by_id(i).path for i in ep.query_ids])
+    np.testing.assert_allclose(got["score"], details["image_scores"], rtol=0, atol=1e-6)
+    assert got["decision"] == [None] * len(ep.query_ids)  # no support-only threshold for a trained detector
+    meta = got["meta"]["fsad"]
+    assert meta["image_size"] == 64 and meta["support_ids"] == list(ep.support_ids)
+    assert meta["fsad_method"] == "efficientad" and meta["threshold"] is None
+
+
+@pytest.mark.slow
+def test_full_data_model_is_registered_with_a_training_only_threshold(env):
+    """The full-data detector: fitted on every good training image, its threshold set from training images
+    alone, its test-split numbers on its run, registered as fsad-<category>@full-data; loaded in a fresh
+    process it scores the test split as it did in-process."""
+    from fewshot_core.models.publish import FULL_DATA_ALIAS, publish_full_data
+
+    ds, part, tracker, uri = env
+    out = publish_full_data(tracker, "t", "dag", ds, part, "patchcore", {})
+    train = [r.image_id for r in ds.train_good()]
+    assert out["model"].fitted_ and out["threshold"].rule.startswith("holdout") and out["threshold"].usable
+    run = tracker.client.get_run(out["run_id"])
+    assert run.data.params["n_support"] == str(len(train)) and run.data.tags["fsad.kind"] == "full-data"
+    assert 0.5 < run.data.metrics["image_auroc"] <= 1.0 and "balanced_accuracy" in run.data.metrics
+    assert run.data.metrics["threshold"] == pytest.approx(out["threshold"].value)
+    assert not tracker.evaluation_runs("t") or all(r.info.run_id != out["run_id"] for r in tracker.evaluation_runs("t"))
+    version = tracker.client.get_model_version_by_alias(f"fsad-{ds.category}", FULL_DATA_ALIAS)
+    assert version.version == out["version"] and version.tags["fsad.mlflow_run_id"] == out["run_id"]
+    test = [r for r in ds.test()]
+    got = _fresh_scores(uri, f"models:/fsad-{ds.category}@{FULL_DATA_ALIAS}", [r.path for r in test])
+    want = out["model"].score(part.patch([r.image_id for r in test]))[0]
+    np.testing.assert_allclose(got["score"], want, rtol=0, atol=1e-6)
+    assert got["decision"] == (np.asarray(want) > out["threshold"].value).tolist()
+    assert got["meta"]["fsad"]["support_ids"] == train
+    # a rerun registers a new version and moves the alias to it
+    again = publish_full_data(tracker, "t", "dag2", ds, part, "patchcore", {})
+    assert int(again["version"]) == int(out["version"]) + 1
+    assert tracker.client.get_model_version_by_alias(f"fsad-{ds.category}", FULL_DATA_ALIAS).version == again["version"]
+
+
 def _free_port() -> int:
     import socket
 

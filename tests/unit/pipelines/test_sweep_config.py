@@ -137,3 +137,38 @@ def test_meta_trained_methods_choose_their_pool(tmp_path):
     assert pools == {"caml-cats": None, "caml-synth": "synthetic:3", "caml-root": str(tmp_path / "other_root")}
     assert "not a folder" in _refused(tmp_path, "methods: [{method: caml, meta_pool: nowhere}]")
     assert "meta-trained" in _refused(tmp_path, "methods: [{method: protonet, meta_pool: synthetic}]")
+
+
+def test_champion_criterion_and_full_data_model_are_sweep_keys(tmp_path):
+    from fewshot_core.models.champion import ChampionCriterion
+    from pipelines.definitions import build_definitions
+
+    default = SweepConfig()
+    assert ChampionCriterion(**default.champion) == ChampionCriterion()
+    assert default.full_data == {"method": "patchcore", "params": {}, "backbone": None}
+    _, cfg = _load(tmp_path, """
+        champion: {metric: balanced_accuracy, protocol: supervised, shots: 3}
+        full_data: {method: knn, params: {k: 3}}
+    """)
+    crit = ChampionCriterion(**cfg.champion)
+    assert crit.key() == "supervised:balanced_accuracy@3"
+    assert cfg.full_data == {"method": "knn", "params": {"k": 3}, "backbone": None}
+    assert cfg.full_data_backbone() == "tf_efficientnet_lite0"
+    champion = next(a for a in build_definitions(cfg).assets if a.key.to_user_string() == "champion")
+    assert "supervised:balanced_accuracy@3" in champion.descriptions_by_key[champion.key]
+    _, off = _load(tmp_path, "full_data: null\n")
+    keys = {a.key.to_user_string() for a in build_definitions(off).assets}
+    assert off.full_data is None and "full_data_model" not in keys
+    assert "full_data_model" in {a.key.to_user_string() for a in build_definitions(cfg).assets}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("champion: {metric: fit_seconds}\n", "champion.metric"),
+    ("champion: {metrc: image_auroc}\n", "unknown key champion.metrc"),
+    ("full_data: {method: efficientad}\n", "not a feature-based one-class detector"),
+    ("full_data: {method: protonet}\n", "not a feature-based one-class detector"),
+    ("full_data: {method: patchcor}\n", "full_data.method 'patchcor' is unknown"),
+    ("full_data: {backbone: resnet18}\n", "not one of the sweep's backbones"),
+])
+def test_bad_champion_and_full_data_keys_are_refused(tmp_path, text, message):
+    assert message in _refused(tmp_path, text)
