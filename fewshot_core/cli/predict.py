@@ -104,24 +104,26 @@ def predict_files(model, images: list[Path], out: Path | None = None, overlays: 
     want_maps = overlays and out is not None and model.is_detector
     chunks = [images[start:start + SCORE_BATCH] for start in range(0, len(images), SCORE_BATCH)]
 
-    def decode(index: int) -> list:
-        """(position, path, image or the error) of chunk ``index``."""
+    def decode(index: int) -> tuple[list, object]:
+        """(position, path, image or the error) of chunk ``index``, and the model's prepared input for the
+        images that decoded."""
         got = []
         for i, path in enumerate(chunks[index], index * SCORE_BATCH):
             try:
                 got.append((i, path, load_rgb(path)))
             except FsadError as exc:
                 got.append((i, path, exc))
-        return got
+        ok = [img for _, _, img in got if not isinstance(img, FsadError)]
+        return got, model.prepare(ok) if ok else None
 
     bar = tqdm(total=len(images), unit="img", desc="predict", disable=not progress)
-    # The next chunk is decoded in a thread while this one is scored: PNG decoding releases the GIL, so it
-    # overlaps the forward pass as the store's DataLoader workers do.
+    # The next chunk is decoded and resized in a thread while this one is scored: PNG decoding and PIL's
+    # resize release the GIL, so they overlap the forward pass as the store's DataLoader workers do.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsad-decode")
     try:
         pending = pool.submit(decode, 0) if chunks else None
         for index in range(len(chunks)):
-            got = pending.result()
+            got, prepared = pending.result()
             pending = pool.submit(decode, index + 1) if index + 1 < len(chunks) else None
             decoded = []
             for i, path, img in got:
@@ -131,7 +133,7 @@ def predict_files(model, images: list[Path], out: Path | None = None, overlays: 
                 else:
                     decoded.append((i, path, img))
             if decoded:
-                res = model.score([img for _, _, img in decoded], maps=want_maps)
+                res = model.score([img for _, _, img in decoded], maps=want_maps, prepared=prepared)
                 for j, (i, path, img) in enumerate(decoded):
                     row = {"image": str(path), "image_score": float(res.image_score[j]),
                            "decision": None if res.decision[j] is None else ("anomalous" if res.decision[j] else "good"),

@@ -107,7 +107,7 @@ def promote(tracker, candidate: Candidate, report: str | None = None) -> dict:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from fewshot_core.models.mlflow_model import _fluent
+    from fewshot_core.models.mlflow_model import _fluent, quiet_advice
 
     client = tracker.client
     name = registered_name(candidate.category)
@@ -131,7 +131,7 @@ def promote(tracker, candidate: Candidate, report: str | None = None) -> dict:
             "fsad.method": candidate.method, "fsad.backbone": str(candidate.backbone), "fsad.shots": str(candidate.shots),
             "fsad.n_seeds": str(candidate.n_seeds), **({"fsad.report": str(report)} if report else {})}
     try:
-        with _fluent(tracker.tracking_uri):
+        with _fluent(tracker.tracking_uri), quiet_advice():
             version = mlflow.register_model(candidate.model_uri, name, tags=tags)
     except MlflowException as exc:
         raise FsadError(f"{candidate.model_uri}: cannot register as {name} ({str(exc).splitlines()[0][:160]}); "

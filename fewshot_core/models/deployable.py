@@ -100,8 +100,10 @@ class DeployedModel:
 
         return isinstance(self.method, Detector)
 
-    def _inputs(self, images: Sequence):
-        """The method's inputs for one batch: patch features, global embeddings or pixels [n, 3, S, S]."""
+    def prepare(self, images: Sequence):
+        """The part of scoring that needs no model: decoded images resized (and for pixel methods
+        normalised) to the model's input. Thread-safe, so a caller can prepare the next batch while
+        ``score(..., prepared=...)`` runs the current one."""
         kind = self.record.get("input_kind", "patches")
         if kind == "images" and self.record.get("pixels"):
             return self._normalised(images)
@@ -109,10 +111,21 @@ class DeployedModel:
             from fewshot_core.methods.training import load_images
 
             return load_images(list(images), self.image_size)
+        return self.featurizer.pixels(list(images))
+
+    def _inputs(self, images: Sequence, prepared=None):
+        """The method's inputs for one batch: patch features, global embeddings or pixels [n, 3, S, S]."""
+        prepared = self.prepare(images) if prepared is None else prepared
+        kind = self.record.get("input_kind", "patches")
+        if kind == "images":
+            return prepared
         # A lone image is embedded beside a copy of itself: CPU kernels pick another algorithm for a batch
         # of one, whose float16-rounded features differ in a few last digits from the store's batches.
+        import torch
+
         pad = len(images) == 1
-        patch, pooled = self.featurizer(list(images) * 2 if pad else list(images))
+        patch, pooled = self.featurizer(list(images) * 2 if pad else list(images),
+                                        batch=torch.cat([prepared, prepared]) if pad else prepared)
         if pad:
             patch, pooled = patch[:1], pooled[:1]
         return patch if kind == "patches" else pooled
@@ -129,11 +142,12 @@ class DeployedModel:
         return torch.stack([self._transform(item if isinstance(item, Image.Image)
                                             else load_rgb(item, max_side=4 * self.image_size)) for item in images])
 
-    def score(self, images: Sequence, maps: bool = False) -> Scores:
-        """Score image paths or decoded PIL images (one batch; ``score_many`` for long lists)."""
+    def score(self, images: Sequence, maps: bool = False, prepared=None) -> Scores:
+        """Score image paths or decoded PIL images (one batch; ``score_many`` for long lists); ``prepared``:
+        what ``prepare(images)`` returned for them, if it ran already."""
         if not len(images):
             raise FsadError("no images to score")
-        x = self._inputs(images)
+        x = self._inputs(images, prepared)
         if self.is_detector:
             scores, raw = self.method.score(x)
             scores = np.asarray(scores, dtype=np.float64)

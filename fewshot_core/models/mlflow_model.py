@@ -33,6 +33,10 @@ _ERROR_TYPES = (FsadError, OSError, ValueError)
 class FsadModel(mlflow.pyfunc.PythonModel):
     """Scores images with the deployable folder logged as its artifact."""
 
+    # The input is checked against the explicit signature (``signature()``); MLflow's type-hint validation
+    # of predict, and its warning asking for hints on every import, log and load, are skipped.
+    _skip_type_hint_validation = True
+
     def load_context(self, context):
         from fewshot_core.models.deployable import DeployedModel
 
@@ -183,6 +187,51 @@ def model_metadata(folder) -> dict:
             "git_commit": record.get("git_commit"), "support_ids": record.get("support_ids"),
             "threshold": threshold.get("value"), "threshold_rule": threshold.get("rule") or "argmax",
             "dataset_digest": (record.get("dataset") or {}).get("digest")}
+
+
+# Advice MLflow prints while logging that does not apply to fsad's models: the signature is explicit, the
+# manifest's source is a local artifact, the example's integer column is never missing; the pandas notes
+# come from MLflow's own calls. Printed once per evaluation, they buried the sweep's progress lines.
+_ADVICE = ("Add type hints to the `predict` method", "The specified dataset source can be interpreted",
+           "Hint: Inferred schema contains integer column")
+
+
+@contextlib.contextmanager
+def quiet_advice():
+    """Silence ``_ADVICE``, MLflow's artifact progress bars and its pyfunc notes (one each per logged or
+    registered model); errors still show."""
+    import os
+    import warnings
+
+    import logging
+
+    bar_before = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    # its log lines on pickling the wrapper class and validating the input example, once per model
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level_before = pyfunc_log.level
+    pyfunc_log.setLevel(logging.ERROR)
+    with contextlib.ExitStack() as stack:
+        stack.callback(pyfunc_log.setLevel, level_before)
+        stack.callback(_restore_env, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", bar_before)
+        stack.enter_context(warnings.catch_warnings())
+        for text in _ADVICE:
+            warnings.filterwarnings("ignore", message=".*" + text.replace("(", r"\(").replace("`", "."))
+        try:
+            from pandas.errors import Pandas4Warning
+            warnings.filterwarnings("ignore", category=Pandas4Warning, module="mlflow")
+        except ImportError:  # older pandas: no such warnings either
+            pass
+        yield
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    import os
+
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def log_model(tracking_uri: str, run_id: str, folder, example_image=None, name: str = MODEL_NAME,

@@ -27,7 +27,7 @@ def publish_model(tracker, run_id: str, dataset, model, support_ids: Sequence[st
     from fewshot_core import tracking
     from fewshot_core.models.deployable import save_deployable
     from fewshot_core.models.featurizer import FeaturizerSpec
-    from fewshot_core.models.mlflow_model import log_model
+    from fewshot_core.models.mlflow_model import log_model, quiet_advice
 
     from fewshot_core.methods.base import Method
 
@@ -38,9 +38,9 @@ def publish_model(tracker, run_id: str, dataset, model, support_ids: Sequence[st
         if not isinstance(getattr(model, "backbone", None), str):
             return {}  # a backbone passed as a module: nothing names it for rebuilding
         pixels, image_size = {"backbone": model.backbone}, int(model.input_size)
-    data = tracking.log_dataset_input(tracker, run_id, dataset)
     spec = FeaturizerSpec.from_partition(partition) if partition is not None and model.input_kind != "images" else None
-    with tempfile.TemporaryDirectory(prefix="fsad-model-") as tmp:
+    with quiet_advice(), tempfile.TemporaryDirectory(prefix="fsad-model-") as tmp:
+        data = tracking.log_dataset_input(tracker, run_id, dataset)
         folder = save_deployable(model, Path(tmp) / "model", category=dataset.category, support_ids=support_ids,
                                  protocol=protocol, featurizer=spec, image_size=image_size, threshold=threshold,
                                  pixels=pixels,
@@ -73,7 +73,7 @@ def publish_full_data(tracker, experiment: str, dagster_run_id: str, dataset, pa
     from fewshot_core.evaluation.threshold import ThresholdConfig, decision_metrics
     from fewshot_core.metrics import image_metrics
     from fewshot_core.models.champion import registered_name
-    from fewshot_core.models.mlflow_model import _fluent
+    from fewshot_core.models.mlflow_model import _fluent, quiet_advice
 
     entry = registry.get(method, protocol=registry.ONECLASS)
     if entry.input_kind == registry.IMAGES:
@@ -111,7 +111,7 @@ def publish_full_data(tracker, experiment: str, dagster_run_id: str, dataset, pa
     out = publish_model(tracker, run_id, dataset, model, train, registry.ONECLASS, partition=partition,
                         threshold=cut, tags=run_tags)
     name = registered_name(dataset.category)
-    with _fluent(tracker.tracking_uri):
+    with _fluent(tracker.tracking_uri), quiet_advice():
         version = mlflow.register_model(out["model_uri"], name, tags={"fsad.mlflow_run_id": run_id,
                                                                       "fsad.kind": FULL_DATA_KIND})
     tracker.client.set_registered_model_alias(name, FULL_DATA_ALIAS, version.version)

@@ -62,8 +62,14 @@ def test_patchcore_model_scores_like_the_evaluation(env):
     details: dict = {}
     row = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=64, details=details)
     run_id = _run(tracker)
-    out = publish_model(tracker, run_id, ds, details["model"], ep.support_ids, "oneclass", partition=part,
-                        threshold=details["threshold"])
+    import warnings
+
+    from fewshot_core.models.mlflow_model import _ADVICE
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = publish_model(tracker, run_id, ds, details["model"], ep.support_ids, "oneclass", partition=part,
+                            threshold=details["threshold"])
+    assert not [w for w in caught if any(a in str(w.message) for a in _ADVICE)], "MLflow's advice reached the log"
     assert out["model_uri"].startswith("models:/")
     paths = [ds.by_id(i).path for i in ep.query_ids]
     got = _fresh_scores(uri, out["model_uri"], paths)
