@@ -110,6 +110,7 @@ def test_gpu_methods_go_to_the_gpu_pool_and_queue_the_rest_to_cpu(clean_env, tmp
     nodes = {n.name: n for n in defs.resolve_implicit_global_asset_job_def().graph.node_defs}
     placed = {name: (n.pool, n.tags.get("dagster-celery/queue")) for name, n in nodes.items() if n.pool}
     assert placed == {"embeddings": ("cpu", "cpu"), "memory_banks__tf_efficientnet_lite0": ("cpu", "cpu"),
+                      "full_data_model": ("cpu", "cpu"),
                       "evaluation__tf_efficientnet_lite0__patchcore": ("cpu", "cpu"),
                       "evaluation__tf_efficientnet_lite0__efficientad": ("gpu", "gpu"),
                       "evaluation__tf_efficientnet_lite0__pmf": ("gpu", "gpu")}
