@@ -15,6 +15,7 @@ to leave a half-migrated ``mlflow.db`` that every later run failed on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -47,6 +48,21 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 MLFLOW_UI_ENV = "FSAD_MLFLOW_UI"
 DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"
+
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """MLflow's artifact progress bars off (one per download: a report reads dozens) for the block."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def default_tracking_uri(home: Path | None = None) -> str:
@@ -396,7 +412,7 @@ class Tracker:
 
     def artifact_bytes(self, run_id: str, path: str) -> bytes | None:
         """The content of one logged artifact file, or None when the run has no such file."""
-        with tempfile.TemporaryDirectory(prefix="fsad-mlflow-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="fsad-mlflow-") as tmp, no_progress_bars():
             try:
                 local = self.client.download_artifacts(run_id, path, tmp)
             except Exception:  # MLflow raises its own, store-specific errors for a missing file

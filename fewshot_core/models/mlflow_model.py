@@ -200,20 +200,18 @@ _ADVICE = ("Add type hints to the `predict` method", "The specified dataset sour
 def quiet_advice():
     """Silence ``_ADVICE``, MLflow's artifact progress bars and its pyfunc notes (one each per logged or
     registered model); errors still show."""
-    import os
+    import logging
     import warnings
 
-    import logging
+    from fewshot_core.tracking import no_progress_bars
 
-    bar_before = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     # its log lines on pickling the wrapper class and validating the input example, once per model
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
     level_before = pyfunc_log.level
     pyfunc_log.setLevel(logging.ERROR)
     with contextlib.ExitStack() as stack:
         stack.callback(pyfunc_log.setLevel, level_before)
-        stack.callback(_restore_env, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", bar_before)
+        stack.enter_context(no_progress_bars())
         stack.enter_context(warnings.catch_warnings())
         for text in _ADVICE:
             warnings.filterwarnings("ignore", message=".*" + text.replace("(", r"\(").replace("`", "."))
@@ -223,15 +221,6 @@ def quiet_advice():
         except ImportError:  # older pandas: no such warnings either
             pass
         yield
-
-
-def _restore_env(name: str, value: str | None) -> None:
-    import os
-
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
 
 
 def log_model(tracking_uri: str, run_id: str, folder, example_image=None, name: str = MODEL_NAME,
