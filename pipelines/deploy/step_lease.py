@@ -31,7 +31,7 @@ class StepLease:
     holds it. ``ttl_s``: how long a silent holder counts as alive; ``keep_s``: how long a finished result is
     kept for late copies of the message."""
 
-    def __init__(self, redis, name: str, ttl_s: float = 30.0, keep_s: float = 7 * 24 * 3600,
+    def __init__(self, redis, name: str, ttl_s: float = 60.0, keep_s: float = 7 * 24 * 3600,
                  poll_s: float = 1.0):
         self.redis, self.ttl_ms, self.keep_s, self.poll_s = redis, int(ttl_s * 1000), int(keep_s), poll_s
         self.key, self.done_key = f"fsad:lease:{name}", f"fsad:done:{name}"
