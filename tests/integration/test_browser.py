@@ -4,6 +4,7 @@ the whole `dagster dev` process group is gone afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -70,19 +71,28 @@ def _processes_with_env(marker: str) -> list[int]:
     return found
 
 
-def _wait_for_run(asset: str, timeout: float):
-    """The run that materialises ``asset`` (launched from the UI), once it has finished; reads the instance
-    of ``$DAGSTER_HOME`` (dagster.yaml's storage is defined relative to it)."""
+@contextlib.contextmanager
+def _instance(home: Path):
+    """The Dagster instance of ``home`` (its dagster.yaml defines storage relative to ``$DAGSTER_HOME``)."""
     import dagster as dg
 
-    instance = dg.DagsterInstance.get()
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        runs = [r for r in instance.get_runs(limit=10)
-                if r.asset_selection and dg.AssetKey(asset) in r.asset_selection]
-        if runs and runs[0].status.value in ("SUCCESS", "FAILURE", "CANCELED"):
-            return runs[0]
-        time.sleep(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(home))
+        yield dg.DagsterInstance.get()
+
+
+def _wait_for_run(home: Path, asset: str, timeout: float):
+    """The run that materialises ``asset`` (launched from the UI), once it has finished."""
+    import dagster as dg
+
+    with _instance(home) as instance:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            runs = [r for r in instance.get_runs(limit=10)
+                    if r.asset_selection and dg.AssetKey(asset) in r.asset_selection]
+            if runs and runs[0].status.value in ("SUCCESS", "FAILURE", "CANCELED"):
+                return runs[0]
+            time.sleep(1)
     raise AssertionError(f"no finished run of {asset} within {timeout} s")
 
 
@@ -173,9 +183,7 @@ def test_dagster_ui_shows_asset_graph_and_materialisation(tmp_path):
                 # A materialisation launched from the UI: queued, dequeued by the daemon, run, shown.
                 page.goto(url + "/assets/image_manifest")
                 page.get_by_text("Materialize", exact=True).first.click()
-                with pytest.MonkeyPatch.context() as mp:
-                    mp.setenv("DAGSTER_HOME", str(home))
-                    run = _wait_for_run("image_manifest", timeout=180)
+                run = _wait_for_run(home, "image_manifest", timeout=180)
                 assert run.status.value == "SUCCESS", run.status
                 page.goto(url + "/assets/image_manifest")
                 page.get_by_text("Latest materialization").first.wait_for()
@@ -216,11 +224,7 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: 
 
 def _wait_for_backfill(home: Path, known: set, timeout: float):
     """The backfill launched from the UI (not in ``known``), once the daemon has finished it."""
-    import dagster as dg
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DAGSTER_HOME", str(home))
-        instance = dg.DagsterInstance.get()
+    with _instance(home) as instance:
         deadline = time.time() + timeout
         while time.time() < deadline:
             new = [b for b in instance.get_backfills(limit=10) if b.backfill_id not in known]
@@ -233,18 +237,13 @@ def _wait_for_backfill(home: Path, known: set, timeout: float):
 def _backfill_runs(home: Path, backfill_id: str) -> set:
     import dagster as dg
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DAGSTER_HOME", str(home))
-        runs = dg.DagsterInstance.get().get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
-    return {r.run_id for r in runs}
+    with _instance(home) as instance:
+        return {r.run_id for r in instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))}
 
 
 def _backfill_ids(home: Path) -> set:
-    import dagster as dg
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DAGSTER_HOME", str(home))
-        return {b.backfill_id for b in dg.DagsterInstance.get().get_backfills(limit=100)}
+    with _instance(home) as instance:
+        return {b.backfill_id for b in instance.get_backfills(limit=100)}
 
 
 def test_report_links_and_partition_pages_open_their_mlflow_runs(tmp_path):
@@ -333,12 +332,13 @@ def test_report_links_and_partition_pages_open_their_mlflow_runs(tmp_path):
                 page.get_by_text("100% completed").first.wait_for()
                 # each seed got a new MLflow run, and the one it replaced is tagged superseded
                 runs = Tracker(default_tracking_uri(home)).evaluation_runs("ui-links")
+                launched = _backfill_runs(home, backfill.backfill_id)
                 for seed in (0, 1):
                     key = f"{oc['category']}|oc-k1-s{seed}"
                     mine = [r for r in runs if r.data.tags.get("dagster.partition_key") == key]
                     current = [r for r in mine if r.data.tags.get("fsad.superseded") == "false"]
                     assert len(mine) == 2 and len(current) == 1, key
-                    assert current[0].data.tags["dagster.run_id"] in _backfill_runs(home, backfill.backfill_id)
+                    assert current[0].data.tags["dagster.run_id"] in launched
             except Exception:
                 page.screenshot(path=str(tmp_path / "failure.png"))
                 raise
