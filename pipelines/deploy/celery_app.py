@@ -13,6 +13,7 @@ temp folders of dead processes on this host, and the MLflow runs (with their art
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -31,16 +32,13 @@ log = logging.getLogger("fsad.worker")
 profile = load_profile()
 app = make_app({"broker": profile.broker_url, "backend": profile.backend_url, "include": [],
                 "config_source": profile.celery_settings()})
-_redis = None
 
 
+@functools.cache
 def _lease_store():
-    global _redis
-    if _redis is None:
-        import redis
+    import redis
 
-        _redis = redis.Redis.from_url(profile.broker_url)
-    return _redis
+    return redis.Redis.from_url(profile.broker_url)
 
 
 class LeasedStep(app.Task):
