@@ -9,10 +9,16 @@ machine. For each index (faiss IVF with several ``nprobe``, HNSW with several ``
 * search time and its ratio to exact search;
 * the detector's image AUROC with that index and its gap to exact search (target: within 0.005).
 
-The bank is the support patches of ``--shots`` bottle images, optionally with the store's grid flips and
-rotations (``--grid-augment``, ``augment="features"``) to reach the size of a rotated-support bank.
+The bank is the support patches of ``--shots`` images of ``--category`` (0: every good training image),
+optionally with the support images flipped and rotated and embedded again (``--augment images``, the
+rotated-support bank) or their grid flips and rotations (``--augment features``, the cheap stand-in).
 
-    FSAD_HOME=/tmp/fsad python benchmarks/bank_speed.py --shots 16 --grid-augment --method ldknn
+``--coreset`` adds the coreset table: PatchCore (or the method given) fitted with the exact greedy
+selection (``lazy``) and the partitioned one, with fit seconds, the coverage of the support by the bank
+(largest and mean distance of a support patch to its nearest bank patch) and the image AUROC gap.
+
+    FSAD_HOME=/tmp/fsad python benchmarks/bank_speed.py --shots 16 --augment images --method ldknn
+    FSAD_HOME=/tmp/fsad python benchmarks/bank_speed.py --shots 0 --method patchcore --coreset --no-search
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from fewshot_core.data import load_dataset  # noqa: E402
 from fewshot_core.episodes import sample_oneclass  # noqa: E402
 from fewshot_core.features.store import FeatureStore  # noqa: E402
 from fewshot_core.methods import registry  # noqa: E402
-from fewshot_core.methods.augment import augment_feature_maps  # noqa: E402
+from fewshot_core.methods.augment import TRANSFORMS, augment_feature_maps, embed_augmented  # noqa: E402
 from fewshot_core.methods.nn_search import NearestNeighbors  # noqa: E402
 from fewshot_core.metrics import image_metrics  # noqa: E402
 from fewshot_core.paths import shared_mvtec_root  # noqa: E402
@@ -82,6 +88,33 @@ def detector_table(method: str, support: np.ndarray, queries: np.ndarray, labels
     return rows
 
 
+SELECTIONS = ("lazy", "partitioned")  # the exact greedy rule first: the gaps are against it
+
+
+def coreset_table(method: str, support: np.ndarray, queries: np.ndarray, labels: np.ndarray,
+                  params: dict) -> list[dict]:
+    """Fit + score seconds, coverage and image AUROC of ``method`` with each coreset selection."""
+    import faiss
+
+    flat = support.reshape(-1, support.shape[-1])
+    probe = flat[:: max(1, len(flat) // 50_000)]
+    rows, exact = [], None
+    for selection in SELECTIONS:
+        model = registry.create(method, coreset_selection=selection, **params)
+        _, fit_s = _timed(lambda: model.fit(support))
+        (scores, _), score_s = _timed(lambda: model.score(queries))
+        auroc = image_metrics(labels, scores)["image_auroc"]
+        index = faiss.IndexFlatL2(flat.shape[1])
+        index.add(np.ascontiguousarray(model.bank_, dtype=np.float32))
+        cover = np.sqrt(np.maximum(index.search(probe, 1)[0][:, 0], 0))
+        if exact is None:
+            exact = (auroc, fit_s)
+        rows.append({"selection": selection, "bank": len(model.bank_), "fit_s": fit_s, "score_s": score_s,
+                     "fit_speedup": exact[1] / fit_s, "cover_max": float(cover.max()),
+                     "cover_mean": float(cover.mean()), "image_auroc": auroc, "auroc_gap": auroc - exact[0]})
+    return rows
+
+
 def _print(rows: list[dict], cols: list[str]) -> None:
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
@@ -98,9 +131,14 @@ def main(argv=None) -> int:
     p.add_argument("--root", type=Path, default=None)
     p.add_argument("--store", type=Path, default=None)
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--category", default="bottle")
+    p.add_argument("--shots", type=int, default=16, help="support images (0: every good training image)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grid-augment", action="store_true", help="6x the bank with grid flips/rotations")
+    p.add_argument("--augment", default="none", choices=["none", "features", "images"],
+                   help="6x the bank: support images flipped/rotated and re-embedded, or their grid maps")
+    p.add_argument("--grid-augment", action="store_true", help="same as --augment features")
+    p.add_argument("--coreset", action="store_true", help="also the coreset-selection table")
+    p.add_argument("--no-search", action="store_true", help="skip the search and index tables")
     p.add_argument("--method", default="ldknn", choices=["patchcore", "knn", "ldknn"])
     p.add_argument("--param", action="append", default=[], metavar="KEY=JSON")
     p.add_argument("--json", type=Path, default=None)
@@ -112,26 +150,39 @@ def main(argv=None) -> int:
     if root is None:
         print("no MVTec AD root: pass --root or set MVTEC_ROOT", file=sys.stderr)
         return 2
-    ds = load_dataset(root, "bottle")
+    ds = load_dataset(root, args.category)
     part = FeatureStore(args.store).build(ds, image_size=args.image_size, progress=False)
-    ep = sample_oneclass(ds, args.shots, args.seed)
+    ep = sample_oneclass(ds, args.shots or None, args.seed)
     support = np.asarray(part.patch(list(ep.support_ids)), dtype=np.float32)
-    if args.grid_augment:
+    augment = "features" if args.grid_augment else args.augment
+    if augment == "features":
         support = augment_feature_maps(support)
+    elif augment == "images":
+        support = np.concatenate([support, embed_augmented(ds, part, list(ep.support_ids), TRANSFORMS)])
     queries = np.asarray(part.patch(list(ep.query_ids)), dtype=np.float32)
     labels = np.array([ds.by_id(i).label for i in ep.query_ids])
     flat_q = queries.reshape(-1, queries.shape[-1])
-    print(f"# bottle@{args.image_size}, {args.shots} shots{' x6 grid-augmented' if args.grid_augment else ''}: "
+    print(f"# {args.category}@{args.image_size}, {len(ep.support_ids)} shots"
+          f"{'' if augment == 'none' else f' x6 ({augment} augmented)'}: "
           f"{support.shape[0] * support.shape[1] * support.shape[2]} support patches, {len(flat_q)} query patches, "
           f"d={support.shape[-1]}")
-    print("\n## search against exact (bank = every support patch)")
-    search = search_table(support.reshape(-1, support.shape[-1]), flat_q, args.seed)
-    _print(search, ["index", "nprobe", "ef_search", "recall@1", "median_rel_dist_err", "build_s", "search_s", "speedup"])
-    print(f"\n## {args.method} {params} with each index")
-    det = detector_table(args.method, support, queries, labels, params)
-    _print(det, ["index", "nprobe", "ef_search", "image_auroc", "auroc_gap", "fit_s", "score_s", "speedup"])
+    out = {}
+    if not args.no_search:
+        print("\n## search against exact (bank = every support patch)")
+        out["search"] = search_table(support.reshape(-1, support.shape[-1]), flat_q, args.seed)
+        _print(out["search"], ["index", "nprobe", "ef_search", "recall@1", "median_rel_dist_err", "build_s",
+                               "search_s", "speedup"])
+        print(f"\n## {args.method} {params} with each index")
+        out["detector"] = detector_table(args.method, support, queries, labels, params)
+        _print(out["detector"], ["index", "nprobe", "ef_search", "image_auroc", "auroc_gap", "fit_s", "score_s",
+                                 "speedup"])
+    if args.coreset:
+        print(f"\n## {args.method} {params} with each coreset selection")
+        out["coreset"] = coreset_table(args.method, support, queries, labels, params)
+        _print(out["coreset"], ["selection", "bank", "fit_s", "score_s", "fit_speedup", "cover_max", "cover_mean",
+                                "image_auroc", "auroc_gap"])
     if args.json:
-        args.json.write_text(json.dumps({"search": search, "detector": det}, indent=1))
+        args.json.write_text(json.dumps(out, indent=1))
     return 0
 
 

@@ -6,8 +6,12 @@ started from the mean distance to ``n_starts`` (10) random points, as patchcore-
 chunks and each step updates one distance per point (never an N x N matrix). Distances are kept
 squared (same argmax, one op fewer per step). Runs on CUDA when available.
 
-On the CPU the plain loop streams all N projected points once per selected point and is memory-bound.
-``lazy_greedy_select`` (the default there) selects the same points: the points are grouped into blocks
+Selections (``selection``): ``"plain"`` is the loop above (the GPU default). On the CPU it streams all N
+projected points once per selected point and is memory-bound, so the CPU default is ``"lazy"`` for
+small banks and ``"partitioned"`` above 2 x ``PARTITION`` points (rotated supports, full-shot banks):
+the greedy rule run separately in k-means cells with a share of the coreset each, N x k / cells
+updates on cache-resident points (an approximation; its AUROC gap to the exact rule is measured in
+``benchmarks/bank_speed.py --coreset``). ``lazy_greedy_select`` selects exactly the plain loop's points: the points are grouped into blocks
 of neighbours; a block's stored maximum of "distance to the coreset" is an upper bound that can only
 fall as members join, so a block is brought up to date (one matrix product with every member chosen
 since its last update) only when it holds the largest bound. Far-away blocks wait while their bound
@@ -33,9 +37,16 @@ def coreset_size(n: int, ratio: float, min_keep: int) -> int:
     return min(n, max(int(n * ratio), min_keep))
 
 
-SELECTIONS = ("auto", "plain", "lazy")
+SELECTIONS = ("auto", "plain", "lazy", "partitioned")
 _PRUNE_MARGIN = 1e-3
 LAZY_BLOCK = 1024  # points per block: small enough to refresh only what moves, large enough for a fast product
+# points per cell of the partitioned selection: a cell's projected points (4 MiB at 128 dims) stay in cache
+PARTITION = 8192
+
+
+def check_selection(selection: str) -> None:
+    if selection not in SELECTIONS:
+        raise ValueError(f"coreset selection must be one of {SELECTIONS}, got {selection!r}")
 
 
 def approximate_greedy_coreset(features: np.ndarray, n_select: int, proj_dim: int = 128, n_starts: int = 10,
@@ -43,10 +54,10 @@ def approximate_greedy_coreset(features: np.ndarray, n_select: int, proj_dim: in
     """Indices (int64, selection order) of ``n_select`` rows of ``features`` [N, d] chosen greedily.
 
     ``selection``: ``"plain"`` (one full distance update per step), ``"lazy"`` (``lazy_greedy_select``,
-    the same farthest-point rule) or ``"auto"`` (lazy on the CPU, plain on a GPU).
+    the same farthest-point rule), ``"partitioned"`` (``partitioned_greedy_select``, per k-means cell) or
+    ``"auto"`` (on the CPU lazy up to 2 x ``PARTITION`` points and partitioned above; plain on a GPU).
     """
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    check_selection(selection)
     n, d = features.shape
     if n_select >= n:
         return np.arange(n, dtype=np.int64)
@@ -65,20 +76,71 @@ def approximate_greedy_coreset(features: np.ndarray, n_select: int, proj_dim: in
         start_d = (sq[:, None] - 2 * z @ z[starts].T + sq[starts][None]).clamp_min_(0).sqrt_()
         min_d = start_d.mean(1).square_()
         del start_d
-        if selection == "lazy" or (selection == "auto" and dev.type == "cpu"):
-            return lazy_greedy_select(z, sq, min_d, n_select, seed=seed).numpy()
-        chosen = torch.empty(n_select, dtype=torch.int64, device=dev)
-        # [p, N] layout: the row-vector x matrix product streams it once per step and measured ~1.5x
-        # faster on CPU than a matrix-vector product over [N, p]; the loop is memory-bound
-        zt = z.T.contiguous()
-        sq_row = sq[None]
+        if selection == "auto" and dev.type == "cpu":
+            selection = "partitioned" if n > 2 * PARTITION else "lazy"
+        if selection == "partitioned":
+            return partitioned_greedy_select(z.cpu(), sq.cpu(), min_d.cpu(), n_select, seed=seed).numpy()
+        if selection == "lazy":
+            return lazy_greedy_select(z.cpu(), sq.cpu(), min_d.cpu(), n_select, seed=seed).numpy()
+        return plain_greedy_select(z, sq, min_d, n_select).cpu().numpy()
+
+
+def plain_greedy_select(z: torch.Tensor, sq: torch.Tensor, min_d: torch.Tensor, n_select: int) -> torch.Tensor:
+    """The reference loop: one full update of every point's squared distance to the coreset per step."""
+    chosen = torch.empty(n_select, dtype=torch.int64, device=z.device)
+    min_d = min_d.clone()
+    # [p, N] layout: the row-vector x matrix product streams it once per step and measured ~1.5x
+    # faster on CPU than a matrix-vector product over [N, p]; the loop is memory-bound
+    zt = z.T.contiguous()
+    sq_row = sq[None]
+    with torch.no_grad():
         for i in range(n_select):
             j = torch.argmax(min_d)
             chosen[i] = j
             # squared distance of every point to the new coreset member: |z|^2 - 2 z.z_j + |z_j|^2
             new_d = torch.addmm(sq_row, z[j][None], zt, alpha=-2.0)[0].add_(sq[j])
             torch.minimum(min_d, new_d, out=min_d)
-    return chosen.cpu().numpy()
+    return chosen
+
+
+def partitioned_greedy_select(z: torch.Tensor, sq: torch.Tensor, min_d: torch.Tensor, n_select: int,
+                              cell: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Greedy farthest-point selection run separately in k-means cells of about ``cell`` points.
+
+    An approximation of the global greedy rule for large banks: each cell gets a share of the coreset
+    proportional to its size (largest remainders) and runs the plain loop on its own points, which stay
+    in cache, so the work is N x k / cells distance updates instead of N x k. Points near a cell border
+    may keep a neighbour from the next cell that the global rule would not have picked; the detector's
+    AUROC against the exact selection is measured in ``benchmarks/bank_speed.py``.
+    """
+    n = len(z)
+    cells = max(1, round(n / (cell or PARTITION)))
+    if cells == 1:
+        return plain_greedy_select(z, sq, min_d, n_select)
+    assign = torch.from_numpy(_kmeans_cells(z, cells, seed)).long()
+    counts = torch.bincount(assign, minlength=cells)
+    want = counts.double() * n_select / n
+    quota = want.floor().long()
+    # largest remainders first, ties to the lower cell; never more than a cell holds
+    extra = n_select - int(quota.sum())
+    for c in sorted(range(cells), key=lambda c: (-(float(want[c]) - int(quota[c])), c))[:extra]:
+        quota[c] += 1
+    quota = torch.minimum(quota, counts)
+    short = n_select - int(quota.sum())
+    for c in range(cells):  # only when a cell is smaller than its rounded share (tiny cells)
+        if short <= 0:
+            break
+        take = min(short, int(counts[c] - quota[c]))
+        quota[c] += take
+        short -= take
+    chosen = []
+    for c in range(cells):
+        if int(quota[c]) == 0:
+            continue
+        members = torch.nonzero(assign == c)[:, 0]
+        picked = plain_greedy_select(z[members].contiguous(), sq[members], min_d[members], int(quota[c]))
+        chosen.append(members[picked])
+    return torch.cat(chosen)
 
 
 def _blocks_of_neighbours(z: torch.Tensor, block: int, seed: int) -> torch.Tensor:
@@ -90,15 +152,18 @@ def _blocks_of_neighbours(z: torch.Tensor, block: int, seed: int) -> torch.Tenso
     cells = max(1, n // block)
     if cells == 1:
         return torch.arange(n)
-    try:
-        import faiss
-    except ImportError:  # pragma: no cover - faiss-cpu is a dependency
-        return torch.arange(n)
+    return torch.from_numpy(np.argsort(_kmeans_cells(z, cells, seed), kind="stable"))
+
+
+def _kmeans_cells(z: torch.Tensor, cells: int, seed: int) -> np.ndarray:
+    """The k-means cell (0 .. cells - 1) of every point: faiss k-means, seeded, on a sample of the points."""
+    import faiss
+
     x = np.ascontiguousarray(z.numpy(), dtype=np.float32)
     km = faiss.Kmeans(x.shape[1], cells, niter=6, seed=int(seed) + 1, max_points_per_centroid=64, verbose=False)
     km.train(x)
     _, assign = km.index.search(x, 1)
-    return torch.from_numpy(np.argsort(assign[:, 0], kind="stable"))
+    return assign[:, 0]
 
 
 def lazy_greedy_select(z: torch.Tensor, sq: torch.Tensor, min_d: torch.Tensor, n_select: int,

@@ -10,18 +10,19 @@ from __future__ import annotations
 import numpy as np
 
 from fewshot_core.methods.base import Detector, as_patch_array, pooled_max
-from fewshot_core.methods.coreset import approximate_greedy_coreset, coreset_size
+from fewshot_core.methods.coreset import approximate_greedy_coreset, check_selection, coreset_size
 from fewshot_core.methods.nn_search import NearestNeighbors
 
 
-def build_bank(support, coreset_ratio: float, min_bank: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def build_bank(support, coreset_ratio: float, min_bank: int, seed: int, selection: str = "auto"
+               ) -> tuple[np.ndarray, np.ndarray]:
     """All support patches [N, d] and the (coreset-reduced) bank drawn from them."""
     feats = as_patch_array(support, "support")
     flat = feats.reshape(-1, feats.shape[-1])
     keep = coreset_size(len(flat), coreset_ratio, min_bank)
     if keep >= len(flat):
         return flat, flat
-    idx = approximate_greedy_coreset(flat, keep, seed=seed)
+    idx = approximate_greedy_coreset(flat, keep, seed=seed, selection=selection)
     return flat, flat[np.sort(idx)]
 
 
@@ -30,7 +31,7 @@ class KNN(Detector):
     input_kind = "patches"
 
     def __init__(self, k: int = 3, pool: int = 3, coreset_ratio: float = 1.0, min_bank: int = 10_000,
-                 index: str = "flat", seed: int = 0):
+                 index: str = "flat", seed: int = 0, coreset_selection: str = "auto"):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k = k
@@ -39,9 +40,11 @@ class KNN(Detector):
         self.min_bank = min_bank
         self.index = index
         self.seed = seed
+        self.coreset_selection = coreset_selection
+        check_selection(coreset_selection)
 
     def fit(self, X) -> KNN:
-        _, bank = build_bank(X, self.coreset_ratio, self.min_bank, self.seed)
+        _, bank = build_bank(X, self.coreset_ratio, self.min_bank, self.seed, self.coreset_selection)
         self.bank_ = np.array(bank, copy=True)
         self._build_index()
         return self

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from fewshot_core.methods.base import Detector, as_patch_array, pooled_max
+from fewshot_core.methods.coreset import check_selection
 from fewshot_core.methods.knn import build_bank
 from fewshot_core.methods.nn_search import NearestNeighbors
 
@@ -36,7 +37,7 @@ class LDKNN(Detector):
 
     def __init__(self, k: int = 5, ld_coef: float = 1.0, ld_form: str = "difference", pool: int = 3,
                  coreset_ratio: float = 1.0, min_bank: int = 10_000, index: str = "flat", seed: int = 0,
-                 density_on: str = "support"):
+                 density_on: str = "support", coreset_selection: str = "auto"):
         if ld_form not in LD_FORMS:
             raise ValueError(f"ld_form must be one of {LD_FORMS}, got {ld_form!r}")
         if k < 1:
@@ -52,12 +53,14 @@ class LDKNN(Detector):
         self.min_bank = min_bank
         self.index = index
         self.seed = seed
+        self.coreset_selection = coreset_selection
+        check_selection(coreset_selection)
 
     def _index(self, data: np.ndarray) -> NearestNeighbors:
         return NearestNeighbors(self.index, self.runtime.faiss_gpu, seed=self.seed).fit(data)
 
     def fit(self, X) -> LDKNN:
-        everything, bank = build_bank(X, self.coreset_ratio, self.min_bank, self.seed)
+        everything, bank = build_bank(X, self.coreset_ratio, self.min_bank, self.seed, self.coreset_selection)
         self.bank_ = np.array(bank, copy=True)
         self.nn_ = self._index(self.bank_)
         full = self.nn_ if bank is everything or self.density_on == "bank" else self._index(everything)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fewshot_core.methods.base import Detector, as_patch_array
-from fewshot_core.methods.coreset import approximate_greedy_coreset, coreset_size
+from fewshot_core.methods.coreset import approximate_greedy_coreset, check_selection, coreset_size
 from fewshot_core.methods.nn_search import NearestNeighbors
 
 
@@ -24,7 +24,8 @@ class PatchCore(Detector):
     input_kind = "patches"
 
     def __init__(self, coreset_ratio: float = 0.1, min_bank: int = 10_000, num_neighbors: int = 9,
-                 proj_dim: int = 128, n_starts: int = 10, index: str = "flat", seed: int = 0):
+                 proj_dim: int = 128, n_starts: int = 10, index: str = "flat", seed: int = 0,
+                 coreset_selection: str = "auto"):
         self.coreset_ratio = coreset_ratio
         self.min_bank = min_bank
         self.num_neighbors = num_neighbors
@@ -32,13 +33,16 @@ class PatchCore(Detector):
         self.n_starts = n_starts
         self.index = index
         self.seed = seed
+        self.coreset_selection = coreset_selection
         coreset_size(1, coreset_ratio, 0)  # validates the ratio early
+        check_selection(coreset_selection)
 
     def fit(self, X) -> PatchCore:
         feats = as_patch_array(X, "support")
         flat = feats.reshape(-1, feats.shape[-1])
         keep = coreset_size(len(flat), self.coreset_ratio, self.min_bank)
-        idx = approximate_greedy_coreset(flat, keep, self.proj_dim, self.n_starts, seed=self.seed)
+        idx = approximate_greedy_coreset(flat, keep, self.proj_dim, self.n_starts, seed=self.seed,
+                                         selection=self.coreset_selection)
         self.bank_ = flat[np.sort(idx)] if keep < len(flat) else flat.copy()
         self._build_index()
         return self

@@ -69,6 +69,61 @@ def test_coreset_is_seeded_unique_and_covers_better_than_random():
     assert radius(a) < radius(random_idx)
 
 
+def _clustered(seed: int, n: int = 6000, d: int = 32, clusters: int = 40) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, d)) * 4
+    spread = rng.uniform(0.3, 2.0, size=clusters)  # clusters of different widths: greedy favours wide ones
+    which = rng.integers(0, clusters, n)
+    return (centers[which] + rng.normal(size=(n, d)) * spread[which, None]).astype(np.float32)
+
+
+def test_partitioned_selection_is_seeded_complete_and_covers_close_to_the_exact_rule(monkeypatch):
+    import fewshot_core.methods.coreset as coreset
+
+    monkeypatch.setattr(coreset, "PARTITION", 1000)  # six cells
+    x = _clustered(4)
+    exact = approximate_greedy_coreset(x, 300, seed=0, selection="lazy")
+    part = approximate_greedy_coreset(x, 300, seed=0, selection="partitioned")
+    assert np.array_equal(part, approximate_greedy_coreset(x, 300, seed=0, selection="partitioned"))
+    assert len(np.unique(part)) == 300 and part.min() >= 0 and part.max() < len(x)
+
+    def cover(idx):
+        d = torch.cdist(torch.from_numpy(x), torch.from_numpy(x[idx])).min(1).values
+        return d.max().item(), d.mean().item()
+
+    rng = np.random.default_rng(5)
+    (e_max, e_mean), (p_max, p_mean) = cover(exact), cover(part)
+    r_max, _ = cover(rng.choice(len(x), 300, replace=False))
+    # the greedy rule bounds the largest distance (random draws leave far points uncovered), not the mean
+    assert p_max < 1.25 * e_max < r_max and p_mean < 1.1 * e_mean
+
+
+def test_partitioned_selection_in_one_cell_is_the_exact_rule():
+    from fewshot_core.methods.coreset import PARTITION
+
+    x = _clustered(6, n=PARTITION // 2)
+    assert np.array_equal(approximate_greedy_coreset(x, 200, seed=1, selection="partitioned"),
+                          approximate_greedy_coreset(x, 200, seed=1, selection="plain"))
+
+
+def test_partitioned_selection_fills_the_quota_when_cells_are_small(monkeypatch):
+    import fewshot_core.methods.coreset as coreset
+
+    monkeypatch.setattr(coreset, "PARTITION", 64)  # ~90 cells for 6000 points, asking for nearly all of them
+    x = _clustered(7)
+    got = approximate_greedy_coreset(x, 5900, seed=0, selection="partitioned")
+    assert len(got) == 5900 and len(np.unique(got)) == 5900
+
+
+def test_coreset_selection_is_a_method_parameter_and_checked():
+    x = _clustered(8, n=3000)[:, None, None, :].reshape(30, 10, 10, 32)
+    a = PatchCore(coreset_ratio=0.1, min_bank=0, coreset_selection="partitioned").fit(x).bank_
+    b = PatchCore(coreset_ratio=0.1, min_bank=0, coreset_selection="lazy").fit(x).bank_
+    assert a.shape == b.shape == (300, 32)
+    with pytest.raises(ValueError, match="coreset selection"):
+        PatchCore(coreset_selection="fast")
+
+
 # --- nearest neighbours --------------------------------------------------------------------------
 def test_flat_search_is_exact_and_squared():
     rng = np.random.default_rng(3)
