@@ -88,22 +88,30 @@ def interval(values) -> tuple[float, float]:
     return float(v.mean()), float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
 
 
-def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: int, log=print) -> list[dict]:
-    results, partitions, cache = [], {}, {}
+def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: int, log=print,
+        done: list[dict] | None = None, save=None) -> list[dict]:
+    """Every lever x dataset x shots row; rows in ``done`` (an earlier run's JSON) are kept, not rerun, and
+    ``save(results)`` runs after each new row, so an interrupted suite resumes where it stopped."""
+    results, partitions, cache = list(done or []), {}, {}
+    have = {(r["lever"], r["dataset"], r["shots"], r["image_size"], tuple(r["seeds"])) for r in results}
     for lever in levers:
         method, params, augment, size = LEVERS[lever]
         size = size or image_size
         for name, ds in datasets.items():
             key = (name, size)
+            if key not in partitions and all((lever, name, s, size) in {h[:4] for h in have} for s in shots_list):
+                continue
             if key not in partitions:
                 t0 = time.perf_counter()
                 partitions[key] = store.build(ds, image_size=size, progress=False)
                 log(f"# partition {name}@{size}: {time.perf_counter() - t0:.1f} s")
             transductive = registry.get(method).family == registry.TRANSDUCTIVE
             for shots in shots_list:
+                zero = transductive and lever in ZERO_SHOT
+                if (lever, name, shots, size, tuple(seeds[:1] if zero else seeds)) in have:
+                    continue
                 t0 = time.perf_counter()
                 if transductive:  # 0-shot rows have no support to draw: one seed says it all
-                    zero = lever in ZERO_SHOT
                     rows = evaluate_transductive(ds, partitions[key], method, 0 if zero else shots,
                                                  seeds[:1] if zero else seeds, params, cache=cache)
                 else:
@@ -118,6 +126,8 @@ def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: in
                     if m in rows[0]:
                         res[m], res[m + "_ci"] = interval([r[m] for r in rows])
                 results.append(res)
+                if save is not None:
+                    save(results)
                 log(f"{lever:<20} {name:<13} {shots:>3}  {res['image_auroc']:.4f} ± {res['image_auroc_ci']:.4f}"
                     f"  fit {res['fit_s']:.2f} s score {res['score_s']:.2f} s bank {res['bank']}")
     return results
@@ -158,7 +168,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--data-seed", type=int, default=0, help="seed of the derived poses and the synthetic parts")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", type=Path, default=None, help="also write every result here")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write every result here after each row; rows already in it are not rerun")
     args = p.parse_args(argv)
 
     import torch
@@ -175,13 +186,20 @@ def main(argv=None) -> int:
         print(f"# {name}: {len(ds.train_good())} train/good, {len(ds.test())} test "
               f"({sum(r.label for r in ds.test())} defective), masks {ds.has_masks}")
     print(f"# cpu threads {torch.get_num_threads()}, cores {os.cpu_count()}, seeds {args.seeds}", flush=True)
-    results = run(args.levers, datasets, args.shots, args.seeds, FeatureStore(args.store), args.image_size,
-                  log=lambda s: print(s, flush=True))
-    print()
-    print(table(results, args.shots, list(datasets)))
+    done, save = [], None
     if args.json:
+        from fewshot_core.atomic import atomic_write_text
+
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+        done = json.loads(args.json.read_text()) if args.json.is_file() else []
+
+        def save(results):
+            atomic_write_text(args.json, json.dumps(results, indent=1))
+    results = run(args.levers, datasets, args.shots, args.seeds, FeatureStore(args.store), args.image_size,
+                  log=lambda s: print(s, flush=True), done=done, save=save)
+    print()
+    wanted = [r for r in results if r["lever"] in args.levers and r["dataset"] in datasets and r["shots"] in args.shots]
+    print(table(wanted, args.shots, list(datasets)))
     return 0
 
 
