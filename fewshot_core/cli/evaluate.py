@@ -57,8 +57,9 @@ def register(subparsers) -> None:
     g = p.add_argument_group("one-class protocol")
     g.add_argument("--shots", default=None, help="good support images per episode: a number or 'full'")
     g.add_argument("--mask-size", type=positive_int, default=256, help="resolution of masks and anomaly maps (default 256)")
-    g.add_argument("--augment", choices=("none", "features", "images"), default="none",
-                   help="add flipped/rotated support images to the bank (images: re-embedded; features: grid approximation)")
+    g.add_argument("--augment", choices=("auto", "none", "features", "images"), default="auto",
+                   help="add flipped/rotated support images to the bank (images: re-embedded; features: grid "
+                        "approximation; auto, the default: images for patchcore, knn and ldknn up to 16 shots)")
     g = p.add_argument_group("supervised protocol")
     g.add_argument("--k-good", type=int, default=None, help="good support images")
     g.add_argument("--k-bad", type=int, default=None, help="defective support images")

@@ -135,19 +135,49 @@ def _trained_fields(model) -> dict:
             "device": str(info.get("device", ""))}
 
 
-def _support_features(dataset, partition, episode, augment: str, transforms, cache) -> np.ndarray:
+AUTO = "auto"
+# "auto" augments supports of at most this many images: the remedy is for small supports, and a full-shot
+# bank already holds many poses (six times its size would only slow the coreset and the search)
+AUGMENT_MAX_SHOTS = 16
+
+
+def resolve_augment(method: str, augment: str, n_support: int) -> str:
+    """The support augmentation a one-class episode uses: ``augment`` itself, or for ``"auto"`` the
+    method's registry default (``MethodEntry.augment``) when the support is small, else none."""
+    if augment == AUTO:
+        return registry.get(method).augment if n_support <= AUGMENT_MAX_SHOTS else "none"
+    if augment not in AUGMENT_MODES:
+        raise FsadError(f"augment {augment!r}: unknown; use one of {AUTO}, {', '.join(AUGMENT_MODES)}")
+    return augment
+
+
+def _support_views(dataset, partition, episode, augment: str, transforms, cache) -> np.ndarray:
+    """Support features [n, views, h, w, d]: each image's stored features, then its augmented views."""
     support = partition.patch(list(episode.support_ids))
-    if augment == "features":
-        return augment_feature_maps(support, transforms)
-    if augment == "images":
+    n = len(support)
+    if augment == "features":  # transform-major [orig..., t1..., t2...]
+        extra = augment_feature_maps(support, transforms)[n:]
+        extra = extra.reshape(-1, n, *support.shape[1:]).swapaxes(0, 1)
+    elif augment == "images":  # image-major [i1 t1, i1 t2, ..., i2 t1, ...]
         extra = embed_augmented(dataset, partition, episode.support_ids, transforms, cache=cache)
-        return np.concatenate([support, extra])
-    return support
+        extra = extra.reshape(n, -1, *support.shape[1:])
+    else:
+        return support[:, None]
+    return np.concatenate([support[:, None], extra], axis=1)
+
+
+def bank_input(views: np.ndarray, augment: str) -> np.ndarray:
+    """[n, views, h, w, d] -> what the detector is fitted on [n * views, h, w, d]: the stored maps first,
+    then the augmented ones (grouped by transform for ``features``, by image for ``images``)."""
+    if views.shape[1] == 1:
+        return views[:, 0]
+    rest = views[:, 1:].swapaxes(0, 1) if augment == "features" else views[:, 1:]
+    return np.concatenate([views[:, 0], rest.reshape(-1, *views.shape[2:])])
 
 
 def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: str,
                          method_params: Mapping | None = None, mask_size: int = 256,
-                         augment: str = "none", augment_transforms: Sequence[str] = TRANSFORMS,
+                         augment: str = AUTO, augment_transforms: Sequence[str] = TRANSFORMS,
                          sigma: float | None = None, cache: dict | None = None,
                          details: dict | None = None, runtime=None,
                          threshold: ThresholdConfig | None = None) -> dict:
@@ -162,8 +192,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     """
     entry = registry.get(method, protocol=registry.ONECLASS)
     on_images = entry.input_kind == registry.IMAGES
-    if augment not in AUGMENT_MODES:
-        raise FsadError(f"augment {augment!r}: unknown; use one of {', '.join(AUGMENT_MODES)}")
+    augment = resolve_augment(method, augment, len(episode.support_ids))
     if on_images and augment != "none":
         raise FsadError(f"augment {augment!r}: only for feature-based methods; {method} trains on images")
     if not on_images and partition is None:
@@ -183,7 +212,8 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     else:
         load = partition.patch
         t0 = time.perf_counter()
-        support = _support_features(dataset, partition, episode, augment, augment_transforms, cache)
+        views = _support_views(dataset, partition, episode, augment, augment_transforms, cache)
+        support = bank_input(views, augment)
     model.fit(support)
     fit_s = time.perf_counter() - t0
     del support
@@ -197,8 +227,8 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
         cut = Threshold(None, "none", float((threshold or ThresholdConfig()).fpr), len(episode.support_ids), [],
                         "trained on images: a support-only threshold would retrain the detector; not computed")
     else:
-        cut = support_threshold(method, params, partition.patch(list(episode.support_ids)), runtime,
-                                threshold or ThresholdConfig(seed=episode.seed))
+        cut = support_threshold(method, params, views, runtime, threshold or ThresholdConfig(seed=episode.seed),
+                                augment)
     metrics.update(decision_metrics(labels, scores, cut))
     if details is not None:
         details.update(model=model, image_scores=scores, patch_maps=patch_maps, labels=labels, query_ids=query_ids,
@@ -220,13 +250,19 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     }
 
 
-def support_threshold(method: str, params: Mapping, support: np.ndarray, runtime, config: ThresholdConfig):
+def support_threshold(method: str, params: Mapping, support: np.ndarray, runtime, config: ThresholdConfig,
+                      augment: str = "none"):
     """The decision threshold from the good support alone: fresh copies of the method (same parameters
-    and seed) fitted on part of the support score the rest (leave-one-out or holdout). The copies see
-    the plain support features, without augmentation."""
+    and seed) fitted on part of the support score the rest (leave-one-out or holdout).
+
+    ``support``: [n, h, w, d], or [n, views, h, w, d] with each image's augmented views after it; a copy
+    is then fitted on its training images' views too, as the model itself was, and scores the held-out
+    images' stored features only (a flipped copy of a held-out image is not a new part)."""
+    views = support if support.ndim == 5 else support[:, None]
+
     def fit_score(train_idx, held_idx):
-        copy = registry.create(method, runtime=runtime, **params).fit(support[train_idx])
-        return copy.score(support[held_idx])[0]
+        copy = registry.create(method, runtime=runtime, **params).fit(bank_input(views[train_idx], augment))
+        return copy.score(views[held_idx, 0])[0]
 
     return fit_threshold(len(support), fit_score, config)
 
@@ -245,7 +281,7 @@ def parse_shots(shots) -> int | None:
 
 
 def evaluate_oneclass(dataset, partition, method: str, shots, seeds, method_params: Mapping | None = None,
-                      mask_size: int = 256, augment: str = "none",
+                      mask_size: int = 256, augment: str = AUTO,
                       augment_transforms: Sequence[str] = TRANSFORMS, sigma: float | None = None,
                       cache: dict | None = None, runtime=None,
                       threshold: ThresholdConfig | None = None) -> list[dict]:

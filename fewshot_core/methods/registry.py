@@ -44,6 +44,9 @@ class MethodEntry:
     defaults: dict = field(default_factory=dict)
     paper: str = ""
     meta_pool: bool = False  # meta-trains on other categories (a pool the protocol is given) without a checkpoint
+    # the one-class protocol's support augmentation when the caller asks for "auto" (small supports only;
+    # chosen on benchmarks/hard_suite.py and bottle together, see docs/benchmarks.md)
+    augment: str = "none"
 
     @property
     def label_modes(self) -> tuple[str, ...]:
@@ -63,11 +66,12 @@ class MethodEntry:
 
 _ENTRIES = (
     MethodEntry("patchcore", ONECLASS, PATCHES, "fewshot_core.methods.patchcore:PatchCore",
-                "coreset memory bank, nearest-neighbour patch distance", paper="Roth et al., CVPR 2022"),
+                "coreset memory bank, nearest-neighbour patch distance", paper="Roth et al., CVPR 2022",
+                augment="images"),
     MethodEntry("knn", ONECLASS, PATCHES, "fewshot_core.methods.knn:KNN",
-                "mean distance to the k nearest support patches (REB's baseline)"),
+                "mean distance to the k nearest support patches (REB's baseline)", augment="images"),
     MethodEntry("ldknn", ONECLASS, PATCHES, "fewshot_core.methods.ldknn:LDKNN",
-                "local-density kNN on the support patches", paper="Lyu et al., REB"),
+                "local-density kNN on the support patches", paper="Lyu et al., REB", augment="images"),
     MethodEntry("efficientad", ONECLASS, IMAGES, "fewshot_core.methods.efficientad:EfficientAD",
                 "student-teacher + autoencoder, trained on the support images", paper="Batzner et al., WACV 2024"),
     MethodEntry("glass", ONECLASS, IMAGES, "fewshot_core.methods.glass:GLASS",

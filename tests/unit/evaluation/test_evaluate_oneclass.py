@@ -37,7 +37,7 @@ def test_rows_per_seed_with_every_metric(synth):
     assert [r["seed"] for r in rows] == [0, 1]
     for r in rows:
         assert r["protocol"] == "oneclass" and r["method"] == "patchcore" and r["shots"] == 2
-        assert r["n_query"] == len(dataset.test()) and r["bank_size"] == 2 * np.prod(partition.grid)
+        assert r["n_query"] == len(dataset.test()) and r["bank_size"] == 2 * 6 * np.prod(partition.grid)  # augmented (auto)
         assert json.loads(r["params"])["seed"] == r["seed"]  # the coreset follows the episode seed
         for m in METRICS:
             assert 0.0 <= r[m] <= 1.0, m
@@ -73,7 +73,8 @@ def test_augmentation_adds_transformed_supports(synth):
     episode = sample_oneclass(dataset, 1, 0)
     cache = {}
     details = {}
-    plain = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, details=details)
+    plain = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, details=details,
+                                 augment="none")
     assert details["patch_maps"].shape == (len(episode.query_ids), *partition.grid)
     assert len(details["model"].bank_) == plain["bank_size"] and len(details["image_scores"]) == plain["n_query"]
     feats = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, augment="features")
@@ -86,6 +87,36 @@ def test_augmentation_adds_transformed_supports(synth):
 
     rotated = embed_augmented(dataset, partition, episode.support_ids, ["rot180"], cache=cache)
     assert rotated.shape == (1, *partition.grid, partition.patch_dim)
+
+
+def test_auto_augmentation_is_the_methods_default_for_small_supports_only(synth):
+    from fewshot_core.evaluation.oneclass import AUGMENT_MAX_SHOTS, resolve_augment
+
+    dataset, partition, _ = synth
+    cells = int(np.prod(partition.grid))
+    row = run_oneclass_episode(dataset, partition, sample_oneclass(dataset, 1, 0), "patchcore", mask_size=32)
+    assert row["augment"] == "images" and row["bank_size"] == 6 * cells  # the stored map + five transforms
+    assert resolve_augment("ldknn", "auto", AUGMENT_MAX_SHOTS) == resolve_augment("knn", "auto", 1) == "images"
+    assert resolve_augment("patchcore", "auto", AUGMENT_MAX_SHOTS + 1) == "none"  # full-shot banks stay plain
+    assert resolve_augment("efficientad", "auto", 1) == "none"  # trains on images: nothing to add to a bank
+    assert resolve_augment("patchcore", "none", 1) == "none"
+    with pytest.raises(FsadError, match="augment 'rotate'"):
+        resolve_augment("patchcore", "rotate", 1)
+
+
+def test_threshold_copies_are_fitted_with_the_same_augmentation(synth):
+    """The decision threshold's held-out copies see augmented banks like the model they stand for, so an
+    augmented model's (lower) good scores are not judged against a threshold from plain banks."""
+    from fewshot_core.evaluation.threshold import ThresholdConfig
+
+    dataset, partition, _ = synth
+    episode = sample_oneclass(dataset, 4, 0)
+    cut = {}
+    for augment in ("none", "images"):
+        row = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, augment=augment,
+                                   threshold=ThresholdConfig(rule="loo", seed=0))
+        cut[augment] = row["threshold"]
+    assert cut["images"] < cut["none"]
 
 
 def test_augment_features_are_real_re_embeddings(synth):
