@@ -1,7 +1,8 @@
 """Nearest-neighbour search over a memory bank with faiss.
 
-``index="flat"`` (default) is exact (``IndexFlatL2``); ``"ivf"`` (inverted lists, ``nprobe`` probed)
-and ``"hnsw"`` are approximate options for large banks. With a GPU build of faiss and a visible GPU,
+``index="flat"`` is exact (``IndexFlatL2``); ``"ivf"`` (inverted lists, ``nprobe`` probed) and
+``"hnsw"`` are approximate options for large banks; ``"auto"`` is exact up to ``AUTO_IVF_ROWS`` bank
+rows and IVF at ``nprobe=16`` above. With a GPU build of faiss and a visible GPU,
 ``use_gpu="auto"`` moves the index there (flat and IVF; HNSW stays on the CPU). With CUDA but only
 faiss-cpu installed (the usual pip setup) an exact flat search runs in torch on the GPU instead
 (chunked matrix products + top-k), as it does when faiss is missing altogether. Distances are
@@ -19,8 +20,11 @@ try:
 except ImportError:  # pragma: no cover - faiss-cpu is a dependency; torch covers exact search without it
     faiss = None
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
-_INDEX_OPTIONS = {"ivf": ("nlist", "nprobe"), "hnsw": ("hnsw_m", "ef_search"), "flat": ()}
+INDEX_KINDS = ("flat", "ivf", "hnsw", "auto")
+_INDEX_OPTIONS = {"ivf": ("nlist", "nprobe"), "hnsw": ("hnsw_m", "ef_search"), "flat": (), "auto": ("nprobe",)}
+# "auto": exact up to this many bank rows, IVF above (rotated supports without a coreset, full-shot banks)
+AUTO_IVF_ROWS = 1 << 15
+AUTO_NPROBE = 16  # recall@1 0.998 on the rotated 16-shot bottle bank (docs/benchmarks.md)
 
 
 def parse_index(spec: str) -> tuple[str, dict]:
@@ -85,7 +89,7 @@ class NearestNeighbors:
                  hnsw_m: int = 32, ef_search: int = 128, seed: int = 0):
         index, opts = parse_index(index)
         self.kind = index
-        nlist, nprobe = opts.get("nlist", nlist), opts.get("nprobe", nprobe)
+        nlist, nprobe = opts.get("nlist", nlist), opts.get("nprobe", AUTO_NPROBE if index == "auto" else nprobe)
         hnsw_m, ef_search = opts.get("hnsw_m", hnsw_m), opts.get("ef_search", ef_search)
         self.use_gpu = (gpu_available() or _torch_cuda()) if use_gpu == "auto" else bool(use_gpu)
         self.nlist, self.nprobe, self.hnsw_m, self.ef_search, self.seed = nlist, nprobe, hnsw_m, ef_search, seed
@@ -96,6 +100,8 @@ class NearestNeighbors:
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         n, d = bank.shape
         kind = self.kind
+        if kind == "auto":
+            kind = "ivf" if n > AUTO_IVF_ROWS else "flat"
         if faiss is None or (self.use_gpu and not gpu_available() and kind == "flat"):
             # exact search in torch: on the GPU when asked for and faiss has none, or without faiss at all
             device = "cuda" if self.use_gpu and _torch_cuda() else "cpu"

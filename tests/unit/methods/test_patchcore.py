@@ -303,3 +303,17 @@ def test_index_spec_carries_search_options():
     x = np.random.default_rng(0).normal(size=(3000, 8)).astype(np.float32)
     nn = NearestNeighbors("ivf:nprobe=3,nlist=16", use_gpu=False).fit(x)
     assert nn.effective_kind == "ivf" and nn.index.nprobe == 3 and nn.index.nlist == 16
+
+
+def test_auto_index_is_exact_for_small_banks_and_ivf_for_large(monkeypatch):
+    import fewshot_core.methods.nn_search as nn_search
+
+    monkeypatch.setattr(nn_search, "AUTO_IVF_ROWS", 2000)
+    rng = np.random.default_rng(9)
+    small, large = rng.normal(size=(1500, 8)).astype(np.float32), rng.normal(size=(30000, 8)).astype(np.float32)
+    assert NearestNeighbors("auto", use_gpu=False).fit(small).effective_kind == "flat"
+    nn = NearestNeighbors("auto", use_gpu=False).fit(large)
+    assert nn.effective_kind == "ivf" and nn.index.nprobe == nn_search.AUTO_NPROBE
+    assert NearestNeighbors("auto:nprobe=5", use_gpu=False).fit(large).index.nprobe == 5
+    exact = NearestNeighbors("flat", use_gpu=False).fit(large).search(large[:300], 1)[1]
+    assert (nn.search(large[:300], 1)[1] == exact).mean() == 1.0  # each query is a bank row: found
