@@ -13,12 +13,12 @@ The bank is the support patches of ``--shots`` images of ``--category`` (0: ever
 optionally with the support images flipped and rotated and embedded again (``--augment images``, the
 rotated-support bank) or their grid flips and rotations (``--augment features``, the cheap stand-in).
 
-``--coreset`` adds the coreset table: PatchCore (or the method given) fitted with the exact greedy
+``--tables coreset`` gives the coreset table: PatchCore (or the method given) fitted with the exact greedy
 selection (``lazy``) and the partitioned one, with fit seconds, the coverage of the support by the bank
 (largest and mean distance of a support patch to its nearest bank patch) and the image AUROC gap.
 
     FSAD_HOME=/tmp/fsad python benchmarks/bank_speed.py --shots 16 --augment images --method ldknn
-    FSAD_HOME=/tmp/fsad python benchmarks/bank_speed.py --shots 0 --method patchcore --coreset --no-search
+    FSAD_HOME=/tmp/fsad python benchmarks/bank_speed.py --shots 0 --method patchcore --tables coreset
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from fewshot_core.episodes import sample_oneclass  # noqa: E402
 from fewshot_core.features.store import FeatureStore  # noqa: E402
 from fewshot_core.methods import registry  # noqa: E402
 from fewshot_core.methods.augment import TRANSFORMS, augment_feature_maps, embed_augmented  # noqa: E402
-from fewshot_core.methods.nn_search import NearestNeighbors  # noqa: E402
+from fewshot_core.methods.nn_search import NearestNeighbors, parse_index  # noqa: E402
 from fewshot_core.metrics import image_metrics  # noqa: E402
 from fewshot_core.paths import shared_mvtec_root  # noqa: E402
 
@@ -52,11 +52,11 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def search_table(bank: np.ndarray, queries: np.ndarray, seed: int = 0) -> list[dict]:
+def search_table(bank: np.ndarray, queries: np.ndarray, seed: int = 0, indexes=INDEXES) -> list[dict]:
     """recall@1 / distance error / build and search seconds of every index against the exact one."""
     rows, exact = [], None
     q_norm = np.einsum("ij,ij->i", queries, queries)
-    for kind, opts in INDEXES:
+    for kind, opts in indexes:
         nn, build_s = _timed(lambda: NearestNeighbors(kind, use_gpu=False, seed=seed, **opts).fit(bank))
         (dist, idx), search_s = _timed(lambda: nn.search(queries, 1))
         if exact is None:
@@ -72,10 +72,10 @@ def search_table(bank: np.ndarray, queries: np.ndarray, seed: int = 0) -> list[d
 
 
 def detector_table(method: str, support: np.ndarray, queries: np.ndarray, labels: np.ndarray,
-                   params: dict) -> list[dict]:
+                   params: dict, indexes=INDEXES) -> list[dict]:
     """Fit + score seconds and image AUROC of ``method`` with each index, and the AUROC gap to exact."""
     rows, exact = [], None
-    for kind, opts in INDEXES:
+    for kind, opts in indexes:
         spec = kind + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
         model = registry.create(method, index=spec, **params)
         _, fit_s = _timed(lambda: model.fit(support))
@@ -137,13 +137,19 @@ def main(argv=None) -> int:
     p.add_argument("--augment", default="none", choices=["none", "features", "images"],
                    help="6x the bank: support images flipped/rotated and re-embedded, or their grid maps")
     p.add_argument("--grid-augment", action="store_true", help="same as --augment features")
-    p.add_argument("--coreset", action="store_true", help="also the coreset-selection table")
-    p.add_argument("--no-search", action="store_true", help="skip the search and index tables")
+    p.add_argument("--tables", nargs="+", default=["search", "detector"], choices=["search", "detector", "coreset"],
+                   help="search: recall and speed per index; detector: the method's AUROC and seconds per index; "
+                        "coreset: PatchCore-style banks per coreset selection")
+    p.add_argument("--indexes", nargs="+", default=None, metavar="SPEC",
+                   help="index specs to compare, exact first (default: flat, ivf nprobe 4/16/64, hnsw ef 32/128)")
     p.add_argument("--method", default="ldknn", choices=["patchcore", "knn", "ldknn"])
     p.add_argument("--param", action="append", default=[], metavar="KEY=JSON")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     params = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.param)}
+    indexes = INDEXES if args.indexes is None else [parse_index(spec) for spec in args.indexes]
+    if indexes[0][0] != "flat":
+        p.error("--indexes: put flat (the exact search) first; the gaps are against it")
     params.setdefault("seed", args.seed)
 
     root = args.root or shared_mvtec_root()
@@ -167,16 +173,17 @@ def main(argv=None) -> int:
           f"{support.shape[0] * support.shape[1] * support.shape[2]} support patches, {len(flat_q)} query patches, "
           f"d={support.shape[-1]}")
     out = {}
-    if not args.no_search:
+    if "search" in args.tables:
         print("\n## search against exact (bank = every support patch)")
-        out["search"] = search_table(support.reshape(-1, support.shape[-1]), flat_q, args.seed)
-        _print(out["search"], ["index", "nprobe", "ef_search", "recall@1", "median_rel_dist_err", "build_s",
-                               "search_s", "speedup"])
+        out["search"] = search_table(support.reshape(-1, support.shape[-1]), flat_q, args.seed, indexes)
+        _print(out["search"], ["index", "nprobe", "ef_search", "effective", "recall@1", "median_rel_dist_err",
+                               "build_s", "search_s", "speedup"])
+    if "detector" in args.tables:
         print(f"\n## {args.method} {params} with each index")
-        out["detector"] = detector_table(args.method, support, queries, labels, params)
+        out["detector"] = detector_table(args.method, support, queries, labels, params, indexes)
         _print(out["detector"], ["index", "nprobe", "ef_search", "image_auroc", "auroc_gap", "fit_s", "score_s",
                                  "speedup"])
-    if args.coreset:
+    if "coreset" in args.tables:
         print(f"\n## {args.method} {params} with each coreset selection")
         out["coreset"] = coreset_table(args.method, support, queries, labels, params)
         _print(out["coreset"], ["selection", "bank", "fit_s", "score_s", "fit_speedup", "cover_max", "cover_mean",
