@@ -260,8 +260,10 @@ def support_threshold(method: str, params: Mapping, support: np.ndarray, runtime
     images' stored features only (a flipped copy of a held-out image is not a new part)."""
     views = support if support.ndim == 5 else support[:, None]
 
+    copy_params = registry.get(method).load_class().threshold_copy_params(dict(params))
+
     def fit_score(train_idx, held_idx):
-        copy = registry.create(method, runtime=runtime, **params).fit(bank_input(views[train_idx], augment))
+        copy = registry.create(method, runtime=runtime, **copy_params).fit(bank_input(views[train_idx], augment))
         return copy.score(views[held_idx, 0])[0]
 
     return fit_threshold(len(support), fit_score, config)

@@ -137,6 +137,12 @@ class Detector(Method):
         """``score``'s maps at image resolution ``size``: the shared post-processing of every detector."""
         return to_image_maps(maps, size, self.map_sigma if sigma is None else sigma)
 
+    @classmethod
+    def threshold_copy_params(cls, params: dict) -> dict:
+        """Parameters of the held-out copies that set the decision threshold (one fit per held-out image
+        under leave-one-out): the model's own unless a method has a cheaper stand-in."""
+        return params
+
 
 class Classifier(Method):
     """A supervised few-shot learner: ``fit(X, y)``, ``predict_log_proba(X) -> [m, C]`` over ``classes_``."""

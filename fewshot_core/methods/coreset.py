@@ -7,11 +7,13 @@ chunks and each step updates one distance per point (never an N x N matrix). Dis
 squared (same argmax, one op fewer per step). Runs on CUDA when available.
 
 Selections (``selection``): ``"plain"`` is the loop above (the GPU default). On the CPU it streams all N
-projected points once per selected point and is memory-bound, so the CPU default is ``"lazy"`` for
-small banks and ``"partitioned"`` above 2 x ``PARTITION`` points (rotated supports, full-shot banks):
-the greedy rule run separately in k-means cells with a share of the coreset each, N x k / cells
-updates on cache-resident points (an approximation; its AUROC gap to the exact rule is measured in
-``benchmarks/bank_speed.py --coreset``). ``lazy_greedy_select`` selects exactly the plain loop's points: the points are grouped into blocks
+projected points once per selected point and is memory-bound once they leave the cache, so the CPU
+default is ``"partitioned"``: the greedy rule run separately in k-means cells of about ``PARTITION``
+points with a share of the coreset each, N x k / cells updates on cache-resident points. A bank of up
+to ~1.5 x ``PARTITION`` points is one cell, where this is the plain loop (exact); above, it is an
+approximation whose AUROC gap to the exact rule is measured in ``benchmarks/bank_speed.py --tables
+coreset``. ``"lazy"`` is exact for any size, but its per-block bookkeeping is slower than the plain loop
+on a cache-resident bank. ``lazy_greedy_select`` selects exactly the plain loop's points: the points are grouped into blocks
 of neighbours; a block's stored maximum of "distance to the coreset" is an upper bound that can only
 fall as members join, so a block is brought up to date (one matrix product with every member chosen
 since its last update) only when it holds the largest bound. Far-away blocks wait while their bound
@@ -55,7 +57,7 @@ def approximate_greedy_coreset(features: np.ndarray, n_select: int, proj_dim: in
 
     ``selection``: ``"plain"`` (one full distance update per step), ``"lazy"`` (``lazy_greedy_select``,
     the same farthest-point rule), ``"partitioned"`` (``partitioned_greedy_select``, per k-means cell) or
-    ``"auto"`` (on the CPU lazy up to 2 x ``PARTITION`` points and partitioned above; plain on a GPU).
+    ``"auto"`` (partitioned on the CPU, exact up to one cell; plain on a GPU).
     """
     check_selection(selection)
     n, d = features.shape
@@ -77,7 +79,7 @@ def approximate_greedy_coreset(features: np.ndarray, n_select: int, proj_dim: in
         min_d = start_d.mean(1).square_()
         del start_d
         if selection == "auto" and dev.type == "cpu":
-            selection = "partitioned" if n > 2 * PARTITION else "lazy"
+            selection = "partitioned"  # one cell (the plain loop, exact) up to ~1.5 x PARTITION points
         if selection == "partitioned":
             return partitioned_greedy_select(z.cpu(), sq.cpu(), min_d.cpu(), n_select, seed=seed).numpy()
         if selection == "lazy":

@@ -249,3 +249,26 @@ def test_patchcore_reaches_the_bar_on_real_bottle(mvtec_root):
     assert full["image_auroc"] >= 0.99 and full["pixel_auroc"] >= 0.97, full
     one = evaluate_oneclass(dataset, partition, "patchcore", 1, [0, 1])
     assert min(r["image_auroc"] for r in one) >= 0.95, one
+
+
+def test_patchcore_threshold_copies_skip_the_coreset(synth, monkeypatch):
+    """Leave-one-out fits one copy per support image; PatchCore's copies keep every patch (no coreset per
+    copy), every other parameter as the model's."""
+    from fewshot_core.evaluation import oneclass
+    from fewshot_core.evaluation.threshold import ThresholdConfig
+
+    dataset, partition, _ = synth
+    made = []
+    real = oneclass.registry.create
+
+    def create(name, runtime=None, **params):
+        made.append(params)
+        return real(name, runtime=runtime, **params)
+
+    monkeypatch.setattr(oneclass.registry, "create", create)
+    row = run_oneclass_episode(dataset, partition, sample_oneclass(dataset, 3, 0), "patchcore", {"coreset_ratio": 0.5,
+                               "min_bank": 0, "num_neighbors": 3}, mask_size=32, augment="none",
+                               threshold=ThresholdConfig(rule="loo"))
+    model, copies = made[0], made[1:]
+    assert model["coreset_ratio"] == 0.5 and len(copies) == 3 and row["threshold_rule"].startswith("loo")
+    assert all(c["coreset_ratio"] == 1.0 and c["num_neighbors"] == 3 and c["min_bank"] == 0 for c in copies)
