@@ -2,7 +2,7 @@
 
 ``index="flat"`` is exact (``IndexFlatL2``); ``"ivf"`` (inverted lists, ``nprobe`` probed) and
 ``"hnsw"`` are approximate options for large banks; ``"auto"`` is exact up to ``AUTO_IVF_ROWS`` bank
-rows and IVF at ``nprobe=16`` above. With a GPU build of faiss and a visible GPU,
+rows and IVF at ``nprobe=8`` above. With a GPU build of faiss and a visible GPU,
 ``use_gpu="auto"`` moves the index there (flat and IVF; HNSW stays on the CPU). With CUDA but only
 faiss-cpu installed (the usual pip setup) an exact flat search runs in torch on the GPU instead
 (chunked matrix products + top-k), as it does when faiss is missing altogether. Distances are
@@ -24,7 +24,7 @@ INDEX_KINDS = ("flat", "ivf", "hnsw", "auto")
 _INDEX_OPTIONS = {"ivf": ("nlist", "nprobe"), "hnsw": ("hnsw_m", "ef_search"), "flat": (), "auto": ("nprobe",)}
 # "auto": exact up to this many bank rows, IVF above (rotated supports without a coreset, full-shot banks)
 AUTO_IVF_ROWS = 1 << 15
-AUTO_NPROBE = 16  # recall@1 0.998 on the rotated 16-shot bottle bank (docs/benchmarks.md)
+AUTO_NPROBE = 8  # recall@1 0.995 on the rotated 16-shot bottle bank at 4 sqrt(N) lists (docs/benchmarks.md)
 
 
 def parse_index(spec: str) -> tuple[str, dict]:
