@@ -31,7 +31,7 @@ class KNN(Detector):
     input_kind = "patches"
 
     def __init__(self, k: int = 3, pool: int = 3, coreset_ratio: float = 1.0, min_bank: int = 10_000,
-                 index: str = "flat", seed: int = 0, coreset_selection: str = "auto"):
+                 index: str = "auto", seed: int = 0, coreset_selection: str = "auto"):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k = k

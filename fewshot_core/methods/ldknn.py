@@ -36,7 +36,7 @@ class LDKNN(Detector):
     input_kind = "patches"
 
     def __init__(self, k: int = 5, ld_coef: float = 1.0, ld_form: str = "difference", pool: int = 3,
-                 coreset_ratio: float = 1.0, min_bank: int = 10_000, index: str = "flat", seed: int = 0,
+                 coreset_ratio: float = 1.0, min_bank: int = 10_000, index: str = "auto", seed: int = 0,
                  density_on: str = "support", coreset_selection: str = "auto"):
         if ld_form not in LD_FORMS:
             raise ValueError(f"ld_form must be one of {LD_FORMS}, got {ld_form!r}")

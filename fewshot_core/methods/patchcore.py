@@ -24,7 +24,7 @@ class PatchCore(Detector):
     input_kind = "patches"
 
     def __init__(self, coreset_ratio: float = 0.1, min_bank: int = 10_000, num_neighbors: int = 9,
-                 proj_dim: int = 128, n_starts: int = 10, index: str = "flat", seed: int = 0,
+                 proj_dim: int = 128, n_starts: int = 10, index: str = "auto", seed: int = 0,
                  coreset_selection: str = "auto"):
         self.coreset_ratio = coreset_ratio
         self.min_bank = min_bank
