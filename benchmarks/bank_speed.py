@@ -37,7 +37,8 @@ from fewshot_core.data import load_dataset  # noqa: E402
 from fewshot_core.episodes import sample_oneclass  # noqa: E402
 from fewshot_core.features.store import FeatureStore  # noqa: E402
 from fewshot_core.methods import registry  # noqa: E402
-from fewshot_core.methods.augment import TRANSFORMS, augment_feature_maps, embed_augmented  # noqa: E402
+from fewshot_core.evaluation.oneclass import bank_input, support_views  # noqa: E402
+from fewshot_core.methods.augment import TRANSFORMS  # noqa: E402
 from fewshot_core.methods.nn_search import NearestNeighbors, parse_index  # noqa: E402
 from fewshot_core.metrics import image_metrics  # noqa: E402
 from fewshot_core.paths import shared_mvtec_root  # noqa: E402
@@ -159,12 +160,9 @@ def main(argv=None) -> int:
     ds = load_dataset(root, args.category)
     part = FeatureStore(args.store).build(ds, image_size=args.image_size, progress=False)
     ep = sample_oneclass(ds, args.shots or None, args.seed)
-    support = np.asarray(part.patch(list(ep.support_ids)), dtype=np.float32)
     augment = "features" if args.grid_augment else args.augment
-    if augment == "features":
-        support = augment_feature_maps(support)
-    elif augment == "images":
-        support = np.concatenate([support, embed_augmented(ds, part, list(ep.support_ids), TRANSFORMS)])
+    # the bank the one-class protocol fits on (stored maps, then their augmented views)
+    support = bank_input(support_views(ds, part, ep, augment, TRANSFORMS, {}), augment).astype(np.float32)
     queries = np.asarray(part.patch(list(ep.query_ids)), dtype=np.float32)
     labels = np.array([ds.by_id(i).label for i in ep.query_ids])
     flat_q = queries.reshape(-1, queries.shape[-1])

@@ -94,12 +94,13 @@ def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: in
     ``save(results)`` runs after each new row, so an interrupted suite resumes where it stopped."""
     results, partitions, cache = list(done or []), {}, {}
     have = {(r["lever"], r["dataset"], r["shots"], r["image_size"], tuple(r["seeds"])) for r in results}
+    have_any_seeds = {h[:4] for h in have}
     for lever in levers:
         method, params, augment, size = LEVERS[lever]
         size = size or image_size
         for name, ds in datasets.items():
             key = (name, size)
-            if key not in partitions and all((lever, name, s, size) in {h[:4] for h in have} for s in shots_list):
+            if key not in partitions and all((lever, name, s, size) in have_any_seeds for s in shots_list):
                 continue
             if key not in partitions:
                 t0 = time.perf_counter()

@@ -151,7 +151,7 @@ def resolve_augment(method: str, augment: str, n_support: int) -> str:
     return augment
 
 
-def _support_views(dataset, partition, episode, augment: str, transforms, cache) -> np.ndarray:
+def support_views(dataset, partition, episode, augment: str, transforms, cache) -> np.ndarray:
     """Support features [n, views, h, w, d]: each image's stored features, then its augmented views."""
     support = partition.patch(list(episode.support_ids))
     n = len(support)
@@ -212,7 +212,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     else:
         load = partition.patch
         t0 = time.perf_counter()
-        views = _support_views(dataset, partition, episode, augment, augment_transforms, cache)
+        views = support_views(dataset, partition, episode, augment, augment_transforms, cache)
         support = bank_input(views, augment)
     model.fit(support)
     fit_s = time.perf_counter() - t0

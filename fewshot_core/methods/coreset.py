@@ -13,8 +13,8 @@ points with a share of the coreset each, N x k / cells updates on cache-resident
 to ~1.5 x ``PARTITION`` points is one cell, where this is the plain loop (exact); above, it is an
 approximation whose AUROC gap to the exact rule is measured in ``benchmarks/bank_speed.py --tables
 coreset``. ``"lazy"`` is exact for any size, but its per-block bookkeeping is slower than the plain loop
-on a cache-resident bank. ``lazy_greedy_select`` selects exactly the plain loop's points: the points are grouped into blocks
-of neighbours; a block's stored maximum of "distance to the coreset" is an upper bound that can only
+on a cache-resident bank. ``lazy_greedy_select`` selects exactly the plain loop's points: the points are
+grouped into blocks of neighbours; a block's stored maximum of "distance to the coreset" is an upper bound that can only
 fall as members join, so a block is brought up to date (one matrix product with every member chosen
 since its last update) only when it holds the largest bound. Far-away blocks wait while their bound
 stays below the top, then take many pending members in one product, near the machine's arithmetic rate.

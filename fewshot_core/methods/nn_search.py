@@ -25,6 +25,9 @@ _INDEX_OPTIONS = {"ivf": ("nlist", "nprobe"), "hnsw": ("hnsw_m", "ef_search"), "
 # "auto": exact up to this many bank rows, IVF above (rotated supports without a coreset, full-shot banks)
 AUTO_IVF_ROWS = 1 << 15
 AUTO_NPROBE = 8  # recall@1 0.995 on the rotated 16-shot bottle bank at 4 sqrt(N) lists (docs/benchmarks.md)
+# IVF quantiser training: k-means rounds and points sampled per list (faiss's defaults: 25 and 256)
+IVF_TRAIN_ROUNDS = 10
+IVF_TRAIN_POINTS = 32
 
 
 def parse_index(spec: str) -> tuple[str, dict]:
@@ -43,8 +46,8 @@ def parse_index(spec: str) -> tuple[str, dict]:
                              f"{', '.join(k + '=N' for k in _INDEX_OPTIONS[kind]) or 'no options'}")
         opts[key] = int(value)
     return kind, opts
-IVF_TRAIN_ROUNDS = 10
-IVF_TRAIN_POINTS = 32
+
+
 _CHUNK_ELEMENTS = 1 << 27  # query rows x bank rows per distance block in the torch search (512 MB fp32)
 
 
