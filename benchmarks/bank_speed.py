@@ -148,7 +148,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     params = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.param)}
-    indexes = INDEXES if args.indexes is None else [parse_index(spec) for spec in args.indexes]
+    try:
+        indexes = INDEXES if args.indexes is None else [parse_index(spec) for spec in args.indexes]
+    except ValueError as exc:
+        p.error(f"--indexes: {exc}")
     if indexes[0][0] != "flat":
         p.error("--indexes: put flat (the exact search) first; the gaps are against it")
     params.setdefault("seed", args.seed)
