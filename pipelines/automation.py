@@ -16,8 +16,12 @@ SWEEP_TAG = "fsad/stage"  # on every run of a sweep (fsad run, the cluster sweep
 
 # A dependency update counts unless a sweep made it: the sweep runs its own next stage, and the daemon's
 # sensor launching that stage as well would evaluate every partition twice.
+# any_new_update_has_run_tags() without a filter is "updated by some run", read on the same window as the tag
+# test: on the first tick after one that saw an empty event log (a fresh instance), newly_updated() takes every
+# materialisation as new while the tag tests see none, and a sweep's own update would count.
 _UPDATED_OUTSIDE_A_SWEEP = (
     (dg.AutomationCondition.newly_updated()
+     & dg.AutomationCondition.any_new_update_has_run_tags()
      & ~dg.AutomationCondition.all_new_updates_have_run_tags(tag_keys={SWEEP_TAG})
      & ~dg.AutomationCondition.executed_with_root_target())
     | dg.AutomationCondition.will_be_requested()
