@@ -5,11 +5,9 @@ from fewshot_core.backbones.models import (
     FeatureExtractor,
     create_extractor,
     create_model,
-    default_layers,
     resolve_device,
-    resolve_layers,
-    stage_info,
 )
+from fewshot_core.backbones.stages import default_layers, resolve_layers, stage_info
 from fewshot_core.backbones.preprocess import build_transform, preprocess_config, preprocessing_record
 from fewshot_core.backbones.weights import WeightsInfo, resolve_weights
 

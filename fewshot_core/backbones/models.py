@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fewshot_core.backbones.stages import resolve_layers
 from fewshot_core.backbones.weights import RANDOM_SEED, WeightsInfo, load_weights, resolve_weights
 from fewshot_core.device import resolve_device
 from fewshot_core.errors import FsadError
@@ -50,39 +51,6 @@ def create_model(name: str = DEFAULT_BACKBONE, weights="auto", device=None,
     """
     info = weights_info or resolve_weights(name, weights)
     return _timm_model(name, info).eval().to(resolve_device(device))
-
-
-def default_layers(feature_info: list[dict]) -> tuple[int, int]:
-    """PatchCore's choice: the two mid-level stages, i.e. those at stride 8 and 16 when the model has them."""
-    reductions = [int(f["reduction"]) for f in feature_info]
-    if 8 in reductions and 16 in reductions:
-        return reductions.index(8), reductions.index(16)
-    mid = len(feature_info) // 2  # e.g. ViTs: every block has stride 16; take two from the middle
-    return max(mid - 1, 0), mid
-
-
-def stage_info(name: str) -> list[dict]:
-    """``feature_info`` of ``name`` without allocating weights (built on the meta device)."""
-    import timm
-
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            raise FsadError(f"{name}: unknown timm backbone; pick a name from timm.list_models()") from None
-        raise
-    return [dict(f) for f in model.feature_info]
-
-
-def resolve_layers(name: str, layers=None) -> tuple[int, ...]:
-    """Validated stage indices for ``name`` (``None`` -> ``default_layers``)."""
-    infos = stage_info(name)
-    chosen = tuple(int(i) for i in (layers if layers is not None else default_layers(infos)))
-    if not chosen or any(i < 0 or i >= len(infos) for i in chosen) or list(chosen) != sorted(set(chosen)):
-        raise FsadError(f"{name}: layers {list(chosen)} invalid; choose increasing stage indices "
-                        f"0..{len(infos) - 1} (strides {[f['reduction'] for f in infos]})")
-    return chosen
 
 
 class FeatureExtractor(nn.Module):

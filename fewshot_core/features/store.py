@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fewshot_core.backbones.models import DEFAULT_BACKBONE, create_extractor, resolve_layers, stage_info
+from fewshot_core.backbones.models import DEFAULT_BACKBONE, create_extractor
+from fewshot_core.backbones.stages import resolve_layers, stage_info
 from fewshot_core.device import resolve_device
 from fewshot_core.backbones.preprocess import preprocessing_record
 from fewshot_core.backbones.weights import resolve_weights
