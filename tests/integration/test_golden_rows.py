@@ -27,6 +27,12 @@ TOL = 1e-6
 # thread count: a 1e-7 change in a map value moves AUPRO by ~1e-6 (seen when other tests ran first).
 PIXEL_TOL = 1e-5
 PIXEL_METRICS = {"aupro", "pixel_auroc", "pixel_f1_max"}
+# CAML's short meta-training is chaotic in float rounding: a 1e-7 relative change of the episode embeddings
+# moves its AUROC by 0.02 (one ranking pair), and torch's oneDNN convolutions round so differently on AVX-512
+# and AVX2 CPUs. Its metrics are compared within a few decisions; that it is bit-identical on one machine is
+# test_chaotic_cases_repeat_exactly_on_one_machine below.
+CHAOTIC_TOL = 0.05
+CHAOTIC = {name for name, spec in CASES.items() if spec["method"] == "caml"}
 # Identity columns compared exactly; every other numeric column except timings is a metric.
 IDENTITY = ("episode_id", "n_support", "n_query", "bank_size", "shots", "k_good", "k_bad", "seed")
 IGNORED = {"fit_s", "score_s", "predict_s", "train_s", "train_steps"}
@@ -87,5 +93,15 @@ def test_rows_match_the_recording(case, recorded, golden_env, request):
             elif isinstance(expected, float) and math.isnan(expected):
                 assert math.isnan(got), f"{case}: {key} {got} != nan"
             else:
-                tol = PIXEL_TOL if key in PIXEL_METRICS else TOL
+                tol = CHAOTIC_TOL if case in CHAOTIC else PIXEL_TOL if key in PIXEL_METRICS else TOL
                 assert abs(float(got) - float(expected)) <= tol, f"{case}: {key} {got} != {expected}"
+
+
+@pytest.mark.slow
+def test_chaotic_cases_repeat_exactly_on_one_machine(golden_env, tmp_path):
+    from golden_cases import GoldenEnv
+
+    case = "synth-sup-caml-multiclass"
+    again = GoldenEnv(tmp_path, None)  # its own artifact folder: meta-trains again instead of reloading
+    first = [_comparable(r) for r in run_case(case, golden_env)]
+    assert [_comparable(r) for r in run_case(case, again)] == first

@@ -14,7 +14,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[3]  # the checkout: subprocesses
 
 FRESH = r"""
 import json, sys
-import mlflow, pandas as pd
+import mlflow, pandas as pd, torch
+torch.set_num_threads(int(sys.argv[4]))
 mlflow.set_tracking_uri(sys.argv[1])
 model = mlflow.pyfunc.load_model(sys.argv[2])
 paths = json.loads(sys.argv[3])
@@ -25,7 +26,12 @@ print("RESULT" + json.dumps({"score": out["image_score"].tolist(), "decision": o
 
 
 def _fresh_scores(uri: str, model_uri: str, paths) -> dict:
-    proc = subprocess.run([sys.executable, "-c", FRESH, uri, model_uri, json.dumps([str(p) for p in paths])],
+    import torch
+
+    # Convolutions split their sums by thread, so features move by ~1e-5 with the thread count; the fresh
+    # process takes this one's (which the test modules' imports set) to be the same computation.
+    threads = str(torch.get_num_threads())
+    proc = subprocess.run([sys.executable, "-c", FRESH, uri, model_uri, json.dumps([str(p) for p in paths]), threads],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "PYTHONPATH": str(PROJECT_ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
