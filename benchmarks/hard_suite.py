@@ -42,21 +42,36 @@ DATASETS = ("bottle_posed", "bottle_small", "synth_screw", "bottle")
 HARD = DATASETS[:3]
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
-# name -> (method, params, augment, image size or None for the suite's size)
-LEVERS: dict[str, tuple[str, dict, str, int | None]] = {
-    "patchcore": ("patchcore", {}, "none", None),
-    "ldknn": ("ldknn", {}, "none", None),
-    "patchcore+aug": ("patchcore", {}, "images", None),
-    "ldknn+aug": ("ldknn", {}, "images", None),
-    "patchcore@384": ("patchcore", {}, "none", 384),
-    "patchcore+aug@384": ("patchcore", {}, "images", 384),
-    "ldknn k3": ("ldknn", {"k": 3}, "none", None),
-    "ldknn k9": ("ldknn", {"k": 9}, "none", None),
-    "ldknn l0.5": ("ldknn", {"ld_coef": 0.5}, "none", None),
-    "ldknn l0": ("ldknn", {"ld_coef": 0.0}, "none", None),
-    "ldknn+aug l0.5": ("ldknn", {"ld_coef": 0.5}, "images", None),
-    "knn": ("knn", {}, "none", None),
-    "knn+aug": ("knn", {}, "images", None),
+# The whole-image maximum, the default before object-centric scoring: every row measured before it keeps
+# its meaning, and each "+fg" row is the same lever with the foreground estimate (the default now).
+WHOLE = {"foreground": "none"}
+FG = {"foreground": "auto"}
+
+# name -> (method, params, augment, image size or None for the suite's size[, backbone stages or None for
+# the default stride-8 + stride-16 pair])
+LEVERS: dict[str, tuple] = {
+    "patchcore": ("patchcore", WHOLE, "none", None),
+    "ldknn": ("ldknn", WHOLE, "none", None),
+    "patchcore+aug": ("patchcore", WHOLE, "images", None),
+    "ldknn+aug": ("ldknn", WHOLE, "images", None),
+    "patchcore@384": ("patchcore", WHOLE, "none", 384),
+    "patchcore+aug@384": ("patchcore", WHOLE, "images", 384),
+    "ldknn k3": ("ldknn", {**WHOLE, "k": 3}, "none", None),
+    "ldknn k9": ("ldknn", {**WHOLE, "k": 9}, "none", None),
+    "ldknn l0.5": ("ldknn", {**WHOLE, "ld_coef": 0.5}, "none", None),
+    "ldknn l0": ("ldknn", {**WHOLE, "ld_coef": 0.0}, "none", None),
+    "ldknn+aug l0.5": ("ldknn", {**WHOLE, "ld_coef": 0.5}, "images", None),
+    "knn": ("knn", WHOLE, "none", None),
+    "knn+aug": ("knn", WHOLE, "images", None),
+    # object-centric scoring: the image score is the maximum over the support's foreground estimate
+    "patchcore+aug+fg": ("patchcore", FG, "images", None),
+    "knn+aug+fg": ("knn", FG, "images", None),
+    "ldknn+aug+fg": ("ldknn", FG, "images", None),
+    # resolution and stages (Lite0: strides 2, 4, 8, 16, 32 at indices 0-4): the patch grid follows the
+    # finest stage chosen, so stride 4 quadruples the patches; stride 32 adds context at no grid cost
+    "patchcore+aug@256": ("patchcore", WHOLE, "images", 256),
+    "patchcore+aug s4-8-16": ("patchcore", WHOLE, "images", None, (1, 2, 3)),
+    "patchcore+aug s8-16-32": ("patchcore", WHOLE, "images", None, (2, 3, 4)),
     # transductive protocol (its own: scores the unlabeled test images against each other)
     "musc 0-shot": ("musc", {}, "none", None),
     "musc+shots": ("musc", {}, "none", None),
@@ -96,16 +111,16 @@ def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: in
     have = {(r["lever"], r["dataset"], r["shots"], r["image_size"], tuple(r["seeds"])) for r in results}
     have_any_seeds = {h[:4] for h in have}
     for lever in levers:
-        method, params, augment, size = LEVERS[lever]
-        size = size or image_size
+        method, params, augment, size, *stages = LEVERS[lever]
+        size, layers = size or image_size, (stages[0] if stages else None)
         for name, ds in datasets.items():
-            key = (name, size)
+            key = (name, size, layers)
             if key not in partitions and all((lever, name, s, size) in have_any_seeds for s in shots_list):
                 continue
             if key not in partitions:
                 t0 = time.perf_counter()
-                partitions[key] = store.build(ds, image_size=size, progress=False)
-                log(f"# partition {name}@{size}: {time.perf_counter() - t0:.1f} s")
+                partitions[key] = store.build(ds, image_size=size, layers=layers, progress=False)
+                log(f"# partition {name}@{size} layers {layers or 'default'}: {time.perf_counter() - t0:.1f} s")
             transductive = registry.get(method).family == registry.TRANSDUCTIVE
             for shots in shots_list:
                 zero = transductive and lever in ZERO_SHOT

@@ -2,7 +2,8 @@
 
 Patch score = mean squared L2 distance to the k nearest support patches (faiss, as REB computes it);
 image score = maximum of the 3 x 3 average-pooled patch map. The bank is every support patch unless
-``coreset_ratio`` < 1.
+``coreset_ratio`` < 1. ``foreground="auto"`` takes the maximum over the foreground only
+(``methods/foreground.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import numpy as np
 
 from fewshot_core.methods.base import Detector, as_patch_array, pooled_max
 from fewshot_core.methods.coreset import approximate_greedy_coreset, check_selection, coreset_size
+from fewshot_core.methods.foreground import Foreground, check_mode, fit_foreground, masked_for_max
 from fewshot_core.methods.nn_search import NearestNeighbors
 
 
@@ -31,7 +33,7 @@ class KNN(Detector):
     input_kind = "patches"
 
     def __init__(self, k: int = 3, pool: int = 3, coreset_ratio: float = 1.0, min_bank: int = 10_000,
-                 index: str = "auto", seed: int = 0, coreset_selection: str = "auto"):
+                 index: str = "auto", seed: int = 0, coreset_selection: str = "auto", foreground: str = "auto"):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k = k
@@ -41,11 +43,13 @@ class KNN(Detector):
         self.index = index
         self.seed = seed
         self.coreset_selection = coreset_selection
+        self.foreground = check_mode(foreground)
         check_selection(coreset_selection)
 
     def fit(self, X) -> KNN:
         _, bank = build_bank(X, self.coreset_ratio, self.min_bank, self.seed, self.coreset_selection)
         self.bank_ = np.array(bank, copy=True)
+        self.foreground_ = fit_foreground(as_patch_array(X, "support"), self.foreground, self.seed)
         self._build_index()
         return self
 
@@ -59,11 +63,14 @@ class KNN(Detector):
         m, h, w, d = q.shape
         sq, _ = self.nn_.search(q.reshape(-1, d), self.k)
         patch = sq.mean(1).reshape(m, h, w)
-        return pooled_max(patch, self.pool), patch
+        mask = self.foreground_.mask(q) if self.foreground_ is not None else None
+        return pooled_max(masked_for_max(patch, mask), self.pool), patch
 
     def get_state(self) -> dict:
-        return {"arrays": {"bank": self.bank_}}
+        fg = self.foreground_.get_state() if self.foreground_ is not None else {}
+        return {"arrays": {"bank": self.bank_, **fg}}
 
     def set_state(self, state: dict) -> None:
         self.bank_ = np.ascontiguousarray(state["arrays"]["bank"], dtype=np.float32)
+        self.foreground_ = Foreground.from_state(state["arrays"])
         self._build_index()

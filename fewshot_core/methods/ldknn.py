@@ -7,7 +7,8 @@ Follows the authors' code (ShuaiLYU/REB, ``NNHead`` with ``NN_Type.ldknn``):
   m itself excluded (it is its own nearest neighbour at distance 0, so the first of K + 1 is dropped);
 * score: patch score = d²(x, m*) - λ · LD(m*), m* the nearest bank feature of x (``ld_form="difference"``,
   the authors' form); ``ld_form="ratio"`` is the ablation d²(x, m*) / LD(m*)^λ;
-* image score = maximum of the 3 x 3 average-pooled patch map (stride 3, torch's default there).
+* image score = maximum of the 3 x 3 average-pooled patch map (stride 3, torch's default there), over the
+  foreground only with ``foreground="auto"`` (``methods/foreground.py``).
 
 λ = ``ld_coef`` (1 by default), K = ``k`` (5; REB sweeps 3-11). With λ = 0 the patch map is exactly the
 1-NN squared distance.
@@ -23,6 +24,7 @@ import numpy as np
 
 from fewshot_core.methods.base import Detector, as_patch_array, pooled_max
 from fewshot_core.methods.coreset import check_selection
+from fewshot_core.methods.foreground import Foreground, check_mode, fit_foreground, masked_for_max
 from fewshot_core.methods.knn import build_bank
 from fewshot_core.methods.nn_search import NearestNeighbors
 
@@ -37,7 +39,7 @@ class LDKNN(Detector):
 
     def __init__(self, k: int = 5, ld_coef: float = 1.0, ld_form: str = "difference", pool: int = 3,
                  coreset_ratio: float = 1.0, min_bank: int = 10_000, index: str = "auto", seed: int = 0,
-                 density_on: str = "support", coreset_selection: str = "auto"):
+                 density_on: str = "support", coreset_selection: str = "auto", foreground: str = "auto"):
         if ld_form not in LD_FORMS:
             raise ValueError(f"ld_form must be one of {LD_FORMS}, got {ld_form!r}")
         if k < 1:
@@ -45,6 +47,7 @@ class LDKNN(Detector):
         if density_on not in DENSITY_ON:
             raise ValueError(f"density_on must be one of {DENSITY_ON}, got {density_on!r}")
         self.density_on = density_on
+        self.foreground = check_mode(foreground)
         self.k = k
         self.ld_coef = ld_coef
         self.ld_form = ld_form
@@ -67,6 +70,7 @@ class LDKNN(Detector):
         sq, _ = full.search(self.bank_, self.k + 1)
         neighbours = sq[:, 1:] if sq.shape[1] > 1 else sq  # a one-patch support has no other neighbour
         self.ld_ = neighbours.mean(1).astype(np.float32)
+        self.foreground_ = fit_foreground(as_patch_array(X, "support"), self.foreground, self.seed)
         self.fitted_ = True
         return self
 
@@ -82,14 +86,17 @@ class LDKNN(Detector):
         else:
             patch = dist / np.maximum(ld, _RATIO_EPS) ** lam if lam else dist
         patch = patch.astype(np.float32).reshape(m, h, w)
-        return pooled_max(patch, self.pool), patch
+        mask = self.foreground_.mask(q) if self.foreground_ is not None else None
+        return pooled_max(masked_for_max(patch, mask), self.pool), patch
 
     def get_state(self) -> dict:
-        return {"arrays": {"bank": self.bank_, "ld": self.ld_}}
+        fg = self.foreground_.get_state() if self.foreground_ is not None else {}
+        return {"arrays": {"bank": self.bank_, "ld": self.ld_, **fg}}
 
     def set_state(self, state: dict) -> None:
         arrays = state["arrays"]
         self.bank_ = np.ascontiguousarray(arrays["bank"], dtype=np.float32)
         self.ld_ = np.asarray(arrays["ld"], dtype=np.float32)
+        self.foreground_ = Foreground.from_state(arrays)
         self.nn_ = self._index(self.bank_)
         self.fitted_ = True

@@ -6,7 +6,8 @@ nearest bank feature m* is (paper Eq. 7, as anomalib implements it; patchcore-in
 
     s = (1 - softmax_j(||m_test,* - n_j||)[m*]) · s*,  n_j over the b nearest bank features of m*
 
-with b = ``num_neighbors`` (9); b = 1 gives the plain maximum.
+with b = ``num_neighbors`` (9); b = 1 gives the plain maximum. ``foreground="auto"`` takes m_test,* among
+the foreground patches only (``methods/foreground.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from fewshot_core.methods.base import Detector, as_patch_array
 from fewshot_core.methods.coreset import approximate_greedy_coreset, check_selection, coreset_size
+from fewshot_core.methods.foreground import Foreground, check_mode, fit_foreground, masked_for_max
 from fewshot_core.methods.nn_search import NearestNeighbors
 
 
@@ -25,7 +27,7 @@ class PatchCore(Detector):
 
     def __init__(self, coreset_ratio: float = 0.1, min_bank: int = 10_000, num_neighbors: int = 9,
                  proj_dim: int = 128, n_starts: int = 10, index: str = "auto", seed: int = 0,
-                 coreset_selection: str = "auto"):
+                 coreset_selection: str = "auto", foreground: str = "auto"):
         self.coreset_ratio = coreset_ratio
         self.min_bank = min_bank
         self.num_neighbors = num_neighbors
@@ -34,6 +36,7 @@ class PatchCore(Detector):
         self.index = index
         self.seed = seed
         self.coreset_selection = coreset_selection
+        self.foreground = check_mode(foreground)
         coreset_size(1, coreset_ratio, 0)  # validates the ratio early
         check_selection(coreset_selection)
 
@@ -44,6 +47,7 @@ class PatchCore(Detector):
         idx = approximate_greedy_coreset(flat, keep, self.proj_dim, self.n_starts, seed=self.seed,
                                          selection=self.coreset_selection)
         self.bank_ = flat[np.sort(idx)] if keep < len(flat) else flat.copy()
+        self.foreground_ = fit_foreground(feats, self.foreground, self.seed)
         self._build_index()
         return self
 
@@ -65,13 +69,15 @@ class PatchCore(Detector):
         flat = q.reshape(-1, d)
         sq, nn_idx = self.nn_.search(flat, 1)
         patch = np.sqrt(sq[:, 0]).reshape(m, h * w)
-        return self._image_scores(patch, nn_idx[:, 0].reshape(m, h * w), flat.reshape(m, h * w, d)), \
+        mask = self.foreground_.mask(q) if self.foreground_ is not None else None
+        return self._image_scores(patch, nn_idx[:, 0].reshape(m, h * w), flat.reshape(m, h * w, d), mask), \
             patch.reshape(m, h, w)
 
-    def _image_scores(self, patch: np.ndarray, nn_idx: np.ndarray, q: np.ndarray) -> np.ndarray:
+    def _image_scores(self, patch: np.ndarray, nn_idx: np.ndarray, q: np.ndarray, mask=None) -> np.ndarray:
         b = min(self.num_neighbors, len(self.bank_))
         rows = np.arange(len(patch))
-        star = patch.argmax(1)  # m_test,* : the patch farthest from the bank
+        ranked = masked_for_max(patch.reshape(mask.shape), mask).reshape(patch.shape) if mask is not None else patch
+        star = ranked.argmax(1)  # m_test,* : the (foreground) patch farthest from the bank
         s_star = patch[rows, star]
         if b <= 1:
             return s_star
@@ -83,8 +89,10 @@ class PatchCore(Detector):
         return (weights * s_star).astype(np.float32)
 
     def get_state(self) -> dict:
-        return {"arrays": {"bank": self.bank_}}
+        fg = self.foreground_.get_state() if self.foreground_ is not None else {}
+        return {"arrays": {"bank": self.bank_, **fg}}
 
     def set_state(self, state: dict) -> None:
         self.bank_ = np.ascontiguousarray(state["arrays"]["bank"], dtype=np.float32)
+        self.foreground_ = Foreground.from_state(state["arrays"])
         self._build_index()

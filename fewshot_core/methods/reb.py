@@ -147,7 +147,8 @@ class REB(TrainedDetector):
         return loop.summary()
 
     def _ldknn(self, seed: int) -> LDKNN:
-        return LDKNN(k=self.k, ld_coef=self.ld_coef, coreset_ratio=self.coreset_ratio,
+        # REB's own scoring: the whole-image maximum of the paper, not fsad's foreground default
+        return LDKNN(k=self.k, ld_coef=self.ld_coef, coreset_ratio=self.coreset_ratio, foreground="none",
                      seed=seed).set_runtime(self.runtime)
 
     def _train(self, x: torch.Tensor, gen: torch.Generator) -> dict:

@@ -1,0 +1,126 @@
+"""Object-centric scoring: a foreground estimate from the support's own patch features.
+
+On object categories the image score is the largest patch score, and background patches (a rotation's
+corners, a shifted part's empty side, a background texture the few shots did not cover) can win that
+maximum on good images. Like AnomalyDINO's masking (Damm et al., 2024), the first principal component of
+patch features separates object from background. Here it is fitted once on the support, not per image,
+so every query is cut at the same place:
+
+* project every support patch on the first principal direction, orient it so the grid's border ring
+  (background on an object category) lies on the negative side, and split at the two-means threshold;
+* the category counts as an object when the support's foreground covers between ``MIN_FRACTION`` and
+  ``MAX_FRACTION`` of the grid, at most ``MAX_BORDER`` of the border ring, and the ring at most half as
+  densely as the whole grid; else nothing is masked (textures: a pattern, even a sparse one, reaches the
+  border as often as the middle);
+* a query's mask is its patches above the threshold, grown by one patch so a defect on the object's
+  outline (a broken rim) stays inside; an empty mask scores the whole image.
+
+Only the image score uses the mask; anomaly maps, and with them the pixel metrics, stay whole.
+(DefectMaker's ``foreground_mask`` is another estimate, from pixels, for placing synthetic defects.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+MODES = ("none", "auto")
+MIN_FRACTION, MAX_FRACTION, MAX_BORDER = 0.05, 0.85, 0.25
+_MAX_FIT_ROWS = 65_536  # the principal direction of a subsample: a bank of 500k patches needs no more
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"foreground must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def _border(h: int, w: int) -> np.ndarray:
+    ring = np.zeros((h, w), bool)
+    ring[0, :] = ring[-1, :] = ring[:, 0] = ring[:, -1] = True
+    return ring
+
+
+def _two_means(values: np.ndarray, rounds: int = 50) -> float:
+    """The 1-D two-means (Otsu-like) split point of ``values``."""
+    t = float(np.median(values))
+    for _ in range(rounds):
+        lo, hi = values[values <= t], values[values > t]
+        if not len(lo) or not len(hi):
+            break
+        new = 0.5 * (float(lo.mean()) + float(hi.mean()))
+        if abs(new - t) <= 1e-7 * max(1.0, abs(t)):
+            break
+        t = new
+    return t
+
+
+class Foreground:
+    """``fit(support [n, h, w, d])`` then ``mask(query [m, h, w, d]) -> bool [m, h, w]`` (all True for a
+    texture). Fitted state: ``mean_``, ``direction_``, ``threshold_``, ``is_object_``."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def fit(self, support: np.ndarray) -> "Foreground":
+        n, h, w, d = support.shape
+        flat = support.reshape(-1, d)
+        rows = flat
+        if len(flat) > _MAX_FIT_ROWS:
+            rows = flat[np.sort(np.random.default_rng(self.seed).choice(len(flat), _MAX_FIT_ROWS, replace=False))]
+        mean = rows.mean(0, dtype=np.float64)
+        _, _, vt = np.linalg.svd(rows - mean, full_matrices=False)
+        direction = vt[0]
+        proj = ((flat - mean) @ direction).reshape(n, h, w)
+        ring = _border(h, w)
+        if proj[:, ring].mean() > 0:  # the border ring is background on the negative side
+            direction, proj = -direction, -proj
+        threshold = _two_means(proj.ravel())
+        fg = proj > threshold
+        fraction, border = float(fg.mean()), float(fg[:, ring].mean())
+        self.mean_ = mean.astype(np.float32)
+        self.direction_ = direction.astype(np.float32)
+        self.threshold_ = np.float32(threshold)
+        self.is_object_ = bool(MIN_FRACTION <= fraction <= MAX_FRACTION and border <= MAX_BORDER
+                               and border <= 0.5 * fraction)
+        self.support_fraction_ = fraction
+        return self
+
+    def mask(self, query: np.ndarray) -> np.ndarray:
+        m, h, w, d = query.shape
+        if not self.is_object_:
+            return np.ones((m, h, w), bool)
+        proj = ((query.reshape(-1, d) - self.mean_) @ self.direction_).reshape(m, h, w)
+        fg = ndimage.binary_dilation(proj > self.threshold_, structure=np.ones((1, 3, 3), bool))
+        fg[~fg.any(axis=(1, 2))] = True  # nothing found: score the whole image
+        return fg
+
+    def get_state(self) -> dict:
+        return {"fg_mean": self.mean_, "fg_direction": self.direction_,
+                "fg_threshold": np.asarray([self.threshold_], np.float32),
+                "fg_is_object": np.asarray([self.is_object_], bool)}
+
+    @classmethod
+    def from_state(cls, arrays: dict) -> "Foreground | None":
+        if "fg_mean" not in arrays:
+            return None
+        out = cls()
+        out.mean_ = np.asarray(arrays["fg_mean"], np.float32)
+        out.direction_ = np.asarray(arrays["fg_direction"], np.float32)
+        out.threshold_ = np.float32(np.asarray(arrays["fg_threshold"]).ravel()[0])
+        out.is_object_ = bool(np.asarray(arrays["fg_is_object"]).ravel()[0])
+        return out
+
+
+def fit_foreground(support: np.ndarray, mode: str, seed: int = 0) -> Foreground | None:
+    """The foreground estimate of ``support`` [n, h, w, d] for ``mode`` \"auto\", None for \"none\"."""
+    return Foreground(seed).fit(support) if check_mode(mode) == "auto" else None
+
+
+def masked_for_max(patch: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """``patch`` [m, h, w] with the masked-out patches lowered to each image's minimum, so a maximum (or a
+    pooled maximum) over it lands on the foreground."""
+    if mask is None:
+        return patch
+    low = patch.reshape(len(patch), -1).min(1)[:, None, None]
+    return np.where(mask, patch, low).astype(patch.dtype, copy=False)
