@@ -70,8 +70,11 @@ LEVERS: dict[str, tuple] = {
     # resolution and stages (Lite0: strides 2, 4, 8, 16, 32 at indices 0-4): the patch grid follows the
     # finest stage chosen, so stride 4 quadruples the patches; stride 32 adds context at no grid cost
     "patchcore+aug@256": ("patchcore", WHOLE, "images", 256),
+    "patchcore+aug+fg@256": ("patchcore", FG, "images", 256),
+    "patchcore+aug+fg@384": ("patchcore", FG, "images", 384),
     "patchcore+aug s4-8-16": ("patchcore", WHOLE, "images", None, (1, 2, 3)),
     "patchcore+aug s8-16-32": ("patchcore", WHOLE, "images", None, (2, 3, 4)),
+    "patchcore+aug+fg s8-16-32": ("patchcore", FG, "images", None, (2, 3, 4)),
     # transductive protocol (its own: scores the unlabeled test images against each other)
     "musc 0-shot": ("musc", {}, "none", None),
     "musc+shots": ("musc", {}, "none", None),
