@@ -83,7 +83,6 @@ class Foreground:
         self.threshold_ = np.float32(threshold)
         self.is_object_ = bool(MIN_FRACTION <= fraction <= MAX_FRACTION and border <= MAX_BORDER
                                and border <= 0.5 * fraction)
-        self.support_fraction_ = fraction
         return self
 
     def mask(self, query: np.ndarray) -> np.ndarray:
@@ -117,10 +116,20 @@ def fit_foreground(support: np.ndarray, mode: str, seed: int = 0) -> Foreground 
     return Foreground(seed).fit(support) if check_mode(mode) == "auto" else None
 
 
+def query_mask(fg: Foreground | None, query: np.ndarray) -> np.ndarray | None:
+    """The mask a detector applies to ``query``; None when nothing is masked (no estimate, or a texture)."""
+    return fg.mask(query) if fg is not None and fg.is_object_ else None
+
+
+def state_arrays(fg: Foreground | None) -> dict:
+    """The arrays a detector saves for its estimate (none without one)."""
+    return fg.get_state() if fg is not None else {}
+
+
 def masked_for_max(patch: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """``patch`` [m, h, w] with the masked-out patches lowered to each image's minimum, so a maximum (or a
-    pooled maximum) over it lands on the foreground."""
+    """``patch`` [m, ...] (a [m, h, w] map or its [m, h * w] rows) with the patches outside ``mask``
+    [m, h, w] lowered to each image's minimum, so a maximum (or a pooled maximum) lands on the foreground."""
     if mask is None:
         return patch
-    low = patch.reshape(len(patch), -1).min(1)[:, None, None]
-    return np.where(mask, patch, low).astype(patch.dtype, copy=False)
+    low = patch.reshape(len(patch), -1).min(1).reshape((-1,) + (1,) * (patch.ndim - 1))
+    return np.where(mask.reshape(patch.shape), patch, low).astype(patch.dtype, copy=False)

@@ -12,7 +12,8 @@ import numpy as np
 
 from fewshot_core.methods.base import Detector, as_patch_array, pooled_max
 from fewshot_core.methods.coreset import approximate_greedy_coreset, check_selection, coreset_size
-from fewshot_core.methods.foreground import Foreground, check_mode, fit_foreground, masked_for_max
+from fewshot_core.methods.foreground import (Foreground, check_mode, fit_foreground, masked_for_max,
+                                             query_mask, state_arrays)
 from fewshot_core.methods.nn_search import NearestNeighbors
 
 
@@ -63,12 +64,11 @@ class KNN(Detector):
         m, h, w, d = q.shape
         sq, _ = self.nn_.search(q.reshape(-1, d), self.k)
         patch = sq.mean(1).reshape(m, h, w)
-        mask = self.foreground_.mask(q) if self.foreground_ is not None else None
+        mask = query_mask(self.foreground_, q)
         return pooled_max(masked_for_max(patch, mask), self.pool), patch
 
     def get_state(self) -> dict:
-        fg = self.foreground_.get_state() if self.foreground_ is not None else {}
-        return {"arrays": {"bank": self.bank_, **fg}}
+        return {"arrays": {"bank": self.bank_, **state_arrays(self.foreground_)}}
 
     def set_state(self, state: dict) -> None:
         self.bank_ = np.ascontiguousarray(state["arrays"]["bank"], dtype=np.float32)

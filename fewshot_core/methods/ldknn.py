@@ -24,7 +24,8 @@ import numpy as np
 
 from fewshot_core.methods.base import Detector, as_patch_array, pooled_max
 from fewshot_core.methods.coreset import check_selection
-from fewshot_core.methods.foreground import Foreground, check_mode, fit_foreground, masked_for_max
+from fewshot_core.methods.foreground import (Foreground, check_mode, fit_foreground, masked_for_max,
+                                             query_mask, state_arrays)
 from fewshot_core.methods.knn import build_bank
 from fewshot_core.methods.nn_search import NearestNeighbors
 
@@ -86,12 +87,11 @@ class LDKNN(Detector):
         else:
             patch = dist / np.maximum(ld, _RATIO_EPS) ** lam if lam else dist
         patch = patch.astype(np.float32).reshape(m, h, w)
-        mask = self.foreground_.mask(q) if self.foreground_ is not None else None
+        mask = query_mask(self.foreground_, q)
         return pooled_max(masked_for_max(patch, mask), self.pool), patch
 
     def get_state(self) -> dict:
-        fg = self.foreground_.get_state() if self.foreground_ is not None else {}
-        return {"arrays": {"bank": self.bank_, "ld": self.ld_, **fg}}
+        return {"arrays": {"bank": self.bank_, "ld": self.ld_, **state_arrays(self.foreground_)}}
 
     def set_state(self, state: dict) -> None:
         arrays = state["arrays"]

@@ -17,7 +17,8 @@ import torch
 
 from fewshot_core.methods.base import Detector, as_patch_array
 from fewshot_core.methods.coreset import approximate_greedy_coreset, check_selection, coreset_size
-from fewshot_core.methods.foreground import Foreground, check_mode, fit_foreground, masked_for_max
+from fewshot_core.methods.foreground import (Foreground, check_mode, fit_foreground, masked_for_max,
+                                             query_mask, state_arrays)
 from fewshot_core.methods.nn_search import NearestNeighbors
 
 
@@ -69,15 +70,14 @@ class PatchCore(Detector):
         flat = q.reshape(-1, d)
         sq, nn_idx = self.nn_.search(flat, 1)
         patch = np.sqrt(sq[:, 0]).reshape(m, h * w)
-        mask = self.foreground_.mask(q) if self.foreground_ is not None else None
+        mask = query_mask(self.foreground_, q)
         return self._image_scores(patch, nn_idx[:, 0].reshape(m, h * w), flat.reshape(m, h * w, d), mask), \
             patch.reshape(m, h, w)
 
     def _image_scores(self, patch: np.ndarray, nn_idx: np.ndarray, q: np.ndarray, mask=None) -> np.ndarray:
         b = min(self.num_neighbors, len(self.bank_))
         rows = np.arange(len(patch))
-        ranked = masked_for_max(patch.reshape(mask.shape), mask).reshape(patch.shape) if mask is not None else patch
-        star = ranked.argmax(1)  # m_test,* : the (foreground) patch farthest from the bank
+        star = masked_for_max(patch, mask).argmax(1)  # m_test,* : the (foreground) patch farthest from the bank
         s_star = patch[rows, star]
         if b <= 1:
             return s_star
@@ -89,8 +89,7 @@ class PatchCore(Detector):
         return (weights * s_star).astype(np.float32)
 
     def get_state(self) -> dict:
-        fg = self.foreground_.get_state() if self.foreground_ is not None else {}
-        return {"arrays": {"bank": self.bank_, **fg}}
+        return {"arrays": {"bank": self.bank_, **state_arrays(self.foreground_)}}
 
     def set_state(self, state: dict) -> None:
         self.bank_ = np.ascontiguousarray(state["arrays"]["bank"], dtype=np.float32)
