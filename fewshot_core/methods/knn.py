@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fewshot_core.methods.base import Detector, as_patch_array, pooled_max
+from fewshot_core.methods.base import Detector, as_patch_array, exact_copy_index, pooled_max
 from fewshot_core.methods.coreset import approximate_greedy_coreset, check_selection, coreset_size
 from fewshot_core.methods.foreground import (Foreground, check_mode, fit_foreground, masked_for_max,
                                              query_mask, state_arrays)
@@ -53,6 +53,10 @@ class KNN(Detector):
         self.foreground_ = fit_foreground(as_patch_array(X, "support"), self.foreground, self.seed)
         self._build_index()
         return self
+
+    @classmethod
+    def threshold_copy_params(cls, params: dict) -> dict:
+        return exact_copy_index(params)
 
     def _build_index(self) -> None:
         self.nn_ = NearestNeighbors(self.index, self.runtime.faiss_gpu, seed=self.seed).fit(self.bank_)

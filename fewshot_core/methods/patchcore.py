@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fewshot_core.methods.base import Detector, as_patch_array
+from fewshot_core.methods.base import Detector, as_patch_array, exact_copy_index
 from fewshot_core.methods.coreset import approximate_greedy_coreset, check_selection, coreset_size
 from fewshot_core.methods.foreground import (Foreground, check_mode, fit_foreground, masked_for_max,
                                              query_mask, state_arrays)
@@ -56,8 +56,9 @@ class PatchCore(Detector):
     def threshold_copy_params(cls, params: dict) -> dict:
         """The copies keep every support patch: a coreset per held-out image made a 16-shot evaluation
         spend most of its time on 16 extra coresets, and a whole bank scores the held-out image a little
-        lower than the coreset would, against the copies' lean towards high scores (fewer images)."""
-        return {**params, "coreset_ratio": 1.0}
+        lower than the coreset would, against the copies' lean towards high scores (fewer images). Each
+        copy scores one image, so it searches exactly (``exact_copy_index``)."""
+        return exact_copy_index({**params, "coreset_ratio": 1.0})
 
     def _build_index(self) -> None:
         self.nn_ = NearestNeighbors(self.index, self.runtime.faiss_gpu, seed=self.seed).fit(self.bank_)
