@@ -72,13 +72,40 @@ def _weights_spec(meta: dict):
 
 
 def embed_augmented(dataset, partition, support_ids: Sequence[str], transforms: Sequence[str] = TRANSFORMS,
-                    device=None, batch_size: int = 16, cache: dict | None = None) -> np.ndarray:
+                    device=None, batch_size: int = 16, cache: dict | None = None,
+                    persist: bool = True) -> np.ndarray:
     """Patch features [len(ids) * len(transforms), h, w, d] of the transformed support images.
 
     Uses the partition's backbone, weights, layers, image size and patch reduction, and rounds the
     features through float16 like the store does, so augmented and stored features are comparable.
-    ``cache`` (a dict) keeps the extractor and already embedded (image, transform) pairs across calls.
+    ``cache`` (a dict) keeps the extractor and already embedded (image, transform) pairs across calls;
+    ``persist`` also keeps them in the partition folder (``features/view_cache.py``) for later processes,
+    so the backbone is only built for views never embedded before.
     """
+    from fewshot_core.features.view_cache import ViewCache
+
+    transforms = check_transforms(transforms)
+    meta = partition.meta
+    cache = {} if cache is None else cache
+    views = ViewCache(partition) if persist and hasattr(partition, "path") else None
+    rows = dict(zip(support_ids, partition.rows(list(support_ids)))) if views is not None else {}
+    todo = []
+    for image_id in support_ids:
+        for t in transforms:
+            key = ("augment", meta["key"], image_id, t)
+            if key in cache:
+                continue
+            stored = views.get(rows[image_id], t) if views is not None else None
+            if stored is None:
+                todo.append((image_id, t))
+            else:
+                cache[key] = stored.astype(np.float32)
+    if todo:
+        _embed_views(dataset, partition, todo, device, batch_size, cache, views, rows)
+    return np.stack([cache[("augment", meta["key"], i, t)] for i in support_ids for t in transforms])
+
+
+def _embed_views(dataset, partition, todo, device, batch_size, cache, views, rows) -> None:
     import torch
 
     from fewshot_core.backbones.models import create_extractor
@@ -86,9 +113,7 @@ def embed_augmented(dataset, partition, support_ids: Sequence[str], transforms: 
     from fewshot_core.data.imageio import load_rgb
     from fewshot_core.features.extract import embed_batch
 
-    transforms = check_transforms(transforms)
     meta = partition.meta
-    cache = {} if cache is None else cache
     key = ("augment-extractor", meta["key"])
     if key not in cache:
         extractor = create_extractor(meta["backbone"], meta["layers"], weights=_weights_spec(meta), device=device)
@@ -101,8 +126,6 @@ def embed_augmented(dataset, partition, support_ids: Sequence[str], transforms: 
     extractor, cfg, normalize = cache[key]
     patch_dim = meta.get("patch_dim") if meta.get("patch_reduction") else None
     size = int(meta["image_size"])
-
-    todo = [(i, t) for i in support_ids for t in transforms if ("augment", meta["key"], i, t) not in cache]
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         images = {}
@@ -113,7 +136,8 @@ def embed_augmented(dataset, partition, support_ids: Sequence[str], transforms: 
                 images[image_id] = resize_image(img, size, cfg["interpolation"], crop=False)
             tensors.append(to_uint8_tensor(images[image_id].transpose(_PIL_OPS[t])))
         feats, _ = embed_batch(extractor, torch.stack(tensors), normalize, patch_dim)
-        feats = feats.cpu().numpy().astype(np.float16).astype(np.float32)
+        feats = feats.cpu().numpy().astype(np.float16)
         for (image_id, t), f in zip(chunk, feats):
-            cache[("augment", meta["key"], image_id, t)] = f
-    return np.stack([cache[("augment", meta["key"], i, t)] for i in support_ids for t in transforms])
+            cache[("augment", meta["key"], image_id, t)] = f.astype(np.float32)
+            if views is not None:
+                views.put(rows[image_id], t, f)
