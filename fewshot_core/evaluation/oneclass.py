@@ -260,7 +260,7 @@ def support_threshold(method: str, params: Mapping, support: np.ndarray, runtime
     images' stored features only (a flipped copy of a held-out image is not a new part)."""
     views = support if support.ndim == 5 else support[:, None]
 
-    copy_params = registry.get(method).load_class().threshold_copy_params(dict(params))
+    copy_params = registry.get(method).load_class().threshold_copy_params(dict(params), views.shape)
 
     def fit_score(train_idx, held_idx):
         copy = registry.create(method, runtime=runtime, **copy_params).fit(bank_input(views[train_idx], augment))

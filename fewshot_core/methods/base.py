@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 
 import numpy as np
@@ -138,17 +139,24 @@ class Detector(Method):
         return to_image_maps(maps, size, self.map_sigma if sigma is None else sigma)
 
     @classmethod
-    def threshold_copy_params(cls, params: dict) -> dict:
+    def threshold_copy_params(cls, params: dict, support_shape: tuple | None = None) -> dict:
         """Parameters of the held-out copies that set the decision threshold (one fit per held-out image
-        under leave-one-out): the model's own unless a method has a cheaper stand-in."""
+        under leave-one-out; ``support_shape`` [n, views, h, w, d]): the model's own unless a method has a
+        cheaper stand-in."""
         return params
 
 
-def exact_copy_index(params: dict) -> dict:
-    """A held-out copy scores one image, so building an approximate index for its bank costs more than the
-    exact search it saves (a 92k-row IVF build is ~1.5 s, the exact search of 1024 patches ~0.3 s): copies
-    of a detector left on ``index="auto"`` search exactly. An index the user chose is kept."""
-    return {**params, "index": "flat"} if params.get("index", "auto") == "auto" else params
+def exact_copy_index(params: dict, support_shape: tuple | None = None) -> dict:
+    """Params for a held-out copy, which scores one image: on ``index="auto"`` it searches exactly when
+    that image has no more patches than an IVF index of its bank would have lists (4 sqrt(rows)), since
+    assigning every bank row to a list costs about as much as the exact search of that many queries
+    (256 px, 16 rotated shots: 1024 patches against 1213 lists, exact; 512 px: 4096 against 2427, IVF).
+    ``support_shape`` is the support's [n, views, h, w, ...]; an index the user chose is kept."""
+    if params.get("index", "auto") != "auto" or support_shape is None:
+        return params
+    n, views, h, w = support_shape[:4]
+    rows = max(n - 1, 1) * views * h * w
+    return {**params, "index": "flat"} if h * w <= 4 * math.sqrt(rows) else params
 
 
 class Classifier(Method):

@@ -55,8 +55,8 @@ class KNN(Detector):
         return self
 
     @classmethod
-    def threshold_copy_params(cls, params: dict) -> dict:
-        return exact_copy_index(params)
+    def threshold_copy_params(cls, params: dict, support_shape: tuple | None = None) -> dict:
+        return exact_copy_index(params, support_shape)
 
     def _build_index(self) -> None:
         self.nn_ = NearestNeighbors(self.index, self.runtime.faiss_gpu, seed=self.seed).fit(self.bank_)

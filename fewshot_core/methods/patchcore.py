@@ -53,12 +53,12 @@ class PatchCore(Detector):
         return self
 
     @classmethod
-    def threshold_copy_params(cls, params: dict) -> dict:
+    def threshold_copy_params(cls, params: dict, support_shape: tuple | None = None) -> dict:
         """The copies keep every support patch: a coreset per held-out image made a 16-shot evaluation
         spend most of its time on 16 extra coresets, and a whole bank scores the held-out image a little
         lower than the coreset would, against the copies' lean towards high scores (fewer images). Each
-        copy scores one image, so it searches exactly (``exact_copy_index``)."""
-        return exact_copy_index({**params, "coreset_ratio": 1.0})
+        copy scores one image, so small banks are searched exactly (``exact_copy_index``)."""
+        return exact_copy_index({**params, "coreset_ratio": 1.0}, support_shape)
 
     def _build_index(self) -> None:
         self.nn_ = NearestNeighbors(self.index, self.runtime.faiss_gpu, seed=self.seed).fit(self.bank_)

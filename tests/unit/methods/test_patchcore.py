@@ -317,3 +317,18 @@ def test_auto_index_is_exact_for_small_banks_and_ivf_for_large(monkeypatch):
     assert NearestNeighbors("auto:nprobe=5", use_gpu=False).fit(large).index.nprobe == 5
     exact = NearestNeighbors("flat", use_gpu=False).fit(large).search(large[:300], 1)[1]
     assert (nn.search(large[:300], 1)[1] == exact).mean() == 1.0  # each query is a bank row: found
+
+
+def test_threshold_copies_search_exactly_only_where_ivf_lists_would_cost_more():
+    """A held-out copy scores one image: exact search while its patches are no more than the IVF lists
+    its bank would get (4 sqrt(rows)), IVF for larger grids, and never overriding a chosen index."""
+    from fewshot_core.methods.knn import KNN
+    from fewshot_core.methods.patchcore import PatchCore
+
+    at_256 = PatchCore.threshold_copy_params({"index": "auto"}, (16, 6, 32, 32, 152))
+    at_512 = PatchCore.threshold_copy_params({"index": "auto"}, (16, 6, 64, 64, 152))
+    assert at_256 == {"index": "flat", "coreset_ratio": 1.0}
+    assert at_512 == {"index": "auto", "coreset_ratio": 1.0}
+    assert PatchCore.threshold_copy_params({"index": "hnsw"}, (16, 6, 32, 32, 152))["index"] == "hnsw"
+    assert KNN.threshold_copy_params({}, (16, 6, 32, 32, 152)) == {"index": "flat"}
+    assert KNN.threshold_copy_params({}, None) == {}
