@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import inspect
-import math
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot_core.methods.anomaly_map import DEFAULT_SIGMA, to_image_maps
+from fewshot_core.methods.nn_search import ivf_lists
 from fewshot_core.runtime import DEFAULT_RUNTIME, Runtime
 
 
@@ -148,7 +148,7 @@ class Detector(Method):
 
 def exact_copy_index(params: dict, support_shape: tuple | None = None) -> dict:
     """Params for a held-out copy, which scores one image: on ``index="auto"`` it searches exactly when
-    that image has no more patches than an IVF index of its bank would have lists (4 sqrt(rows)), since
+    that image has no more patches than an IVF index of its bank would have lists (``ivf_lists``), since
     assigning every bank row to a list costs about as much as the exact search of that many queries
     (256 px, 16 rotated shots: 1024 patches against 1213 lists, exact; 512 px: 4096 against 2427, IVF).
     ``support_shape`` is the support's [n, views, h, w, ...]; an index the user chose is kept."""
@@ -156,7 +156,7 @@ def exact_copy_index(params: dict, support_shape: tuple | None = None) -> dict:
         return params
     n, views, h, w = support_shape[:4]
     rows = max(n - 1, 1) * views * h * w
-    return {**params, "index": "flat"} if h * w <= 4 * math.sqrt(rows) else params
+    return {**params, "index": "flat"} if h * w <= ivf_lists(rows) else params
 
 
 class Classifier(Method):

@@ -30,6 +30,11 @@ IVF_TRAIN_ROUNDS = 10
 IVF_TRAIN_POINTS = 32
 
 
+def ivf_lists(n: int) -> int:
+    """The inverted lists of an IVF index over ``n`` bank rows unless ``nlist`` is given: 4 sqrt(n)."""
+    return max(1, int(4 * math.sqrt(n)))
+
+
 def parse_index(spec: str) -> tuple[str, dict]:
     """``"flat"``, ``"ivf"``, ``"ivf:nprobe=16"``, ``"hnsw:ef_search=64,hnsw_m=16"`` -> (kind, options).
 
@@ -110,7 +115,7 @@ class NearestNeighbors:
             device = "cuda" if self.use_gpu and _torch_cuda() else "cpu"
             self.index, self.ntotal, self.effective_kind = TorchFlatIndex(bank, device), n, f"torch-flat-{device}"
             return self
-        nlist = self.nlist or max(1, int(4 * math.sqrt(n)))
+        nlist = self.nlist or ivf_lists(n)
         if kind == "ivf" and n < 39 * nlist:  # too few points to train the coarse quantiser: stay exact
             kind = "flat"
         if kind == "flat":
