@@ -78,3 +78,14 @@ class UniqueKeys(argparse.Action):
         if any(k == key for k, _ in items):
             parser.error(f"argument {option_string}: key {key!r} given twice; give each key once")
         setattr(namespace, self.dest, items + [values])
+
+
+def add_size_arguments(group) -> None:
+    """``--image-size`` and ``--aspect``: the working shape of the feature-store partition (one wording for
+    every command that builds one)."""
+    group.add_argument("--image-size", type=int, default=256,
+                       help="short side of the resize, no crop (default 256; 384 for parts with small defects)")
+    group.add_argument("--aspect", default="auto", metavar="auto|square|H/W",
+                       help="auto (default): keep the category's height/width ratio (its good training images' "
+                            "median; near-square images stay square); square: squash every image to a square; "
+                            "or a height/width ratio such as 2.5")

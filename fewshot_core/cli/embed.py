@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from fewshot_core.backbones import DEFAULT_BACKBONE
-from fewshot_core.cli.args import first_duplicate, positive_int, workers
+from fewshot_core.cli.args import add_size_arguments, first_duplicate, positive_int, workers
 from fewshot_core.data.layouts import add_layout_arguments, dataset_from_args
 from fewshot_core.errors import FsadError
 
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
                    help="MVTec-layout root holding <category>/train, <category>/test (or use the layout flags)")
     p.add_argument("--category", help="category to embed (with layout flags: its name)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm model name (default {DEFAULT_BACKBONE})")
-    p.add_argument("--image-size", type=int, default=256, help="square resize, no crop (default 256)")
+    add_size_arguments(p)
     p.add_argument("--layers", type=_layers, default=None,
                    help="stage indices into the backbone's feature_info, e.g. 2,3 (default: stride 8 and 16)")
     p.add_argument("--patch-dim", type=int, default=None,
@@ -55,9 +55,10 @@ def run(args) -> int:
     store = FeatureStore(args.store)
     part = store.build(dataset, backbone=args.backbone, image_size=args.image_size, layers=args.layers,
                        weights=args.weights, batch_size=args.batch_size, num_workers=args.num_workers,
-                       device=args.device, progress=not args.no_progress, patch_dim=args.patch_dim)
+                       device=args.device, progress=not args.no_progress, patch_dim=args.patch_dim,
+                       aspect=args.aspect)
     meta = part.meta
-    shape = f"grid {part.grid[0]}x{part.grid[1]} (stride {part.stride}) x {part.patch_dim}-d patches, {meta['global_dim']}-d global"
+    shape = f"input {part.input_shape[0]}x{part.input_shape[1]} px, grid {part.grid[0]}x{part.grid[1]} (stride {part.stride}) x {part.patch_dim}-d patches, {meta['global_dim']}-d global"
     flag = "  [RANDOM WEIGHTS]" if part.is_random else ""
     if part.cache_hit:
         print(f"cache hit: {part.key} ({len(part)} images, {shape}) already at {part.path}; nothing recomputed{flag}")

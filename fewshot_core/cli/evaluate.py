@@ -12,7 +12,8 @@ import json
 import math
 from pathlib import Path
 
-from fewshot_core.cli.args import UniqueKeys, UniqueValues, first_duplicate, non_negative_int, positive_int, workers
+from fewshot_core.cli.args import (UniqueKeys, UniqueValues, add_size_arguments, first_duplicate, non_negative_int,
+                                   positive_int, workers)
 from fewshot_core.data.layouts import add_layout_arguments, dataset_from_args
 from fewshot_core.errors import FsadError
 
@@ -56,7 +57,12 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list of rows with every field")
     g = p.add_argument_group("one-class protocol")
     g.add_argument("--shots", default=None, help="good support images per episode: a number or 'full'")
-    g.add_argument("--mask-size", type=positive_int, default=256, help="resolution of masks and anomaly maps (default 256)")
+    g.add_argument("--mask-size", type=positive_int, default=256,
+                   help="short side of masks and anomaly maps, at the features' aspect (default 256)")
+    g.add_argument("--config", choices=("default", "auto"), default="default",
+                   help="auto: each episode picks its augmentation and object-centric scoring from its good "
+                        "support images (synthetic anomalies in held-out shots; needs 2+ shots), recorded in "
+                        "each row's config column")
     g.add_argument("--augment", choices=("auto", "none", "features", "images"), default="auto",
                    help="add flipped/rotated support images to the bank (images: re-embedded; features: grid "
                         "approximation; auto, the default: images for patchcore, knn and ldknn up to 16 shots)")
@@ -73,7 +79,7 @@ def register(subparsers) -> None:
                         "else 'synthetic'")
     g = p.add_argument_group("features (the store partition)")
     g.add_argument("--backbone", default=None, help="timm model name (default tf_efficientnet_lite0)")
-    g.add_argument("--image-size", type=int, default=256, help="square resize, no crop (default 256)")
+    add_size_arguments(g)
     g.add_argument("--layers", type=_layers, default=None, help="stage indices, e.g. 2,3 (default stride 8 and 16)")
     g.add_argument("--patch-dim", type=int, default=None, help="reduce patch features to this many dims")
     g.add_argument("--weights", default="auto", help="auto, a local checkpoint PATH, or random")
@@ -93,7 +99,7 @@ def _partition(args, dataset):
     return FeatureStore(args.store).build(dataset, backbone=args.backbone or DEFAULT_BACKBONE,
                                           image_size=args.image_size, layers=args.layers, weights=args.weights,
                                           num_workers=args.num_workers, device=args.device, progress=False,
-                                          patch_dim=args.patch_dim)
+                                          patch_dim=args.patch_dim, aspect=args.aspect)
 
 
 def _rows(args, dataset, partition) -> list[dict]:
@@ -104,7 +110,8 @@ def _rows(args, dataset, partition) -> list[dict]:
         if args.shots is None:
             raise FsadError("fsad evaluate: --shots is required for the one-class protocol; give a number or 'full'")
         return evaluate_oneclass(dataset, partition, args.method, parse_shots(args.shots), args.seeds,
-                                 method_params=params, mask_size=args.mask_size, augment=args.augment)
+                                 method_params=params, mask_size=args.mask_size, augment=args.augment,
+                                 config=args.config)
     if args.k_good is None or args.k_bad is None:
         raise FsadError("fsad evaluate: the supervised protocol needs --k-good G and --k-bad B")
     if args.distance is not None:
@@ -198,7 +205,8 @@ def run(args) -> int:
         return 0
     shown = json.loads(rows[0].get("params", "{}")) if rows else {}
     shown.pop("seed", None)  # follows each row's episode seed
-    features = f"{partition.meta.get('backbone')} @ {partition.image_size}px" if partition else "trained on images"
+    features = (f"{partition.meta.get('backbone')} @ {'x'.join(map(str, partition.input_shape))}px" if partition
+                else "trained on images")
     pool = rows[0].get("meta_pool") if rows else ""
     print(f"{args.protocol} · {dataset.category} · {args.method} · {features} · params "
           f"{json.dumps(shown, sort_keys=True)}" + (f" · meta-trained on {pool}" if pool else ""))

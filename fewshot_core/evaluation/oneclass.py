@@ -2,16 +2,18 @@
 
 The registry entry's input kind picks the loader: patch features from the feature store
 (``partition.patch(ids)``), or, for the detectors that train on pixels (EfficientAD, GLASS, REB; they
-need no partition), the decoded images at the detector's ``image_size``. Masks are read at ``mask_size``
-(a square resolution, 256 by default: the store and the image loader resize to a square without
-cropping, so rescaling a map to the mask size is a pure rescale); every detector's maps reach it through
-its ``anomaly_maps`` (the one shared post-processing). Pixel metrics stream through ``PixelAccumulator``
+need no partition), the decoded images at the detector's ``image_size``. Masks are read at the mask
+shape (``mask_shape``: ``mask_size`` px on the short side, 256 by default, at the partition's working
+aspect; the store and the image loader resize without cropping, so rescaling a map to the mask shape is a
+pure rescale); every detector's maps reach it through its ``anomaly_maps`` (the one shared
+post-processing). Pixel metrics stream through ``PixelAccumulator``
 (exact below ~8 M pixels, fixed-bin histograms above). Pure library code: no printing, no Dagster, no MLflow.
 
 Row fields: identity (``episode_id``, ``protocol``, ``category``, ``method``, ``params`` as JSON,
 ``backbone``, ``partition_key``, ``shots`` = number of support images, ``full_shot`` ("yes"/"no",
 a string so aggregation never averages it), ``seed``, ``n_support``, ``n_query``, ``augment``,
-``mask_size``), the metrics present (``image_auroc``, ``image_f1_max``, ``pixel_auroc``,
+``mask_size`` = the mask shape's short side, ``input_shape`` = "HxW" of the masks and maps), the
+metrics present (``image_auroc``, ``image_f1_max``, ``pixel_auroc``,
 ``pixel_f1_max``, ``aupro``), ``balanced_accuracy`` at the model's decision ``threshold`` (set from the
 good support images only, ``threshold_rule`` says how; ``evaluation/threshold.py``), ``bank_size``,
 ``fit_s`` (fit, plus embedding of augmented images) and ``score_s`` (scoring only; anomaly maps and
@@ -31,27 +33,53 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from fewshot_core.backbones.preprocess import as_shape
 from fewshot_core.episodes import OneClassEpisode, sample_oneclass
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.threshold import Threshold, ThresholdConfig, decision_metrics, fit_threshold
 from fewshot_core.methods import registry
-from fewshot_core.methods.augment import AUGMENT_MODES, TRANSFORMS, augment_feature_maps, embed_augmented
+from fewshot_core.evaluation.autoconfig import check_config, choose
+from fewshot_core.evaluation.support_views import AUTO, bank_input, resolve_augment, support_views
+from fewshot_core.methods.augment import TRANSFORMS
 from fewshot_core.metrics import PixelAccumulator, image_metrics
 
 SCORE_BATCH = 32  # query images scored per call: bounds memory on large test sets
 
 
-def _masks(dataset, ids: Sequence[str], mask_size: int, cache: dict) -> np.ndarray:
-    """Boolean masks [n, S, S] (all False for good images), cached across seeds."""
+DEFAULT_MASK_SIZE = 256
+
+
+def mask_shape(mask_size, partition=None) -> tuple[int, int]:
+    """(height, width) that masks and anomaly maps are compared at: ``mask_size`` px on the short side at
+    the partition's working aspect (``partition.input_shape``), or that shape itself for None; a
+    (height, width) pair is taken as it is. Without a partition (detectors trained on images) square."""
+    base = getattr(partition, "input_shape", None) if partition is not None else None
+    if mask_size is None:
+        shape = as_shape(base or DEFAULT_MASK_SIZE)
+    elif not isinstance(mask_size, (int, np.integer)):
+        shape = as_shape(mask_size)
+    elif base is None or base[0] == base[1]:
+        shape = (int(mask_size), int(mask_size))
+    else:
+        short = min(base)
+        shape = (round(int(mask_size) * base[0] / short), round(int(mask_size) * base[1] / short))
+    if min(shape) < 8:
+        raise FsadError(f"mask size {mask_size}: too small; use e.g. {DEFAULT_MASK_SIZE}")
+    return shape
+
+
+def _masks(dataset, ids: Sequence[str], shape: tuple[int, int], cache: dict) -> np.ndarray:
+    """Boolean masks [n, H, W] (all False for good images), cached across seeds."""
     from fewshot_core.data.imageio import load_mask
 
-    key = ("masks", dataset.root, dataset.category, tuple(ids), mask_size)
+    shape = as_shape(shape)
+    key = ("masks", dataset.root, dataset.category, tuple(ids), shape)
     if key not in cache:
-        out = np.zeros((len(ids), mask_size, mask_size), dtype=bool)
+        out = np.zeros((len(ids), *shape), dtype=bool)
         for i, image_id in enumerate(ids):
             rec = dataset.by_id(image_id)
             if rec.mask_path is not None:
-                out[i] = load_mask(rec.mask_path, mask_size)
+                out[i] = load_mask(rec.mask_path, (shape[1], shape[0]))
         cache[key] = out
     return cache[key]
 
@@ -71,14 +99,14 @@ def score_in_batches(query_ids: Sequence[str], load, score, batch: int) -> tuple
 
 
 def query_metrics(dataset, query_ids: Sequence[str], scores: np.ndarray, maps: np.ndarray, resize,
-                  mask_size: int, cache: dict) -> tuple[np.ndarray, dict]:
+                  shape: tuple[int, int], cache: dict) -> tuple[np.ndarray, dict]:
     """Labels and metrics of an episode's queries: image metrics from ``scores``; pixel metrics (only
-    where the dataset has masks) from ``maps`` turned into ``mask_size`` maps by ``resize(batch)``, batch
-    by batch so the full-resolution maps never sit in memory together."""
+    where the dataset has masks) from ``maps`` turned into ``shape`` (height, width) maps by
+    ``resize(batch)``, batch by batch so the full-resolution maps never sit in memory together."""
     labels = np.array([dataset.by_id(i).label for i in query_ids], dtype=int)
     metrics = image_metrics(labels, scores)
     if dataset.has_masks:
-        masks = _masks(dataset, query_ids, int(mask_size), cache)
+        masks = _masks(dataset, query_ids, shape, cache)
         # resized maps never leave the raw maps' range (convex upsampling/smoothing): fixes the bins
         acc = PixelAccumulator(value_range=(float(maps.min()), float(maps.max())))
         for start in range(0, len(query_ids), SCORE_BATCH):
@@ -89,9 +117,10 @@ def query_metrics(dataset, query_ids: Sequence[str], scores: np.ndarray, maps: n
 
 
 def episode_identity(dataset, episode: OneClassEpisode, method: str, params: Mapping, backbone, partition_key,
-                     n_query: int, augment: str, mask_size: int) -> dict:
+                     n_query: int, augment: str, shape: tuple[int, int]) -> dict:
     """The identity columns every one-class row starts with (see the module docstring)."""
     n_train = len(dataset.train_good())
+    shape = as_shape(shape)
     return {
         "episode_id": episode.episode_id,
         "protocol": "oneclass",
@@ -106,7 +135,8 @@ def episode_identity(dataset, episode: OneClassEpisode, method: str, params: Map
         "n_support": len(episode.support_ids),
         "n_query": int(n_query),
         "augment": augment,
-        "mask_size": int(mask_size),
+        "mask_size": int(min(shape)),
+        "input_shape": f"{shape[0]}x{shape[1]}",
     }
 
 
@@ -135,52 +165,12 @@ def _trained_fields(model) -> dict:
             "device": str(info.get("device", ""))}
 
 
-AUTO = "auto"
-# "auto" augments supports of at most this many images: the remedy is for small supports, and a full-shot
-# bank already holds many poses (six times its size would only slow the coreset and the search)
-AUGMENT_MAX_SHOTS = 16
-
-
-def resolve_augment(method: str, augment: str, n_support: int) -> str:
-    """The support augmentation a one-class episode uses: ``augment`` itself, or for ``"auto"`` the
-    method's registry default (``MethodEntry.augment``) when the support is small, else none."""
-    if augment == AUTO:
-        return registry.get(method).augment if n_support <= AUGMENT_MAX_SHOTS else "none"
-    if augment not in AUGMENT_MODES:
-        raise FsadError(f"augment {augment!r}: unknown; use one of {AUTO}, {', '.join(AUGMENT_MODES)}")
-    return augment
-
-
-def support_views(dataset, partition, episode, augment: str, transforms, cache) -> np.ndarray:
-    """Support features [n, views, h, w, d]: each image's stored features, then its augmented views."""
-    support = partition.patch(list(episode.support_ids))
-    n = len(support)
-    if augment == "features":  # transform-major [orig..., t1..., t2...]
-        extra = augment_feature_maps(support, transforms)[n:]
-        extra = extra.reshape(-1, n, *support.shape[1:]).swapaxes(0, 1)
-    elif augment == "images":  # image-major [i1 t1, i1 t2, ..., i2 t1, ...]
-        extra = embed_augmented(dataset, partition, episode.support_ids, transforms, cache=cache)
-        extra = extra.reshape(n, -1, *support.shape[1:])
-    else:
-        return support[:, None]
-    return np.concatenate([support[:, None], extra], axis=1)
-
-
-def bank_input(views: np.ndarray, augment: str) -> np.ndarray:
-    """[n, views, h, w, d] -> what the detector is fitted on [n * views, h, w, d]: the stored maps first,
-    then the augmented ones (grouped by transform for ``features``, by image for ``images``)."""
-    if views.shape[1] == 1:
-        return views[:, 0]
-    rest = views[:, 1:].swapaxes(0, 1) if augment == "features" else views[:, 1:]
-    return np.concatenate([views[:, 0], rest.reshape(-1, *views.shape[2:])])
-
-
 def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: str,
-                         method_params: Mapping | None = None, mask_size: int = 256,
+                         method_params: Mapping | None = None, mask_size=DEFAULT_MASK_SIZE,
                          augment: str = AUTO, augment_transforms: Sequence[str] = TRANSFORMS,
                          sigma: float | None = None, cache: dict | None = None,
                          details: dict | None = None, runtime=None,
-                         threshold: ThresholdConfig | None = None) -> dict:
+                         threshold: ThresholdConfig | None = None, config: str = "default") -> dict:
     """Fit ``method`` on the episode's support (features or images, as its registry entry says), score its
     queries, return one row of metrics. ``sigma`` overrides the detector's own map smoothing (None: its
     ``map_sigma``, 4 px for patch maps, 0 for maps already smoothed at image resolution).
@@ -188,19 +178,26 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     Pass a dict as ``details`` to get the fitted ``model``, ``image_scores``, ``patch_maps`` (the maps
     ``score`` returned, at the method's own resolution), ``labels``, ``query_ids`` and ``threshold`` back
     (for plots and saved models without refitting). ``threshold``: how the decision threshold is set
-    (default ``ThresholdConfig(seed=episode.seed)``).
+    (default ``ThresholdConfig(seed=episode.seed)``). ``config="auto"`` lets the support choose the
+    augmentation and scoring (``evaluation/autoconfig.py``) over ``augment`` and ``method_params``; the row
+    records the choice (``config``, ``config_scores``, ``config_reason``).
     """
     entry = registry.get(method, protocol=registry.ONECLASS)
     on_images = entry.input_kind == registry.IMAGES
+    if check_config(config) == "auto" and on_images:
+        raise FsadError(f"config auto: only for feature-based methods; {method} trains on images")
+    cache = {} if cache is None else cache
+    params = dict(method_params or {})
+    chosen = {"config": "default"}
+    if config == "auto":
+        choice = choose(dataset, partition, episode, method, params, cache, runtime, augment_transforms)
+        params, augment, chosen = {**params, **choice.params}, choice.augment, choice.record()
     augment = resolve_augment(method, augment, len(episode.support_ids))
     if on_images and augment != "none":
         raise FsadError(f"augment {augment!r}: only for feature-based methods; {method} trains on images")
     if not on_images and partition is None:
         raise FsadError(f"method {method!r}: reads patch features; build the feature-store partition first (fsad embed)")
-    if int(mask_size) < 8:
-        raise FsadError(f"mask size {mask_size}: too small; use e.g. 256")
-    cache = {} if cache is None else cache
-    params = dict(method_params or {})
+    shape = mask_shape(mask_size, partition)
     params.setdefault("seed", episode.seed)  # coreset / index / training randomness follows the episode seed
     model = registry.create(method, runtime=runtime, **params)
 
@@ -222,7 +219,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     scores, patch_maps, score_s = score_in_batches(query_ids, load, model.score, SCORE_BATCH)
 
     labels, metrics = query_metrics(dataset, query_ids, scores, patch_maps,
-                                    lambda batch: model.anomaly_maps(batch, int(mask_size), sigma), mask_size, cache)
+                                    lambda batch: model.anomaly_maps(batch, shape, sigma), shape, cache)
     if on_images:  # held-out scores would need the detector trained again without each held-out image
         cut = Threshold(None, "none", float((threshold or ThresholdConfig()).fpr), len(episode.support_ids), [],
                         "trained on images: a support-only threshold would retrain the detector; not computed")
@@ -241,7 +238,8 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
         bank = len(getattr(model, "bank_", ()))
     return {
         **episode_identity(dataset, episode, method, model.get_params(), backbone, partition_key, len(query_ids),
-                           augment, mask_size),
+                           augment, shape),
+        **chosen,
         **metrics,
         "bank_size": int(bank),
         "fit_s": round(fit_s, 4),
@@ -283,10 +281,10 @@ def parse_shots(shots) -> int | None:
 
 
 def evaluate_oneclass(dataset, partition, method: str, shots, seeds, method_params: Mapping | None = None,
-                      mask_size: int = 256, augment: str = AUTO,
+                      mask_size=DEFAULT_MASK_SIZE, augment: str = AUTO,
                       augment_transforms: Sequence[str] = TRANSFORMS, sigma: float | None = None,
                       cache: dict | None = None, runtime=None,
-                      threshold: ThresholdConfig | None = None) -> list[dict]:
+                      threshold: ThresholdConfig | None = None, config: str = "default") -> list[dict]:
     """One row per seed (see ``run_oneclass_episode``); ``shots`` is an int or ``"full"``/None.
     ``runtime`` (``fewshot_core.runtime.Runtime``) says where and how to compute, and where the detectors
     that train on images cache their weights. ``partition`` may be None for those."""
@@ -297,4 +295,4 @@ def evaluate_oneclass(dataset, partition, method: str, shots, seeds, method_para
     registry.get(method, protocol=registry.ONECLASS)  # an unknown method fails before any episode is drawn
     return [run_oneclass_episode(dataset, partition, sample_oneclass(dataset, shots, int(seed)), method,
                                  method_params, mask_size, augment, augment_transforms, sigma, cache,
-                                 runtime=runtime, threshold=threshold) for seed in seeds]
+                                 runtime=runtime, threshold=threshold, config=config) for seed in seeds]

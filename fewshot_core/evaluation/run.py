@@ -53,11 +53,11 @@ class SettingResult:
 
 
 def evaluate_setting(dataset, partition, method: str, setting: Setting, method_params: Mapping | None = None,
-                     *, mask_size: int | None = None, cache: dict | None = None, runtime=None,
+                     *, mask_size=None, cache: dict | None = None, runtime=None,
                      meta_pool=None, bank: dict | None = None, title: str | None = None) -> SettingResult:
     """Run ``method`` on ``setting``'s episode of ``dataset`` (features from ``partition``) and describe it.
 
-    ``mask_size`` defaults to the partition's image size; ``cache`` is shared across the settings of one
+    ``mask_size`` defaults to the partition's working shape (``oneclass.mask_shape``); ``cache`` is shared across the settings of one
     category (masks, images, meta-trained models); ``meta_pool`` (``evaluation.meta_pool.MetaPool``) is the
     meta-training pool of the methods that need one. ``bank`` (``evaluation.support.build_support_bank``)
     supplies the support features, shared with the other methods of the setting. ``title`` heads the plots
@@ -66,7 +66,9 @@ def evaluate_setting(dataset, partition, method: str, setting: Setting, method_p
     from fewshot_core.evaluation.support import BankedPartition, sample_episode
 
     cache = {} if cache is None else cache
-    size = int(mask_size or partition.image_size)
+    from fewshot_core.evaluation.oneclass import mask_shape
+
+    size = mask_shape(mask_size, partition)
     title = title or f"{method} · {dataset.category} · {setting.key}"
     episode = sample_episode(dataset, setting)
     if bank is not None:

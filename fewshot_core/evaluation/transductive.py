@@ -17,7 +17,7 @@ import numpy as np
 
 from fewshot_core.episodes import OneClassEpisode, sample_oneclass
 from fewshot_core.errors import FsadError
-from fewshot_core.evaluation.oneclass import episode_identity, query_metrics
+from fewshot_core.evaluation.oneclass import DEFAULT_MASK_SIZE, episode_identity, mask_shape, query_metrics
 from fewshot_core.methods import registry
 from fewshot_core.methods.anomaly_map import DEFAULT_SIGMA
 
@@ -34,9 +34,10 @@ def transductive_episode(dataset, shots: int, seed: int) -> OneClassEpisode:
 
 
 def run_transductive_episode(dataset, partition, episode: OneClassEpisode, method: str,
-                             method_params: Mapping | None = None, mask_size: int = 256,
+                             method_params: Mapping | None = None, mask_size=DEFAULT_MASK_SIZE,
                              sigma: float = DEFAULT_SIGMA, cache: dict | None = None, runtime=None) -> dict:
     entry = registry.get(method, protocol=registry.TRANSDUCTIVE)
+    shape = mask_shape(mask_size, partition)
     cache = {} if cache is None else cache
     model = registry.create(method, runtime=runtime, **{"seed": episode.seed, **dict(method_params or {})})
     t0 = time.perf_counter()
@@ -48,16 +49,16 @@ def run_transductive_episode(dataset, partition, episode: OneClassEpisode, metho
     scores, maps = model.score(queries)  # all at once: each image is scored against the others
     score_s = time.perf_counter() - t0
     _, metrics = query_metrics(dataset, query_ids, scores, maps,
-                               lambda batch: model.anomaly_maps(batch, int(mask_size), sigma), mask_size, cache)
+                               lambda batch: model.anomaly_maps(batch, shape, sigma), shape, cache)
     row = episode_identity(dataset, episode, entry.name, model.get_params(), partition.meta.get("backbone"),
-                           partition.meta.get("key"), len(query_ids), "none", mask_size)
+                           partition.meta.get("key"), len(query_ids), "none", shape)
     row.update(protocol=registry.TRANSDUCTIVE, shots=len(episode.support_ids), full_shot="no")
     return {**row, **metrics, "bank_size": int(len(episode.support_ids)), "fit_s": round(fit_s, 4),
             "score_s": round(score_s, 4)}
 
 
 def evaluate_transductive(dataset, partition, method: str, shots: int, seeds, method_params: Mapping | None = None,
-                          mask_size: int = 256, sigma: float = DEFAULT_SIGMA, cache: dict | None = None,
+                          mask_size=DEFAULT_MASK_SIZE, sigma: float = DEFAULT_SIGMA, cache: dict | None = None,
                           runtime=None) -> list[dict]:
     """One row per seed; ``shots`` = 0 scores the test images against each other only."""
     if isinstance(seeds, (int, np.integer)):

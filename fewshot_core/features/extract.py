@@ -7,6 +7,7 @@ holds more than one batch of features in memory.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -23,9 +24,10 @@ from fewshot_core.features.patch import patch_features
 
 
 class ResizedImages(TorchDataset):
-    """Image files -> uint8 [3, S, S] tensors (decoded and resized inside DataLoader workers)."""
+    """Image files -> uint8 [3, H, W] tensors, decoded and resized inside DataLoader workers (``image_size``:
+    an int for a square, or the working (height, width) shape)."""
 
-    def __init__(self, paths: Sequence[str | Path], image_size: int, interpolation: str = "bicubic",
+    def __init__(self, paths: Sequence[str | Path], image_size, interpolation: str = "bicubic",
                  crop: bool = False, crop_pct: float = 1.0):
         self.paths = [Path(p) for p in paths]
         self.image_size, self.interpolation, self.crop, self.crop_pct = image_size, interpolation, crop, crop_pct
@@ -51,17 +53,71 @@ def image_loader(paths, backbone: str, image_size: int, batch_size: int = 16, nu
                       prefetch_factor=4 if num_workers else None, persistent_workers=False)
 
 
-@torch.inference_mode()
-def embed_batch(extractor: FeatureExtractor, batch: torch.Tensor, normalize: Normalize,
-                patch_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images [B, 3, S, S] -> (patch features [B, h, w, d], global embeddings [B, D]) as float32."""
-    device = extractor.device
-    x = normalize(batch.to(device, non_blocking=True))
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda"
+# Inputs with a side above TILE_SIDE px are embedded in overlapping tiles of that side, so one forward pass
+# never holds the activations of a whole high-resolution image (a 2048 px strip at 1:4 would take gigabytes).
+# Each tile drops TILE_OVERLAP px at its inner edges, where its zero padding differs from the whole image;
+# the kept cores tile the image exactly, so the stitched grid is the whole image's grid.
+TILE_SIDE = 768
+TILE_OVERLAP = 64
+
+
+def tile_starts(length: int, tile: int | None = None, overlap: int | None = None) -> list[int]:
+    """Start offsets of the tiles along one side of ``length`` px (one tile when it fits)."""
+    tile = TILE_SIDE if tile is None else tile
+    overlap = TILE_OVERLAP if overlap is None else overlap
+    if length <= tile:
+        return [0]
+    step = tile - 2 * overlap
+    return list(range(0, length - tile, step)) + [length - tile]
+
+
+def _features(extractor: FeatureExtractor, x: torch.Tensor, patch_dim: int | None):
+    autocast = (torch.autocast("cuda", dtype=torch.float16) if extractor.device.type == "cuda"
                 else contextlib.nullcontext())
     with autocast:
         maps, pooled = extractor.forward_with_global(x)
     return patch_features([m.float() for m in maps], patch_dim), pooled.float()
+
+
+def _tiled(extractor: FeatureExtractor, x: torch.Tensor, patch_dim: int | None):
+    """The whole-image features of ``x`` [B, 3, H, W] stitched from tiles: each tile's core (its features
+    away from inner seams) is written into the grid (the last tile along a side is aligned to the grid's
+    end); the global embedding is the mean of the tiles' embeddings weighted by their cores' areas."""
+    height, width = x.shape[-2:]
+    rows, cols = tile_starts(height), tile_starts(width)
+    th, tw = min(TILE_SIDE, height), min(TILE_SIDE, width)
+    out = pooled_sum = None
+    weight = 0
+    for r, top in enumerate(rows):
+        for c, left in enumerate(cols):
+            patch, pooled = _features(extractor, x[..., top:top + th, left:left + tw], patch_dim)
+            gh, gw = patch.shape[1:3]
+            sy, sx = th / gh, tw / gw  # tile pixels per grid cell along each side
+            if out is None:
+                full = (gh if len(rows) == 1 else math.ceil(height / sy), gw if len(cols) == 1 else math.ceil(width / sx))
+                out = patch.new_zeros((x.shape[0], *full, patch.shape[-1]))
+                pooled_sum = torch.zeros_like(pooled)
+            oy = out.shape[1] - gh if r == len(rows) - 1 else round(top / sy)
+            ox = out.shape[2] - gw if c == len(cols) - 1 else round(left / sx)
+            y0 = 0 if r == 0 else round(TILE_OVERLAP / sy)  # first / last tiles keep the image's own border
+            y1 = gh if r == len(rows) - 1 else gh - round(TILE_OVERLAP / sy)
+            x0 = 0 if c == 0 else round(TILE_OVERLAP / sx)
+            x1 = gw if c == len(cols) - 1 else gw - round(TILE_OVERLAP / sx)
+            out[:, oy + y0:oy + y1, ox + x0:ox + x1] = patch[:, y0:y1, x0:x1]
+            pooled_sum += pooled * ((y1 - y0) * (x1 - x0))
+            weight += (y1 - y0) * (x1 - x0)
+    return out, pooled_sum / weight
+
+
+@torch.inference_mode()
+def embed_batch(extractor: FeatureExtractor, batch: torch.Tensor, normalize: Normalize,
+                patch_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [B, 3, H, W] -> (patch features [B, h, w, d], global embeddings [B, D]) as float32;
+    tiled above ``TILE_SIDE`` px (the store and a saved model's featurizer both come through here)."""
+    x = normalize(batch.to(extractor.device, non_blocking=True))
+    if max(x.shape[-2:]) > TILE_SIDE:
+        return _tiled(extractor, x, patch_dim)
+    return _features(extractor, x, patch_dim)
 
 
 def iter_embeddings(extractor: FeatureExtractor, paths, image_size: int, patch_dim: int | None = None,

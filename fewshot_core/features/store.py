@@ -46,8 +46,9 @@ import pandas as pd
 from fewshot_core.backbones.models import DEFAULT_BACKBONE, create_extractor
 from fewshot_core.backbones.stages import resolve_layers, stage_info
 from fewshot_core.device import resolve_device
-from fewshot_core.backbones.preprocess import preprocessing_record
+from fewshot_core.backbones.preprocess import as_shape, preprocessing_record, working_shape
 from fewshot_core.backbones.weights import resolve_weights
+from fewshot_core.data.aspect import resolve_aspect
 from fewshot_core.data.imageio import CONVERSION_RULES
 from fewshot_core.errors import FsadError
 from fewshot_core.processes import pid_alive
@@ -79,21 +80,26 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "_", text).strip("_") or "x"
 
 
-def _spec(category, backbone, weights_sha, image_size, layers, patch_dim) -> dict:
-    return {"store_version": STORE_VERSION, "backbone": backbone, "weights_sha256": weights_sha,
+def _spec(category, backbone, weights_sha, image_size, layers, patch_dim, shape=None) -> dict:
+    spec = {"store_version": STORE_VERSION, "backbone": backbone, "weights_sha256": weights_sha,
             "image_size": int(image_size), "layers": [int(i) for i in layers], "patch_dim": patch_dim,
             "patch_size": PATCH_SIZE, "crop": False, "category": category}
+    h, w = as_shape(shape if shape is not None else image_size)
+    if h != w:  # only a non-square input is named, so square partitions keep the keys they always had
+        spec["input_shape"] = [h, w]
+    return spec
 
 
-def spec_key(category: str, backbone: str, weights_sha: str, image_size: int, layers, patch_dim) -> str:
+def spec_key(category: str, backbone: str, weights_sha: str, image_size: int, layers, patch_dim,
+             shape=None) -> str:
     """Hash of the settings alone (no images): partitions of one setting over different images share it."""
-    spec = _spec(category, backbone, weights_sha, image_size, layers, patch_dim)
+    spec = _spec(category, backbone, weights_sha, image_size, layers, patch_dim, shape)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def partition_key(category: str, backbone: str, weights_sha: str, image_size: int, layers, patch_dim,
-                  fingerprint: str) -> str:
-    spec = {**_spec(category, backbone, weights_sha, image_size, layers, patch_dim), "dataset": fingerprint}
+                  fingerprint: str, shape=None) -> str:
+    spec = {**_spec(category, backbone, weights_sha, image_size, layers, patch_dim, shape), "dataset": fingerprint}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return f"{_slug(category)}-{_slug(backbone)}-{int(image_size)}-{digest}"
 
@@ -215,6 +221,8 @@ class FeaturePartition:
     grid = property(lambda self: tuple(self.meta["grid"]))
     stride = property(lambda self: int(self.meta["stride"]))
     image_size = property(lambda self: int(self.meta["image_size"]))
+    # (height, width) the images were resized to; partitions written before aspect-kept inputs are square
+    input_shape = property(lambda self: as_shape(self.meta.get("input_shape") or self.meta["image_size"]))
     patch_dim = property(lambda self: int(self.meta["patch_dim"]))
     is_random = property(lambda self: bool(self.meta["is_random"]))
 
@@ -405,12 +413,13 @@ class FeatureStore:
         return HashCache(self.root / CACHE_NAME)
 
     def key_for(self, dataset, backbone: str = DEFAULT_BACKBONE, image_size: int = 256, layers=None,
-                weights="auto", patch_dim: int | None = None) -> str:
+                weights="auto", patch_dim: int | None = None, aspect="auto") -> str:
         """The partition key without computing features (weights and images are hashed, not loaded)."""
         info = resolve_weights(backbone, weights)
         return partition_key(dataset.category, backbone, info.sha256, image_size,
                              resolve_layers(backbone, layers), patch_dim,
-                             dataset_fingerprint(dataset.records, self._hash_cache()))
+                             dataset_fingerprint(dataset.records, self._hash_cache()),
+                             working_shape(image_size, resolve_aspect(dataset, aspect)))
 
     @contextmanager
     def lock(self, key: str):
@@ -448,8 +457,11 @@ class FeatureStore:
 
     def build(self, dataset, backbone: str = DEFAULT_BACKBONE, image_size: int = 256, layers=None,
               weights="auto", batch_size: int = 16, num_workers: int = 2, device=None, progress: bool = True,
-              patch_dim: int | None = None) -> FeaturePartition:
+              patch_dim: int | None = None, aspect="auto") -> FeaturePartition:
         """Embed every image of ``dataset`` (train and test) once; reuse the partition when it exists.
+
+        ``image_size`` names the short side; ``aspect`` (``data/aspect.py``: "auto" = the category's own
+        height/width, "square", or a ratio) the long one, through ``working_shape``.
 
         A damaged partition is reported in one line and rebuilt; a build of the same partition running
         in another process is waited for and reused.
@@ -472,7 +484,8 @@ class FeatureStore:
                                 f"{full_dim} or omit it")
         hashes = content_hashes(records, self._hash_cache())
         fingerprint = fingerprint_of(hashes)
-        key = partition_key(dataset.category, backbone, info.sha256, image_size, layers, patch_dim, fingerprint)
+        shape = working_shape(image_size, resolve_aspect(dataset, aspect))
+        key = partition_key(dataset.category, backbone, info.sha256, image_size, layers, patch_dim, fingerprint, shape)
         final = self.root / key
         if final.is_dir():
             try:
@@ -492,14 +505,14 @@ class FeatureStore:
                     _notice(f"{key}: partition damaged ({exc.reason}); rebuilding it")
                     self._discard(final)
             self._remove_stale_tmp(key)
-            spec = spec_key(dataset.category, backbone, info.sha256, image_size, layers, patch_dim)
+            spec = spec_key(dataset.category, backbone, info.sha256, image_size, layers, patch_dim, shape)
             change = self._changes_since_previous(dataset.category, spec, key, hashes)
             device = resolve_device(device)
             tmp = self.root / f"{_TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
                 tmp.mkdir()
-                self._write(tmp, records, key, spec, dataset, backbone, image_size, layers, info, fingerprint,
-                            hashes, change, batch_size, num_workers, device, progress, patch_dim)
+                self._write(tmp, records, key, spec, dataset, backbone, image_size, shape, layers, info,
+                            fingerprint, hashes, change, batch_size, num_workers, device, progress, patch_dim)
                 os.rename(tmp, final)  # nobody else writes this key while we hold the lock
             except BaseException as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -551,8 +564,8 @@ class FeatureStore:
         _notice(f"{category}: images differ from partition {best[1].name}: {summary}; building {key}")
         return {"previous": best[1].name, "summary": summary, **record}
 
-    def _write(self, tmp: Path, records, key, spec, dataset, backbone, image_size, layers, info, fingerprint,
-               hashes, change, batch_size, num_workers, device, progress, patch_dim) -> dict:
+    def _write(self, tmp: Path, records, key, spec, dataset, backbone, image_size, shape, layers, info,
+               fingerprint, hashes, change, batch_size, num_workers, device, progress, patch_dim) -> dict:
         from tqdm.auto import tqdm
 
         extractor = create_extractor(backbone, layers, weights_info=info, device=device)
@@ -561,7 +574,7 @@ class FeatureStore:
         bar = tqdm(total=n, unit="img", desc=f"embed {dataset.category}", disable=not progress)
         writer = _BackgroundWriter(tmp, n)
         try:
-            for _, patch, pooled in iter_embeddings(extractor, [r.path for r in records], image_size,
+            for _, patch, pooled in iter_embeddings(extractor, [r.path for r in records], shape,
                                                     patch_dim, batch_size, num_workers):
                 writer.put(patch, pooled)
                 bar.update(len(patch))
@@ -590,8 +603,8 @@ class FeatureStore:
             "key": key, "spec_key": spec, "store_version": STORE_VERSION, "category": dataset.category,
             "n_images": n, "dataset_fingerprint": fingerprint, "backbone": backbone,
             "weights": info.to_dict(), "is_random": info.is_random,
-            "image_size": int(image_size),
-            "preprocessing": {**preprocessing_record(backbone, image_size, crop=False),
+            "image_size": int(image_size), "input_shape": [int(v) for v in shape],
+            "preprocessing": {**preprocessing_record(backbone, image_size, crop=False, shape=shape),
                               "reader": "fewshot_core.data.imageio.load_rgb", "rgb_conversion": CONVERSION_RULES},
             "layers": list(layers),
             "layer_info": [{"index": i, "module": infos[i].get("module"), "channels": c,

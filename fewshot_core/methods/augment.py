@@ -11,9 +11,10 @@ A known remedy for 1-shot memory banks (more poses of the same normal texture). 
   adds spatial re-arrangements of existing descriptors, useful for position-dependent scores, never new
   descriptors. Kept for ablations.
 
-Transforms are applied after the store's square resize (to what the backbone sees). For square
-originals (MVTec AD) a flip or a 90-degree rotation commutes with that resize, so the result matches
-embedding the transformed original; for non-square originals it is the transformed squashed image.
+Transforms are applied after the store's resize to its working shape (to what the backbone sees). For
+square originals (MVTec AD) a flip or a 90-degree rotation commutes with that resize, so the result
+matches embedding the transformed original. A non-square working shape (aspect kept) takes only the
+transforms that keep it (flips and the half turn, ``transforms_for``): a quarter turn would not fit the bank.
 Note that with a 1-NN bank (PatchCore, LDKNN) the "features" mode only duplicates descriptors.
 """
 
@@ -32,6 +33,12 @@ AUGMENT_MODES = ("none", "features", "images")
 _PIL_OPS = {"hflip": Image.Transpose.FLIP_LEFT_RIGHT, "vflip": Image.Transpose.FLIP_TOP_BOTTOM,
             "rot90": Image.Transpose.ROTATE_90, "rot180": Image.Transpose.ROTATE_180,
             "rot270": Image.Transpose.ROTATE_270}
+
+
+def transforms_for(shape, transforms: Sequence[str] = TRANSFORMS) -> tuple[str, ...]:
+    """The ``transforms`` that keep a (height, width) working shape: quarter turns only for a square."""
+    h, w = shape
+    return tuple(t for t in transforms if h == w or t not in ("rot90", "rot270"))
 
 
 def check_transforms(transforms: Sequence[str]) -> tuple[str, ...]:
@@ -105,13 +112,11 @@ def embed_augmented(dataset, partition, support_ids: Sequence[str], transforms: 
     return np.stack([cache[("augment", meta["key"], i, t)] for i in support_ids for t in transforms])
 
 
-def _embed_views(dataset, partition, todo, device, batch_size, cache, views, rows) -> None:
-    import torch
-
+def partition_extractor(partition, cache: dict, device=None):
+    """(extractor, preprocessing config, normalisation) of ``partition``'s backbone, built once per
+    partition into ``cache``; weights whose hash differs from the partition's are refused."""
     from fewshot_core.backbones.models import create_extractor
-    from fewshot_core.backbones.preprocess import Normalize, preprocess_config, resize_image, to_uint8_tensor
-    from fewshot_core.data.imageio import load_rgb
-    from fewshot_core.features.extract import embed_batch
+    from fewshot_core.backbones.preprocess import Normalize, preprocess_config
 
     meta = partition.meta
     key = ("augment-extractor", meta["key"])
@@ -123,21 +128,50 @@ def _embed_views(dataset, partition, todo, device, batch_size, cache, views, row
                             f"{str(extractor.weights.sha256)[:12]}…; rebuild the partition with `fsad embed`")
         cfg = preprocess_config(meta["backbone"])
         cache[key] = (extractor, cfg, Normalize(cfg["mean"], cfg["std"]))
-    extractor, cfg, normalize = cache[key]
+    return cache[key]
+
+
+def working_image(partition, path, cache: dict) -> Image.Image:
+    """The image at ``path`` read and resized to ``partition``'s working shape, as the store did."""
+    from fewshot_core.backbones.preprocess import resize_image
+    from fewshot_core.data.imageio import load_rgb
+
+    _, cfg, _ = partition_extractor(partition, cache)
+    return resize_image(load_rgb(path), partition.input_shape, cfg["interpolation"], crop=False)
+
+
+def embed_images(partition, images: Sequence[Image.Image], cache: dict, device=None,
+                 batch_size: int = 16) -> np.ndarray:
+    """Patch features float32 [n, h, w, d] of PIL ``images`` already at the working shape, with the
+    partition's backbone, layers and patch reduction, rounded through float16 like the store's."""
+    import torch
+
+    from fewshot_core.backbones.preprocess import to_uint8_tensor
+    from fewshot_core.features.extract import embed_batch
+
+    extractor, _, normalize = partition_extractor(partition, cache, device)
+    meta = partition.meta
     patch_dim = meta.get("patch_dim") if meta.get("patch_reduction") else None
-    size = int(meta["image_size"])
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([to_uint8_tensor(img) for img in images[start:start + batch_size]])
+        feats, _ = embed_batch(extractor, batch, normalize, patch_dim)
+        out.append(feats.cpu().numpy().astype(np.float16).astype(np.float32))
+    return np.concatenate(out)
+
+
+def _embed_views(dataset, partition, todo, device, batch_size, cache, views, rows) -> None:
+    meta = partition.meta
+    partition_extractor(partition, cache, device)
+    images = {}
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        images = {}
-        tensors = []
-        for image_id, t in chunk:
+        for image_id, _ in chunk:
             if image_id not in images:
-                img = load_rgb(dataset.by_id(image_id).path)
-                images[image_id] = resize_image(img, size, cfg["interpolation"], crop=False)
-            tensors.append(to_uint8_tensor(images[image_id].transpose(_PIL_OPS[t])))
-        feats, _ = embed_batch(extractor, torch.stack(tensors), normalize, patch_dim)
-        feats = feats.cpu().numpy().astype(np.float16)
+                images[image_id] = working_image(partition, dataset.by_id(image_id).path, cache)
+        feats = embed_images(partition, [images[i].transpose(_PIL_OPS[t]) for i, t in chunk], cache, device,
+                             batch_size)
         for (image_id, t), f in zip(chunk, feats):
-            cache[("augment", meta["key"], image_id, t)] = f.astype(np.float32)
+            cache[("augment", meta["key"], image_id, t)] = f
             if views is not None:
                 views.put(rows[image_id], t, f)

@@ -71,7 +71,7 @@ class Scores:
     decision: list  # bool or None per image
     threshold: float | None
     label: list | None = None  # supervised: the predicted class
-    anomaly_map: np.ndarray | None = None  # [n, S, S] at the model's image size
+    anomaly_map: np.ndarray | None = None  # [n, H, W] at the model's input shape
 
 
 class DeployedModel:
@@ -152,7 +152,8 @@ class DeployedModel:
             scores, raw = self.method.score(x)
             scores = np.asarray(scores, dtype=np.float64)
             decided = self.threshold.decide(scores) if self.threshold is not None else None
-            amap = self.method.anomaly_maps(raw, self.image_size) if maps else None
+            shape = self.featurizer.spec.shape if self.featurizer is not None else self.image_size
+            amap = self.method.anomaly_maps(raw, shape) if maps else None
             return Scores(scores, [None] * len(scores) if decided is None else [bool(d) for d in decided],
                           self.threshold.value if self.threshold is not None and self.threshold.usable else None,
                           anomaly_map=amap)

@@ -39,6 +39,13 @@ class FeaturizerSpec:
     partition_key: str | None = None
     dtype: str = "float16"  # the store's storage precision, reproduced on the fly
     weights_path: str | None = field(default=None, compare=False)  # where a "file" source was found
+    # (height, width) of a non-square working shape (``backbones.preprocess.working_shape``); None: square
+    input_shape: tuple[int, int] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The (height, width) images are resized to, as the store resized them."""
+        return tuple(self.input_shape) if self.input_shape else (self.image_size, self.image_size)
 
     @classmethod
     def from_partition(cls, partition) -> "FeaturizerSpec":
@@ -46,6 +53,7 @@ class FeaturizerSpec:
         pre = meta.get("preprocessing") or {}
         weights = meta.get("weights") or {}
         reduced = meta.get("patch_reduction") is not None
+        shape = tuple(int(v) for v in meta.get("input_shape") or (meta["image_size"],) * 2)
         return cls(backbone=meta["backbone"], weights_source=weights.get("source", "bundled"),
                    weights_sha256=weights.get("sha256"), image_size=int(meta["image_size"]),
                    layers=tuple(int(i) for i in meta["layers"]),
@@ -53,17 +61,22 @@ class FeaturizerSpec:
                    interpolation=pre.get("interpolation", "bicubic"),
                    mean=tuple(pre.get("mean", (0.5, 0.5, 0.5))), std=tuple(pre.get("std", (0.5, 0.5, 0.5))),
                    store_version=int(meta.get("store_version", 1)), partition_key=meta.get("key"),
-                   dtype=meta.get("dtype", "float16"), weights_path=weights.get("path"))
+                   dtype=meta.get("dtype", "float16"), weights_path=weights.get("path"),
+                   input_shape=shape if shape[0] != shape[1] else None)
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["layers"], out["mean"], out["std"] = list(self.layers), list(self.mean), list(self.std)
+        if self.input_shape is None:  # square models keep the manifest they always had
+            del out["input_shape"]
+        else:
+            out["input_shape"] = list(self.input_shape)
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "FeaturizerSpec":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for key in ("layers", "mean", "std"):
+        for key in ("layers", "mean", "std", "input_shape"):
             if key in known:
                 known[key] = tuple(known[key])
         return cls(**known)
@@ -105,14 +118,14 @@ class Featurizer:
         self.normalize = Normalize(spec.mean, spec.std)
 
     def pixels(self, images: Sequence) -> torch.Tensor:
-        """uint8 [n, 3, S, S]: read (``load_rgb``, as the store) and resized exactly as the store does."""
+        """uint8 [n, 3, H, W]: read (``load_rgb``, as the store) and resized exactly as the store does."""
         from fewshot_core.backbones.preprocess import resize_image, to_uint8_tensor
         from fewshot_core.data.imageio import load_rgb
 
         out = []
         for item in images:
             img = load_rgb(Path(item)) if isinstance(item, (str, Path)) else item
-            out.append(to_uint8_tensor(resize_image(img, self.spec.image_size, self.spec.interpolation)))
+            out.append(to_uint8_tensor(resize_image(img, self.spec.shape, self.spec.interpolation)))
         return torch.stack(out)
 
     def __call__(self, images: Sequence, batch: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -28,15 +28,18 @@ def pick_examples(labels: np.ndarray, scores: np.ndarray, n: int = GALLERY_IMAGE
 
 
 def render_gallery(dataset, query_ids: Sequence[str], scores: np.ndarray, image_maps: np.ndarray,
-                   picks: Sequence[int], size: int, title: str) -> bytes:
-    """PNG strip of the picked queries at ``size`` px with their image-resolution maps and mask contours."""
+                   picks: Sequence[int], size, title: str) -> bytes:
+    """PNG strip of the picked queries at ``size`` (an int for a square, or the maps' (height, width))
+    with their image-resolution maps and mask contours."""
+    from fewshot_core.backbones.preprocess import as_shape
     from fewshot_core.data.imageio import load_mask, load_rgb
 
+    h, w = as_shape(size)
     items = []
     for i, amap in zip(picks, image_maps):
         rec = dataset.by_id(query_ids[i])
-        items.append({"image": np.asarray(load_rgb(rec.path).convert("RGB").resize((size, size))), "map": amap,
-                      "mask": load_mask(rec.mask_path, size) if rec.mask_path else None,
+        items.append({"image": np.asarray(load_rgb(rec.path).convert("RGB").resize((w, h))), "map": amap,
+                      "mask": load_mask(rec.mask_path, (w, h)) if rec.mask_path else None,
                       "caption": f"{rec.defect_type} s={scores[i]:.2f}"})
     return plots.anomaly_gallery(items, title)
 

@@ -90,7 +90,7 @@ def test_augmentation_adds_transformed_supports(synth):
 
 
 def test_auto_augmentation_is_the_methods_default_for_small_supports_only(synth):
-    from fewshot_core.evaluation.oneclass import AUGMENT_MAX_SHOTS, resolve_augment
+    from fewshot_core.evaluation.support_views import AUGMENT_MAX_SHOTS, resolve_augment
 
     dataset, partition, _ = synth
     cells = int(np.prod(partition.grid))
