@@ -4,6 +4,8 @@
   rotation by any angle, a translation and a scale change; each mask gets the identical transform
   (nearest-neighbour, so it stays binary). It turns a category whose parts always lie the same way into
   one whose parts lie at random poses, as screws and nuts do on a conveyor.
+* ``tall_copy``: each image as one panel of a tall strip of good images (aspect 1 : panels), its mask in
+  its panel: a non-square category whose thin defects a square resize squashes.
 * ``small_defect_copy``: the good images and only the defect images whose mask covers at most
   ``max_area`` of the image, so image-level detection hinges on a few patches.
 
@@ -165,5 +167,45 @@ def small_defect_copy(dataset, out_root, name: str | None = None, max_area: floa
             _save(img, tmp / rel)
             if m is not None:
                 _save(m, tmp / "ground_truth" / rel.parent.name / _mask_name(dataset, rec))
+
+    return _build(Path(out_root) / name, record, write)
+
+
+def tall_copy(dataset, out_root, name: str | None = None, seed: int = 0, panels: int = 3, width: int = 256) -> Path:
+    """Write ``out_root/<name>`` (default ``<category>_tall``): every image of ``dataset`` as one panel of a
+    tall strip of ``panels`` square panels (``width`` px each; the others are seeded good images of the same
+    split, never test images in a train strip), its mask in its panel. A stand-in for tall surface images
+    (a strip of steel or a commutator): a square resize squashes the strip, and thin defects with it."""
+    from fewshot_core.data.imageio import load_rgb
+
+    if panels < 2:
+        raise FsadError(f"tall_copy: panels={panels}; a strip needs at least 2 panels")
+    name = name or f"{dataset.category}_tall"
+    record = {"version": DERIVED_VERSION, "kind": "tall", "source": str(Path(dataset.root) / dataset.category),
+              "fingerprint": _fingerprint(dataset), "seed": int(seed), "panels": int(panels), "width": int(width)}
+    fillers = {split: [r for r in dataset.records if r.split == split and r.label == 0] for split in ("train", "test")}
+    if any(len(v) < panels for v in fillers.values()):
+        raise FsadError(f"{dataset.root}/{dataset.category}: tall_copy needs at least {panels} good images per split")
+
+    def panel(path) -> Image.Image:
+        return load_rgb(path).convert("RGB").resize((width, width), Image.Resampling.BILINEAR)
+
+    def write(tmp: Path) -> None:
+        for rec in dataset.records:
+            rng = _rng(seed, "tall", rec.image_id)
+            pool = [r for r in fillers[rec.split] if r.image_id != rec.image_id]
+            others = [pool[i] for i in rng.choice(len(pool), panels - 1, replace=False)]
+            slot = int(rng.integers(panels))
+            strip = Image.new("RGB", (width, width * panels))
+            mask = Image.new("L", (width, width * panels), 0) if rec.mask_path is not None else None
+            for i, src in enumerate(others[:slot] + [rec] + others[slot:]):
+                strip.paste(panel(src.path), (0, i * width))
+            if mask is not None:
+                m = Image.open(rec.mask_path).convert("L").resize((width, width), Image.Resampling.NEAREST)
+                mask.paste(m.point(lambda v: 255 if v >= 128 else 0), (0, slot * width))
+            rel = _relative(dataset, rec)
+            _save(strip, tmp / rel)
+            if mask is not None:
+                _save(mask, tmp / "ground_truth" / rel.parent.name / _mask_name(dataset, rec))
 
     return _build(Path(out_root) / name, record, write)
