@@ -63,6 +63,9 @@ def register(subparsers) -> None:
                    help="auto: each episode picks its augmentation and object-centric scoring from its good "
                         "support images (synthetic anomalies in held-out shots; needs 2+ shots), recorded in "
                         "each row's config column")
+    g.add_argument("--align", choices=("none", "auto"), default="none",
+                   help="auto: rotate and crop every image to its part (axis upright, part filling the input) "
+                        "before embedding, from the support's foreground estimate; textures are left alone")
     g.add_argument("--augment", choices=("auto", "none", "features", "images"), default="auto",
                    help="add flipped/rotated support images to the bank (images: re-embedded; features: grid "
                         "approximation; auto, the default: images for patchcore, knn and ldknn up to 16 shots)")
@@ -111,7 +114,7 @@ def _rows(args, dataset, partition) -> list[dict]:
             raise FsadError("fsad evaluate: --shots is required for the one-class protocol; give a number or 'full'")
         return evaluate_oneclass(dataset, partition, args.method, parse_shots(args.shots), args.seeds,
                                  method_params=params, mask_size=args.mask_size, augment=args.augment,
-                                 config=args.config)
+                                 config=args.config, align=args.align)
     if args.k_good is None or args.k_bad is None:
         raise FsadError("fsad evaluate: the supervised protocol needs --k-good G and --k-bad B")
     if args.distance is not None:

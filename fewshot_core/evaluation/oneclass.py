@@ -38,6 +38,7 @@ from fewshot_core.episodes import OneClassEpisode, sample_oneclass
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.threshold import Threshold, ThresholdConfig, decision_metrics, fit_threshold
 from fewshot_core.methods import registry
+from fewshot_core.evaluation.aligned import ALIGNED_TRANSFORMS, align_episode, check_align, to_original
 from fewshot_core.evaluation.autoconfig import check_config, choose
 from fewshot_core.evaluation.support_views import AUTO, bank_input, resolve_augment, support_views
 from fewshot_core.methods.augment import TRANSFORMS
@@ -102,7 +103,7 @@ def query_metrics(dataset, query_ids: Sequence[str], scores: np.ndarray, maps: n
                   shape: tuple[int, int], cache: dict) -> tuple[np.ndarray, dict]:
     """Labels and metrics of an episode's queries: image metrics from ``scores``; pixel metrics (only
     where the dataset has masks) from ``maps`` turned into ``shape`` (height, width) maps by
-    ``resize(batch)``, batch by batch so the full-resolution maps never sit in memory together."""
+    ``resize(batch, ids)``, batch by batch so the full-resolution maps never sit in memory together."""
     labels = np.array([dataset.by_id(i).label for i in query_ids], dtype=int)
     metrics = image_metrics(labels, scores)
     if dataset.has_masks:
@@ -110,7 +111,8 @@ def query_metrics(dataset, query_ids: Sequence[str], scores: np.ndarray, maps: n
         # resized maps never leave the raw maps' range (convex upsampling/smoothing): fixes the bins
         acc = PixelAccumulator(value_range=(float(maps.min()), float(maps.max())))
         for start in range(0, len(query_ids), SCORE_BATCH):
-            for amap, mask in zip(resize(maps[start:start + SCORE_BATCH]), masks[start:start + SCORE_BATCH]):
+            ids = query_ids[start:start + SCORE_BATCH]
+            for amap, mask in zip(resize(maps[start:start + SCORE_BATCH], ids), masks[start:start + SCORE_BATCH]):
                 acc.add(amap, mask)
         metrics.update(acc.compute())
     return labels, metrics
@@ -170,7 +172,8 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
                          augment: str = AUTO, augment_transforms: Sequence[str] = TRANSFORMS,
                          sigma: float | None = None, cache: dict | None = None,
                          details: dict | None = None, runtime=None,
-                         threshold: ThresholdConfig | None = None, config: str = "default") -> dict:
+                         threshold: ThresholdConfig | None = None, config: str = "default",
+                         align: str = "none") -> dict:
     """Fit ``method`` on the episode's support (features or images, as its registry entry says), score its
     queries, return one row of metrics. ``sigma`` overrides the detector's own map smoothing (None: its
     ``map_sigma``, 4 px for patch maps, 0 for maps already smoothed at image resolution).
@@ -180,7 +183,9 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     (for plots and saved models without refitting). ``threshold``: how the decision threshold is set
     (default ``ThresholdConfig(seed=episode.seed)``). ``config="auto"`` lets the support choose the
     augmentation and scoring (``evaluation/autoconfig.py``) over ``augment`` and ``method_params``; the row
-    records the choice (``config``, ``config_scores``, ``config_reason``).
+    records the choice (``config``, ``config_scores``, ``config_reason``). ``align="auto"`` embeds every
+    image rotated and cropped to its part (``evaluation/aligned.py``; the row's ``align`` says whether it
+    did: textures are not aligned); maps are warped back to the original frame for the pixel metrics.
     """
     entry = registry.get(method, protocol=registry.ONECLASS)
     on_images = entry.input_kind == registry.IMAGES
@@ -198,7 +203,15 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     if not on_images and partition is None:
         raise FsadError(f"method {method!r}: reads patch features; build the feature-store partition first (fsad embed)")
     shape = mask_shape(mask_size, partition)
-    params.setdefault("seed", episode.seed)  # coreset / index / training randomness follows the episode seed
+    params.setdefault("seed", episode.seed)
+    to_image = lambda batch, ids: model.anomaly_maps(batch, shape, sigma)  # noqa: E731
+    aligned = None
+    if check_align(align) == "auto" and not on_images:
+        aligned = align_episode(dataset, partition, episode.support_ids, episode.query_ids, params["seed"], cache)
+    if aligned is not None:
+        partition, augment_transforms, working = aligned, ALIGNED_TRANSFORMS, aligned.input_shape
+        to_image = lambda batch, ids: to_original(model.anomaly_maps(batch, working, sigma),  # noqa: E731
+                                                  [aligned.poses[i] for i in ids], working, shape)  # coreset / index / training randomness follows the episode seed
     model = registry.create(method, runtime=runtime, **params)
 
     if on_images:
@@ -218,8 +231,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     query_ids = list(episode.query_ids)
     scores, patch_maps, score_s = score_in_batches(query_ids, load, model.score, SCORE_BATCH)
 
-    labels, metrics = query_metrics(dataset, query_ids, scores, patch_maps,
-                                    lambda batch: model.anomaly_maps(batch, shape, sigma), shape, cache)
+    labels, metrics = query_metrics(dataset, query_ids, scores, patch_maps, to_image, shape, cache)
     if on_images:  # held-out scores would need the detector trained again without each held-out image
         cut = Threshold(None, "none", float((threshold or ThresholdConfig()).fpr), len(episode.support_ids), [],
                         "trained on images: a support-only threshold would retrain the detector; not computed")
@@ -229,7 +241,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     metrics.update(decision_metrics(labels, scores, cut))
     if details is not None:
         details.update(model=model, image_scores=scores, patch_maps=patch_maps, labels=labels, query_ids=query_ids,
-                       threshold=cut)
+                       threshold=cut, image_maps=to_image)
     if on_images:
         backbone, partition_key = getattr(model, "backbone", None), None
         bank = getattr(model, "fit_info_", {}).get("bank", 0)
@@ -240,6 +252,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
         **episode_identity(dataset, episode, method, model.get_params(), backbone, partition_key, len(query_ids),
                            augment, shape),
         **chosen,
+        "align": "none" if align == "none" else ("aligned" if aligned is not None else "texture: not aligned"),
         **metrics,
         "bank_size": int(bank),
         "fit_s": round(fit_s, 4),
@@ -284,7 +297,8 @@ def evaluate_oneclass(dataset, partition, method: str, shots, seeds, method_para
                       mask_size=DEFAULT_MASK_SIZE, augment: str = AUTO,
                       augment_transforms: Sequence[str] = TRANSFORMS, sigma: float | None = None,
                       cache: dict | None = None, runtime=None,
-                      threshold: ThresholdConfig | None = None, config: str = "default") -> list[dict]:
+                      threshold: ThresholdConfig | None = None, config: str = "default",
+                      align: str = "none") -> list[dict]:
     """One row per seed (see ``run_oneclass_episode``); ``shots`` is an int or ``"full"``/None.
     ``runtime`` (``fewshot_core.runtime.Runtime``) says where and how to compute, and where the detectors
     that train on images cache their weights. ``partition`` may be None for those."""
@@ -295,4 +309,5 @@ def evaluate_oneclass(dataset, partition, method: str, shots, seeds, method_para
     registry.get(method, protocol=registry.ONECLASS)  # an unknown method fails before any episode is drawn
     return [run_oneclass_episode(dataset, partition, sample_oneclass(dataset, shots, int(seed)), method,
                                  method_params, mask_size, augment, augment_transforms, sigma, cache,
-                                 runtime=runtime, threshold=threshold, config=config) for seed in seeds]
+                                 runtime=runtime, threshold=threshold, config=config, align=align)
+            for seed in seeds]

@@ -97,14 +97,14 @@ def _oneclass(dataset, partition, method, episode, params, size, cache, runtime,
     details: dict = {}  # the loader (store features or decoded images) follows the registry's input kind
     row = run_oneclass_episode(dataset, partition, episode, method, params, mask_size=size, cache=cache,
                                details=details, runtime=runtime)
-    image_maps = lambda maps: details["model"].anomaly_maps(maps, size)  # noqa: E731  (as the metrics)
     maps = details["patch_maps"]
     scores, labels, query_ids = details["image_scores"], np.asarray(details["labels"]), list(details["query_ids"])
     artifacts: dict = {"plots/roc_curve.png": plots.roc_curve_png(labels, scores, title)}
     picks = gallery.pick_examples(labels, scores)
     if picks:
         artifacts[gallery.GALLERY_ARTIFACT] = gallery.render_gallery(dataset, query_ids, scores,
-                                                                     image_maps(maps[picks]), picks, size, title)
+                                                                     details["image_maps"](maps[picks], [query_ids[i] for i in picks]),
+                                                                     picks, size, title)
     artifacts.update(_model_files(details["model"]))
     artifacts["episode.json"] = json.dumps({"episode_id": episode.episode_id, "support_ids": episode.support_ids,
                                             "query_ids": query_ids, "labels": labels.tolist(),

@@ -49,7 +49,7 @@ def run_transductive_episode(dataset, partition, episode: OneClassEpisode, metho
     scores, maps = model.score(queries)  # all at once: each image is scored against the others
     score_s = time.perf_counter() - t0
     _, metrics = query_metrics(dataset, query_ids, scores, maps,
-                               lambda batch: model.anomaly_maps(batch, shape, sigma), shape, cache)
+                               lambda batch, ids: model.anomaly_maps(batch, shape, sigma), shape, cache)
     row = episode_identity(dataset, episode, entry.name, model.get_params(), partition.meta.get("backbone"),
                            partition.meta.get("key"), len(query_ids), "none", shape)
     row.update(protocol=registry.TRANSDUCTIVE, shots=len(episode.support_ids), full_shot="no")

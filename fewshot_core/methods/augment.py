@@ -94,7 +94,9 @@ def embed_augmented(dataset, partition, support_ids: Sequence[str], transforms: 
     transforms = check_transforms(transforms)
     meta = partition.meta
     cache = {} if cache is None else cache
-    views = ViewCache(partition) if persist and hasattr(partition, "path") else None
+    # an aligned partition's views are views of its aligned images: never stored under the plain partition
+    keep = persist and hasattr(partition, "path") and getattr(partition, "persist_views", True)
+    views = ViewCache(partition) if keep else None
     rows = dict(zip(support_ids, partition.rows(list(support_ids)))) if views is not None else {}
     todo = []
     for image_id in support_ids:
@@ -167,8 +169,9 @@ def _embed_views(dataset, partition, todo, device, batch_size, cache, views, row
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         for image_id, _ in chunk:
-            if image_id not in images:
-                images[image_id] = working_image(partition, dataset.by_id(image_id).path, cache)
+            if image_id not in images:  # an aligned partition serves its own (rotated, cropped) images
+                images[image_id] = (partition.image(image_id) if hasattr(partition, "image")
+                                    else working_image(partition, dataset.by_id(image_id).path, cache))
         feats = embed_images(partition, [images[i].transpose(_PIL_OPS[t]) for i, t in chunk], cache, device,
                              batch_size)
         for (image_id, t), f in zip(chunk, feats):
