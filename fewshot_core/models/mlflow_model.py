@@ -40,8 +40,10 @@ class FsadModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         from fewshot_core.models.deployable import DeployedModel
+        from fewshot_core.models.serving import budgets
         from fewshot_core.models.trust import verify_logged_model
 
+        budgets()  # a bad budget setting stops the server as it starts, not each request
         # MLflow ran this folder's code file already; the rest of the folder is checked as fsad's loader does
         folder = verify_logged_model(Path(context.artifacts[ARTIFACT]).parents[1])
         self.model = DeployedModel(folder)

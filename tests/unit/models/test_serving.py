@@ -160,3 +160,16 @@ def test_large_jpeg_is_decoded_at_a_reduced_scale(served, tmp_path, decoded_size
     (answer,) = _strict_json(body)["predictions"]
     assert status == 200 and answer["error"] is None and answer["image_score"] is not None
     assert decoded_sizes == [(1000, 750)], decoded_sizes  # DCT scale 1/4: the smallest at least 512 px wide
+
+
+def test_a_bad_budget_setting_is_one_line_naming_the_variable(monkeypatch):
+    from fewshot_core.errors import FsadError
+    from fewshot_core.models.serving import IMAGE_PIXELS, IMAGE_PIXELS_ENV, REQUEST_PIXELS, budgets
+
+    assert budgets() == (IMAGE_PIXELS, REQUEST_PIXELS)
+    monkeypatch.setenv(IMAGE_PIXELS_ENV, "2e6")
+    assert budgets() == (2_000_000, REQUEST_PIXELS)
+    for bad in ("lots", "0", "-5"):
+        monkeypatch.setenv(IMAGE_PIXELS_ENV, bad)
+        with pytest.raises(FsadError, match=f"^{IMAGE_PIXELS_ENV}=.*positive number of pixels"):
+            budgets()
