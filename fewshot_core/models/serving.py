@@ -75,7 +75,8 @@ def read_request(model_input, image_size: int) -> tuple[list, list]:
     try:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
     except (TypeError, ValueError) as exc:
-        raise InvalidRequest(f"model input: not a table of images ({exc}); {REQUEST_HELP}") from None
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise InvalidRequest(f"model input: not a table of images ({reason}); {REQUEST_HELP}") from None
     if "path" in frame.columns:
         raise InvalidRequest("model input: column 'path' is refused: a served model reads only what the request "
                              f"carries, never the server's files; {REQUEST_HELP}")

@@ -20,6 +20,7 @@ fsad's loader never runs the folder's code file; MLflow's loaders (``mlflow.pyfu
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def verify_logged_model(model_dir) -> Path:
     if not mlmodel.is_file():
         raise FsadError(f"{model_dir}: not an MLflow model ({MLMODEL} missing); give models:/fsad-<category>@champion, "
                         "runs:/<run>/model or a model folder")
-    pickles = sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    pickles = sorted(str((Path(top) / name).relative_to(model_dir))  # os.walk: symbolic links not followed
+                     for top, _dirs, names in os.walk(model_dir) for name in names if name.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise FsadError(f"{model_dir}: holds a pickle ({', '.join(pickles)}), which fsad never loads (unpickling "
                         f"runs whatever code it carries); {RELOG}")
