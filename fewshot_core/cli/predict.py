@@ -57,17 +57,11 @@ def collect(inputs) -> tuple[list[Path], list[tuple[Path, str]]]:
 
 
 def load_deployed(uri: str, tracking_uri: str | None = None):
-    """The ``DeployedModel`` behind a model URI, a logged MLflow model folder or a deployable folder."""
-    from fewshot_core.models.deployable import DeployedModel
-    from fewshot_core.models.mlflow_model import load
+    """The ``DeployedModel`` behind a model URI, a logged MLflow model folder or a deployable folder, every
+    model file verified before anything is loaded (``fewshot_core.models.trust``)."""
+    from fewshot_core.models.trust import load_verified
 
-    local = Path(uri)
-    if (local / "fsad_model.json").is_file():
-        return DeployedModel(local)
-    if "://" not in uri and ":/" not in uri and not local.exists():
-        raise FsadError(f"{uri}: model not found; give models:/fsad-<category>@champion, runs:/<run>/model or a "
-                        "model folder")
-    return load(uri, tracking_uri).unwrap_python_model().model
+    return load_verified(uri, tracking_uri)
 
 
 def overlay_png(image, amap: np.ndarray, threshold: float | None) -> bytes:

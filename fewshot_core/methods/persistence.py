@@ -1,12 +1,13 @@
 """One save/load for every method: a folder with a small manifest plus the method's arrays and weights.
 
     <folder>/fsad_model.json   format, format_version, method, method_version, params, provenance
-                               (backbone, weights hash), code_version, created_utc, files {name: sha256}, info
+                               (backbone, weights hash), code_version, created_utc, files {name: sha256}, info,
+                               manifest_sha256 (of the manifest's other fields: an edited threshold is refused)
     <folder>/arrays.npz        numpy state (memory banks, densities, prototypes), no pickle
     <folder>/tensors.pt        torch state (network weights), loaded with ``weights_only=True``
 
 The folder is written aside and renamed into place, so a reader never sees half a model; every file's
-checksum is verified on load. A folder of an older format, of another method version or of something
+checksum, and the manifest's own, is verified on load. A folder of an older format, of another method version or of something
 else entirely is refused with one line that says how to rebuild it. This is the folder the MLflow model
 wraps and the trained detectors cache their weights in.
 """
@@ -31,7 +32,8 @@ from fewshot_core.errors import FsadError
 
 MANIFEST = "fsad_model.json"
 FORMAT = "fsad-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries the checksum of its own body
+MANIFEST_DIGEST = "manifest_sha256"
 ARRAYS = "arrays.npz"
 TENSORS = "tensors.pt"
 REBUILD = "rebuild it: rerun the evaluation that produced it, or fit the method and call save(folder)"
@@ -56,6 +58,13 @@ def config_hash(payload: dict) -> str:
     """Stable short hash of a JSON-able dict (key order does not matter)."""
     text = json.dumps(jsonable(payload), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest without its digest field, as canonical JSON (key order and indentation do not
+    count, every value does)."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _write_state(tmp: Path, state: dict) -> dict[str, str]:
@@ -99,6 +108,7 @@ def save_model(model, folder, extra: dict | None = None) -> Path:
             "info": jsonable(state.get("info") or {}),
             **({"extra": jsonable(extra)} if extra else {}),
         }
+        manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         replace_dir(tmp, folder)
     except BaseException:
@@ -125,6 +135,9 @@ def read_manifest(folder, rebuild: str = REBUILD) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise FsadError(f"{path}: model format v{manifest.get('format_version')}, this fsad reads "
                         f"v{FORMAT_VERSION}; {rebuild}")
+    if manifest.get(MANIFEST_DIGEST) != manifest_digest(manifest):
+        raise FsadError(f"{path}: model manifest damaged (its checksum does not match: edited or corrupted after "
+                        f"saving); {rebuild}")
     return manifest
 
 

@@ -1,11 +1,15 @@
 """MLflow Models of fsad: a ``pyfunc`` ``PythonModel`` over a deployable folder, logged into a run.
 
+Logged as MLflow's models-from-code: the model's code is ``pyfunc_entry.py``, which imports ``FsadModel``
+from the installed fsad; the folder holds no pickle (``trust.py`` says what is trusted and checks it).
+
 Input (a DataFrame, or JSON ``dataframe_split`` when served): column ``image`` with the encoded image
-file (PNG, JPEG, ...; base64 in JSON, MLflow decodes binary columns), or column ``path`` with an image
-file on the scoring machine. Output, one row per input: ``image_score``, ``decision`` (anomalous at the
-model's threshold; null where it has none), ``threshold``, ``label`` (supervised: the predicted class),
-``error`` (why a row could not be scored; the other rows are still scored) and, with the parameter
-``anomaly_map=true``, ``anomaly_map`` (a nested list [S][S] at the model's image size).
+file (PNG, JPEG, ...; base64 in JSON, MLflow decodes binary columns); ``serving.py`` reads it, within
+pixel budgets, and refuses a ``path`` column. Output, one row per input: ``image_score``, ``decision``
+(anomalous at the model's threshold; null where it has none), ``threshold``, ``label`` (supervised: the
+predicted class), ``error`` (why a row could not be scored; the other rows are still scored, and its
+numbers are null, never NaN) and, with the parameter ``anomaly_map=true``, ``anomaly_map`` (a nested
+list [S][S] at the model's image size).
 
 Logged with MLflow 3's logged-model API (``name=``, linked to the evaluation run); its metadata records
 the backbone, the weights hash, the image size, the code version and the support image ids.
@@ -13,21 +17,18 @@ the backbone, the weights hash, the image size, the code version and the support
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import io
 import json
+import math
 from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
 
-from fewshot_core.errors import FsadError
-
 ARTIFACT = "fsad_model"  # the deployable folder inside the MLflow model's artifacts
 MODEL_NAME = "model"
 OUTPUT_COLUMNS = ("image_score", "decision", "threshold", "label", "error")
-_ERROR_TYPES = (FsadError, OSError, ValueError)
 
 
 class FsadModel(mlflow.pyfunc.PythonModel):
@@ -39,49 +40,26 @@ class FsadModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         from fewshot_core.models.deployable import DeployedModel
+        from fewshot_core.models.serving import budgets
+        from fewshot_core.models.trust import verify_logged_model
 
-        self.model = DeployedModel(context.artifacts[ARTIFACT])
+        budgets()  # a bad budget setting stops the server as it starts, not each request
+        # MLflow ran this folder's code file already; the rest of the folder is checked as fsad's loader does
+        folder = verify_logged_model(Path(context.artifacts[ARTIFACT]).parents[1])
+        self.model = DeployedModel(folder)
 
     def predict(self, context, model_input, params=None):
-        import pandas as pd
+        from fewshot_core.models.serving import read_request
 
-        params = params or {}
-        want_maps = bool(params.get("anomaly_map", False))
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if "image" not in frame and "path" not in frame:
-            raise FsadError("model input: give a column 'image' (encoded image bytes) or 'path' (image file)")
-        images, errors = [], []
-        for i in range(len(frame)):
-            try:
-                images.append(_decode(frame.iloc[i], i))
-                errors.append(None)
-            except _ERROR_TYPES as exc:
-                images.append(None)
-                errors.append(str(exc).splitlines()[0])
+        want_maps = bool((params or {}).get("anomaly_map", False))
+        images, errors = read_request(model_input, self.model.image_size)
         return predict_frame(self.model, images, errors, want_maps)
-
-
-def _decode(row, i: int):
-    """One input row -> a decoded RGB PIL image (or a path the featurizer reads, as the store does)."""
-    from fewshot_core.data.imageio import load_rgb
-
-    data = row.get("image") if "image" in row else None
-    if data is not None and not (isinstance(data, float) and np.isnan(data)):
-        if isinstance(data, str):  # base64 text (a DataFrame built by hand rather than through the schema)
-            data = base64.b64decode(data)
-        return load_rgb(Path(f"input row {i}"), data=bytes(data))
-    path = row.get("path") if "path" in row else None
-    if not path or (isinstance(path, float) and np.isnan(path)):
-        raise FsadError(f"input row {i}: neither 'image' nor 'path' given")
-    path = Path(path)
-    if not path.is_file():
-        raise FsadError(f"{path}: file not found")
-    return load_rgb(path)
 
 
 def predict_frame(model, images: list, errors: list, want_maps: bool = False, batch_size: int | None = None):
     """Score the decodable ``images`` in batches; rows with an error keep it and get no score.
 
+    Columns hold Python objects, so a row without a score serialises as JSON null rather than NaN.
     Batches default to the evaluation's query batch: CPU BLAS kernels (faiss' distance products) change
     their blocking with the batch, which moves scores in the 7th digit; the same batches give the same bits.
     """
@@ -99,13 +77,17 @@ def predict_frame(model, images: list, errors: list, want_maps: bool = False, ba
         idx = ok[start:start + batch_size]
         res = model.score([images[i] for i in idx], maps=want_maps)
         for j, i in enumerate(idx):
-            out["image_score"][i] = float(res.image_score[j])
+            score = float(res.image_score[j])
+            if not math.isfinite(score):
+                out["error"][i] = f"input row {i}: the model gave no finite score ({score})"
+                continue
+            out["image_score"][i] = score
             out["decision"][i] = res.decision[j]
             out["threshold"][i] = res.threshold
             out["label"][i] = None if res.label is None else res.label[j]
             if want_maps and res.anomaly_map is not None:
                 maps[i] = res.anomaly_map[j].astype(np.float32).tolist()
-    frame = pd.DataFrame(out)
+    frame = pd.DataFrame({name: pd.Series(values, dtype=object) for name, values in out.items()})
     if want_maps:
         frame["anomaly_map"] = maps
     return frame
@@ -115,7 +97,8 @@ def signature():
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-    inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)])
+    # optional in the schema: the model itself answers a request without it with its one-line 400
+    inputs = Schema([ColSpec("binary", "image", required=False)])
     outputs = Schema([ColSpec("double", "image_score"), ColSpec("boolean", "decision", required=False),
                       ColSpec("double", "threshold", required=False), ColSpec("string", "label", required=False),
                       ColSpec("string", "error", required=False)])
@@ -205,7 +188,7 @@ def quiet_advice():
 
     from fewshot_core.tracking import no_progress_bars
 
-    # its log lines on pickling the wrapper class and validating the input example, once per model
+    # its log lines on loading the model code and validating the input example, once per model
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
     level_before = pyfunc_log.level
     pyfunc_log.setLevel(logging.ERROR)
@@ -247,22 +230,9 @@ def log_model(tracking_uri: str, run_id: str, folder, example_image=None, name: 
                 if k in ("fsad_method", "category", "backbone", "image_size", "threshold") and v is not None},
         tags={"fsad.category": meta["category"], "fsad.method": meta["fsad_method"],
               "mlflow.loggedModel.flavor": "python_function", **{k: str(v) for k, v in (tags or {}).items()}})
+    from fewshot_core.models.trust import ENTRY
+
     with _fluent(tracking_uri):
         return Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
-                         python_model=FsadModel(), artifacts={ARTIFACT: str(folder)}, signature=signature(),
+                         python_model=str(ENTRY), artifacts={ARTIFACT: str(folder)}, signature=signature(),
                          input_example=example, pip_requirements=requirements(), metadata={"fsad": meta})
-
-
-def load(model_uri: str, tracking_uri: str | None = None):
-    """``mlflow.pyfunc.load_model`` with fsad's tracking URI; a missing model is a one-line error."""
-    from fewshot_core.tracking import default_tracking_uri
-
-    with _fluent(tracking_uri or default_tracking_uri()):
-        try:
-            return mlflow.pyfunc.load_model(model_uri)
-        except FsadError:
-            raise
-        except Exception as exc:  # MlflowException, OSError: not found, no such alias, no registry
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise FsadError(f"{model_uri}: cannot load the model ({reason}); check the URI (models:/fsad-<category>"
-                            "@champion, runs:/<run>/model or a local folder) and MLFLOW_TRACKING_URI") from None

@@ -19,7 +19,8 @@ torch.set_num_threads(int(sys.argv[4]))
 mlflow.set_tracking_uri(sys.argv[1])
 model = mlflow.pyfunc.load_model(sys.argv[2])
 paths = json.loads(sys.argv[3])
-out = model.predict(pd.DataFrame({"path": paths}))
+# the image files' bytes, as a client sends them (a served model reads no path on its machine)
+out = model.predict(pd.DataFrame({"image": [open(p, "rb").read() for p in paths]}))
 print("RESULT" + json.dumps({"score": out["image_score"].tolist(), "decision": out["decision"].tolist(),
                              "label": out["label"].tolist(), "meta": model.metadata.metadata}))
 """
@@ -202,11 +203,13 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_served_model_answers_an_image_with_score_and_decision(env, tmp_path):
-    """``mlflow models serve`` on 127.0.0.1: one posted image comes back with its score and decision."""
+    """``mlflow models serve`` on 127.0.0.1: a posted image comes back with its score and decision, an unreadable
+    one beside it with JSON null; a request with a ``path`` column or without ``image`` is a one-line 400."""
     import base64
     import os
     import signal
     import time
+    import urllib.error
     import urllib.request
 
     from fewshot_core.episodes import sample_oneclass
@@ -241,12 +244,22 @@ def test_served_model_answers_an_image_with_score_and_decision(env, tmp_path):
             except OSError:
                 assert time.monotonic() < deadline, "server did not come up"
                 time.sleep(2)
+
+        def post(columns, rows):
+            body = json.dumps({"dataframe_split": {"columns": columns, "data": rows}}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=300) as resp:
+                    return resp.status, resp.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+
         path = ds.by_id(ep.query_ids[-1]).path
-        body = json.dumps({"dataframe_split": {"columns": ["image"],
-                                               "data": [[base64.b64encode(path.read_bytes()).decode()]]}})
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
-                                     headers={"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(req, timeout=300).read())["predictions"][0]
+        encoded = base64.b64encode(path.read_bytes()).decode()
+        status, text = post(["image", "path"], [[encoded, None], [base64.b64encode(b"junk").decode(), None]])
+        refused = post(["path"], [[str(path)]])
+        no_image = post(["picture"], [["x"]])
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -254,6 +267,13 @@ def test_served_model_answers_an_image_with_score_and_decision(env, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    # valid JSON (no NaN) with the unreadable row's numbers null; the bad requests are 400s of one line
+    answer, unreadable = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the answer"))["predictions"]
+    assert status == 200 and unreadable["image_score"] is None and unreadable["error"].startswith("input row 1:")
+    for code, body in (refused, no_image):
+        message = json.loads(body)["message"]
+        assert code == 400 and "\n" not in message and message.startswith("model input: no column 'image'"), body
+        assert "stack_trace" not in json.loads(body)
     want = float(details["image_scores"][-1])
     assert answer["image_score"] == pytest.approx(want, abs=1e-4)  # a batch of one vs the evaluation's batch
     assert answer["decision"] == bool(want > details["threshold"].value)

@@ -1,0 +1,45 @@
+"""One logged PatchCore model on the synthetic data, shared by the model-file and served-model tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass
+class Logged:
+    dataset: object
+    tracker: object
+    tracking_uri: str
+    model_uri: str
+    model_id: str
+    query_paths: list[Path]
+    query_scores: list[float]
+    threshold: float
+
+
+@pytest.fixture(scope="session")
+def logged_model(tmp_path_factory, synth_root) -> Logged:
+    from fewshot_core.data import load_dataset
+    from fewshot_core.episodes import sample_oneclass
+    from fewshot_core.evaluation.oneclass import run_oneclass_episode
+    from fewshot_core.features.store import FeatureStore
+    from fewshot_core.models.publish import publish_model
+    from fewshot_core.tracking import Tracker
+
+    tmp = tmp_path_factory.mktemp("logged-model")
+    category = sorted(p.name for p in synth_root.iterdir() if p.is_dir())[0]
+    ds = load_dataset(synth_root, category)
+    part = FeatureStore(tmp / "store").build(ds, image_size=64, num_workers=0, progress=False)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    tracker = Tracker(uri, (tmp / "artifacts").as_uri())
+    ep = sample_oneclass(ds, 3, 0)
+    details: dict = {}
+    run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=64, details=details)
+    run_id = tracker.log_evaluation("t", "dag", "r", {}, {})
+    out = publish_model(tracker, run_id, ds, details["model"], ep.support_ids, "oneclass", partition=part,
+                        threshold=details["threshold"])
+    return Logged(ds, tracker, uri, out["model_uri"], out["model_id"], [ds.by_id(i).path for i in ep.query_ids],
+                  [float(s) for s in details["image_scores"]], details["threshold"].value)
