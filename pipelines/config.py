@@ -10,7 +10,7 @@ EfficientNet-Lite0 backbone, the fast methods that exist, a small shots grid and
     # or your own folders, one layout YAML per category (image-level when it names no masks):
     # data: {source: layout, layouts: [parts/housing.yaml, parts/gasket.yaml]}
     backbones: [tf_efficientnet_lite0]
-    image_size: 224
+    image_size: 224     # the short side; aspect: auto (each category's own height/width), square, or a ratio
     oneclass: {shots: [1, 2, 4, 8], seeds: [0, 1, 2, 3, 4]}
     supervised: {ratios: [[1, 1], [5, 1], [10, 1]], label_modes: [binary, multiclass], seeds: [0, 1, 2]}
     methods:
@@ -60,6 +60,7 @@ class SweepConfig:
     synth: dict = field(default_factory=lambda: SweepFile().data.synth.model_dump())
     backbones: list[str] = field(default_factory=lambda: ["tf_efficientnet_lite0"])
     image_size: int | None = None  # None: STANDARD_IMAGE_SIZE on real data, QUICK_LOOK_IMAGE_SIZE on synthetic
+    aspect: str | float = "auto"  # the long side: the category's own aspect, "square", or a height/width ratio
     shots: list[int] = field(default_factory=lambda: [1, 2, 4])
     oneclass_seeds: list[int] = field(default_factory=lambda: [0, 1])
     ratios: list[tuple[int, int]] = field(default_factory=lambda: [(1, 1), (3, 1), (1, 2), (3, 2)])
@@ -190,6 +191,7 @@ def _from_file(sweep: SweepFile, path: Path) -> SweepConfig:
         data_layouts=[resolve(f) for f in data.layouts] if data.source == "layout" else None,
         categories=list(data.categories) if data.categories is not None else None,
         synth=data.synth.model_dump(), backbones=list(sweep.backbones), image_size=sweep.image_size,
+        aspect=sweep.aspect,
         shots=list(sweep.oneclass.shots), oneclass_seeds=list(sweep.oneclass.seeds),
         ratios=[tuple(r) for r in sweep.supervised.ratios], label_modes=list(sweep.supervised.label_modes),
         supervised_seeds=list(sweep.supervised.seeds), methods=methods,

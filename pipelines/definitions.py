@@ -58,7 +58,8 @@ def build_definitions(cfg: SweepConfig | None = None) -> dg.Definitions:
         schedules=[nightly_schedule],
         sensors=[build_new_images_sensor(cfg, embeddings_job), automation_sensor()],
         resources={
-            "feature_store": FeatureStoreResource(root=str(work / "features"), image_size=cfg.resolved_image_size()),
+            "feature_store": FeatureStoreResource(root=str(work / "features"), image_size=cfg.resolved_image_size(),
+                                                    aspect=str(cfg.aspect)),
             "mlflow": MlflowTracking(experiment=cfg.name),
             "device": DeviceResource(device="auto", torch_threads=2),
             "table_io": ParquetIOManager(base_dir=str(work / "tables")),

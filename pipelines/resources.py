@@ -42,6 +42,7 @@ class FeatureStoreResource(dg.ConfigurableResource):
 
     root: str
     image_size: int = 112
+    aspect: str = "auto"  # fewshot_core.data.aspect: "auto", "square" or a height/width ratio as text
     batch_size: int = 16
     num_workers: int = 2  # DataLoader decode workers: decoding overlaps the forward pass (the store's default)
 
@@ -54,7 +55,7 @@ class FeatureStoreResource(dg.ConfigurableResource):
         """The partition for ``dataset`` x ``backbone``: opened from disk when complete, else built."""
         return self.store().build(dataset, backbone=backbone, image_size=self.image_size,
                                   batch_size=self.batch_size, num_workers=self.num_workers, device=device,
-                                  progress=False)
+                                  progress=False, aspect=self.aspect)
 
 
 class MlflowTracking(dg.ConfigurableResource):

@@ -112,6 +112,8 @@ class SweepFile(_Strict):
     backbones: list[str] = ["tf_efficientnet_lite0"]
     # None: the methods' standard resolution on real data, a quick look on the synthetic demo (config.py)
     image_size: Annotated[int, Field(strict=True, ge=32)] | None = None
+    # the long side (fewshot_core.data.aspect): auto keeps each category's height/width, square squashes
+    aspect: Literal["auto", "square"] | Annotated[float, Field(gt=0)] = "auto"
     oneclass: OneclassSection = OneclassSection()
     supervised: SupervisedSection = SupervisedSection()
     methods: list[MethodItem] | None = None

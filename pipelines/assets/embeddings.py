@@ -34,7 +34,7 @@ def build_embeddings_asset(cfg: SweepConfig, image_manifest) -> dg.AssetsDefinit
             context.add_asset_metadata({
                 "store key": part.key, "images": len(part), "cache hit": hit,
                 "grid": "x".join(map(str, part.grid)), "patch dim": part.patch_dim,
-                "image size": part.image_size, "seconds": round(time.perf_counter() - start, 2),
+                "image size": part.image_size, "input shape": "x".join(map(str, part.input_shape)), "seconds": round(time.perf_counter() - start, 2),
                 "path": dg.MetadataValue.path(str(part.path)),
                 "weights": str(weights.get("source", part.meta.get("weights_source", ""))),
                 "random weights": bool(part.is_random)}, partition_key=p["key"])

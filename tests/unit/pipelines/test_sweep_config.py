@@ -172,3 +172,17 @@ def test_champion_criterion_and_full_data_model_are_sweep_keys(tmp_path):
 ])
 def test_bad_champion_and_full_data_keys_are_refused(tmp_path, text, message):
     assert message in _refused(tmp_path, text)
+
+
+def test_aspect_reaches_the_feature_store(tmp_path):
+    """``aspect`` (auto by default, square, or a ratio) is the long side of every partition the sweep builds."""
+    from pipelines.definitions import build_definitions
+
+    _, cfg = _load(tmp_path, "aspect: square\n")
+    assert cfg.aspect == "square"
+    _, ratio = _load(tmp_path, "aspect: 2.5\n")
+    assert ratio.aspect == 2.5
+    assert SweepConfig().aspect == "auto"
+    assert "aspect" in _refused(tmp_path, "aspect: wide\n")
+    defs = build_definitions(cfg)
+    assert defs.resources["feature_store"].aspect == "square"
