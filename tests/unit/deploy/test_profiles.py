@@ -22,9 +22,21 @@ K8S = ROOT / "deploy" / "k8s"
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for key in ("FSAD_PROFILE", "FSAD_PROFILE_CONFIG", "FSAD_CLUSTER_HOME", "FSAD_SHARED_ROOT", "FSAD_CLUSTER_HOST"):
+    from pipelines.deploy.credentials import ALL_KEYS
+
+    for key in ("FSAD_PROFILE", "FSAD_PROFILE_CONFIG", "FSAD_CLUSTER_HOME", "FSAD_SHARED_ROOT", "FSAD_CLUSTER_HOST",
+                *ALL_KEYS):
         monkeypatch.delenv(key, raising=False)
     return monkeypatch
+
+
+@pytest.fixture
+def client_secrets(monkeypatch):
+    """The worker app reads the profile (and so its secrets) when imported."""
+    from pipelines.deploy.credentials import CLIENT_KEYS
+
+    for key in CLIENT_KEYS:
+        monkeypatch.setenv(key, f"test-{key.lower()}")
 
 
 def _defs(tmp_path, methods="[{id: patchcore, method: patchcore}]"):
@@ -58,11 +70,15 @@ def test_embedded_stays_the_in_process_default(clean_env, tmp_path):
 def test_cluster_executor_config_is_accepted_by_dagster(clean_env, tmp_path):
     from dagster_celery import celery_executor
 
+    from pipelines.deploy.credentials import ensure_secrets
     from pipelines.deploy.profile import load_profile
 
+    secrets, _ = ensure_secrets(tmp_path / "home")
     prof = load_profile(ROOT / "deploy" / "cluster.yaml", tmp_path / "home")
     value = _process(celery_executor.config_schema, prof.executor_config())
-    assert value["broker"] == "redis://127.0.0.1:56379/0" and value["config_source"]["task_acks_late"] is True
+    password = secrets["FSAD_REDIS_PASSWORD"]
+    assert value["broker"] == f"redis://:{password}@127.0.0.1:56379/0" and value["backend"].endswith(":56379/1")
+    assert value["config_source"]["task_acks_late"] is True
     assert prof.pools == {"cpu": 2, "gpu": 1} and [w["name"] for w in prof.workers] == ["w1", "w2"]
     clean_env.setenv("FSAD_PROFILE", "cluster")
     clean_env.setenv("FSAD_CLUSTER_HOME", str(tmp_path / "home"))
@@ -149,7 +165,10 @@ def test_cluster_instance_config_is_accepted_by_dagster(clean_env, tmp_path):
     prof = load_profile(ROOT / "deploy" / "cluster.yaml", tmp_path / "home")
     write_instance(prof)
     config, _ = dagster_instance_config(str(prof.dagster_home))
-    assert config["storage"]["postgres"]["postgres_url"].startswith("postgresql+psycopg2://postgres@127.0.0.1:")
+    # the role that owns the databases, its password read from each process's environment, never the file
+    assert config["storage"]["postgres"]["postgres_db"] == {
+        "username": "fsad", "password": {"env": "FSAD_POSTGRES_PASSWORD"}, "hostname": "127.0.0.1", "port": 55432,
+        "db_name": "dagster", "scheme": "postgresql+psycopg2"}
     assert config["run_retries"] == {"enabled": True, "max_retries": 2, "retry_on_asset_or_op_failure": True}
     assert config["concurrency"]["runs"]["max_concurrent_runs"] == 4
 
@@ -264,7 +283,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_worker_removes_only_this_hosts_dead_temp_folders(tmp_path):
+def test_worker_removes_only_this_hosts_dead_temp_folders(tmp_path, client_secrets):
     from pipelines.deploy.celery_app import remove_dead_temp_files
 
     host = socket.gethostname()
@@ -279,7 +298,7 @@ def test_worker_removes_only_this_hosts_dead_temp_folders(tmp_path):
     assert live.exists() and other.exists() and not dead.exists() and not legacy.exists()
 
 
-def test_superseded_mlflow_runs_of_a_step_are_deleted_with_their_artifacts(tmp_path):
+def test_superseded_mlflow_runs_of_a_step_are_deleted_with_their_artifacts(tmp_path, client_secrets):
     from fewshot_core import tracking
     from fewshot_core.tracking import Tracker
     from pipelines.deploy.celery_app import discard_mlflow_run, superseded_mlflow_runs
