@@ -178,7 +178,9 @@ def test_cluster_instance_config_is_accepted_by_dagster(clean_env, tmp_path):
 # these levels); a typo here would be rejected by `helm install`, so it must fail here first.
 CHART_KEYS = {
     (): {"dagster-user-deployments", "runLauncher", "postgresql", "dagsterDaemon", "concurrency", "telemetry",
-         "dagsterWebserver", "global", "computeLogManager", "imagePullSecrets"},
+         "dagsterWebserver", "global", "computeLogManager", "imagePullSecrets", "generatePostgresqlPasswordSecret"},
+    ("global",): {"postgresqlSecretName", "dagsterHome", "serviceAccountName", "celeryConfigSecretName",
+                  "dagsterInstanceConfigMap"},
     ("dagster-user-deployments",): {"enabled", "enableSubchart", "deployments", "imagePullSecrets"},
     ("runLauncher",): {"type", "config"},
     ("runLauncher", "config", "k8sRunLauncher"): {
@@ -187,8 +189,9 @@ CHART_KEYS = {
         "schedulerName", "securityContext", "runK8sConfig"},
     ("runLauncher", "config", "k8sRunLauncher", "runK8sConfig"): {
         "containerConfig", "podSpecConfig", "podTemplateSpecMetadata", "jobSpecConfig", "jobMetadata"},
+    # existingSecret: passed on to the Bitnami PostgreSQL subchart (Dagster's schema lets unknown keys through here)
     ("postgresql",): {"enabled", "image", "postgresqlHost", "postgresqlUsername", "postgresqlPassword",
-                      "postgresqlDatabase", "postgresqlParams", "postgresqlScheme", "service"},
+                      "postgresqlDatabase", "postgresqlParams", "postgresqlScheme", "service", "existingSecret"},
     ("dagsterDaemon",): {"enabled", "image", "runCoordinator", "heartbeatTolerance", "env", "envConfigMaps",
                          "envSecrets", "resources", "runMonitoring", "runRetries", "sensors", "schedules",
                          "volumeMounts", "volumes", "nodeSelector", "tolerations", "affinity"},
@@ -255,6 +258,59 @@ def test_helm_values_use_the_charts_names_and_agree_with_the_code(tmp_path):
         "pools": {"granularity": conc["pools"]["granularity"], "default_limit": conc["pools"]["defaultLimit"]},
         "runs": {"max_concurrent_runs": conc["runs"]["maxConcurrentRuns"]}}})
     assert set(executor["pools"]) == {"cpu", "gpu"}
+
+
+def _literal_passwords(node, path=()):
+    """(path, value) of every non-empty string under a key that names a password, secret or token."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(value, str) and value and any(w in str(key).lower() for w in ("password", "token")):
+                yield path + (key,), value
+            yield from _literal_passwords(value, path + (key,))
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            if isinstance(item, dict) and isinstance(item.get("value"), str) and any(
+                    w in str(item.get("name", "")).lower() for w in ("password", "secret_key", "token")):
+                yield path + (i,), item["value"]
+            yield from _literal_passwords(item, path + (i,))
+
+
+def test_k8s_files_ship_no_password_and_put_mlflow_behind_authentication():
+    files = sorted(K8S.glob("*.yaml"))
+    for path in files:
+        text = path.read_text()
+        assert "change-me" not in text.lower()
+        for doc in yaml.safe_load_all(text):
+            assert not list(_literal_passwords(doc)), (path.name, list(_literal_passwords(doc)))
+    values = yaml.safe_load((K8S / "values.yaml").read_text())
+    # the chart makes no Secret of its own: Dagster's pods and the bundled database read the installer's Secret
+    secret = values["global"]["postgresqlSecretName"]
+    assert values["generatePostgresqlPasswordSecret"] is False and values["postgresql"]["existingSecret"] == secret
+    docs = {d["kind"]: d for d in yaml.safe_load_all((K8S / "mlflow.yaml").read_text())}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for c in [*pod["initContainers"], server] for e in c["env"]
+            if "valueFrom" in e}
+    assert refs == {secret}
+    command = server["command"][-1]
+    assert "--app-name basic-auth" in command and "${PGPASSWORD" not in command  # no password on the command line
+    assert "default_permission = NO_PERMISSIONS" in docs["ConfigMap"]["data"]["basic_auth.ini"]
+    # the server's admin account is the one every client pod gets as MLFLOW_TRACKING_USERNAME / _PASSWORD
+    (auth,) = [e["secretRef"]["name"] for e in server["envFrom"]]
+    (dep,) = values["dagster-user-deployments"]["deployments"]
+    launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
+    executor = yaml.safe_load((K8S / "executor.yaml").read_text())["executor"]
+    assert [e["name"] for e in dep["envSecrets"]] == [e["name"] for e in launcher["envSecrets"]] == [auth]
+    assert executor["env_secrets"] == [auth]
+
+
+@pytest.mark.skipif(not Path("/bin/sh").exists(), reason="no /bin/sh")
+def test_k8s_mlflow_server_refuses_to_start_with_an_empty_account(tmp_path):
+    docs = {d["kind"]: d for d in yaml.safe_load_all((K8S / "mlflow.yaml").read_text())}
+    (server,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {"PATH": os.environ["PATH"], "MLFLOW_TRACKING_USERNAME": "fsad", "MLFLOW_TRACKING_PASSWORD": ""}
+    out = subprocess.run(server["command"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode != 0 and "MLFLOW_TRACKING_PASSWORD: empty in Secret fsad-mlflow-auth" in out.stderr
 
 
 def test_pools_command_sets_the_limits_of_a_profile_file(tmp_path):
