@@ -18,7 +18,7 @@ import pytest
 
 from pipelines.deploy.credentials import ALL_KEYS
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
 
 def _free_port() -> int:
