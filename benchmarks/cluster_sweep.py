@@ -98,6 +98,8 @@ def _steps(profile: Path, home: Path) -> list[dict]:
     from pipelines.deploy.profile import load_profile
 
     prof = load_profile(profile, home)
+    # the instance reads its PostgreSQL password from the environment (dagster.yaml holds none)
+    os.environ["FSAD_POSTGRES_PASSWORD"] = prof.secrets["FSAD_POSTGRES_PASSWORD"]
     with dg.DagsterInstance.from_config(str(prof.dagster_home)) as instance:
         runs = [r.run_id for r in instance.get_runs()]
         return [{"step": t.step_key, "worker": t.worker, "seconds": t.seconds, "overhead": t.overhead, "queued": t.queued,

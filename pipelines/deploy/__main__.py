@@ -4,7 +4,8 @@
     python -m pipelines.deploy sweep [--home DIR] [--sweep sweep.yaml]      # run the sweep through it
     python -m pipelines.deploy status [--home DIR]
     python -m pipelines.deploy down [--home DIR]
-    python -m pipelines.deploy worker --name w3 --queues gpu [--profile FILE]   # a worker on another machine
+    python -m pipelines.deploy worker --name w3 --queues gpu [--profile FILE] [--home DIR]   # another machine;
+                                        # its --home holds a copy of the head's secrets.env (or export them)
     python -m pipelines.deploy pools --profile FILE     # the file's pool limits on the instance at DAGSTER_HOME
 """
 
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from pipelines.deploy import local
+    from pipelines.deploy.credentials import secrets_path
     from pipelines.deploy.profile import load_profile, read_pools
 
     if args.command == "pools":  # any profile file with `pools:` (the k8s one has no cluster keys)
@@ -79,9 +81,18 @@ def _run(args) -> int:
         return 0
     if args.command == "status":
         services = local.status(prof)
+        if not services:
+            print(f"nothing running: no service was started under {prof.home} (start them with "
+                  f"`python -m pipelines.deploy up --home {prof.home}`)")
+            return 1
         for name, (pid, alive) in services.items():
             print(f"{name:16s} pid {pid}  {'running' if alive else 'not running'}")
-        return 0 if services and all(alive for _, alive in services.values()) else 1
+        try:
+            prof.secrets
+            print(f"{'secrets':16s} {secrets_path(prof.home)} (or the environment)")
+        except FsadError as exc:
+            print(f"{'secrets':16s} {exc}")
+        return 0 if all(alive for _, alive in services.values()) else 1
     env = local._python_env(prof, sweep)
     os.environ.update(env)  # before the code location is imported: it reads the profile from the environment
     if args.command == "worker":

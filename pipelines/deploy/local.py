@@ -7,6 +7,10 @@ PostgreSQL, run queue, run retries, pool limits from the profile) and the profil
 process writes its pid to ``<home>/run/<name>.pid`` and its log to ``<home>/logs/<name>.log``; ``down`` stops
 exactly those pids (their process groups: the webserver and daemon start code servers and run workers) and
 PostgreSQL through ``pg_ctl``. Everything binds to the profile's host only.
+
+Every service asks for a secret of ``<home>/secrets.env`` (``credentials.py``): PostgreSQL scram-sha-256 for
+local and TCP connections, Redis ``requirepass``, MLflow its basic-auth app. No secret is put on a command
+line (other local users can read those): they go through 0600 files and the processes' environment.
 """
 
 from __future__ import annotations
@@ -20,14 +24,17 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import yaml
 
+from fewshot_core.atomic import atomic_write_text
 from fewshot_core.errors import FsadError
 from fewshot_core.processes import pid_alive
-from pipelines.deploy.profile import CHECKOUT, ClusterProfile
+from pipelines.deploy.credentials import ensure_secrets
+from pipelines.deploy.profile import CHECKOUT, POSTGRES_ROLE, POSTGRES_SCHEME, ClusterProfile
 
 SERVICES_FILE = "services.json"
 
@@ -132,7 +139,10 @@ def _python_env(prof: ClusterProfile, sweep: str | None) -> dict:
 def instance_yaml(prof: ClusterProfile) -> dict:
     """``dagster.yaml`` of the profile: PostgreSQL storage, the run queue, run retries and monitoring."""
     return {
-        "storage": {"postgres": {"postgres_url": prof.postgres_url("dagster")}},
+        # the password is read from the environment by each process: dagster.yaml holds no secret
+        "storage": {"postgres": {"postgres_db": {
+            "username": POSTGRES_ROLE, "password": {"env": "FSAD_POSTGRES_PASSWORD"}, "hostname": prof.host,
+            "port": prof.ports["postgres"], "db_name": "dagster", "scheme": POSTGRES_SCHEME}}},
         "local_artifact_storage": {"module": "dagster._core.storage.root", "class": "LocalArtifactStorage",
                                    "config": {"base_dir": str(prof.shared_root / "dagster_storage")}},
         "compute_logs": {"module": "dagster._core.storage.local_compute_log_manager",
@@ -167,7 +177,36 @@ def apply_pool_limits(prof: ClusterProfile) -> None:
 
 
 # -- services ------------------------------------------------------------------------------------------
-def start_postgres(prof: ClusterProfile) -> None:
+def _refuse_trust(data: Path) -> None:
+    """A data folder from before the profile had passwords lets every local user in: never start it."""
+    hba = data / "pg_hba.conf"
+    lines = [ln.split() for ln in hba.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if any("trust" in fields for fields in lines):
+        raise FsadError(f"{hba}: PostgreSQL trusts connections without a password (a data folder made before the "
+                        f"cluster profile had secrets); move {data} away and run `up` again, which makes a new one")
+
+
+def _initdb(prof: ClusterProfile, data: Path, admin_password: str) -> None:
+    data.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(data, "postgres", "postgres")
+    data.chmod(0o700)
+    # --pwfile, not a command-line argument; the file lives only while initdb runs (the postgres user reads it)
+    pwfile = _run_dir(prof) / "initdb.pw"
+    atomic_write_text(pwfile, admin_password + "\n", mode=0o600)
+    try:
+        if os.geteuid() == 0:
+            shutil.chown(pwfile, "postgres", "postgres")
+        out = subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(data), "-U", "postgres",
+                                           "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8",
+                                           "--locale=C", "--no-sync"]), capture_output=True, text=True)
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if out.returncode != 0:
+        raise FsadError(f"initdb {data} failed: {(out.stderr or out.stdout).strip().splitlines()[-1]}")
+
+
+def start_postgres(prof: ClusterProfile, secrets: dict) -> None:
     data = prof.home / "postgres"
     if os.geteuid() == 0:
         for parent in [prof.home, *prof.home.parents]:
@@ -175,15 +214,8 @@ def start_postgres(prof: ClusterProfile) -> None:
                 raise FsadError(f"{parent}: not searchable by the postgres user; chmod o+x it or choose "
                                 "another --home")
     if not (data / "PG_VERSION").is_file():
-        data.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            shutil.chown(data, "postgres", "postgres")
-        data.chmod(0o700)
-        out = subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-                                           "-E", "UTF8", "--locale=C", "--no-sync"]),
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            raise FsadError(f"initdb {data} failed: {(out.stderr or out.stdout).strip().splitlines()[-1]}")
+        _initdb(prof, data, secrets["FSAD_POSTGRES_ADMIN_PASSWORD"])
+    _refuse_trust(data)
     log = _log(prof, "postgres")
     log.touch()
     if os.geteuid() == 0:
@@ -197,36 +229,86 @@ def start_postgres(prof: ClusterProfile) -> None:
     _record(prof, "postgres", pid)
     import psycopg2
 
-    conn = psycopg2.connect(host=prof.host, port=prof.ports["postgres"], user="postgres", dbname="postgres")
+    try:
+        conn = psycopg2.connect(host=prof.host, port=prof.ports["postgres"], user="postgres", dbname="postgres",
+                                password=secrets["FSAD_POSTGRES_ADMIN_PASSWORD"])
+    except psycopg2.OperationalError as exc:
+        raise FsadError(f"PostgreSQL at {prof.host}:{prof.ports['postgres']} refused FSAD_POSTGRES_ADMIN_PASSWORD of "
+                        f"{prof.home}/secrets.env ({str(exc).strip().splitlines()[-1]}); restore the file that "
+                        f"created {data}, or move {data} away") from None
     conn.autocommit = True
     with conn.cursor() as cur:
+        # the role the services use: owner of their databases, no superuser (no COPY ... TO PROGRAM)
+        cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (POSTGRES_ROLE,))
+        verb = "ALTER" if cur.fetchone() else "CREATE"
+        cur.execute(f'{verb} ROLE "{POSTGRES_ROLE}" LOGIN NOSUPERUSER PASSWORD %s',
+                    (secrets["FSAD_POSTGRES_PASSWORD"],))
         for db in ("dagster", "mlflow"):
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
             if cur.fetchone() is None:
-                cur.execute(f'CREATE DATABASE "{db}"')
+                cur.execute(f'CREATE DATABASE "{db}" OWNER "{POSTGRES_ROLE}"')
     conn.close()
 
 
-def start_redis(prof: ClusterProfile) -> None:
+def _redis_quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def start_redis(prof: ClusterProfile, secrets: dict) -> None:
     exe = shutil.which("redis-server")
     if exe is None:
         raise FsadError("redis-server not found; install it (`apt-get install -y redis-server`)")
-    (prof.home / "redis").mkdir(parents=True, exist_ok=True)
-    pid = _spawn(prof, "redis", [exe, "--bind", prof.host, "--port", str(prof.ports["redis"]),
-                                 "--dir", str(prof.home / "redis"), "--save", "", "--appendonly", "no",
-                                 "--daemonize", "no"])
+    work = prof.home / "redis"
+    # the password in a 0600 config file, not in the command line every local user can list
+    conf = atomic_write_text(work / "redis.conf", "\n".join([
+        f"bind {prof.host}", f"port {prof.ports['redis']}", f"dir {_redis_quote(str(work))}", 'save ""',
+        "appendonly no", "daemonize no", f"requirepass {_redis_quote(secrets['FSAD_REDIS_PASSWORD'])}", ""]),
+        mode=0o600)
+    pid = _spawn(prof, "redis", [exe, str(conf)])
     _wait_port(prof.host, prof.ports["redis"], "redis", prof, pid)
 
 
-def start_mlflow(prof: ClusterProfile, env: dict) -> None:
+def mlflow_auth_config(prof: ClusterProfile) -> Path:
+    """MLflow's basic-auth settings: users in a SQLite file under the home; nobody but the admin account the
+    clients share (``MLFLOW_TRACKING_USERNAME``) may read or write anything."""
+    folder = prof.home / "mlflow-auth"
+    return atomic_write_text(folder / "basic_auth.ini", "\n".join([
+        "[mlflow]", "default_permission = NO_PERMISSIONS", f"database_uri = sqlite:///{folder / 'basic_auth.db'}",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth", ""]), mode=0o600)
+
+
+def _check_mlflow_login(prof: ClusterProfile, secrets: dict) -> None:
+    """The clients' account must be the one the server's user store holds (it was made at its first start)."""
+    import base64
+
+    token = base64.b64encode(f"{secrets['MLFLOW_TRACKING_USERNAME']}:{secrets['MLFLOW_TRACKING_PASSWORD']}"
+                             .encode()).decode()
+    req = urllib.request.Request(f"{prof.mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=1",
+                                 headers={"Authorization": f"Basic {token}"})
+    try:
+        urllib.request.urlopen(req, timeout=30).close()
+    except urllib.error.HTTPError as exc:
+        raise FsadError(f"MLflow at {prof.mlflow_uri} refused the account of {prof.home}/secrets.env (HTTP "
+                        f"{exc.code}); its user store {prof.home}/mlflow-auth was made with other secrets: move it "
+                        "away and run `up` again") from None
+
+
+def start_mlflow(prof: ClusterProfile, env: dict, secrets: dict) -> None:
     artifacts = prof.shared_root / "mlflow-artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
-    pid = _spawn(prof, "mlflow", [sys.executable, "-m", "mlflow", "server",
+    server_env = {**env, "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_auth_config(prof)),
+                  # the admin account is created from these at the user store's first start
+                  "MLFLOW_AUTH_ADMIN_USERNAME": secrets["MLFLOW_TRACKING_USERNAME"],
+                  "MLFLOW_AUTH_ADMIN_PASSWORD": secrets["MLFLOW_TRACKING_PASSWORD"],
+                  "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets["MLFLOW_FLASK_SERVER_SECRET_KEY"],
+                  "PGPASSWORD": secrets["FSAD_POSTGRES_PASSWORD"]}
+    pid = _spawn(prof, "mlflow", [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
                                   "--backend-store-uri", prof.postgres_url("mlflow"),
                                   "--serve-artifacts", "--artifacts-destination", artifacts.as_uri(),
                                   "--host", prof.host, "--port", str(prof.ports["mlflow"]), "--workers", "1"],
-                 env)
-    _wait_http(f"{prof.mlflow_uri}/health", "mlflow", prof, pid)
+                 server_env)
+    _wait_http(f"{prof.mlflow_uri}/health", "mlflow", prof, pid)  # /health is the one route without a login
+    _check_mlflow_login(prof, secrets)
 
 
 def start_dagster(prof: ClusterProfile, env: dict) -> None:
@@ -272,18 +354,22 @@ def up(prof: ClusterProfile, sweep: str | None = None, log=print) -> None:
     if running := [n for n in _services(prof) if (p := read_pid(prof, n)) and pid_alive(p)]:
         raise FsadError(f"{prof.home}: services already running ({', '.join(running)}); stop them with "
                         f"`python -m pipelines.deploy down --home {prof.home}`")
+    secrets, created = ensure_secrets(prof.home)
+    if created:
+        log(f"secrets in {prof.home / 'secrets.env'} (new, mode 0600)")
     (_run_dir(prof) / SERVICES_FILE).write_text("[]")
     prof.shared_root.mkdir(parents=True, exist_ok=True)
     env = _python_env(prof, sweep)
+    os.environ.update({k: v for k, v in env.items() if k in secrets})  # this process opens the instance too
     try:
         log(f"postgresql on {prof.host}:{prof.ports['postgres']}")
-        start_postgres(prof)
+        start_postgres(prof, secrets)
         log(f"redis-server on {prof.host}:{prof.ports['redis']}")
-        start_redis(prof)
+        start_redis(prof, secrets)
         write_instance(prof)
         apply_pool_limits(prof)
         log(f"mlflow server on {prof.mlflow_uri}")
-        start_mlflow(prof, env)
+        start_mlflow(prof, env, secrets)
         log(f"dagster webserver on http://{prof.host}:{prof.ports['webserver']} and daemon")
         start_dagster(prof, env)
         log(f"celery workers {', '.join(w['name'] + ' (' + ','.join(w['queues']) + ')' for w in prof.workers)}")

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import yaml
 
 from fewshot_core.errors import FsadError
+from pipelines.deploy.credentials import CLIENT_KEYS, load_secrets
 
 PROFILE_ENV = "FSAD_PROFILE"
 CONFIG_ENV = "FSAD_PROFILE_CONFIG"
@@ -27,6 +29,9 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 DEFAULT_CLUSTER_CONFIG = CHECKOUT / "deploy" / "cluster.yaml"
 DEFAULT_K8S_CONFIG = CHECKOUT / "deploy" / "k8s" / "executor.yaml"
 
+POSTGRES_ROLE = "fsad"  # owner of the profile's databases; not a superuser
+# SQLAlchemy 2.1 defaults postgresql:// to psycopg 3; the extras bring psycopg2 (what dagster-postgres needs)
+POSTGRES_SCHEME = "postgresql+psycopg2"
 CPU_POOL, GPU_POOL = "cpu", "gpu"
 # Trained on the support images or meta-trained on a backbone: these want an accelerator; the rest run from
 # cached features and stay on CPU workers.
@@ -92,22 +97,36 @@ class ClusterProfile:
     run_retries: int = 2
     step_retries: int = 1
 
+    _secrets: dict | None = field(default=None, repr=False)
+
+    # -- secrets (pipelines/deploy/credentials.py) ------------------------------------------------------
+    @property
+    def secrets(self) -> dict[str, str]:
+        """The client secrets (environment, else ``<home>/secrets.env``), read on first use."""
+        if self._secrets is None:
+            self._secrets = load_secrets(self.home, CLIENT_KEYS)
+        return self._secrets
+
     # -- addresses ----------------------------------------------------------------------------------
+    def _redis_url(self, db: int) -> str:
+        password = quote(self.secrets["FSAD_REDIS_PASSWORD"], safe="")
+        return f"redis://:{password}@{self.host}:{self.ports['redis']}/{db}"
+
     @property
     def broker_url(self) -> str:
-        return f"redis://{self.host}:{self.ports['redis']}/0"
+        return self._redis_url(0)
 
     @property
     def backend_url(self) -> str:
-        return f"redis://{self.host}:{self.ports['redis']}/1"
+        return self._redis_url(1)
 
     @property
     def mlflow_uri(self) -> str:
         return f"http://{self.host}:{self.ports['mlflow']}"
 
     def postgres_url(self, db: str) -> str:
-        # SQLAlchemy 2.1 defaults postgresql:// to psycopg 3; the extras bring psycopg2 (what dagster-postgres needs)
-        return f"postgresql+psycopg2://postgres@{self.host}:{self.ports['postgres']}/{db}"
+        """Without the password (libpq takes it from ``PGPASSWORD``), so that no command line shows it."""
+        return f"{POSTGRES_SCHEME}://{POSTGRES_ROLE}@{self.host}:{self.ports['postgres']}/{db}"
 
     @property
     def dagster_home(self) -> Path:
@@ -148,10 +167,11 @@ class ClusterProfile:
         return celery_executor.configured(self.executor_config(), name="fsad_celery")
 
     def process_env(self, sweep_config: str | Path | None = None) -> dict[str, str]:
-        """Environment of every process of the profile (webserver, daemon, run and Celery workers)."""
+        """Environment of every process of the profile (webserver, daemon, run and Celery workers), the client
+        secrets included: Dagster's instance reads its PostgreSQL password from it, MLflow's client its account."""
         env = {PROFILE_ENV: "cluster", CONFIG_ENV: str(self.path), HOME_ENV: str(self.home),
                SHARED_ENV: str(self.shared_root), "DAGSTER_HOME": str(self.dagster_home),
-               "FSAD_HOME": str(self.fsad_home), "MLFLOW_TRACKING_URI": self.mlflow_uri}
+               "FSAD_HOME": str(self.fsad_home), "MLFLOW_TRACKING_URI": self.mlflow_uri, **self.secrets}
         if sweep_config:
             env["FSAD_SWEEP_CONFIG"] = str(Path(sweep_config).resolve())
         return env

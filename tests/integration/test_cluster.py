@@ -51,7 +51,7 @@ def _missing_services() -> str | None:
         return "redis-server not installed (apt-get install -y redis-server)"
     if os.geteuid() == 0 and shutil.which("runuser") is None:
         return "running as root without runuser: PostgreSQL cannot be started"
-    for module in ("dagster_celery", "dagster_postgres", "dagster_graphql", "psycopg2", "redis"):
+    for module in ("dagster_celery", "dagster_postgres", "dagster_graphql", "psycopg2", "redis", "flask_wtf"):
         try:
             __import__(module)
         except ImportError:
@@ -67,7 +67,9 @@ def _free_port() -> int:
 
 def _deploy(*args, env=None, timeout=900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipelines.deploy", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                          text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                              str(ROOT), os.environ.get("PYTHONPATH")])), **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,7 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def instance(cluster):
+def instance(cluster, profile_env):  # the instance reads its PostgreSQL password from the environment
     import dagster as dg
 
     with dg.DagsterInstance.from_config(str(cluster["prof"].dagster_home)) as inst:
@@ -164,8 +166,35 @@ def _metric_frame(table: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(KEYS).reset_index(drop=True)[KEYS + sorted(cols)]
 
 
-def test_steps_ran_in_both_workers_and_postgres_holds_runs_and_events(cluster, sweep, instance):
+def _pg(prof, db: str):
     import psycopg2
+
+    return psycopg2.connect(host=prof.host, port=prof.ports["postgres"], user="fsad", dbname=db,
+                            password=prof.secrets["FSAD_POSTGRES_PASSWORD"])
+
+
+def test_every_service_refuses_clients_without_its_secret(cluster):
+    """What another local user could do before: psql without a password, redis-cli, an artifact upload."""
+    import psycopg2
+    import urllib.error
+    import urllib.request
+
+    prof = cluster["prof"]
+    with pytest.raises(psycopg2.OperationalError, match="password"):
+        psycopg2.connect(host=prof.host, port=prof.ports["postgres"], user="postgres", dbname="postgres")
+    with socket.create_connection((prof.host, prof.ports["redis"]), timeout=10) as conn:
+        conn.sendall(b"KEYS *\r\n")
+        assert conn.recv(4096).startswith(b"-NOAUTH")
+    put = urllib.request.Request(f"{prof.mlflow_uri}/api/2.0/mlflow-artifacts/artifacts/0/r/artifacts/model/"
+                                 "python_model.pkl", data=b"x", method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(put, timeout=30)
+    assert refused.value.code == 401
+    out = _deploy("status", *cluster["args"])
+    assert out.returncode == 0 and "secrets" in out.stdout, out.stdout + out.stderr
+
+
+def test_steps_ran_in_both_workers_and_postgres_holds_runs_and_events(cluster, sweep, instance):
     from dagster._core.events import DagsterEventType
 
     assert [r["stage"] for r in sweep][:2] == ["data", "features"] and all(r["success"] for r in sweep)
@@ -175,7 +204,7 @@ def test_steps_ran_in_both_workers_and_postgres_holds_runs_and_events(cluster, s
     assert {"dataset", "embeddings", "benchmark_table"} <= steps and any(k.startswith("memory_banks") for k in steps)
     assert sum(k.startswith("evaluation__") for k in steps) == 3
     prof = cluster["prof"]
-    with psycopg2.connect(host=prof.host, port=prof.ports["postgres"], user="postgres", dbname="dagster") as conn:
+    with _pg(prof, "dagster") as conn:
         with conn.cursor() as cur:
             cur.execute("SELECT run_id, status FROM runs")
             runs = dict(cur.fetchall())
@@ -214,8 +243,6 @@ def test_pools_and_queues_come_from_the_profile(cluster, sweep, instance):
 
 
 def test_mlflow_server_holds_every_evaluation_run(cluster, sweep):
-    import psycopg2
-
     from fewshot_core.tracking import Tracker
 
     prof = cluster["prof"]
@@ -224,7 +251,7 @@ def test_mlflow_server_holds_every_evaluation_run(cluster, sweep):
     assert len(runs) == N_EVAL and {r.info.run_id for r in runs} == set(table["mlflow_run_id"])
     assert all(r.info.status == "FINISHED" for r in runs)
     # the server's backend store is the profile's PostgreSQL database
-    with psycopg2.connect(host=prof.host, port=prof.ports["postgres"], user="postgres", dbname="mlflow") as conn:
+    with _pg(prof, "mlflow") as conn:
         with conn.cursor() as cur:
             cur.execute("SELECT run_uuid FROM runs WHERE lifecycle_stage = 'active'")
             assert set(table["mlflow_run_id"]) <= {row[0] for row in cur.fetchall()}

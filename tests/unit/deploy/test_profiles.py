@@ -22,9 +22,21 @@ K8S = ROOT / "deploy" / "k8s"
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for key in ("FSAD_PROFILE", "FSAD_PROFILE_CONFIG", "FSAD_CLUSTER_HOME", "FSAD_SHARED_ROOT", "FSAD_CLUSTER_HOST"):
+    from pipelines.deploy.credentials import ALL_KEYS
+
+    for key in ("FSAD_PROFILE", "FSAD_PROFILE_CONFIG", "FSAD_CLUSTER_HOME", "FSAD_SHARED_ROOT", "FSAD_CLUSTER_HOST",
+                *ALL_KEYS):
         monkeypatch.delenv(key, raising=False)
     return monkeypatch
+
+
+@pytest.fixture
+def client_secrets(monkeypatch):
+    """The worker app reads the profile (and so its secrets) when imported."""
+    from pipelines.deploy.credentials import CLIENT_KEYS
+
+    for key in CLIENT_KEYS:
+        monkeypatch.setenv(key, f"test-{key.lower()}")
 
 
 def _defs(tmp_path, methods="[{id: patchcore, method: patchcore}]"):
@@ -58,11 +70,15 @@ def test_embedded_stays_the_in_process_default(clean_env, tmp_path):
 def test_cluster_executor_config_is_accepted_by_dagster(clean_env, tmp_path):
     from dagster_celery import celery_executor
 
+    from pipelines.deploy.credentials import ensure_secrets
     from pipelines.deploy.profile import load_profile
 
+    secrets, _ = ensure_secrets(tmp_path / "home")
     prof = load_profile(ROOT / "deploy" / "cluster.yaml", tmp_path / "home")
     value = _process(celery_executor.config_schema, prof.executor_config())
-    assert value["broker"] == "redis://127.0.0.1:56379/0" and value["config_source"]["task_acks_late"] is True
+    password = secrets["FSAD_REDIS_PASSWORD"]
+    assert value["broker"] == f"redis://:{password}@127.0.0.1:56379/0" and value["backend"].endswith(":56379/1")
+    assert value["config_source"]["task_acks_late"] is True
     assert prof.pools == {"cpu": 2, "gpu": 1} and [w["name"] for w in prof.workers] == ["w1", "w2"]
     clean_env.setenv("FSAD_PROFILE", "cluster")
     clean_env.setenv("FSAD_CLUSTER_HOME", str(tmp_path / "home"))
@@ -149,7 +165,10 @@ def test_cluster_instance_config_is_accepted_by_dagster(clean_env, tmp_path):
     prof = load_profile(ROOT / "deploy" / "cluster.yaml", tmp_path / "home")
     write_instance(prof)
     config, _ = dagster_instance_config(str(prof.dagster_home))
-    assert config["storage"]["postgres"]["postgres_url"].startswith("postgresql+psycopg2://postgres@127.0.0.1:")
+    # the role that owns the databases, its password read from each process's environment, never the file
+    assert config["storage"]["postgres"]["postgres_db"] == {
+        "username": "fsad", "password": {"env": "FSAD_POSTGRES_PASSWORD"}, "hostname": "127.0.0.1", "port": 55432,
+        "db_name": "dagster", "scheme": "postgresql+psycopg2"}
     assert config["run_retries"] == {"enabled": True, "max_retries": 2, "retry_on_asset_or_op_failure": True}
     assert config["concurrency"]["runs"]["max_concurrent_runs"] == 4
 
@@ -159,7 +178,9 @@ def test_cluster_instance_config_is_accepted_by_dagster(clean_env, tmp_path):
 # these levels); a typo here would be rejected by `helm install`, so it must fail here first.
 CHART_KEYS = {
     (): {"dagster-user-deployments", "runLauncher", "postgresql", "dagsterDaemon", "concurrency", "telemetry",
-         "dagsterWebserver", "global", "computeLogManager", "imagePullSecrets"},
+         "dagsterWebserver", "global", "computeLogManager", "imagePullSecrets", "generatePostgresqlPasswordSecret"},
+    ("global",): {"postgresqlSecretName", "dagsterHome", "serviceAccountName", "celeryConfigSecretName",
+                  "dagsterInstanceConfigMap"},
     ("dagster-user-deployments",): {"enabled", "enableSubchart", "deployments", "imagePullSecrets"},
     ("runLauncher",): {"type", "config"},
     ("runLauncher", "config", "k8sRunLauncher"): {
@@ -168,8 +189,9 @@ CHART_KEYS = {
         "schedulerName", "securityContext", "runK8sConfig"},
     ("runLauncher", "config", "k8sRunLauncher", "runK8sConfig"): {
         "containerConfig", "podSpecConfig", "podTemplateSpecMetadata", "jobSpecConfig", "jobMetadata"},
+    # existingSecret: passed on to the Bitnami PostgreSQL subchart (Dagster's schema lets unknown keys through here)
     ("postgresql",): {"enabled", "image", "postgresqlHost", "postgresqlUsername", "postgresqlPassword",
-                      "postgresqlDatabase", "postgresqlParams", "postgresqlScheme", "service"},
+                      "postgresqlDatabase", "postgresqlParams", "postgresqlScheme", "service", "existingSecret"},
     ("dagsterDaemon",): {"enabled", "image", "runCoordinator", "heartbeatTolerance", "env", "envConfigMaps",
                          "envSecrets", "resources", "runMonitoring", "runRetries", "sensors", "schedules",
                          "volumeMounts", "volumes", "nodeSelector", "tolerations", "affinity"},
@@ -238,6 +260,59 @@ def test_helm_values_use_the_charts_names_and_agree_with_the_code(tmp_path):
     assert set(executor["pools"]) == {"cpu", "gpu"}
 
 
+def _literal_passwords(node, path=()):
+    """(path, value) of every non-empty string under a key that names a password, secret or token."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(value, str) and value and any(w in str(key).lower() for w in ("password", "token")):
+                yield path + (key,), value
+            yield from _literal_passwords(value, path + (key,))
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            if isinstance(item, dict) and isinstance(item.get("value"), str) and any(
+                    w in str(item.get("name", "")).lower() for w in ("password", "secret_key", "token")):
+                yield path + (i,), item["value"]
+            yield from _literal_passwords(item, path + (i,))
+
+
+def test_k8s_files_ship_no_password_and_put_mlflow_behind_authentication():
+    files = sorted(K8S.glob("*.yaml"))
+    for path in files:
+        text = path.read_text()
+        assert "change-me" not in text.lower()
+        for doc in yaml.safe_load_all(text):
+            assert not list(_literal_passwords(doc)), (path.name, list(_literal_passwords(doc)))
+    values = yaml.safe_load((K8S / "values.yaml").read_text())
+    # the chart makes no Secret of its own: Dagster's pods and the bundled database read the installer's Secret
+    secret = values["global"]["postgresqlSecretName"]
+    assert values["generatePostgresqlPasswordSecret"] is False and values["postgresql"]["existingSecret"] == secret
+    docs = {d["kind"]: d for d in yaml.safe_load_all((K8S / "mlflow.yaml").read_text())}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for c in [*pod["initContainers"], server] for e in c["env"]
+            if "valueFrom" in e}
+    assert refs == {secret}
+    command = server["command"][-1]
+    assert "--app-name basic-auth" in command and "${PGPASSWORD" not in command  # no password on the command line
+    assert "default_permission = NO_PERMISSIONS" in docs["ConfigMap"]["data"]["basic_auth.ini"]
+    # the server's admin account is the one every client pod gets as MLFLOW_TRACKING_USERNAME / _PASSWORD
+    (auth,) = [e["secretRef"]["name"] for e in server["envFrom"]]
+    (dep,) = values["dagster-user-deployments"]["deployments"]
+    launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
+    executor = yaml.safe_load((K8S / "executor.yaml").read_text())["executor"]
+    assert [e["name"] for e in dep["envSecrets"]] == [e["name"] for e in launcher["envSecrets"]] == [auth]
+    assert executor["env_secrets"] == [auth]
+
+
+@pytest.mark.skipif(not Path("/bin/sh").exists(), reason="no /bin/sh")
+def test_k8s_mlflow_server_refuses_to_start_with_an_empty_account(tmp_path):
+    docs = {d["kind"]: d for d in yaml.safe_load_all((K8S / "mlflow.yaml").read_text())}
+    (server,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {"PATH": os.environ["PATH"], "MLFLOW_TRACKING_USERNAME": "fsad", "MLFLOW_TRACKING_PASSWORD": ""}
+    out = subprocess.run(server["command"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode != 0 and "MLFLOW_TRACKING_PASSWORD: empty in Secret fsad-mlflow-auth" in out.stderr
+
+
 def test_pools_command_sets_the_limits_of_a_profile_file(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -264,7 +339,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_worker_removes_only_this_hosts_dead_temp_folders(tmp_path):
+def test_worker_removes_only_this_hosts_dead_temp_folders(tmp_path, client_secrets):
     from pipelines.deploy.celery_app import remove_dead_temp_files
 
     host = socket.gethostname()
@@ -279,7 +354,7 @@ def test_worker_removes_only_this_hosts_dead_temp_folders(tmp_path):
     assert live.exists() and other.exists() and not dead.exists() and not legacy.exists()
 
 
-def test_superseded_mlflow_runs_of_a_step_are_deleted_with_their_artifacts(tmp_path):
+def test_superseded_mlflow_runs_of_a_step_are_deleted_with_their_artifacts(tmp_path, client_secrets):
     from fewshot_core import tracking
     from fewshot_core.tracking import Tracker
     from pipelines.deploy.celery_app import discard_mlflow_run, superseded_mlflow_runs
