@@ -144,6 +144,12 @@ class AlignedPartition:
     def key(self) -> str:
         return self.meta["key"]
 
+    def transforms(self, support_ids, default) -> tuple[str, ...]:
+        """The support's augmented views: the half turn and flips once its parts stand upright; the
+        ``default`` (quarter turns too) while most are round, so only centred and never turned."""
+        upright = sum(self.poses[i].angle != 0.0 for i in support_ids)
+        return ALIGNED_TRANSFORMS if 2 * upright > len(support_ids) else tuple(default)
+
     def image(self, image_id: str) -> Image.Image:
         """The aligned image ``image_id`` at the working shape (what ``patch`` embeds)."""
         from fewshot_core.methods.augment import working_image

@@ -38,7 +38,7 @@ from fewshot_core.episodes import OneClassEpisode, sample_oneclass
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.threshold import Threshold, ThresholdConfig, decision_metrics, fit_threshold
 from fewshot_core.methods import registry
-from fewshot_core.evaluation.aligned import ALIGNED_TRANSFORMS, align_episode, check_align, to_original
+from fewshot_core.evaluation.aligned import align_episode, check_align, to_original
 from fewshot_core.evaluation.autoconfig import check_config, choose
 from fewshot_core.evaluation.support_views import AUTO, bank_input, resolve_augment, support_views
 from fewshot_core.methods.augment import TRANSFORMS
@@ -209,7 +209,8 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     if check_align(align) == "auto" and not on_images:
         aligned = align_episode(dataset, partition, episode.support_ids, episode.query_ids, params["seed"], cache)
     if aligned is not None:
-        partition, augment_transforms, working = aligned, ALIGNED_TRANSFORMS, aligned.input_shape
+        augment_transforms = aligned.transforms(episode.support_ids, augment_transforms)
+        partition, working = aligned, aligned.input_shape
         to_image = lambda batch, ids: to_original(model.anomaly_maps(batch, working, sigma),  # noqa: E731
                                                   [aligned.poses[i] for i in ids], working, shape)  # coreset / index / training randomness follows the episode seed
     model = registry.create(method, runtime=runtime, **params)
