@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fewshot_core.cli.args import folder
 from fewshot_core.errors import FsadError
 
 
@@ -27,7 +28,7 @@ def register(subparsers) -> None:
                                           "a local model folder.")
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDER", help="image files and/or folders (recursive)")
     p.add_argument("--model", required=True, help="model URI, e.g. models:/fsad-bottle@champion")
-    p.add_argument("--out", type=Path, default=Path("fsad-predictions"), help="output folder (default ./fsad-predictions)")
+    p.add_argument("--out", type=folder, default="fsad-predictions", help="output folder (default ./fsad-predictions)")
     p.add_argument("--no-overlays", action="store_true", help="skip the anomaly-map overlay PNGs")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default MLFLOW_TRACKING_URI or "
                                                         "dagster_home/mlflow.db)")
