@@ -133,7 +133,7 @@ def fit_threshold(n: int, fit_score: Callable[[np.ndarray, np.ndarray], np.ndarr
     if scores is None:
         return Threshold(None, f"{rule} fpr={config.fpr:g}", float(config.fpr), n, [], reason)
     label = f"{rule} fpr={config.fpr:g} n={n}" + (f" share={config.share:g}" if rule == "holdout" else "")
-    if not np.any(scores > 0):
+    if np.all(scores == 0):  # every held-out image met an exact copy of itself (distance 0)
         return Threshold(None, label, float(config.fpr), n, [float(s) for s in scores],
                          f"{DEGENERATE} (every held-out image scored 0: each has a copy in the rest of the "
                          "support); draw other images or remove the copies")
