@@ -19,12 +19,22 @@ except ImportError:  # pragma: no cover - Windows: no flock; initialisation is t
     fcntl = None
 
 
+class LockBusy(Exception):
+    """``file_lock(..., wait=False)`` found the lock held; ``holder`` is the pid written in it ("?" if none)."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path}: held by pid {holder}")
+        self.path, self.holder = path, holder
+
+
 @contextlib.contextmanager
-def file_lock(path, on_wait: Callable[[], None] | None = None, poll_s: float = 0.1) -> Iterator[Path]:
+def file_lock(path, on_wait: Callable[[], None] | None = None, poll_s: float = 0.1,
+              wait: bool = True) -> Iterator[Path]:
     """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block.
 
     Blocks while another process holds it; ``on_wait`` is called once when that happens (to say why
-    the command pauses).
+    the command pauses). ``wait=False``: raise ``LockBusy`` instead of waiting. The holder's pid is
+    written into the file, for the message of whoever finds it busy.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +44,8 @@ def file_lock(path, on_wait: Callable[[], None] | None = None, poll_s: float = 0
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    raise LockBusy(path, os.pread(fd, 32, 0).decode(errors="replace").strip() or "?") from None
                 if on_wait is not None:
                     on_wait()
                 while True:  # polling rather than a blocking flock: Ctrl-C stays responsive
@@ -43,6 +55,11 @@ def file_lock(path, on_wait: Callable[[], None] | None = None, poll_s: float = 0
                         break
                     except BlockingIOError:
                         continue
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError:
+                pass  # the pid only serves the message of a process finding the lock busy
         yield path
     finally:
         os.close(fd)  # releases the lock

@@ -45,6 +45,51 @@ def write_error(exc: OSError, path=None, fix: str | None = None) -> FsadError:
     return FsadError(f"{folder}: cannot write there ({detail}); {fix or remedy}")
 
 
+def _named(name: str, path: Path) -> str:
+    """``--out /x``, ``FSAD_HOME=/x`` or just ``/x``."""
+    return f"{name}{path}" if name.endswith("=") else f"{name} {path}".strip()
+
+
+def require_folder(path, fix: str, name: str = "") -> Path:
+    """``path`` is a folder or can become one: neither it nor a parent is a file. Else one line naming
+    it (after ``name``, the option or variable that gave it) and ``fix``, instead of a
+    ``FileExistsError`` or ``NotADirectoryError`` traceback from the first ``mkdir`` or ``open``."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.is_dir():
+            break
+        if part.exists() or part.is_symlink():
+            where = _named(name, path) + (f": {part}" if part != path else "")
+            raise FsadError(f"{where} is a file, not a folder; {fix}")
+    return path
+
+
+def require_file_path(path, fix: str, name: str = "") -> Path:
+    """``path`` names a file to write, not an existing folder (the reverse of ``require_folder``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise FsadError(f"{_named(name, path)} is a folder, not a file; {fix}")
+    require_folder(path.parent, fix, name)
+    return path
+
+
+def path_kind_error(exc: OSError, fix: str | None = None) -> FsadError | None:
+    """A one-line error for a file found where a folder was expected (or the reverse) that reached the
+    CLI from anywhere; None for other errors."""
+    if exc.errno not in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST) or not exc.filename:
+        return None
+    path = Path(exc.filename)
+    tail = f"; {fix}" if fix else ""
+    if exc.errno == errno.EISDIR:
+        return FsadError(f"{path} is a folder, not a file{tail}")
+    for part in (path, *path.parents):
+        if part.is_dir():
+            return None  # EEXIST of an existing folder is not a mix-up of files and folders
+        if part.exists():
+            return FsadError(f"{part} is a file, not a folder{tail}")
+    return None
+
+
 def require_writable(folder, fix: str | None = None, min_free_mb: float = 0) -> Path:
     """Create ``folder`` if needed and prove a file can be created in it; else a one-line FsadError.
 

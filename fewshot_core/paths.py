@@ -31,14 +31,24 @@ def shared_mvtec_root() -> Path | None:
     return root if root.is_dir() else None
 
 
+def _env_folder(name: str, default: Path) -> Path:
+    """The folder an environment variable names (refused in one line when it is a file), else ``default``."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    from fewshot_core.outputs import require_folder
+
+    return require_folder(Path(value), f"set {name} to a folder (or unset it)", name=f"{name}=")
+
+
 def dagster_home() -> Path:
     """The Dagster instance folder (also holding the MLflow store): ``DAGSTER_HOME``, else ``./dagster_home``."""
-    return Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / "dagster_home")
+    return _env_folder("DAGSTER_HOME", Path.cwd() / "dagster_home")
 
 
 def default_work_dir() -> Path:
     """Writable working folder for caches and outputs: ``FSAD_HOME``, else ``./.fsad``."""
-    return Path(os.environ.get("FSAD_HOME") or Path.cwd() / ".fsad")
+    return _env_folder("FSAD_HOME", Path.cwd() / ".fsad")
 
 
 def default_store_dir() -> Path:

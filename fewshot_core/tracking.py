@@ -32,7 +32,7 @@ from fewshot_core.errors import FsadError
 from fewshot_core.paths import dagster_home, source_checkout
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
-KIND_TAG = "fsad.kind"  # "dagster-run" for parents, "evaluation" for children
+KIND_TAG = "fsad.kind"  # "dagster-run" for parents, "evaluation" or "full-data" for children
 DAGSTER_RUN_TAG = "dagster.run_id"
 PARTITION_TAG = "dagster.partition_key"
 ASSET_TAG = "dagster.asset_key"
@@ -334,8 +334,9 @@ class Tracker:
     ) -> str:
         """Create a new child run under the Dagster run's parent and log everything into it.
 
-        Earlier evaluation runs of the same name (the same method, category and setting: a re-materialised
-        partition) are tagged superseded by the new one once it has finished.
+        Earlier runs of the same name and kind (the same method, category and setting: a re-materialised
+        partition; or the same category's full-data model) are tagged superseded by the new one once it has
+        finished.
 
         ``artifacts`` maps an artifact file name (``plots/roc.png``) to bytes, text, or a local path.
         Non-finite metrics are skipped (MLflow stores NaN, but a metric that could not be computed must be
@@ -366,13 +367,14 @@ class Tracker:
             raise
         self.client.set_terminated(run_id, "FINISHED")
         self.client.set_terminated(parent, "FINISHED")  # keeps the parent's end time at its last child
-        self._supersede(exp_id, run_name, run_id)
+        self._supersede(exp_id, run_name, run_id, all_tags[KIND_TAG])
         return run_id
 
-    def _supersede(self, exp_id: str, run_name: str, latest: str) -> None:
-        """Tag every other current evaluation run named ``run_name`` as superseded by ``latest``."""
+    def _supersede(self, exp_id: str, run_name: str, latest: str, kind: str = "evaluation") -> None:
+        """Tag every other current run of ``kind`` named ``run_name`` as superseded by ``latest``."""
         name = run_name.replace("'", "\\'")
-        flt = (f"tags.`{KIND_TAG}` = 'evaluation' and tags.`{SUPERSEDED_TAG}` = 'false' "
+        kind = kind.replace("'", "\\'")
+        flt = (f"tags.`{KIND_TAG}` = '{kind}' and tags.`{SUPERSEDED_TAG}` = 'false' "
                f"and attributes.run_name = '{name}'")
         for run in self.client.search_runs([exp_id], filter_string=flt, max_results=1000):
             if run.info.run_id != latest:

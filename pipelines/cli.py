@@ -8,11 +8,13 @@ Dagster and MLflow UIs; ``fsad mlflow-ui`` starts the MLflow UI on the tracking 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from fewshot_core.cli.args import folder
 from fewshot_core.errors import FsadError
 from pipelines.home import instance_template, prepare_home, resolve_home  # noqa: F401 (instance_template: API)
 
@@ -25,7 +27,7 @@ def register(subparsers) -> None:
                     "to MLflow and an HTML report.")
     p.add_argument("--config", help="sweep YAML (see pipelines/config.py); default: the embedded demo sweep")
     p.add_argument("--root", help="MVTec-layout data root to use instead of the configured data")
-    p.add_argument("--dagster-home", help="Dagster instance folder (default: $DAGSTER_HOME, else ./dagster_home)")
+    p.add_argument("--dagster-home", type=folder, help="Dagster instance folder (default: $DAGSTER_HOME, else ./dagster_home)")
     p.add_argument("--verbose", action="store_true", help="show Dagster's step-level debug log")
     p.set_defaults(func=run_command, write_fix="pass --dagster-home DIR and set work_dir in the sweep YAML "
                                                "to writable folders")
@@ -36,7 +38,7 @@ def register(subparsers) -> None:
     m.add_argument("--host", help="default: the host of FSAD_MLFLOW_UI (127.0.0.1), where report links point")
     m.add_argument("--port", type=int, help="default: the port of FSAD_MLFLOW_UI (5000), where report links point")
     m.add_argument("--workers", type=int, default=1, help="server worker processes (default 1: small machines)")
-    m.add_argument("--dagster-home", help="Dagster instance folder holding mlflow.db (default as for `fsad run`)")
+    m.add_argument("--dagster-home", type=folder, help="Dagster instance folder holding mlflow.db (default as for `fsad run`)")
     m.set_defaults(func=mlflow_ui_command, write_fix="pass --dagster-home DIR (or set DAGSTER_HOME) to a writable folder")
 
 
@@ -77,6 +79,8 @@ def run_command(args) -> int:
     print(f"fsad run: sweep {cfg.name!r} on {source} data at {data_root}, images at {cfg.image_size_note()}")
     print(f"  backbones {', '.join(cfg.backbones)}; methods {', '.join(methods)}; shots {cfg.shots}; "
           f"ratios {cfg.ratios}; seeds {sorted(set(cfg.oneclass_seeds) | set(cfg.supervised_seeds))}")
+    for warning in data_warnings(cfg):
+        print(f"  warning: {warning}", flush=True)
     defs = build_definitions(cfg)
     instance = dg.DagsterInstance.get()
     summaries = run_sweep(defs, instance, log=lambda msg: print("  " + msg, flush=True), quiet=not args.verbose)
@@ -89,6 +93,30 @@ def run_command(args) -> int:
     print(f"  MLflow:      {default_tracking_uri(home)} (experiment {cfg.name!r}); open it with `fsad mlflow-ui`")
     print(f"  Dagster UI:  {dagster_ui_command(home, cfg)}")
     return 0
+
+
+def data_warnings(cfg) -> list[str]:
+    """What ``fsad data validate`` warns about a category's test split (no good, or no defect images: the
+    image metrics are then absent from every row), for the data already on disk (synthetic data the sweep
+    generates itself has both)."""
+    from fewshot_core.data.mvtec import split_class_warnings
+    from pipelines.assets.data import categories, load_category, resolve_data
+
+    root, source = resolve_data(cfg)
+    if source in ("synthetic", "download") and not root.is_dir():
+        return []
+    try:
+        names = categories(cfg, root)
+    except FsadError:
+        return []  # the data stage reports it
+    found = []
+    for category in names:
+        try:
+            dataset = load_category(cfg, category)
+        except FsadError:
+            continue  # the data stage's blocking check stops the sweep with this problem
+        found += split_class_warnings(dataset.records, category)
+    return found
 
 
 def mlflow_ui_command(args) -> int:
@@ -110,7 +138,63 @@ def mlflow_ui_command(args) -> int:
     if (artifacts := default_artifact_root(uri)) is not None:
         cmd += ["--default-artifact-root", artifacts]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
+    return serve(cmd)
+
+
+def serve(cmd: list[str], grace_s: float = 10.0) -> int:
+    """Run the server ``cmd`` in a process group of its own until it exits; SIGTERM, SIGINT and SIGHUP to
+    this process are passed on to the whole group (the server and its workers), so ``kill`` of the
+    command stops the server instead of leaving it serving the port. A group still running ``grace_s``
+    after the signal is killed. Returns the server's exit status, or 128 + the signal received."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    received: list[tuple[int, float]] = []
+
+    def forward(signum, _frame):
+        received.append((signum, time.monotonic()))
+        _signal_group(proc.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 130
+        while True:
+            try:
+                code = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if received and time.monotonic() - received[0][1] > grace_s:
+                    _signal_group(proc.pid, signal.SIGKILL)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _stop_group(proc, grace_s)  # workers left behind, or the server itself when this process fails
+    return 128 + received[0][0] if received else code
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to the process group; False when it has no process left."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM to what is left of ``proc``'s group, SIGKILL after ``grace_s``; ``proc`` is reaped."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if _gone_after(proc, sig, grace_s):
+            break
+    if proc.poll() is None:
+        proc.wait()
+
+
+def _gone_after(proc: subprocess.Popen, sig: int, grace_s: float) -> bool:
+    """Send ``sig`` to ``proc``'s group; True once no process of it is left, within ``grace_s``."""
+    deadline = time.monotonic() + grace_s
+    if not _signal_group(proc.pid, sig):
+        return True
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader: a zombie still counts as a member of its group
+        if not _signal_group(proc.pid, 0):
+            return True
+        time.sleep(0.1)
+    return False

@@ -1,30 +1,41 @@
 """Sensor: new or changed images in the dataset folder request the affected embeddings partitions.
 
-The cursor holds a fingerprint (image count, newest mtime) per category folder. A category folder that
-appears is registered as a new dynamic partition; a changed one re-requests its embeddings partitions
-(every configured backbone). The feature store keys partitions by the image list, so changed data gets new
+The cursor holds a fingerprint per category folder: a hash over every image file the reader takes (its
+extensions, ``IMAGE_EXTENSIONS``) with its path, size, mtime_ns, ctime_ns and inode, so an added ``.webp``,
+a file replaced by one of the same size with its timestamp restored (``cp -p``, ``touch -d``: the ctime
+or the inode still moves) or a renamed file all count as changes. A category folder that appears is
+registered as a new dynamic partition; a changed one re-requests its embeddings partitions (every
+configured backbone). The feature store keys partitions by the images' content, so changed data gets new
 features while unchanged categories stay cached.
 """
 
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import dagster as dg
 
+from fewshot_core.data.imageio import IMAGE_EXTENSIONS
 from pipelines.config import SweepConfig
 from pipelines.partitions import CATEGORY
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
 
 def folder_fingerprint(folder: Path) -> str:
-    count, newest = 0, 0.0
-    for p in folder.rglob("*"):
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-            count += 1
-            newest = max(newest, p.stat().st_mtime)
-    return f"{count}:{newest:.3f}"
+    """``<image count>:<16 hex digits>`` over the images under ``folder`` (see the module docstring)."""
+    digest, count = hashlib.sha256(), 0
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        try:
+            st = os.stat(p)
+        except OSError:  # removed while listing: the next evaluation sees the folder without it
+            continue
+        count += 1
+        digest.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n"
+                      .encode())
+    return f"{count}:{digest.hexdigest()[:16]}"
 
 
 def layout_folders(layout) -> list[Path]:

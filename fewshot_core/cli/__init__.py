@@ -4,7 +4,9 @@ The library's own commands are listed below; packages built on it (the Dagster p
 ``mlflow-ui``) add theirs through the ``fsad.commands`` entry-point group, so this package never imports
 them. Errors meant for users (``FsadError``) print one line on stderr and exit with their code, never a
 traceback. So do write failures (read-only folder, no permission, full disk) that reach the top: the line
-names the folder and the fix the sub-command registered as ``write_fix``.
+names the folder and the fix the sub-command registered as ``write_fix``; and so does a file met where a
+folder belongs (or the reverse). Argument errors show a short usage line and where help is
+(``cli.args.Parser``), not argparse's full usage block.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import importlib
 import sys
 from importlib.metadata import entry_points
 
+from fewshot_core.cli.args import Parser
 from fewshot_core.errors import FsadError
 
 # Modules that define ``register(subparsers)``; each adds its sub-commands with ``set_defaults(func=...)``.
@@ -34,7 +37,7 @@ def _registrars():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fsad", description="Few-shot industrial anomaly detection benchmark.")
+    parser = Parser(prog="fsad", description="Few-shot industrial anomaly detection benchmark.")
     sub = parser.add_subparsers(dest="command", required=True)
     for register in _registrars():
         register(sub)
@@ -69,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fsad: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
-        from fewshot_core.outputs import is_write_error, write_error
+        from fewshot_core.outputs import is_write_error, path_kind_error, write_error
 
+        if (mixed := path_kind_error(exc, getattr(args, "write_fix", None))) is not None:
+            print(f"fsad: error: {mixed}", file=sys.stderr)
+            return mixed.exit_code
         if not is_write_error(exc):
             raise
         err = write_error(exc, exc.filename or _output_folder(args), getattr(args, "write_fix", None))

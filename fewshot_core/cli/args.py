@@ -8,6 +8,9 @@ row and bias mean ± std, a repeated ``--param`` key would silently keep only th
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from fewshot_core.errors import FsadError
 
 
 def _int(text: str) -> int:
@@ -37,6 +40,26 @@ def workers(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value}: must be 0 or more (0 decodes images in-process)")
     return value
+
+
+def folder(text: str) -> Path:
+    """A folder to write into (created when missing): refused when it, or a folder above it, is a file."""
+    from fewshot_core.outputs import require_folder
+
+    try:
+        return require_folder(Path(text), "pass a folder (it is created when missing)")
+    except FsadError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def file_path(text: str) -> Path:
+    """A file to write: refused when it is an existing folder or a folder above it is a file."""
+    from fewshot_core.outputs import require_file_path
+
+    try:
+        return require_file_path(Path(text), "pass a file name, e.g. manifest.parquet")
+    except FsadError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def first_duplicate(values) -> object | None:
@@ -89,3 +112,30 @@ def add_size_arguments(group) -> None:
                        help="auto (default): keep the category's height/width ratio (its good training images' "
                             "median; near-square images stay square); square: squash every image to a square; "
                             "or a height/width ratio such as 2.5")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are three short lines: a short usage, the error, where help is.
+
+    argparse's own usage block lists every option (a screenful for ``evaluate``) above the one line
+    that matters; sub-parsers made by ``add_subparsers`` inherit this class."""
+
+    def short_usage(self) -> str:
+        words = []
+        for action in self._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+                continue
+            if not action.option_strings:  # positionals and the sub-command choice
+                name = action.metavar or ("COMMAND" if isinstance(action, argparse._SubParsersAction) else action.dest)
+                optional = action.nargs in ("?", "*") or (isinstance(action, argparse._SubParsersAction)
+                                                          and not action.required)
+                words.append(f"[{name}]" if optional else str(name) + (" ..." if action.nargs == "+" else ""))
+            elif action.required:
+                words.append(f"{action.option_strings[0]} {action.metavar or action.dest.upper()}")
+        if any(a.option_strings and not a.required and not isinstance(a, argparse._HelpAction)
+               for a in self._actions):
+            words.append("[options]")
+        return f"usage: {self.prog} {' '.join(words)}".rstrip()
+
+    def error(self, message: str):
+        self.exit(2, f"{self.short_usage()}\n{self.prog}: error: {message}\nsee `{self.prog} --help`\n")

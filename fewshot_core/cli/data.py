@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from fewshot_core.cli.args import UniqueValues
+from fewshot_core.cli.args import UniqueValues, file_path, folder
 from fewshot_core.data.layouts import add_layout_arguments, source_from_args
 
 
@@ -26,19 +26,19 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("manifest", help="write the image manifest (Parquet)")
     p.add_argument("root", nargs="?", metavar="ROOT", help="MVTec-layout root (or use the layout flags)")
-    p.add_argument("out", metavar="OUT.parquet")
+    p.add_argument("out", metavar="OUT.parquet", type=file_path)
     p.add_argument("--category", help="only this category (with layout flags: its name)")
     add_layout_arguments(p)
     p.set_defaults(func=_manifest, write_fix="choose OUT.parquet in a writable folder")
 
     p = sub.add_parser("download", help="download official MVTec AD categories (checksummed)")
-    p.add_argument("root", metavar="ROOT")
+    p.add_argument("root", metavar="ROOT", type=folder)
     p.add_argument("--category", action=UniqueValues, extend=True, nargs="+", default=None, metavar="C",
                    help="categories to fetch (repeatable; default: all 15)")
     p.set_defaults(func=_download, write_fix="pass a writable ROOT (the archive and the categories go there)")
 
     p = sub.add_parser("synth", help="write a deterministic synthetic MVTec-layout dataset")
-    p.add_argument("root", metavar="ROOT")
+    p.add_argument("root", metavar="ROOT", type=folder)
     p.add_argument("--categories", type=int, default=None, metavar="N", help="number of categories")
     p.add_argument("--seed", type=int, default=None, metavar="S")
     p.add_argument("--size", type=int, default=None, metavar="PX", help="image side in pixels")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from fewshot_core.backbones import DEFAULT_BACKBONE
-from fewshot_core.cli.args import add_size_arguments, first_duplicate, positive_int, workers
+from fewshot_core.cli.args import add_size_arguments, first_duplicate, folder, positive_int, workers
 from fewshot_core.data.layouts import add_layout_arguments, dataset_from_args
 from fewshot_core.errors import FsadError
 
@@ -36,7 +35,7 @@ def register(subparsers) -> None:
                    help="reduce patch features to this many dims (default: keep the concatenation)")
     p.add_argument("--weights", default="auto",
                    help="auto (bundled Lite0-2 or timm download), a local checkpoint PATH, or random")
-    p.add_argument("--store", type=Path, default=None, help="feature store folder (default $FSAD_HOME/features)")
+    p.add_argument("--store", type=folder, default=None, help="feature store folder (default $FSAD_HOME/features)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--num-workers", type=workers, default=2, help="image decoding processes (0 = in-process)")

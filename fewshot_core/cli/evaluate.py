@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
-from fewshot_core.cli.args import (UniqueKeys, UniqueValues, add_size_arguments, first_duplicate, non_negative_int,
-                                   positive_int, workers)
+from fewshot_core.cli.args import (UniqueKeys, UniqueValues, add_size_arguments, first_duplicate, folder,
+                                   non_negative_int, positive_int, workers)
 from fewshot_core.data.layouts import add_layout_arguments, dataset_from_args
 from fewshot_core.errors import FsadError
 
@@ -86,7 +87,7 @@ def register(subparsers) -> None:
     g.add_argument("--layers", type=_layers, default=None, help="stage indices, e.g. 2,3 (default stride 8 and 16)")
     g.add_argument("--patch-dim", type=int, default=None, help="reduce patch features to this many dims")
     g.add_argument("--weights", default="auto", help="auto, a local checkpoint PATH, or random")
-    g.add_argument("--store", type=Path, default=None, help="feature store folder (default $FSAD_HOME/features)")
+    g.add_argument("--store", type=folder, default=None, help="feature store folder (default $FSAD_HOME/features)")
     g.add_argument("--device", default=None, help="embedding device: cpu, cuda (default: cuda when available)")
     g.add_argument("--num-workers", type=workers, default=2, help="image decoding processes when embedding")
     add_layout_arguments(p)
@@ -197,14 +198,48 @@ def format_table(rows: list[dict], protocol: str) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table)
 
 
+def _warn_copies(dataset, partition) -> None:
+    """Byte-identical images (the store's content hashes, already computed): a copy across splits is
+    train/test leakage, copies inside a split skew episodes and counts; ``fsad data validate`` refuses the
+    first, here both are warnings so a deliberate experiment still runs."""
+    from fewshot_core.data.validate import copy_findings
+
+    if "sha256" not in partition.index:
+        return
+    sha = dict(zip(partition.index["image_id"], partition.index["sha256"]))
+    problems, warnings = copy_findings(dataset.records, lambda r: (sha.get(r.image_id), None))
+    for line in problems + warnings:
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def json_rows(rows: list[dict]) -> str:
+    """The rows as valid JSON: a value that could not be computed (NaN, e.g. the balanced accuracy without
+    a threshold) is ``null``, never the ``NaN`` token JSON parsers refuse."""
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(rows), indent=2, default=str, allow_nan=False)
+
+
 def run(args) -> int:
+    from fewshot_core.data.mvtec import split_class_warnings
+
     dataset = dataset_from_args(args)
+    for warning in split_class_warnings(dataset.records, f"{dataset.category}"):
+        print(f"warning: {warning}", file=sys.stderr)
     partition = None
     if _needs_features(args.protocol, args.method):
         partition = _partition(args, dataset)
+        _warn_copies(dataset, partition)
     rows = _rows(args, dataset, partition)
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(json_rows(rows))
         return 0
     shown = json.loads(rows[0].get("params", "{}")) if rows else {}
     shown.pop("seed", None)  # follows each row's episode seed

@@ -6,17 +6,27 @@ Writes ``DIR/predictions.csv`` and ``DIR/predictions.json`` (image, image_score,
 label, error, overlay) and, for one-class detectors, an anomaly-map overlay PNG per image under
 ``DIR/overlays/``. A file that is not an image or cannot be read gets a one-line error (on stderr and in
 its row) and the other images are still scored; the exit code is then 1.
+
+Folders are walked without dot-folders and without output folders of ``fsad predict`` (``DIR`` itself,
+or any folder holding its lock file), so predicting ``.`` twice never scores the first run's overlays.
+One run at a time writes to a ``DIR`` (a second is refused); the overlays of a run replace those of
+the previous one as a whole.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import sys
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from fewshot_core.cli.args import folder
 from fewshot_core.errors import FsadError
 
 
@@ -27,7 +37,7 @@ def register(subparsers) -> None:
                                           "a local model folder.")
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDER", help="image files and/or folders (recursive)")
     p.add_argument("--model", required=True, help="model URI, e.g. models:/fsad-bottle@champion")
-    p.add_argument("--out", type=Path, default=Path("fsad-predictions"), help="output folder (default ./fsad-predictions)")
+    p.add_argument("--out", type=folder, default="fsad-predictions", help="output folder (default ./fsad-predictions)")
     p.add_argument("--no-overlays", action="store_true", help="skip the anomaly-map overlay PNGs")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default MLFLOW_TRACKING_URI or "
                                                         "dagster_home/mlflow.db)")
@@ -35,24 +45,53 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def collect(inputs) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """(image files in order, [(path, error)] for inputs that are missing or not images)."""
-    from fewshot_core.data.imageio import is_image_file
+LOCK_NAME = ".fsad-predict.lock"  # in the output folder: one run at a time, and the mark of an output folder
+OVERLAYS = "overlays"
+_OVERLAY_NAME = re.compile(r"\d{5}_.*\.png")  # what ``predict_files`` writes there
+_STAGING = ".overlays-"  # a run's overlays before they replace the previous run's: .overlays-<pid>-<hex>
+
+
+def _walk(root: Path, skip: Path | None) -> list[Path]:
+    """Every non-dot file under ``root`` (symbolic links followed, each folder once), leaving out
+    dot-folders, ``skip`` and every folder that holds a ``fsad predict`` lock file (an output folder)."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        real = here.resolve()
+        if real in seen or real == skip or (here / LOCK_NAME).exists():
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [here / name for name in filenames if not name.startswith(".")]
+    return sorted(found)
+
+
+def collect(inputs, out: Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(image files in order, [(path, error)] for inputs that are missing, not images or not regular
+    files); folders are walked as ``_walk`` says, ``out`` (the output folder) left out."""
+    from fewshot_core.data.imageio import is_image_file, not_regular_message, special_file_kind
 
     images, bad = [], []
+    skip = Path(out).resolve() if out is not None else None
+
+    def consider(path: Path) -> None:
+        if not is_image_file(path):
+            bad.append((path, f"{path}: not an image file (use .png, .jpg, .bmp, .tif or .webp); skipped"))
+        elif (kind := special_file_kind(path)) is not None:  # a FIFO would block the reader forever
+            bad.append((path, not_regular_message(path, kind)))
+        else:
+            images.append(path)
+
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-            images += [p for p in found if is_image_file(p)]
-            bad += [(p, f"{p}: not an image file (use .png, .jpg, .bmp, .tif or .webp); skipped")
-                    for p in found if not is_image_file(p)]
+            for p in _walk(path, skip):
+                consider(p)
         elif not path.exists():
             bad.append((path, f"{path}: file not found"))
-        elif not is_image_file(path):
-            bad.append((path, f"{path}: not an image file (use .png, .jpg, .bmp, .tif or .webp); skipped"))
         else:
-            images.append(path)
+            consider(path)
     return images, bad
 
 
@@ -86,8 +125,11 @@ def overlay_png(image, amap: np.ndarray, threshold: float | None) -> bytes:
 
 
 def predict_files(model, images: list[Path], out: Path | None = None, overlays: bool = True,
-                  progress: bool = True) -> list[dict]:
-    """One result row per image; unreadable images get their error and the rest are still scored."""
+                  progress: bool = True, staging: Path | None = None) -> list[dict]:
+    """One result row per image; unreadable images get their error and the rest are still scored.
+
+    Overlays are named ``out/overlays/<n>_<stem>.png`` in the rows; ``staging``: write them there
+    instead (the caller moves that folder into place)."""
     from tqdm.auto import tqdm
 
     from fewshot_core.atomic import atomic_write_bytes
@@ -134,10 +176,11 @@ def predict_files(model, images: list[Path], out: Path | None = None, overlays: 
                            "threshold": res.threshold, "label": None if res.label is None else res.label[j],
                            "error": None}
                     if want_maps:
-                        target = out / "overlays" / f"{i:05d}_{path.stem}.png"  # index: stems repeat
+                        name = f"{i:05d}_{path.stem}.png"  # index: stems repeat
+                        target = (staging or out / OVERLAYS) / name
                         target.parent.mkdir(parents=True, exist_ok=True)
                         atomic_write_bytes(target, overlay_png(img, res.anomaly_map[j], res.threshold))
-                        row["overlay"] = str(target)
+                        row["overlay"] = str(out / OVERLAYS / name)
                     rows.append(row)
             bar.update(len(chunks[index]))
     finally:
@@ -162,16 +205,60 @@ def write_results(rows: list[dict], out: Path) -> tuple[Path, Path]:
     return csv, js
 
 
+def _check_overlays(folder: Path) -> None:
+    """The previous run's overlay folder may be replaced only when it holds nothing but overlays."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise FsadError(f"{folder} is a file, not a folder; move it away or pass another --out")
+    foreign = sorted(p.name for p in folder.iterdir() if not (_OVERLAY_NAME.fullmatch(p.name) and p.is_file()))
+    if foreign:
+        raise FsadError(f"{folder / foreign[0]}: not an overlay written by fsad predict (the folder is replaced on "
+                        "each run); move it away or pass another --out")
+
+
+def _remove_dead_staging(out: Path) -> None:
+    """Staging folders left by runs that died (kill -9): their pid is no longer alive."""
+    from fewshot_core.processes import pid_alive
+
+    for tmp in out.glob(f"{_STAGING}*"):
+        pid = tmp.name[len(_STAGING):].split("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run(args) -> int:
-    images, bad = collect(args.inputs)
-    for _, message in bad:
-        print(f"fsad: error: {message}", file=sys.stderr)
-    if not images:
-        raise FsadError("no images to score among " + ", ".join(args.inputs))
-    model = load_deployed(args.model, args.tracking_uri)
-    rows = predict_files(model, images, args.out, overlays=not args.no_overlays, progress=not args.no_progress)
-    rows += [{"image": str(p), "error": m} for p, m in bad]
-    csv, js = write_results(rows, args.out)
+    from contextlib import ExitStack
+
+    from fewshot_core.atomic import replace_dir
+    from fewshot_core.locking import LockBusy, file_lock
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f"{_STAGING}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with ExitStack() as stack:
+        try:  # two runs into one folder would overwrite each other's table: the second is refused
+            stack.enter_context(file_lock(out / LOCK_NAME, wait=False))
+        except LockBusy as exc:
+            raise FsadError(f"{out}: another fsad predict (pid {exc.holder}) is writing there; wait for it to "
+                            "finish or pass another --out") from None
+        stack.callback(shutil.rmtree, staging, ignore_errors=True)
+        _check_overlays(out / OVERLAYS)
+        _remove_dead_staging(out)
+        images, bad = collect(args.inputs, out)
+        for _, message in bad:
+            print(f"fsad: error: {message}", file=sys.stderr)
+        if not images:
+            raise FsadError("no images to score among " + ", ".join(args.inputs))
+        model = load_deployed(args.model, args.tracking_uri)
+        rows = predict_files(model, images, out, overlays=not args.no_overlays, progress=not args.no_progress,
+                             staging=staging)
+        rows += [{"image": str(p), "error": m} for p, m in bad]
+        if staging.is_dir():
+            replace_dir(staging, out / OVERLAYS)
+        elif (out / OVERLAYS).is_dir():  # this run wrote none: the previous run's would describe other images
+            shutil.rmtree(out / OVERLAYS)
+        csv, js = write_results(rows, out)
     failed = sum(1 for r in rows if r.get("error"))
     scored = len(rows) - failed
     thr = getattr(model.threshold, "value", None) if model.is_detector else None

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from fewshot_core.cli.args import folder
 from fewshot_core.errors import FsadError
 
 
@@ -15,7 +14,7 @@ def register(subparsers) -> None:
                        description="Verify every block of every partition's files against the checksums "
                                    "recorded when it was built. Exit 0 when all are intact, 1 when any is "
                                    "damaged (the next `fsad embed` or evaluation rebuilds it).")
-    v.add_argument("--store", type=Path, default=None, help="feature store folder (default $FSAD_HOME/features)")
+    v.add_argument("--store", type=folder, default=None, help="feature store folder (default $FSAD_HOME/features)")
     v.add_argument("--quick", action="store_true",
                    help="the cheap check done on every load (sizes and sampled blocks) instead of every block")
     v.set_defaults(func=run_verify)

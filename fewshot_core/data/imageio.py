@@ -7,7 +7,10 @@ results can say how an image was read.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +45,31 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+_SPECIAL = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+            (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder"))
+
+
+def special_file_kind(path) -> str | None:
+    """What ``path`` is when it is not a regular file ("FIFO", "socket", ...); None for a regular file or a
+    missing one (opening it reports that). From ``os.stat`` alone: opening a FIFO would wait for a writer."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _SPECIAL if test(mode)), "special file")
+
+
+def not_regular_message(path, kind: str) -> str:
+    return f"{path}: not a regular file (a {kind}; reading it could wait forever); replace it with an image file or remove it"
+
+
+def _require_regular(path) -> None:
+    if (kind := special_file_kind(path)) is not None:
+        raise FsadError(not_regular_message(path, kind))
+
+
 def _fail(path: Path, exc: BaseException | None = None) -> FsadError:
     path = Path(path)
     if not path.exists():
@@ -73,6 +101,7 @@ def _oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) as ``load_rgb`` returns it (EXIF-upright), read from the header only."""
+    _require_regular(path)
     try:
         with Image.open(path) as img:
             return _oriented_size(img.size, _orientation(img))
@@ -82,11 +111,20 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def verify_image(path: Path) -> tuple[int, int]:
     """Decode every pixel (catches truncated files) and return the upright (width, height)."""
+    return decode_digest(path)[0]
+
+
+def decode_digest(path: Path) -> tuple[tuple[int, int], str]:
+    """``verify_image``'s (width, height) and the sha256 of the decoded pixels (mode, size and raw bytes):
+    the same picture re-encoded (another PNG compression, BMP, lossless WebP) has the same digest."""
+    _require_regular(path)
     try:
         with Image.open(path) as img:
             orientation = _orientation(img)
             img.load()
-            return _oriented_size(img.size, orientation)
+            digest = hashlib.sha256(f"{img.mode}:{img.size}:{orientation}".encode())
+            digest.update(img.tobytes())
+            return _oriented_size(img.size, orientation), digest.hexdigest()
     except _READ_ERRORS as exc:
         raise _fail(path, exc) from exc
 
@@ -121,6 +159,8 @@ def load_rgb(path: Path, max_side: int | None = None, data: bytes | None = None)
     ``data``: the encoded file's bytes (an upload to a served model); ``path`` then only names it in errors.
     """
     path = Path(path)
+    if data is None:
+        _require_regular(path)
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as img:
             orientation = _orientation(img)
@@ -150,6 +190,7 @@ def load_mask(path: Path, size: tuple[int, int] | int | None = None) -> np.ndarr
     the mask stays binary.
     """
     path = Path(path)
+    _require_regular(path)
     try:
         with Image.open(path) as img:
             orientation = _orientation(img)

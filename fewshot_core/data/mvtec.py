@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fewshot_core.data.imageio import is_image_file
+from fewshot_core.data.imageio import is_image_file, not_regular_message, special_file_kind
 from fewshot_core.data.records import GOOD, ImageRecord, make_image_id
 from fewshot_core.errors import FsadError
 
@@ -85,12 +85,27 @@ def list_images(folder: Path, problems: list[str], warnings: list[str]) -> list[
             warnings.append(f"{p}: unexpected sub-folder, ignored")
         elif not is_image_file(p):
             warnings.append(f"{p}: not an image file, ignored")
+        elif (kind := special_file_kind(p)) is not None:
+            problems.append(not_regular_message(p, kind))
         elif p.stem in stems:
             problems.append(f"{p}: same name as {stems[p.stem].name} (image ids use the file stem); rename one")
         else:
             stems[p.stem] = p
             images.append(p)
     return images
+
+
+def split_class_warnings(records, where) -> list[str]:
+    """The test split lacks good or defect images: image AUROC and F1 cannot be computed (they are then
+    absent from every row, not zero); one line naming ``where`` (the test folder, or the category)."""
+    labels = {r.label for r in records if r.split == "test"}
+    if not labels:
+        return []
+    if 1 not in labels:
+        return [f"{where}: no defect images in test; anomaly metrics need at least one"]
+    if 0 not in labels:
+        return [f"{where}: no good images in test; image metrics (AUROC, F1) need at least one"]
+    return []
 
 
 def mask_key(mask: Path, suffix: str = MASK_SUFFIX) -> str:
@@ -156,8 +171,6 @@ def scan_category(root: Path, category: str) -> CategoryScan:
                 warnings.append(f"{p}: file outside a test/<type> folder, ignored")
         if not any(test_types.values()):
             problems.append(f"{test_dir}: no test images; add test/good and one folder per defect type")
-        elif not any(t != GOOD and imgs for t, imgs in test_types.items()):
-            warnings.append(f"{test_dir}: no defect images in test; anomaly metrics need at least one")
 
     orphans: list[Path] = []
     masks_by_type: dict[str, dict[str, Path]] = {}
@@ -214,6 +227,8 @@ def scan_category(root: Path, category: str) -> CategoryScan:
 
     if not records:  # one clear line instead of one per missing folder
         problems = [f"{cat_dir}: empty category (no images in train/ or test/); add images or remove the folder"]
+    elif test_types:
+        warnings += split_class_warnings(records, test_dir)
     dataset = Dataset(root=root, category=category, records=records, has_masks=has_masks)
     return CategoryScan(dataset, problems, warnings, orphans)
 

@@ -465,6 +465,18 @@ def _expected_files(name: str, kind: Kind, n_train: int, n_test_good: int, n_tes
     return files
 
 
+def _foreign_files(target: Path, kind: Kind, old: dict) -> list[str]:
+    """Files under the category folder ``target`` that the generator did not write with its recorded
+    settings ``old`` (files a user added): replacing the folder would delete them."""
+    try:
+        counts = (int(old["n_train"]), int(old["n_test_good"]), int(old["n_test_per_defect"]))
+        own = set(_expected_files(target.name, kind, *counts))
+    except (KeyError, TypeError, ValueError):  # a record this version cannot read: nothing is known to be ours
+        own = set()
+    found = (p.relative_to(target).as_posix() for p in target.rglob("*") if not p.is_dir())
+    return sorted(f for f in found if f not in own)
+
+
 def _write_category(folder: Path, name: str, kind: Kind, palette, size, seed, n_train, n_test_good, n_per_defect):
     jobs = [("train", "good", i) for i in range(n_train)] + [("test", "good", i) for i in range(n_test_good)]
     jobs += [("test", d, i) for d in kind.defects for i in range(n_per_defect)]
@@ -510,7 +522,8 @@ def generate(
 
     Each category is rendered into a temporary folder beside its target and moved into place with
     ``os.replace``. A category already written with the same settings is skipped; one written by this
-    generator with other settings is replaced; a folder of the same name not written by it is an error.
+    generator with other settings is replaced, unless it holds a file the generator did not write there
+    (that one would be lost); a folder of the same name not written by it is an error.
     """
     root = Path(root)
     for label, value, low in (("categories", categories, 1), ("size", size, 32), ("n_train", n_train, 1),
@@ -540,6 +553,10 @@ def generate(
             if record[name] == params and all((target / f).is_file() for f in expected):
                 names.append(name)
                 continue
+            if foreign := _foreign_files(target, kind, record[name]):
+                more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+                raise FsadError(f"{target / foreign[0]}{more}: not written by the synthetic generator, and "
+                                f"regenerating {name} would delete it; move it out of {target} or choose another ROOT")
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         try:
             _write_category(tmp, name, kind, palette, size, seed, n_train, n_test_good, n_test_per_defect)

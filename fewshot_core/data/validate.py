@@ -3,6 +3,13 @@
 Structure (missing folders, images without masks, masks without images) comes from the readers'
 scans; here every image and mask is really decoded (truncated files only fail there) and mask
 sizes are compared with their images. Decoding runs in a thread pool: Pillow releases the GIL.
+
+Copies are found from two digests per image: the sha256 of the file's bytes (the content hash the
+feature store keys partitions on) and the sha256 of its decoded pixels (the same picture saved again
+in another encoding). A copy across the train and test splits is a problem: the model is fitted on the
+very image it is then asked about, and the metrics lean optimistic (train/test leakage). Copies
+inside a split are warnings: repeated support images make the few-shot episodes and the decision
+threshold degenerate, repeated test images count twice.
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from fewshot_core.data.imageio import load_mask, verify_image
+from fewshot_core.checksums import sha256_file
+from fewshot_core.data.imageio import decode_digest, load_mask
 from fewshot_core.data.layouts import scan_source
 from fewshot_core.data.mask_sizes import mask_size_problem, mask_size_problems, require_consistent_masks  # noqa: F401
 from fewshot_core.data.mvtec import CategoryScan
@@ -49,23 +57,65 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def _check_record(rec: ImageRecord) -> tuple[list[str], list[str]]:
-    """(problems, warnings) of one image and its mask, decoding both fully."""
+@dataclass
+class _Checked:
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    digests: tuple[str, str] | None = None  # (sha256 of the file, sha256 of the pixels) when it decoded
+
+
+def _check_record(rec: ImageRecord) -> _Checked:
+    """Problems, warnings and digests of one image and its mask, decoding both fully."""
     try:
-        size = verify_image(rec.path)
-    except FsadError as exc:
-        return [str(exc)], []
+        size, pixels = decode_digest(rec.path)
+        out = _Checked(digests=(sha256_file(rec.path), pixels))
+    except (FsadError, OSError) as exc:
+        return _Checked([str(exc) if isinstance(exc, FsadError) else f"{rec.path}: unreadable ({exc.strerror})"])
     if rec.mask_path is None:
-        return [], []
+        return out
     try:
         mask = load_mask(rec.mask_path)
     except FsadError as exc:
-        return [str(exc)], []
+        out.problems.append(str(exc))
+        return out
     if (problem := mask_size_problem(rec, size, (mask.shape[1], mask.shape[0]))) is not None:
-        return [problem], []
-    if not mask.any():
-        return [], [f"{rec.mask_path}: mask is empty (no defect pixel) for a defect image; check it"]
-    return [], []
+        out.problems.append(problem)
+    elif not mask.any():
+        out.warnings.append(f"{rec.mask_path}: mask is empty (no defect pixel) for a defect image; check it")
+    return out
+
+
+def _split_name(rec: ImageRecord) -> str:
+    return f"{rec.split}/{rec.defect_type}"
+
+
+def copy_findings(records, digests) -> tuple[list[str], list[str]]:
+    """(problems, warnings) about copies among ``records``: ``digests(record)`` gives the keys that identify
+    an image's content (file sha256, pixel sha256; None when unknown). Copies across splits are problems
+    (leakage), copies inside one split warnings; each copy is named once, with the image it repeats."""
+    problems, warnings, first, named = [], [], {}, set()
+    for rec in records:
+        for what, key in zip(("byte-identical to", "the same pixels as"), digests(rec) or ()):
+            if key is None:
+                continue
+            if (key, what) not in first:
+                first[(key, what)] = rec
+                continue
+            orig = first[(key, what)]
+            if rec.path in named:
+                continue
+            named.add(rec.path)
+            if orig.split != rec.split:
+                problems.append(f"{rec.path}: {what} {orig.path} ({_split_name(orig)} and {_split_name(rec)}: "
+                                "train/test leakage, the model would be tested on an image it was fitted on); "
+                                "remove one of them")
+            elif rec.split == "train":
+                warnings.append(f"{rec.path}: {what} {orig.path} (a repeated support image: few-shot episodes "
+                                "and the decision threshold become degenerate); remove one of them")
+            else:
+                warnings.append(f"{rec.path}: {what} {orig.path} (a repeated test image counts twice in the "
+                                "metrics); remove one of them")
+    return problems, warnings
 
 
 def _counts(scan: CategoryScan) -> dict:
@@ -94,10 +144,13 @@ def validate(source, category: str | None = None, workers: int | None = None) ->
     by_record = dict(zip((id(r) for r in records), decoded))
     for scan in scans:
         ds = scan.dataset
+        copies, repeats = copy_findings(ds.records, lambda r: by_record[id(r)].digests)
         report.problems += scan.problems
-        report.problems += [p for r in ds.records for p in by_record[id(r)][0]]
+        report.problems += [p for r in ds.records for p in by_record[id(r)].problems]
+        report.problems += copies
         report.warnings += scan.warnings
-        report.warnings += [w for r in ds.records for w in by_record[id(r)][1]]
+        report.warnings += [w for r in ds.records for w in by_record[id(r)].warnings]
+        report.warnings += repeats
         report.counts[ds.category] = _counts(scan)
         if not ds.has_masks:
             report.notes[ds.category] = IMAGE_LEVEL_NOTE

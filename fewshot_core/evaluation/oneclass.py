@@ -238,7 +238,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
                         "trained on images: a support-only threshold would retrain the detector; not computed")
     else:
         cut = support_threshold(method, params, views, runtime, threshold or ThresholdConfig(seed=episode.seed),
-                                augment)
+                                augment, support_keys=content_keys(partition, episode.support_ids))
     metrics.update(decision_metrics(labels, scores, cut))
     if details is not None:
         details.update(model=model, image_scores=scores, patch_maps=patch_maps, labels=labels, query_ids=query_ids,
@@ -262,8 +262,17 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     }
 
 
+def content_keys(partition, ids: Sequence[str]) -> list[str] | None:
+    """The images' content hashes (sha256 of the file) as the store recorded them; None when unknown."""
+    index = getattr(partition, "index", None)
+    if index is None or "sha256" not in index:
+        return None
+    sha = dict(zip(index["image_id"], index["sha256"]))
+    return [sha.get(i) for i in ids] if all(i in sha for i in ids) else None
+
+
 def support_threshold(method: str, params: Mapping, support: np.ndarray, runtime, config: ThresholdConfig,
-                      augment: str = "none"):
+                      augment: str = "none", support_keys: Sequence[str] | None = None):
     """The decision threshold from the good support alone: fresh copies of the method (same parameters
     and seed) fitted on part of the support score the rest (leave-one-out or holdout).
 
@@ -278,7 +287,7 @@ def support_threshold(method: str, params: Mapping, support: np.ndarray, runtime
         copy = registry.create(method, runtime=runtime, **copy_params).fit(bank_input(views[train_idx], augment))
         return copy.score(views[held_idx, 0])[0]
 
-    return fit_threshold(len(support), fit_score, config)
+    return fit_threshold(len(support), fit_score, config, support_keys)
 
 
 def parse_shots(shots) -> int | None:

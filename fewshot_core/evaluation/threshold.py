@@ -13,13 +13,16 @@ held-out good scores lie above it). An image is anomalous when its score is abov
 Held-out scores come from a model fitted on fewer images than the deployed one, so they lean high: the
 threshold errs towards fewer false alarms. One good image cannot be held out from itself: the threshold
 is then ``None`` and says so (``reason``); the model still ranks images by score, it just makes no
-decision.
+decision. Neither can a support of identical images (one image copied): every held-out image has its
+copy in the training part and scores 0, and a threshold of 0 would call every test image anomalous.
+The threshold is then ``None`` with the reason "degenerate: identical support images"; known up front
+from the images' content hashes when the caller gives them, else from held-out scores that are all 0.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -113,14 +116,27 @@ def heldout_good_scores(n: int, fit_score: Callable[[np.ndarray, np.ndarray], np
     return rule, np.asarray(fit_score(train, held), dtype=np.float64), ""
 
 
+DEGENERATE = "degenerate: identical support images"
+
+
 def fit_threshold(n: int, fit_score: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                  config: ThresholdConfig | None = None) -> Threshold:
-    """The threshold of a model fitted on ``n`` good support images (see the module docstring)."""
+                  config: ThresholdConfig | None = None, support_keys: Sequence[str] | None = None) -> Threshold:
+    """The threshold of a model fitted on ``n`` good support images (see the module docstring).
+
+    ``support_keys``: the support images' content hashes, when known: n copies of one image need no fits
+    to be refused."""
     config = config or ThresholdConfig()
+    if n >= 2 and support_keys is not None and len(set(support_keys)) == 1:
+        return Threshold(None, f"{config.rule} fpr={config.fpr:g}", float(config.fpr), n, [],
+                         f"{DEGENERATE} (all {n} have the same content); draw other images or remove the copies")
     rule, scores, reason = heldout_good_scores(n, fit_score, config)
     if scores is None:
         return Threshold(None, f"{rule} fpr={config.fpr:g}", float(config.fpr), n, [], reason)
     label = f"{rule} fpr={config.fpr:g} n={n}" + (f" share={config.share:g}" if rule == "holdout" else "")
+    if np.all(scores == 0):  # every held-out image met an exact copy of itself (distance 0)
+        return Threshold(None, label, float(config.fpr), n, [float(s) for s in scores],
+                         f"{DEGENERATE} (every held-out image scored 0: each has a copy in the rest of the "
+                         "support); draw other images or remove the copies")
     out = threshold_from_scores(scores, config.fpr, label)
     return Threshold(out.value, label, out.fpr, n, out.good_scores)
 

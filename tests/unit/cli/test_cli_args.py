@@ -47,3 +47,92 @@ def test_distinct_values_still_parse():
     args = build_parser().parse_args(["data", "download", "R", "--category", "bottle", "--category", "cable"])
     assert args.category == ["bottle", "cable"]
     assert build_parser().parse_args(["data", "download", "R"]).category is None
+
+
+# --- an argparse error is three short lines, not the whole usage block ---------------------------------------
+
+
+@pytest.mark.parametrize("argv, usage, help_line", [
+    (EVAL + ["--seeds", "0", "0"], "usage: fsad evaluate [ROOT] --method METHOD [options]", "see `fsad evaluate --help`"),
+    (["evaluate", "ROOT", "--shots", "1"], "usage: fsad evaluate [ROOT] --method METHOD [options]",
+     "see `fsad evaluate --help`"),
+    (["data", "synth"], "usage: fsad data synth ROOT [options]", "see `fsad data synth --help`"),
+    (["nosuchcommand"], "usage: fsad COMMAND", "see `fsad --help`"),
+], ids=["bad-value", "missing-required", "missing-positional", "unknown-command"])
+def test_an_argument_error_shows_a_short_usage_and_where_help_is(argv, usage, help_line, capsys):
+    """argparse printed its full usage (18 lines for ``evaluate``) above the one line that matters."""
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [usage, lines[1], help_line] and "error:" in lines[1], lines
+
+
+# --- a file where a folder belongs (and the reverse) is one line, not a traceback ----------------------------
+
+
+def _one_line(capsys, argv) -> str:
+    from fewshot_core.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own refusal of the value
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1, err
+    return errors[0]
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    path = tmp_path / "plain.txt"
+    path.write_text("not a folder")
+    return path
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, a_file, capsys):
+    line = _one_line(capsys, ["predict", tmp_path, "--model", tmp_path / "m", "--out", a_file])
+    assert f"{a_file} is a file, not a folder" in line
+    line = _one_line(capsys, ["predict", tmp_path, "--model", tmp_path / "m", "--out", a_file / "sub"])
+    assert f"{a_file / 'sub'}: {a_file} is a file, not a folder" in line
+
+
+def test_synth_onto_a_file_is_one_line(a_file, capsys):
+    assert f"{a_file} is a file, not a folder" in _one_line(capsys, ["data", "synth", a_file])
+
+
+def test_manifest_onto_a_folder_is_one_line(tmp_path, capsys):
+    from _builders import build_mvtec_category
+
+    build_mvtec_category(tmp_path / "data", n_train=2, n_test_good=1, defects={"cut": 1})
+    folder = tmp_path / "out"
+    folder.mkdir()
+    line = _one_line(capsys, ["data", "manifest", tmp_path / "data", folder])
+    assert f"{folder} is a folder, not a file" in line
+
+
+@pytest.mark.parametrize("command", ["embed", "evaluate", "store"])
+def test_store_naming_a_file_is_one_line(command, tmp_path, a_file, capsys):
+    argv = {"embed": ["embed", tmp_path, "--store", a_file],
+            "evaluate": ["evaluate", tmp_path, "--method", "knn", "--shots", "1", "--store", a_file],
+            "store": ["store", "verify", "--store", a_file]}[command]
+    assert f"{a_file} is a file, not a folder" in _one_line(capsys, argv)
+
+
+@pytest.mark.parametrize("variable, argv", [("FSAD_HOME", ["store", "verify"]),
+                                            ("DAGSTER_HOME", ["mlflow-ui", "--port", "9"])])
+def test_home_variable_naming_a_file_is_one_line(variable, argv, a_file, capsys, monkeypatch):
+    monkeypatch.setenv(variable, str(a_file))
+    assert f"{variable}={a_file} is a file, not a folder" in _one_line(capsys, argv)
+
+
+def test_a_file_met_deeper_is_still_one_line(a_file, capsys, monkeypatch):
+    """The CLI's safety net: a ``NotADirectoryError`` from anywhere names the file in one line."""
+    from fewshot_core.cli import main, store
+
+    monkeypatch.setattr(store, "run_verify", lambda args: (a_file / "inner").mkdir())
+    code = main(["store", "verify"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == f"fsad: error: {a_file} is a file, not a folder", err

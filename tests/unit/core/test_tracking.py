@@ -64,16 +64,24 @@ def test_children_nest_under_one_parent_per_dagster_run(tracker, tmp_path):
     assert len(tracker.evaluation_runs("sweep", "dag-2")) == 1
 
 
-def test_fsad_mlflow_ui_serves_the_pipeline_store(tmp_path):
-    """`fsad mlflow-ui` starts MLflow on the SQLite store under the Dagster home, bound to 127.0.0.1."""
-    import json
+def _serving(port: int) -> bool:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+        return True
+    except OSError:
+        return False
+
+
+def _start_mlflow_ui(tmp_path):
+    """``fsad mlflow-ui`` on a store with one run, in a session of its own (so the test can clean up after
+    it), once it answers: (process, port)."""
     import os
-    import signal
     import socket
     import subprocess
     import sys
     import time
-    import urllib.request
 
     home = tmp_path / "home"
     Tracker(tracking.default_tracking_uri(home)).log_evaluation("ui-sweep", "dag-1", "r", {"method": "knn"},
@@ -85,36 +93,92 @@ def test_fsad_mlflow_ui_serves_the_pipeline_store(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "fewshot_core", "mlflow-ui", "--port", str(port),
                              "--dagster-home", str(home)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while True:
+    deadline = time.time() + 120
+    while not _serving(port):
+        if proc.poll() is not None or time.time() > deadline:
+            _stop_groups(proc, None)
+            pytest.fail("fsad mlflow-ui exited" if proc.poll() is not None else "no answer within 120 s")
+        time.sleep(1)
+    return proc, port
+
+
+def _stop_groups(proc, *pgids) -> None:
+    """SIGTERM, then SIGKILL, to the process groups of ``proc`` and ``pgids`` until they are gone."""
+    import os
+    import signal
+    import time
+
+    for pgid in (proc.pid, *pgids):
+        if pgid is None:
+            continue
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
                 break
-            except OSError:
-                assert proc.poll() is None, "fsad mlflow-ui exited"
-                assert time.time() < deadline, "MLflow UI did not answer within 120 s"
-                time.sleep(1)
+            for _ in range(50):
+                try:
+                    os.killpg(pgid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.2)
+    if proc.poll() is None:
+        proc.wait(timeout=10)
+
+
+def test_fsad_mlflow_ui_serves_the_pipeline_store(tmp_path):
+    """`fsad mlflow-ui` starts MLflow on the SQLite store under the Dagster home, bound to 127.0.0.1."""
+    import json
+    import os
+    import urllib.request
+
+    proc, port = _start_mlflow_ui(tmp_path)
+    try:
         req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
                                      data=json.dumps({"max_results": 10}).encode(),
                                      headers={"Content-Type": "application/json"})
         names = {e["name"] for e in json.loads(urllib.request.urlopen(req, timeout=10).read())["experiments"]}
         assert "ui-sweep" in names
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            for _ in range(50):
-                try:
-                    os.killpg(proc.pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.2)
-        proc.wait(timeout=10)
+        _stop_groups(proc)
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)
+
+
+def test_older_full_data_runs_are_superseded_like_evaluation_runs(tracker):
+    """Before: only ``fsad.kind = 'evaluation'`` runs were tagged, so every sweep's full-data run stayed current."""
+    from fewshot_core.models.publish import FULL_DATA_KIND
+
+    name = "patchcore|bottle|full-data"
+    tags = {tracking.KIND_TAG: FULL_DATA_KIND}
+    first = tracker.log_evaluation("sweep", "dag-1", name, {}, {}, tags, stage=FULL_DATA_KIND)
+    evaluation = tracker.log_evaluation("sweep", "dag-1", name, {}, {})  # another kind: never supersedes it
+    second = tracker.log_evaluation("sweep", "dag-2", name, {}, {}, tags, stage=FULL_DATA_KIND)
+    get = lambda run_id: tracker.client.get_run(run_id).data.tags  # noqa: E731
+    assert get(first)[tracking.SUPERSEDED_TAG] == "true" and get(first)[tracking.SUPERSEDED_BY_TAG] == second
+    assert get(second)[tracking.SUPERSEDED_TAG] == "false"
+    assert get(evaluation)[tracking.SUPERSEDED_TAG] == "false"
+
+
+def test_killing_fsad_mlflow_ui_stops_its_server(tmp_path):
+    """``fsad mlflow-ui & kill $!`` left the MLflow server serving the port: the signal now reaches it."""
+    import os
+    import signal
+    import time
+
+    proc, port = _start_mlflow_ui(tmp_path)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    server_pgid = os.getpgid(int(children[0])) if children else None
+    try:
+        proc.send_signal(signal.SIGTERM)  # `kill $!`: fsad's pid alone, not its group
+        code = proc.wait(timeout=60)
+        deadline = time.time() + 30
+        while _serving(port):
+            assert time.time() < deadline, f"port {port} still served after fsad mlflow-ui was killed"
+            time.sleep(0.5)
+        assert code == 128 + signal.SIGTERM  # it stopped the server and then exited, as a killed command
+    finally:
+        _stop_groups(proc, server_pgid)
 
 
 # --- the tracking database is created atomically ----------------------------------------------------
@@ -239,7 +303,7 @@ def test_fsad_mlflow_ui_defaults_to_the_setting(monkeypatch, capsys, tmp_path):
     from pipelines import cli as run_cli
 
     calls = []
-    monkeypatch.setattr(run_cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(run_cli, "serve", lambda cmd: calls.append(cmd) or 0)
     monkeypatch.setenv(tracking.MLFLOW_UI_ENV, "http://127.0.0.1:5123")
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -153,3 +153,17 @@ def test_mask_binary_and_nearest_resize(tmp_path):
     assert load_mask(ones).sum() == 3
     with pytest.raises(FsadError, match="missing.png"):
         load_mask(tmp_path / "missing.png")
+
+
+@pytest.mark.timeout(60)
+def test_every_reader_refuses_a_fifo_instead_of_waiting_for_a_writer(tmp_path):
+    import os
+
+    from fewshot_core.data.imageio import special_file_kind
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    assert special_file_kind(fifo) == "FIFO" and special_file_kind(tmp_path) == "folder"
+    for read in (load_rgb, verify_image, image_size, load_mask):
+        with pytest.raises(FsadError, match=r"pipe.png: not a regular file \(a FIFO"):
+            read(fifo)

@@ -227,3 +227,20 @@ def test_screw_kind_random_poses_small_defects_deterministic(tmp_path):
     assert names == ["synth_screw"] and (tmp_path / "synth_screw" / "ground_truth" / "hole").is_dir()
     with pytest.raises(FsadError, match="unknown"):
         generate(tmp_path, kinds=("bolt",), **SMALL)
+
+
+def test_regenerating_with_other_settings_keeps_files_a_user_added(tmp_path):
+    """Before: the category folder was replaced as a whole and the user's own images were gone."""
+    generate(tmp_path, categories=1, seed=0, **SMALL)
+    mine = tmp_path / "synth_fabric" / "train" / "good" / "mine.png"
+    mine.write_bytes(b"my own part")
+    with pytest.raises(FsadError, match=r"mine.png: not written by the synthetic generator, and regenerating "
+                                        r"synth_fabric would delete it"):
+        generate(tmp_path, categories=1, seed=1, **SMALL)
+    assert mine.read_bytes() == b"my own part"
+    assert json.loads((tmp_path / "synth.json").read_text())["categories"]["synth_fabric"]["seed"] == 0
+    # the same settings leave the folder (and the user's file) as it is; once moved away, regenerating works
+    assert generate(tmp_path, categories=1, seed=0, **SMALL) == ["synth_fabric"] and mine.is_file()
+    mine.unlink()
+    generate(tmp_path, categories=1, seed=1, **SMALL)
+    assert json.loads((tmp_path / "synth.json").read_text())["categories"]["synth_fabric"]["seed"] == 1

@@ -143,3 +143,94 @@ def test_layout_loading_refuses_a_mismatched_mask(tmp_path):
     write_mask(tmp_path / "masks" / "dent" / "dent_00_mask.png", 16)
     with pytest.raises(FsadError, match="dent_00_mask.png: mask is 16x16 but its image dent_00.png is 32x32"):
         load_dataset(cfg)
+
+
+# --- copies: train/test leakage and repeated support images ---------------------------------------------------
+
+
+def test_a_train_image_copied_into_test_is_reported_as_leakage(tmp_path):
+    """Before: nothing said, and bottle's AUROC moved 0.953 -> 0.920 with one copied image."""
+    import shutil
+
+    cat = build_mvtec_category(tmp_path, "w", n_train=4, n_test_good=2, defects={"cut": 2})
+    shutil.copy(cat / "train/good/000.png", cat / "test/good/100.png")
+    rep = validate(tmp_path, "w")
+    assert not rep.ok and len(rep.problems) == 1, rep.problems
+    line = rep.problems[0]
+    assert "byte-identical" in line and "train/test leakage" in line
+    assert str(cat / "train/good/000.png") in line and str(cat / "test/good/100.png") in line
+
+
+def test_a_reencoded_copy_across_splits_is_found_by_its_pixels(tmp_path):
+    cat = build_mvtec_category(tmp_path, "w", n_train=3, n_test_good=1, defects={"cut": 1})
+    Image.open(cat / "train/good/001.png").save(cat / "test/good/copy.bmp")  # other bytes, same picture
+    rep = validate(tmp_path, "w")
+    assert len(rep.problems) == 1 and "the same pixels as" in rep.problems[0], rep.problems
+    assert "train/test leakage" in rep.problems[0]
+
+
+def test_repeated_support_images_are_a_warning(tmp_path):
+    import shutil
+
+    cat = build_mvtec_category(tmp_path, "w", n_train=3, n_test_good=1, defects={"cut": 1})
+    for name in ("001.png", "002.png"):
+        shutil.copy(cat / "train/good/000.png", cat / "train/good" / name)
+    rep = validate(tmp_path, "w")
+    assert rep.ok, rep.problems
+    repeated = [w for w in rep.warnings if "byte-identical" in w]
+    assert len(repeated) == 2 and all("repeated support image" in w for w in repeated), rep.warnings
+
+
+def test_the_manifest_check_reports_leakage(tmp_path):
+    """The pipeline's blocking data check runs the same validation."""
+    import shutil
+
+    from pipelines.assets.data import manifest_problems
+    from pipelines.config import load_config
+
+    cat = build_mvtec_category(tmp_path / "data", "w", n_train=3, n_test_good=1, defects={"cut": 1})
+    shutil.copy(cat / "train/good/000.png", cat / "test/good/100.png")
+    cfg = load_config(None)
+    cfg.data_source, cfg.data_root = "mvtec", str(tmp_path / "data")
+    from fewshot_core.data import load_dataset
+    from fewshot_core.data.manifest import build_manifest
+
+    problems = manifest_problems(cfg, build_manifest(load_dataset(tmp_path / "data", "w")))
+    assert any("train/test leakage" in p for p in problems), problems
+
+
+# --- the test split lacks one class ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["defect", "good"])
+def test_a_test_split_without_one_class_is_a_warning(missing, tmp_path):
+    """Only good test images were warned about; only defective ones left the image metrics silently absent."""
+    if missing == "defect":
+        build_mvtec_category(tmp_path, "w", n_train=3, n_test_good=2, defects={})
+        expected = "no defect images in test; anomaly metrics need at least one"
+    else:
+        build_mvtec_category(tmp_path, "w", n_train=3, n_test_good=0, defects={"cut": 2})
+        expected = "no good images in test; image metrics (AUROC, F1) need at least one"
+    rep = validate(tmp_path, "w")
+    assert rep.ok and [w for w in rep.warnings if "in test" in w] == [f"{tmp_path / 'w' / 'test'}: {expected}"]
+
+
+# --- a FIFO named like an image ------------------------------------------------------------------------------
+
+
+def test_a_fifo_among_the_images_is_a_problem_not_a_hang(tmp_path):
+    """``open`` on a FIFO waits for a writer forever: validate, evaluate and the manifest hung."""
+    import os
+    import subprocess
+    import sys
+
+    build_mvtec_category(tmp_path, "w", n_train=3, n_test_good=1, defects={"cut": 1})
+    fifo = tmp_path / "w" / "train" / "good" / "pipe.png"
+    os.mkfifo(fifo)
+    code = ("import sys; from fewshot_core.cli import main; sys.exit(main(sys.argv[1:]))")
+    for argv in (["data", "validate", str(tmp_path)], ["data", "manifest", str(tmp_path), str(tmp_path / "m.parquet")],
+                 ["evaluate", str(tmp_path), "--method", "knn", "--shots", "1", "--store", str(tmp_path / "s")]):
+        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{fifo}: not a regular file (a FIFO" in proc.stdout + proc.stderr

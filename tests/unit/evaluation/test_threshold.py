@@ -69,3 +69,42 @@ def test_bad_config_is_a_user_error():
         ThresholdConfig(fpr=1.5)
     with pytest.raises(FsadError, match="rule"):
         ThresholdConfig(rule="magic")
+
+
+def test_identical_support_images_are_degenerate_not_a_zero_threshold():
+    """Three copies of one image: every held-out copy scored 0, the threshold was 0.0 and every test image
+    was called anomalous (balanced accuracy 0.5)."""
+    copies = _distance_fit_score([3.0, 3.0, 3.0])
+    t = fit_threshold(3, copies)  # known from the scores alone
+    assert t.value is None and not t.usable and t.reason.startswith("degenerate: identical support images")
+    m = decision_metrics([0, 1, 1], [0.1, 0.9, 0.8], t)
+    assert np.isnan(m["balanced_accuracy"]) and "degenerate: identical support images" in m["threshold_rule"]
+
+    def never(train, held):  # with content hashes the copies are refused before any fit
+        raise AssertionError("fitted")
+
+    t = fit_threshold(3, never, support_keys=["abc", "abc", "abc"])
+    assert t.value is None and "degenerate: identical support images (all 3" in t.reason
+    # some copies among distinct images still give a threshold from the distinct ones
+    t = fit_threshold(3, _distance_fit_score([3.0, 3.0, 5.0]), ThresholdConfig(rule="loo"),
+                      support_keys=["abc", "abc", "def"])
+    assert t.usable and t.value == pytest.approx(2.0)
+
+
+def test_identical_support_images_in_an_evaluated_episode_say_degenerate(tmp_path):
+    """End to end: the one-class protocol passes the store's content hashes to the threshold rule."""
+    import shutil
+
+    from _builders import build_mvtec_category
+    from fewshot_core.data import load_dataset
+    from fewshot_core.evaluation.oneclass import evaluate_oneclass
+    from fewshot_core.features.store import FeatureStore
+
+    cat = build_mvtec_category(tmp_path / "d", "w", n_train=3, n_test_good=2, defects={"cut": 2})
+    for name in ("001.png", "002.png"):
+        shutil.copy(cat / "train/good/000.png", cat / "train/good" / name)
+    ds = load_dataset(tmp_path / "d", "w")
+    part = FeatureStore(tmp_path / "s").build(ds, image_size=32, weights="random", num_workers=0, progress=False)
+    row = evaluate_oneclass(ds, part, "knn", 3, [0], augment="none")[0]
+    assert row["threshold_rule"].startswith("none: degenerate: identical support images"), row["threshold_rule"]
+    assert np.isnan(row["balanced_accuracy"])

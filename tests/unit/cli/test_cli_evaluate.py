@@ -1,0 +1,47 @@
+"""``fsad evaluate`` on questionable data: valid JSON when a metric cannot be computed, and the same
+warnings ``fsad data validate`` gives for a test split without good or without defect images and for
+copies across splits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from _builders import build_mvtec_category
+from fewshot_core.cli import main
+
+
+def _evaluate(capsys, root, *extra):
+    code = main(["evaluate", str(root), "--category", "w", "--method", "knn", "--shots", "2", "--seeds", "0",
+                 "--weights", "random", "--image-size", "32", "--num-workers", "0", "--augment", "none",
+                 "--store", str(root.parent / "store"), *extra])
+    out, err = capsys.readouterr()
+    assert code == 0 and "Traceback" not in out + err, err
+    return out, err
+
+
+def test_json_of_an_only_good_test_split_is_valid_json_with_null(tmp_path, capsys):
+    """Before: ``NaN`` tokens, which JSON parsers (``jq``, ``JSON.parse``, strict ``json.loads``) refuse."""
+    build_mvtec_category(tmp_path / "d", "w", n_train=3, n_test_good=2, defects={})
+    out, err = _evaluate(capsys, tmp_path / "d", "--json")
+    rows = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert rows and rows[0]["balanced_accuracy"] is None and "image_auroc" not in rows[0]
+    assert "warning: w: no defect images in test; anomaly metrics need at least one" in err
+
+
+def test_an_only_defective_test_split_warns_like_an_only_good_one(tmp_path, capsys):
+    """Before: the image metrics were silently absent."""
+    build_mvtec_category(tmp_path / "d", "w", n_train=3, n_test_good=0, defects={"cut": 2})
+    out, err = _evaluate(capsys, tmp_path / "d")
+    assert "warning: w: no good images in test; image metrics (AUROC, F1) need at least one" in err
+    assert "image_auroc" not in out
+
+
+def test_a_copy_across_splits_is_warned_about(tmp_path, capsys):
+    cat = build_mvtec_category(tmp_path / "d", "w", n_train=3, n_test_good=2, defects={"cut": 2})
+    shutil.copy(cat / "train/good/000.png", cat / "test/good/100.png")
+    _out, err = _evaluate(capsys, tmp_path / "d")
+    warned = [line for line in err.splitlines() if "train/test leakage" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: ") and "byte-identical" in warned[0], err
