@@ -36,7 +36,7 @@ from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.threshold import Threshold, ThresholdConfig, decision_metrics, fit_threshold
 from fewshot_core.methods import registry
 from fewshot_core.methods.augment import AUGMENT_MODES, TRANSFORMS, augment_feature_maps, embed_augmented
-from fewshot_core.metrics import PixelAccumulator, image_metrics
+from fewshot_core.metrics import PixelAccumulator, image_metrics, recall_per_defect_type
 
 SCORE_BATCH = 32  # query images scored per call: bounds memory on large test sets
 
@@ -230,6 +230,8 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
         cut = support_threshold(method, params, views, runtime, threshold or ThresholdConfig(seed=episode.seed),
                                 augment)
     metrics.update(decision_metrics(labels, scores, cut))
+    metrics.update(recall_per_defect_type([dataset.by_id(i).defect_type for i in query_ids], labels,
+                                          cut.decide(scores)))
     if details is not None:
         details.update(model=model, image_scores=scores, patch_maps=patch_maps, labels=labels, query_ids=query_ids,
                        threshold=cut)

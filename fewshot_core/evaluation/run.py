@@ -20,7 +20,7 @@ import numpy as np
 from fewshot_core.settings import ONECLASS, Setting
 
 METRIC_NAMES = frozenset({"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro", "accuracy",
-                          "balanced_accuracy", "macro_f1"})
+                          "balanced_accuracy", "macro_f1", "false_alarm_rate", "miss_rate"})
 
 
 @dataclass
