@@ -101,8 +101,10 @@ def _oneclass(dataset, partition, method, episode, params, size, cache, runtime,
     artifacts: dict = {"plots/roc_curve.png": plots.roc_curve_png(labels, scores, title)}
     picks = gallery.pick_examples(labels, scores)
     if picks:
-        artifacts[gallery.GALLERY_ARTIFACT] = gallery.render_gallery(dataset, query_ids, scores,
-                                                                     image_maps(maps[picks]), picks, size, title)
+        cut = details.get("threshold")
+        artifacts[gallery.GALLERY_ARTIFACT] = gallery.render_gallery(
+            dataset, query_ids, scores, image_maps(maps[picks]), picks, size, title,
+            threshold=cut.value if cut is not None and cut.usable else None)
     artifacts.update(_model_files(details["model"]))
     artifacts["episode.json"] = json.dumps({"episode_id": episode.episode_id, "support_ids": episode.support_ids,
                                             "query_ids": query_ids, "labels": labels.tolist(),

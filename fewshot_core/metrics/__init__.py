@@ -1,7 +1,8 @@
 """Detection and localisation metrics, returned as plain ``dict[str, float]``.
 
 Keys: ``image_auroc``, ``image_f1_max``, ``recall_<defect type>`` at a threshold (image.py);
-``pixel_auroc``, ``pixel_f1_max``, ``aupro`` (pixel.py, aupro.py). A metric that cannot be computed (one class only, no masks) is absent, not NaN.
+``pixel_auroc``, ``pixel_f1_max``, ``aupro`` (pixel.py, aupro.py). A metric that cannot be computed (one
+class only, no masks) is absent, not NaN.
 Classification metrics for the supervised protocol live in ``classification.py``.
 """
 

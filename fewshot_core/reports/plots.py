@@ -112,24 +112,41 @@ def confusion_matrix_png(matrix, classes, title: str = "confusion matrix") -> by
     return to_png(fig)
 
 
-def anomaly_gallery(items: list[dict], title: str = "") -> bytes:
+def map_scale(amap: np.ndarray, threshold: float | None = None) -> tuple[float, float]:
+    """One map's colour range: its own min..max, stretched to include the threshold, so a map whose peak
+    stays below the threshold never reaches the top colour and one above it always does."""
+    lo, hi = float(np.min(amap)), float(np.max(amap))
+    if threshold is not None and np.isfinite(threshold):
+        lo, hi = min(lo, float(threshold)), max(hi, float(threshold))
+    return lo, hi if hi > lo else lo + 1e-9
+
+
+def anomaly_gallery(items: list[dict], title: str = "", threshold: float | None = None) -> bytes:
     """A strip of test images with their anomaly map overlaid and the ground-truth contour.
 
     Each item: ``image`` (H x W x 3 uint8), ``map`` (H x W float), optional ``mask`` (H x W bool), ``caption``.
-    Maps share one colour scale per gallery so that scores are comparable across images.
+    Each map has its own colour scale, spanning the map and the model's ``threshold``: a shared scale lets
+    the defective images' peaks wash out a good image's, so a false alarm looked clean. The threshold is a
+    line on each image's colour bar and a dashed contour where the map exceeds it.
     """
     n = len(items)
-    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.5), squeeze=False)
-    maps = [np.asarray(it["map"], dtype=float) for it in items]
-    vmin = min(float(m.min()) for m in maps)
-    vmax = max(float(m.max()) for m in maps)
-    for ax, it, amap in zip(axes[0], items, maps):
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.7), squeeze=False)
+    for ax, it in zip(axes[0], items):
+        amap = np.asarray(it["map"], dtype=float)
+        lo, hi = map_scale(amap, threshold)
         ax.imshow(it["image"])
-        ax.imshow(amap, cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax)
+        im = ax.imshow(amap, cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
         if it.get("mask") is not None and np.any(it["mask"]):
             ax.contour(np.asarray(it["mask"], dtype=float), levels=[0.5], colors="w", linewidths=0.8)
+        bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        bar.ax.tick_params(labelsize=6)
+        if threshold is not None and np.isfinite(threshold):
+            bar.ax.axhline(threshold, color="k", linewidth=1.5)
+            if amap.min() < threshold < amap.max():
+                ax.contour(amap, levels=[threshold], colors="k", linewidths=0.8, linestyles="dashed")
         ax.set_title(it.get("caption", ""), fontsize=7)
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
+    note = ("colour scale per image; black line / dashed contour: the threshold" if threshold is not None
+            and np.isfinite(threshold) else "colour scale per image; no threshold (the model only ranks)")
+    fig.suptitle(f"{title}\n{note}" if title else note, fontsize=8)
     return to_png(fig)
