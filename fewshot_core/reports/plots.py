@@ -20,7 +20,8 @@ def to_png(fig, dpi: int = 100) -> bytes:
 
 
 def metric_vs_shots(agg: pd.DataFrame, metric: str = "image_auroc") -> bytes:
-    """One panel per category: metric mean with its bootstrap interval against shots, a line per method."""
+    """One panel per category: metric mean with its interval (bootstrap CI or range, named in the title)
+    against shots, a line per method."""
     cats = sorted(agg["category"].unique())
     fig, axes = plt.subplots(1, len(cats), figsize=(4.2 * len(cats), 3.4), squeeze=False, sharey=True)
     for ax, cat in zip(axes[0], cats):
@@ -38,7 +39,15 @@ def metric_vs_shots(agg: pd.DataFrame, metric: str = "image_auroc") -> bytes:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(metric)
     axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"band: {band_label(agg)}", fontsize=8)
     return to_png(fig)
+
+
+def band_label(agg: pd.DataFrame) -> str:
+    """What a plot's bands or error bars are (the table captions' words, without the footnote mark)."""
+    from fewshot_core.reports.tables import interval_caption
+
+    return interval_caption(agg).replace(" †", "")
 
 
 def imbalance_heatmaps(agg: pd.DataFrame, metric: str = "balanced_accuracy") -> bytes:
@@ -62,7 +71,7 @@ def imbalance_heatmaps(agg: pd.DataFrame, metric: str = "balanced_accuracy") -> 
 
 
 def grouped_bars(agg: pd.DataFrame, group: str, hue: str, metric: str, title: str = "") -> bytes:
-    """Bars of ``metric`` per ``group`` value, one bar per ``hue`` value, with the bootstrap interval."""
+    """Bars of ``metric`` per ``group`` value, one bar per ``hue`` value, with its interval (named in the title)."""
     groups = list(dict.fromkeys(agg[group]))
     hues = sorted(agg[hue].dropna().unique())
     width = 0.8 / max(len(hues), 1)
@@ -77,7 +86,7 @@ def grouped_bars(agg: pd.DataFrame, group: str, hue: str, metric: str, title: st
     ax.set_xticks(range(len(groups)), [str(g) for g in groups], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(metric)
-    ax.set_title(title)
+    ax.set_title(f"{title}\nerror bars: {band_label(agg)}" if title else f"error bars: {band_label(agg)}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return to_png(fig)
