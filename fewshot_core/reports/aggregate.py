@@ -79,7 +79,8 @@ def aggregate(rows: pd.DataFrame, metrics: list[str] | None = None, level: float
     """One row per seed-free group with ``<metric>_mean``, ``<metric>_lo``, ``<metric>_hi``, ``interval``
     (``bootstrap``: a ``level`` percentile bootstrap, from ``FEW_SEEDS`` seeds on; ``range``: min–max over
     fewer seeds), ``n_seeds``, ``seeds``, ``run_ids`` (space-separated MLflow run ids of the rows it
-    summarises) and, where the rows carry them, the episode sizes ``n_query``, ``n_support_good`` and ``n_support_bad`` (median over seeds)."""
+    summarises) and, where the rows carry them, the episode sizes ``n_query``, ``n_support_good`` and
+    ``n_support_bad`` (median over seeds)."""
     if rows.empty:
         return pd.DataFrame()
     metrics = metrics or metric_columns(rows)

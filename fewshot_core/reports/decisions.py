@@ -59,7 +59,7 @@ def decisions(rows: pd.DataFrame, agg: pd.DataFrame) -> Section:
     if not len(agg):
         return Section("decisions", heading, note, "<p class=note>No runs.</p>", "No runs to judge.")
     parts = []
-    for protocol, group in _order(agg).groupby("protocol", sort=False):
+    for protocol, group in _order(agg).groupby(agg.get("protocol", pd.Series("", index=agg.index)), sort=False):
         parts.append(f"<h3>{esc(PROTOCOL_LABEL.get(protocol, protocol))}</h3>"
                      f"<p class=note>Brackets: {esc(interval_caption(group))}.</p>{_decision_table(rows, group)}")
     oc = agg[agg["protocol"] == "oneclass"] if "protocol" in agg else agg.iloc[0:0]

@@ -20,7 +20,7 @@ import pandas as pd
 
 from fewshot_core.reports import plots, stats
 from fewshot_core.reports.timing import reads_images
-from fewshot_core.reports.tables import esc, interval_caption, pivot, simple, support_label
+from fewshot_core.reports.tables import esc, metric_caption, pivot, simple, support_label
 
 RANK, DECIDE = "image_auroc", "balanced_accuracy"
 SUPERVISED, ONECLASS = "supervised", "oneclass"
@@ -261,8 +261,7 @@ def rq3(rows, agg) -> Section:
     mc_agg = _select(agg_sup, label_mode="multiclass")
     if len(mc_agg):
         parts.append(pivot(mc_agg, ["category", "method"], "setting", DECIDE, labels,
-                           note="balanced_accuracy naming the defect type (multiclass): mean "
-                                f"[{interval_caption(mc_agg)}]"))
+                           note=metric_caption(mc_agg, "balanced_accuracy naming the defect type (multiclass)")))
     if not gains:
         return Section("rq3", heading, note, "".join(parts),
                        "Not answered: no method ran the same settings in both label modes.")

@@ -59,9 +59,10 @@ def cell(rec, metric: str, n_line: bool = True) -> str:
     if mean is None or not np.isfinite(mean):
         return "<td>–</td>"
     text = format_ci(mean, rec[f"{metric}_lo"], rec[f"{metric}_hi"])
-    few = (_int(rec.get("n_seeds")) or 0) < FEW_SEEDS
+    n_few = (_int(rec.get("n_seeds")) or 0) < FEW_SEEDS
+    few = n_few and rec[f"{metric}_lo"] != rec[f"{metric}_hi"]  # one seed has no bracket to flag
     runs = esc(rec.get("run_ids", ""))
-    what = esc(interval_label(rec.get("interval") or ("range" if few else "bootstrap"), _int(rec.get("n_seeds"))))
+    what = esc(interval_label(rec.get("interval") or ("range" if n_few else "bootstrap"), _int(rec.get("n_seeds"))))
     flag = f'<sup class=few title="{what}, not a confidence interval">†</sup>' if few else ""
     link = f'<a href="#{anchor(group_key(rec))}" title="mean [{what}]; {esc(n_label(rec))}; MLflow runs: {runs}">'
     if n_line:
@@ -83,6 +84,12 @@ def interval_caption(agg: pd.DataFrame) -> str:
     return f"{interval_label('bootstrap')} from {FEW_SEEDS} seeds on, else range (min–max) over the seeds †"
 
 
+def metric_caption(agg: pd.DataFrame, what: str) -> str:
+    """``image_auroc: mean [range over 2 seeds]``, or ``...: one seed: no interval``."""
+    kind = interval_caption(agg)
+    return f"{what}: {kind}" if kind == interval_label("range", 1) else f"{what}: mean [{kind}]"
+
+
 def pivot(agg: pd.DataFrame, index: list[str], column: str, metric: str, labels: dict | None = None,
           note: str | None = None) -> str:
     """``index`` rows x ``column`` values of ``metric``; ``labels`` maps column values to header text."""
@@ -97,7 +104,7 @@ def pivot(agg: pd.DataFrame, index: list[str], column: str, metric: str, labels:
         by_col = {r[column]: r for r in group.to_dict("records")}
         cells += "".join(cell(by_col[c], metric) if c in by_col else "<td>–</td>" for c in cols)
         body.append(f"<tr>{cells}</tr>")
-    caption = note or f"{metric}: mean [{interval_caption(agg)}]"
+    caption = note or metric_caption(agg, metric)
     return (f"<p class=note>{esc(caption)}</p><div class=scroll><table><tr>{head}</tr>{''.join(body)}"
             "</table></div>")
 
