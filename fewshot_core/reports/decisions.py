@@ -242,6 +242,9 @@ def _margin(rows: pd.DataFrame, criterion, cands) -> tuple[str, str]:
         clause = (f" Its lead over {second.method} ({mean:+.4f} {metric}, {what} {lo:+.4f} to {hi:+.4f}) is not "
                   f"established: the interval reaches zero or rests on one seed; run more seeds before trusting "
                   "the order.")
+    elif len(both) < FEW_SEEDS:
+        clause = (f" It leads {second.method} by {mean:+.4f} {metric} on each of the {len(both)} paired seeds "
+                  f"({what} {lo:+.4f} to {hi:+.4f}); too few seeds for a confidence interval.")
     else:
         clause = f" It leads {second.method} by {mean:+.4f} {metric} ({what} {lo:+.4f} to {hi:+.4f})."
     return line, clause

@@ -60,7 +60,12 @@ def test_deploy_section_names_the_registry_champion_its_margin_and_decision_qual
     assert "Lead over the runner-up knn: Δbalanced_accuracy = +0.0500 [range over 2 seeds: +0.0500, +0.0500]" in deploy
     takeaway = deploy[deploy.index("Takeaway"):]
     assert "deploy ldknn with 4 good shots: balanced accuracy 0.895" in takeaway
+    assert "It leads knn by +0.0500 balanced_accuracy on each of the 2 paired seeds" in takeaway
     assert "flags 10.5% of good parts (false alarms) and passes 5.5% of defective ones" in takeaway and "100.0 ms per image end to end" in takeaway
+    # the runner-up ahead on one seed: the lead is not established, and the report says so
+    mixed = rows.copy()
+    mixed.loc[(mixed["method"] == "knn") & (mixed["shots"] == 4) & (mixed["seed"] == 1), "balanced_accuracy"] = 0.95
+    assert "is not established" in _section(_text(mixed), "deploy")
     # a sweep configured to rank by AUROC names knn, in the report as in the registry
     auroc = ChampionCriterion(metric="image_auroc")
     assert pick_champions(rows, auroc)["bottle"].method == "knn"
