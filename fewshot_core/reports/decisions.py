@@ -261,5 +261,11 @@ def _deploy_sentence(agg: pd.DataFrame, category: str, champ, criterion) -> str:
         text += " (it has no threshold at this shot count: it ranks images but makes no decision)"
     if math.isfinite(rec.get("ms_per_image_mean", math.nan)):
         text += f", {rec['ms_per_image_mean']:.1f} ms per image end to end"
+    recalls = {t: rec[f"recall_{t}_mean"] for t in defect_types(pd.DataFrame([rec]))
+               if math.isfinite(rec.get(f"recall_{t}_mean", math.nan))}
+    if recalls:
+        weakest = min(recalls, key=recalls.get)
+        text += (f"; it catches {', '.join(f'{t} {v:.0%}' for t, v in sorted(recalls.items()))} of each defect "
+                 f"type (weakest: {weakest})")
     return text + "."
 

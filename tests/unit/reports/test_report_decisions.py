@@ -60,6 +60,8 @@ def test_deploy_section_names_the_registry_champion_its_margin_and_decision_qual
     assert "Lead over the runner-up knn: Δbalanced_accuracy = +0.0500 [range over 2 seeds: +0.0500, +0.0500]" in deploy
     takeaway = deploy[deploy.index("Takeaway"):]
     assert "deploy ldknn with 4 good shots: balanced accuracy 0.895" in takeaway
+    assert "it catches broken_large 34%, broken_small 80%, contamination 38% of each defect type (weakest: " \
+           "broken_large)" in takeaway
     assert "It leads knn by +0.0500 balanced_accuracy on each of the 2 paired seeds" in takeaway
     assert "flags 10.5% of good parts (false alarms) and passes 5.5% of defective ones" in takeaway and "100.0 ms per image end to end" in takeaway
     # the runner-up ahead on one seed: the lead is not established, and the report says so
