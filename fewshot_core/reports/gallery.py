@@ -44,12 +44,13 @@ def render_gallery(dataset, query_ids: Sequence[str], scores: np.ndarray, image_
 
 
 def caption(defect_type: str, label: int, score: float, threshold: float | None) -> str:
-    """``good s=3.41 > t=2.87: false alarm``; without a threshold only the score."""
+    """``good: false alarm`` over ``s=3.41 > t=2.87`` (two lines: a strip's captions must not collide);
+    without a threshold the defect type over the score."""
     if threshold is None or not np.isfinite(threshold):
-        return f"{defect_type} s={score:.2f}"
+        return f"{defect_type}\ns={score:.2f}"
     flagged = score > threshold
     outcome = ("caught" if flagged else "missed") if int(label) == 1 else ("false alarm" if flagged else "passed")
-    return f"{defect_type} s={score:.2f} {'>' if flagged else '≤'} t={threshold:.2f}: {outcome}"
+    return f"{defect_type}: {outcome}\ns={score:.2f} {'>' if flagged else '≤'} t={threshold:.2f}"
 
 
 def report_gallery(rows: pd.DataFrame, fetch: Callable[[str, str], bytes | None]) -> list[dict]:

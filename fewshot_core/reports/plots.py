@@ -139,7 +139,8 @@ def anomaly_gallery(items: list[dict], title: str = "", threshold: float | None 
     line on each image's colour bar and a dashed contour where the map exceeds it.
     """
     n = len(items)
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.7), squeeze=False)
+    # constrained layout keeps the suptitle, the two-line captions and the colour bars apart
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 3.0), squeeze=False, layout="constrained")
     for ax, it in zip(axes[0], items):
         amap = np.asarray(it["map"], dtype=float)
         lo, hi = map_scale(amap, threshold)
@@ -147,7 +148,7 @@ def anomaly_gallery(items: list[dict], title: str = "", threshold: float | None 
         im = ax.imshow(amap, cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
         if it.get("mask") is not None and np.any(it["mask"]):
             ax.contour(np.asarray(it["mask"], dtype=float), levels=[0.5], colors="w", linewidths=0.8)
-        bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        bar = fig.colorbar(im, ax=ax, shrink=0.8, pad=0.02)
         bar.ax.tick_params(labelsize=6)
         if threshold is not None and np.isfinite(threshold):
             bar.ax.axhline(threshold, color="k", linewidth=1.5)

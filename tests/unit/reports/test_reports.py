@@ -120,8 +120,8 @@ def test_gallery_maps_have_their_own_scale_with_the_threshold_and_say_the_decisi
     assert plots.map_scale(false_alarm, 2.5) == (0.0, 3.0)
     assert plots.map_scale(clean, 2.5) == (0.0, 2.5)  # a clean map never reaches the top colour
     assert plots.map_scale(defect, None) == (0.0, 10.0)
-    assert caption("good", 0, 3.0, 2.5) == "good s=3.00 > t=2.50: false alarm"
-    assert caption("crack", 1, 2.0, 2.5) == "crack s=2.00 ≤ t=2.50: missed"
-    assert caption("crack", 1, 2.0, None) == "crack s=2.00"
+    assert caption("good", 0, 3.0, 2.5) == "good: false alarm\ns=3.00 > t=2.50"
+    assert caption("crack", 1, 2.0, 2.5) == "crack: missed\ns=2.00 ≤ t=2.50"
+    assert caption("crack", 1, 2.0, None) == "crack\ns=2.00"
     items = [{"image": np.zeros((8, 8, 3), np.uint8), "map": m, "caption": "x"} for m in (defect, false_alarm, clean)]
     assert plots.anomaly_gallery(items, "t", threshold=2.5).startswith(b"\x89PNG")
