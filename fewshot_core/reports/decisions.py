@@ -17,7 +17,7 @@ from fewshot_core.reports.aggregate import bootstrap_ci, interval_label, value_r
 from fewshot_core.reports.questions import Section
 from fewshot_core.reports.stats import FEW_SEEDS
 from fewshot_core.reports.tables import cell, esc, interval_caption, support_label
-from fewshot_core.reports.timing import SCORE_NOTE
+from fewshot_core.reports.timing import SCORE_NOTE, reads_images
 
 DECISION_METRICS = (("image_auroc", "image AUROC"), ("balanced_accuracy", "balanced accuracy"),
                     ("false_alarm_rate", "false-alarm rate"), ("miss_rate", "miss rate"))
@@ -34,6 +34,8 @@ def _ms(rec) -> str:
     """``12.3 ms`` with its split, or the scoring share alone where the backbone's is unknown."""
     total, embed, score = (rec.get(f"{c}_mean", math.nan) for c in
                            ("ms_per_image", "embed_ms_per_image", "score_ms_per_image"))
+    if math.isfinite(total) and reads_images(rec.get("method_name", "")):
+        return f"<b>{total:.1f}</b><br><span class=n>its own network, inside scoring</span>"
     if math.isfinite(total):
         return f"<b>{total:.1f}</b><br><span class=n>backbone {embed:.1f} + scoring {score:.1f}</span>"
     if math.isfinite(score):

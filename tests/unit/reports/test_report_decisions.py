@@ -109,4 +109,5 @@ def test_time_per_image_from_the_store_build_record(tmp_path):
     assert unknown["ms_per_image"].isna().all() and unknown["score_ms_per_image"].notna().all()
     trained = add_timings(sweep_rows().assign(method_name="efficientad"), {})
     assert (trained["embed_ms_per_image"] == 0).all()
+    assert "its own network, inside scoring" in _section(_text(trained), "decisions")
     assert "cores usable" in machine() and "GPU: " in machine()
