@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from fewshot_core.reports.aggregate import metric_columns
+from fewshot_core.reports.timing import TIME_COLUMNS
 
 
 def build_table_checks(benchmark_table) -> list:
@@ -25,7 +26,8 @@ def build_table_checks(benchmark_table) -> list:
             if dup.any():
                 problems.append(f"{int(dup.sum())} duplicated evaluation keys")
             for m in metric_columns(benchmark_table):
-                if m.endswith("_seconds") or m == "threshold":  # timings; the decision threshold is on score scale
+                # timings; the decision threshold is on score scale
+                if m.endswith("_seconds") or m in TIME_COLUMNS or m == "threshold":
                     continue
                 v = benchmark_table[m].to_numpy(dtype=float)
                 v = v[np.isfinite(v)]

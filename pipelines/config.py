@@ -20,7 +20,7 @@ EfficientNet-Lite0 backbone, the fast methods that exist, a small shots grid and
       # only one), generated ones (synthetic or synthetic:N), or another root's (a path)
       - {id: caml, method: caml, meta_pool: synthetic}
     # the champion per category: best mean metric over seeds at the largest (or given) shot count
-    champion: {metric: image_auroc, protocol: oneclass, shots: null}
+    champion: {metric: balanced_accuracy, tiebreak: image_auroc, protocol: oneclass, shots: null}
     # the full-data model per category, registered as fsad-<category>@full-data (null: none)
     full_data: {method: patchcore, params: {}, backbone: null}
 
@@ -67,7 +67,7 @@ class SweepConfig:
     label_modes: list[str] = field(default_factory=lambda: ["binary", "multiclass"])
     supervised_seeds: list[int] = field(default_factory=lambda: [0, 1])
     methods: list[MethodSpec] | None = None  # None: the default methods that exist
-    # the champion per category (ChampionCriterion fields): default image AUROC at the largest shot count
+    # the champion per category (ChampionCriterion fields): default balanced accuracy at the largest shot count
     champion: dict = field(default_factory=dict)
     # the full-data model per category ({method, params, backbone}); None: not built
     full_data: dict | None = field(default_factory=lambda: SweepFile().full_data.model_dump())

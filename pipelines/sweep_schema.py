@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fewshot_core.models.champion import ChampionCriterion
+
 StrictInt = Annotated[int, Field(strict=True)]
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
@@ -94,8 +96,9 @@ CHAMPION_METRICS = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max"
 
 class ChampionSection(_Strict):
     """How the champion per category is chosen (``fewshot_core.models.champion.ChampionCriterion``)."""
-    metric: Literal[CHAMPION_METRICS] = "image_auroc"
+    metric: Literal[CHAMPION_METRICS] = ChampionCriterion.metric  # the one default: champion.py
     protocol: Literal["oneclass", "supervised"] = "oneclass"
+    tiebreak: Literal[CHAMPION_METRICS] = ChampionCriterion.tiebreak
     shots: PositiveInt | None = None  # None: the largest shot count of the sweep
 
 

@@ -42,7 +42,7 @@ from fewshot_core.evaluation.aligned import align_episode, check_align, to_origi
 from fewshot_core.evaluation.autoconfig import check_config, choose
 from fewshot_core.evaluation.support_views import AUTO, bank_input, resolve_augment, support_views
 from fewshot_core.methods.augment import TRANSFORMS
-from fewshot_core.metrics import PixelAccumulator, image_metrics
+from fewshot_core.metrics import PixelAccumulator, image_metrics, recall_per_defect_type
 
 SCORE_BATCH = 32  # query images scored per call: bounds memory on large test sets
 
@@ -240,6 +240,8 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
         cut = support_threshold(method, params, views, runtime, threshold or ThresholdConfig(seed=episode.seed),
                                 augment, support_keys=content_keys(partition, episode.support_ids))
     metrics.update(decision_metrics(labels, scores, cut))
+    metrics.update(recall_per_defect_type([dataset.by_id(i).defect_type for i in query_ids], labels,
+                                          cut.decide(scores)))
     if details is not None:
         details.update(model=model, image_scores=scores, patch_maps=patch_maps, labels=labels, query_ids=query_ids,
                        threshold=cut, image_maps=to_image)

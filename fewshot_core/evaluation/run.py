@@ -20,7 +20,7 @@ import numpy as np
 from fewshot_core.settings import ONECLASS, Setting
 
 METRIC_NAMES = frozenset({"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro", "accuracy",
-                          "balanced_accuracy", "macro_f1"})
+                          "balanced_accuracy", "macro_f1", "false_alarm_rate", "miss_rate"})
 
 
 @dataclass
@@ -102,9 +102,10 @@ def _oneclass(dataset, partition, method, episode, params, size, cache, runtime,
     artifacts: dict = {"plots/roc_curve.png": plots.roc_curve_png(labels, scores, title)}
     picks = gallery.pick_examples(labels, scores)
     if picks:
-        artifacts[gallery.GALLERY_ARTIFACT] = gallery.render_gallery(dataset, query_ids, scores,
-                                                                     details["image_maps"](maps[picks], [query_ids[i] for i in picks]),
-                                                                     picks, size, title)
+        cut = details.get("threshold")
+        artifacts[gallery.GALLERY_ARTIFACT] = gallery.render_gallery(
+            dataset, query_ids, scores, details["image_maps"](maps[picks], [query_ids[i] for i in picks]), picks,
+            size, title, threshold=cut.value if cut is not None and cut.usable else None)
     artifacts.update(_model_files(details["model"]))
     artifacts["episode.json"] = json.dumps({"episode_id": episode.episode_id, "support_ids": episode.support_ids,
                                             "query_ids": query_ids, "labels": labels.tolist(),

@@ -142,18 +142,24 @@ def fit_threshold(n: int, fit_score: Callable[[np.ndarray, np.ndarray], np.ndarr
 
 
 def decision_metrics(labels, scores, threshold: Threshold | None) -> dict:
-    """``balanced_accuracy`` on the test split at the threshold, with ``threshold`` and ``threshold_rule``.
+    """``balanced_accuracy``, ``false_alarm_rate`` (good test images flagged) and ``miss_rate`` (defective
+    test images passed) at the threshold, with ``threshold`` and ``threshold_rule``.
 
-    Without a usable threshold the accuracy is NaN and the rule says why.
+    Without a usable threshold the rates are NaN and the rule says why; a rate whose class is absent
+    from the test split is NaN.
     """
     from sklearn.metrics import balanced_accuracy_score
 
+    nan = float("nan")
+    undecided = {"balanced_accuracy": nan, "false_alarm_rate": nan, "miss_rate": nan, "threshold": nan}
     if threshold is None:
-        return {"balanced_accuracy": float("nan"), "threshold": float("nan"), "threshold_rule": "none"}
+        return {**undecided, "threshold_rule": "none"}
     decided = threshold.decide(scores)
     if decided is None:
-        return {"balanced_accuracy": float("nan"), "threshold": float("nan"),
-                "threshold_rule": f"none: {threshold.reason}"}
+        return {**undecided, "threshold_rule": f"none: {threshold.reason}"}
     labels = np.asarray(labels, dtype=int)
-    bacc = float(balanced_accuracy_score(labels, decided.astype(int))) if len(set(labels)) > 1 else float("nan")
-    return {"balanced_accuracy": bacc, "threshold": float(threshold.value), "threshold_rule": threshold.rule}
+    bacc = float(balanced_accuracy_score(labels, decided.astype(int))) if len(set(labels)) > 1 else nan
+    good, bad = labels == 0, labels == 1
+    return {"balanced_accuracy": bacc, "false_alarm_rate": float(decided[good].mean()) if good.any() else nan,
+            "miss_rate": float((~decided[bad]).mean()) if bad.any() else nan,
+            "threshold": float(threshold.value), "threshold_rule": threshold.rule}

@@ -32,7 +32,9 @@ def classification_metrics(
     anomaly_score: Sequence[float] | None = None,
     good_label="good",
 ) -> dict[str, float]:
-    """Accuracy, balanced accuracy, macro-F1 over ``classes``, ``recall_<class>`` and binary ``image_auroc``.
+    """Accuracy, balanced accuracy, macro-F1 over ``classes``, ``recall_<class>``, ``false_alarm_rate`` (good
+    queries predicted as any other class), ``miss_rate`` (other queries predicted ``good_label``) and binary
+    ``image_auroc``.
 
     ``image_auroc`` treats every class other than ``good_label`` as anomalous and ranks by ``anomaly_score``;
     it is left out when the query holds only one of the two groups.
@@ -54,6 +56,12 @@ def classification_metrics(
     for c, r in zip(labels, recalls):
         if c in present:  # recall of a class absent from the query is undefined: leave it out
             out[f"recall_{c}"] = float(r)
+    # the deployment view of the predicted classes: a good part called defective, a defective part called good
+    good = y_true == good_label
+    if good.any():
+        out["false_alarm_rate"] = float(np.mean(y_pred[good] != good_label))
+    if (~good).any():
+        out["miss_rate"] = float(np.mean(y_pred[~good] == good_label))
     if anomaly_score is not None:
         is_anomalous = (y_true != good_label).astype(int)
         if 0 < is_anomalous.sum() < len(is_anomalous):

@@ -1,4 +1,8 @@
-"""Aggregate evaluation rows over seeds: mean and a 95% percentile-bootstrap interval per metric.
+"""Aggregate evaluation rows over seeds: mean and an interval per metric, labelled by what it is.
+
+With ``FEW_SEEDS`` or more seeds the interval is a 95% percentile bootstrap of the mean; below that a
+bootstrap of so few values is only their min–max range under another name, so the range is reported and
+called a range (``interval`` column: ``bootstrap`` or ``range``).
 
 Input rows are the pipeline's evaluation table: one row per method x category x setting x seed, with the
 identity columns below, the MLflow run id, and one column per metric. A metric that could not be computed
@@ -9,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+
+from fewshot_core.reports.stats import FEW_SEEDS
 
 # Columns that identify an evaluation; everything else numeric is a metric.
 ID_COLUMNS = (
@@ -50,11 +56,31 @@ def bootstrap_ci(values, level: float = 0.95, n_boot: int = 2000, seed: int = 0)
     return mean, float(lo), float(hi)
 
 
+def value_range(values) -> tuple[float, float, float]:
+    """(mean, min, max) over the given values (NaN ignored; all NaN without any)."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return (float("nan"),) * 3
+    return float(x.mean()), float(x.min()), float(x.max())
+
+
+def interval_label(kind: str, n: int | None = None, level: float = 0.95) -> str:
+    """What an interval of ``aggregate`` is, in words: ``95% bootstrap CI`` or ``range over 2 seeds``."""
+    if kind == "bootstrap":
+        return f"{level:.0%} bootstrap CI" + (f" over {n} seeds" if n else "")
+    if n == 1:
+        return "one seed: no interval"
+    return f"range over {n} seeds" if n else "range (min–max) over seeds"
+
+
 def aggregate(rows: pd.DataFrame, metrics: list[str] | None = None, level: float = 0.95,
               n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """One row per seed-free group with ``<metric>_mean``, ``<metric>_lo``, ``<metric>_hi``, ``n_seeds``,
-    ``seeds``, ``run_ids`` (space-separated MLflow run ids of the rows it summarises) and, where the rows
-    carry them, the episode sizes ``n_query``, ``n_support_good`` and ``n_support_bad`` (median over seeds)."""
+    """One row per seed-free group with ``<metric>_mean``, ``<metric>_lo``, ``<metric>_hi``, ``interval``
+    (``bootstrap``: a ``level`` percentile bootstrap, from ``FEW_SEEDS`` seeds on; ``range``: min–max over
+    fewer seeds), ``n_seeds``, ``seeds``, ``run_ids`` (space-separated MLflow run ids of the rows it
+    summarises) and, where the rows carry them, the episode sizes ``n_query``, ``n_support_good`` and
+    ``n_support_bad`` (median over seeds)."""
     if rows.empty:
         return pd.DataFrame()
     metrics = metrics or metric_columns(rows)
@@ -68,8 +94,12 @@ def aggregate(rows: pd.DataFrame, metrics: list[str] | None = None, level: float
         for size in ("n_query", "n_support_good", "n_support_bad"):
             if size in group and group[size].notna().any():
                 rec[size] = int(group[size].median())
+        rec["interval"] = "bootstrap" if rec["n_seeds"] >= FEW_SEEDS else "range"
         for m in metrics:
-            mean, lo, hi = bootstrap_ci(group[m].to_numpy(), level=level, n_boot=n_boot, seed=seed)
+            if rec["interval"] == "bootstrap":
+                mean, lo, hi = bootstrap_ci(group[m].to_numpy(), level=level, n_boot=n_boot, seed=seed)
+            else:
+                mean, lo, hi = value_range(group[m].to_numpy())
             rec[f"{m}_mean"], rec[f"{m}_lo"], rec[f"{m}_hi"] = mean, lo, hi
         out.append(rec)
     return pd.DataFrame(out)

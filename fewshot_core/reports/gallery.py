@@ -2,7 +2,8 @@
 
 ``pick_examples`` chooses from an episode's scores (the two highest-scored anomalous images, the
 highest-scored good one, the lowest-scored anomalous one: hits, the worst false alarm, the worst miss);
-``render_gallery`` decodes those images and masks and draws them with their maps (``plots.anomaly_gallery``);
+``render_gallery`` decodes those images and masks and draws them with their maps (``plots.anomaly_gallery``,
+each on its own colour scale with the model's threshold marked, captioned with the decision);
 ``report_gallery`` picks, per method and category, the run whose strip the HTML report shows.
 """
 
@@ -28,9 +29,10 @@ def pick_examples(labels: np.ndarray, scores: np.ndarray, n: int = GALLERY_IMAGE
 
 
 def render_gallery(dataset, query_ids: Sequence[str], scores: np.ndarray, image_maps: np.ndarray,
-                   picks: Sequence[int], size, title: str) -> bytes:
-    """PNG strip of the picked queries at ``size`` (an int for a square, or the maps' (height, width))
-    with their image-resolution maps and mask contours."""
+                   picks: Sequence[int], size, title: str, threshold: float | None = None) -> bytes:
+    """PNG strip of the picked queries at ``size`` (an int for a square, or the maps' (height, width)) with
+    their image-resolution maps and mask contours; with the model's ``threshold`` each caption says what the
+    decision was (caught, missed, false alarm)."""
     from fewshot_core.backbones.preprocess import as_shape
     from fewshot_core.data.imageio import load_mask, load_rgb
 
@@ -40,8 +42,18 @@ def render_gallery(dataset, query_ids: Sequence[str], scores: np.ndarray, image_
         rec = dataset.by_id(query_ids[i])
         items.append({"image": np.asarray(load_rgb(rec.path).convert("RGB").resize((w, h))), "map": amap,
                       "mask": load_mask(rec.mask_path, (w, h)) if rec.mask_path else None,
-                      "caption": f"{rec.defect_type} s={scores[i]:.2f}"})
-    return plots.anomaly_gallery(items, title)
+                      "caption": caption(rec.defect_type, rec.label, float(scores[i]), threshold)})
+    return plots.anomaly_gallery(items, title, threshold)
+
+
+def caption(defect_type: str, label: int, score: float, threshold: float | None) -> str:
+    """``good: false alarm`` over ``s=3.41 > t=2.87`` (two lines: a strip's captions must not collide);
+    without a threshold the defect type over the score."""
+    if threshold is None or not np.isfinite(threshold):
+        return f"{defect_type}\ns={score:.2f}"
+    flagged = score > threshold
+    outcome = ("caught" if flagged else "missed") if int(label) == 1 else ("false alarm" if flagged else "passed")
+    return f"{defect_type}: {outcome}\ns={score:.2f} {'>' if flagged else '≤'} t={threshold:.2f}"
 
 
 def report_gallery(rows: pd.DataFrame, fetch: Callable[[str, str], bytes | None]) -> list[dict]:

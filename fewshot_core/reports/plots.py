@@ -20,7 +20,8 @@ def to_png(fig, dpi: int = 100) -> bytes:
 
 
 def metric_vs_shots(agg: pd.DataFrame, metric: str = "image_auroc") -> bytes:
-    """One panel per category: metric mean with its bootstrap interval against shots, a line per method."""
+    """One panel per category: metric mean with its interval (bootstrap CI or range, named in the title)
+    against shots, a line per method."""
     cats = sorted(agg["category"].unique())
     fig, axes = plt.subplots(1, len(cats), figsize=(4.2 * len(cats), 3.4), squeeze=False, sharey=True)
     for ax, cat in zip(axes[0], cats):
@@ -38,7 +39,15 @@ def metric_vs_shots(agg: pd.DataFrame, metric: str = "image_auroc") -> bytes:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(metric)
     axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"band: {band_label(agg)}", fontsize=8)
     return to_png(fig)
+
+
+def band_label(agg: pd.DataFrame) -> str:
+    """What a plot's bands or error bars are (the table captions' words, without the footnote mark)."""
+    from fewshot_core.reports.tables import interval_caption
+
+    return interval_caption(agg).replace(" †", "")
 
 
 def imbalance_heatmaps(agg: pd.DataFrame, metric: str = "balanced_accuracy") -> bytes:
@@ -62,7 +71,7 @@ def imbalance_heatmaps(agg: pd.DataFrame, metric: str = "balanced_accuracy") -> 
 
 
 def grouped_bars(agg: pd.DataFrame, group: str, hue: str, metric: str, title: str = "") -> bytes:
-    """Bars of ``metric`` per ``group`` value, one bar per ``hue`` value, with the bootstrap interval."""
+    """Bars of ``metric`` per ``group`` value, one bar per ``hue`` value, with its interval (named in the title)."""
     groups = list(dict.fromkeys(agg[group]))
     hues = sorted(agg[hue].dropna().unique())
     width = 0.8 / max(len(hues), 1)
@@ -77,7 +86,7 @@ def grouped_bars(agg: pd.DataFrame, group: str, hue: str, metric: str, title: st
     ax.set_xticks(range(len(groups)), [str(g) for g in groups], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(metric)
-    ax.set_title(title)
+    ax.set_title(f"{title}\nerror bars: {band_label(agg)}" if title else f"error bars: {band_label(agg)}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return to_png(fig)
@@ -112,24 +121,42 @@ def confusion_matrix_png(matrix, classes, title: str = "confusion matrix") -> by
     return to_png(fig)
 
 
-def anomaly_gallery(items: list[dict], title: str = "") -> bytes:
+def map_scale(amap: np.ndarray, threshold: float | None = None) -> tuple[float, float]:
+    """One map's colour range: its own min..max, stretched to include the threshold, so a map whose peak
+    stays below the threshold never reaches the top colour and one above it always does."""
+    lo, hi = float(np.min(amap)), float(np.max(amap))
+    if threshold is not None and np.isfinite(threshold):
+        lo, hi = min(lo, float(threshold)), max(hi, float(threshold))
+    return lo, hi if hi > lo else lo + 1e-9
+
+
+def anomaly_gallery(items: list[dict], title: str = "", threshold: float | None = None) -> bytes:
     """A strip of test images with their anomaly map overlaid and the ground-truth contour.
 
     Each item: ``image`` (H x W x 3 uint8), ``map`` (H x W float), optional ``mask`` (H x W bool), ``caption``.
-    Maps share one colour scale per gallery so that scores are comparable across images.
+    Each map has its own colour scale, spanning the map and the model's ``threshold``: a shared scale lets
+    the defective images' peaks wash out a good image's, so a false alarm looked clean. The threshold is a
+    line on each image's colour bar and a dashed contour where the map exceeds it.
     """
     n = len(items)
-    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.5), squeeze=False)
-    maps = [np.asarray(it["map"], dtype=float) for it in items]
-    vmin = min(float(m.min()) for m in maps)
-    vmax = max(float(m.max()) for m in maps)
-    for ax, it, amap in zip(axes[0], items, maps):
+    # constrained layout keeps the suptitle, the two-line captions and the colour bars apart
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 3.0), squeeze=False, layout="constrained")
+    for ax, it in zip(axes[0], items):
+        amap = np.asarray(it["map"], dtype=float)
+        lo, hi = map_scale(amap, threshold)
         ax.imshow(it["image"])
-        ax.imshow(amap, cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax)
+        im = ax.imshow(amap, cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
         if it.get("mask") is not None and np.any(it["mask"]):
             ax.contour(np.asarray(it["mask"], dtype=float), levels=[0.5], colors="w", linewidths=0.8)
+        bar = fig.colorbar(im, ax=ax, shrink=0.8, pad=0.02)
+        bar.ax.tick_params(labelsize=6)
+        if threshold is not None and np.isfinite(threshold):
+            bar.ax.axhline(threshold, color="k", linewidth=1.5)
+            if amap.min() < threshold < amap.max():
+                ax.contour(amap, levels=[threshold], colors="k", linewidths=0.8, linestyles="dashed")
         ax.set_title(it.get("caption", ""), fontsize=7)
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
+    note = ("colour scale per image; black line / dashed contour: the threshold" if threshold is not None
+            and np.isfinite(threshold) else "colour scale per image; no threshold (the model only ranks)")
+    fig.suptitle(f"{title}\n{note}" if title else note, fontsize=8)
     return to_png(fig)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from fewshot_core.reports import plots, stats
-from fewshot_core.reports.tables import esc, pivot, simple, support_label
+from fewshot_core.reports.timing import reads_images
+from fewshot_core.reports.tables import esc, metric_caption, pivot, simple, support_label
 
 RANK, DECIDE = "image_auroc", "balanced_accuracy"
 SUPERVISED, ONECLASS = "supervised", "oneclass"
@@ -51,15 +52,6 @@ def _family(method_name) -> str:
         return registry.get(str(method_name)).family
     except Exception:  # noqa: BLE001 - a method no longer registered keeps its rows, labelled unknown
         return "unknown"
-
-
-def _trained(method_name) -> bool:
-    from fewshot_core.methods import registry
-
-    try:
-        return registry.get(str(method_name)).input_kind == "images"
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def _with_family(frame: pd.DataFrame) -> pd.DataFrame:
@@ -158,7 +150,7 @@ def rq1(rows, agg, image) -> Section:
         best_oc = oc.sort_values(f"{RANK}_mean", ascending=False).iloc[0]
         takeaway += (f" Under the one-class protocol the best cell is {best_oc['method']} with "
                      f"{support_label(best_oc)}: image AUROC {_f(best_oc[f'{RANK}_mean'])}.")
-    trained = sorted({m for m in rows.get("method_name", pd.Series(dtype=str)) if _trained(m)}) if len(rows) else []
+    trained = sorted({m for m in rows.get("method_name", pd.Series(dtype=str)) if reads_images(m)}) if len(rows) else []
     from fewshot_core.methods import registry
 
     ran = set(rows["method_name"]) if len(rows) else set()
@@ -269,8 +261,7 @@ def rq3(rows, agg) -> Section:
     mc_agg = _select(agg_sup, label_mode="multiclass")
     if len(mc_agg):
         parts.append(pivot(mc_agg, ["category", "method"], "setting", DECIDE, labels,
-                           note="balanced_accuracy naming the defect type (multiclass): mean [95% bootstrap "
-                                "interval] over seeds"))
+                           note=metric_caption(mc_agg, "balanced_accuracy naming the defect type (multiclass)")))
     if not gains:
         return Section("rq3", heading, note, "".join(parts),
                        "Not answered: no method ran the same settings in both label modes.")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-# Fewer seeds than this: a bootstrap interval over them says little; the report flags it.
+# Fewer seeds than this: a bootstrap of so few values is only their range; the report shows the range, flagged †.
 FEW_SEEDS = 5
 ALPHA = 0.05
 EPISODE_KEYS = ("category", "seed")

@@ -9,11 +9,11 @@ import html
 import numpy as np
 import pandas as pd
 
-from fewshot_core.reports.aggregate import format_ci
+from fewshot_core.reports.aggregate import format_ci, interval_label
 from fewshot_core.reports.stats import FEW_SEEDS
 
-FEW_SEEDS_NOTE = (f"† interval from fewer than {FEW_SEEDS} seeds: too few for the interval to mean much; "
-                  "read the paired tests instead.")
+FEW_SEEDS_NOTE = (f"† fewer than {FEW_SEEDS} seeds: the bracket is the range (min–max) over the seeds, not a "
+                  "confidence interval; read the paired tests instead.")
 
 
 def esc(value) -> str:
@@ -52,18 +52,42 @@ def n_label(rec) -> str:
     return f"n = {eps} episode{'s' if eps != 1 else ''}" + (f" × {q} query images" if q else "")
 
 
-def cell(rec, metric: str) -> str:
+def cell(rec, metric: str, n_line: bool = True) -> str:
     """An aggregated value linked to its per-seed rows; its title names n and the MLflow run ids; intervals
-    from few seeds are flagged."""
+    from few seeds are flagged. ``n_line``: repeat n under the value (tables with an n column leave it out)."""
     mean = rec.get(f"{metric}_mean", float("nan"))
     if mean is None or not np.isfinite(mean):
         return "<td>–</td>"
     text = format_ci(mean, rec[f"{metric}_lo"], rec[f"{metric}_hi"])
-    few = (_int(rec.get("n_seeds")) or 0) < FEW_SEEDS
+    n_few = (_int(rec.get("n_seeds")) or 0) < FEW_SEEDS
+    few = n_few and rec[f"{metric}_lo"] != rec[f"{metric}_hi"]  # one seed has no bracket to flag
     runs = esc(rec.get("run_ids", ""))
-    flag = '<sup class=few title="fewer than %d seeds">†</sup>' % FEW_SEEDS if few else ""
-    return (f'<td><a href="#{anchor(group_key(rec))}" title="{esc(n_label(rec))}; MLflow runs: {runs}">'
-            f"{text}</a>{flag}<br><span class=n>{esc(n_label(rec))}</span></td>")
+    what = esc(interval_label(rec.get("interval") or ("range" if n_few else "bootstrap"), _int(rec.get("n_seeds"))))
+    flag = f'<sup class=few title="{what}, not a confidence interval">†</sup>' if few else ""
+    link = f'<a href="#{anchor(group_key(rec))}" title="mean [{what}]; {esc(n_label(rec))}; MLflow runs: {runs}">'
+    if n_line:
+        return f"<td>{link}{text}</a>{flag}<br><span class=n>{esc(n_label(rec))}</span></td>"
+    # compact: the interval under the mean, so that wide tables fit the page
+    lo, hi = rec[f"{metric}_lo"], rec[f"{metric}_hi"]
+    under = f"<br><span class=n>[{lo:.3f}, {hi:.3f}]</span>" if lo != hi else ""
+    return f"<td>{link}{mean:.3f}</a>{flag}{under}</td>"
+
+
+def interval_caption(agg: pd.DataFrame) -> str:
+    """What the brackets of a table over ``agg``'s groups are: a bootstrap CI, a range over n seeds, or both."""
+    kinds = set(agg["interval"].dropna()) if "interval" in agg else set()
+    seeds = sorted({int(n) for n in agg["n_seeds"].dropna()}) if "n_seeds" in agg else []
+    if kinds == {"bootstrap"}:
+        return interval_label("bootstrap")
+    if kinds == {"range"} and len(seeds) == 1:
+        return interval_label("range", seeds[0])
+    return f"{interval_label('bootstrap')} from {FEW_SEEDS} seeds on, else range (min–max) over the seeds †"
+
+
+def metric_caption(agg: pd.DataFrame, what: str) -> str:
+    """``image_auroc: mean [range over 2 seeds]``, or ``...: one seed: no interval``."""
+    kind = interval_caption(agg)
+    return f"{what}: {kind}" if kind == interval_label("range", 1) else f"{what}: mean [{kind}]"
 
 
 def pivot(agg: pd.DataFrame, index: list[str], column: str, metric: str, labels: dict | None = None,
@@ -80,7 +104,7 @@ def pivot(agg: pd.DataFrame, index: list[str], column: str, metric: str, labels:
         by_col = {r[column]: r for r in group.to_dict("records")}
         cells += "".join(cell(by_col[c], metric) if c in by_col else "<td>–</td>" for c in cols)
         body.append(f"<tr>{cells}</tr>")
-    caption = note or f"{metric}: mean [95% bootstrap interval] over seeds"
+    caption = note or metric_caption(agg, metric)
     return (f"<p class=note>{esc(caption)}</p><div class=scroll><table><tr>{head}</tr>{''.join(body)}"
             "</table></div>")
 

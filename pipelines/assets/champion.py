@@ -12,12 +12,12 @@ from pipelines.resources import MlflowTracking
 def build_champion_asset(cfg: SweepConfig, html_report) -> dg.AssetsDefinition:
     from fewshot_core.models.champion import ChampionCriterion
 
-    criterion = ChampionCriterion(**cfg.champion)  # the sweep's champion: key; default image AUROC, largest shots
+    criterion = ChampionCriterion(**cfg.champion)  # the sweep's champion: key; default balanced accuracy, largest shots
     @dg.asset(group_name="reports", kinds={"mlflow"}, deps=[html_report],
               ins={"benchmark_table": dg.AssetIn()},
               description="Registers the best method per category as fsad-<category> with the alias champion "
-                          f"(criterion {criterion.key()}; ties to the faster scorer); a worse rerun leaves the "
-                          "alias where it is.")
+                          f"(criterion {criterion.key()}; ties to the higher {criterion.tiebreak}, then the faster "
+                          "scorer; the HTML report names the same one); a worse rerun leaves the alias where it is.")
     def champion(context: dg.AssetExecutionContext, benchmark_table: pd.DataFrame,
                  mlflow: MlflowTracking) -> dg.MaterializeResult:
         from fewshot_core.models.champion import promote_champions

@@ -287,8 +287,9 @@ def test_report_links_and_partition_pages_open_their_mlflow_runs(tmp_path):
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
                 page.set_default_timeout(90_000)
-                # 1. The report's run link opens that run in the MLflow UI.
+                # 1. The report answers the deploy question first, then the run link opens that run in MLflow.
                 page.goto(report.as_uri())
+                _check_report_page(page)
                 link = page.locator(f'h2#runs ~ div a[href*="/runs/{oc["mlflow_run_id"]}"]').first
                 href = link.get_attribute("href")
                 assert href.startswith(f"http://127.0.0.1:{ml_port}/#/experiments/{oc['mlflow_experiment_id']}/")
@@ -350,3 +351,53 @@ def test_report_links_and_partition_pages_open_their_mlflow_runs(tmp_path):
     for proc in procs:
         assert not _group_alive(proc.pid), "a server left processes in its group"
     assert _processes_with_env(f"DAGSTER_HOME={home}") == [], "servers left processes behind"
+
+
+def _check_report_page(page) -> None:
+    """The report's deploy and decision answers, visible without scrolling sideways."""
+    page.locator("h2#deploy").wait_for()
+    deploy = page.locator("h2#deploy ~ h3").first.inner_text()
+    assert "@champion" in deploy, deploy
+    body = page.inner_text("body")
+    for field in ("Which model to deploy", "false-alarm rate", "miss rate", "balanced accuracy",
+                  "time per image, end to end (ms)", "machine", "cores usable", "score_seconds is the time"):
+        assert field in body, field
+    # the time column of the decisions table lies inside its scroll box's visible width
+    table = page.locator("h2#decisions ~ div.scroll").first
+    box = table.bounding_box()
+    time_head = table.locator("th", has_text="time per image").first.bounding_box()
+    assert time_head["x"] + time_head["width"] <= box["x"] + box["width"] + 1, (time_head, box)
+
+
+def test_report_of_a_small_sweep_opens_with_deploy_errors_speed_and_gallery(tmp_path):
+    """A small sweep's report in headless Chromium: the champion, false-alarm and miss rates, recall per defect
+    type, time per image and the machine are on the page; the gallery strip marks the threshold."""
+    import numpy as np
+    from _builders import sweep_rows
+    from playwright.sync_api import sync_playwright
+
+    from fewshot_core.reports import aggregate, plots, render_report, write_report
+    from fewshot_core.reports.timing import add_timings
+
+    rows = add_timings(sweep_rows(), {"bottle-lite0-64": {"images_per_s": 20.0, "device": "cpu"}})
+    rng = np.random.default_rng(0)
+    items = [{"image": np.full((64, 64, 3), 90, np.uint8), "map": rng.random((64, 64)) * peak, "caption": cap}
+             for peak, cap in ((10.0, "crack s=9.9 > t=2.50: caught"), (3.0, "good s=3.0 > t=2.50: false alarm"))]
+    png = plots.anomaly_gallery(items, "ldknn · bottle · oc-k4-s0", threshold=2.5)
+    gallery = [{"title": "ldknn · bottle · oc-k4-s0", "png": png, "mlflow_run_id": "run-ldknn-4-0",
+                "mlflow_experiment_id": "3"}]
+    report = write_report(tmp_path / "report.html",
+                          render_report(rows, aggregate(rows), gallery, info={"sweep": "small"}))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(report.as_uri())
+            _check_report_page(page)
+            assert "bottle: ldknn (tf_efficientnet_lite0) with 4 good shots" in page.inner_text("body")
+            recall = page.locator("h3#recall ~ div.scroll").first.inner_text()
+            assert "broken_large" in recall and "contamination" in recall
+            assert page.locator('h2#gallery ~ img').count() == 1
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()

@@ -103,6 +103,27 @@ def test_fsad_run_materialises_every_asset_and_prints_where_things_are(sweep):
     assert "RQ1" in text and "RQ4" in text and text.count("data:image/png;base64,") >= 3
     for run_id in table["mlflow_run_id"]:
         assert run_id in text
+    _check_decisions(table, text)
+
+
+def _check_decisions(table: pd.DataFrame, text: str) -> None:
+    """The table and report answer the deployer: errors at the threshold, recall per defect type, time per
+    image end to end, the machine, and the champion the registry gets."""
+    from fewshot_core.models.champion import pick_champions
+
+    decided = table[(table["protocol"] == "oneclass") & (table["shots"] == 2)]
+    assert decided["false_alarm_rate"].between(0, 1).all() and decided["miss_rate"].between(0, 1).all()
+    types = [c for c in table.columns if c.startswith("recall_") and c not in ("recall_good", "recall_anomalous")]
+    assert types and decided[types].notna().any().all()  # per defect type, at the threshold
+    # backbone (the store's build rate) + scoring per image
+    assert (table["ms_per_image"] > table["score_ms_per_image"]).all() and (table["embed_ms_per_image"] > 0).all()
+    for field in ('<h2 id="deploy">Which model to deploy', "false-alarm rate", "miss rate",
+                  "Recall per defect type", "time per image, end to end (ms)", "score_seconds is the time",
+                  '<th class="l">machine</th>', "cores usable", '<th class="l">backbone embedding</th>'):
+        assert field in text, field
+    champ = pick_champions(table)["synth_fabric"]
+    assert f"synth_fabric: {champ.method} (tf_efficientnet_lite0) with 2 good shots → fsad-synth_fabric@champion" in text
+    assert "range over 2 seeds" in text and "95% interval" not in text
 
 
 def test_full_data_model_is_registered_beside_the_champion(sweep):

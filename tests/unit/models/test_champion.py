@@ -6,7 +6,13 @@ import mlflow.pyfunc
 import pandas as pd
 import pytest
 
-from fewshot_core.models.champion import ChampionCriterion, current_champion, pick_champions, promote_champions
+from fewshot_core.models.champion import (
+    ChampionCriterion,
+    current_champion,
+    pick_champions,
+    promote_champions,
+    rank_candidates,
+)
 
 
 class _Constant(mlflow.pyfunc.PythonModel):
@@ -39,7 +45,8 @@ def _rows(tracker, aurocs: dict, shots=4, seconds=None):
         for seed, v in enumerate(values):
             run_id, uri = _logged(tracker, f"{method}-{seed}")
             rows.append({"protocol": "oneclass", "category": "bottle", "method": method, "backbone": "lite0",
-                         "shots": shots, "seed": seed, "image_auroc": v, "model_uri": uri, "mlflow_run_id": run_id,
+                         "shots": shots, "seed": seed, "balanced_accuracy": v, "model_uri": uri,
+                         "mlflow_run_id": run_id,
                          "score_seconds": (seconds or {}).get(method, 1.0), "n_query": 10})
     return rows
 
@@ -52,9 +59,30 @@ def test_pick_uses_the_largest_shots_and_breaks_ties_by_speed():
         {**base, "method": "ldknn", "shots": 4, "seed": 1, "image_auroc": 0.9, "model_uri": "m3", "score_seconds": 1},
         {**base, "method": "ldknn", "shots": 4, "seed": 0, "image_auroc": 0.9, "model_uri": "m4", "score_seconds": 1},
     ])
-    best = pick_champions(table)["bottle"]
+    best = pick_champions(table, ChampionCriterion(metric="image_auroc"))["bottle"]
     assert (best.method, best.shots, best.model_uri) == ("ldknn", 4, "m4")  # faster; its lowest seed
-    assert pick_champions(table, ChampionCriterion(shots=1))["bottle"].method == "knn"
+    assert pick_champions(table, ChampionCriterion(metric="image_auroc", shots=1))["bottle"].method == "knn"
+    # no row has a decision metric (no thresholds): the ranking metric orders them, the champion is the same
+    assert pick_champions(table)["bottle"].method == "ldknn"
+
+
+def test_default_criterion_weighs_decisions_over_a_tiny_ranking_lead():
+    """The issue's case: a 0.0004 AUROC lead must not beat clearly better decisions; a model without a
+    threshold (no balanced accuracy) ranks below every model with one."""
+    base = {"protocol": "oneclass", "category": "bottle", "backbone": "b", "shots": 4, "n_query": 83,
+            "score_seconds": 1.0}
+    rows = []
+    for seed in (0, 1):
+        rows += [{**base, "method": "knn", "seed": seed, "image_auroc": 0.9994, "balanced_accuracy": 0.85},
+                 {**base, "method": "ldknn", "seed": seed, "image_auroc": 0.9990, "balanced_accuracy": 0.90},
+                 {**base, "method": "efficientad", "seed": seed, "image_auroc": 1.0, "balanced_accuracy": None}]
+    table = pd.DataFrame([{**r, "model_uri": f"m-{r['method']}-{r['seed']}", "mlflow_run_id": "r"} for r in rows])
+    ranked = rank_candidates(table)["bottle"]
+    assert [c.method for c in ranked] == ["ldknn", "knn", "efficientad"]
+    assert ranked[0].value == pytest.approx(0.90) and ranked[0].tiebreak_value == pytest.approx(0.9990)
+    assert pick_champions(table)["bottle"] == ranked[0]
+    assert ranked[0].beats(ranked[1].value, ranked[1].seconds_per_image, ranked[1].tiebreak_value)
+    assert not ranked[2].beats(ranked[1].value, ranked[1].seconds_per_image, ranked[1].tiebreak_value)
 
 
 @pytest.mark.slow
