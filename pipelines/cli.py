@@ -8,6 +8,7 @@ Dagster and MLflow UIs; ``fsad mlflow-ui`` starts the MLflow UI on the tracking 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -42,11 +43,17 @@ def register(subparsers) -> None:
     m.set_defaults(func=mlflow_ui_command, write_fix="pass --dagster-home DIR (or set DAGSTER_HOME) to a writable folder")
 
 
-def dagster_ui_command(home: Path, cfg) -> str:
-    """How to open this sweep in the Dagster UI: the checkout's workspace file when run from one."""
+def dagster_ui_command(home: Path, cfg, data_root: str | None = None) -> str:
+    """How to open this sweep in the Dagster UI (the checkout's workspace file when run from one), with the
+    settings that chose its data, so the UI loads this sweep and not the synthetic default: the sweep file,
+    and ``MVTEC_ROOT`` when the real data came from the environment or ``--root`` rather than that file."""
     target = "-w workspace.yaml" if (Path.cwd() / "workspace.yaml").is_file() else "-m pipelines.definitions"
-    env = f"DAGSTER_HOME={home}" + (f" FSAD_SWEEP_CONFIG={cfg.source_file}" if cfg.source_file else "")
-    return f"{env} dagster dev {target} -h 127.0.0.1"
+    env = f"DAGSTER_HOME={shlex.quote(str(home))}"
+    if cfg.source_file:
+        env += f" FSAD_SWEEP_CONFIG={shlex.quote(str(cfg.source_file))}"
+    if data_root is not None:
+        env += f" MVTEC_ROOT={shlex.quote(str(data_root))}"
+    return f"{env} {shlex.quote(str(Path(sys.executable).parent / 'dagster'))} dev {target} -h 127.0.0.1"
 
 
 def run_command(args) -> int:
@@ -91,7 +98,9 @@ def run_command(args) -> int:
     print(f"  Report:      {report}")
     print(f"  Tables:      {cfg.resolved_work_dir() / 'tables'}")
     print(f"  MLflow:      {default_tracking_uri(home)} (experiment {cfg.name!r}); open it with `fsad mlflow-ui`")
-    print(f"  Dagster UI:  {dagster_ui_command(home, cfg)}")
+    from_file = cfg.source_file and cfg.data_root and not args.root
+    env_root = data_root if source == "mvtec" and not from_file else None
+    print(f"  Dagster UI:  {dagster_ui_command(home, cfg, env_root)}")
     return 0
 
 
