@@ -15,7 +15,16 @@ so every query is cut at the same place:
 * a query's mask is its patches above the threshold, grown by one patch so a defect on the object's
   outline (a broken rim) stays inside; an empty mask scores the whole image.
 
-Only the image score uses the mask; anomaly maps, and with them the pixel metrics, stay whole.
+A missing or misplaced part leaves background where the part belongs, which the mask would exclude and
+whose patches match the support's own background patches. So the estimate also keeps a **positional
+prior**: the grid positions where the support (all its views) is foreground in at least ``PRIOR_SHARE``
+of the images, shrunk by ``PRIOR_MARGIN`` patches so a part lying a little differently does not trip it.
+A query patch there that the estimate calls background is *missing*: it stays in the image score and is
+scored against the support's foreground patches only (``PartBank``), in the detector's own units, so a
+patch of background where the part should be is as far from the bank as the part's absence is.
+
+Only the image score uses the mask; anomaly maps stay whole, except that missing patches carry their
+distance to the part's patches there too.
 (DefectMaker's ``foreground_mask`` is another estimate, from pixels, for placing synthetic defects.)
 """
 
@@ -26,6 +35,7 @@ from scipy import ndimage
 
 MODES = ("none", "auto")
 MIN_FRACTION, MAX_FRACTION, MAX_BORDER = 0.05, 0.85, 0.25
+PRIOR_SHARE, PRIOR_MARGIN = 0.9, 1
 _MAX_FIT_ROWS = 65_536  # the principal direction of a subsample: a bank of 500k patches needs no more
 
 
@@ -62,7 +72,8 @@ def _two_means(values: np.ndarray, rounds: int = 50) -> float:
 
 class Foreground:
     """``fit(support [n, h, w, d])`` then ``mask(query [m, h, w, d]) -> bool [m, h, w]`` (all True for a
-    texture). Fitted state: ``mean_``, ``direction_``, ``threshold_``, ``is_object_``."""
+    texture) and ``missing(query)``. Fitted state: ``mean_``, ``direction_``, ``threshold_``,
+    ``is_object_``, ``prior_`` (bool [h, w])."""
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -90,7 +101,15 @@ class Foreground:
         self.threshold_ = np.float32(threshold)
         self.is_object_ = bool(MIN_FRACTION <= fraction <= MAX_FRACTION and border <= MAX_BORDER
                                and border <= 0.5 * fraction)
+        prior = fg.mean(0) >= PRIOR_SHARE
+        if PRIOR_MARGIN:
+            prior = ndimage.binary_erosion(prior, iterations=PRIOR_MARGIN)
+        self.prior_ = prior & self.is_object_
         return self
+
+    def project(self, flat: np.ndarray) -> np.ndarray:
+        """Each row's position on the foreground direction (above ``threshold_``: foreground)."""
+        return _project(flat, self.mean_, self.direction_)
 
     def mask(self, query: np.ndarray) -> np.ndarray:
         m, h, w, d = query.shape
@@ -101,10 +120,17 @@ class Foreground:
         fg[~fg.any(axis=(1, 2))] = True  # nothing found: score the whole image
         return fg
 
+    def missing(self, query: np.ndarray) -> np.ndarray:
+        """bool [m, h, w]: the patches at the prior's positions that look like background."""
+        m, h, w, d = query.shape
+        if not self.prior_.any() or self.prior_.shape != (h, w):
+            return np.zeros((m, h, w), bool)
+        return self.prior_[None] & (self.project(query.reshape(-1, d)).reshape(m, h, w) <= self.threshold_)
+
     def get_state(self) -> dict:
         return {"fg_mean": self.mean_, "fg_direction": self.direction_,
                 "fg_threshold": np.asarray([self.threshold_], np.float32),
-                "fg_is_object": np.asarray([self.is_object_], bool)}
+                "fg_is_object": np.asarray([self.is_object_], bool), "fg_prior": self.prior_}
 
     @classmethod
     def from_state(cls, arrays: dict) -> "Foreground | None":
@@ -115,6 +141,8 @@ class Foreground:
         out.direction_ = np.asarray(arrays["fg_direction"], np.float32)
         out.threshold_ = np.float32(np.asarray(arrays["fg_threshold"]).ravel()[0])
         out.is_object_ = bool(np.asarray(arrays["fg_is_object"]).ravel()[0])
+        # a model saved before the positional prior scores as it did then
+        out.prior_ = np.asarray(arrays["fg_prior"], bool) if "fg_prior" in arrays else np.zeros((0, 0), bool)
         return out
 
 
@@ -126,6 +154,49 @@ def fit_foreground(support: np.ndarray, mode: str, seed: int = 0) -> Foreground 
 def query_mask(fg: Foreground | None, query: np.ndarray) -> np.ndarray | None:
     """The mask a detector applies to ``query``; None when nothing is masked (no estimate, or a texture)."""
     return fg.mask(query) if fg is not None and fg.is_object_ else None
+
+
+def scored_mask(fg: Foreground | None, query: np.ndarray, missing: np.ndarray | None) -> np.ndarray | None:
+    """The patches an image score takes its maximum over: the query's foreground and its missing patches."""
+    mask = query_mask(fg, query)
+    return mask if mask is None or missing is None else mask | missing
+
+
+class PartBank:
+    """The bank rows the support's estimate calls foreground, searched for a query's missing patches.
+
+    Its index is built on the first query with a missing patch (good images rarely have one), so fitting
+    costs nothing more. ``search(flat [N, d], missing [N], k)`` -> (rows of ``flat`` searched, squared
+    distances [r, k], bank indices [r, k]) or None when nothing is missing."""
+
+    def __init__(self, fg: Foreground | None, bank: np.ndarray, make_index):
+        self.rows, self._bank, self._make, self._nn = None, bank, make_index, None
+        if fg is not None and fg.is_object_ and fg.prior_.any():
+            rows = np.flatnonzero(fg.project(bank) > fg.threshold_)
+            self.rows = rows if len(rows) else None
+
+    def search(self, flat: np.ndarray, missing: np.ndarray | None, k: int = 1):
+        if self.rows is None or missing is None or not missing.any():
+            return None
+        if self._nn is None:
+            self._nn = self._make(np.ascontiguousarray(self._bank[self.rows]))
+        at = np.flatnonzero(missing.ravel())
+        sq, idx = self._nn.search(np.ascontiguousarray(flat[at]), min(k, len(self.rows)))
+        return at, sq, self.rows[idx]
+
+
+def search_patches(nn, part: PartBank, fg: Foreground | None, query: np.ndarray, k: int = 1):
+    """The ``k`` nearest bank rows of every patch of ``query`` [m, h, w, d] -> (squared distances [N, k],
+    bank indices [N, k], missing patches [m, h, w] or None); a missing patch's neighbours are the part's
+    bank rows (background where the part belongs is as far as the part's absence)."""
+    flat = query.reshape(-1, query.shape[-1])
+    sq, idx = nn.search(flat, k)
+    missing = fg.missing(query) if fg is not None and fg.is_object_ else None
+    found = part.search(flat, missing, k)
+    if found is not None:
+        at, part_sq, part_idx = found
+        sq[at, :part_sq.shape[1]], idx[at, :part_idx.shape[1]] = part_sq, part_idx
+    return sq, idx, missing
 
 
 def state_arrays(fg: Foreground | None) -> dict:
