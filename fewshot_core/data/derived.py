@@ -6,11 +6,14 @@
   one whose parts lie at random poses, as screws and nuts do on a conveyor.
 * ``small_defect_copy``: the good images and only the defect images whose mask covers at most
   ``max_area`` of the image, so image-level detection hinges on a few patches.
-* ``logical_copy``: logical anomalies of a fixed-pose part on a plain background. A seeded share of the
-  good training images is held out and edited into defect images: the whole part removed, a piece of
-  it removed, a piece moved off its place, or the whole part shifted; removed areas take the image's
-  own background. Nothing on the part is damaged, only missing or misplaced, so a detector that looks
-  at the part's patches alone sees only normal texture. The other good images stay unchanged.
+* ``logical_copy``: logical anomalies of a fixed-pose part on a plain background. Every image is first
+  framed: shrunk to ``part_scale`` of the side and centred on a canvas of its own background, so plain
+  background surrounds the part as it does a component on a board (a part that fills the frame has no
+  background patch away from the border, and its absence would be novel texture, not a logical
+  anomaly). A seeded share of the good training images is held out and edited into defect images: the
+  whole part removed, a piece of it removed, a piece moved off its place, or the whole part shifted;
+  removed areas take the background. Nothing on the part is damaged, only missing or misplaced, so a
+  detector that looks at patches alone sees mostly normal texture. The other images are only framed.
 
 Both write into a hidden temporary folder beside the target and rename it into place when complete,
 with a ``derived.json`` record (source fingerprint + settings); a call with the same source and settings
@@ -235,7 +238,7 @@ def logical_defect(rgb: np.ndarray, kind: str, rng: np.random.Generator) -> tupl
     ring = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]).astype(np.float32)
     backdrop = np.clip(bg + rng.standard_normal((h, w, 3)) * ring.std(0), 0, 255).astype(np.uint8)
     out = rgb.copy()
-    step = rng.uniform(0.12, 0.22) * min(h, w)
+    step = rng.uniform(0.2, 0.4) * 2.0 * np.sqrt(obj.sum() / np.pi)  # 20-40 % of the part's diameter
     theta = rng.uniform(0.0, 2 * np.pi)
     dy, dx = int(round(step * np.sin(theta))), int(round(step * np.cos(theta)))
     if kind == "missing_part":
@@ -259,18 +262,34 @@ def logical_defect(rgb: np.ndarray, kind: str, rng: np.random.Generator) -> tupl
     return out, piece
 
 
+def framed(image: Image.Image, size: int, part_scale: float, rng: np.random.Generator) -> np.ndarray:
+    """``image`` shrunk to ``part_scale`` x ``size`` px and centred on a ``size`` px canvas of its
+    background (the median border colour with the border's pixel noise) -> uint8 [size, size, 3]."""
+    inner = max(1, round(size * part_scale))
+    small = np.asarray(image.convert("RGB").resize((inner, inner), Image.Resampling.BILINEAR))
+    ring = np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]]).astype(np.float32)
+    canvas = np.median(ring, axis=0) + rng.standard_normal((size, size, 3)) * ring.std(0)
+    out = np.clip(canvas, 0, 255).astype(np.uint8)
+    at = (size - inner) // 2
+    out[at:at + inner, at:at + inner] = small
+    return out
+
+
 def logical_copy(dataset, out_root, name: str | None = None, seed: int = 0, size: int = 512,
-                 n_per_kind: int = 10) -> Path:
-    """Write ``out_root/<name>`` (default ``<category>_logical``) at ``size`` px: the good images
-    unchanged except ``n_per_kind`` x 4 seeded training images held out and turned into logical
-    anomalies (``logical_defect``, one kind each), masks marking the changed region. The source's own
-    defect images are left out: only logical anomalies are tested."""
+                 n_per_kind: int = 10, part_scale: float = 0.5) -> Path:
+    """Write ``out_root/<name>`` (default ``<category>_logical``) at ``size`` px, every image framed
+    (``framed``, the part at ``part_scale`` of the side): the good images as they are, except
+    ``n_per_kind`` x 4 seeded training images held out and turned into logical anomalies
+    (``logical_defect``, one kind each), masks marking the changed region. The source's own defect
+    images are left out: only logical anomalies are tested."""
     from fewshot_core.data.imageio import load_rgb
 
     name = name or f"{dataset.category}_logical"
     record = {"version": DERIVED_VERSION, "kind": "logical", "source": str(Path(dataset.root) / dataset.category),
               "fingerprint": _fingerprint(dataset), "seed": int(seed), "size": int(size),
-              "n_per_kind": int(n_per_kind), "kinds": list(LOGICAL_KINDS)}
+              "n_per_kind": int(n_per_kind), "part_scale": float(part_scale), "kinds": list(LOGICAL_KINDS)}
+    if not 0.0 < part_scale <= 1.0:
+        raise ValueError(f"part_scale must be in (0, 1], got {part_scale}")
     train = sorted(dataset.train_good(), key=lambda r: r.image_id)
     n_out = n_per_kind * len(LOGICAL_KINDS)
     if len(train) < n_out + 1:
@@ -279,18 +298,18 @@ def logical_copy(dataset, out_root, name: str | None = None, seed: int = 0, size
     held = _rng(seed, "logical-held-out").permutation(len(train))[:n_out]
     sources = {train[i].image_id: LOGICAL_KINDS[j % len(LOGICAL_KINDS)] for j, i in enumerate(sorted(held))}
     keep = [r for r in dataset.records if r.label == 0 and r.image_id not in sources]
-    identity = {"angle": 0.0, "shift": [0.0, 0.0], "scale": 1.0}
+
+    def frame(rec) -> np.ndarray:
+        return framed(load_rgb(rec.path), size, part_scale, _rng(seed, "frame", rec.image_id))
 
     def write(tmp: Path) -> None:
         for rec in keep:
-            img, _ = transform_pair(load_rgb(rec.path), None, identity, size)
-            _save(img, tmp / _relative(dataset, rec))
+            _save(Image.fromarray(frame(rec)), tmp / _relative(dataset, rec))
         for rec in train:
             kind = sources.get(rec.image_id)
             if kind is None:
                 continue
-            img, _ = transform_pair(load_rgb(rec.path), None, identity, size)
-            edited, mask = logical_defect(np.asarray(img), kind, _rng(seed, "logical", rec.image_id))
+            edited, mask = logical_defect(frame(rec), kind, _rng(seed, "logical", rec.image_id))
             if not mask.any():
                 raise FsadError(f"{rec.path}: no part found on a plain background; a logical copy needs a "
                                 "fixed-pose object category")
