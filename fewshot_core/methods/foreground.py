@@ -18,7 +18,8 @@ so every query is cut at the same place:
 A missing or misplaced part leaves background where the part belongs, which the mask would exclude and
 whose patches match the support's own background patches. So the estimate also keeps a **positional
 prior**: the grid positions where the support (all its views) is foreground in at least ``PRIOR_SHARE``
-of the images, shrunk by ``PRIOR_MARGIN`` patches so a part lying a little differently does not trip it.
+of the images, shrunk to its core (``PRIOR_MARGIN`` patches plus ``PRIOR_DEPTH`` of its radius from the
+outline) so a part lying a little differently does not trip it.
 A query patch there that the estimate calls background is *missing*: it stays in the image score and is
 scored against the support's foreground patches only (``PartBank``), in the detector's own units, so a
 patch of background where the part should be is as far from the bank as the part's absence is.
@@ -35,7 +36,7 @@ from scipy import ndimage
 
 MODES = ("none", "auto")
 MIN_FRACTION, MAX_FRACTION, MAX_BORDER = 0.05, 0.85, 0.25
-PRIOR_SHARE, PRIOR_MARGIN = 0.9, 1
+PRIOR_SHARE, PRIOR_MARGIN, PRIOR_DEPTH = 0.9, 1.0, 0.25
 _MAX_FIT_ROWS = 65_536  # the principal direction of a subsample: a bank of 500k patches needs no more
 
 
@@ -49,6 +50,16 @@ def _border(h: int, w: int) -> np.ndarray:
     ring = np.zeros((h, w), bool)
     ring[0, :] = ring[-1, :] = ring[:, 0] = ring[:, -1] = True
     return ring
+
+
+def _core(region: np.ndarray) -> np.ndarray:
+    """The inside of ``region`` [h, w]: positions farther from its outline (the grid's edge counts as
+    outline) than ``PRIOR_MARGIN`` patches plus ``PRIOR_DEPTH`` of its equivalent radius, so a part a
+    little shifted or scaled from the support's still covers it."""
+    if not region.any():
+        return region
+    depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    return depth > PRIOR_MARGIN + PRIOR_DEPTH * np.sqrt(region.sum() / np.pi)
 
 
 def _project(flat: np.ndarray, mean: np.ndarray, direction: np.ndarray) -> np.ndarray:
@@ -101,10 +112,7 @@ class Foreground:
         self.threshold_ = np.float32(threshold)
         self.is_object_ = bool(MIN_FRACTION <= fraction <= MAX_FRACTION and border <= MAX_BORDER
                                and border <= 0.5 * fraction)
-        prior = fg.mean(0) >= PRIOR_SHARE
-        if PRIOR_MARGIN:
-            prior = ndimage.binary_erosion(prior, iterations=PRIOR_MARGIN)
-        self.prior_ = prior & self.is_object_
+        self.prior_ = _core(fg.mean(0) >= PRIOR_SHARE) & self.is_object_
         return self
 
     def project(self, flat: np.ndarray) -> np.ndarray:
