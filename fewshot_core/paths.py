@@ -31,6 +31,14 @@ def shared_mvtec_root() -> Path | None:
     return root if root.is_dir() else None
 
 
+def shared_mtd_root() -> Path | None:
+    """Magnetic Tile Defects root (MVTec layout, category ``magnetic_tile``): ``MTD_ROOT`` when set, else
+    ``../shared/data/mtd``; None if absent."""
+    env = os.environ.get("MTD_ROOT")
+    root = Path(env) if env else shared_root() / "data" / "mtd"
+    return root if root.is_dir() else None
+
+
 def dagster_home() -> Path:
     """The Dagster instance folder (also holding the MLflow store): ``DAGSTER_HOME``, else ``./dagster_home``."""
     return Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / "dagster_home")
