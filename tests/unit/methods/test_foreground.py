@@ -100,3 +100,19 @@ def test_a_missing_part_is_scored(cls, tmp_path):
     assert plain.score(piece)[0][0] < 1.5 * plain.score(good)[0].max()  # whole-image scores miss it too
     again = cls.load(model.save(tmp_path / "m"))
     np.testing.assert_array_equal(again.score(piece)[0], s_piece)
+
+
+@pytest.mark.parametrize("cls", [PatchCore, KNN, LDKNN])
+def test_a_part_where_the_support_never_has_one_is_scored(cls):
+    """A piece of the part lying where the support only ever shows background (a moved or extra
+    component) looks like the part: the foreground mask keeps it, but it matches the support's part
+    patches. Scored against the support's background patches, it stands out."""
+    sup, _ = _object_images(4, seed=13)
+    good, _ = _object_images(6, seed=14)
+    stray, _ = _object_images(1, seed=15)
+    piece, _ = _object_images(1, seed=16, radius=H)  # part features everywhere
+    stray[0, 1:3, 1:3] = piece[0, 1:3, 1:3]  # a 2 x 2 piece in the corner's background
+    model = cls(foreground="auto").fit(sup)
+    assert model.score(stray)[0][0] > 2 * model.score(good)[0].max()
+    plain = cls(foreground="none").fit(sup)
+    assert plain.score(stray)[0][0] < 1.5 * plain.score(good)[0].max()
