@@ -7,11 +7,17 @@ Datasets (derived into a cache folder in MVTec layout, never into the repository
 * ``bottle_small``: bottle's good images and only its small defects (mask <= 3 % of the image), embedded
   at the suite's reduced resolution (256 px by default, against 900 px originals).
 * ``synth_screw``: the generator's elongated threaded part at random poses with small defects.
+* ``bottle_logical``: bottle in its fixed pose with logical anomalies only: the whole bottle or a piece of
+  it removed into the background, a piece or the bottle moved (``derived.logical_copy``); 40 training
+  images are held out to make them.
+* ``magnetic_tile``: Magnetic Tile Defects (real grey surface images, JPEG, non-square, small and thin
+  defects, masks; ``--mtd-root``, default ``MTD_ROOT`` or ``../shared/data/mtd``), read as it is.
 * ``bottle``: the real category itself, so no default is tuned on the hard data alone.
 
-Every lever is a named row (``LEVERS``): a method, its parameters, the support augmentation and the input
-size. Each row runs on every dataset x shot count x seed; cells are image AUROC mean ± the 95 % t
-interval half-width over seeds (pixel AUROC in the JSON where masks exist).
+Every lever is a named row (``LEVERS``): a method, its parameters, the support augmentation, the input
+size, the backbone stages and the backbone. Each row runs on every dataset x shot count x seed; cells are
+image AUROC mean ± the 95 % t interval half-width over seeds, then the same tables for pixel AUROC and
+AUPRO on the datasets with masks (all values in the JSON).
 
     FSAD_HOME=/tmp/fsad python benchmarks/hard_suite.py --levers patchcore ldknn --shots 1 4 16 --seeds 0 1 2
 """
@@ -24,22 +30,25 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fewshot_core.data import load_dataset  # noqa: E402
-from fewshot_core.data.derived import posed_copy, small_defect_copy  # noqa: E402
+from fewshot_core.backbones.models import DEFAULT_BACKBONE  # noqa: E402
+from fewshot_core.data.derived import logical_copy, posed_copy, small_defect_copy  # noqa: E402
 from fewshot_core.data.synth import generate  # noqa: E402
 from fewshot_core.evaluation.oneclass import evaluate_oneclass  # noqa: E402
 from fewshot_core.evaluation.transductive import evaluate_transductive  # noqa: E402
 from fewshot_core.methods import registry  # noqa: E402
 from fewshot_core.features.store import FeatureStore  # noqa: E402
-from fewshot_core.paths import default_work_dir, shared_mvtec_root  # noqa: E402
+from fewshot_core.paths import default_work_dir, shared_mtd_root, shared_mvtec_root  # noqa: E402
 
-DATASETS = ("bottle_posed", "bottle_small", "synth_screw", "bottle")
-HARD = DATASETS[:3]
+DATASETS = ("bottle_posed", "bottle_small", "synth_screw", "bottle_logical", "magnetic_tile", "bottle")
+HARD = DATASETS[:5]
+NEEDS_MVTEC = {"bottle_posed", "bottle_small", "bottle_logical", "bottle"}
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 # The whole-image maximum, the default before object-centric scoring: every row measured before it keeps
@@ -47,9 +56,20 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro")
 WHOLE = {"foreground": "none"}
 FG = {"foreground": "auto"}
 
-# name -> (method, params, augment, image size or None for the suite's size[, backbone stages or None for
-# the default stride-8 + stride-16 pair])
-LEVERS: dict[str, tuple] = {
+
+
+class Lever(NamedTuple):
+    method: str
+    params: dict
+    augment: str
+    size: int | None = None  # None: the suite's --image-size
+    layers: tuple | None = None  # backbone stages; None: the backbone's default stride-8 + stride-16 pair
+    backbone: str = DEFAULT_BACKBONE
+
+
+LITE1, LITE2 = "tf_efficientnet_lite1", "tf_efficientnet_lite2"
+
+LEVERS: dict[str, Lever] = {name: Lever(*value) for name, value in {
     "patchcore": ("patchcore", WHOLE, "none", None),
     "ldknn": ("ldknn", WHOLE, "none", None),
     "patchcore+aug": ("patchcore", WHOLE, "images", None),
@@ -78,21 +98,36 @@ LEVERS: dict[str, tuple] = {
     "patchcore+aug s4-8-16": ("patchcore", WHOLE, "images", None, (1, 2, 3)),
     "patchcore+aug s8-16-32": ("patchcore", WHOLE, "images", None, (2, 3, 4)),
     "patchcore+aug+fg s8-16-32": ("patchcore", FG, "images", None, (2, 3, 4)),
+    # stronger bundled backbones (real ImageNet weights, same stage layout as Lite0: strides 2-32 at 0-4);
+    # the default stride-8 + stride-16 pair, and the pair plus stride 32 for context
+    "patchcore+aug+fg lite1": ("patchcore", FG, "images", None, (2, 3), LITE1),
+    "patchcore+aug+fg lite2": ("patchcore", FG, "images", None, (2, 3), LITE2),
+    "patchcore+aug+fg lite1 s8-16-32": ("patchcore", FG, "images", None, (2, 3, 4), LITE1),
+    "patchcore+aug+fg lite2 s8-16-32": ("patchcore", FG, "images", None, (2, 3, 4), LITE2),
     # transductive protocol (its own: scores the unlabeled test images against each other)
     "musc 0-shot": ("musc", {}, "none", None),
     "musc+shots": ("musc", {}, "none", None),
-}
+}.items()}
 ZERO_SHOT = {"musc 0-shot"}
 
 
-def prepare(cache: Path, mvtec_root: Path | None, seed: int = 0) -> dict[str, object]:
-    """The suite's datasets (built once into ``cache``, reused after)."""
+def prepare(cache: Path, mvtec_root: Path | None, seed: int = 0, mtd_root: Path | None = None,
+            wanted=DATASETS) -> dict[str, object]:
+    """The suite's ``wanted`` datasets that their roots allow (derived ones built once into ``cache``)."""
     out = {}
-    if mvtec_root is not None:
+    if mvtec_root is not None and NEEDS_MVTEC & set(wanted):
         bottle = load_dataset(mvtec_root, "bottle")
         out["bottle"] = bottle
-        out["bottle_posed"] = load_dataset(cache, posed_copy(bottle, cache, seed=seed, size=512).name)
-        out["bottle_small"] = load_dataset(cache, small_defect_copy(bottle, cache, size=512).name)
+        if "bottle_posed" in wanted:
+            out["bottle_posed"] = load_dataset(cache, posed_copy(bottle, cache, seed=seed, size=512).name)
+        if "bottle_small" in wanted:
+            out["bottle_small"] = load_dataset(cache, small_defect_copy(bottle, cache, size=512).name)
+        if "bottle_logical" in wanted:
+            out["bottle_logical"] = load_dataset(cache, logical_copy(bottle, cache, seed=seed, size=512).name)
+    if mtd_root is not None and "magnetic_tile" in wanted:
+        out["magnetic_tile"] = load_dataset(mtd_root, "magnetic_tile")
+    if "synth_screw" not in wanted:
+        return out
     synth = cache / "synth"
     (name,) = generate(synth, seed=seed, size=256, n_train=24, n_test_good=16, n_test_per_defect=8, kinds=("screw",))
     out["synth_screw"] = load_dataset(synth, name)
@@ -117,16 +152,17 @@ def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: in
     have = {(r["lever"], r["dataset"], r["shots"], r["image_size"], tuple(r["seeds"])) for r in results}
     have_any_seeds = {h[:4] for h in have}
     for lever in levers:
-        method, params, augment, size, *stages = LEVERS[lever]
-        size, layers = size or image_size, (stages[0] if stages else None)
+        method, params, augment, size, layers, backbone = LEVERS[lever]
+        size = size or image_size
         for name, ds in datasets.items():
-            key = (name, size, layers)
+            key = (name, size, layers, backbone)
             if key not in partitions and all((lever, name, s, size) in have_any_seeds for s in shots_list):
                 continue
             if key not in partitions:
                 t0 = time.perf_counter()
-                partitions[key] = store.build(ds, image_size=size, layers=layers, progress=False)
-                log(f"# partition {name}@{size} layers {layers or 'default'}: {time.perf_counter() - t0:.1f} s")
+                partitions[key] = store.build(ds, backbone=backbone, image_size=size, layers=layers, progress=False)
+                log(f"# partition {name}@{size} {backbone} layers {layers or 'default'}: "
+                    f"{time.perf_counter() - t0:.1f} s")
             transductive = registry.get(method).family == registry.TRANSDUCTIVE
             for shots in shots_list:
                 zero = transductive and lever in ZERO_SHOT
@@ -139,7 +175,7 @@ def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: in
                 else:
                     rows = evaluate_oneclass(ds, partitions[key], method, shots, seeds, params, augment=augment,
                                              cache=cache)
-                res = {"lever": lever, "dataset": name, "shots": shots, "image_size": size,
+                res = {"lever": lever, "dataset": name, "shots": shots, "image_size": size, "backbone": backbone,
                        "seeds": [r["seed"] for r in rows], "protocol": rows[0]["protocol"],
                        "fit_s": float(np.mean([r["fit_s"] for r in rows])),
                        "score_s": float(np.mean([r["score_s"] for r in rows])),
@@ -150,15 +186,20 @@ def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: in
                 results.append(res)
                 if save is not None:
                     save(results)
-                log(f"{lever:<20} {name:<13} {shots:>3}  {res['image_auroc']:.4f} ± {res['image_auroc_ci']:.4f}"
-                    f"  fit {res['fit_s']:.2f} s score {res['score_s']:.2f} s bank {res['bank']}")
+                pixel = "".join(f"  {m} {res[m]:.4f}" for m in METRICS[1:] if m in res)
+                log(f"{lever:<20} {name:<14} {shots:>3}  {res['image_auroc']:.4f} ± {res['image_auroc_ci']:.4f}"
+                    f"{pixel}  fit {res['fit_s']:.2f} s score {res['score_s']:.2f} s bank {res['bank']}")
     return results
 
 
-def table(results, shots_list, datasets) -> str:
-    """Markdown: one row per lever, one column per (dataset, shots); plus the hard-suite mean per shot."""
+def table(results, shots_list, datasets, metric: str = "image_auroc") -> str:
+    """Markdown of ``metric``: one row per lever, one column per (dataset, shots) that has it; plus the
+    hard-suite mean per shot."""
     levers = list(dict.fromkeys(r["lever"] for r in results))
-    by = {(r["lever"], r["dataset"], r["shots"]): r for r in results}
+    by = {(r["lever"], r["dataset"], r["shots"]): r for r in results if metric in r}
+    datasets = [d for d in datasets if any(k[1] == d for k in by)]
+    if not datasets:
+        return f"(no {metric} rows)"
     cols = [(d, s) for d in datasets for s in shots_list]
     hard = [d for d in datasets if d in HARD]
     head = "| lever | " + " | ".join(f"{d} {s}" for d, s in cols) + \
@@ -168,10 +209,10 @@ def table(results, shots_list, datasets) -> str:
         cells = []
         for d, s in cols:
             r = by.get((lever, d, s))
-            cells.append(f"{r['image_auroc']:.3f}±{r['image_auroc_ci']:.3f}" if r else "-")
+            cells.append(f"{r[metric]:.3f}±{r[metric + '_ci']:.3f}" if r else "-")
         if hard:
             for s in shots_list:
-                vals = [by[(lever, d, s)]["image_auroc"] for d in hard if (lever, d, s) in by]
+                vals = [by[(lever, d, s)][metric] for d in hard if (lever, d, s) in by]
                 cells.append(f"{np.mean(vals):.3f}" if len(vals) == len(hard) else "-")
         lines.append(f"| {lever} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -180,6 +221,8 @@ def table(results, shots_list, datasets) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, default=None, help="MVTec AD root (default MVTEC_ROOT or ../shared)")
+    p.add_argument("--mtd-root", type=Path, default=None,
+                   help="Magnetic Tile Defects root holding magnetic_tile/ (default MTD_ROOT or ../shared/data/mtd)")
     p.add_argument("--cache", type=Path, default=None, help="derived datasets (default $FSAD_HOME/hard_suite)")
     p.add_argument("--store", type=Path, default=None, help="feature store (default $FSAD_HOME/features)")
     p.add_argument("--image-size", type=int, default=256)
@@ -199,11 +242,15 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     root = args.root or shared_mvtec_root()
+    mtd_root = args.mtd_root or shared_mtd_root()
     cache = args.cache or default_work_dir() / "hard_suite"
-    datasets = {k: v for k, v in prepare(cache, root, args.data_seed).items() if k in args.datasets}
-    missing = sorted(set(args.datasets) - set(datasets))
-    if missing:
-        print(f"# skipped {missing}: no MVTec AD root (pass --root or set MVTEC_ROOT)", file=sys.stderr)
+    datasets = {k: v for k, v in prepare(cache, root, args.data_seed, mtd_root, args.datasets).items()
+                if k in args.datasets}
+    for name in args.datasets:
+        if name not in datasets:
+            why = ("no Magnetic Tile Defects root (pass --mtd-root or set MTD_ROOT)" if name == "magnetic_tile"
+                   else "no MVTec AD root (pass --root or set MVTEC_ROOT)")
+            print(f"# skipped {name}: {why}", file=sys.stderr)
     for name, ds in datasets.items():
         print(f"# {name}: {len(ds.train_good())} train/good, {len(ds.test())} test "
               f"({sum(r.label for r in ds.test())} defective), masks {ds.has_masks}")
@@ -221,7 +268,8 @@ def main(argv=None) -> int:
                   log=lambda s: print(s, flush=True), done=done, save=save)
     print()
     wanted = [r for r in results if r["lever"] in args.levers and r["dataset"] in datasets and r["shots"] in args.shots]
-    print(table(wanted, args.shots, list(datasets)))
+    for metric in METRICS:
+        print(f"\n{metric}\n" + table(wanted, args.shots, list(datasets), metric))
     return 0
 
 

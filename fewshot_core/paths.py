@@ -41,6 +41,14 @@ def _env_folder(name: str, default: Path) -> Path:
     return require_folder(Path(value), f"set {name} to a folder (or unset it)", name=f"{name}=")
 
 
+def shared_mtd_root() -> Path | None:
+    """Magnetic Tile Defects root (MVTec layout, category ``magnetic_tile``): ``MTD_ROOT`` when set, else
+    ``../shared/data/mtd``; None if absent."""
+    env = os.environ.get("MTD_ROOT")
+    root = Path(env) if env else shared_root() / "data" / "mtd"
+    return root if root.is_dir() else None
+
+
 def dagster_home() -> Path:
     """The Dagster instance folder (also holding the MLflow store): ``DAGSTER_HOME``, else ``./dagster_home``."""
     return _env_folder("DAGSTER_HOME", Path.cwd() / "dagster_home")

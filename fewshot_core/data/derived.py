@@ -8,6 +8,14 @@
   its panel: a non-square category whose thin defects a square resize squashes.
 * ``small_defect_copy``: the good images and only the defect images whose mask covers at most
   ``max_area`` of the image, so image-level detection hinges on a few patches.
+* ``logical_copy``: logical anomalies of a fixed-pose part on a plain background. Every image is first
+  framed: shrunk to ``part_scale`` of the side and centred on a canvas of its own background, so plain
+  background surrounds the part as it does a component on a board (a part that fills the frame has no
+  background patch away from the border, and its absence would be novel texture, not a logical
+  anomaly). A seeded share of the good training images is held out and edited into defect images: the
+  whole part removed, a piece of it removed, a piece moved off its place, or the whole part shifted;
+  removed areas take the background. Nothing on the part is damaged, only missing or misplaced, so a
+  detector that looks at patches alone sees mostly normal texture. The other images are only framed.
 
 Both write into a hidden temporary folder beside the target and rename it into place when complete,
 with a ``derived.json`` record (source fingerprint + settings); a call with the same source and settings
@@ -26,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from fewshot_core.atomic import atomic_write_text, replace_dir
 from fewshot_core.errors import FsadError
@@ -207,5 +216,147 @@ def tall_copy(dataset, out_root, name: str | None = None, seed: int = 0, panels:
             _save(strip, tmp / rel)
             if mask is not None:
                 _save(mask, tmp / "ground_truth" / rel.parent.name / _mask_name(dataset, rec))
+
+    return _build(Path(out_root) / name, record, write)
+
+
+LOGICAL_KINDS = ("missing_part", "missing_piece", "misplaced_piece", "shifted_part")
+
+
+def silhouette(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(object mask, background colour) of a part on a plain background: the background colour is the
+    median of the border pixels; the object is the largest connected region farther from it than the
+    two-means split of the colour distances, holes filled, grown by 1.5 % of the image side so a soft
+    rim goes with the part."""
+    img = rgb.astype(np.float32)
+    ring = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    bg = np.median(ring, axis=0)
+    dist = np.linalg.norm(img - bg, axis=-1)
+    t = float(dist.mean())
+    for _ in range(50):
+        lo, hi = dist[dist <= t], dist[dist > t]
+        if not len(lo) or not len(hi):
+            break
+        t = 0.5 * (float(lo.mean()) + float(hi.mean()))
+    labels, n = ndimage.label(ndimage.binary_opening(dist > t, iterations=2))
+    if n == 0:
+        return np.zeros(dist.shape, bool), bg
+    largest = 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(dist), labels, range(1, n + 1))))
+    grow = max(1, round(0.015 * min(dist.shape)))
+    return ndimage.binary_dilation(ndimage.binary_fill_holes(labels == largest), iterations=grow), bg
+
+
+def _wedge(obj: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A seeded piece of ``obj``: a sector (50-110 degrees) around the part's centroid, from a seeded
+    inner radius (0-50 % of the part's reach) out to its rim."""
+    yy, xx = np.nonzero(obj)
+    cy, cx = yy.mean(), xx.mean()
+    gy, gx = np.mgrid[:obj.shape[0], :obj.shape[1]]
+    radius = np.hypot(gy - cy, gx - cx)
+    angle = np.degrees(np.arctan2(gy - cy, gx - cx)) % 360.0
+    a0, width = rng.uniform(0.0, 360.0), rng.uniform(50.0, 110.0)
+    inside = ((angle - a0) % 360.0) <= width
+    inner = rng.uniform(0.0, 0.5) * radius[obj].max()
+    return obj & inside & (radius >= inner)
+
+
+def _moved(arr: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
+    """``arr`` translated by (dy, dx) pixels, uncovered pixels set to ``fill``."""
+    out = np.empty_like(arr)
+    out[...] = fill
+    h, w = arr.shape[:2]
+    src = arr[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+    out[max(0, dy):max(0, dy) + src.shape[0], max(0, dx):max(0, dx) + src.shape[1]] = src
+    return out
+
+
+def logical_defect(rgb: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(edited image, mask) of one logical anomaly ``kind`` (``LOGICAL_KINDS``) on ``rgb`` [h, w, 3] uint8.
+    The mask marks where the part is missing or wrongly present: the removed area, and for a moved
+    piece or part both its old and its new place."""
+    obj, bg = silhouette(rgb)
+    h, w = obj.shape
+    # removed areas take the background colour with the border's own pixel noise, not a flat fill
+    ring = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]).astype(np.float32)
+    backdrop = np.clip(bg + rng.standard_normal((h, w, 3)) * ring.std(0), 0, 255).astype(np.uint8)
+    out = rgb.copy()
+    step = rng.uniform(0.2, 0.4) * 2.0 * np.sqrt(obj.sum() / np.pi)  # 20-40 % of the part's diameter
+    theta = rng.uniform(0.0, 2 * np.pi)
+    dy, dx = int(round(step * np.sin(theta))), int(round(step * np.cos(theta)))
+    if kind == "missing_part":
+        piece = obj
+        out[piece] = backdrop[piece]
+    elif kind == "missing_piece":
+        piece = _wedge(obj, rng)
+        out[piece] = backdrop[piece]
+    elif kind == "misplaced_piece":
+        old = _wedge(obj, rng)
+        new = _moved(old, dy, dx, False)
+        out[old] = backdrop[old]
+        out[new] = _moved(rgb, dy, dx, 0)[new]
+        piece = old | new
+    elif kind == "shifted_part":
+        new = _moved(obj, dy, dx, False)
+        out = np.where(new[..., None], _moved(rgb, dy, dx, 0), backdrop)
+        piece = obj | new
+    else:
+        raise ValueError(f"kind must be one of {LOGICAL_KINDS}, got {kind!r}")
+    return out, piece
+
+
+def framed(image: Image.Image, size: int, part_scale: float, rng: np.random.Generator) -> np.ndarray:
+    """``image`` shrunk to ``part_scale`` x ``size`` px and centred on a ``size`` px canvas of its
+    background (the median border colour with the border's pixel noise) -> uint8 [size, size, 3]."""
+    inner = max(1, round(size * part_scale))
+    small = np.asarray(image.convert("RGB").resize((inner, inner), Image.Resampling.BILINEAR))
+    ring = np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]]).astype(np.float32)
+    canvas = np.median(ring, axis=0) + rng.standard_normal((size, size, 3)) * ring.std(0)
+    out = np.clip(canvas, 0, 255).astype(np.uint8)
+    at = (size - inner) // 2
+    out[at:at + inner, at:at + inner] = small
+    return out
+
+
+def logical_copy(dataset, out_root, name: str | None = None, seed: int = 0, size: int = 512,
+                 n_per_kind: int = 10, part_scale: float = 0.5) -> Path:
+    """Write ``out_root/<name>`` (default ``<category>_logical``) at ``size`` px, every image framed
+    (``framed``, the part at ``part_scale`` of the side): the good images as they are, except
+    ``n_per_kind`` x 4 seeded training images held out and turned into logical anomalies
+    (``logical_defect``, one kind each), masks marking the changed region. The source's own defect
+    images are left out: only logical anomalies are tested."""
+    from fewshot_core.data.imageio import load_rgb
+
+    name = name or f"{dataset.category}_logical"
+    record = {"version": DERIVED_VERSION, "kind": "logical", "source": str(Path(dataset.root) / dataset.category),
+              "fingerprint": _fingerprint(dataset), "seed": int(seed), "size": int(size),
+              "n_per_kind": int(n_per_kind), "part_scale": float(part_scale), "kinds": list(LOGICAL_KINDS)}
+    if not 0.0 < part_scale <= 1.0:
+        raise ValueError(f"part_scale must be in (0, 1], got {part_scale}")
+    train = sorted(dataset.train_good(), key=lambda r: r.image_id)
+    n_out = n_per_kind * len(LOGICAL_KINDS)
+    if len(train) < n_out + 1:
+        raise FsadError(f"{dataset.root}/{dataset.category}: {len(train)} train/good images, a logical copy "
+                        f"holds out {n_out}; lower n_per_kind")
+    held = _rng(seed, "logical-held-out").permutation(len(train))[:n_out]
+    sources = {train[i].image_id: LOGICAL_KINDS[j % len(LOGICAL_KINDS)] for j, i in enumerate(sorted(held))}
+    keep = [r for r in dataset.records if r.label == 0 and r.image_id not in sources]
+
+    def frame(rec) -> np.ndarray:
+        return framed(load_rgb(rec.path), size, part_scale, _rng(seed, "frame", rec.image_id))
+
+    def write(tmp: Path) -> None:
+        for rec in keep:
+            _save(Image.fromarray(frame(rec)), tmp / _relative(dataset, rec))
+        for rec in train:
+            kind = sources.get(rec.image_id)
+            if kind is None:
+                continue
+            edited, mask = logical_defect(frame(rec), kind, _rng(seed, "logical", rec.image_id))
+            if not mask.any():
+                raise FsadError(f"{rec.path}: no part found on a plain background; a logical copy needs a "
+                                "fixed-pose object category")
+            stem = Path(rec.path).stem
+            _save(Image.fromarray(edited), tmp / "test" / kind / f"{stem}.png")
+            _save(Image.fromarray(mask.astype(np.uint8) * 255), tmp / "ground_truth" / kind / f"{stem}_mask.png")
 
     return _build(Path(out_root) / name, record, write)

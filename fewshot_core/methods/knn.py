@@ -2,8 +2,8 @@
 
 Patch score = mean squared L2 distance to the k nearest support patches (faiss, as REB computes it);
 image score = maximum of the 3 x 3 average-pooled patch map. The bank is every support patch unless
-``coreset_ratio`` < 1. ``foreground="auto"`` takes the maximum over the foreground only
-(``methods/foreground.py``).
+``coreset_ratio`` < 1. ``foreground="auto"`` takes the maximum over the foreground and the missing
+patches, a missing patch scored against the part's bank rows only (``methods/foreground.py``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 
 from fewshot_core.methods.base import Detector, as_patch_array, exact_copy_index, pooled_max
 from fewshot_core.methods.coreset import approximate_greedy_coreset, check_selection, coreset_size
-from fewshot_core.methods.foreground import (Foreground, check_mode, fit_foreground, masked_for_max,
-                                             query_mask, state_arrays)
+from fewshot_core.methods.foreground import (Foreground, PartBank, check_mode, fit_foreground, masked_for_max,
+                                             scored_mask, search_patches, state_arrays)
 from fewshot_core.methods.nn_search import NearestNeighbors
 
 
@@ -58,18 +58,21 @@ class KNN(Detector):
     def threshold_copy_params(cls, params: dict, support_shape: tuple | None = None) -> dict:
         return exact_copy_index(params, support_shape)
 
+    def _index(self, data: np.ndarray) -> NearestNeighbors:
+        return NearestNeighbors(self.index, self.runtime.faiss_gpu, seed=self.seed).fit(data)
+
     def _build_index(self) -> None:
-        self.nn_ = NearestNeighbors(self.index, self.runtime.faiss_gpu, seed=self.seed).fit(self.bank_)
+        self.nn_ = self._index(self.bank_)
+        self.part_ = PartBank(self.foreground_, self.bank_, self._index)
         self.fitted_ = True
 
     def score(self, X) -> tuple[np.ndarray, np.ndarray]:
         self._check_fitted()
         q = as_patch_array(X, "query")
         m, h, w, d = q.shape
-        sq, _ = self.nn_.search(q.reshape(-1, d), self.k)
+        sq, _, missing = search_patches(self.nn_, self.part_, self.foreground_, q, self.k)
         patch = sq.mean(1).reshape(m, h, w)
-        mask = query_mask(self.foreground_, q)
-        return pooled_max(masked_for_max(patch, mask), self.pool), patch
+        return pooled_max(masked_for_max(patch, scored_mask(self.foreground_, q, missing)), self.pool), patch
 
     def get_state(self) -> dict:
         return {"arrays": {"bank": self.bank_, **state_arrays(self.foreground_)}}

@@ -8,7 +8,8 @@ Follows the authors' code (ShuaiLYU/REB, ``NNHead`` with ``NN_Type.ldknn``):
 * score: patch score = d²(x, m*) - λ · LD(m*), m* the nearest bank feature of x (``ld_form="difference"``,
   the authors' form); ``ld_form="ratio"`` is the ablation d²(x, m*) / LD(m*)^λ;
 * image score = maximum of the 3 x 3 average-pooled patch map (stride 3, torch's default there), over the
-  foreground only with ``foreground="auto"`` (``methods/foreground.py``).
+  foreground and the missing patches with ``foreground="auto"``, a missing patch scored against the
+  part's bank rows only (``methods/foreground.py``).
 
 λ = ``ld_coef`` (1 by default), K = ``k`` (5; REB sweeps 3-11). With λ = 0 the patch map is exactly the
 1-NN squared distance.
@@ -24,8 +25,8 @@ import numpy as np
 
 from fewshot_core.methods.base import Detector, as_patch_array, pooled_max
 from fewshot_core.methods.coreset import check_selection
-from fewshot_core.methods.foreground import (Foreground, check_mode, fit_foreground, masked_for_max,
-                                             query_mask, state_arrays)
+from fewshot_core.methods.foreground import (Foreground, PartBank, check_mode, fit_foreground, masked_for_max,
+                                             scored_mask, search_patches, state_arrays)
 from fewshot_core.methods.knn import build_bank
 from fewshot_core.methods.nn_search import NearestNeighbors
 
@@ -72,6 +73,7 @@ class LDKNN(Detector):
         neighbours = sq[:, 1:] if sq.shape[1] > 1 else sq  # a one-patch support has no other neighbour
         self.ld_ = neighbours.mean(1).astype(np.float32)
         self.foreground_ = fit_foreground(as_patch_array(X, "support"), self.foreground, self.seed)
+        self.part_ = PartBank(self.foreground_, self.bank_, self._index)
         self.fitted_ = True
         return self
 
@@ -79,7 +81,7 @@ class LDKNN(Detector):
         self._check_fitted()
         q = as_patch_array(X, "query")
         m, h, w, d = q.shape
-        sq, idx = self.nn_.search(q.reshape(-1, d), 1)
+        sq, idx, missing = search_patches(self.nn_, self.part_, self.foreground_, q)
         dist, ld = sq[:, 0], self.ld_[idx[:, 0]]
         lam = self.ld_coef
         if self.ld_form == "difference":
@@ -87,8 +89,7 @@ class LDKNN(Detector):
         else:
             patch = dist / np.maximum(ld, _RATIO_EPS) ** lam if lam else dist
         patch = patch.astype(np.float32).reshape(m, h, w)
-        mask = query_mask(self.foreground_, q)
-        return pooled_max(masked_for_max(patch, mask), self.pool), patch
+        return pooled_max(masked_for_max(patch, scored_mask(self.foreground_, q, missing)), self.pool), patch
 
     def get_state(self) -> dict:
         return {"arrays": {"bank": self.bank_, "ld": self.ld_, **state_arrays(self.foreground_)}}
@@ -99,4 +100,5 @@ class LDKNN(Detector):
         self.ld_ = np.asarray(arrays["ld"], dtype=np.float32)
         self.foreground_ = Foreground.from_state(arrays)
         self.nn_ = self._index(self.bank_)
+        self.part_ = PartBank(self.foreground_, self.bank_, self._index)
         self.fitted_ = True

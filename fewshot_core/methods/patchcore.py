@@ -7,7 +7,8 @@ nearest bank feature m* is (paper Eq. 7, as anomalib implements it; patchcore-in
     s = (1 - softmax_j(||m_test,* - n_j||)[m*]) · s*,  n_j over the b nearest bank features of m*
 
 with b = ``num_neighbors`` (9); b = 1 gives the plain maximum. ``foreground="auto"`` takes m_test,* among
-the foreground patches only (``methods/foreground.py``).
+the foreground patches and the missing ones, a missing patch scored against the part's bank rows only
+(``methods/foreground.py``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 
 from fewshot_core.methods.base import Detector, as_patch_array, exact_copy_index
 from fewshot_core.methods.coreset import approximate_greedy_coreset, check_selection, coreset_size
-from fewshot_core.methods.foreground import (Foreground, check_mode, fit_foreground, masked_for_max,
-                                             query_mask, state_arrays)
+from fewshot_core.methods.foreground import (Foreground, PartBank, check_mode, fit_foreground, masked_for_max,
+                                             scored_mask, search_patches, state_arrays)
 from fewshot_core.methods.nn_search import NearestNeighbors
 
 
@@ -60,8 +61,12 @@ class PatchCore(Detector):
         copy scores one image, so small banks are searched exactly (``exact_copy_index``)."""
         return exact_copy_index({**params, "coreset_ratio": 1.0}, support_shape)
 
+    def _index(self, data: np.ndarray) -> NearestNeighbors:
+        return NearestNeighbors(self.index, self.runtime.faiss_gpu, seed=self.seed).fit(data)
+
     def _build_index(self) -> None:
-        self.nn_ = NearestNeighbors(self.index, self.runtime.faiss_gpu, seed=self.seed).fit(self.bank_)
+        self.nn_ = self._index(self.bank_)
+        self.part_ = PartBank(self.foreground_, self.bank_, self._index)
         self.fitted_ = True
 
     def score(self, X) -> tuple[np.ndarray, np.ndarray]:
@@ -69,10 +74,11 @@ class PatchCore(Detector):
         q = as_patch_array(X, "query")
         m, h, w, d = q.shape
         flat = q.reshape(-1, d)
-        sq, nn_idx = self.nn_.search(flat, 1)
-        patch = np.sqrt(sq[:, 0]).reshape(m, h * w)
-        mask = query_mask(self.foreground_, q)
-        return self._image_scores(patch, nn_idx[:, 0].reshape(m, h * w), flat.reshape(m, h * w, d), mask), \
+        sq, nn_idx, missing = search_patches(self.nn_, self.part_, self.foreground_, q)
+        sq, nn_idx = sq[:, 0], nn_idx[:, 0]
+        patch = np.sqrt(sq).reshape(m, h * w)
+        mask = scored_mask(self.foreground_, q, missing)
+        return self._image_scores(patch, nn_idx.reshape(m, h * w), flat.reshape(m, h * w, d), mask), \
             patch.reshape(m, h, w)
 
     def _image_scores(self, patch: np.ndarray, nn_idx: np.ndarray, q: np.ndarray, mask=None) -> np.ndarray:

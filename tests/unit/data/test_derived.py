@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from fewshot_core.data import load_dataset
-from fewshot_core.data.derived import RECORD, mask_area, pose_for, posed_copy, small_defect_copy, transform_pair
+from fewshot_core.data.derived import (LOGICAL_KINDS, RECORD, framed, logical_copy, mask_area, pose_for, posed_copy,
+                                       small_defect_copy, transform_pair)
 from fewshot_core.errors import FsadError
 
 
@@ -75,3 +78,62 @@ def test_small_defect_copy_keeps_only_small_masks(tmp_path):
     assert len(small.train_good()) == 3
     with pytest.raises(FsadError, match="max_area"):
         small_defect_copy(ds, tmp_path / "cache", name="none", max_area=0.001)
+
+
+def _fixed_pose_part(root, n_train=6, size=64, plain=False):
+    """A dark disc with a light stripe across it on a white background, always in the same place."""
+    cat = root / "part"
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - 32) ** 2 + (xx - 30) ** 2 <= 20 ** 2
+    for split, stems in (("train", [f"{i:03d}" for i in range(n_train)]), ("test", ["000", "001"])):
+        for stem in stems:
+            arr = np.full((size, size, 3), 250, np.uint8)
+            if not plain:
+                arr[disc] = rng.integers(20, 60, (int(disc.sum()), 3), dtype=np.uint8)
+                arr[disc & (abs(yy - 32) < 3)] = 140
+            (cat / split / "good").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(cat / split / "good" / f"{stem}.png")
+    return load_dataset(root, "part")
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def test_logical_copy_edits_held_out_images_where_the_masks_say(tmp_path):
+    src = _fixed_pose_part(tmp_path / "src")
+    out = logical_copy(src, tmp_path / "cache", seed=5, size=64, n_per_kind=1)
+    ds = load_dataset(tmp_path / "cache", out.name)
+    assert out.name == "part_logical" and len(ds.train_good()) == 2 and ds.has_masks
+    assert sorted(ds.defect_types()) == sorted(LOGICAL_KINDS)
+    def frame(path):  # the part at half the side on its own (noise-free) background
+        return framed(Image.open(path), 64, 0.5, np.random.default_rng(0)).astype(int)
+
+    originals = {Path(r.path).stem: frame(r.path) for r in src.train_good()}
+    assert (originals["000"][:16] == 250).all() and (originals["000"][24:40, 24:40] < 100).any()
+    for rec in ds.records:
+        if rec.label == 0:  # good images only framed (train and test alike)
+            ref = next(r for r in src.records if r.split == rec.split and Path(r.path).stem == Path(rec.path).stem)
+            np.testing.assert_array_equal(_pixels(rec.path), frame(ref.path))
+            continue
+        assert Path(rec.path).stem not in {Path(r.path).stem for r in ds.train_good()}  # held out, not reused
+        edited, mask = _pixels(rec.path), np.asarray(Image.open(rec.mask_path)) > 0
+        changed = np.abs(edited - originals[Path(rec.path).stem]).max(-1) > 30
+        assert 0.01 < mask.mean() < 0.6
+        assert not changed[~mask].any()  # nothing changes outside the mask
+        assert changed[mask].mean() > 0.3  # and the marked region did change
+    again = logical_copy(src, tmp_path / "again", seed=5, size=64, n_per_kind=1)
+    other = logical_copy(src, tmp_path / "other", seed=6, size=64, n_per_kind=1)
+    files = sorted(p.relative_to(out) for p in out.rglob("*.png"))
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*.png"))
+    assert all(np.array_equal(_pixels(out / f), _pixels(again / f)) for f in files)  # seeded
+    assert sorted(p.relative_to(other) for p in other.rglob("*.png")) != files or \
+        any(not np.array_equal(_pixels(out / f), _pixels(other / f)) for f in files)
+
+
+def test_logical_copy_refuses_what_it_cannot_build(tmp_path):
+    with pytest.raises(FsadError, match="lower n_per_kind"):
+        logical_copy(_fixed_pose_part(tmp_path / "few", n_train=4), tmp_path / "c1", n_per_kind=1)
+    with pytest.raises(FsadError, match="no part found"):
+        logical_copy(_fixed_pose_part(tmp_path / "plain", plain=True), tmp_path / "c2", n_per_kind=1)

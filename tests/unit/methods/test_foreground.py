@@ -74,3 +74,45 @@ def test_the_estimate_is_saved_with_the_detector(cls, tmp_path):
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="foreground must be one of"):
         PatchCore(foreground="yes")
+
+
+@pytest.mark.parametrize("cls", [PatchCore, KNN, LDKNN])
+def test_a_missing_part_is_scored(cls, tmp_path):
+    """A piece of a fixed-pose part replaced by background looks like background: the foreground mask
+    alone drops it from the image score and its patches match the support's background. The support's
+    positional prior keeps it scored, against the part's own patches."""
+    sup, disc = _object_images(4, seed=7)
+    good, _ = _object_images(6, seed=8)
+    nudged, _ = _object_images(2, seed=9, centre=(7, 6))  # a good part lying one patch lower
+    piece, _ = _object_images(1, seed=10)
+    yy, xx = np.mgrid[:H, :W]
+    gone = disc & (yy < 6) & (xx < 6)  # a quarter of the part removed
+    background, _ = _object_images(1, seed=11, radius=0.0)
+    piece[0, gone] = background[0, gone]
+    whole, _ = _object_images(1, seed=12, radius=0.0)  # the part missing altogether
+    model = cls(foreground="auto").fit(sup)
+    s_good = model.score(np.concatenate([good, nudged]))[0]
+    s_piece, map_piece = model.score(piece)
+    s_whole = model.score(whole)[0]
+    assert s_piece[0] > 2 * s_good.max() and s_whole[0] > 2 * s_good.max()
+    assert map_piece[0][gone].max() > 2 * map_piece[0][~gone].max()  # the map shows where it is missing
+    plain = cls(foreground="none").fit(sup)
+    assert plain.score(piece)[0][0] < 1.5 * plain.score(good)[0].max()  # whole-image scores miss it too
+    again = cls.load(model.save(tmp_path / "m"))
+    np.testing.assert_array_equal(again.score(piece)[0], s_piece)
+
+
+@pytest.mark.parametrize("cls", [PatchCore, KNN, LDKNN])
+def test_a_part_where_the_support_never_has_one_is_scored(cls):
+    """A piece of the part lying where the support only ever shows background (a moved or extra
+    component) looks like the part: the foreground mask keeps it, but it matches the support's part
+    patches. Scored against the support's background patches, it stands out."""
+    sup, _ = _object_images(4, seed=13)
+    good, _ = _object_images(6, seed=14)
+    stray, _ = _object_images(1, seed=15)
+    piece, _ = _object_images(1, seed=16, radius=H)  # part features everywhere
+    stray[0, 1:3, 1:3] = piece[0, 1:3, 1:3]  # a 2 x 2 piece in the corner's background
+    model = cls(foreground="auto").fit(sup)
+    assert model.score(stray)[0][0] > 2 * model.score(good)[0].max()
+    plain = cls(foreground="none").fit(sup)
+    assert plain.score(stray)[0][0] < 1.5 * plain.score(good)[0].max()
