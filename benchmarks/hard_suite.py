@@ -12,10 +12,13 @@ Datasets (derived into a cache folder in MVTec layout, never into the repository
   images are held out to make them.
 * ``magnetic_tile``: Magnetic Tile Defects (real grey surface images, JPEG, non-square, small and thin
   defects, masks; ``--mtd-root``, default ``MTD_ROOT`` or ``../shared/data/mtd``), read as it is.
+* ``mtd_tall``: each MTD image as one panel of a 1 : 3 strip of good images (``derived.tall_copy``): a
+  tall category whose thin defects a square resize squashes (MTD's own images vary in aspect around 1).
 * ``bottle``: the real category itself, so no default is tuned on the hard data alone.
 
 Every lever is a named row (``LEVERS``): a method, its parameters, the support augmentation, the input
-size, the backbone stages and the backbone. Each row runs on every dataset x shot count x seed; cells are
+size, the backbone stages, the backbone, the store's aspect and the protocol's options (``config``,
+``align``). Each row runs on every dataset x shot count x seed; cells are
 image AUROC mean ± the 95 % t interval half-width over seeds, then the same tables for pixel AUROC and
 AUPRO on the datasets with masks (all values in the JSON).
 
@@ -38,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fewshot_core.data import load_dataset  # noqa: E402
 from fewshot_core.backbones.models import DEFAULT_BACKBONE  # noqa: E402
-from fewshot_core.data.derived import logical_copy, posed_copy, small_defect_copy  # noqa: E402
+from fewshot_core.data.derived import logical_copy, posed_copy, small_defect_copy, tall_copy  # noqa: E402
 from fewshot_core.data.synth import generate  # noqa: E402
 from fewshot_core.evaluation.oneclass import evaluate_oneclass  # noqa: E402
 from fewshot_core.evaluation.transductive import evaluate_transductive  # noqa: E402
@@ -46,8 +49,8 @@ from fewshot_core.methods import registry  # noqa: E402
 from fewshot_core.features.store import FeatureStore  # noqa: E402
 from fewshot_core.paths import default_work_dir, shared_mtd_root, shared_mvtec_root  # noqa: E402
 
-DATASETS = ("bottle_posed", "bottle_small", "synth_screw", "bottle_logical", "magnetic_tile", "bottle")
-HARD = DATASETS[:5]
+DATASETS = ("bottle_posed", "bottle_small", "synth_screw", "bottle_logical", "magnetic_tile", "mtd_tall", "bottle")
+HARD = DATASETS[:6]
 NEEDS_MVTEC = {"bottle_posed", "bottle_small", "bottle_logical", "bottle"}
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -65,6 +68,8 @@ class Lever(NamedTuple):
     size: int | None = None  # None: the suite's --image-size
     layers: tuple | None = None  # backbone stages; None: the backbone's default stride-8 + stride-16 pair
     backbone: str = DEFAULT_BACKBONE
+    aspect: str = "auto"  # the store's long side: the category's own aspect, or "square" (every image squashed)
+    options: dict = {}  # evaluate_oneclass keywords: config="auto", align="auto"
 
 
 LITE1, LITE2 = "tf_efficientnet_lite1", "tf_efficientnet_lite2"
@@ -104,6 +109,11 @@ LEVERS: dict[str, Lever] = {name: Lever(*value) for name, value in {
     "patchcore+aug+fg lite2": ("patchcore", FG, "images", None, (2, 3), LITE2),
     "patchcore+aug+fg lite1 s8-16-32": ("patchcore", FG, "images", None, (2, 3, 4), LITE1),
     "patchcore+aug+fg lite2 s8-16-32": ("patchcore", FG, "images", None, (2, 3, 4), LITE2),
+    # issue 23: the square resize of every image (the default before the aspect was kept), the support
+    # choosing its configuration, and registration (each image rotated and cropped to its part)
+    "patchcore+aug+fg square": ("patchcore", FG, "images", None, None, DEFAULT_BACKBONE, "square"),
+    "patchcore auto": ("patchcore", {}, "auto", None, None, DEFAULT_BACKBONE, "auto", {"config": "auto"}),
+    "patchcore align": ("patchcore", FG, "images", None, None, DEFAULT_BACKBONE, "auto", {"align": "auto"}),
     # transductive protocol (its own: scores the unlabeled test images against each other)
     "musc 0-shot": ("musc", {}, "none", None),
     "musc+shots": ("musc", {}, "none", None),
@@ -124,8 +134,12 @@ def prepare(cache: Path, mvtec_root: Path | None, seed: int = 0, mtd_root: Path 
             out["bottle_small"] = load_dataset(cache, small_defect_copy(bottle, cache, size=512).name)
         if "bottle_logical" in wanted:
             out["bottle_logical"] = load_dataset(cache, logical_copy(bottle, cache, seed=seed, size=512).name)
-    if mtd_root is not None and "magnetic_tile" in wanted:
-        out["magnetic_tile"] = load_dataset(mtd_root, "magnetic_tile")
+    if mtd_root is not None and {"magnetic_tile", "mtd_tall"} & set(wanted):
+        mtd = load_dataset(mtd_root, "magnetic_tile")
+        if "magnetic_tile" in wanted:
+            out["magnetic_tile"] = mtd
+        if "mtd_tall" in wanted:
+            out["mtd_tall"] = load_dataset(cache, tall_copy(mtd, cache, seed=seed).name)
     if "synth_screw" not in wanted:
         return out
     synth = cache / "synth"
@@ -152,15 +166,16 @@ def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: in
     have = {(r["lever"], r["dataset"], r["shots"], r["image_size"], tuple(r["seeds"])) for r in results}
     have_any_seeds = {h[:4] for h in have}
     for lever in levers:
-        method, params, augment, size, layers, backbone = LEVERS[lever]
+        method, params, augment, size, layers, backbone, aspect, options = LEVERS[lever]
         size = size or image_size
         for name, ds in datasets.items():
-            key = (name, size, layers, backbone)
+            key = (name, size, layers, backbone, aspect)
             if key not in partitions and all((lever, name, s, size) in have_any_seeds for s in shots_list):
                 continue
             if key not in partitions:
                 t0 = time.perf_counter()
-                partitions[key] = store.build(ds, backbone=backbone, image_size=size, layers=layers, progress=False)
+                partitions[key] = store.build(ds, backbone=backbone, image_size=size, layers=layers, progress=False,
+                                              aspect=aspect)
                 log(f"# partition {name}@{size} {backbone} layers {layers or 'default'}: "
                     f"{time.perf_counter() - t0:.1f} s")
             transductive = registry.get(method).family == registry.TRANSDUCTIVE
@@ -174,7 +189,7 @@ def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: in
                                                  seeds[:1] if zero else seeds, params, cache=cache)
                 else:
                     rows = evaluate_oneclass(ds, partitions[key], method, shots, seeds, params, augment=augment,
-                                             cache=cache)
+                                             cache=cache, **options)
                 res = {"lever": lever, "dataset": name, "shots": shots, "image_size": size, "backbone": backbone,
                        "seeds": [r["seed"] for r in rows], "protocol": rows[0]["protocol"],
                        "fit_s": float(np.mean([r["fit_s"] for r in rows])),
@@ -248,7 +263,7 @@ def main(argv=None) -> int:
                 if k in args.datasets}
     for name in args.datasets:
         if name not in datasets:
-            why = ("no Magnetic Tile Defects root (pass --mtd-root or set MTD_ROOT)" if name == "magnetic_tile"
+            why = ("no Magnetic Tile Defects root (pass --mtd-root or set MTD_ROOT)" if name in ("magnetic_tile", "mtd_tall")
                    else "no MVTec AD root (pass --root or set MVTEC_ROOT)")
             print(f"# skipped {name}: {why}", file=sys.stderr)
     for name, ds in datasets.items():

@@ -69,3 +69,18 @@ def test_tables_per_metric_cover_the_datasets_that_have_it(suite):
     assert "| patchcore | 0.600±0.000 | 0.800±0.010 | 0.700 |" in image  # the hard mean over both
     pixel = suite.table(rows, [1], ["synth_screw", "magnetic_tile"], "aupro")
     assert "synth_screw" not in pixel and "| patchcore | 0.700±0.030 | 0.700 |" in pixel
+
+
+def test_issue_23_levers_name_the_store_aspect_and_protocol_options(suite):
+    import inspect
+
+    from fewshot_core.evaluation.oneclass import evaluate_oneclass
+
+    assert "mtd_tall" in suite.HARD
+    keywords = set(inspect.signature(evaluate_oneclass).parameters)
+    for name, lever in suite.LEVERS.items():
+        assert lever.aspect in ("auto", "square"), name
+        assert set(lever.options) <= keywords, name
+    assert suite.LEVERS["patchcore+aug+fg square"].aspect == "square"
+    assert suite.LEVERS["patchcore auto"].options == {"config": "auto"}
+    assert suite.LEVERS["patchcore align"].options == {"align": "auto"}

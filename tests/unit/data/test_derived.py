@@ -137,3 +137,21 @@ def test_logical_copy_refuses_what_it_cannot_build(tmp_path):
         logical_copy(_fixed_pose_part(tmp_path / "few", n_train=4), tmp_path / "c1", n_per_kind=1)
     with pytest.raises(FsadError, match="no part found"):
         logical_copy(_fixed_pose_part(tmp_path / "plain", plain=True), tmp_path / "c2", n_per_kind=1)
+
+
+def test_tall_copy_stacks_each_image_into_a_strip_with_its_mask_in_its_panel(synth_root, tmp_path):
+    from fewshot_core.data import list_categories, load_dataset
+    from fewshot_core.data.derived import tall_copy
+    from fewshot_core.data.imageio import image_size, load_mask
+
+    src = load_dataset(synth_root, list_categories(synth_root)[0])
+    first = tall_copy(src, tmp_path, width=32)
+    assert tall_copy(src, tmp_path, width=32) == first  # same source and settings: reused
+    tall = load_dataset(tmp_path, first.name)
+    assert len(tall.records) == len(src.records) and tall.has_masks
+    for rec in tall.records:
+        assert image_size(rec.path) == (32, 96)
+    defect = next(r for r in tall.records if r.mask_path is not None)
+    mask = load_mask(defect.mask_path)
+    rows = np.nonzero(mask.any(axis=1))[0]
+    assert mask.any() and rows.max() // 32 == rows.min() // 32  # the whole defect inside one panel
