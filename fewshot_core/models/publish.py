@@ -4,6 +4,7 @@ MLflow Model and the category's manifest as the run's dataset input."""
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,38 +16,56 @@ from fewshot_core.methods.persistence import jsonable
 MODEL_URI_TAG = "fsad.model_uri"
 
 
+def publishable(model, protocol: str) -> bool:
+    """Whether ``model`` can be logged as an MLflow Model: the registry rebuilds it from its folder. A
+    one-class detector run under the supervised protocol (``OneClassClassifier``) is not a registry method,
+    and a P>M>F backbone passed as a module names nothing to rebuild."""
+    from fewshot_core.methods.base import Method
+
+    if not isinstance(model, Method) or model.name not in registry.REGISTRY:
+        return False
+    if protocol == registry.SUPERVISED and model.input_kind == registry.IMAGES:
+        return isinstance(getattr(model, "backbone", None), str)
+    return True
+
+
+def model_name(text: str) -> str:
+    """A logged model's name from ``text``: letters, digits, ``.``, ``_`` and ``-`` only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+
+
 def publish_model(tracker, run_id: str, dataset, model, support_ids: Sequence[str], protocol: str,
-                  partition=None, threshold=None, image_size: int | None = None, tags: dict | None = None) -> dict:
+                  partition=None, threshold=None, image_size: int | None = None, tags: dict | None = None,
+                  name: str | None = None) -> dict:
     """Log ``model`` (fitted on ``support_ids`` of ``dataset``) into run ``run_id``.
 
     Feature-based methods need the ``partition`` they were fitted on (its featurizer spec goes into the
-    model); methods trained on pixels need ``image_size``. Returns ``{"model_uri", "model_id",
-    "dataset_digest"}``, or ``{}`` for a model the registry cannot rebuild from its folder (nothing is
-    logged then).
+    model); methods trained on pixels need ``image_size``. ``name`` names the logged model (MLflow's Models
+    tab), e.g. method, category and setting. The dataset input is logged for every run. Returns
+    ``{"model_uri", "model_id", "dataset_digest"}``, or only ``{"dataset_digest"}`` for a model the registry
+    cannot rebuild from its folder (``publishable``).
     """
     from fewshot_core import tracking
     from fewshot_core.models.deployable import save_deployable
     from fewshot_core.models.featurizer import FeaturizerSpec
     from fewshot_core.models.mlflow_model import log_model, quiet_advice
 
-    from fewshot_core.methods.base import Method
-
-    if not isinstance(model, Method) or model.name not in registry.REGISTRY:  # not (yet) on the contract
-        return {}
+    with quiet_advice():
+        data = tracking.log_dataset_input(tracker, run_id, dataset)  # every run names its data, model or not
+    if not publishable(model, protocol):
+        return {"dataset_digest": data.digest}
     pixels = None
     if protocol == registry.SUPERVISED and model.input_kind == registry.IMAGES:  # P>M>F: normalised pixels
-        if not isinstance(getattr(model, "backbone", None), str):
-            return {}  # a backbone passed as a module: nothing names it for rebuilding
         pixels, image_size = {"backbone": model.backbone}, int(model.input_size)
     spec = FeaturizerSpec.from_partition(partition) if partition is not None and model.input_kind != "images" else None
     with quiet_advice(), tempfile.TemporaryDirectory(prefix="fsad-model-") as tmp:
-        data = tracking.log_dataset_input(tracker, run_id, dataset)
         folder = save_deployable(model, Path(tmp) / "model", category=dataset.category, support_ids=support_ids,
                                  protocol=protocol, featurizer=spec, image_size=image_size, threshold=threshold,
                                  pixels=pixels,
                                  dataset={"name": data.name, "digest": data.digest, "source": str(dataset.root)})
         example = dataset.by_id(support_ids[0]).path if support_ids else None
-        info = log_model(tracker.tracking_uri, run_id, folder, example_image=example, tags=tags)
+        info = log_model(tracker.tracking_uri, run_id, folder, example_image=example, tags=tags,
+                         **({"name": model_name(name)} if name else {}))
     tracker.client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
     return {"model_uri": info.model_uri, "model_id": getattr(info, "model_id", None), "dataset_digest": data.digest}
 
@@ -109,7 +128,7 @@ def publish_full_data(tracker, experiment: str, dagster_run_id: str, dataset, pa
                                      "threshold_rule": cut.rule, "method_params": json.dumps(jsonable(params), sort_keys=True)},
                                     metrics, run_tags, stage=FULL_DATA_KIND)
     out = publish_model(tracker, run_id, dataset, model, train, registry.ONECLASS, partition=partition,
-                        threshold=cut, tags=run_tags)
+                        threshold=cut, tags=run_tags, name=f"{method}-{dataset.category}-{FULL_DATA_KIND}")
     name = registered_name(dataset.category)
     with _fluent(tracker.tracking_uri), quiet_advice():
         version = mlflow.register_model(out["model_uri"], name, tags={"fsad.mlflow_run_id": run_id,

@@ -153,7 +153,7 @@ def _meta_pool(cfg, context, backbone, feature_store, device, source: str | None
 def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpec, p: dict, setting: Setting,
             part, result, ds) -> dict:
     """Log the partition's MLflow run (with the fitted method as its MLflow Model) and return its table row."""
-    from fewshot_core.models.publish import publish_model
+    from fewshot_core.models.publish import publish_model, publishable
 
     from fewshot_core.reports.gallery import GALLERY_ARTIFACT
 
@@ -168,16 +168,21 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
               "n_query": len(episode.query_ids), "meta_pool": lib_row.get("meta_pool", "")}
     tags = {tracking.PARTITION_TAG: p["key"], tracking.ASSET_TAG: context.asset_key.to_user_string(),
             "fsad.setting": setting.key, "fsad.method": spec.id, "fsad.category": p["category"]}
+    # a model logged as an MLflow Model is stored there once, not again among the run's plain artifacts
+    artifacts = ({k: v for k, v in result.artifacts.items() if not k.startswith("model/")}
+                 if publishable(result.model, setting.protocol) else result.artifacts)
+    per_image = 1000.0 * score_s / len(episode.query_ids) if len(episode.query_ids) else np.nan
     run_id = tracker.log_evaluation(experiment, context.run.run_id, f"{spec.id}|{p['category']}|{setting.key}",
                                     params, {**metrics, "fit_seconds": fit_s, "score_seconds": score_s,
+                                             "score_ms_per_image": per_image,
                                              "threshold": float(lib_row.get("threshold", np.nan))},
-                                    tags, result.artifacts, stage=context.run.tags.get("fsad/stage")
+                                    tags, artifacts, stage=context.run.tags.get("fsad/stage")
                                     or context.asset_key.to_user_string())
     image_method = registry.get(spec.method).input_kind == registry.IMAGES
     published = publish_model(tracker, run_id, ds, result.model, episode.support_ids, setting.protocol,
                               partition=None if image_method else part, threshold=result.threshold,
                               image_size=getattr(result.model, "image_size", part.image_size) if image_method
-                              else None, tags=tags)
+                              else None, tags=tags, name=f"{spec.id}-{p['category']}-{setting.key}")
     context.log.info(f"{spec.id} {p['key']}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()
                                                          if k in ("image_auroc", "pixel_auroc", "balanced_accuracy")))
     return {"method": spec.id, "method_name": spec.method, "backbone": backbone, "category": p["category"],

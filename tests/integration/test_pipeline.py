@@ -179,6 +179,11 @@ def test_mlflow_holds_one_nested_run_per_evaluation_partition(sweep):
         # the fitted method is the run's MLflow Model; the category's manifest its dataset input
         assert r.outputs.model_outputs and tags["fsad.model_uri"].startswith("models:/")
         assert [d.dataset.name for d in r.inputs.dataset_inputs] == ["synth_fabric"]
+        # named by method, category and setting in the Models tab, and stored once: not again as plain files
+        logged = tracker.client.get_logged_model(r.outputs.model_outputs[0].model_id)
+        assert logged.name == f"{params['method_id']}-synth_fabric-{tags['fsad.setting']}"
+        assert "model" not in {a.path for a in tracker.client.list_artifacts(r.info.run_id)}
+        assert metrics["score_ms_per_image"] > 0
     row = table[(table["method"] == "patchcore") & (table["setting_key"] == "oc-k2-s1")].iloc[0]
     assert tracker.client.get_run(row["mlflow_run_id"]).data.metrics["image_auroc"] == pytest.approx(row["image_auroc"])
     assert row["model_uri"] == tracker.client.get_run(row["mlflow_run_id"]).data.tags["fsad.model_uri"]
