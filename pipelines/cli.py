@@ -77,6 +77,13 @@ def run_command(args) -> int:
             raise FsadError(f"{root}: --root does not exist; pass an MVTec-layout folder (<category>/train/good)")
         cfg.data_source, cfg.data_root = "mvtec", str(root)
     data_root, source = resolve_data(cfg)
+    from fewshot_core.tracking import Tracker, default_tracking_uri
+    from pipelines.sweep_claim import check_experiment, check_home, identity
+
+    ident = identity(cfg, data_root, source)
+    check_home(home, ident)  # before anything is written: one sweep per home and per experiment
+    check_experiment(Tracker(default_tracking_uri(home)), ident)
+    check_home(home, ident, write=True)
     from fewshot_core.outputs import require_writable
 
     # before any stage: fail now, not halfway (features, tables and the report need some room)
@@ -91,8 +98,6 @@ def run_command(args) -> int:
     defs = build_definitions(cfg)
     instance = dg.DagsterInstance.get()
     summaries = run_sweep(defs, instance, log=lambda msg: print("  " + msg, flush=True), quiet=not args.verbose)
-    from fewshot_core.tracking import default_tracking_uri
-
     report = report_path(cfg)
     print(f"\nDone in {time.perf_counter() - start:.0f}s ({len(summaries)} Dagster runs).")
     print(f"  Report:      {report}")

@@ -70,4 +70,13 @@ def build_definitions(cfg: SweepConfig | None = None) -> dg.Definitions:
     )
 
 
-defs = build_definitions()
+def _default_definitions() -> dg.Definitions:
+    """What ``dagster dev`` loads: the configured sweep, refused against a home holding another's data."""
+    from pipelines.sweep_claim import check_loaded_home
+
+    cfg = load_config()
+    check_loaded_home(cfg)
+    return build_definitions(cfg)
+
+
+defs = _default_definitions()
