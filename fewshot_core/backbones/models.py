@@ -10,7 +10,7 @@ from fewshot_core.backbones.weights import RANDOM_SEED, WeightsInfo, load_weight
 from fewshot_core.device import resolve_device
 from fewshot_core.errors import FsadError
 
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+from fewshot_core.backbones import DEFAULT_BACKBONE  # noqa: F401 (one definition, re-exported here)
 
 
 def _size_kwargs(name: str) -> dict:
