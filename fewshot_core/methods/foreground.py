@@ -19,8 +19,7 @@ A missing or misplaced part leaves background where the part belongs, which the 
 whose patches match the support's own background patches. So the estimate also keeps a **positional
 prior**: the grid positions where the support (all its views) is foreground in at least ``PRIOR_SHARE``
 of the images, shrunk to its core (``PRIOR_MARGIN`` patches plus ``PRIOR_DEPTH`` of its radius from the
-outline) so a part lying a little differently does not trip it.
-A query patch there that the estimate calls background is *missing*: it stays in the image score and is
+outline) so a part lying a little differently does not trip it. A query patch there that the estimate calls background is *missing*: it stays in the image score and is
 scored against the support's foreground patches only (``PartBank``), in the detector's own units, so a
 patch of background where the part should be is as far from the bank as the part's absence is. The
 mirror rule catches a part (or a piece of it) where it never is: positions that are background in at
@@ -28,8 +27,8 @@ least ``PRIOR_SHARE`` of the support's views and deeper than ``PRIOR_MARGIN`` pa
 the grid edge (``absent_``; no radius term, the background is a ring around the part); a query patch
 there that the estimate calls foreground is *intruding* and is scored against the background rows only.
 
-Only the image score uses the mask; anomaly maps stay whole, except that missing patches carry their
-distance to the part's patches there too.
+Only the image score uses the mask; anomaly maps stay whole, except that missing and intruding patches
+carry their distance to the other side's patches there too.
 (DefectMaker's ``foreground_mask`` is another estimate, from pixels, for placing synthetic defects.)
 """
 

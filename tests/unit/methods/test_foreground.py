@@ -116,3 +116,14 @@ def test_a_part_where_the_support_never_has_one_is_scored(cls):
     assert model.score(stray)[0][0] > 2 * model.score(good)[0].max()
     plain = cls(foreground="none").fit(sup)
     assert plain.score(stray)[0][0] < 1.5 * plain.score(good)[0].max()
+
+
+def test_a_model_saved_before_the_prior_scores_as_it_did():
+    sup, disc = _object_images(4, seed=17)
+    whole, _ = _object_images(1, seed=18, radius=0.0)  # the part missing altogether
+    model = PatchCore(foreground="auto").fit(sup)
+    arrays = {k: v for k, v in model.get_state()["arrays"].items() if k not in ("fg_prior", "fg_absent")}
+    before = PatchCore(foreground="auto")
+    before.set_state({"arrays": arrays})
+    assert not before.foreground_.missing(whole).any() and not before.foreground_.intruding(whole).any()
+    assert before.score(whole)[0][0] < 0.5 * model.score(whole)[0][0]
