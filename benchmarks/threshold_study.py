@@ -102,7 +102,8 @@ def markdown(rows: list[dict]) -> str:
     lines = [head, "|" + " --- |" * 9]
     pct = lambda x: f"{100 * x:.1f} %"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['method']} | {r['shots']} | {pct(r['nominal'])} | {pct(r['old_fpr'])} ({pct(r['old_fpr_max'])}) "
+        lines.append(f"| {r['method']} | {r['shots']} | {pct(r['nominal'])} "
+                     f"| {pct(r['old_fpr'])} ({pct(r['old_fpr_max'])}) "
                      f"| {pct(r['old_miss'])} | {pct(r['new_fpr'])} ({pct(r['new_fpr_max'])}) | {pct(r['new_miss'])} "
                      f"| {pct(r['bound'])} | {'yes' if r['within'] else 'NO'} |")
     return "\n".join(lines)

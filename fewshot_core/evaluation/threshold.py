@@ -16,8 +16,8 @@ than 59 held-out scores cannot certify 5 % even with their highest: the threshol
 held-out score raised to a normal prediction bound of the scores at ``fpr`` (a tail fit, which aims at the
 rate asked but assumes the shape it extrapolates), ``fpr_bound`` is the highest score's bound (the best k
 scores can stand behind), and the rule text says so. An image is anomalous when its score is above the
-threshold. The bound assumes test good images are like the support's; held-out copies fitted on fewer
-images lean towards higher scores, i.e. fewer false alarms.
+threshold. The bound assumes test good images are like the support's (docs/models.md, "Threshold study",
+measures how far they are).
 
 One good image cannot be held out from itself: the threshold is then ``None`` and says so (``reason``);
 the model still ranks images by score, it just makes no decision.
@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import lru_cache
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 
 import numpy as np
 

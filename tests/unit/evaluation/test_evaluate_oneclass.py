@@ -275,5 +275,6 @@ def test_patchcore_threshold_copies_skip_the_coreset(synth, monkeypatch):
     assert model["coreset_ratio"] == 0.5 and len(copies) == 3 and row["threshold_rule"].startswith("loo")
     # the row states what 3 held-out scores can stand behind, not the 5 % asked
     assert row["threshold_fpr_bound"] == pytest.approx(1 - 0.05 ** (1 / 3))
-    assert "3 held-out scores support at best 63.2% false alarms (95% confidence), not the 5.0% asked" in row["threshold_rule"]
+    assert ("3 held-out scores support at best 63.2% false alarms (95% confidence), not the 5.0% asked"
+            in row["threshold_rule"])
     assert all(c["coreset_ratio"] == 1.0 and c["num_neighbors"] == 3 and c["min_bank"] == 0 for c in copies)
