@@ -261,7 +261,17 @@ def run(args) -> int:
         csv, js = write_results(rows, out)
     failed = sum(1 for r in rows if r.get("error"))
     scored = len(rows) - failed
-    thr = getattr(model.threshold, "value", None) if model.is_detector else None
-    print(f"scored {scored} image(s), {failed} failed; threshold {thr if thr is not None else 'none'}; "
-          f"wrote {csv} and {js}")
+    print(f"scored {scored} image(s), {failed} failed; {threshold_summary(model)}; wrote {csv} and {js}")
     return 1 if failed else 0
+
+
+def threshold_summary(model) -> str:
+    """The threshold the decisions rest on, with the rule that set it: the false-alarm rate it stands
+    behind, or that its support could not certify the rate asked; or why there is none."""
+    t = model.threshold if model.is_detector else None
+    if t is None:
+        return "threshold none"
+    if not t.usable:
+        return f"threshold none ({t.reason or t.rule})"
+    note = "" if t.fpr_bound is not None else "; recorded before thresholds stated a false-alarm bound"
+    return f"threshold {t.value:.6g} ({t.rule}{note})"

@@ -172,6 +172,8 @@ def test_image_kind_methods_get_images_at_their_size_and_the_shared_post_process
     assert row["train_steps"] == 7 and row["train_s"] == 1.5 and row["stopped_by"] == "steps"
     assert row["seed"] == 1 and json.loads(row["params"]) == {"image_size": 24, "seed": 1}
     assert row["partition_key"] is None and not row["loaded_from_artifact"] and 0 <= row["pixel_auroc"] <= 1
+    # trained on images: no threshold, no stated bound, and the row says why
+    assert np.isnan(row["threshold_fpr_bound"]) and row["threshold_rule"].startswith("none: trained on images")
     # pixel metrics come from the detector's own maps, only rescaled (map_sigma 0) to the mask size
     model = details["model"]
     assert details["patch_maps"].shape[1:] == (24, 24)
@@ -271,4 +273,8 @@ def test_patchcore_threshold_copies_skip_the_coreset(synth, monkeypatch):
                                threshold=ThresholdConfig(rule="loo"))
     model, copies = made[0], made[1:]
     assert model["coreset_ratio"] == 0.5 and len(copies) == 3 and row["threshold_rule"].startswith("loo")
+    # the row states what 3 held-out scores can stand behind, not the 5 % asked
+    assert row["threshold_fpr_bound"] == pytest.approx(1 - 0.05 ** (1 / 3))
+    assert ("3 held-out scores support at best 63.2% false alarms (95% confidence), not the 5.0% asked"
+            in row["threshold_rule"])
     assert all(c["coreset_ratio"] == 1.0 and c["num_neighbors"] == 3 and c["min_bank"] == 0 for c in copies)
