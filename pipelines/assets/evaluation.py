@@ -196,6 +196,7 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
             "feature_key": part.key, "meta_pool": lib_row.get("meta_pool") or None,
             "gallery_artifact": GALLERY_ARTIFACT if GALLERY_ARTIFACT in result.artifacts else None, **metrics,
             "threshold": lib_row.get("threshold"), "threshold_rule": lib_row.get("threshold_rule"),
+            "threshold_fpr_bound": lib_row.get("threshold_fpr_bound"),
             "model_uri": published.get("model_uri"), "dataset_digest": published.get("dataset_digest")}
 
 
