@@ -253,6 +253,7 @@ def test_report_links_and_partition_pages_open_their_mlflow_runs(tmp_path):
     import re
 
     import pandas as pd
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     home, work = tmp_path / "dagster_home", tmp_path / "work"
@@ -316,7 +317,16 @@ def test_report_links_and_partition_pages_open_their_mlflow_runs(tmp_path):
                 _skip_welcome(page)
                 page.get_by_text(re.compile(r"^Materialize")).first.click()
                 dialog = page.locator('[role="dialog"]', has_text="Partition selection").first
-                dialog.get_by_role("button", name="All").first.click()
+                # the category dimension's "All": on a loaded machine a click can land before the dialog
+                # listens, so it is repeated until the category shows as selected
+                for attempt in range(5):
+                    dialog.get_by_role("button", name="All").first.click()
+                    try:
+                        dialog.get_by_text(oc["category"], exact=True).first.wait_for(timeout=10_000)
+                        break
+                    except PlaywrightTimeout:
+                        if attempt == 4:
+                            raise
                 dialog.get_by_text("Select a partition or create one").last.click()
                 for key in ("oc-k1-s0", "oc-k1-s1"):
                     page.get_by_role("menuitem", name=key).click()  # its name repeats the key (truncation helper)

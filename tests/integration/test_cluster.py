@@ -41,7 +41,7 @@ methods:
 N_EVAL = 4 + 4 + 4
 # Everything in a row that is a result rather than an id, a timing or a path
 KEYS = ["method", "category", "setting_key"]
-NOT_COMPARED = ("mlflow", "dagster", "seconds", "_at", "path", "time", "gallery", "host")
+NOT_COMPARED = ("mlflow", "dagster", "seconds", "_at", "path", "time", "gallery", "host", "ms_per_image")
 
 
 def _missing_services() -> str | None:

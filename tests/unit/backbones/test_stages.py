@@ -40,8 +40,8 @@ def test_a_cache_hit_does_not_import_timm(monkeypatch, tmp_path):
 
 
 def test_an_unwritable_cache_folder_only_costs_the_build(monkeypatch, tmp_path):
-    blocker = tmp_path / "home"
-    blocker.write_text("a file where the work folder should be")
-    monkeypatch.setenv("FSAD_HOME", str(blocker))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "cache").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("FSAD_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(stages, "_MEMO", {})
     assert stages.stage_info("tf_efficientnet_lite0") == stages._from_timm("tf_efficientnet_lite0")
