@@ -449,3 +449,27 @@ def log_dataset_input(tracker: "Tracker", run_id: str, dataset, context: str = "
     tracker.client.log_inputs(run_id, datasets=[DatasetInput(data._to_mlflow_entity(),
                                                              tags=[InputTag("mlflow.data.context", context)])])
     return data
+
+
+@contextlib.contextmanager
+def fluent_uri(tracking_uri: str):
+    """MLflow's model logging reads the process-wide tracking URI: point it at ours for the call only.
+
+    ``set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into the environment; both are put back as
+    they were (unset stays unset), or every later ``Tracker`` of this process would follow them."""
+    import os
+
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    before = getattr(utils, "_tracking_uri", None)
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets the module global and the variable
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before

@@ -130,7 +130,8 @@ def promote(tracker, candidate: Candidate, report: str | None = None) -> dict:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from fewshot_core.models.mlflow_model import _fluent, quiet_advice
+    from fewshot_core.models.mlflow_model import quiet_advice
+    from fewshot_core.tracking import fluent_uri
 
     client = tracker.client
     name = registered_name(candidate.category)
@@ -156,7 +157,7 @@ def promote(tracker, candidate: Candidate, report: str | None = None) -> dict:
             "fsad.method": candidate.method, "fsad.backbone": str(candidate.backbone), "fsad.shots": str(candidate.shots),
             "fsad.n_seeds": str(candidate.n_seeds), **({"fsad.report": str(report)} if report else {})}
     try:
-        with _fluent(tracker.tracking_uri), quiet_advice():
+        with fluent_uri(tracker.tracking_uri), quiet_advice():
             version = mlflow.register_model(candidate.model_uri, name, tags=tags)
     except MlflowException as exc:
         raise FsadError(f"{candidate.model_uri}: cannot register as {name} ({str(exc).splitlines()[0][:160]}); "

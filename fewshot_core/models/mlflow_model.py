@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
 
-ARTIFACT = "fsad_model"  # the deployable folder inside the MLflow model's artifacts
+from fewshot_core.models.trust import ARTIFACT, ENTRY, model_metadata, verify_logged_model
+from fewshot_core.tracking import fluent_uri
+
 MODEL_NAME = "model"
 OUTPUT_COLUMNS = ("image_score", "decision", "threshold", "label", "error")
 
@@ -41,7 +42,6 @@ class FsadModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from fewshot_core.models.deployable import DeployedModel
         from fewshot_core.models.serving import budgets
-        from fewshot_core.models.trust import verify_logged_model
 
         budgets()  # a bad budget setting stops the server as it starts, not each request
         # MLflow ran this folder's code file already; the rest of the folder is checked as fsad's loader does
@@ -129,49 +129,6 @@ def requirements() -> list[str]:
     return out
 
 
-@contextlib.contextmanager
-def _fluent(tracking_uri: str):
-    """MLflow's model logging reads the process-wide tracking URI: point it at ours for the call only.
-
-    ``set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into the environment; both are put back as
-    they were (unset stays unset), or every later ``Tracker`` of this process would follow them."""
-    import os
-
-    import mlflow
-    from mlflow.tracking._tracking_service import utils
-
-    env_before = os.environ.get("MLFLOW_TRACKING_URI")
-    before = getattr(utils, "_tracking_uri", None)
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)  # None unsets the module global and the variable
-        if env_before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env_before
-
-
-def model_metadata(folder) -> dict:
-    """What the MLflow model records for rebuilding and audit (from the deployable folder's manifest)."""
-    from fewshot_core.methods.persistence import read_manifest
-
-    manifest = read_manifest(folder)
-    record = manifest["extra"]["deploy"]
-    spec = record.get("featurizer") or {}
-    threshold = record.get("threshold") or {}
-    return {"fsad_method": manifest["method"], "fsad_params": json.dumps(manifest.get("params", {}), sort_keys=True),
-            "category": record["category"], "protocol": record["protocol"], "input_kind": record["input_kind"],
-            "backbone": spec.get("backbone") or manifest.get("provenance", {}).get("backbone"),
-            "weights_source": spec.get("weights_source"), "weights_sha256": spec.get("weights_sha256"),
-            "image_size": record["image_size"], "layers": spec.get("layers"), "patch_dim": spec.get("patch_dim"),
-            "partition_key": spec.get("partition_key"), "code_version": record.get("code_version"),
-            "git_commit": record.get("git_commit"), "support_ids": record.get("support_ids"),
-            "threshold": threshold.get("value"), "threshold_rule": threshold.get("rule") or "argmax",
-            "dataset_digest": (record.get("dataset") or {}).get("digest")}
-
-
 # Advice MLflow prints while logging that does not apply to fsad's models: the signature is explicit, the
 # manifest's source is a local artifact, the example's integer column is never missing; the pandas notes
 # come from MLflow's own calls. Printed once per evaluation, they buried the sweep's progress lines.
@@ -230,9 +187,7 @@ def log_model(tracking_uri: str, run_id: str, folder, example_image=None, name: 
                 if k in ("fsad_method", "category", "backbone", "image_size", "threshold") and v is not None},
         tags={"fsad.category": meta["category"], "fsad.method": meta["fsad_method"],
               "mlflow.loggedModel.flavor": "python_function", **{k: str(v) for k, v in (tags or {}).items()}})
-    from fewshot_core.models.trust import ENTRY
-
-    with _fluent(tracking_uri):
+    with fluent_uri(tracking_uri):
         return Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
                          python_model=str(ENTRY), artifacts={ARTIFACT: str(folder)}, signature=signature(),
                          input_example=example, pip_requirements=requirements(), metadata={"fsad": meta})

@@ -92,7 +92,8 @@ def publish_full_data(tracker, experiment: str, dagster_run_id: str, dataset, pa
     from fewshot_core.evaluation.threshold import ThresholdConfig, decision_metrics
     from fewshot_core.metrics import image_metrics
     from fewshot_core.models.champion import registered_name
-    from fewshot_core.models.mlflow_model import _fluent, quiet_advice
+    from fewshot_core.models.mlflow_model import quiet_advice
+    from fewshot_core.tracking import fluent_uri
 
     entry = registry.get(method, protocol=registry.ONECLASS)
     if entry.input_kind == registry.IMAGES:
@@ -130,7 +131,7 @@ def publish_full_data(tracker, experiment: str, dagster_run_id: str, dataset, pa
     out = publish_model(tracker, run_id, dataset, model, train, registry.ONECLASS, partition=partition,
                         threshold=cut, tags=run_tags, name=f"{method}-{dataset.category}-{FULL_DATA_KIND}")
     name = registered_name(dataset.category)
-    with _fluent(tracker.tracking_uri), quiet_advice():
+    with fluent_uri(tracker.tracking_uri), quiet_advice():
         version = mlflow.register_model(out["model_uri"], name, tags={"fsad.mlflow_run_id": run_id,
                                                                       "fsad.kind": FULL_DATA_KIND})
     tracker.client.set_registered_model_alias(name, FULL_DATA_ALIAS, version.version)

@@ -28,6 +28,7 @@ from fewshot_core.checksums import sha256_file
 from fewshot_core.errors import FsadError
 
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+ARTIFACT = "fsad_model"  # the deployable folder inside the MLflow model's artifacts
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's loader for models-from-code
 MLMODEL = "MLmodel"
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".cloudpickle")
@@ -39,7 +40,6 @@ def verify_logged_model(model_dir) -> Path:
     from mlflow.models import Model
 
     from fewshot_core.methods.persistence import MANIFEST
-    from fewshot_core.models.mlflow_model import ARTIFACT, model_metadata
 
     model_dir = Path(model_dir)
     mlmodel = model_dir / MLMODEL
@@ -89,10 +89,9 @@ def _canon(value) -> str:
 def _download(uri: str, dst, tracking_uri: str | None) -> Path:
     import mlflow.artifacts
 
-    from fewshot_core.models.mlflow_model import _fluent
-    from fewshot_core.tracking import default_tracking_uri, no_progress_bars
+    from fewshot_core.tracking import default_tracking_uri, fluent_uri, no_progress_bars
 
-    with _fluent(tracking_uri or default_tracking_uri()), no_progress_bars():
+    with fluent_uri(tracking_uri or default_tracking_uri()), no_progress_bars():
         try:
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
         except Exception as exc:  # MlflowException, OSError: not found, no such alias, no registry
@@ -130,3 +129,22 @@ def load_verified(uri: str, tracking_uri: str | None = None, runtime=None):
             return DeployedModel(verify_logged_model(local), runtime)
         except FsadError as exc:  # named by the URI the user gave, not by the temporary copy
             raise FsadError(str(exc).replace(str(local), uri)) from None
+
+
+def model_metadata(folder) -> dict:
+    """What the MLflow model records for rebuilding and audit (from the deployable folder's manifest)."""
+    from fewshot_core.methods.persistence import read_manifest
+
+    manifest = read_manifest(folder)
+    record = manifest["extra"]["deploy"]
+    spec = record.get("featurizer") or {}
+    threshold = record.get("threshold") or {}
+    return {"fsad_method": manifest["method"], "fsad_params": json.dumps(manifest.get("params", {}), sort_keys=True),
+            "category": record["category"], "protocol": record["protocol"], "input_kind": record["input_kind"],
+            "backbone": spec.get("backbone") or manifest.get("provenance", {}).get("backbone"),
+            "weights_source": spec.get("weights_source"), "weights_sha256": spec.get("weights_sha256"),
+            "image_size": record["image_size"], "layers": spec.get("layers"), "patch_dim": spec.get("patch_dim"),
+            "partition_key": spec.get("partition_key"), "code_version": record.get("code_version"),
+            "git_commit": record.get("git_commit"), "support_ids": record.get("support_ids"),
+            "threshold": threshold.get("value"), "threshold_rule": threshold.get("rule") or "argmax",
+            "dataset_digest": (record.get("dataset") or {}).get("digest")}

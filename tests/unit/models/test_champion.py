@@ -30,10 +30,10 @@ def tracker(tmp_path):
 def _logged(tracker, name="r"):
     from mlflow.models import Model
 
-    from fewshot_core.models.mlflow_model import _fluent
+    from fewshot_core.tracking import fluent_uri
 
     run_id = tracker.log_evaluation("t", "dag", name, {}, {})
-    with _fluent(tracker.tracking_uri):
+    with fluent_uri(tracker.tracking_uri):
         info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
                          python_model=_Constant(), pip_requirements=["mlflow"])
     return run_id, info.model_uri
@@ -108,13 +108,13 @@ def test_worse_rerun_keeps_the_alias_better_one_moves_it(tracker):
 def test_model_logging_leaves_the_process_tracking_uri_as_it_was(monkeypatch, tmp_path):
     import os
 
-    from fewshot_core.models.mlflow_model import _fluent
+    from fewshot_core.tracking import fluent_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with _fluent(f"sqlite:///{tmp_path / 'a.db'}"):
+    with fluent_uri(f"sqlite:///{tmp_path / 'a.db'}"):
         assert os.environ["MLFLOW_TRACKING_URI"].endswith("a.db")
     assert "MLFLOW_TRACKING_URI" not in os.environ  # a later Tracker must not follow the model's store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    with _fluent(f"sqlite:///{tmp_path / 'a.db'}"):
+    with fluent_uri(f"sqlite:///{tmp_path / 'a.db'}"):
         pass
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
