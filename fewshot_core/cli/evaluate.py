@@ -2,6 +2,8 @@
 
 One-class (default): ``fsad evaluate ROOT --category bottle --method patchcore --shots 1 --seeds 0 1 2``.
 Supervised (thesis protocol): ``--protocol supervised --method protonet --k-good 5 --k-bad 5``.
+Transductive: ``--protocol transductive --method musc --shots 0``: the unlabeled test images are scored
+against each other, with 0 or more good shots beside them.
 The feature-store partition is built on first use and reused afterwards.
 """
 
@@ -47,17 +49,18 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("root", nargs="?", metavar="ROOT", help="MVTec-layout root (or use the layout flags)")
     p.add_argument("--category", help="category to evaluate (with layout flags: its name)")
-    p.add_argument("--protocol", choices=("oneclass", "supervised"), default="oneclass")
+    p.add_argument("--protocol", choices=("oneclass", "supervised", "transductive"), default="oneclass")
     p.add_argument("--method", required=True,
                    help="one-class: patchcore, knn, ldknn (features), efficientad, glass, reb (trained on images); "
-                        "supervised: protonet, pmf, caml, patchcore, ldknn")
+                        "supervised: protonet, pmf, caml, patchcore, ldknn; transductive: musc")
     p.add_argument("--param", type=_param, action=UniqueKeys, default=[], metavar="KEY=VALUE",
                    help="method parameter (repeatable; JSON values), e.g. --param coreset_ratio=0.01 --param k=5")
     p.add_argument("--seeds", type=non_negative_int, nargs="+", action=UniqueValues, default=[0, 1, 2, 3, 4],
                    metavar="S", help="episode seeds, each once (default 0 1 2 3 4)")
     p.add_argument("--json", action="store_true", help="print a JSON list of rows with every field")
     g = p.add_argument_group("one-class protocol")
-    g.add_argument("--shots", default=None, help="good support images per episode: a number or 'full'")
+    g.add_argument("--shots", default=None,
+                   help="good support images per episode: a number or 'full' (transductive: 0 or more)")
     g.add_argument("--mask-size", type=positive_int, default=256,
                    help="short side of masks and anomaly maps, at the features' aspect (default 256)")
     g.add_argument("--config", choices=("default", "auto"), default="default",
@@ -116,6 +119,14 @@ def _rows(args, dataset, partition) -> list[dict]:
         return evaluate_oneclass(dataset, partition, args.method, parse_shots(args.shots), args.seeds,
                                  method_params=params, mask_size=args.mask_size, augment=args.augment,
                                  config=args.config, align=args.align)
+    if args.protocol == "transductive":
+        from fewshot_core.evaluation.transductive import evaluate_transductive
+
+        shots = 0 if args.shots is None else args.shots
+        if not str(shots).isdigit():
+            raise FsadError(f"fsad evaluate: --shots {shots}: the transductive protocol takes 0 or more good shots")
+        return evaluate_transductive(dataset, partition, args.method, int(shots), args.seeds, method_params=params,
+                                     mask_size=args.mask_size)
     if args.k_good is None or args.k_bad is None:
         raise FsadError("fsad evaluate: the supervised protocol needs --k-good G and --k-bad B")
     if args.distance is not None:
@@ -179,12 +190,13 @@ def _fmt(value) -> str:
 
 def format_table(rows: list[dict], protocol: str) -> str:
     """One line per seed and a mean ± std line (sample std over seeds) for the headline metrics."""
-    wanted = ONECLASS_COLUMNS if protocol == "oneclass" else SUPERVISED_COLUMNS
+    supervised = protocol == "supervised"
+    wanted = SUPERVISED_COLUMNS if supervised else ONECLASS_COLUMNS
     cols = [c for c in wanted if any(c in r for r in rows)]
-    lead = ["seed", "shots"] if protocol == "oneclass" else ["seed", "k_good", "k_bad"]
+    lead = ["seed", "k_good", "k_bad"] if supervised else ["seed", "shots"]
     header = lead + cols
     lines = [[_fmt(r.get(c, "-")) for c in header] for r in rows]
-    stats = ["mean±std", ""] if protocol == "oneclass" else ["mean±std", "", ""]
+    stats = ["mean±std", "", ""] if supervised else ["mean±std", ""]
     for c in cols:
         vals = [float(r[c]) for r in rows if isinstance(r.get(c), (int, float)) and math.isfinite(r[c])]
         if not vals:

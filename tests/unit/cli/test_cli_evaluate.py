@@ -45,3 +45,17 @@ def test_a_copy_across_splits_is_warned_about(tmp_path, capsys):
     _out, err = _evaluate(capsys, tmp_path / "d")
     warned = [line for line in err.splitlines() if "train/test leakage" in line]
     assert len(warned) == 1 and warned[0].startswith("warning: ") and "byte-identical" in warned[0], err
+
+
+def test_the_transductive_protocol_runs_from_fsad_evaluate(tmp_path, capsys):
+    """``--protocol transductive --method musc``: the test images scored against each other, 0 or more shots."""
+    build_mvtec_category(tmp_path / "data", "w", n_train=4, n_test_good=3, defects={"cut": 3})
+    base = ["evaluate", str(tmp_path / "data"), "--category", "w", "--protocol", "transductive", "--method", "musc",
+            "--seeds", "0", "--weights", "random", "--image-size", "32", "--num-workers", "0",
+            "--store", str(tmp_path / "store"), "--json"]
+    for shots in ("0", "2"):
+        assert main(base + ["--shots", shots]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        assert row["protocol"] == "transductive" and row["shots"] == int(shots) and 0.0 <= row["image_auroc"] <= 1.0
+    assert main(base + ["--shots", "full"]) == 2
+    assert "0 or more good shots" in capsys.readouterr().err
