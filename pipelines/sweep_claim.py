@@ -21,13 +21,19 @@ EXPERIMENT_TAG = "fsad.sweep_data"
 
 
 def identity(cfg, data_root, source: str) -> dict:
-    """What makes two runs the same benchmark: the sweep's name, its data and the resolution it is seen at."""
-    return {"sweep": cfg.name, "data": source, "root": str(data_root), "image_size": int(cfg.resolved_image_size()),
+    """What makes two runs the same benchmark: the sweep's name, its data and the resolution it is seen at.
+
+    Generated data is named by its generator settings, not by the folder it was written to: two work
+    folders regenerate the same images, so they are one benchmark.
+    """
+    root = ("generated " + json.dumps(cfg.synth, sort_keys=True)) if source == "synthetic" else str(data_root)
+    return {"sweep": cfg.name, "data": source, "root": root, "image_size": int(cfg.resolved_image_size()),
             "aspect": str(cfg.aspect)}
 
 
 def _describe(ident: dict) -> str:
-    return (f"sweep {ident['sweep']!r} on {ident['data']} data at {ident['root']} ({ident['image_size']} px, "
+    where = ident["root"] if ident["root"].startswith("generated ") else f"at {ident['root']}"
+    return (f"sweep {ident['sweep']!r} on {ident['data']} data {where} ({ident['image_size']} px, "
             f"aspect {ident['aspect']})")
 
 

@@ -62,3 +62,15 @@ def test_fsad_run_into_a_home_of_another_sweep_stops_before_any_stage(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "holds sweep 's' on mvtec data" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "work" / "tables").exists()
+
+
+def test_generated_data_is_one_benchmark_wherever_it_is_written(tmp_path):
+    """Two work folders regenerate the same synthetic images: one sweep, whichever folder; other generator
+    settings are other data."""
+    first = identity(SweepConfig(name="s"), tmp_path / "a" / "synthetic", "synthetic")
+    check_home(tmp_path, first, write=True)
+    check_home(tmp_path, identity(SweepConfig(name="s"), tmp_path / "b" / "synthetic", "synthetic"))
+    other = SweepConfig(name="s")
+    other.synth = {**other.synth, "seed": 12345}
+    with pytest.raises(FsadError, match="synthetic data generated"):
+        check_home(tmp_path, identity(other, tmp_path / "a" / "synthetic", "synthetic"))
