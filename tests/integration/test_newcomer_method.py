@@ -165,6 +165,11 @@ def test_a_sweep_runs_the_newcomer_and_the_transductive_method_into_mlflow_and_t
     assert by_method["musc"]["protocol"] == "transductive" and by_method["musc"]["setting_key"] == "td-k0-s0"
     assert by_method["musc"]["n_support"] == 0 and 0 <= by_method["musc"]["image_auroc"] <= 1
     assert by_method["meanimage"]["protocol"] == by_method["meanpatch"]["protocol"] == "oneclass"
+    import dagster as dg
+
+    table_event = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey("benchmark_table"))
+    meta = table_event.asset_materialization.metadata
+    assert meta["headline: transductive image AUROC (mean)"].value == pytest.approx(by_method["musc"]["image_auroc"])
     runs = {r.info.run_id: r for r in Tracker(default_tracking_uri(home)).evaluation_runs("newcomer")}
     assert set(runs) == set(table["mlflow_run_id"])
     musc = runs[by_method["musc"]["mlflow_run_id"]]

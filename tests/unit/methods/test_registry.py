@@ -50,3 +50,20 @@ def test_method_help_lists_every_registered_method_by_protocol():
     for protocol, label in ((registry.ONECLASS, "one-class"), (registry.SUPERVISED, "supervised"),
                             (registry.TRANSDUCTIVE, "transductive")):
         assert f"{label}: {', '.join(registry.names(protocol=protocol))}" in text
+
+
+def test_no_protocol_names_a_method():
+    """The protocols ask the registry (input kind, meta_pool, protocol_params), never test or import a method."""
+    import ast
+
+    methods = set(registry.names())
+    modules = {f"fewshot_core.methods.{e.factory.partition(':')[0].rsplit('.', 1)[1]}"
+               for e in registry.REGISTRY.values()}
+    found = []
+    for path in sorted((Path(__file__).resolve().parents[3] / "fewshot_core" / "evaluation").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in modules:
+                found.append(f"{path.name}: imports {node.module}")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in methods:
+                found.append(f"{path.name}:{node.lineno}: {node.value!r}")
+    assert not found, found
