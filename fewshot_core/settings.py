@@ -2,8 +2,8 @@
 
 ``oc-k4-s0`` is the one-class protocol with 4 good shots and seed 0; ``sup-g10b1-bin-s0`` the supervised
 protocol with 10 good : 1 bad shots per class, binary labels, seed 0; ``td-k0-s0`` the transductive
-protocol with no good shot (the test images scored against each other) and seed 0. The pipeline uses the key as a Dagster
-partition key, the report groups seeds by ``Setting.name`` (the key without its seed).
+protocol with no good shot (the test images scored against each other) and seed 0. The pipeline uses the
+key as a Dagster partition key, the report groups seeds by ``Setting.name`` (the key without its seed).
 """
 
 from __future__ import annotations

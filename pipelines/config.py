@@ -28,9 +28,9 @@ EfficientNet-Lite0 backbone, the fast methods that exist, a small shots grid and
 
 Every key is checked (``pipelines/sweep_schema.py``): an unknown or misspelt key, a non-integer shot or a
 repeated value is refused in one line. ``image_size`` left out means the library's working size
-(``fewshot_core.sizes.WORKING_SIZE``, the methods' standard) on real data and a 112 px quick look on the synthetic demo (the report header says which). Setting keys
-(``fewshot_core.settings``) name one few-shot setting with its seed: ``oc-k4-s0``, ``sup-g10b1-bin-s0``,
-``td-k0-s0``.
+(``fewshot_core.sizes.WORKING_SIZE``, the methods' standard) on real data and a 112 px quick look on the
+synthetic demo (the report header says which). Setting keys (``fewshot_core.settings``) name one few-shot
+setting with its seed: ``oc-k4-s0``, ``sup-g10b1-bin-s0``, ``td-k0-s0``.
 """
 
 from __future__ import annotations

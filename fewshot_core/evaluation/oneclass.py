@@ -4,8 +4,8 @@ The registry entry's input kind picks the loader: patch features from the featur
 (``partition.patch(ids)``), or, for the detectors that train on pixels (EfficientAD, GLASS, REB; they
 need no partition), the decoded images at the detector's ``image_size``. Masks are read at the mask
 shape (``mask_shape``: ``mask_size`` px on the short side at the partition's working aspect, by default
-the model's working shape; the store and the image loader resize without cropping, so rescaling a map to the mask shape is a
-pure rescale); every detector's maps reach it through its ``anomaly_maps`` (the one shared
+the model's working shape; the store and the image loader resize without cropping, so rescaling a map to
+the mask shape is a pure rescale); every detector's maps reach it through its ``anomaly_maps`` (the one shared
 post-processing). Pixel metrics stream through ``PixelAccumulator``
 (exact below ~8 M pixels, fixed-bin histograms above). Pure library code: no printing, no Dagster, no MLflow.
 
@@ -42,8 +42,8 @@ from fewshot_core.evaluation.aligned import align_episode, check_align, to_origi
 from fewshot_core.evaluation.autoconfig import check_config, choose
 from fewshot_core.evaluation.support_views import AUTO, bank_input, resolve_augment, support_views
 from fewshot_core.methods.augment import TRANSFORMS
-from fewshot_core.sizes import MIN_MASK_SIZE, WORKING_SIZE, check_size
 from fewshot_core.metrics import PixelAccumulator, image_metrics, recall_per_defect_type
+from fewshot_core.sizes import MIN_MASK_SIZE, WORKING_SIZE, check_size
 
 SCORE_BATCH = 32  # query images scored per call: bounds memory on large test sets
 
@@ -186,7 +186,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method,
     image rotated and cropped to its part (``evaluation/aligned.py``; the row's ``align`` says whether it
     did: textures are not aligned); maps are warped back to the original frame for the pixel metrics.
     """
-    entry = method = registry.get(method, protocol=registry.ONECLASS)
+    entry = registry.get(method, protocol=registry.ONECLASS)
     on_images = entry.input_kind == registry.IMAGES
     if check_config(config) == "auto" and on_images:
         raise FsadError(f"config auto: only for feature-based methods; {entry.name} trains on images")
@@ -194,9 +194,9 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method,
     params = dict(method_params or {})
     chosen = {"config": "default"}
     if config == "auto":
-        choice = choose(dataset, partition, episode, method, params, cache, runtime, augment_transforms)
+        choice = choose(dataset, partition, episode, entry, params, cache, runtime, augment_transforms)
         params, augment, chosen = {**params, **choice.params}, choice.augment, choice.record()
-    augment = resolve_augment(method, augment, len(episode.support_ids))
+    augment = resolve_augment(entry, augment, len(episode.support_ids))
     if on_images and augment != "none":
         raise FsadError(f"augment {augment!r}: only for feature-based methods; {entry.name} trains on images")
     if not on_images and partition is None:
@@ -237,7 +237,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method,
         cut = Threshold(None, "none", float((threshold or ThresholdConfig()).fpr), len(episode.support_ids), [],
                         "trained on images: a support-only threshold would retrain the detector; not computed")
     else:
-        cut = support_threshold(method, params, views, runtime, threshold or ThresholdConfig(seed=episode.seed),
+        cut = support_threshold(entry, params, views, runtime, threshold or ThresholdConfig(seed=episode.seed),
                                 augment, support_keys=content_keys(partition, episode.support_ids))
     metrics.update(decision_metrics(labels, scores, cut))
     metrics.update(recall_per_defect_type([dataset.by_id(i).defect_type for i in query_ids], labels,

@@ -40,8 +40,8 @@ from fewshot_core.metrics.classification import classification_metrics, confusio
 
 
 def _images(dataset, ids, backbone: str, image_size: int, cache: dict, preloaded: Mapping | None = None):
-    """Preprocessed image tensors [n, 3, S, S] for a method that reads images, decoded once per (backbone, size), or taken
-    from ``preloaded`` (image id -> tensor) where the pixels are not on this machine."""
+    """Preprocessed image tensors [n, 3, S, S] for a method that reads images, decoded once per (backbone,
+    size), or taken from ``preloaded`` (image id -> tensor) where the pixels are not on this machine."""
     import torch
 
     if preloaded is not None:

@@ -134,8 +134,9 @@ def get(name: str | MethodEntry, protocol: Family | None = None) -> MethodEntry:
 
 
 def create(name: str | MethodEntry, runtime=None, **params):
-    """A new, unfitted ``name`` (a name or an entry) built with its defaults overridden by ``params`` and computing on ``runtime``
-    (a ``fewshot_core.runtime.Runtime``; None: the default). Bad parameters are a one-line FsadError."""
+    """A new, unfitted ``name`` (a name or an entry) built with its defaults overridden by ``params`` and
+    computing on ``runtime`` (a ``fewshot_core.runtime.Runtime``; None: the default). Bad parameters are a
+    one-line FsadError."""
     entry = get(name)
     cls = entry.load_class()
     merged = {**entry.defaults, **params}

@@ -181,7 +181,8 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
     image_method = spec.entry.input_kind == registry.IMAGES
     published = publish_model(tracker, run_id, ds, result.model, episode.support_ids, setting.protocol,
                               partition=None if image_method else part, threshold=result.threshold,
-                              image_size=result.model.input_size if image_method else None, tags=tags, name=f"{spec.id}-{p['category']}-{setting.key}")
+                              image_size=result.model.input_size if image_method else None, tags=tags,
+                              name=f"{spec.id}-{p['category']}-{setting.key}")
     context.log.info(f"{spec.id} {p['key']}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()
                                                          if k in ("image_auroc", "pixel_auroc", "balanced_accuracy")))
     return {"method": spec.id, "method_name": spec.method, "backbone": backbone, "category": p["category"],
