@@ -2,7 +2,7 @@
 
 The registry entry's input kind picks the loader: patch features from the feature store
 (``partition.patch(ids)``), or, for the detectors that train on pixels (EfficientAD, GLASS, REB; they
-need no partition), the decoded images at the detector's ``image_size``. Masks are read at the mask
+need no partition), the decoded images at the detector's ``input_size``. Masks are read at the mask
 shape (``mask_shape``: ``mask_size`` px on the short side at the partition's working aspect, by default
 the model's working shape; the store and the image loader resize without cropping, so rescaling a map to
 the mask shape is a pure rescale); every detector's maps reach it through its ``anomaly_maps`` (the one shared
@@ -178,7 +178,8 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method,
     ``map_sigma``, 4 px for patch maps, 0 for maps already smoothed at image resolution).
 
     Pass a dict as ``details`` to get the fitted ``model``, ``image_scores``, ``patch_maps`` (the maps
-    ``score`` returned, at the method's own resolution), ``labels``, ``query_ids`` and ``threshold`` back
+    ``score`` returned, at the method's own resolution), ``labels``, ``query_ids``, ``threshold`` and the mask
+    ``shape`` back
     (for plots and saved models without refitting). ``threshold``: how the decision threshold is set
     (default ``ThresholdConfig(seed=episode.seed)``). ``config="auto"`` lets the support choose the
     augmentation and scoring (``evaluation/autoconfig.py``) over ``augment`` and ``method_params``; the row
@@ -244,7 +245,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method,
                                           cut.decide(scores)))
     if details is not None:
         details.update(model=model, image_scores=scores, patch_maps=patch_maps, labels=labels, query_ids=query_ids,
-                       threshold=cut, image_maps=to_image)
+                       threshold=cut, image_maps=to_image, shape=shape)
     if on_images:
         backbone, partition_key = getattr(model, "backbone", None), None
         bank = getattr(model, "fit_info_", {}).get("bank", 0)

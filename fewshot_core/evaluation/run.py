@@ -71,7 +71,8 @@ def evaluate_setting(dataset, partition, method, setting: Setting, method_params
     cache = {} if cache is None else cache
     from fewshot_core.evaluation.oneclass import mask_shape
 
-    size = mask_shape(mask_size, partition)
+    # without a partition (a detector trained on images) the protocol resolves None to the model's own size
+    size = mask_shape(mask_size, partition) if partition is not None else mask_size
     title = title or f"{method.name} · {dataset.category} · {setting.key}"
     episode = sample_episode(dataset, setting)
     if bank is not None:
@@ -114,7 +115,7 @@ def _scored(dataset, partition, method, episode, params, size, cache, runtime, t
         cut = details.get("threshold")
         artifacts[gallery.GALLERY_ARTIFACT] = gallery.render_gallery(
             dataset, query_ids, scores, details["image_maps"](maps[picks], [query_ids[i] for i in picks]), picks,
-            size, title, threshold=cut.value if cut is not None and cut.usable else None)
+            details["shape"], title, threshold=cut.value if cut is not None and cut.usable else None)
     artifacts.update(_model_files(details["model"]))
     artifacts["episode.json"] = json.dumps({"episode_id": episode.episode_id, "support_ids": episode.support_ids,
                                             "query_ids": query_ids, "labels": labels.tolist(),

@@ -60,7 +60,7 @@ def run_transductive_episode(dataset, partition, episode: OneClassEpisode, metho
     labels, metrics = query_metrics(dataset, query_ids, scores, maps, to_image, shape, cache)
     if details is not None:
         details.update(model=model, image_scores=scores, patch_maps=maps, labels=labels, query_ids=query_ids,
-                       image_maps=to_image)
+                       image_maps=to_image, shape=shape)
     row = episode_identity(dataset, episode, entry.name, model.get_params(), partition.meta.get("backbone"),
                            partition.meta.get("key"), len(query_ids), "none", shape)
     row.update(protocol=registry.TRANSDUCTIVE, shots=len(episode.support_ids), full_shot="no")
