@@ -31,6 +31,7 @@ from fewshot_core.features.store import FeatureStore  # noqa: E402
 from fewshot_core.methods import create  # noqa: E402
 from fewshot_core.methods import nn_search  # noqa: E402
 from fewshot_core.paths import shared_mvtec_root  # noqa: E402
+from fewshot_core.sizes import WORKING_SIZE  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -54,7 +55,7 @@ def accuracy_table(dataset, partition, methods, shots_list, seeds, augment_shots
     settings += [(m, s, "images") for m in augment_methods for s in augment_shots]
     for method, shots, augment in settings:
         rows = evaluate_oneclass(dataset, partition, method, parse_shots(shots), seeds, params.get(method),
-                                 augment=augment, cache=cache)
+                                 augment=augment, mask_size=WORKING_SIZE, cache=cache)
         summary = {"method": method, "shots": str(shots), "augment": augment, "seeds": list(seeds),
                    **{m: float(np.mean([r[m] for r in rows])) for m in METRICS if m in rows[0]},
                    **{f"{m}_std": float(np.std([r[m] for r in rows], ddof=1)) if len(rows) > 1 else 0.0
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--root", type=Path, default=None, help="MVTec AD root (default ../shared/data/mvtec_ad)")
     p.add_argument("--store", type=Path, default=None, help="feature store (default $FSAD_HOME/features)")
     p.add_argument("--weights", default="auto")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=WORKING_SIZE)
     p.add_argument("--methods", nargs="*", default=["patchcore", "knn", "ldknn"])
     p.add_argument("--shots", nargs="*", default=["1", "2", "4", "8", "16", "full"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])

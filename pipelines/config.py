@@ -13,21 +13,24 @@ EfficientNet-Lite0 backbone, the fast methods that exist, a small shots grid and
     image_size: 224     # the short side; aspect: auto (each category's own height/width), square, or a ratio
     oneclass: {shots: [1, 2, 4, 8], seeds: [0, 1, 2, 3, 4]}
     supervised: {ratios: [[1, 1], [5, 1], [10, 1]], label_modes: [binary, multiclass], seeds: [0, 1, 2]}
+    transductive: {shots: [0, 1], seeds: [0, 1]}   # for transductive methods (musc): 0 = test images only
     methods:
       - {id: patchcore, method: patchcore}
       - {id: protonet-cosine, method: protonet, params: {distance: cosine}}
       # meta-trained methods learn from other categories: the sweep's (default; generated ones when it has
       # only one), generated ones (synthetic or synthetic:N), or another root's (a path)
       - {id: caml, method: caml, meta_pool: synthetic}
+      - {id: musc, method: musc}     # transductive: scores the test images against each other
     # the champion per category: best mean metric over seeds at the largest (or given) shot count
     champion: {metric: balanced_accuracy, tiebreak: image_auroc, protocol: oneclass, shots: null}
     # the full-data model per category, registered as fsad-<category>@full-data (null: none)
     full_data: {method: patchcore, params: {}, backbone: null}
 
 Every key is checked (``pipelines/sweep_schema.py``): an unknown or misspelt key, a non-integer shot or a
-repeated value is refused in one line. ``image_size`` left out means the methods' standard 256 px on real
-data and a 112 px quick look on the synthetic demo (the report header says which). Setting keys
-(``fewshot_core.settings``) name one few-shot setting with its seed: ``oc-k4-s0``, ``sup-g10b1-bin-s0``.
+repeated value is refused in one line. ``image_size`` left out means the library's working size
+(``fewshot_core.sizes.WORKING_SIZE``, the methods' standard) on real data and a 112 px quick look on the
+synthetic demo (the report header says which). Setting keys (``fewshot_core.settings``) name one few-shot
+setting with its seed: ``oc-k4-s0``, ``sup-g10b1-bin-s0``, ``td-k0-s0``.
 """
 
 from __future__ import annotations
@@ -41,12 +44,13 @@ from pydantic import ValidationError
 
 from fewshot_core.errors import FsadError
 from fewshot_core.paths import dagster_home
-from fewshot_core.settings import ONECLASS, SUPERVISED, Setting
+from fewshot_core.settings import ONECLASS, SUPERVISED, TRANSDUCTIVE, Setting
+from fewshot_core.sizes import WORKING_SIZE
 from pipelines.methods import MethodSpec, default_specs
 from pipelines.sweep_schema import SweepFile, describe
 
-STANDARD_IMAGE_SIZE = 256  # the resolution the methods' papers report at (PatchCore, EfficientAD, ...)
-QUICK_LOOK_IMAGE_SIZE = 112  # the synthetic demo: minutes on a laptop CPU
+STANDARD_IMAGE_SIZE = WORKING_SIZE  # the library's default: the resolution the methods' papers report at
+QUICK_LOOK_IMAGE_SIZE = 112  # the synthetic demo: minutes on a laptop CPU (the pipeline's own choice)
 
 
 @dataclass
@@ -66,6 +70,8 @@ class SweepConfig:
     ratios: list[tuple[int, int]] = field(default_factory=lambda: [(1, 1), (3, 1), (1, 2), (3, 2)])
     label_modes: list[str] = field(default_factory=lambda: ["binary", "multiclass"])
     supervised_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    transductive_shots: list[int] = field(default_factory=lambda: [0])  # 0: the test images only
+    transductive_seeds: list[int] = field(default_factory=lambda: [0, 1])
     methods: list[MethodSpec] | None = None  # None: the default methods that exist
     # the champion per category (ChampionCriterion fields): default balanced accuracy at the largest shot count
     champion: dict = field(default_factory=dict)
@@ -100,10 +106,16 @@ class SweepConfig:
         return [Setting(SUPERVISED, g, b, s, mode) for mode in self.label_modes for g, b in self.ratios
                 for s in self.supervised_seeds]
 
+    def transductive_settings(self) -> list[Setting]:
+        return [Setting(TRANSDUCTIVE, k, 0, s) for k in self.transductive_shots for s in self.transductive_seeds]
+
+    def all_settings(self) -> list[Setting]:
+        """Every protocol's grid, in one order (the banks' partitions follow it)."""
+        return self.oneclass_settings() + self.supervised_settings() + self.transductive_settings()
+
     def settings_for(self, spec: MethodSpec) -> list[Setting]:
         """The settings ``spec`` runs: its protocol's grid, in the label modes the method can answer."""
-        grid = self.oneclass_settings() if spec.protocol == ONECLASS else self.supervised_settings()
-        return [s for s in grid if spec.runs(s)]
+        return [s for s in self.all_settings() if spec.runs(s)]
 
     def method_specs(self) -> list[MethodSpec]:
         return list(self.methods) if self.methods is not None else default_specs()
@@ -158,9 +170,6 @@ def _from_file(sweep: SweepFile, path: Path) -> SweepConfig:
         for item in sweep.methods:
             if item.method not in registry.names():
                 _fail(path, f"unknown method {item.method!r}", f"choose from {', '.join(registry.names())}")
-            if registry.get(item.method).family == registry.TRANSDUCTIVE:  # no pipeline settings for it yet
-                _fail(path, f"method {item.method!r} is transductive (its own protocol)",
-                      "run it with fewshot_core.evaluation.transductive or benchmarks/hard_suite.py")
             pool = item.meta_pool
             if pool not in (None, "categories") and not pool.startswith("synthetic"):
                 pool = resolve(pool)
@@ -194,6 +203,7 @@ def _from_file(sweep: SweepFile, path: Path) -> SweepConfig:
         aspect=sweep.aspect,
         shots=list(sweep.oneclass.shots), oneclass_seeds=list(sweep.oneclass.seeds),
         ratios=[tuple(r) for r in sweep.supervised.ratios], label_modes=list(sweep.supervised.label_modes),
-        supervised_seeds=list(sweep.supervised.seeds), methods=methods,
+        supervised_seeds=list(sweep.supervised.seeds), transductive_shots=list(sweep.transductive.shots),
+        transductive_seeds=list(sweep.transductive.seeds), methods=methods,
         champion=sweep.champion.model_dump(), full_data=full_data,
         work_dir=resolve(sweep.work_dir) if sweep.work_dir else None, source_file=str(path.resolve()))

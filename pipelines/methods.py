@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from fewshot_core.settings import Setting
 
@@ -33,8 +34,9 @@ class MethodSpec:
     protocol_override: str | None = None
     meta_pool: str | None = None  # meta-trained methods: categories | synthetic[:N] | another root's path
 
-    @property
+    @cached_property
     def entry(self):
+        """The registry's ``MethodEntry``: the sweep turns the method's name into it once, here."""
         from fewshot_core.methods import registry
 
         return registry.get(self.method)

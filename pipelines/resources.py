@@ -41,7 +41,7 @@ class FeatureStoreResource(dg.ConfigurableResource):
     """The on-disk feature store; a complete partition is reused, never recomputed."""
 
     root: str
-    image_size: int = 112
+    image_size: int  # the sweep's resolution (pipelines.config.SweepConfig.resolved_image_size)
     aspect: str = "auto"  # fewshot_core.data.aspect: "auto", "square" or a height/width ratio as text
     batch_size: int = 16
     num_workers: int = 2  # DataLoader decode workers: decoding overlaps the forward pass (the store's default)

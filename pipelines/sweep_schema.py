@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fewshot_core.models.champion import ChampionCriterion
+from fewshot_core.sizes import MIN_BACKBONE_SIZE
 
 StrictInt = Annotated[int, Field(strict=True)]
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
@@ -79,6 +80,18 @@ class SupervisedSection(_Strict):
         return _unique(v, info.field_name)
 
 
+class TransductiveSection(_Strict):
+    """The transductive grid (methods of that family, e.g. musc): good shots beside the unlabeled test images
+    (0: none, the test images scored against each other only) and seeds."""
+    shots: list[NonNegativeInt] = [0]
+    seeds: list[NonNegativeInt] = [0, 1]
+
+    @field_validator("shots", "seeds")
+    @classmethod
+    def _no_repeats(cls, v, info):
+        return _unique(v, info.field_name)
+
+
 class MethodItem(_Strict):
     method: str
     id: MethodId | None = None
@@ -114,11 +127,12 @@ class SweepFile(_Strict):
     data: DataSection = DataSection()
     backbones: list[str] = ["tf_efficientnet_lite0"]
     # None: the methods' standard resolution on real data, a quick look on the synthetic demo (config.py)
-    image_size: Annotated[int, Field(strict=True, ge=32)] | None = None
+    image_size: Annotated[int, Field(strict=True, ge=MIN_BACKBONE_SIZE)] | None = None
     # the long side (fewshot_core.data.aspect): auto keeps each category's height/width, square squashes
     aspect: Literal["auto", "square"] | Annotated[float, Field(gt=0)] = "auto"
     oneclass: OneclassSection = OneclassSection()
     supervised: SupervisedSection = SupervisedSection()
+    transductive: TransductiveSection = TransductiveSection()
     methods: list[MethodItem] | None = None
     champion: ChampionSection = ChampionSection()
     full_data: FullDataSection | None = FullDataSection()  # null: no full-data model

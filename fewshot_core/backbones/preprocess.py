@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from fewshot_core.errors import FsadError
+from fewshot_core.sizes import WORKING_SIZE
 
 _PIL_INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                       "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
@@ -123,7 +124,7 @@ class Normalize:
         return (batch.float() / 255.0 - mean) / std
 
 
-def build_transform(name: str, image_size=256, crop: bool = False):
+def build_transform(name: str, image_size=WORKING_SIZE, crop: bool = False):
     """PIL image -> normalised float tensor [3, H, W] for backbone ``name`` (for fine-tuning methods)."""
     cfg = preprocess_config(name)
     norm = Normalize(cfg["mean"], cfg["std"])

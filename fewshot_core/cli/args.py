@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from fewshot_core.errors import FsadError
+from fewshot_core.sizes import WORKING_SIZE
 
 
 def _int(text: str) -> int:
@@ -106,8 +107,9 @@ class UniqueKeys(argparse.Action):
 def add_size_arguments(group) -> None:
     """``--image-size`` and ``--aspect``: the working shape of the feature-store partition (one wording for
     every command that builds one)."""
-    group.add_argument("--image-size", type=int, default=256,
-                       help="short side of the resize, no crop (default 256; 384 for parts with small defects)")
+    group.add_argument("--image-size", type=int, default=WORKING_SIZE,
+                       help=f"short side of the resize, no crop (default {WORKING_SIZE}; 384 for parts with small "
+                            "defects)")
     group.add_argument("--aspect", default="auto", metavar="auto|square|H/W",
                        help="auto (default): keep the category's height/width ratio (its good training images' "
                             "median; near-square images stay square); square: squash every image to a square; "

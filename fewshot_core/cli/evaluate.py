@@ -19,6 +19,7 @@ from fewshot_core.cli.args import (UniqueKeys, UniqueValues, add_size_arguments,
                                    non_negative_int, positive_int, workers)
 from fewshot_core.data.layouts import add_layout_arguments, dataset_from_args
 from fewshot_core.errors import FsadError
+from fewshot_core.methods import registry
 
 ONECLASS_COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "fit_s", "score_s")
 SUPERVISED_COLUMNS = ("image_auroc", "balanced_accuracy", "accuracy", "macro_f1", "fit_s", "predict_s")
@@ -45,14 +46,12 @@ def _param(text: str) -> tuple[str, object]:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="run the one-class or supervised protocol from cached features",
+    p = subparsers.add_parser("evaluate", help="run the one-class, supervised or transductive protocol",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("root", nargs="?", metavar="ROOT", help="MVTec-layout root (or use the layout flags)")
     p.add_argument("--category", help="category to evaluate (with layout flags: its name)")
     p.add_argument("--protocol", choices=("oneclass", "supervised", "transductive"), default="oneclass")
-    p.add_argument("--method", required=True,
-                   help="one-class: patchcore, knn, ldknn (features), efficientad, glass, reb (trained on images); "
-                        "supervised: protonet, pmf, caml, patchcore, ldknn; transductive: musc")
+    p.add_argument("--method", required=True, help=_method_help())
     p.add_argument("--param", type=_param, action=UniqueKeys, default=[], metavar="KEY=VALUE",
                    help="method parameter (repeatable; JSON values), e.g. --param coreset_ratio=0.01 --param k=5")
     p.add_argument("--seeds", type=non_negative_int, nargs="+", action=UniqueValues, default=[0, 1, 2, 3, 4],
@@ -61,8 +60,9 @@ def register(subparsers) -> None:
     g = p.add_argument_group("one-class protocol")
     g.add_argument("--shots", default=None,
                    help="good support images per episode: a number or 'full' (transductive: 0 or more)")
-    g.add_argument("--mask-size", type=positive_int, default=256,
-                   help="short side of masks and anomaly maps, at the features' aspect (default 256)")
+    g.add_argument("--mask-size", type=positive_int, default=None,
+                   help="short side of masks and anomaly maps, at the features' aspect (default: the model's "
+                        "working size, i.e. --image-size, or a detector trained on images' own)")
     g.add_argument("--config", choices=("default", "auto"), default="default",
                    help="auto: each episode picks its augmentation and object-centric scoring from its good "
                         "support images (synthetic anomalies in held-out shots; needs 2+ shots), recorded in "
@@ -72,7 +72,9 @@ def register(subparsers) -> None:
                         "before embedding, from the support's foreground estimate; textures are left alone")
     g.add_argument("--augment", choices=("auto", "none", "features", "images"), default="auto",
                    help="add flipped/rotated support images to the bank (images: re-embedded; features: grid "
-                        "approximation; auto, the default: images for patchcore, knn and ldknn up to 16 shots)")
+                        "approximation; auto, the default: images for "
+                        f"{', '.join(sorted(n for n, e in registry.REGISTRY.items() if e.augment == 'images'))} "
+                        "up to 16 shots)")
     g = p.add_argument_group("supervised protocol")
     g.add_argument("--k-good", type=int, default=None, help="good support images")
     g.add_argument("--k-bad", type=int, default=None, help="defective support images")
@@ -101,22 +103,27 @@ def _partition(args, dataset):
     from fewshot_core.backbones import DEFAULT_BACKBONE
     from fewshot_core.features.store import FeatureStore
 
-    if args.image_size < 32:
-        raise FsadError(f"--image-size {args.image_size}: too small for a CNN backbone; use 32 or more (default 256)")
     return FeatureStore(args.store).build(dataset, backbone=args.backbone or DEFAULT_BACKBONE,
                                           image_size=args.image_size, layers=args.layers, weights=args.weights,
                                           num_workers=args.num_workers, device=args.device, progress=False,
                                           patch_dim=args.patch_dim, aspect=args.aspect)
 
 
-def _rows(args, dataset, partition) -> list[dict]:
+def _method_help() -> str:
+    """The methods per protocol, as the registry lists them (no import of any method's module)."""
+    words = {registry.ONECLASS: "one-class", registry.SUPERVISED: "supervised", registry.TRANSDUCTIVE: "transductive"}
+    return "; ".join(f"{label}: {', '.join(registry.names(protocol=p))}" for p, label in words.items()
+                     if registry.names(protocol=p))
+
+
+def _rows(args, dataset, partition, entry) -> list[dict]:
     params = dict(args.param)
     if args.protocol == "oneclass":
         from fewshot_core.evaluation.oneclass import evaluate_oneclass, parse_shots
 
         if args.shots is None:
             raise FsadError("fsad evaluate: --shots is required for the one-class protocol; give a number or 'full'")
-        return evaluate_oneclass(dataset, partition, args.method, parse_shots(args.shots), args.seeds,
+        return evaluate_oneclass(dataset, partition, entry, parse_shots(args.shots), args.seeds,
                                  method_params=params, mask_size=args.mask_size, augment=args.augment,
                                  config=args.config, align=args.align)
     if args.protocol == "transductive":
@@ -125,7 +132,7 @@ def _rows(args, dataset, partition) -> list[dict]:
         shots = 0 if args.shots is None else args.shots
         if not str(shots).isdigit():
             raise FsadError(f"fsad evaluate: --shots {shots}: the transductive protocol takes 0 or more good shots")
-        return evaluate_transductive(dataset, partition, args.method, int(shots), args.seeds, method_params=params,
+        return evaluate_transductive(dataset, partition, entry, int(shots), args.seeds, method_params=params,
                                      mask_size=args.mask_size)
     if args.k_good is None or args.k_bad is None:
         raise FsadError("fsad evaluate: the supervised protocol needs --k-good G and --k-bad B")
@@ -135,20 +142,19 @@ def _rows(args, dataset, partition) -> list[dict]:
         from fewshot_core.evaluation.supervised import evaluate_supervised
     except ImportError as exc:
         raise FsadError(f"supervised protocol unavailable ({exc}); install the project with its dependencies") from exc
-    return evaluate_supervised(dataset, partition, args.method, args.k_good, args.k_bad, args.seeds,
+    return evaluate_supervised(dataset, partition, entry, args.k_good, args.k_bad, args.seeds,
                                label_mode=args.label_mode, pool=args.pool, method_params=params,
-                               meta_pool=_meta_pool(args, dataset, partition, params))
+                               meta_pool=_meta_pool(args, dataset, partition, params, entry))
 
 
-def _meta_pool(args, dataset, partition, params: dict):
+def _meta_pool(args, dataset, partition, params: dict, entry):
     """The meta-training pool for a meta-trained method (None for the others, or with a checkpoint)."""
     from fewshot_core.data import list_categories
     from fewshot_core.evaluation import meta_pool as pools
     from fewshot_core.features.store import FeatureStore
-    from fewshot_core.methods import registry
     from fewshot_core.paths import default_work_dir
 
-    if not hasattr(registry.get(args.method).load_class(), "meta_fit") or params.get("checkpoint"):
+    if not entry.meta_pool or params.get("checkpoint"):
         return None
     source = args.meta_pool
     others = [c for c in list_categories(dataset.root) if c != dataset.category] if dataset.root.is_dir() else []
@@ -174,12 +180,9 @@ def _meta_pool(args, dataset, partition, params: dict):
     return pools.root_pool(root, store, backbone, size, **build)
 
 
-def _needs_features(protocol: str, method: str) -> bool:
+def _needs_features(protocol: str, entry) -> bool:
     """Whether the method reads the feature store (the registry's input kind), i.e. a partition must exist."""
-    from fewshot_core.methods import registry
-
-    entry = registry.get(method, protocol=protocol)
-    return protocol == "supervised" or entry.input_kind != registry.IMAGES
+    return protocol == registry.SUPERVISED or entry.input_kind != registry.IMAGES
 
 
 def _fmt(value) -> str:
@@ -245,11 +248,12 @@ def run(args) -> int:
     dataset = dataset_from_args(args)
     for warning in split_class_warnings(dataset.records, f"{dataset.category}"):
         print(f"warning: {warning}", file=sys.stderr)
+    entry = registry.get(args.method, protocol=args.protocol)  # the name becomes its entry once, here
     partition = None
-    if _needs_features(args.protocol, args.method):
+    if _needs_features(args.protocol, entry):
         partition = _partition(args, dataset)
         _warn_copies(dataset, partition)
-    rows = _rows(args, dataset, partition)
+    rows = _rows(args, dataset, partition, entry)
     if args.json:
         print(json_rows(rows))
         return 0

@@ -72,7 +72,7 @@ def check_config(config: str) -> str:
     return config
 
 
-def candidates_for(method: str, params: Mapping) -> list[Candidate]:
+def candidates_for(method, params: Mapping) -> list[Candidate]:
     """The candidates ``method`` can take: parameters it does not have, or that the user fixed, are not
     varied (a user's ``foreground=none`` stays)."""
     known = set(registry.get(method).load_class()._param_names())
@@ -109,7 +109,7 @@ def synthetic_anomalies(dataset, partition, image_id: str, seed: int, cache: dic
     return cache[key]
 
 
-def choose(dataset, partition, episode, method: str, params: Mapping, cache: dict, runtime=None,
+def choose(dataset, partition, episode, method, params: Mapping, cache: dict, runtime=None,
            augment_transforms=None) -> Choice:
     """The configuration for ``episode`` (see the module docstring)."""
     support_ids = list(episode.support_ids)

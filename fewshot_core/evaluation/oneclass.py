@@ -2,10 +2,10 @@
 
 The registry entry's input kind picks the loader: patch features from the feature store
 (``partition.patch(ids)``), or, for the detectors that train on pixels (EfficientAD, GLASS, REB; they
-need no partition), the decoded images at the detector's ``image_size``. Masks are read at the mask
-shape (``mask_shape``: ``mask_size`` px on the short side, 256 by default, at the partition's working
-aspect; the store and the image loader resize without cropping, so rescaling a map to the mask shape is a
-pure rescale); every detector's maps reach it through its ``anomaly_maps`` (the one shared
+need no partition), the decoded images at the detector's ``input_size``. Masks are read at the mask
+shape (``mask_shape``: ``mask_size`` px on the short side at the partition's working aspect, by default
+the model's working shape; the store and the image loader resize without cropping, so rescaling a map to
+the mask shape is a pure rescale); every detector's maps reach it through its ``anomaly_maps`` (the one shared
 post-processing). Pixel metrics stream through ``PixelAccumulator``
 (exact below ~8 M pixels, fixed-bin histograms above). Pure library code: no printing, no Dagster, no MLflow.
 
@@ -43,20 +43,19 @@ from fewshot_core.evaluation.autoconfig import check_config, choose
 from fewshot_core.evaluation.support_views import AUTO, bank_input, resolve_augment, support_views
 from fewshot_core.methods.augment import TRANSFORMS
 from fewshot_core.metrics import PixelAccumulator, image_metrics, recall_per_defect_type
+from fewshot_core.sizes import MIN_MASK_SIZE, WORKING_SIZE, check_size
 
 SCORE_BATCH = 32  # query images scored per call: bounds memory on large test sets
 
 
-DEFAULT_MASK_SIZE = 256
-
-
-def mask_shape(mask_size, partition=None) -> tuple[int, int]:
-    """(height, width) that masks and anomaly maps are compared at: ``mask_size`` px on the short side at
-    the partition's working aspect (``partition.input_shape``), or that shape itself for None; a
-    (height, width) pair is taken as it is. Without a partition (detectors trained on images) square."""
+def mask_shape(mask_size=None, partition=None, model_size=None) -> tuple[int, int]:
+    """(height, width) that masks and anomaly maps are compared at. None: the model's working shape, i.e.
+    the partition's (``partition.input_shape``, the shape the features were embedded at) or, without a
+    partition (a detector trained on images), the model's ``input_size`` square, else ``WORKING_SIZE``.
+    An int is the short side at the partition's aspect; a (height, width) pair is taken as it is."""
     base = getattr(partition, "input_shape", None) if partition is not None else None
     if mask_size is None:
-        shape = as_shape(base or DEFAULT_MASK_SIZE)
+        shape = as_shape(base or model_size or WORKING_SIZE)
     elif not isinstance(mask_size, (int, np.integer)):
         shape = as_shape(mask_size)
     elif base is None or base[0] == base[1]:
@@ -64,8 +63,7 @@ def mask_shape(mask_size, partition=None) -> tuple[int, int]:
     else:
         short = min(base)
         shape = (round(int(mask_size) * base[0] / short), round(int(mask_size) * base[1] / short))
-    if min(shape) < 8:
-        raise FsadError(f"mask size {mask_size}: too small; use e.g. {DEFAULT_MASK_SIZE}")
+    check_size(min(shape), "mask size", MIN_MASK_SIZE, "too small")
     return shape
 
 
@@ -167,19 +165,21 @@ def _trained_fields(model) -> dict:
             "device": str(info.get("device", ""))}
 
 
-def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: str,
-                         method_params: Mapping | None = None, mask_size=DEFAULT_MASK_SIZE,
+def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method,
+                         method_params: Mapping | None = None, mask_size=None,
                          augment: str = AUTO, augment_transforms: Sequence[str] = TRANSFORMS,
                          sigma: float | None = None, cache: dict | None = None,
                          details: dict | None = None, runtime=None,
                          threshold: ThresholdConfig | None = None, config: str = "default",
                          align: str = "none") -> dict:
-    """Fit ``method`` on the episode's support (features or images, as its registry entry says), score its
-    queries, return one row of metrics. ``sigma`` overrides the detector's own map smoothing (None: its
+    """Fit ``method`` (a ``MethodEntry``, or its name) on the episode's support (features or images, as its
+    registry entry says), score its queries, return one row of metrics. ``mask_size`` None: the model's
+    working shape (``mask_shape``). ``sigma`` overrides the detector's own map smoothing (None: its
     ``map_sigma``, 4 px for patch maps, 0 for maps already smoothed at image resolution).
 
     Pass a dict as ``details`` to get the fitted ``model``, ``image_scores``, ``patch_maps`` (the maps
-    ``score`` returned, at the method's own resolution), ``labels``, ``query_ids`` and ``threshold`` back
+    ``score`` returned, at the method's own resolution), ``labels``, ``query_ids``, ``threshold`` and the mask
+    ``shape`` back
     (for plots and saved models without refitting). ``threshold``: how the decision threshold is set
     (default ``ThresholdConfig(seed=episode.seed)``). ``config="auto"`` lets the support choose the
     augmentation and scoring (``evaluation/autoconfig.py``) over ``augment`` and ``method_params``; the row
@@ -190,20 +190,22 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
     entry = registry.get(method, protocol=registry.ONECLASS)
     on_images = entry.input_kind == registry.IMAGES
     if check_config(config) == "auto" and on_images:
-        raise FsadError(f"config auto: only for feature-based methods; {method} trains on images")
+        raise FsadError(f"config auto: only for feature-based methods; {entry.name} trains on images")
     cache = {} if cache is None else cache
     params = dict(method_params or {})
     chosen = {"config": "default"}
     if config == "auto":
-        choice = choose(dataset, partition, episode, method, params, cache, runtime, augment_transforms)
+        choice = choose(dataset, partition, episode, entry, params, cache, runtime, augment_transforms)
         params, augment, chosen = {**params, **choice.params}, choice.augment, choice.record()
-    augment = resolve_augment(method, augment, len(episode.support_ids))
+    augment = resolve_augment(entry, augment, len(episode.support_ids))
     if on_images and augment != "none":
-        raise FsadError(f"augment {augment!r}: only for feature-based methods; {method} trains on images")
+        raise FsadError(f"augment {augment!r}: only for feature-based methods; {entry.name} trains on images")
     if not on_images and partition is None:
-        raise FsadError(f"method {method!r}: reads patch features; build the feature-store partition first (fsad embed)")
-    shape = mask_shape(mask_size, partition)
-    params.setdefault("seed", episode.seed)
+        raise FsadError(f"method {entry.name!r}: reads patch features; build the feature-store partition first "
+                        "(fsad embed)")
+    params.setdefault("seed", episode.seed)  # coreset / index / training randomness follows the episode seed
+    model = registry.create(entry, runtime=runtime, **params)
+    shape = mask_shape(mask_size, partition, model.input_size)
     to_image = lambda batch, ids: model.anomaly_maps(batch, shape, sigma)  # noqa: E731
     aligned = None
     if check_align(align) == "auto" and not on_images:
@@ -212,11 +214,10 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
         augment_transforms = aligned.transforms(episode.support_ids, augment_transforms)
         partition, working = aligned, aligned.input_shape
         to_image = lambda batch, ids: to_original(model.anomaly_maps(batch, working, sigma),  # noqa: E731
-                                                  [aligned.poses[i] for i in ids], working, shape)  # coreset / index / training randomness follows the episode seed
-    model = registry.create(method, runtime=runtime, **params)
+                                                  [aligned.poses[i] for i in ids], working, shape)
 
     if on_images:
-        size = int(model.image_size)
+        size = model.input_size
         load = lambda ids: episode_images(dataset, ids, size, cache)  # noqa: E731
         support = load(list(episode.support_ids))
         t0 = time.perf_counter()  # decoding is not the method's time
@@ -237,14 +238,14 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
         cut = Threshold(None, "none", float((threshold or ThresholdConfig()).fpr), len(episode.support_ids), [],
                         "trained on images: a support-only threshold would retrain the detector; not computed")
     else:
-        cut = support_threshold(method, params, views, runtime, threshold or ThresholdConfig(seed=episode.seed),
+        cut = support_threshold(entry, params, views, runtime, threshold or ThresholdConfig(seed=episode.seed),
                                 augment, support_keys=content_keys(partition, episode.support_ids))
     metrics.update(decision_metrics(labels, scores, cut))
     metrics.update(recall_per_defect_type([dataset.by_id(i).defect_type for i in query_ids], labels,
                                           cut.decide(scores)))
     if details is not None:
         details.update(model=model, image_scores=scores, patch_maps=patch_maps, labels=labels, query_ids=query_ids,
-                       threshold=cut, image_maps=to_image)
+                       threshold=cut, image_maps=to_image, shape=shape)
     if on_images:
         backbone, partition_key = getattr(model, "backbone", None), None
         bank = getattr(model, "fit_info_", {}).get("bank", 0)
@@ -252,7 +253,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method: s
         backbone, partition_key = partition.meta.get("backbone"), partition.meta.get("key")
         bank = len(getattr(model, "bank_", ()))
     return {
-        **episode_identity(dataset, episode, method, model.get_params(), backbone, partition_key, len(query_ids),
+        **episode_identity(dataset, episode, entry.name, model.get_params(), backbone, partition_key, len(query_ids),
                            augment, shape),
         **chosen,
         "align": "none" if align == "none" else ("aligned" if aligned is not None else "texture: not aligned"),
@@ -273,7 +274,7 @@ def content_keys(partition, ids: Sequence[str]) -> list[str] | None:
     return [sha.get(i) for i in ids] if all(i in sha for i in ids) else None
 
 
-def support_threshold(method: str, params: Mapping, support: np.ndarray, runtime, config: ThresholdConfig,
+def support_threshold(method, params: Mapping, support: np.ndarray, runtime, config: ThresholdConfig,
                       augment: str = "none", support_keys: Sequence[str] | None = None):
     """The decision threshold from the good support alone: fresh copies of the method (same parameters
     and seed) fitted on part of the support score the rest (leave-one-out or holdout).
@@ -283,7 +284,8 @@ def support_threshold(method: str, params: Mapping, support: np.ndarray, runtime
     images' stored features only (a flipped copy of a held-out image is not a new part)."""
     views = support if support.ndim == 5 else support[:, None]
 
-    copy_params = registry.get(method).load_class().threshold_copy_params(dict(params), views.shape)
+    method = registry.get(method)
+    copy_params = method.load_class().threshold_copy_params(dict(params), views.shape)
 
     def fit_score(train_idx, held_idx):
         copy = registry.create(method, runtime=runtime, **copy_params).fit(bank_input(views[train_idx], augment))
@@ -305,8 +307,8 @@ def parse_shots(shots) -> int | None:
     return value
 
 
-def evaluate_oneclass(dataset, partition, method: str, shots, seeds, method_params: Mapping | None = None,
-                      mask_size=DEFAULT_MASK_SIZE, augment: str = AUTO,
+def evaluate_oneclass(dataset, partition, method, shots, seeds, method_params: Mapping | None = None,
+                      mask_size=None, augment: str = AUTO,
                       augment_transforms: Sequence[str] = TRANSFORMS, sigma: float | None = None,
                       cache: dict | None = None, runtime=None,
                       threshold: ThresholdConfig | None = None, config: str = "default",
@@ -318,7 +320,7 @@ def evaluate_oneclass(dataset, partition, method: str, shots, seeds, method_para
     if isinstance(seeds, (int, np.integer)):
         seeds = [int(seeds)]
     cache = {} if cache is None else cache
-    registry.get(method, protocol=registry.ONECLASS)  # an unknown method fails before any episode is drawn
+    method = registry.get(method, protocol=registry.ONECLASS)  # the name becomes its entry once, before any episode
     return [run_oneclass_episode(dataset, partition, sample_oneclass(dataset, shots, int(seed)), method,
                                  method_params, mask_size, augment, augment_transforms, sigma, cache,
                                  runtime=runtime, threshold=threshold, config=config, align=align)

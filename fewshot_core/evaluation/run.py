@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fewshot_core.settings import ONECLASS, Setting
+from fewshot_core.settings import ONECLASS, TRANSDUCTIVE, Setting
 
 METRIC_NAMES = frozenset({"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro", "accuracy",
                           "balanced_accuracy", "macro_f1", "false_alarm_rate", "miss_rate"})
@@ -52,10 +52,11 @@ class SettingResult:
         return len(set(self.episode.support_ids) & set(self.episode.query_ids))
 
 
-def evaluate_setting(dataset, partition, method: str, setting: Setting, method_params: Mapping | None = None,
+def evaluate_setting(dataset, partition, method, setting: Setting, method_params: Mapping | None = None,
                      *, mask_size=None, cache: dict | None = None, runtime=None,
                      meta_pool=None, bank: dict | None = None, title: str | None = None) -> SettingResult:
-    """Run ``method`` on ``setting``'s episode of ``dataset`` (features from ``partition``) and describe it.
+    """Run ``method`` (a ``MethodEntry`` or its name) on ``setting``'s episode of ``dataset`` (features from
+    ``partition``) and describe it.
 
     ``mask_size`` defaults to the partition's working shape (``oneclass.mask_shape``); ``cache`` is shared across the settings of one
     category (masks, images, meta-trained models); ``meta_pool`` (``evaluation.meta_pool.MetaPool``) is the
@@ -64,19 +65,22 @@ def evaluate_setting(dataset, partition, method: str, setting: Setting, method_p
     (default: method, category and setting).
     """
     from fewshot_core.evaluation.support import BankedPartition, sample_episode
+    from fewshot_core.methods import registry
 
+    method = registry.get(method, protocol=setting.protocol)
     cache = {} if cache is None else cache
     from fewshot_core.evaluation.oneclass import mask_shape
 
-    size = mask_shape(mask_size, partition)
-    title = title or f"{method} · {dataset.category} · {setting.key}"
+    # without a partition (a detector trained on images) the protocol resolves None to the model's own size
+    size = mask_shape(mask_size, partition) if partition is not None else mask_size
+    title = title or f"{method.name} · {dataset.category} · {setting.key}"
     episode = sample_episode(dataset, setting)
     if bank is not None:
         partition = BankedPartition(partition, bank)
         partition.check(episode)
-    if setting.protocol == ONECLASS:
-        return _oneclass(dataset, partition, method, episode, dict(method_params or {}), size, cache, runtime,
-                         title)
+    if setting.protocol in (ONECLASS, TRANSDUCTIVE):
+        return _scored(dataset, partition, method, episode, dict(method_params or {}), size, cache, runtime,
+                       title, setting.protocol)
     return _supervised(dataset, partition, method, episode, dict(method_params or {}), cache, runtime, meta_pool,
                        title)
 
@@ -90,13 +94,19 @@ def _model_files(model) -> dict[str, bytes]:
         return {f"model/{f.name}": f.read_bytes() for f in sorted(saved.iterdir()) if f.is_file()}
 
 
-def _oneclass(dataset, partition, method, episode, params, size, cache, runtime, title) -> SettingResult:
+def _scored(dataset, partition, method, episode, params, size, cache, runtime, title, protocol) -> SettingResult:
+    """A one-class or transductive episode: scores and maps per query, hence a ROC curve and a gallery."""
     from fewshot_core.evaluation.oneclass import run_oneclass_episode
+    from fewshot_core.evaluation.transductive import run_transductive_episode
     from fewshot_core.reports import gallery, plots
 
     details: dict = {}  # the loader (store features or decoded images) follows the registry's input kind
-    row = run_oneclass_episode(dataset, partition, episode, method, params, mask_size=size, cache=cache,
-                               details=details, runtime=runtime)
+    if protocol == TRANSDUCTIVE:
+        row = run_transductive_episode(dataset, partition, episode, method, params, mask_size=size, cache=cache,
+                                       runtime=runtime, details=details)
+    else:
+        row = run_oneclass_episode(dataset, partition, episode, method, params, mask_size=size, cache=cache,
+                                   details=details, runtime=runtime)
     maps = details["patch_maps"]
     scores, labels, query_ids = details["image_scores"], np.asarray(details["labels"]), list(details["query_ids"])
     artifacts: dict = {"plots/roc_curve.png": plots.roc_curve_png(labels, scores, title)}
@@ -105,7 +115,7 @@ def _oneclass(dataset, partition, method, episode, params, size, cache, runtime,
         cut = details.get("threshold")
         artifacts[gallery.GALLERY_ARTIFACT] = gallery.render_gallery(
             dataset, query_ids, scores, details["image_maps"](maps[picks], [query_ids[i] for i in picks]), picks,
-            size, title, threshold=cut.value if cut is not None and cut.usable else None)
+            details["shape"], title, threshold=cut.value if cut is not None and cut.usable else None)
     artifacts.update(_model_files(details["model"]))
     artifacts["episode.json"] = json.dumps({"episode_id": episode.episode_id, "support_ids": episode.support_ids,
                                             "query_ids": query_ids, "labels": labels.tolist(),

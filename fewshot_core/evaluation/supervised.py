@@ -7,8 +7,9 @@ The registry entry's input kind says what an estimator reads:
 * embeddings (``protonet``: ``distance`` euclidean|cosine, ``temperature``; ``caml``, whose sequence model
   is a published checkpoint or meta-trained on an explicit ``meta_pool`` of other categories) read the
   store's global embeddings [n, D];
-* images (``pmf``) are re-read from the dataset and preprocessed for the method's backbone (fine-tuning
-  needs pixels, not cached features);
+* images (methods that fine-tune a backbone) are re-read from the dataset and preprocessed for the
+  method's backbone at its ``input_size`` (fine-tuning needs pixels, not cached features); parameters
+  only the protocol knows (the store's backbone) come from the class's ``protocol_params``;
 * one-class detectors on patch features (``patchcore``, ``knn``, ``ldknn``; binary mode only) are fitted
   on the *good* shots only; their image score becomes a probability by a logistic calibration on the
   support (``methods/oneclass_classifier.py``); the bad shots never enter the memory bank. AUROC does
@@ -39,8 +40,8 @@ from fewshot_core.metrics.classification import classification_metrics, confusio
 
 
 def _images(dataset, ids, backbone: str, image_size: int, cache: dict, preloaded: Mapping | None = None):
-    """Preprocessed image tensors [n, 3, S, S] for P>M>F, decoded once per (backbone, size), or taken
-    from ``preloaded`` (image id -> tensor) where the pixels are not on this machine."""
+    """Preprocessed image tensors [n, 3, S, S] for a method that reads images, decoded once per (backbone,
+    size), or taken from ``preloaded`` (image id -> tensor) where the pixels are not on this machine."""
     import torch
 
     if preloaded is not None:
@@ -57,11 +58,6 @@ def _images(dataset, ids, backbone: str, image_size: int, cache: dict, preloaded
     return torch.stack([store[i] for i in ids])
 
 
-def _is_meta_trained(entry) -> bool:
-    """Methods that learn from other categories before an episode (``meta_fit``), e.g. CAML."""
-    return hasattr(entry.load_class(), "meta_fit")
-
-
 def _meta_trained(entry, dataset, partition, params: dict, cache: dict, runtime, meta_pool):
     """An estimator meta-fitted on ``meta_pool`` without the evaluated category, or loaded from its published
     ``checkpoint`` (shared across the seeds of one evaluation)."""
@@ -71,7 +67,7 @@ def _meta_trained(entry, dataset, partition, params: dict, cache: dict, runtime,
            None if meta_pool is None else meta_pool.source)
     est = cache.get(key)
     if est is None:
-        est = registry.create(entry.name, runtime=runtime, **params)
+        est = registry.create(entry, runtime=runtime, **params)
         if not params.get("checkpoint"):
             if meta_pool is None:
                 raise FsadError(f"{entry.name}: needs a published checkpoint (param checkpoint=<model.pth>) or a "
@@ -87,38 +83,35 @@ def _meta_trained(entry, dataset, partition, params: dict, cache: dict, runtime,
     return copy.copy(est)  # the meta-trained model is shared; each episode fits its own support
 
 
-def _build(method: str, dataset, partition, episode: SupervisedEpisode, params: dict, cache: dict, runtime=None,
+def _build(entry, dataset, partition, episode: SupervisedEpisode, params: dict, cache: dict, runtime=None,
            meta_pool=None, images=None):
     """(estimator, support inputs, query inputs) for one episode: the registry entry's input kind decides
     what the estimator reads."""
-    entry = registry.get(method, protocol=registry.SUPERVISED)
     support, query = list(episode.support_ids), list(episode.query_ids)
     if entry.family == registry.ONECLASS:  # fitted on the good shots only, calibrated on all (binary)
         if episode.label_mode != "binary":
-            raise FsadError(f"{method}: one-class methods only run in binary mode; use --label-mode binary")
-        est = OneClassClassifier(method, params).set_runtime(runtime)
+            raise FsadError(f"{entry.name}: one-class methods only run in binary mode; use --label-mode binary")
+        est = OneClassClassifier(entry.name, params).set_runtime(runtime)
         return est, partition.patch(support), partition.patch(query)
-    if _is_meta_trained(entry):
+    if entry.meta_pool:
         est = _meta_trained(entry, dataset, partition, params, cache, runtime, meta_pool)
     else:
-        if entry.input_kind == registry.IMAGES and "backbone" not in params:
-            from fewshot_core.methods.pmf import default_backbone
-
-            weights_given = "weights" in params or images is not None
-            params = {**params, "backbone": default_backbone(partition.meta.get("backbone"), weights_given)}
-        if "seed" in entry.load_class()._param_names():  # the method's randomness follows the episode
+        cls = entry.load_class()
+        params = cls.protocol_params(params, store_backbone=partition.meta.get("backbone"),
+                                     preloaded=images is not None)
+        if "seed" in cls._param_names():  # the method's randomness follows the episode
             params = {"seed": episode.seed, **params}
-        est = registry.create(method, runtime=runtime, **params)
+        est = registry.create(entry, runtime=runtime, **params)
     if entry.input_kind == registry.EMBEDDINGS:
         return est, partition.global_(support), partition.global_(query)
     return (est, _images(dataset, support, est.backbone, est.input_size, cache, images),
             _images(dataset, query, est.backbone, est.input_size, cache, images))
 
 
-def _meta_pool_used(method: str, params: dict, meta_pool, category: str) -> str:
+def _meta_pool_used(entry, params: dict, meta_pool, category: str) -> str:
     """What a meta-trained method learnt from, for the row: the pool (without the evaluated category) or
     the published checkpoint; empty for methods that meta-train on nothing."""
-    if not _is_meta_trained(registry.get(method)):
+    if not entry.meta_pool:
         return ""
     if params.get("checkpoint"):
         return f"checkpoint {params['checkpoint']}"
@@ -135,7 +128,7 @@ def _jsonable_params(params: dict) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
-def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, method: str,
+def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, method,
                            method_params: Mapping | None = None, cache: dict | None = None, runtime=None,
                            meta_pool=None, images: Mapping | None = None, details: dict | None = None) -> dict:
     """Fit on the episode's support only, predict its queries, return one row of metrics.
@@ -144,12 +137,13 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
     ``images``: preprocessed image tensors by image id, for image methods where the pixels are elsewhere;
     ``details`` (a dict) receives the fitted ``model``, the query log-probabilities, their anomaly
     ``image_scores`` (log-odds, the score AUROC ranks by) and the predicted classes ``y_pred``."""
+    entry = registry.get(method, protocol=registry.SUPERVISED)  # a name or the entry the caller resolved
     params = dict(method_params or {})
     cache = {} if cache is None else cache
     names = np.asarray(episode.classes)
     y_support = names[np.asarray(episode.support_labels)]
     y_query = names[np.asarray(episode.query_labels)]
-    est, X_support, X_query = _build(method, dataset, partition, episode, params, cache, runtime, meta_pool, images)
+    est, X_support, X_query = _build(entry, dataset, partition, episode, params, cache, runtime, meta_pool, images)
 
     t0 = time.perf_counter()
     est.fit(X_support, y_support)
@@ -175,10 +169,10 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
     return {
         "episode_id": episode.episode_id,
         "category": episode.category,
-        "method": method,
+        "method": entry.name,
         "params": _jsonable_params(params),
         "backbone": getattr(est, "backbone_name", None) or partition.meta.get("backbone"),
-        "meta_pool": _meta_pool_used(method, params, meta_pool, dataset.category),
+        "meta_pool": _meta_pool_used(entry, params, meta_pool, dataset.category),
         "label_mode": episode.label_mode,
         "pool": episode.pool,
         "k_good": episode.k_good,
@@ -195,13 +189,13 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
     }
 
 
-def evaluate_supervised(dataset, partition, method: str, k_good: int, k_bad: int, seeds,
+def evaluate_supervised(dataset, partition, method, k_good: int, k_bad: int, seeds,
                         label_mode: str = "binary", pool: str = "test",
                         method_params: Mapping | None = None, runtime=None, meta_pool=None,
                         images: Mapping | None = None) -> list[dict]:
     """One row per seed (see ``run_supervised_episode``); models that do not depend on the episode
     (a meta-trained CAML, a loaded backbone, decoded images) are built once and shared across seeds."""
-    registry.get(method, protocol=registry.SUPERVISED)
+    method = registry.get(method, protocol=registry.SUPERVISED)  # the name becomes its entry once
     if isinstance(seeds, (int, np.integer)):
         seeds = [int(seeds)]
     cache: dict = {}

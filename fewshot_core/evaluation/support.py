@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from fewshot_core.errors import FsadError
-from fewshot_core.settings import ONECLASS, Setting
+from fewshot_core.settings import ONECLASS, TRANSDUCTIVE, Setting
 
 
 def sample_episode(dataset, setting: Setting):
@@ -22,6 +22,10 @@ def sample_episode(dataset, setting: Setting):
 
     if setting.protocol == ONECLASS:
         return sample_oneclass(dataset, setting.k_good, setting.seed)
+    if setting.protocol == TRANSDUCTIVE:  # the one-class episode's support (none for 0 shots), every test image
+        from fewshot_core.evaluation.transductive import transductive_episode
+
+        return transductive_episode(dataset, setting.k_good, setting.seed)
     return sample_supervised(dataset, setting.k_good, setting.k_bad, setting.seed, setting.label_mode, pool="test")
 
 
@@ -32,7 +36,7 @@ def build_support_bank(dataset, partition, setting: Setting) -> dict[str, np.nda
     bank = {"setting_key": np.array(setting.key), "feature_key": np.array(partition.key),
             "support_ids": np.array(ids), "support_patches": partition.patch(ids),
             "support_embeddings": partition.global_(ids)}
-    if setting.protocol != ONECLASS:
+    if setting.protocol not in (ONECLASS, TRANSDUCTIVE):
         labels = np.asarray(episode.support_labels, dtype=np.int64)
         emb = bank["support_embeddings"]
         present = sorted(set(labels.tolist()))

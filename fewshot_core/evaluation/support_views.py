@@ -18,7 +18,7 @@ AUTO = "auto"
 AUGMENT_MAX_SHOTS = 16
 
 
-def resolve_augment(method: str, augment: str, n_support: int) -> str:
+def resolve_augment(method, augment: str, n_support: int) -> str:
     """The support augmentation a one-class episode uses: ``augment`` itself, or for ``"auto"`` the
     method's registry default (``MethodEntry.augment``) when the support is small, else none."""
     if augment == AUTO:

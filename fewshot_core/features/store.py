@@ -52,6 +52,7 @@ from fewshot_core.data.aspect import resolve_aspect
 from fewshot_core.data.imageio import CONVERSION_RULES
 from fewshot_core.errors import FsadError
 from fewshot_core.processes import pid_alive
+from fewshot_core.sizes import WORKING_SIZE, check_size
 from fewshot_core.features.extract import iter_embeddings
 from fewshot_core.features.fingerprint import CACHE_NAME, HashCache, content_hashes, describe_changes, fingerprint_of
 from fewshot_core.features.integrity import ARRAY_FILES, BlockHasher, check_files, checksum_file, write_stamp
@@ -412,7 +413,7 @@ class FeatureStore:
     def _hash_cache(self) -> HashCache:
         return HashCache(self.root / CACHE_NAME)
 
-    def key_for(self, dataset, backbone: str = DEFAULT_BACKBONE, image_size: int = 256, layers=None,
+    def key_for(self, dataset, backbone: str = DEFAULT_BACKBONE, image_size: int = WORKING_SIZE, layers=None,
                 weights="auto", patch_dim: int | None = None, aspect="auto") -> str:
         """The partition key without computing features (weights and images are hashed, not loaded)."""
         info = resolve_weights(backbone, weights)
@@ -455,7 +456,7 @@ class FeatureStore:
             finally:
                 os.close(fd)  # releases the record lock
 
-    def build(self, dataset, backbone: str = DEFAULT_BACKBONE, image_size: int = 256, layers=None,
+    def build(self, dataset, backbone: str = DEFAULT_BACKBONE, image_size: int = WORKING_SIZE, layers=None,
               weights="auto", batch_size: int = 16, num_workers: int = 2, device=None, progress: bool = True,
               patch_dim: int | None = None, aspect="auto") -> FeaturePartition:
         """Embed every image of ``dataset`` (train and test) once; reuse the partition when it exists.
@@ -469,8 +470,7 @@ class FeatureStore:
         records = list(dataset.records)
         if not records:
             raise FsadError(f"{dataset.root}: category {dataset.category!r} has no images; check the dataset folder")
-        if int(image_size) < 32:
-            raise FsadError(f"--image-size {image_size}: too small for a CNN backbone; use 32 or more (default 256)")
+        check_size(image_size)
         if patch_dim is not None and int(patch_dim) < 1:
             raise FsadError(f"--patch-dim {patch_dim}: must be a positive number of dimensions (or omitted)")
         info = resolve_weights(backbone, weights)

@@ -10,6 +10,8 @@
 * ``Detector.score(X) -> (image_scores [m], maps [m, h, w])`` at the method's own map resolution;
   ``anomaly_maps(maps, size)`` is the one shared post-processing to image resolution (bilinear, then a
   Gaussian of ``map_sigma`` pixels: 4 for patch-level maps, 0 for maps a method already smoothed).
+* ``input_size``: the square size a method reads images at (None: it reads the store's features at the
+  partition's working shape); ``protocol_params`` fills parameters a protocol knows and the user did not give.
 * ``save(folder)`` / ``Method.load(folder)``: one format for every method (``methods/persistence.py``).
 """
 
@@ -84,6 +86,22 @@ class Method:
     def set_runtime(self, runtime: Runtime | None) -> "Method":
         self._runtime = runtime or DEFAULT_RUNTIME
         return self
+
+    @property
+    def input_size(self) -> int | None:
+        """The square size (px) this method reads images at: its ``image_size`` parameter when it has one
+        (the detectors and classifiers that train on pixels); None for a method that reads the feature
+        store, whose features come at the partition's working shape. The protocols, the saved model and the
+        pipeline read a method's size here and nowhere else."""
+        size = getattr(self, "image_size", None)
+        return int(size) if size else None
+
+    @classmethod
+    def protocol_params(cls, params: dict, *, store_backbone: str | None = None, preloaded: bool = False) -> dict:
+        """``params`` completed from the protocol's context: ``store_backbone`` is the feature store's
+        backbone, ``preloaded`` whether the images come ready (no local weights needed). Most methods take
+        their parameters as given; one that must agree with the store (a fine-tuned backbone) says so here."""
+        return params
 
     def is_fitted(self) -> bool:
         return bool(getattr(self, "fitted_", False))

@@ -184,6 +184,13 @@ class PMF(Classifier):
     def backbone_name(self) -> str | None:
         return self.backbone if isinstance(self.backbone, str) or self.backbone is None else type(self.backbone).__name__
 
+    @classmethod
+    def protocol_params(cls, params: dict, *, store_backbone: str | None = None, preloaded: bool = False) -> dict:
+        """No backbone given: the paper's, or the feature store's (``default_backbone``)."""
+        if "backbone" in params:
+            return params
+        return {**params, "backbone": default_backbone(store_backbone, "weights" in params or preloaded)}
+
     @property
     def input_size(self) -> int:
         """The square input resolution the images must be preprocessed to."""

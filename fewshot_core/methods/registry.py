@@ -4,7 +4,9 @@ An entry says what a method *is* (family, input kind, which label modes it can a
 it; protocols, the CLI, the sweep schema and the pipeline ask the registry instead of testing names.
 The class is imported only when the method is built, so heavy dependencies load lazily.
 
-Adding a method: write ``methods/<name>.py`` (see docs/architecture.md) and add one ``MethodEntry`` below.
+Adding a method: write ``methods/<name>.py`` (see docs/architecture.md) and add one ``MethodEntry`` below
+(or ``register`` it from outside the package). This module imports nothing heavy: ``fsad --help`` lists
+the names from it without loading torch.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ class MethodEntry:
     summary: str
     defaults: dict = field(default_factory=dict)
     paper: str = ""
-    meta_pool: bool = False  # meta-trains on other categories (a pool the protocol is given) without a checkpoint
+    # meta-trains on other categories before an episode (``meta_fit(pool, exclude=category)``): the protocol
+    # hands it a pool unless it is given a checkpoint. The one source of this fact (CLI, protocol, sweep).
+    meta_pool: bool = False
     # the one-class protocol's support augmentation when the caller asks for "auto" (small supports only;
     # chosen on benchmarks/hard_suite.py and bottle together, see docs/benchmarks.md)
     augment: str = "none"
@@ -58,6 +62,12 @@ class MethodEntry:
         if self.family == ONECLASS and self.input_kind == PATCHES:
             return (ONECLASS, SUPERVISED)
         return (self.family,)
+
+    @property
+    def needs_accelerator(self) -> bool:
+        """Methods that train a network on the pixels (input kind ``images``) want a GPU; the pipeline's
+        worker pool follows from this."""
+        return self.input_kind == IMAGES
 
     def load_class(self):
         module, _, cls = self.factory.partition(":")
@@ -92,6 +102,14 @@ _ENTRIES = (
 REGISTRY: dict[str, MethodEntry] = {e.name: e for e in _ENTRIES}
 
 
+def register(entry: MethodEntry) -> MethodEntry:
+    """Add ``entry`` (a method outside this package, e.g. a plug-in or a test's; it must not shadow one)."""
+    if entry.name in REGISTRY and REGISTRY[entry.name] != entry:
+        raise FsadError(f"method {entry.name!r}: already registered; pick another name")
+    REGISTRY[entry.name] = entry
+    return entry
+
+
 def names(family: Family | None = None, input_kind: InputKind | None = None,
           protocol: Family | None = None) -> list[str]:
     """Registered method names, optionally only those of a family, input kind or protocol."""
@@ -100,25 +118,30 @@ def names(family: Family | None = None, input_kind: InputKind | None = None,
                   and (protocol is None or protocol in e.protocols))
 
 
-def get(name: str, protocol: Family | None = None) -> MethodEntry:
-    """The entry of ``name``; an unknown name, or one that does not run under ``protocol``, is a user error."""
-    entry = REGISTRY.get(name)
+def get(name: str | MethodEntry, protocol: Family | None = None) -> MethodEntry:
+    """The entry of ``name``; an unknown name, or one that does not run under ``protocol``, is a user error.
+
+    Front ends turn the user's name into an entry once, here; the library passes that entry on (an entry
+    given comes back as it is, checked against ``protocol``)."""
+    entry = name if isinstance(name, MethodEntry) else REGISTRY.get(name)
     if entry is None:
         raise FsadError(f"method {name!r}: unknown; choose one of {', '.join(names())}")
+    name = entry.name
     if protocol is not None and protocol not in entry.protocols:
         raise FsadError(f"method {name!r}: not available under the {protocol} protocol; use one of "
                         f"{', '.join(names(protocol=protocol))}")
     return entry
 
 
-def create(name: str, runtime=None, **params):
-    """A new, unfitted ``name`` built with its defaults overridden by ``params`` and computing on ``runtime``
-    (a ``fewshot_core.runtime.Runtime``; None: the default). Bad parameters are a one-line FsadError."""
+def create(name: str | MethodEntry, runtime=None, **params):
+    """A new, unfitted ``name`` (a name or an entry) built with its defaults overridden by ``params`` and
+    computing on ``runtime`` (a ``fewshot_core.runtime.Runtime``; None: the default). Bad parameters are a
+    one-line FsadError."""
     entry = get(name)
     cls = entry.load_class()
     merged = {**entry.defaults, **params}
     try:
         model = cls(**merged)
     except (TypeError, ValueError) as exc:
-        raise FsadError(f"method {name!r}: bad parameters {merged} ({exc}); see {cls.__module__}") from exc
+        raise FsadError(f"method {entry.name!r}: bad parameters {merged} ({exc}); see {cls.__module__}") from exc
     return model.set_runtime(runtime)

@@ -19,10 +19,13 @@ MODEL_URI_TAG = "fsad.model_uri"
 def publishable(model, protocol: str) -> bool:
     """Whether ``model`` can be logged as an MLflow Model: the registry rebuilds it from its folder. A
     one-class detector run under the supervised protocol (``OneClassClassifier``) is not a registry method,
-    and a P>M>F backbone passed as a module names nothing to rebuild."""
+    a P>M>F backbone passed as a module names nothing to rebuild, and a transductive method needs the
+    other test images to score one."""
     from fewshot_core.methods.base import Method
 
     if not isinstance(model, Method) or model.name not in registry.REGISTRY:
+        return False
+    if protocol == registry.TRANSDUCTIVE:  # scores a batch of parts against each other: no one-part model
         return False
     if protocol == registry.SUPERVISED and model.input_kind == registry.IMAGES:
         return isinstance(getattr(model, "backbone", None), str)

@@ -84,7 +84,9 @@ def decisions(rows: pd.DataFrame, agg: pd.DataFrame) -> Section:
 
 
 PROTOCOL_LABEL = {"oneclass": "One-class: k good images, the whole test split as query",
-                  "supervised": "Supervised episodes: good and defective support images"}
+                  "supervised": "Supervised episodes: good and defective support images",
+                  "transductive": "Transductive: the unlabeled test images scored against each other (k good images "
+                                  "beside them, 0 for none); not one part at a time"}
 
 
 def _decision_table(rows: pd.DataFrame, agg: pd.DataFrame) -> str:

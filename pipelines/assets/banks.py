@@ -24,7 +24,7 @@ def bank_key(backbone: str) -> dg.AssetKey:
 def bank_setting_keys(cfg: SweepConfig) -> list[str]:
     """Every setting some method of the sweep runs, in grid order."""
     wanted = {s.key for spec in cfg.method_specs() for s in cfg.settings_for(spec)}
-    return [s.key for s in cfg.oneclass_settings() + cfg.supervised_settings() if s.key in wanted]
+    return [s.key for s in cfg.all_settings() if s.key in wanted]
 
 
 def build_banks_assets(cfg: SweepConfig, embeddings_asset) -> list[dg.AssetsDefinition]:

@@ -17,7 +17,7 @@ import pandas as pd
 from fewshot_core import tracking
 from fewshot_core.errors import FsadError
 from fewshot_core.methods import registry
-from fewshot_core.settings import ONECLASS, Setting
+from fewshot_core.settings import SUPERVISED, Setting
 from pipelines.assets.banks import bank_key
 from pipelines.assets.data import load_category
 from pipelines.config import SweepConfig
@@ -35,7 +35,7 @@ def evaluation_key(backbone: str, spec: MethodSpec) -> dg.AssetKey:
 
 
 def headline_metric(protocol: str) -> str:
-    return "image_auroc" if protocol == ONECLASS else "balanced_accuracy"
+    return "balanced_accuracy" if protocol == SUPERVISED else "image_auroc"
 
 
 def build_evaluation_assets(cfg: SweepConfig, embeddings_asset) -> list[dg.AssetsDefinition]:
@@ -66,7 +66,7 @@ def _evaluation_asset(cfg: SweepConfig, embeddings_asset, backbone: str, spec: M
         description=f"{spec.id} ({spec.protocol}, {backbone}, params {spec.params or 'default'}): one episode per "
                     "category x setting, logged as a nested MLflow run.",
         metadata={"method": spec.method, "params": json.dumps(spec.params), "backbone": backbone},
-        **step_placement(pool_for_method(spec.method)),
+        **step_placement(pool_for_method(spec.entry)),
     )
     def _eval(context: dg.AssetExecutionContext, feature_store: FeatureStoreResource, device: DeviceResource,
               mlflow: MlflowTracking, banks: dict):
@@ -92,7 +92,7 @@ def _evaluation_asset(cfg: SweepConfig, embeddings_asset, backbone: str, spec: M
             if p["key"] not in banks:
                 raise FsadError(f"{p['key']}: no support bank yet; materialise {bank_key(backbone).to_user_string()} "
                                 "for this partition first (fsad run does)")
-            result = evaluate_setting(ds, part, spec.method, setting, params, cache=caches[category],
+            result = evaluate_setting(ds, part, spec.entry, setting, params, cache=caches[category],
                                       runtime=runtime, meta_pool=pool, bank=banks[p["key"]],
                                       title=f"{spec.id} · {category} · {setting.key}")
             row = _record(context, tracker, mlflow.experiment, exp_id, cfg, backbone, spec, p, setting, part, result,
@@ -178,11 +178,11 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
                                              "threshold": float(lib_row.get("threshold", np.nan))},
                                     tags, artifacts, stage=context.run.tags.get("fsad/stage")
                                     or context.asset_key.to_user_string())
-    image_method = registry.get(spec.method).input_kind == registry.IMAGES
+    image_method = spec.entry.input_kind == registry.IMAGES
     published = publish_model(tracker, run_id, ds, result.model, episode.support_ids, setting.protocol,
                               partition=None if image_method else part, threshold=result.threshold,
-                              image_size=getattr(result.model, "image_size", part.image_size) if image_method
-                              else None, tags=tags, name=f"{spec.id}-{p['category']}-{setting.key}")
+                              image_size=result.model.input_size if image_method else None, tags=tags,
+                              name=f"{spec.id}-{p['category']}-{setting.key}")
     context.log.info(f"{spec.id} {p['key']}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()
                                                          if k in ("image_auroc", "pixel_auroc", "balanced_accuracy")))
     return {"method": spec.id, "method_name": spec.method, "backbone": backbone, "category": p["category"],

@@ -44,6 +44,9 @@ def build_report_assets(cfg: SweepConfig, evaluation_assets: list[dg.AssetsDefin
                 meta["headline: one-class image AUROC (mean)"] = float(oc["image_auroc"].mean())
             if len(sup) and "balanced_accuracy" in sup:
                 meta["headline: supervised balanced accuracy (mean)"] = float(sup["balanced_accuracy"].mean())
+            td = rows[rows["protocol"] == "transductive"]
+            if len(td) and "image_auroc" in td:
+                meta["headline: transductive image AUROC (mean)"] = float(td["image_auroc"].mean())
         context.add_output_metadata(meta)
         return rows
 

@@ -33,9 +33,6 @@ POSTGRES_ROLE = "fsad"  # owner of the profile's databases; not a superuser
 # SQLAlchemy 2.1 defaults postgresql:// to psycopg 3; the extras bring psycopg2 (what dagster-postgres needs)
 POSTGRES_SCHEME = "postgresql+psycopg2"
 CPU_POOL, GPU_POOL = "cpu", "gpu"
-# Trained on the support images or meta-trained on a backbone: these want an accelerator; the rest run from
-# cached features and stay on CPU workers.
-GPU_METHODS = frozenset({"efficientad", "glass", "reb", "pmf"})
 CELERY_QUEUE_TAG = "dagster-celery/queue"  # dagster_celery.tags.DAGSTER_CELERY_QUEUE_TAG, without the import
 K8S_CONFIG_TAG = "dagster-k8s/config"
 
@@ -48,8 +45,10 @@ def profile_name() -> str:
     return name
 
 
-def pool_for_method(method: str) -> str:
-    return GPU_POOL if method in GPU_METHODS else CPU_POOL
+def pool_for_method(entry) -> str:
+    """The worker pool of a method (its ``MethodEntry``): the registry says whether it trains on pixels
+    (``needs_accelerator``: GPU workers); the rest run from cached features on CPU workers."""
+    return GPU_POOL if entry.needs_accelerator else CPU_POOL
 
 
 def step_placement(pool: str) -> dict:

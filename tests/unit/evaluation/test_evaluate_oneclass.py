@@ -182,6 +182,15 @@ def test_image_kind_methods_get_images_at_their_size_and_the_shared_post_process
                                                                size=(32, 32), mode="bilinear", align_corners=False)[0, 0].numpy())
     rows = evaluate_oneclass(dataset, None, "toy", 1, [0, 1], {"image_size": 24}, mask_size=32)
     assert [r["seed"] for r in rows] == [0, 1]
+    # no mask size: the detector's own input size (its input_size), not a library constant
+    (own,) = evaluate_oneclass(dataset, None, registry.get("toy"), 1, [0], {"image_size": 40})
+    assert own["input_shape"] == "40x40" and own["mask_size"] == 40 and own["method"] == "toy"
+    from fewshot_core.evaluation.run import evaluate_setting
+    from fewshot_core.settings import Setting
+
+    monkeypatch.setattr(ToyImages, "get_state", lambda self: {"arrays": {"mean": self.mean_.numpy()}})  # its folder
+    result = evaluate_setting(dataset, None, "toy", Setting.parse("oc-k1-s0"), {"image_size": 40})
+    assert result.row["input_shape"] == "40x40" and result.artifacts["plots/roc_curve.png"].startswith(b"\x89PNG")
     with pytest.raises(FsadError, match="augment"):
         evaluate_oneclass(dataset, None, "toy", 1, [0], augment="images")
 

@@ -93,3 +93,24 @@ def test_report_gallery_reads_the_strip_from_the_tracked_run():
     fetched = []
     items = report_gallery(rows, lambda run, path: fetched.append((run, path)) or b"png")
     assert fetched == [("r2", GALLERY_ARTIFACT)] and [i["mlflow_run_id"] for i in items] == ["r2"]
+
+
+@pytest.mark.parametrize("key", ["td-k0-s1", "td-k2-s0"])
+def test_transductive_setting_runs_like_the_protocol_with_and_without_a_bank(synth, key):
+    from fewshot_core.evaluation.transductive import evaluate_transductive
+
+    dataset, partition = synth
+    setting = Setting.parse(key)
+    assert setting.protocol == "transductive" and setting.key == key and setting.name == key.rsplit("-s", 1)[0]
+    (direct,) = evaluate_transductive(dataset, partition, "musc", setting.k_good, [setting.seed])
+    plain = evaluate_setting(dataset, partition, "musc", setting)
+    banked = evaluate_setting(dataset, partition, "musc", setting, bank=build_support_bank(dataset, partition, setting))
+    metrics = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+    for result in (plain, banked):
+        _same(result.row, direct, metrics)
+        assert result.row["protocol"] == "transductive" and result.row["shots"] == setting.k_good
+        assert result.metrics.keys() >= set(metrics) and result.overlap == 0
+        assert result.artifacts["plots/roc_curve.png"].startswith(b"\x89PNG")
+        assert json.loads(result.artifacts["episode.json"])["support_ids"] == list(result.episode.support_ids)
+    # the masks and maps are compared at the partition's working shape when no mask size is given
+    assert direct["input_shape"] == "x".join(map(str, partition.input_shape))

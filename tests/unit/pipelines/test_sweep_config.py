@@ -67,7 +67,7 @@ def test_repeated_grid_values_are_refused_in_one_line(tmp_path, text, what):
 @pytest.mark.parametrize("text, message", [
     ("methods: [{method: nope}]\n", "unknown method 'nope'"),
     ("methods: [{method: protonet, protocol: oneclass}]\n", "protocol oneclass not available"),
-    ("methods: [{method: musc}]\n", "method 'musc' is transductive"),
+    ("transductive: {shots: [-1]}\n", "transductive.shots[0] -1: input should be greater than or equal to 0"),
     ("oneclass: {shots: [0]}\n", "oneclass.shots[0] 0: input should be greater than or equal to 1"),
     ("supervised: {label_modes: [triple]}\n", "supervised.label_modes[0] 'triple'"),
     ("data: {source: layout}\n", "needs data.layouts"),
@@ -86,24 +86,28 @@ def test_the_documented_example_still_loads(tmp_path):
     _, cfg = _load(tmp_path, textwrap.dedent(example))
     assert cfg.name == "bottle-sweep" and cfg.categories == ["bottle"] and cfg.image_size == 224
     assert cfg.shots == [1, 2, 4, 8] and cfg.ratios == [(1, 1), (5, 1), (10, 1)]
-    assert [m.id for m in cfg.method_specs()] == ["patchcore", "protonet-cosine", "caml"]
+    assert [m.id for m in cfg.method_specs()] == ["patchcore", "protonet-cosine", "caml", "musc"]
     assert cfg.method_specs()[2].meta_pool == "synthetic"
     assert cfg.data_root == str((tmp_path / "../shared/data/mvtec_ad").resolve())
     assert {s.key for s in cfg.oneclass_settings()} >= {"oc-k8-s4"}
+    assert [s.key for s in cfg.settings_for(cfg.method_specs()[3])] == ["td-k0-s0", "td-k0-s1", "td-k1-s0", "td-k1-s1"]
 
 
 def test_method_policy_comes_from_the_registry(tmp_path):
     _, cfg = _load(tmp_path, """\
         supervised: {ratios: [[1, 1]], label_modes: [binary, multiclass], seeds: [0]}
+        transductive: {shots: [0, 2], seeds: [0]}
         methods:
           - {id: pc-sup, method: patchcore, protocol: supervised}
           - {method: protonet}
           - {method: knn}
+          - {method: musc}
         """)
     by_id = {s.id: [k.key for k in cfg.settings_for(s)] for s in cfg.method_specs()}
     assert by_id["pc-sup"] == ["sup-g1b1-bin-s0"]  # a one-class method cannot name defect types
     assert by_id["protonet"] == ["sup-g1b1-bin-s0", "sup-g1b1-multi-s0"]
     assert by_id["knn"][0] == "oc-k1-s0"
+    assert by_id["musc"] == ["td-k0-s0", "td-k2-s0"]  # the transductive family runs its own grid
 
 
 def test_image_size_defaults_to_the_standard_resolution_on_real_data(monkeypatch, tmp_path):
