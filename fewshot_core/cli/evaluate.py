@@ -19,9 +19,7 @@ from fewshot_core.cli.args import (UniqueKeys, UniqueValues, add_size_arguments,
                                    non_negative_int, positive_int, workers)
 from fewshot_core.data.layouts import add_layout_arguments, dataset_from_args
 from fewshot_core.errors import FsadError
-
-ONECLASS_COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "fit_s", "score_s")
-SUPERVISED_COLUMNS = ("image_auroc", "balanced_accuracy", "accuracy", "macro_f1", "fit_s", "predict_s")
+from fewshot_core.schema import PROTOCOLS, SHOWN, Protocol
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -49,7 +47,7 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("root", nargs="?", metavar="ROOT", help="MVTec-layout root (or use the layout flags)")
     p.add_argument("--category", help="category to evaluate (with layout flags: its name)")
-    p.add_argument("--protocol", choices=("oneclass", "supervised", "transductive"), default="oneclass")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=Protocol.ONECLASS.value)
     p.add_argument("--method", required=True,
                    help="one-class: patchcore, knn, ldknn (features), efficientad, glass, reb (trained on images); "
                         "supervised: protonet, pmf, caml, patchcore, ldknn; transductive: musc")
@@ -111,7 +109,7 @@ def _partition(args, dataset):
 
 def _rows(args, dataset, partition) -> list[dict]:
     params = dict(args.param)
-    if args.protocol == "oneclass":
+    if args.protocol == Protocol.ONECLASS:
         from fewshot_core.evaluation.oneclass import evaluate_oneclass, parse_shots
 
         if args.shots is None:
@@ -119,7 +117,7 @@ def _rows(args, dataset, partition) -> list[dict]:
         return evaluate_oneclass(dataset, partition, args.method, parse_shots(args.shots), args.seeds,
                                  method_params=params, mask_size=args.mask_size, augment=args.augment,
                                  config=args.config, align=args.align)
-    if args.protocol == "transductive":
+    if args.protocol == Protocol.TRANSDUCTIVE:
         from fewshot_core.evaluation.transductive import evaluate_transductive
 
         shots = 0 if args.shots is None else args.shots
@@ -179,7 +177,7 @@ def _needs_features(protocol: str, method: str) -> bool:
     from fewshot_core.methods import registry
 
     entry = registry.get(method, protocol=protocol)
-    return protocol == "supervised" or entry.input_kind != registry.IMAGES
+    return protocol == Protocol.SUPERVISED or entry.input_kind != registry.IMAGES
 
 
 def _fmt(value) -> str:
@@ -189,9 +187,10 @@ def _fmt(value) -> str:
 
 
 def format_table(rows: list[dict], protocol: str) -> str:
-    """One line per seed and a mean ± std line (sample std over seeds) for the headline metrics."""
-    supervised = protocol == "supervised"
-    wanted = SUPERVISED_COLUMNS if supervised else ONECLASS_COLUMNS
+    """One line per seed and a mean ± std line (sample std over seeds) for the protocol's shown metrics
+    (``schema.SHOWN``) and the times."""
+    supervised = protocol == Protocol.SUPERVISED
+    wanted = (*SHOWN[Protocol(protocol)], "fit_s", "score_s")
     cols = [c for c in wanted if any(c in r for r in rows)]
     lead = ["seed", "k_good", "k_bad"] if supervised else ["seed", "shots"]
     header = lead + cols

@@ -43,6 +43,7 @@ from fewshot_core.evaluation.autoconfig import check_config, choose
 from fewshot_core.evaluation.support_views import AUTO, bank_input, resolve_augment, support_views
 from fewshot_core.methods.augment import TRANSFORMS
 from fewshot_core.metrics import PixelAccumulator, image_metrics, recall_per_defect_type
+from fewshot_core.schema import Protocol
 
 SCORE_BATCH = 32  # query images scored per call: bounds memory on large test sets
 
@@ -125,7 +126,7 @@ def episode_identity(dataset, episode: OneClassEpisode, method: str, params: Map
     shape = as_shape(shape)
     return {
         "episode_id": episode.episode_id,
-        "protocol": "oneclass",
+        "protocol": Protocol.ONECLASS.value,
         "category": episode.category,
         "method": method,
         "params": json.dumps(params, sort_keys=True, default=str),

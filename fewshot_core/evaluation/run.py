@@ -17,10 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fewshot_core.settings import ONECLASS, Setting
-
-METRIC_NAMES = frozenset({"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro", "accuracy",
-                          "balanced_accuracy", "macro_f1", "false_alarm_rate", "miss_rate"})
+from fewshot_core import schema
+from fewshot_core.settings import Setting
 
 
 @dataclass
@@ -36,7 +34,7 @@ class SettingResult:
 
     @property
     def metrics(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.row.items() if k in METRIC_NAMES or k.startswith("recall_")}
+        return schema.metrics_of(self.row)
 
     @property
     def fit_seconds(self) -> float:
@@ -44,7 +42,7 @@ class SettingResult:
 
     @property
     def score_seconds(self) -> float:
-        return float(self.row.get("score_s", self.row.get("predict_s", np.nan)))
+        return float(self.row.get("score_s", np.nan))
 
     @property
     def overlap(self) -> int:
@@ -74,7 +72,7 @@ def evaluate_setting(dataset, partition, method: str, setting: Setting, method_p
     if bank is not None:
         partition = BankedPartition(partition, bank)
         partition.check(episode)
-    if setting.protocol == ONECLASS:
+    if setting.protocol == schema.Protocol.ONECLASS:
         return _oneclass(dataset, partition, method, episode, dict(method_params or {}), size, cache, runtime,
                          title)
     return _supervised(dataset, partition, method, episode, dict(method_params or {}), cache, runtime, meta_pool,

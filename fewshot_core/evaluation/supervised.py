@@ -34,6 +34,7 @@ from fewshot_core.errors import FsadError
 from fewshot_core.methods import registry
 from fewshot_core.methods.oneclass_classifier import OneClassClassifier
 from fewshot_core.metrics.classification import classification_metrics, confusion
+from fewshot_core.schema import Protocol
 
 # ---------------------------------------------------------------- inputs and method construction
 
@@ -156,7 +157,7 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     logp = _log_proba(est, X_query)
-    predict_s = time.perf_counter() - t0
+    score_s = time.perf_counter() - t0
 
     classes = np.asarray(est.classes_)
     y_pred = classes[np.argmax(logp, axis=1)]
@@ -174,6 +175,7 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
                        image_scores=score, y_pred=y_pred)
     return {
         "episode_id": episode.episode_id,
+        "protocol": Protocol.SUPERVISED.value,
         "category": episode.category,
         "method": method,
         "params": _jsonable_params(params),
@@ -190,7 +192,7 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
         "classes": json.dumps(list(episode.classes)),
         "confusion": json.dumps(confusion(y_query, y_pred, list(episode.classes))),
         "fit_s": round(fit_s, 4),
-        "predict_s": round(predict_s, 4),
+        "score_s": round(score_s, 4),
         "info": json.dumps(info, default=str, sort_keys=True),
     }
 

@@ -20,6 +20,7 @@ from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.oneclass import DEFAULT_MASK_SIZE, episode_identity, mask_shape, query_metrics
 from fewshot_core.methods import registry
 from fewshot_core.methods.anomaly_map import DEFAULT_SIGMA
+from fewshot_core.schema import Protocol
 
 
 def transductive_episode(dataset, shots: int, seed: int) -> OneClassEpisode:
@@ -52,7 +53,7 @@ def run_transductive_episode(dataset, partition, episode: OneClassEpisode, metho
                                lambda batch, ids: model.anomaly_maps(batch, shape, sigma), shape, cache)
     row = episode_identity(dataset, episode, entry.name, model.get_params(), partition.meta.get("backbone"),
                            partition.meta.get("key"), len(query_ids), "none", shape)
-    row.update(protocol=registry.TRANSDUCTIVE, shots=len(episode.support_ids), full_shot="no")
+    row.update(protocol=Protocol.TRANSDUCTIVE.value, shots=len(episode.support_ids), full_shot="no")
     return {**row, **metrics, "bank_size": int(len(episode.support_ids)), "fit_s": round(fit_s, 4),
             "score_s": round(score_s, 4)}
 

@@ -76,7 +76,7 @@ def test_protonet_rows_and_metrics(data, label_mode, distance):
         assert cm.shape == (len(classes), len(classes)) and cm.sum() == r["n_query"]
         assert r["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
         assert all(f"recall_{c}" in r for c in classes)
-        assert 0 <= r["image_auroc"] <= 1 and r["fit_s"] >= 0 and r["predict_s"] >= 0
+        assert 0 <= r["image_auroc"] <= 1 and r["fit_s"] >= 0 and r["score_s"] >= 0 and r["protocol"] == "supervised"
         assert json.loads(r["params"]) == {"distance": distance}
         assert r["balanced_accuracy"] > 0.75  # easy clusters; chance is 1/len(classes)
     if label_mode == "multiclass":
