@@ -2,9 +2,10 @@
 
 ``evaluate_setting`` is the per-partition work of the pipeline's evaluation assets, and what any other
 front end (``fsad evaluate``, a notebook) calls for the same numbers and the same artifacts: the row of
-metrics from ``run_oneclass_episode`` / ``run_supervised_episode``, the ROC curve or confusion matrix, the
-anomaly-map gallery, the fitted model's folder and the episode itself (support, queries, scores). Pure
-library code: no Dagster, no MLflow, nothing written outside a temporary folder.
+metrics from ``run_oneclass_episode`` / ``run_supervised_episode`` (typed results: ``evaluation/results.py``),
+the ROC curve or confusion matrix, the anomaly-map gallery, the fitted model's folder and the episode itself
+(support, queries, scores). Pure library code: no Dagster, no MLflow, nothing written outside a temporary
+folder.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fewshot_core import schema
+from fewshot_core.episode_cache import EpisodeCache, episode_cache
 from fewshot_core.settings import Setting
 
 
@@ -51,19 +53,19 @@ class SettingResult:
 
 
 def evaluate_setting(dataset, partition, method: str, setting: Setting, method_params: Mapping | None = None,
-                     *, mask_size=None, cache: dict | None = None, runtime=None,
+                     *, mask_size=None, cache: EpisodeCache | None = None, runtime=None,
                      meta_pool=None, bank: dict | None = None, title: str | None = None) -> SettingResult:
     """Run ``method`` on ``setting``'s episode of ``dataset`` (features from ``partition``) and describe it.
 
-    ``mask_size`` defaults to the partition's working shape (``oneclass.mask_shape``); ``cache`` is shared across the settings of one
-    category (masks, images, meta-trained models); ``meta_pool`` (``evaluation.meta_pool.MetaPool``) is the
-    meta-training pool of the methods that need one. ``bank`` (``evaluation.support.build_support_bank``)
-    supplies the support features, shared with the other methods of the setting. ``title`` heads the plots
-    (default: method, category and setting).
+    ``mask_size`` defaults to the partition's working shape (``oneclass.mask_shape``); ``cache`` (an
+    ``EpisodeCache``) is shared across the settings of one category (masks, images, meta-trained models);
+    ``meta_pool`` (``evaluation.meta_pool.MetaPool``) is the meta-training pool of the methods that need one.
+    ``bank`` (``evaluation.support.build_support_bank``) supplies the support features, shared with the other
+    methods of the setting. ``title`` heads the plots (default: method, category and setting).
     """
     from fewshot_core.evaluation.support import BankedPartition, sample_episode
 
-    cache = {} if cache is None else cache
+    cache = episode_cache(cache)
     from fewshot_core.evaluation.oneclass import mask_shape
 
     size = mask_shape(mask_size, partition)
@@ -92,32 +94,31 @@ def _oneclass(dataset, partition, method, episode, params, size, cache, runtime,
     from fewshot_core.evaluation.oneclass import run_oneclass_episode
     from fewshot_core.reports import gallery, plots
 
-    details: dict = {}  # the loader (store features or decoded images) follows the registry's input kind
-    row = run_oneclass_episode(dataset, partition, episode, method, params, mask_size=size, cache=cache,
-                               details=details, runtime=runtime)
-    maps = details["patch_maps"]
-    scores, labels, query_ids = details["image_scores"], np.asarray(details["labels"]), list(details["query_ids"])
+    # the loader (store features or decoded images) follows the registry's input kind
+    res = run_oneclass_episode(dataset, partition, episode, method, params, mask_size=size, cache=cache,
+                               runtime=runtime)
+    scores, labels, query_ids = res.image_scores, np.asarray(res.labels), list(res.query_ids)
     artifacts: dict = {"plots/roc_curve.png": plots.roc_curve_png(labels, scores, title)}
     picks = gallery.pick_examples(labels, scores)
     if picks:
-        cut = details.get("threshold")
+        cut = res.threshold
         artifacts[gallery.GALLERY_ARTIFACT] = gallery.render_gallery(
-            dataset, query_ids, scores, details["image_maps"](maps[picks], [query_ids[i] for i in picks]), picks,
+            dataset, query_ids, scores, res.image_maps(res.patch_maps[picks], [query_ids[i] for i in picks]), picks,
             size, title, threshold=cut.value if cut is not None and cut.usable else None)
-    artifacts.update(_model_files(details["model"]))
+    artifacts.update(_model_files(res.model))
     artifacts["episode.json"] = json.dumps({"episode_id": episode.episode_id, "support_ids": episode.support_ids,
                                             "query_ids": query_ids, "labels": labels.tolist(),
                                             "scores": [float(s) for s in scores]}, indent=1)
-    return SettingResult(row, artifacts, episode, model=details["model"], threshold=details.get("threshold"))
+    return SettingResult(res.row, artifacts, episode, model=res.model, threshold=res.threshold)
 
 
 def _supervised(dataset, partition, method, episode, params, cache, runtime, meta_pool, title) -> SettingResult:
     from fewshot_core.evaluation.supervised import run_supervised_episode
     from fewshot_core.reports import plots
 
-    details: dict = {}
-    row = run_supervised_episode(dataset, partition, episode, method, params, cache=cache, runtime=runtime,
-                                 meta_pool=meta_pool, details=details)
+    res = run_supervised_episode(dataset, partition, episode, method, params, cache=cache, runtime=runtime,
+                                 meta_pool=meta_pool)
+    row = res.row
     classes, matrix = json.loads(row["classes"]), json.loads(row["confusion"])
     artifacts = {"plots/confusion_matrix.png": plots.confusion_matrix_png(matrix, classes, title),
                  "episode.json": json.dumps({"episode_id": episode.episode_id, "classes": classes,
@@ -126,4 +127,4 @@ def _supervised(dataset, partition, method, episode, params, cache, runtime, met
                                              "query_ids": episode.query_ids, "query_labels": episode.query_labels,
                                              "confusion": matrix, "fit_info": json.loads(row.get("info", "{}"))},
                                             indent=1)}
-    return SettingResult(row, artifacts, episode, model=details.get("model"))
+    return SettingResult(row, artifacts, episode, model=res.model)

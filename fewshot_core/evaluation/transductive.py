@@ -15,9 +15,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from fewshot_core.episode_cache import EpisodeCache, episode_cache
 from fewshot_core.episodes import OneClassEpisode, sample_oneclass
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.oneclass import DEFAULT_MASK_SIZE, episode_identity, mask_shape, query_metrics
+from fewshot_core.evaluation.results import OneClassResult
 from fewshot_core.methods import registry
 from fewshot_core.methods.anomaly_map import DEFAULT_SIGMA
 from fewshot_core.schema import Protocol
@@ -36,10 +38,13 @@ def transductive_episode(dataset, shots: int, seed: int) -> OneClassEpisode:
 
 def run_transductive_episode(dataset, partition, episode: OneClassEpisode, method: str,
                              method_params: Mapping | None = None, mask_size=DEFAULT_MASK_SIZE,
-                             sigma: float = DEFAULT_SIGMA, cache: dict | None = None, runtime=None) -> dict:
+                             sigma: float = DEFAULT_SIGMA, cache: EpisodeCache | None = None,
+                             runtime=None) -> OneClassResult:
+    """Fit ``method`` on the episode's good shots (none for 0), score the queries together; the result is
+    the one-class protocol's (``.row``, scores, maps, labels; no decision threshold)."""
     entry = registry.get(method, protocol=registry.TRANSDUCTIVE)
     shape = mask_shape(mask_size, partition)
-    cache = {} if cache is None else cache
+    cache = episode_cache(cache)
     model = registry.create(method, runtime=runtime, **{"seed": episode.seed, **dict(method_params or {})})
     t0 = time.perf_counter()
     model.fit(partition.patch(list(episode.support_ids)) if episode.support_ids else None)
@@ -49,21 +54,22 @@ def run_transductive_episode(dataset, partition, episode: OneClassEpisode, metho
     t0 = time.perf_counter()
     scores, maps = model.score(queries)  # all at once: each image is scored against the others
     score_s = time.perf_counter() - t0
-    _, metrics = query_metrics(dataset, query_ids, scores, maps,
-                               lambda batch, ids: model.anomaly_maps(batch, shape, sigma), shape, cache)
+    to_image = lambda batch, ids: model.anomaly_maps(batch, shape, sigma)  # noqa: E731
+    labels, metrics = query_metrics(dataset, query_ids, scores, maps, to_image, shape, cache)
     row = episode_identity(dataset, episode, entry.name, model.get_params(), partition.meta.get("backbone"),
                            partition.meta.get("key"), len(query_ids), "none", shape)
     row.update(protocol=Protocol.TRANSDUCTIVE.value, shots=len(episode.support_ids), full_shot="no")
-    return {**row, **metrics, "bank_size": int(len(episode.support_ids)), "fit_s": round(fit_s, 4),
-            "score_s": round(score_s, 4)}
+    row = {**row, **metrics, "bank_size": int(len(episode.support_ids)), "fit_s": round(fit_s, 4),
+           "score_s": round(score_s, 4)}
+    return OneClassResult(row, model, query_ids, labels, scores, maps, to_image)
 
 
 def evaluate_transductive(dataset, partition, method: str, shots: int, seeds, method_params: Mapping | None = None,
-                          mask_size=DEFAULT_MASK_SIZE, sigma: float = DEFAULT_SIGMA, cache: dict | None = None,
-                          runtime=None) -> list[dict]:
+                          mask_size=DEFAULT_MASK_SIZE, sigma: float = DEFAULT_SIGMA,
+                          cache: EpisodeCache | None = None, runtime=None) -> list[dict]:
     """One row per seed; ``shots`` = 0 scores the test images against each other only."""
     if isinstance(seeds, (int, np.integer)):
         seeds = [int(seeds)]
-    cache = {} if cache is None else cache
+    cache = episode_cache(cache)
     return [run_transductive_episode(dataset, partition, transductive_episode(dataset, shots, int(seed)), method,
-                                     method_params, mask_size, sigma, cache, runtime) for seed in seeds]
+                                     method_params, mask_size, sigma, cache, runtime).row for seed in seeds]

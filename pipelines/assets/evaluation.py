@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fewshot_core import schema, tracking
+from fewshot_core.episode_cache import EpisodeCache
 from fewshot_core.errors import FsadError
 from fewshot_core.methods import registry
 from fewshot_core.settings import Setting
@@ -83,7 +84,7 @@ def _evaluation_asset(cfg: SweepConfig, embeddings_asset, backbone: str, spec: M
             if category not in parts:  # one dataset scan, store look-up and cache per category and step
                 ds = load_category(cfg, category)
                 parts[category] = (ds, feature_store.build(ds, backbone, device.resolve()))
-                caches[category] = {}
+                caches[category] = EpisodeCache()
             ds, part = parts[category]
             params = dict(spec.params)
             if _needs_meta_pool(spec) and pool is None:

@@ -60,24 +60,35 @@ def test_the_benchmark_table_refuses_an_undeclared_column():
 
 def test_every_protocol_row_carries_the_shared_names(synth_root, tmp_path):
     from fewshot_core.data import list_categories, load_dataset
-    from fewshot_core.evaluation.oneclass import evaluate_oneclass
-    from fewshot_core.evaluation.supervised import evaluate_supervised
-    from fewshot_core.evaluation.transductive import evaluate_transductive
+    from fewshot_core.episodes import sample_oneclass, sample_supervised
+    from fewshot_core.evaluation.oneclass import run_oneclass_episode
+    from fewshot_core.evaluation.results import OneClassResult, SupervisedResult
+    from fewshot_core.evaluation.supervised import run_supervised_episode
+    from fewshot_core.evaluation.transductive import run_transductive_episode, transductive_episode
     from fewshot_core.features.store import FeatureStore
 
     ds = load_dataset(synth_root, list_categories(synth_root)[0])
     part = FeatureStore(tmp_path).build(ds, image_size=64, num_workers=0, progress=False)
-    rows = {schema.Protocol.ONECLASS: evaluate_oneclass(ds, part, "knn", 2, [0], mask_size=32, augment="none")[0],
-            schema.Protocol.SUPERVISED: evaluate_supervised(ds, part, "protonet", 2, 1, [0])[0],
-            schema.Protocol.TRANSDUCTIVE: evaluate_transductive(ds, part, "musc", 0, [0], mask_size=32)[0]}
+    results = {
+        schema.Protocol.ONECLASS: run_oneclass_episode(ds, part, sample_oneclass(ds, 2, 0), "knn", mask_size=32,
+                                                       augment="none"),
+        schema.Protocol.SUPERVISED: run_supervised_episode(ds, part, sample_supervised(ds, 2, 1, 0), "protonet"),
+        schema.Protocol.TRANSDUCTIVE: run_transductive_episode(ds, part, transductive_episode(ds, 0, 0), "musc",
+                                                               mask_size=32)}
     shared = {"episode_id", "protocol", "category", "method", "params", "backbone", "seed", "n_support", "n_query",
               "fit_s", "score_s", "image_auroc"}
-    for protocol, row in rows.items():
+    for protocol, res in results.items():
+        # a typed result: the row beside what plots and saved models need, no out-parameter dict
+        assert isinstance(res, SupervisedResult if protocol == schema.Protocol.SUPERVISED else OneClassResult)
+        assert res.model is not None and len(res.image_scores) == len(res.query_ids) == res.row["n_query"]
+        row = res.row
         assert row["protocol"] == protocol and type(row["protocol"]) is str, protocol
         assert shared <= row.keys(), (protocol, shared - row.keys())
         assert "predict_s" not in row
         assert schema.undeclared(row) == [], protocol  # every column has a declared kind
         for name in schema.metric_columns(row):
             _direction(name)
-    frame = pd.DataFrame(rows.values())
+    frame = pd.DataFrame([r.row for r in results.values()])
     assert set(frame["protocol"]) == set(schema.PROTOCOLS) and frame["score_s"].notna().all()
+    oc = results[schema.Protocol.ONECLASS]
+    assert oc.image_maps(oc.patch_maps[:1], oc.query_ids[:1]).shape[1:] == (32, 32) and oc.threshold is not None
