@@ -184,8 +184,8 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
                               partition=None if image_method else part, threshold=result.threshold,
                               image_size=getattr(result.model, "image_size", part.image_size) if image_method
                               else None, tags=tags, name=f"{spec.id}-{p['category']}-{setting.key}")
-    context.log.info(f"{spec.id} {p['key']}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()
-                                                         if k in ("image_auroc", "pixel_auroc", "balanced_accuracy")))
+    shown = schema.SHOWN[schema.Protocol(setting.protocol)]
+    context.log.info(f"{spec.id} {p['key']}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k in shown))
     identity = {"method": spec.id, "method_name": spec.method, "backbone": backbone, "category": p["category"],
                 "protocol": str(setting.protocol), "setting": setting.name, "setting_key": setting.key,
                 "shots": setting.k_good, "k_good": setting.k_good, "k_bad": setting.k_bad,
