@@ -4,8 +4,9 @@ An episode row (``evaluation/``: one per protocol run), the pipeline's benchmark
 partition, ``pipelines/assets/evaluation.py``), the MLflow run of a partition, ``fsad evaluate`` and the
 report all read their columns from here. A column declared a metric has a direction (higher or lower is
 better) and lies in [0, 1]; a numeric column that is not declared a metric is not one: the report does
-not average it, MLflow does not log it as a metric. Every protocol's row carries ``protocol`` and the
-same timing names (``fit_s``, ``score_s``).
+not average it and the checks do not hold it to [0, 1]. A partition's MLflow run logs the row's metrics,
+its timings and, beside them, the decision threshold (a detail, so the run shows its cut). Every
+protocol's row carries ``protocol`` and the same timing names (``fit_s``, ``score_s``).
 
 Imports nothing from the project, so every layer (settings, registry, protocols, reports, pipeline) can
 read it.
@@ -44,10 +45,6 @@ class Column:
     higher_is_better: bool | None = None  # metrics and timings: which way is better
     group: bool = False  # identity: part of the seed-free group the report averages seeds over
     label: str = ""  # metrics: how the report names it
-
-    @property
-    def direction(self) -> str:
-        return "higher" if self.higher_is_better else "lower"
 
 
 def _id(name: str, doc: str, group: bool = False) -> Column:
