@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fewshot_core.data import load_dataset  # noqa: E402
+from fewshot_core.episode_cache import EpisodeCache  # noqa: E402
 from fewshot_core.backbones.models import DEFAULT_BACKBONE  # noqa: E402
 from fewshot_core.data.derived import logical_copy, posed_copy, small_defect_copy, tall_copy  # noqa: E402
 from fewshot_core.data.synth import generate  # noqa: E402
@@ -163,7 +164,7 @@ def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: in
         done: list[dict] | None = None, save=None) -> list[dict]:
     """Every lever x dataset x shots row; rows in ``done`` (an earlier run's JSON) are kept, not rerun, and
     ``save(results)`` runs after each new row, so an interrupted suite resumes where it stopped."""
-    results, partitions, cache = list(done or []), {}, {}
+    results, partitions, cache = list(done or []), {}, EpisodeCache()
     have = {(r["lever"], r["dataset"], r["shots"], r["image_size"], tuple(r["seeds"])) for r in results}
     have_any_seeds = {h[:4] for h in have}
     for lever in levers:

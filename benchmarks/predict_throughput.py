@@ -60,11 +60,10 @@ def main() -> None:
         store = FeatureStore(args.store or Path(tmp) / "store")
         part = store.build(ds, image_size=args.image_size, progress=False)
         ep = sample_oneclass(ds, args.shots, 0)
-        details: dict = {}
-        run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=args.image_size, details=details)
-        folder = save_deployable(details["model"], Path(tmp) / "model", category=ds.category,
+        res = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=args.image_size)
+        folder = save_deployable(res.model, Path(tmp) / "model", category=ds.category,
                                  support_ids=ep.support_ids, protocol="oneclass",
-                                 featurizer=FeaturizerSpec.from_partition(part), threshold=details["threshold"])
+                                 featurizer=FeaturizerSpec.from_partition(part), threshold=res.threshold)
         model = DeployedModel(folder)
         paths = [ds.by_id(i).path for i in ep.query_ids][: args.images or None]
         featurizer = model.featurizer

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fewshot_core.atomic import atomic_write_text  # noqa: E402
 from fewshot_core.data import load_dataset  # noqa: E402
+from fewshot_core.episode_cache import EpisodeCache  # noqa: E402
 from fewshot_core.episodes import sample_oneclass  # noqa: E402
 from fewshot_core.evaluation.oneclass import run_oneclass_episode  # noqa: E402
 from fewshot_core.evaluation.threshold import DEFAULT_FPR, threshold_from_scores  # noqa: E402
@@ -47,7 +48,7 @@ def collect(dataset, partition, methods, shots_list, seeds, cache_dir: Path, mas
     """{"method/shots/seed": {"heldout", "good", "defect"}} scores; episodes already in the cache (one file
     per method, so studies of different methods can run at once) are kept."""
     episodes: dict = {}
-    cache: dict = {}
+    cache = EpisodeCache()
     for method in methods:
         path = cache_dir / f"{method}.json"
         done = json.loads(path.read_text()) if path.exists() else {}
@@ -57,12 +58,11 @@ def collect(dataset, partition, methods, shots_list, seeds, cache_dir: Path, mas
                 if key in done:
                     continue
                 t0 = time.perf_counter()
-                details: dict = {}
-                run_oneclass_episode(dataset, partition, sample_oneclass(dataset, shots, seed), method,
-                                     mask_size=mask_size, cache=cache, details=details)
-                labels = np.asarray(details["labels"])
-                scores = np.asarray(details["image_scores"], dtype=float)
-                done[key] = {"heldout": list(details["threshold"].good_scores),
+                res = run_oneclass_episode(dataset, partition, sample_oneclass(dataset, shots, seed), method,
+                                           mask_size=mask_size, cache=cache)
+                labels = np.asarray(res.labels)
+                scores = np.asarray(res.image_scores, dtype=float)
+                done[key] = {"heldout": list(res.threshold.good_scores),
                              "good": scores[labels == 0].tolist(), "defect": scores[labels == 1].tolist()}
                 atomic_write_text(path, json.dumps(done))
                 print(f"  {key}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)

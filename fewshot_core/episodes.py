@@ -88,7 +88,9 @@ def _check_shots(dataset, name: str, k, available: int, what: str, hint: str = "
 
 
 def _draw(ids: list[str], k: int, *key) -> list[str]:
-    """The first k of a seeded permutation of the sorted ids (so smaller k is a prefix: nested supports)."""
+    """The first k of a seeded permutation of the sorted ids (so smaller k is a prefix: nested supports).
+    Callers salt ``key`` with the protocol's name as a literal ("oneclass", "supervised"), not
+    ``schema.Protocol``: renaming a protocol must never redraw the episodes."""
     ids = sorted(ids)
     order = _rng(*key).permutation(len(ids))
     return [ids[i] for i in order[:k]]

@@ -12,10 +12,11 @@ import re
 from dataclasses import dataclass
 
 from fewshot_core.errors import FsadError
+from fewshot_core.schema import Protocol
 
-ONECLASS = "oneclass"
-SUPERVISED = "supervised"
-TRANSDUCTIVE = "transductive"
+ONECLASS = Protocol.ONECLASS
+SUPERVISED = Protocol.SUPERVISED
+TRANSDUCTIVE = Protocol.TRANSDUCTIVE
 LABEL_MODE_CODES = {"binary": "bin", "multiclass": "multi"}
 _CODE_TO_MODE = {v: k for k, v in LABEL_MODE_CODES.items()}
 _OC_RE = re.compile(r"^oc-k(\d+)-s(\d+)$")

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fewshot_core import schema
 from fewshot_core.models.champion import ChampionCriterion
 from fewshot_core.sizes import MIN_BACKBONE_SIZE
 
@@ -102,9 +103,8 @@ class MethodItem(_Strict):
     meta_pool: Annotated[str, Field(pattern=r"^(categories|synthetic(:[1-9][0-9]*)?|[^:].*)$")] | None = None
 
 
-# Metrics a champion can be chosen by: every one is higher-is-better and present in the benchmark table
-CHAMPION_METRICS = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro", "balanced_accuracy",
-                    "accuracy", "macro_f1")
+# Metrics a champion can be chosen by: the schema's higher-is-better ones (champion.py ranks by "higher wins")
+CHAMPION_METRICS = tuple(name for name, col in schema.METRICS.items() if col.higher_is_better)
 
 
 class ChampionSection(_Strict):

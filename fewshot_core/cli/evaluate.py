@@ -21,8 +21,7 @@ from fewshot_core.data.layouts import add_layout_arguments, dataset_from_args
 from fewshot_core.errors import FsadError
 from fewshot_core.methods import registry
 
-ONECLASS_COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "fit_s", "score_s")
-SUPERVISED_COLUMNS = ("image_auroc", "balanced_accuracy", "accuracy", "macro_f1", "fit_s", "predict_s")
+from fewshot_core.schema import PROTOCOLS, SHOWN, Protocol
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -50,7 +49,7 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("root", nargs="?", metavar="ROOT", help="MVTec-layout root (or use the layout flags)")
     p.add_argument("--category", help="category to evaluate (with layout flags: its name)")
-    p.add_argument("--protocol", choices=("oneclass", "supervised", "transductive"), default="oneclass")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=Protocol.ONECLASS.value)
     p.add_argument("--method", required=True, help=_method_help())
     p.add_argument("--param", type=_param, action=UniqueKeys, default=[], metavar="KEY=VALUE",
                    help="method parameter (repeatable; JSON values), e.g. --param coreset_ratio=0.01 --param k=5")
@@ -118,7 +117,7 @@ def _method_help() -> str:
 
 def _rows(args, dataset, partition, entry) -> list[dict]:
     params = dict(args.param)
-    if args.protocol == "oneclass":
+    if args.protocol == Protocol.ONECLASS:
         from fewshot_core.evaluation.oneclass import evaluate_oneclass, parse_shots
 
         if args.shots is None:
@@ -126,7 +125,7 @@ def _rows(args, dataset, partition, entry) -> list[dict]:
         return evaluate_oneclass(dataset, partition, entry, parse_shots(args.shots), args.seeds,
                                  method_params=params, mask_size=args.mask_size, augment=args.augment,
                                  config=args.config, align=args.align)
-    if args.protocol == "transductive":
+    if args.protocol == Protocol.TRANSDUCTIVE:
         from fewshot_core.evaluation.transductive import evaluate_transductive
 
         shots = 0 if args.shots is None else args.shots
@@ -182,7 +181,7 @@ def _meta_pool(args, dataset, partition, params: dict, entry):
 
 def _needs_features(protocol: str, entry) -> bool:
     """Whether the method reads the feature store (the registry's input kind), i.e. a partition must exist."""
-    return protocol == registry.SUPERVISED or entry.input_kind != registry.IMAGES
+    return protocol == Protocol.SUPERVISED or entry.input_kind != registry.IMAGES
 
 
 def _fmt(value) -> str:
@@ -192,9 +191,10 @@ def _fmt(value) -> str:
 
 
 def format_table(rows: list[dict], protocol: str) -> str:
-    """One line per seed and a mean ± std line (sample std over seeds) for the headline metrics."""
-    supervised = protocol == "supervised"
-    wanted = SUPERVISED_COLUMNS if supervised else ONECLASS_COLUMNS
+    """One line per seed and a mean ± std line (sample std over seeds) for the protocol's shown metrics
+    (``schema.SHOWN``) and the times."""
+    supervised = protocol == Protocol.SUPERVISED
+    wanted = (*SHOWN[Protocol(protocol)], "fit_s", "score_s")
     cols = [c for c in wanted if any(c in r for r in rows)]
     lead = ["seed", "k_good", "k_bad"] if supervised else ["seed", "shots"]
     header = lead + cols

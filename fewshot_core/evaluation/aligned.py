@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from fewshot_core.episode_cache import AlignedKey, EpisodeCache
 from fewshot_core.errors import FsadError
 
 MARGIN = 0.2  # the crop's half side: the part's largest half extent times 1 + MARGIN
@@ -132,7 +133,7 @@ class AlignedPartition:
 
     persist_views = False
 
-    def __init__(self, partition, dataset, poses: dict[str, Pose], cache: dict):
+    def __init__(self, partition, dataset, poses: dict[str, Pose], cache: EpisodeCache):
         self._partition, self._dataset, self.poses, self._cache = partition, dataset, poses, cache
         digest = hashlib.sha256("|".join(f"{i}:{p.key()}" for i, p in sorted(poses.items())).encode())
         self.meta = {**partition.meta, "key": f"{partition.meta['key']}-aligned-{digest.hexdigest()[:12]}"}
@@ -161,7 +162,7 @@ class AlignedPartition:
         from fewshot_core.methods.augment import embed_images
 
         ids = list(ids)
-        keys = {i: ("aligned", self._partition.meta["key"], i, self.poses[i].key()) for i in ids}
+        keys = {i: AlignedKey(self._partition.meta["key"], i, self.poses[i].key()) for i in ids}
         todo = [i for i in ids if keys[i] not in self._cache]
         if todo:
             for i, f in zip(todo, embed_images(self._partition, [self.image(i) for i in todo], self._cache)):
@@ -181,7 +182,7 @@ def check_align(align: str) -> str:
     return align
 
 
-def align_episode(dataset, partition, support_ids, query_ids, seed: int, cache: dict):
+def align_episode(dataset, partition, support_ids, query_ids, seed: int, cache: EpisodeCache):
     """The ``AlignedPartition`` of an episode, its poses from a foreground estimate fitted on the
     support's stored features alone; None when the support is a texture (nothing to align)."""
     from fewshot_core.methods.foreground import fit_foreground

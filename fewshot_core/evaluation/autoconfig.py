@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fewshot_core.episode_cache import AnomaliesKey, EpisodeCache
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.support_views import bank_input, resolve_augment, support_views
 from fewshot_core.methods import registry
@@ -89,14 +90,14 @@ def _rng(seed: int, *keys) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def synthetic_anomalies(dataset, partition, image_id: str, seed: int, cache: dict, n: int = ANOMALIES,
+def synthetic_anomalies(dataset, partition, image_id: str, seed: int, cache: EpisodeCache, n: int = ANOMALIES,
                         donors=()) -> np.ndarray:
     """Patch features [n, h, w, d] of ``n`` DefectMaker anomalies drawn into ``image_id`` at the working
     shape (cached per partition, image and seed)."""
     from fewshot_core.methods.augment import embed_images, working_image
     from fewshot_core.methods.defectmaker import DefectMaker
 
-    key = ("autoconfig-anomalies", partition.meta["key"], image_id, seed, n, tuple(donors))
+    key = AnomaliesKey(partition.meta["key"], image_id, seed, n, tuple(donors))
     if key not in cache:
         image = np.asarray(working_image(partition, dataset.by_id(image_id).path, cache).convert("RGB"))
         others = [np.asarray(working_image(partition, dataset.by_id(d).path, cache).convert("RGB")) for d in donors]
@@ -109,7 +110,7 @@ def synthetic_anomalies(dataset, partition, image_id: str, seed: int, cache: dic
     return cache[key]
 
 
-def choose(dataset, partition, episode, method, params: Mapping, cache: dict, runtime=None,
+def choose(dataset, partition, episode, method, params: Mapping, cache: EpisodeCache, runtime=None,
            augment_transforms=None) -> Choice:
     """The configuration for ``episode`` (see the module docstring)."""
     support_ids = list(episode.support_ids)

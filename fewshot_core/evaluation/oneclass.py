@@ -34,16 +34,19 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fewshot_core.backbones.preprocess import as_shape
+from fewshot_core.episode_cache import EpisodeCache, ImageKey, MaskKey, episode_cache
 from fewshot_core.episodes import OneClassEpisode, sample_oneclass
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.threshold import Threshold, ThresholdConfig, decision_metrics, fit_threshold
 from fewshot_core.methods import registry
 from fewshot_core.evaluation.aligned import align_episode, check_align, to_original
 from fewshot_core.evaluation.autoconfig import check_config, choose
+from fewshot_core.evaluation.results import OneClassResult
 from fewshot_core.evaluation.support_views import AUTO, bank_input, resolve_augment, support_views
 from fewshot_core.methods.augment import TRANSFORMS
 from fewshot_core.metrics import PixelAccumulator, image_metrics, recall_per_defect_type
 from fewshot_core.sizes import MIN_MASK_SIZE, WORKING_SIZE, check_size
+from fewshot_core.schema import Protocol
 
 SCORE_BATCH = 32  # query images scored per call: bounds memory on large test sets
 
@@ -67,20 +70,21 @@ def mask_shape(mask_size=None, partition=None, model_size=None) -> tuple[int, in
     return shape
 
 
-def _masks(dataset, ids: Sequence[str], shape: tuple[int, int], cache: dict) -> np.ndarray:
+def _masks(dataset, ids: Sequence[str], shape: tuple[int, int], cache: EpisodeCache) -> np.ndarray:
     """Boolean masks [n, H, W] (all False for good images), cached across seeds."""
     from fewshot_core.data.imageio import load_mask
 
     shape = as_shape(shape)
-    key = ("masks", dataset.root, dataset.category, tuple(ids), shape)
-    if key not in cache:
+
+    def load() -> np.ndarray:
         out = np.zeros((len(ids), *shape), dtype=bool)
         for i, image_id in enumerate(ids):
             rec = dataset.by_id(image_id)
             if rec.mask_path is not None:
                 out[i] = load_mask(rec.mask_path, (shape[1], shape[0]))
-        cache[key] = out
-    return cache[key]
+        return out
+
+    return cache.get_or_make(MaskKey(str(dataset.root), dataset.category, tuple(ids), shape), load)
 
 
 def score_in_batches(query_ids: Sequence[str], load, score, batch: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -98,7 +102,7 @@ def score_in_batches(query_ids: Sequence[str], load, score, batch: int) -> tuple
 
 
 def query_metrics(dataset, query_ids: Sequence[str], scores: np.ndarray, maps: np.ndarray, resize,
-                  shape: tuple[int, int], cache: dict) -> tuple[np.ndarray, dict]:
+                  shape: tuple[int, int], cache: EpisodeCache) -> tuple[np.ndarray, dict]:
     """Labels and metrics of an episode's queries: image metrics from ``scores``; pixel metrics (only
     where the dataset has masks) from ``maps`` turned into ``shape`` (height, width) maps by
     ``resize(batch, ids)``, batch by batch so the full-resolution maps never sit in memory together."""
@@ -123,7 +127,7 @@ def episode_identity(dataset, episode: OneClassEpisode, method: str, params: Map
     shape = as_shape(shape)
     return {
         "episode_id": episode.episode_id,
-        "protocol": "oneclass",
+        "protocol": Protocol.ONECLASS.value,
         "category": episode.category,
         "method": method,
         "params": json.dumps(params, sort_keys=True, default=str),
@@ -140,7 +144,7 @@ def episode_identity(dataset, episode: OneClassEpisode, method: str, params: Map
     }
 
 
-def episode_images(dataset, ids: Sequence[str], size: int, cache: dict | None):
+def episode_images(dataset, ids: Sequence[str], size: int, cache: EpisodeCache | None):
     """Images of ``ids`` at ``size`` (float [n, 3, S, S] in [0, 1]); decoded once per (image, size) with a cache."""
     import torch
 
@@ -148,7 +152,7 @@ def episode_images(dataset, ids: Sequence[str], size: int, cache: dict | None):
 
     if cache is None:
         return load_images([dataset.by_id(i).path for i in ids], size)
-    keys = {i: ("image", str(dataset.root), dataset.category, i, size) for i in ids}
+    keys = {i: ImageKey(str(dataset.root), dataset.category, i, size) for i in ids}
     missing = [i for i in ids if keys[i] not in cache]
     if missing:
         for i, x in zip(missing, load_images([dataset.by_id(i).path for i in missing], size)):
@@ -168,19 +172,15 @@ def _trained_fields(model) -> dict:
 def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method,
                          method_params: Mapping | None = None, mask_size=None,
                          augment: str = AUTO, augment_transforms: Sequence[str] = TRANSFORMS,
-                         sigma: float | None = None, cache: dict | None = None,
-                         details: dict | None = None, runtime=None,
+                         sigma: float | None = None, cache: EpisodeCache | None = None, runtime=None,
                          threshold: ThresholdConfig | None = None, config: str = "default",
-                         align: str = "none") -> dict:
+                         align: str = "none") -> OneClassResult:
     """Fit ``method`` (a ``MethodEntry``, or its name) on the episode's support (features or images, as its
-    registry entry says), score its queries, return one row of metrics. ``mask_size`` None: the model's
-    working shape (``mask_shape``). ``sigma`` overrides the detector's own map smoothing (None: its
-    ``map_sigma``, 4 px for patch maps, 0 for maps already smoothed at image resolution).
-
-    Pass a dict as ``details`` to get the fitted ``model``, ``image_scores``, ``patch_maps`` (the maps
-    ``score`` returned, at the method's own resolution), ``labels``, ``query_ids``, ``threshold`` and the mask
-    ``shape`` back
-    (for plots and saved models without refitting). ``threshold``: how the decision threshold is set
+    registry entry says), score its queries; the result holds the row of metrics (``.row``), the fitted
+    model, the scores, maps and labels, the threshold and the mask ``shape`` (for plots and saved models
+    without refitting). ``mask_size`` None: the model's working shape (``mask_shape``). ``sigma`` overrides the detector's
+    own map smoothing (None: its ``map_sigma``, 4 px for patch maps, 0 for maps already smoothed at image
+    resolution). ``threshold``: how the decision threshold is set
     (default ``ThresholdConfig(seed=episode.seed)``). ``config="auto"`` lets the support choose the
     augmentation and scoring (``evaluation/autoconfig.py``) over ``augment`` and ``method_params``; the row
     records the choice (``config``, ``config_scores``, ``config_reason``). ``align="auto"`` embeds every
@@ -191,7 +191,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method,
     on_images = entry.input_kind == registry.IMAGES
     if check_config(config) == "auto" and on_images:
         raise FsadError(f"config auto: only for feature-based methods; {entry.name} trains on images")
-    cache = {} if cache is None else cache
+    cache = episode_cache(cache)
     params = dict(method_params or {})
     chosen = {"config": "default"}
     if config == "auto":
@@ -243,16 +243,13 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method,
     metrics.update(decision_metrics(labels, scores, cut))
     metrics.update(recall_per_defect_type([dataset.by_id(i).defect_type for i in query_ids], labels,
                                           cut.decide(scores)))
-    if details is not None:
-        details.update(model=model, image_scores=scores, patch_maps=patch_maps, labels=labels, query_ids=query_ids,
-                       threshold=cut, image_maps=to_image, shape=shape)
     if on_images:
         backbone, partition_key = getattr(model, "backbone", None), None
         bank = getattr(model, "fit_info_", {}).get("bank", 0)
     else:
         backbone, partition_key = partition.meta.get("backbone"), partition.meta.get("key")
         bank = len(getattr(model, "bank_", ()))
-    return {
+    row = {
         **episode_identity(dataset, episode, entry.name, model.get_params(), backbone, partition_key, len(query_ids),
                            augment, shape),
         **chosen,
@@ -263,6 +260,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method,
         "score_s": round(score_s, 4),
         **(_trained_fields(model) if on_images else {}),
     }
+    return OneClassResult(row, model, query_ids, labels, scores, patch_maps, to_image, cut, shape)
 
 
 def content_keys(partition, ids: Sequence[str]) -> list[str] | None:
@@ -310,18 +308,18 @@ def parse_shots(shots) -> int | None:
 def evaluate_oneclass(dataset, partition, method, shots, seeds, method_params: Mapping | None = None,
                       mask_size=None, augment: str = AUTO,
                       augment_transforms: Sequence[str] = TRANSFORMS, sigma: float | None = None,
-                      cache: dict | None = None, runtime=None,
+                      cache: EpisodeCache | None = None, runtime=None,
                       threshold: ThresholdConfig | None = None, config: str = "default",
                       align: str = "none") -> list[dict]:
-    """One row per seed (see ``run_oneclass_episode``); ``shots`` is an int or ``"full"``/None.
+    """One row per seed (``run_oneclass_episode(...).row``); ``shots`` is an int or ``"full"``/None.
     ``runtime`` (``fewshot_core.runtime.Runtime``) says where and how to compute, and where the detectors
     that train on images cache their weights. ``partition`` may be None for those."""
     shots = parse_shots(shots)
     if isinstance(seeds, (int, np.integer)):
         seeds = [int(seeds)]
-    cache = {} if cache is None else cache
+    cache = episode_cache(cache)
     method = registry.get(method, protocol=registry.ONECLASS)  # the name becomes its entry once, before any episode
     return [run_oneclass_episode(dataset, partition, sample_oneclass(dataset, shots, int(seed)), method,
                                  method_params, mask_size, augment, augment_transforms, sigma, cache,
-                                 runtime=runtime, threshold=threshold, config=config, align=align)
+                                 runtime=runtime, threshold=threshold, config=config, align=align).row
             for seed in seeds]

@@ -2,9 +2,10 @@
 
 ``evaluate_setting`` is the per-partition work of the pipeline's evaluation assets, and what any other
 front end (``fsad evaluate``, a notebook) calls for the same numbers and the same artifacts: the row of
-metrics from ``run_oneclass_episode`` / ``run_supervised_episode``, the ROC curve or confusion matrix, the
-anomaly-map gallery, the fitted model's folder and the episode itself (support, queries, scores). Pure
-library code: no Dagster, no MLflow, nothing written outside a temporary folder.
+metrics from ``run_oneclass_episode`` / ``run_supervised_episode`` (typed results: ``evaluation/results.py``),
+the ROC curve or confusion matrix, the anomaly-map gallery, the fitted model's folder and the episode itself
+(support, queries, scores). Pure library code: no Dagster, no MLflow, nothing written outside a temporary
+folder.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fewshot_core.settings import ONECLASS, TRANSDUCTIVE, Setting
-
-METRIC_NAMES = frozenset({"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro", "accuracy",
-                          "balanced_accuracy", "macro_f1", "false_alarm_rate", "miss_rate"})
+from fewshot_core import schema
+from fewshot_core.episode_cache import EpisodeCache, episode_cache
+from fewshot_core.settings import Setting
 
 
 @dataclass
@@ -36,7 +36,7 @@ class SettingResult:
 
     @property
     def metrics(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.row.items() if k in METRIC_NAMES or k.startswith("recall_")}
+        return schema.metrics_of(self.row)
 
     @property
     def fit_seconds(self) -> float:
@@ -44,7 +44,7 @@ class SettingResult:
 
     @property
     def score_seconds(self) -> float:
-        return float(self.row.get("score_s", self.row.get("predict_s", np.nan)))
+        return float(self.row.get("score_s", np.nan))
 
     @property
     def overlap(self) -> int:
@@ -53,22 +53,22 @@ class SettingResult:
 
 
 def evaluate_setting(dataset, partition, method, setting: Setting, method_params: Mapping | None = None,
-                     *, mask_size=None, cache: dict | None = None, runtime=None,
+                     *, mask_size=None, cache: EpisodeCache | None = None, runtime=None,
                      meta_pool=None, bank: dict | None = None, title: str | None = None) -> SettingResult:
     """Run ``method`` (a ``MethodEntry`` or its name) on ``setting``'s episode of ``dataset`` (features from
     ``partition``) and describe it.
 
-    ``mask_size`` defaults to the partition's working shape (``oneclass.mask_shape``); ``cache`` is shared across the settings of one
-    category (masks, images, meta-trained models); ``meta_pool`` (``evaluation.meta_pool.MetaPool``) is the
-    meta-training pool of the methods that need one. ``bank`` (``evaluation.support.build_support_bank``)
-    supplies the support features, shared with the other methods of the setting. ``title`` heads the plots
-    (default: method, category and setting).
+    ``mask_size`` defaults to the partition's working shape (``oneclass.mask_shape``); ``cache`` (an
+    ``EpisodeCache``) is shared across the settings of one category (masks, images, meta-trained models);
+    ``meta_pool`` (``evaluation.meta_pool.MetaPool``) is the meta-training pool of the methods that need one.
+    ``bank`` (``evaluation.support.build_support_bank``) supplies the support features, shared with the other
+    methods of the setting. ``title`` heads the plots (default: method, category and setting).
     """
     from fewshot_core.evaluation.support import BankedPartition, sample_episode
     from fewshot_core.methods import registry
 
     method = registry.get(method, protocol=setting.protocol)
-    cache = {} if cache is None else cache
+    cache = episode_cache(cache)
     from fewshot_core.evaluation.oneclass import mask_shape
 
     # without a partition (a detector trained on images) the protocol resolves None to the model's own size
@@ -78,7 +78,7 @@ def evaluate_setting(dataset, partition, method, setting: Setting, method_params
     if bank is not None:
         partition = BankedPartition(partition, bank)
         partition.check(episode)
-    if setting.protocol in (ONECLASS, TRANSDUCTIVE):
+    if setting.protocol in (schema.Protocol.ONECLASS, schema.Protocol.TRANSDUCTIVE):
         return _scored(dataset, partition, method, episode, dict(method_params or {}), size, cache, runtime,
                        title, setting.protocol)
     return _supervised(dataset, partition, method, episode, dict(method_params or {}), cache, runtime, meta_pool,
@@ -100,36 +100,31 @@ def _scored(dataset, partition, method, episode, params, size, cache, runtime, t
     from fewshot_core.evaluation.transductive import run_transductive_episode
     from fewshot_core.reports import gallery, plots
 
-    details: dict = {}  # the loader (store features or decoded images) follows the registry's input kind
-    if protocol == TRANSDUCTIVE:
-        row = run_transductive_episode(dataset, partition, episode, method, params, mask_size=size, cache=cache,
-                                       runtime=runtime, details=details)
-    else:
-        row = run_oneclass_episode(dataset, partition, episode, method, params, mask_size=size, cache=cache,
-                                   details=details, runtime=runtime)
-    maps = details["patch_maps"]
-    scores, labels, query_ids = details["image_scores"], np.asarray(details["labels"]), list(details["query_ids"])
+    # the loader (store features or decoded images) follows the registry's input kind
+    run = run_transductive_episode if protocol == schema.Protocol.TRANSDUCTIVE else run_oneclass_episode
+    res = run(dataset, partition, episode, method, params, mask_size=size, cache=cache, runtime=runtime)
+    scores, labels, query_ids = res.image_scores, np.asarray(res.labels), list(res.query_ids)
     artifacts: dict = {"plots/roc_curve.png": plots.roc_curve_png(labels, scores, title)}
     picks = gallery.pick_examples(labels, scores)
     if picks:
-        cut = details.get("threshold")
+        cut = res.threshold
         artifacts[gallery.GALLERY_ARTIFACT] = gallery.render_gallery(
-            dataset, query_ids, scores, details["image_maps"](maps[picks], [query_ids[i] for i in picks]), picks,
-            details["shape"], title, threshold=cut.value if cut is not None and cut.usable else None)
-    artifacts.update(_model_files(details["model"]))
+            dataset, query_ids, scores, res.image_maps(res.patch_maps[picks], [query_ids[i] for i in picks]), picks,
+            res.shape, title, threshold=cut.value if cut is not None and cut.usable else None)
+    artifacts.update(_model_files(res.model))
     artifacts["episode.json"] = json.dumps({"episode_id": episode.episode_id, "support_ids": episode.support_ids,
                                             "query_ids": query_ids, "labels": labels.tolist(),
                                             "scores": [float(s) for s in scores]}, indent=1)
-    return SettingResult(row, artifacts, episode, model=details["model"], threshold=details.get("threshold"))
+    return SettingResult(res.row, artifacts, episode, model=res.model, threshold=res.threshold)
 
 
 def _supervised(dataset, partition, method, episode, params, cache, runtime, meta_pool, title) -> SettingResult:
     from fewshot_core.evaluation.supervised import run_supervised_episode
     from fewshot_core.reports import plots
 
-    details: dict = {}
-    row = run_supervised_episode(dataset, partition, episode, method, params, cache=cache, runtime=runtime,
-                                 meta_pool=meta_pool, details=details)
+    res = run_supervised_episode(dataset, partition, episode, method, params, cache=cache, runtime=runtime,
+                                 meta_pool=meta_pool)
+    row = res.row
     classes, matrix = json.loads(row["classes"]), json.loads(row["confusion"])
     artifacts = {"plots/confusion_matrix.png": plots.confusion_matrix_png(matrix, classes, title),
                  "episode.json": json.dumps({"episode_id": episode.episode_id, "classes": classes,
@@ -138,4 +133,4 @@ def _supervised(dataset, partition, method, episode, params, cache, runtime, met
                                              "query_ids": episode.query_ids, "query_labels": episode.query_labels,
                                              "confusion": matrix, "fit_info": json.loads(row.get("info", "{}"))},
                                             indent=1)}
-    return SettingResult(row, artifacts, episode, model=details.get("model"))
+    return SettingResult(row, artifacts, episode, model=res.model)

@@ -30,16 +30,19 @@ import numpy as np
 from scipy.special import logsumexp
 
 from fewshot_core.data.records import GOOD
+from fewshot_core.episode_cache import EpisodeCache, MetaTrainedKey, PreprocessedImagesKey, episode_cache
 from fewshot_core.episodes import SupervisedEpisode, sample_supervised
 from fewshot_core.errors import FsadError
+from fewshot_core.evaluation.results import SupervisedResult
 from fewshot_core.methods import registry
 from fewshot_core.methods.oneclass_classifier import OneClassClassifier
 from fewshot_core.metrics.classification import classification_metrics, confusion
+from fewshot_core.schema import Protocol
 
 # ---------------------------------------------------------------- inputs and method construction
 
 
-def _images(dataset, ids, backbone: str, image_size: int, cache: dict, preloaded: Mapping | None = None):
+def _images(dataset, ids, backbone: str, image_size: int, cache: EpisodeCache, preloaded: Mapping | None = None):
     """Preprocessed image tensors [n, 3, S, S] for a method that reads images, decoded once per (backbone,
     size), or taken from ``preloaded`` (image id -> tensor) where the pixels are not on this machine."""
     import torch
@@ -49,7 +52,7 @@ def _images(dataset, ids, backbone: str, image_size: int, cache: dict, preloaded
     from fewshot_core.backbones import build_transform
     from fewshot_core.data.imageio import load_rgb
 
-    store = cache.setdefault(("images", backbone, image_size), {})
+    store = cache.get_or_make(PreprocessedImagesKey(backbone, image_size), dict)
     missing = [i for i in ids if i not in store]
     if missing:
         transform = build_transform(backbone, image_size)
@@ -58,13 +61,11 @@ def _images(dataset, ids, backbone: str, image_size: int, cache: dict, preloaded
     return torch.stack([store[i] for i in ids])
 
 
-def _meta_trained(entry, dataset, partition, params: dict, cache: dict, runtime, meta_pool):
+def _meta_trained(entry, dataset, partition, params: dict, cache: EpisodeCache, runtime, meta_pool):
     """An estimator meta-fitted on ``meta_pool`` without the evaluated category, or loaded from its published
     ``checkpoint`` (shared across the seeds of one evaluation)."""
-    # The evaluated category is part of the key: a cache shared across categories (the pipeline's) must
-    # never hand category B the model meta-trained with B in its pool.
-    key = (entry.name, dataset.category, json.dumps(params, sort_keys=True, default=str),
-           None if meta_pool is None else meta_pool.source)
+    key = MetaTrainedKey(entry.name, dataset.category, json.dumps(params, sort_keys=True, default=str),
+                         None if meta_pool is None else meta_pool.source)
     est = cache.get(key)
     if est is None:
         est = registry.create(entry, runtime=runtime, **params)
@@ -83,7 +84,7 @@ def _meta_trained(entry, dataset, partition, params: dict, cache: dict, runtime,
     return copy.copy(est)  # the meta-trained model is shared; each episode fits its own support
 
 
-def _build(entry, dataset, partition, episode: SupervisedEpisode, params: dict, cache: dict, runtime=None,
+def _build(entry, dataset, partition, episode: SupervisedEpisode, params: dict, cache: EpisodeCache, runtime=None,
            meta_pool=None, images=None):
     """(estimator, support inputs, query inputs) for one episode: the registry entry's input kind decides
     what the estimator reads."""
@@ -129,17 +130,17 @@ def _jsonable_params(params: dict) -> str:
 
 
 def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, method,
-                           method_params: Mapping | None = None, cache: dict | None = None, runtime=None,
-                           meta_pool=None, images: Mapping | None = None, details: dict | None = None) -> dict:
-    """Fit on the episode's support only, predict its queries, return one row of metrics.
+                           method_params: Mapping | None = None, cache: EpisodeCache | None = None, runtime=None,
+                           meta_pool=None, images: Mapping | None = None) -> SupervisedResult:
+    """Fit on the episode's support only, predict its queries; the result holds the row of metrics
+    (``.row``), the fitted model, the query log-probabilities, their anomaly ``image_scores`` (log-odds,
+    the score AUROC ranks by) and the predicted classes ``y_pred``.
 
     ``meta_pool`` (``evaluation.meta_pool.MetaPool``): other categories a meta-trained method learns from;
-    ``images``: preprocessed image tensors by image id, for image methods where the pixels are elsewhere;
-    ``details`` (a dict) receives the fitted ``model``, the query log-probabilities, their anomaly
-    ``image_scores`` (log-odds, the score AUROC ranks by) and the predicted classes ``y_pred``."""
+    ``images``: preprocessed image tensors by image id, for image methods where the pixels are elsewhere."""
     entry = registry.get(method, protocol=registry.SUPERVISED)  # a name or the entry the caller resolved
     params = dict(method_params or {})
-    cache = {} if cache is None else cache
+    cache = episode_cache(cache)
     names = np.asarray(episode.classes)
     y_support = names[np.asarray(episode.support_labels)]
     y_query = names[np.asarray(episode.query_labels)]
@@ -150,7 +151,7 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     logp = _log_proba(est, X_query)
-    predict_s = time.perf_counter() - t0
+    score_s = time.perf_counter() - t0
 
     classes = np.asarray(est.classes_)
     y_pred = classes[np.argmax(logp, axis=1)]
@@ -163,11 +164,9 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
     info = dict(getattr(est, "fit_info_", {}))
     if hasattr(est, "trained_on"):
         info["trained_on"] = list(est.trained_on)
-    if details is not None:
-        details.update(model=est, log_proba=logp, classes=classes, query_ids=list(episode.query_ids),
-                       image_scores=score, y_pred=y_pred)
-    return {
+    row = {
         "episode_id": episode.episode_id,
+        "protocol": Protocol.SUPERVISED.value,
         "category": episode.category,
         "method": entry.name,
         "params": _jsonable_params(params),
@@ -184,24 +183,25 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
         "classes": json.dumps(list(episode.classes)),
         "confusion": json.dumps(confusion(y_query, y_pred, list(episode.classes))),
         "fit_s": round(fit_s, 4),
-        "predict_s": round(predict_s, 4),
+        "score_s": round(score_s, 4),
         "info": json.dumps(info, default=str, sort_keys=True),
     }
+    return SupervisedResult(row, est, list(episode.query_ids), classes, logp, y_pred, score)
 
 
 def evaluate_supervised(dataset, partition, method, k_good: int, k_bad: int, seeds,
                         label_mode: str = "binary", pool: str = "test",
                         method_params: Mapping | None = None, runtime=None, meta_pool=None,
                         images: Mapping | None = None) -> list[dict]:
-    """One row per seed (see ``run_supervised_episode``); models that do not depend on the episode
+    """One row per seed (``run_supervised_episode(...).row``); models that do not depend on the episode
     (a meta-trained CAML, a loaded backbone, decoded images) are built once and shared across seeds."""
     method = registry.get(method, protocol=registry.SUPERVISED)  # the name becomes its entry once
     if isinstance(seeds, (int, np.integer)):
         seeds = [int(seeds)]
-    cache: dict = {}
+    cache = EpisodeCache()
     rows = []
     for seed in seeds:
         episode = sample_supervised(dataset, k_good, k_bad, seed, label_mode=label_mode, pool=pool)
         rows.append(run_supervised_episode(dataset, partition, episode, method, method_params, cache, runtime,
-                                           meta_pool, images))
+                                           meta_pool, images).row)
     return rows

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fewshot_core.episode_cache import EpisodeCache
 from fewshot_core.errors import FsadError
 from fewshot_core.methods import registry
 from fewshot_core.methods.augment import AUGMENT_MODES, augment_feature_maps, embed_augmented, transforms_for
@@ -28,7 +29,7 @@ def resolve_augment(method, augment: str, n_support: int) -> str:
     return augment
 
 
-def support_views(dataset, partition, episode, augment: str, transforms, cache) -> np.ndarray:
+def support_views(dataset, partition, episode, augment: str, transforms, cache: EpisodeCache) -> np.ndarray:
     """Support features [n, views, h, w, d]: each image's stored features, then its augmented views (the
     transforms that keep the partition's working shape)."""
     support = partition.patch(list(episode.support_ids))

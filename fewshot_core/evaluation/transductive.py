@@ -15,11 +15,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from fewshot_core.episode_cache import EpisodeCache, episode_cache
 from fewshot_core.episodes import OneClassEpisode, sample_oneclass
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.oneclass import episode_identity, mask_shape, query_metrics
+from fewshot_core.evaluation.results import OneClassResult
 from fewshot_core.methods import registry
 from fewshot_core.methods.anomaly_map import DEFAULT_SIGMA
+from fewshot_core.schema import Protocol
 
 
 def transductive_episode(dataset, shots: int, seed: int) -> OneClassEpisode:
@@ -35,17 +38,16 @@ def transductive_episode(dataset, shots: int, seed: int) -> OneClassEpisode:
 
 def run_transductive_episode(dataset, partition, episode: OneClassEpisode, method,
                              method_params: Mapping | None = None, mask_size=None,
-                             sigma: float = DEFAULT_SIGMA, cache: dict | None = None, runtime=None,
-                             details: dict | None = None) -> dict:
-    """One row: ``method`` (a ``MethodEntry`` or its name) fitted on the episode's good shots (none for
-    0 shots), then scoring every query against the others; ``mask_size`` None: the partition's shape.
-    ``details`` (a dict) receives what ``run_oneclass_episode`` gives back there (no ``threshold``: the
-    protocol sets none)."""
+                             sigma: float = DEFAULT_SIGMA, cache: EpisodeCache | None = None,
+                             runtime=None) -> OneClassResult:
+    """Fit ``method`` (a ``MethodEntry`` or its name) on the episode's good shots (none for 0), score the
+    queries together; the result is the one-class protocol's (``.row``, scores, maps, labels, mask
+    ``shape``; no decision threshold). ``mask_size`` None: the partition's shape."""
     entry = registry.get(method, protocol=registry.TRANSDUCTIVE)
     if partition is None:
         raise FsadError(f"method {entry.name!r}: reads patch features; build the feature-store partition first "
                         "(fsad embed)")
-    cache = {} if cache is None else cache
+    cache = episode_cache(cache)
     model = registry.create(entry, runtime=runtime, **{"seed": episode.seed, **dict(method_params or {})})
     shape = mask_shape(mask_size, partition, model.input_size)
     t0 = time.perf_counter()
@@ -58,23 +60,21 @@ def run_transductive_episode(dataset, partition, episode: OneClassEpisode, metho
     score_s = time.perf_counter() - t0
     to_image = lambda batch, ids: model.anomaly_maps(batch, shape, sigma)  # noqa: E731
     labels, metrics = query_metrics(dataset, query_ids, scores, maps, to_image, shape, cache)
-    if details is not None:
-        details.update(model=model, image_scores=scores, patch_maps=maps, labels=labels, query_ids=query_ids,
-                       image_maps=to_image, shape=shape)
     row = episode_identity(dataset, episode, entry.name, model.get_params(), partition.meta.get("backbone"),
                            partition.meta.get("key"), len(query_ids), "none", shape)
-    row.update(protocol=registry.TRANSDUCTIVE, shots=len(episode.support_ids), full_shot="no")
-    return {**row, **metrics, "bank_size": int(len(episode.support_ids)), "fit_s": round(fit_s, 4),
-            "score_s": round(score_s, 4)}
+    row.update(protocol=Protocol.TRANSDUCTIVE.value, shots=len(episode.support_ids), full_shot="no")
+    row = {**row, **metrics, "bank_size": int(len(episode.support_ids)), "fit_s": round(fit_s, 4),
+           "score_s": round(score_s, 4)}
+    return OneClassResult(row, model, query_ids, labels, scores, maps, to_image, shape=shape)
 
 
 def evaluate_transductive(dataset, partition, method, shots: int, seeds, method_params: Mapping | None = None,
-                          mask_size=None, sigma: float = DEFAULT_SIGMA, cache: dict | None = None,
+                          mask_size=None, sigma: float = DEFAULT_SIGMA, cache: EpisodeCache | None = None,
                           runtime=None) -> list[dict]:
     """One row per seed; ``shots`` = 0 scores the test images against each other only."""
     if isinstance(seeds, (int, np.integer)):
         seeds = [int(seeds)]
-    cache = {} if cache is None else cache
+    cache = episode_cache(cache)
     method = registry.get(method, protocol=registry.TRANSDUCTIVE)  # the name becomes its entry once
     return [run_transductive_episode(dataset, partition, transductive_episode(dataset, shots, int(seed)), method,
-                                     method_params, mask_size, sigma, cache, runtime) for seed in seeds]
+                                     method_params, mask_size, sigma, cache, runtime).row for seed in seeds]

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from fewshot_core.episode_cache import EpisodeCache, ExtractorKey, ViewKey, episode_cache
 from fewshot_core.errors import FsadError
 
 TRANSFORMS = ("hflip", "vflip", "rot90", "rot180", "rot270")
@@ -79,13 +80,13 @@ def _weights_spec(meta: dict):
 
 
 def embed_augmented(dataset, partition, support_ids: Sequence[str], transforms: Sequence[str] = TRANSFORMS,
-                    device=None, batch_size: int = 16, cache: dict | None = None,
+                    device=None, batch_size: int = 16, cache: EpisodeCache | None = None,
                     persist: bool = True) -> np.ndarray:
     """Patch features [len(ids) * len(transforms), h, w, d] of the transformed support images.
 
     Uses the partition's backbone, weights, layers, image size and patch reduction, and rounds the
     features through float16 like the store does, so augmented and stored features are comparable.
-    ``cache`` (a dict) keeps the extractor and already embedded (image, transform) pairs across calls;
+    ``cache`` keeps the extractor and already embedded (image, transform) pairs across calls;
     ``persist`` also keeps them in the partition folder (``features/view_cache.py``) for later processes,
     so the backbone is only built for views never embedded before.
     """
@@ -93,7 +94,7 @@ def embed_augmented(dataset, partition, support_ids: Sequence[str], transforms: 
 
     transforms = check_transforms(transforms)
     meta = partition.meta
-    cache = {} if cache is None else cache
+    cache = episode_cache(cache)
     # an aligned partition's views are views of its aligned images: never stored under the plain partition
     keep = persist and hasattr(partition, "path") and getattr(partition, "persist_views", True)
     views = ViewCache(partition) if keep else None
@@ -101,7 +102,7 @@ def embed_augmented(dataset, partition, support_ids: Sequence[str], transforms: 
     todo = []
     for image_id in support_ids:
         for t in transforms:
-            key = ("augment", meta["key"], image_id, t)
+            key = ViewKey(meta["key"], image_id, t)
             if key in cache:
                 continue
             stored = views.get(rows[image_id], t) if views is not None else None
@@ -111,17 +112,17 @@ def embed_augmented(dataset, partition, support_ids: Sequence[str], transforms: 
                 cache[key] = stored.astype(np.float32)
     if todo:
         _embed_views(dataset, partition, todo, device, batch_size, cache, views, rows)
-    return np.stack([cache[("augment", meta["key"], i, t)] for i in support_ids for t in transforms])
+    return np.stack([cache[ViewKey(meta["key"], i, t)] for i in support_ids for t in transforms])
 
 
-def partition_extractor(partition, cache: dict, device=None):
+def partition_extractor(partition, cache: EpisodeCache, device=None):
     """(extractor, preprocessing config, normalisation) of ``partition``'s backbone, built once per
     partition into ``cache``; weights whose hash differs from the partition's are refused."""
     from fewshot_core.backbones.models import create_extractor
     from fewshot_core.backbones.preprocess import Normalize, preprocess_config
 
     meta = partition.meta
-    key = ("augment-extractor", meta["key"])
+    key = ExtractorKey(meta["key"])
     if key not in cache:
         extractor = create_extractor(meta["backbone"], meta["layers"], weights=_weights_spec(meta), device=device)
         expected = (meta.get("weights") or {}).get("sha256")
@@ -133,7 +134,7 @@ def partition_extractor(partition, cache: dict, device=None):
     return cache[key]
 
 
-def working_image(partition, path, cache: dict) -> Image.Image:
+def working_image(partition, path, cache: EpisodeCache) -> Image.Image:
     """The image at ``path`` read and resized to ``partition``'s working shape, as the store did."""
     from fewshot_core.backbones.preprocess import resize_image
     from fewshot_core.data.imageio import load_rgb
@@ -142,7 +143,7 @@ def working_image(partition, path, cache: dict) -> Image.Image:
     return resize_image(load_rgb(path), partition.input_shape, cfg["interpolation"], crop=False)
 
 
-def embed_images(partition, images: Sequence[Image.Image], cache: dict, device=None,
+def embed_images(partition, images: Sequence[Image.Image], cache: EpisodeCache, device=None,
                  batch_size: int = 16) -> np.ndarray:
     """Patch features float32 [n, h, w, d] of PIL ``images`` already at the working shape, with the
     partition's backbone, layers and patch reduction, rounded through float16 like the store's."""
@@ -175,6 +176,6 @@ def _embed_views(dataset, partition, todo, device, batch_size, cache, views, row
         feats = embed_images(partition, [images[i].transpose(_PIL_OPS[t]) for i, t in chunk], cache, device,
                              batch_size)
         for (image_id, t), f in zip(chunk, feats):
-            cache[("augment", meta["key"], image_id, t)] = f
+            cache[ViewKey(meta["key"], image_id, t)] = f
             if views is not None:
                 views.put(rows[image_id], t, f)

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 
 from fewshot_core.errors import FsadError
+from fewshot_core.schema import Protocol
 
 ALIAS = "champion"
 PREFIX = "fsad-"
@@ -32,7 +33,7 @@ PREFIX = "fsad-"
 @dataclass(frozen=True)
 class ChampionCriterion:
     metric: str = "balanced_accuracy"  # higher is better
-    protocol: str = "oneclass"
+    protocol: str = Protocol.ONECLASS.value
     tiebreak: str = "image_auroc"  # higher is better; also orders the methods that lack ``metric``
     shots: int | None = None  # None: the largest shot count of the sweep per category
 

@@ -5,8 +5,10 @@ bootstrap of so few values is only their min–max range under another name, so 
 called a range (``interval`` column: ``bootstrap`` or ``range``).
 
 Input rows are the pipeline's evaluation table: one row per method x category x setting x seed, with the
-identity columns below, the MLflow run id, and one column per metric. A metric that could not be computed
-for a row is missing (NaN in the frame); it is left out of that group's statistics rather than counted.
+identity columns, the MLflow run id, and one column per metric (``fewshot_core/schema.py`` declares them
+all). Only the schema's metrics and timings are summarised; any other numeric column (a threshold, a
+bank size) is not a metric. A metric that could not be computed for a row is missing (NaN in the frame);
+it is left out of that group's statistics rather than counted.
 """
 
 from __future__ import annotations
@@ -14,27 +16,22 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from fewshot_core import schema
 from fewshot_core.reports.stats import FEW_SEEDS
 
-# Columns that identify an evaluation; everything else numeric is a metric.
-ID_COLUMNS = (
-    "method", "method_name", "backbone", "category", "protocol", "setting", "setting_key", "shots",
-    "k_good", "k_bad", "label_mode", "distance", "seed", "mlflow_run_id", "dagster_run_id", "partition_key",
-    "n_support", "n_query", "n_support_good", "n_support_bad", "mlflow_experiment_id",
-)
-# The seed-free identity of a group.
-GROUP_COLUMNS = ("method", "method_name", "backbone", "category", "protocol", "setting", "shots", "k_good", "k_bad",
-                 "label_mode", "distance")
-# Metrics shown first, in this order, when present.
-HEADLINE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max",
-                    "balanced_accuracy", "accuracy", "macro_f1")
+
+def _numeric(rows: pd.DataFrame, columns) -> list[str]:
+    return [c for c in columns if pd.api.types.is_numeric_dtype(rows[c])]
 
 
 def metric_columns(rows: pd.DataFrame) -> list[str]:
-    """Numeric, non-identity columns, headline metrics first."""
-    found = [c for c in rows.columns if c not in ID_COLUMNS and pd.api.types.is_numeric_dtype(rows[c])]
-    head = [m for m in HEADLINE_METRICS if m in found]
-    return head + sorted(c for c in found if c not in head)
+    """The schema's metrics present in ``rows``, its headline order first; no other column is a metric."""
+    return _numeric(rows, schema.metric_columns(rows.columns))
+
+
+def summary_columns(rows: pd.DataFrame) -> list[str]:
+    """What ``aggregate`` summarises over seeds: the metrics, then the timings (``schema.TIMING``)."""
+    return metric_columns(rows) + _numeric(rows, schema.timing_columns(rows.columns))
 
 
 def bootstrap_ci(values, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -80,11 +77,11 @@ def aggregate(rows: pd.DataFrame, metrics: list[str] | None = None, level: float
     (``bootstrap``: a ``level`` percentile bootstrap, from ``FEW_SEEDS`` seeds on; ``range``: min–max over
     fewer seeds), ``n_seeds``, ``seeds``, ``run_ids`` (space-separated MLflow run ids of the rows it
     summarises) and, where the rows carry them, the episode sizes ``n_query``, ``n_support_good`` and
-    ``n_support_bad`` (median over seeds)."""
+    ``n_support_bad`` (median over seeds). ``metrics`` default: ``summary_columns``."""
     if rows.empty:
         return pd.DataFrame()
-    metrics = metrics or metric_columns(rows)
-    keys = [c for c in GROUP_COLUMNS if c in rows.columns]
+    metrics = metrics or summary_columns(rows)
+    keys = [c for c in schema.GROUP if c in rows.columns]
     out = []
     for group_values, group in rows.groupby(keys, dropna=False, sort=True):
         rec = dict(zip(keys, group_values if isinstance(group_values, tuple) else (group_values,)))

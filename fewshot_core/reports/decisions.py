@@ -13,16 +13,17 @@ import math
 import numpy as np
 import pandas as pd
 
+from fewshot_core.schema import METRICS, RECALL_PREFIX, Protocol
 from fewshot_core.reports.aggregate import bootstrap_ci, interval_label, value_range
 from fewshot_core.reports.questions import Section
 from fewshot_core.reports.stats import FEW_SEEDS
 from fewshot_core.reports.tables import cell, esc, interval_caption, support_label
 from fewshot_core.reports.timing import SCORE_NOTE, reads_images
 
-DECISION_METRICS = (("image_auroc", "image AUROC"), ("balanced_accuracy", "balanced accuracy"),
-                    ("false_alarm_rate", "false-alarm rate"), ("miss_rate", "miss rate"))
+DECISION_METRICS = tuple((m, METRICS[m].label) for m in ("image_auroc", "balanced_accuracy", "false_alarm_rate",
+                                                          "miss_rate"))
 # recall of the supervised binary classes: the complements of the false-alarm and miss rates, not a type
-NOT_DEFECT_TYPES = ("recall_good", "recall_anomalous")
+NOT_DEFECT_TYPES = (f"{RECALL_PREFIX}good", f"{RECALL_PREFIX}anomalous")
 N_HEAD = "seeds × test images"
 
 
@@ -64,7 +65,7 @@ def decisions(rows: pd.DataFrame, agg: pd.DataFrame) -> Section:
     for protocol, group in _order(agg).groupby(agg.get("protocol", pd.Series("", index=agg.index)), sort=False):
         parts.append(f"<h3>{esc(PROTOCOL_LABEL.get(protocol, protocol))}</h3>"
                      f"<p class=note>Brackets: {esc(interval_caption(group))}.</p>{_decision_table(rows, group)}")
-    oc = agg[agg["protocol"] == "oneclass"] if "protocol" in agg else agg.iloc[0:0]
+    oc = agg[agg["protocol"] == Protocol.ONECLASS] if "protocol" in agg else agg.iloc[0:0]
     types = [t for t in defect_types(oc) if oc[f"recall_{t}_mean"].notna().any()]
     if types:
         parts.append("<h3 id=recall>Recall per defect type (one-class, at the threshold)</h3><p class=note>The "
@@ -83,10 +84,10 @@ def decisions(rows: pd.DataFrame, agg: pd.DataFrame) -> Section:
     return Section("decisions", heading, note, "".join(parts), _decisions_takeaway(agg, types))
 
 
-PROTOCOL_LABEL = {"oneclass": "One-class: k good images, the whole test split as query",
-                  "supervised": "Supervised episodes: good and defective support images",
-                  "transductive": "Transductive: the unlabeled test images scored against each other (k good images "
-                                  "beside them, 0 for none); not one part at a time"}
+PROTOCOL_LABEL = {Protocol.ONECLASS: "One-class: k good images, the whole test split as query",
+                  Protocol.SUPERVISED: "Supervised episodes: good and defective support images",
+                  Protocol.TRANSDUCTIVE: "Transductive: the unlabeled test images scored together, 0 or more "
+                                         "good images beside them"}
 
 
 def _decision_table(rows: pd.DataFrame, agg: pd.DataFrame) -> str:
@@ -127,7 +128,7 @@ def _rule(rows: pd.DataFrame, rec) -> str:
 
 
 def _decisions_takeaway(agg: pd.DataFrame, types: list[str]) -> str:
-    oc = agg[(agg["protocol"] == "oneclass")] if "protocol" in agg else agg
+    oc = agg[(agg["protocol"] == Protocol.ONECLASS)] if "protocol" in agg else agg
     if "false_alarm_rate_mean" not in oc or oc["false_alarm_rate_mean"].isna().all():
         return "No one-class model made decisions (no threshold: one good shot or detectors trained on images)."
     worst = oc.sort_values("false_alarm_rate_mean", ascending=False).iloc[0]

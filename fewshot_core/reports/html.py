@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fewshot_core import tracking
+from fewshot_core import schema, tracking
 from fewshot_core.atomic import atomic_write_text
 from fewshot_core.reports import decisions, questions
 from fewshot_core.reports.aggregate import aggregate, metric_columns
@@ -47,8 +47,8 @@ def _runs_table(rows: pd.DataFrame, run_url) -> str:
     """Every per-seed row; the MLflow link comes first so a wide metric list never hides it, and the table
     scrolls inside its own box instead of widening the page."""
     # Per-type recalls have their own table; timings come first so that no scroll hides them.
-    times = [c for c in ("fit_seconds", "score_seconds", *TIME_COLUMNS) if c in rows]
-    metrics = times + [m for m in metric_columns(rows) if not m.startswith("recall_") and m not in times]
+    times = schema.timing_columns(rows.columns)
+    metrics = times + [m for m in metric_columns(rows) if not m.startswith(schema.RECALL_PREFIX)]
     ids = [c for c in ("method", "backbone", "category", "setting", "seed") if c in rows]
     head = '<th class="l">MLflow run</th>' + "".join(f'<th class="l">{c}</th>' for c in ids)
     head += '<th class="l">support</th><th>query</th>' + "".join(f"<th>{m}</th>" for m in metrics)

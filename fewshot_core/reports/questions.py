@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import pandas as pd
 
 from fewshot_core.reports import plots, stats
+from fewshot_core.schema import Protocol
 from fewshot_core.reports.timing import reads_images
 from fewshot_core.reports.tables import esc, metric_caption, pivot, simple, support_label
 
-RANK, DECIDE = "image_auroc", "balanced_accuracy"
-SUPERVISED, ONECLASS = "supervised", "oneclass"
+RANK, DECIDE = "image_auroc", "balanced_accuracy"  # declared in fewshot_core/schema.py, higher is better
+SUPERVISED, ONECLASS = Protocol.SUPERVISED, Protocol.ONECLASS  # protocols; also the registry's family names
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fewshot_core import schema
+
 SCORE_NOTE = ("score_seconds is the time to score all n_query test images of an episode from cached features "
               "(backbone excluded; methods that read pixels include their own network); fit_seconds fits the "
               "support. Time per image end to end = backbone per image (the feature store's build rate, "
               "image decoding included) + score_seconds / n_query.")
-TIME_COLUMNS = ("ms_per_image", "embed_ms_per_image", "score_ms_per_image")
+TIME_COLUMNS = schema.PER_IMAGE_TIMING  # the columns add_timings adds
 
 
 def reads_images(method_name) -> bool:

@@ -14,10 +14,11 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from fewshot_core import tracking
+from fewshot_core import schema, tracking
+from fewshot_core.episode_cache import EpisodeCache
 from fewshot_core.errors import FsadError
 from fewshot_core.methods import registry
-from fewshot_core.settings import SUPERVISED, Setting
+from fewshot_core.settings import Setting
 from pipelines.assets.banks import bank_key
 from pipelines.assets.data import load_category
 from pipelines.config import SweepConfig
@@ -35,7 +36,7 @@ def evaluation_key(backbone: str, spec: MethodSpec) -> dg.AssetKey:
 
 
 def headline_metric(protocol: str) -> str:
-    return "balanced_accuracy" if protocol == SUPERVISED else "image_auroc"
+    return schema.HEADLINE[schema.Protocol(protocol)]
 
 
 def build_evaluation_assets(cfg: SweepConfig, embeddings_asset) -> list[dg.AssetsDefinition]:
@@ -83,7 +84,7 @@ def _evaluation_asset(cfg: SweepConfig, embeddings_asset, backbone: str, spec: M
             if category not in parts:  # one dataset scan, store look-up and cache per category and step
                 ds = load_category(cfg, category)
                 parts[category] = (ds, feature_store.build(ds, backbone, device.resolve()))
-                caches[category] = {}
+                caches[category] = EpisodeCache()
             ds, part = parts[category]
             params = dict(spec.params)
             if _needs_meta_pool(spec) and pool is None:
@@ -183,21 +184,23 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
                               partition=None if image_method else part, threshold=result.threshold,
                               image_size=result.model.input_size if image_method else None, tags=tags,
                               name=f"{spec.id}-{p['category']}-{setting.key}")
-    context.log.info(f"{spec.id} {p['key']}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()
-                                                         if k in ("image_auroc", "pixel_auroc", "balanced_accuracy")))
-    return {"method": spec.id, "method_name": spec.method, "backbone": backbone, "category": p["category"],
-            "protocol": setting.protocol, "setting": setting.name, "setting_key": setting.key,
-            "shots": setting.k_good, "k_good": setting.k_good, "k_bad": setting.k_bad,
-            "label_mode": setting.label_mode, "distance": spec.params.get("distance"), "seed": setting.seed,
-            "partition_key": p["key"], "mlflow_run_id": run_id, "mlflow_experiment_id": exp_id,
-            "dagster_run_id": context.run.run_id, "n_support": len(episode.support_ids),
-            "n_query": len(episode.query_ids), **_support_counts(episode), "confusion": lib_row.get("confusion"),
-            "fit_seconds": fit_s, "score_seconds": score_s,
-            "feature_key": part.key, "meta_pool": lib_row.get("meta_pool") or None,
-            "gallery_artifact": GALLERY_ARTIFACT if GALLERY_ARTIFACT in result.artifacts else None, **metrics,
-            "threshold": lib_row.get("threshold"), "threshold_rule": lib_row.get("threshold_rule"),
-            "threshold_fpr_bound": lib_row.get("threshold_fpr_bound"),
-            "model_uri": published.get("model_uri"), "dataset_digest": published.get("dataset_digest")}
+    shown = schema.SHOWN[schema.Protocol(setting.protocol)]
+    context.log.info(f"{spec.id} {p['key']}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k in shown))
+    identity = {"method": spec.id, "method_name": spec.method, "backbone": backbone, "category": p["category"],
+                "protocol": str(setting.protocol), "setting": setting.name, "setting_key": setting.key,
+                "shots": setting.k_good, "k_good": setting.k_good, "k_bad": setting.k_bad,
+                "label_mode": setting.label_mode, "distance": spec.params.get("distance"), "seed": setting.seed,
+                "partition_key": p["key"], "mlflow_run_id": run_id, "mlflow_experiment_id": exp_id,
+                "dagster_run_id": context.run.run_id, "n_support": len(episode.support_ids),
+                "n_query": len(episode.query_ids), **_support_counts(episode)}
+    # every column declared in fewshot_core/schema.py: the episode row's metrics and carried details as
+    # they are, its fit_s / score_s under the table's names
+    return schema.table_row({
+        **identity, **metrics, "fit_seconds": fit_s, "score_seconds": score_s,
+        **{c: lib_row.get(c) for c in schema.CARRIED}, "meta_pool": lib_row.get("meta_pool") or None,
+        "feature_key": part.key,
+        "gallery_artifact": GALLERY_ARTIFACT if GALLERY_ARTIFACT in result.artifacts else None,
+        "model_uri": published.get("model_uri"), "dataset_digest": published.get("dataset_digest")})
 
 
 def _support_counts(episode) -> dict[str, int]:

@@ -12,6 +12,7 @@ import pandas as pd
 from fewshot_core.reports import aggregate, plots, render_report, write_report
 from fewshot_core.reports.gallery import report_gallery
 from fewshot_core.reports.timing import add_timings, embed_rates, machine
+from fewshot_core.schema import HEADLINE, METRICS, Protocol
 from fewshot_core.tracking import mlflow_ui_url
 from pipelines.config import SweepConfig
 from pipelines.metadata import md_png
@@ -38,15 +39,10 @@ def build_report_assets(cfg: SweepConfig, evaluation_assets: list[dg.AssetsDefin
         meta: dict = {"rows": len(rows)}
         if len(rows):
             meta["methods"] = ", ".join(sorted(rows["method"].unique()))
-            oc = rows[rows["protocol"] == "oneclass"]
-            sup = rows[rows["protocol"] == "supervised"]
-            if len(oc) and "image_auroc" in oc:
-                meta["headline: one-class image AUROC (mean)"] = float(oc["image_auroc"].mean())
-            if len(sup) and "balanced_accuracy" in sup:
-                meta["headline: supervised balanced accuracy (mean)"] = float(sup["balanced_accuracy"].mean())
-            td = rows[rows["protocol"] == "transductive"]
-            if len(td) and "image_auroc" in td:
-                meta["headline: transductive image AUROC (mean)"] = float(td["image_auroc"].mean())
+            for protocol, group in rows.groupby("protocol"):  # each protocol's headline metric (the schema's)
+                metric = HEADLINE.get(protocol)
+                if metric in group and group[metric].notna().any():
+                    meta[f"headline: {protocol} {METRICS[metric].label} (mean)"] = float(group[metric].mean())
         context.add_output_metadata(meta)
         return rows
 
@@ -56,7 +52,7 @@ def build_report_assets(cfg: SweepConfig, evaluation_assets: list[dg.AssetsDefin
     def benchmark_summary(context: dg.AssetExecutionContext, benchmark_table: pd.DataFrame) -> pd.DataFrame:
         agg = aggregate(benchmark_table)
         meta: dict = {"groups": len(agg)}
-        oc = agg[agg["protocol"] == "oneclass"] if len(agg) else agg
+        oc = agg[agg["protocol"] == Protocol.ONECLASS] if len(agg) else agg
         if len(oc) and "image_auroc_mean" in oc:
             best = oc.sort_values("image_auroc_mean", ascending=False).iloc[0]
             meta["best one-class image AUROC"] = float(best["image_auroc_mean"])

@@ -14,12 +14,13 @@ SEEDS = [0, 1, 2]
 def test_foreground_lifts_posed_bottle_and_keeps_bottle(mvtec_root, tmp_path):
     from fewshot_core.data import load_dataset
     from fewshot_core.data.derived import posed_copy
+    from fewshot_core.episode_cache import EpisodeCache
     from fewshot_core.evaluation.oneclass import evaluate_oneclass
     from fewshot_core.features.store import FeatureStore
 
     bottle = load_dataset(mvtec_root, "bottle")
     posed = load_dataset(tmp_path, posed_copy(bottle, tmp_path, seed=0, size=256).name)
-    store, cache = FeatureStore(tmp_path / "store"), {}
+    store, cache = FeatureStore(tmp_path / "store"), EpisodeCache()
 
     def mean_auroc(ds, foreground: str) -> float:
         part = store.build(ds, image_size=SIZE, num_workers=0, progress=False)

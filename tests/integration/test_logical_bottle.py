@@ -8,6 +8,7 @@ import pytest
 
 from fewshot_core.data import load_dataset
 from fewshot_core.data.derived import logical_copy
+from fewshot_core.episode_cache import EpisodeCache
 from fewshot_core.episodes import sample_oneclass
 from fewshot_core.evaluation.oneclass import run_oneclass_episode
 from fewshot_core.features.store import FeatureStore
@@ -23,12 +24,12 @@ def test_a_missing_bottle_scores_far_above_the_good_ones(mvtec_root, tmp_path):
     logical = load_dataset(tmp_path, logical_copy(bottle, tmp_path, seed=0, size=256).name)
     part = FeatureStore(tmp_path / "store").build(logical, image_size=SIZE, num_workers=0, progress=False)
     kind = {r.image_id: r.defect_type for r in logical.records}
-    cache = {}
+    cache = EpisodeCache()
     for seed in SEEDS:
-        episode, details = sample_oneclass(logical, 1, seed), {}
-        run_oneclass_episode(logical, part, episode, "patchcore", {"foreground": "auto"}, SIZE, "images",
-                             cache=cache, details=details)
-        scores = dict(zip(episode.query_ids, np.asarray(details["image_scores"])))
+        episode = sample_oneclass(logical, 1, seed)
+        res = run_oneclass_episode(logical, part, episode, "patchcore", {"foreground": "auto"}, SIZE, "images",
+                                   cache=cache)
+        scores = dict(zip(episode.query_ids, np.asarray(res.image_scores)))
         good = max(s for i, s in scores.items() if kind[i] == "good")
         missing = [s for i, s in scores.items() if kind[i] == "missing_part"]
         # the whole image's context alone puts an empty frame only a little above the good images

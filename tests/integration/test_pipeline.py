@@ -99,6 +99,12 @@ def test_fsad_run_materialises_every_asset_and_prints_where_things_are(sweep):
     assert set(sup["label_mode"]) == {"binary", "multiclass"}
     summary = pd.read_parquet(work / "tables" / "benchmark_summary.parquet")
     assert (summary[summary["protocol"] == "oneclass"]["n_seeds"] == 2).all()
+    # every column has a kind in fewshot_core/schema.py; only metrics and timings are averaged
+    from fewshot_core import schema
+
+    assert schema.undeclared(table.columns) == [] and "threshold" in table and "threshold_mean" not in summary
+    meta = instance.get_latest_materialization_event(dg.AssetKey("benchmark_table")).asset_materialization.metadata
+    assert {"headline: oneclass image AUROC (mean)", "headline: supervised balanced accuracy (mean)"} <= set(meta)
     text = report.read_text()
     assert "RQ1" in text and "RQ4" in text and text.count("data:image/png;base64,") >= 3
     for run_id in table["mlflow_run_id"]:

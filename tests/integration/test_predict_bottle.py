@@ -29,13 +29,13 @@ def test_predict_reproduces_the_evaluation_auroc(mvtec_root, tmp_path):
     ds = load_dataset(mvtec_root, "bottle")
     part = FeatureStore(tmp_path / "store").build(ds, image_size=128, num_workers=0, progress=False)
     ep = sample_oneclass(ds, 1, 0)
-    details: dict = {}
-    row = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=128, details=details)
+    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=128)
+    row = res.row
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, (tmp_path / "artifacts").as_uri())
     run_id = tracker.log_evaluation("bottle", "dag", "patchcore", {}, {"image_auroc": row["image_auroc"]})
-    out = publish_model(tracker, run_id, ds, details["model"], ep.support_ids, "oneclass", partition=part,
-                        threshold=details["threshold"])
+    out = publish_model(tracker, run_id, ds, res.model, ep.support_ids, "oneclass", partition=part,
+                        threshold=res.threshold)
     table = pd.DataFrame([{**row, "model_uri": out["model_uri"], "mlflow_run_id": run_id,
                            "score_seconds": row["score_s"]}])
     assert promote_champions(tracker, table)[0]["moved"]

@@ -61,10 +61,10 @@ def test_aligned_episode_scores_posed_parts(tmp_path):
                        kinds=("screw",))
     ds = load_dataset(tmp_path / "data", name)
     part = FeatureStore(tmp_path / "store").build(ds, image_size=64, num_workers=0, progress=False)
-    aligned = evaluate_oneclass(ds, part, "patchcore", 4, [0], align="auto", cache={})
-    plain = evaluate_oneclass(ds, part, "patchcore", 4, [0], cache={})
+    aligned = evaluate_oneclass(ds, part, "patchcore", 4, [0], align="auto")
+    plain = evaluate_oneclass(ds, part, "patchcore", 4, [0])
     assert aligned[0]["align"] == "aligned" and plain[0]["align"] == "none"
     assert "pixel_auroc" in aligned[0] and 0.5 < aligned[0]["pixel_auroc"] <= 1.0
     assert aligned[0]["image_auroc"] > 0.5
-    again = evaluate_oneclass(ds, part, "patchcore", 4, [0], align="auto", cache={})
+    again = evaluate_oneclass(ds, part, "patchcore", 4, [0], align="auto")
     assert again[0]["image_auroc"] == aligned[0]["image_auroc"]  # poses and crops follow the seed alone

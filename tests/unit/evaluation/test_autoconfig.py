@@ -28,8 +28,8 @@ def test_candidates_follow_the_method_and_the_users_fixed_parameters():
 
 def test_auto_choice_is_recorded_and_reproducible(synth):
     ds, part = synth
-    first = evaluate_oneclass(ds, part, "patchcore", 3, [0, 1], config="auto", cache={})
-    again = evaluate_oneclass(ds, part, "patchcore", 3, [0, 1], config="auto", cache={})
+    first = evaluate_oneclass(ds, part, "patchcore", 3, [0, 1], config="auto")
+    again = evaluate_oneclass(ds, part, "patchcore", 3, [0, 1], config="auto")
     for row, row2 in zip(first, again):
         assert row["config"] in {c.name for c in CANDIDATES}
         scores = json.loads(row["config_scores"])

@@ -15,6 +15,7 @@ from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.oneclass import evaluate_oneclass, parse_shots, run_oneclass_episode
 from fewshot_core.methods import registry
 from fewshot_core.methods.base import Detector
+from fewshot_core.episode_cache import EpisodeCache
 from fewshot_core.episodes import sample_oneclass
 from fewshot_core.features.store import FeatureStore
 
@@ -71,15 +72,14 @@ def test_image_level_dataset_has_no_pixel_metrics(synth):
 def test_augmentation_adds_transformed_supports(synth):
     dataset, partition, _ = synth
     episode = sample_oneclass(dataset, 1, 0)
-    cache = {}
-    details = {}
-    plain = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, details=details,
-                                 augment="none")
-    assert details["patch_maps"].shape == (len(episode.query_ids), *partition.grid)
-    assert len(details["model"].bank_) == plain["bank_size"] and len(details["image_scores"]) == plain["n_query"]
-    feats = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, augment="features")
+    cache = EpisodeCache()
+    res = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, augment="none")
+    plain = res.row
+    assert res.patch_maps.shape == (len(episode.query_ids), *partition.grid)
+    assert len(res.model.bank_) == plain["bank_size"] and len(res.image_scores) == plain["n_query"]
+    feats = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, augment="features").row
     imgs = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, augment="images",
-                                cache=cache)
+                                cache=cache).row
     cells = int(np.prod(partition.grid))
     assert plain["bank_size"] == cells and feats["bank_size"] == imgs["bank_size"] == 6 * cells
     assert imgs["augment"] == "images"
@@ -94,7 +94,7 @@ def test_auto_augmentation_is_the_methods_default_for_small_supports_only(synth)
 
     dataset, partition, _ = synth
     cells = int(np.prod(partition.grid))
-    row = run_oneclass_episode(dataset, partition, sample_oneclass(dataset, 1, 0), "patchcore", mask_size=32)
+    row = run_oneclass_episode(dataset, partition, sample_oneclass(dataset, 1, 0), "patchcore", mask_size=32).row
     assert row["augment"] == "images" and row["bank_size"] == 6 * cells  # the stored map + five transforms
     assert resolve_augment("ldknn", "auto", AUGMENT_MAX_SHOTS) == resolve_augment("knn", "auto", 1) == "images"
     assert resolve_augment("patchcore", "auto", AUGMENT_MAX_SHOTS + 1) == "none"  # full-shot banks stay plain
@@ -114,7 +114,7 @@ def test_threshold_copies_are_fitted_with_the_same_augmentation(synth):
     cut = {}
     for augment in ("none", "images"):
         row = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, augment=augment,
-                                   threshold=ThresholdConfig(rule="loo", seed=0))
+                                   threshold=ThresholdConfig(rule="loo", seed=0)).row
         cut[augment] = row["threshold"]
     assert cut["images"] < cut["none"]
 
@@ -164,9 +164,9 @@ def test_image_kind_methods_get_images_at_their_size_and_the_shared_post_process
     ToyImages.seen = []
     monkeypatch.setitem(registry.REGISTRY, "toy",
                         registry.MethodEntry("toy", "oneclass", "images", f"{__name__}:ToyImages", "toy"))
-    details: dict = {}
     ep = sample_oneclass(dataset, 2, 1)
-    row = run_oneclass_episode(dataset, None, ep, "toy", {"image_size": 24}, mask_size=32, details=details)
+    res = run_oneclass_episode(dataset, None, ep, "toy", {"image_size": 24}, mask_size=32)
+    row = res.row
     assert ToyImages.seen[0][:2] == ("fit", (2, 3, 24, 24)) and 0 <= ToyImages.seen[0][2] <= ToyImages.seen[0][3] <= 1
     assert all(kind == "score" and shape[1:] == (3, 24, 24) for kind, shape in ToyImages.seen[1:])
     assert row["train_steps"] == 7 and row["train_s"] == 1.5 and row["stopped_by"] == "steps"
@@ -175,10 +175,10 @@ def test_image_kind_methods_get_images_at_their_size_and_the_shared_post_process
     # trained on images: no threshold, no stated bound, and the row says why
     assert np.isnan(row["threshold_fpr_bound"]) and row["threshold_rule"].startswith("none: trained on images")
     # pixel metrics come from the detector's own maps, only rescaled (map_sigma 0) to the mask size
-    model = details["model"]
-    assert details["patch_maps"].shape[1:] == (24, 24)
-    np.testing.assert_allclose(model.anomaly_maps(details["patch_maps"][:1], 32)[0],
-                               torch.nn.functional.interpolate(torch.from_numpy(details["patch_maps"][:1])[:, None],
+    model = res.model
+    assert res.patch_maps.shape[1:] == (24, 24)
+    np.testing.assert_allclose(model.anomaly_maps(res.patch_maps[:1], 32)[0],
+                               torch.nn.functional.interpolate(torch.from_numpy(res.patch_maps[:1])[:, None],
                                                                size=(32, 32), mode="bilinear", align_corners=False)[0, 0].numpy())
     rows = evaluate_oneclass(dataset, None, "toy", 1, [0, 1], {"image_size": 24}, mask_size=32)
     assert [r["seed"] for r in rows] == [0, 1]
@@ -279,7 +279,7 @@ def test_patchcore_threshold_copies_skip_the_coreset(synth, monkeypatch):
     monkeypatch.setattr(oneclass.registry, "create", create)
     row = run_oneclass_episode(dataset, partition, sample_oneclass(dataset, 3, 0), "patchcore", {"coreset_ratio": 0.5,
                                "min_bank": 0, "num_neighbors": 3}, mask_size=32, augment="none",
-                               threshold=ThresholdConfig(rule="loo"))
+                               threshold=ThresholdConfig(rule="loo")).row
     model, copies = made[0], made[1:]
     assert model["coreset_ratio"] == 0.5 and len(copies) == 3 and row["threshold_rule"].startswith("loo")
     # the row states what 3 held-out scores can stand behind, not the 5 % asked

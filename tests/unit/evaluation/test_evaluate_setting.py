@@ -39,7 +39,7 @@ def _same(a: dict, b: dict, keys):
 def test_oneclass_setting_matches_the_protocol_with_and_without_a_bank(synth, method):
     dataset, partition = synth
     setting = Setting.parse("oc-k2-s1")
-    direct = run_oneclass_episode(dataset, partition, sample_episode(dataset, setting), method, mask_size=64)
+    direct = run_oneclass_episode(dataset, partition, sample_episode(dataset, setting), method, mask_size=64).row
     plain = evaluate_setting(dataset, partition, method, setting)
     banked = evaluate_setting(dataset, partition, method, setting, bank=build_support_bank(dataset, partition, setting))
     metrics = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
@@ -57,7 +57,7 @@ def test_oneclass_setting_matches_the_protocol_with_and_without_a_bank(synth, me
 def test_supervised_setting_matches_the_protocol_with_a_bank(synth):
     dataset, partition = synth
     setting = Setting.parse("sup-g2b1-multi-s0")
-    direct = run_supervised_episode(dataset, partition, sample_episode(dataset, setting), "protonet")
+    direct = run_supervised_episode(dataset, partition, sample_episode(dataset, setting), "protonet").row
     bank = build_support_bank(dataset, partition, setting)
     banked = evaluate_setting(dataset, partition, "protonet", setting, bank=bank)
     _same(banked.row, direct, ("balanced_accuracy", "accuracy", "macro_f1"))

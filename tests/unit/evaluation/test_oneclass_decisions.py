@@ -26,17 +26,17 @@ def synth(synth_root, tmp_path_factory):
 
 def test_row_reports_errors_and_recall_per_defect_type_at_its_threshold(synth):
     dataset, part = synth
-    details: dict = {}
-    row = run_oneclass_episode(dataset, part, sample_oneclass(dataset, 3, 0), "knn", mask_size=32, details=details)
-    scores, labels = np.asarray(details["image_scores"]), np.asarray(details["labels"])
+    res = run_oneclass_episode(dataset, part, sample_oneclass(dataset, 3, 0), "knn", mask_size=32)
+    row = res.row
+    scores, labels = np.asarray(res.image_scores), np.asarray(res.labels)
     flagged = scores > row["threshold"]
     assert row["false_alarm_rate"] == pytest.approx(flagged[labels == 0].mean())
     assert row["miss_rate"] == pytest.approx(1 - flagged[labels == 1].mean())
-    types = np.array([dataset.by_id(i).defect_type for i in details["query_ids"]])
+    types = np.array([dataset.by_id(i).defect_type for i in res.query_ids])
     defects = sorted(set(types[labels == 1]))
     assert defects and {f"recall_{t}" for t in defects} <= set(row)
     for t in defects:
         assert row[f"recall_{t}"] == pytest.approx(flagged[types == t].mean())
     # one good shot: no threshold, so no decisions to count
-    (one,) = [run_oneclass_episode(dataset, part, sample_oneclass(dataset, 1, 0), "knn", mask_size=32)]
+    (one,) = [run_oneclass_episode(dataset, part, sample_oneclass(dataset, 1, 0), "knn", mask_size=32).row]
     assert math.isnan(one["false_alarm_rate"]) and not any(k.startswith("recall_") for k in one)

@@ -11,6 +11,7 @@ import torch
 
 from fewshot_core.data.mvtec import Dataset
 from fewshot_core.data.records import ImageRecord, make_image_id
+from fewshot_core.episode_cache import EpisodeCache
 from fewshot_core.episodes import sample_supervised
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.meta_pool import pool_from_partitions
@@ -76,7 +77,7 @@ def test_protonet_rows_and_metrics(data, label_mode, distance):
         assert cm.shape == (len(classes), len(classes)) and cm.sum() == r["n_query"]
         assert r["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
         assert all(f"recall_{c}" in r for c in classes)
-        assert 0 <= r["image_auroc"] <= 1 and r["fit_s"] >= 0 and r["predict_s"] >= 0
+        assert 0 <= r["image_auroc"] <= 1 and r["fit_s"] >= 0 and r["score_s"] >= 0 and r["protocol"] == "supervised"
         assert json.loads(r["params"]) == {"distance": distance}
         assert r["balanced_accuracy"] > 0.75  # easy clusters; chance is 1/len(classes)
     if label_mode == "multiclass":
@@ -110,7 +111,7 @@ def test_fitting_sees_only_the_support(data, monkeypatch):
 def test_auroc_is_the_auroc_of_one_minus_p_good(data):
     ds, part = data
     ep = sample_supervised(ds, 2, 1, seed=0, label_mode="multiclass")
-    row = run_supervised_episode(ds, part, ep, "protonet", {"distance": "cosine", "temperature": 5.0})
+    row = run_supervised_episode(ds, part, ep, "protonet", {"distance": "cosine", "temperature": 5.0}).row
     from fewshot_core.methods.protonet import ProtoNet
 
     names = np.array(ep.classes)
@@ -136,12 +137,12 @@ def test_caml_meta_trains_on_other_categories_only(data, tmp_path, monkeypatch):
     assert len(list((tmp_path / "caml").iterdir())) == 1  # one artifact, shared across seeds
 
     # A cache shared across categories (as the pipeline does) never reuses another category's model.
-    shared, quick = {}, dict(params, train={"steps": 3, "time_budget_s": 30})
+    shared, quick = EpisodeCache(), dict(params, train={"steps": 3, "time_budget_s": 30})
     run_supervised_episode(ds, part, sample_supervised(ds, 1, 1, 0), "caml", quick, cache=shared, meta_pool=pool,
                            runtime=rt)
     other_ds, other_part = pairs[0]
     row = run_supervised_episode(other_ds, other_part, sample_supervised(other_ds, 1, 1, 0), "caml", quick,
-                                 cache=shared, meta_pool=pool, runtime=rt)
+                                 cache=shared, meta_pool=pool, runtime=rt).row
     assert "other1" not in json.loads(row["info"])["trained_on"]
 
     # A model that did see the evaluated category is refused.

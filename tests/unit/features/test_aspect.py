@@ -102,11 +102,10 @@ def test_maps_line_up_with_the_defect_pixels(tall_root, tmp_path):
 
     ds = load_dataset(tall_root, "tall")
     part = FeatureStore(tmp_path / "store").build(ds, image_size=64, num_workers=0, progress=False)
-    details: dict = {}
-    run_oneclass_episode(ds, part, sample_oneclass(ds, 4, 0), "patchcore", {"foreground": "none"}, mask_size=None,
-                         augment="none", details=details)
-    ids = details["query_ids"]
-    maps = details["model"].anomaly_maps(details["patch_maps"], part.input_shape)
+    res = run_oneclass_episode(ds, part, sample_oneclass(ds, 4, 0), "patchcore", {"foreground": "none"},
+                               mask_size=None, augment="none")
+    ids = res.query_ids
+    maps = res.model.anomaly_maps(res.patch_maps, part.input_shape)
     assert maps.shape[1:] == (H, W)
     for i, image_id in enumerate(ids):
         rec = ds.by_id(image_id)

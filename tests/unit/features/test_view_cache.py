@@ -29,7 +29,7 @@ def _no_backbone(monkeypatch):
 
 def test_a_later_process_reads_the_stored_views_instead_of_embedding(part, monkeypatch):
     dataset, partition, ids = part
-    first = embed_augmented(dataset, partition, ids, TRANSFORMS)  # a fresh dict cache: a new process
+    first = embed_augmented(dataset, partition, ids, TRANSFORMS)  # a fresh cache: a new process
     files = sorted((partition.path / FOLDER).iterdir())
     assert len(files) == len(ids) * len(TRANSFORMS)
     _no_backbone(monkeypatch)

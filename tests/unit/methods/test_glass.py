@@ -129,14 +129,13 @@ def test_runs_the_oneclass_protocol_from_images(synth_root, tmp_path):
     ds = load_dataset(synth_root, "synth_disk")
     episode = sample_oneclass(ds, 2, 0)
     params = _cfg(steps=5)
-    details: dict = {}
-    row = run_oneclass_episode(ds, None, episode, "glass", params, mask_size=32, runtime=_rt(tmp_path),
-                               details=details)
+    res = run_oneclass_episode(ds, None, episode, "glass", params, mask_size=32, runtime=_rt(tmp_path))
+    row = res.row
     assert row["method"] == "glass" and row["shots"] == 2 and row["n_query"] == len(ds.test())
     assert 0 <= row["image_auroc"] <= 1 and 0 <= row["pixel_auroc"] <= 1 and "aupro" in row
     assert row["train_steps"] == 5 and not row["loaded_from_artifact"] and row["device"] == "cpu"
     assert row["partition_key"] is None and row["backbone"] == "tf_efficientnet_lite0"
-    assert '"seed": 0' in row["params"] and details["patch_maps"].shape[1:] == (SIZE, SIZE)
+    assert '"seed": 0' in row["params"] and res.patch_maps.shape[1:] == (SIZE, SIZE)
     (again,) = evaluate_oneclass(ds, None, "glass", 2, [0], params, mask_size=32, runtime=_rt(tmp_path))
     assert again["loaded_from_artifact"] and again["image_auroc"] == row["image_auroc"]
     assert again["train_s"] == row["train_s"] and again["pixel_auroc"] == row["pixel_auroc"]

@@ -36,10 +36,9 @@ def logged_model(tmp_path_factory, synth_root) -> Logged:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     tracker = Tracker(uri, (tmp / "artifacts").as_uri())
     ep = sample_oneclass(ds, 3, 0)
-    details: dict = {}
-    run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=64, details=details)
+    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=64)
     run_id = tracker.log_evaluation("t", "dag", "r", {}, {})
-    out = publish_model(tracker, run_id, ds, details["model"], ep.support_ids, "oneclass", partition=part,
-                        threshold=details["threshold"])
+    out = publish_model(tracker, run_id, ds, res.model, ep.support_ids, "oneclass", partition=part,
+                        threshold=res.threshold)
     return Logged(ds, tracker, uri, out["model_uri"], out["model_id"], [ds.by_id(i).path for i in ep.query_ids],
-                  [float(s) for s in details["image_scores"]], details["threshold"].value)
+                  [float(s) for s in res.image_scores], res.threshold.value)

@@ -66,22 +66,22 @@ def test_patchcore_model_scores_like_the_evaluation(env):
 
     ds, part, tracker, uri = env
     ep = sample_oneclass(ds, 4, 0)
-    details: dict = {}
-    row = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=64, details=details)
+    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=64)
+    row = res.row
     run_id = _run(tracker)
     import warnings
 
     from fewshot_core.models.mlflow_model import _ADVICE
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = publish_model(tracker, run_id, ds, details["model"], ep.support_ids, "oneclass", partition=part,
-                            threshold=details["threshold"])
+        out = publish_model(tracker, run_id, ds, res.model, ep.support_ids, "oneclass", partition=part,
+                            threshold=res.threshold)
     assert not [w for w in caught if any(a in str(w.message) for a in _ADVICE)], "MLflow's advice reached the log"
     assert out["model_uri"].startswith("models:/")
     paths = [ds.by_id(i).path for i in ep.query_ids]
     got = _fresh_scores(uri, out["model_uri"], paths)
-    np.testing.assert_allclose(got["score"], details["image_scores"], rtol=0, atol=1e-6)
-    want = (np.asarray(details["image_scores"]) > row["threshold"]).tolist()
+    np.testing.assert_allclose(got["score"], res.image_scores, rtol=0, atol=1e-6)
+    want = (np.asarray(res.image_scores) > row["threshold"]).tolist()
     assert got["decision"] == want
     meta = got["meta"]["fsad"]
     assert meta["backbone"] == part.meta["backbone"] and meta["weights_sha256"] == part.meta["weights"]["sha256"]
@@ -103,13 +103,12 @@ def test_protonet_model_scores_like_the_evaluation(env):
 
     ds, part, tracker, uri = env
     ep = sample_supervised(ds, 2, 1, 0, label_mode="multiclass", pool="test")
-    details: dict = {}
-    run_supervised_episode(ds, part, ep, "protonet", {}, details=details)
-    out = publish_model(tracker, _run(tracker), ds, details["model"], ep.support_ids, "supervised", partition=part)
+    res = run_supervised_episode(ds, part, ep, "protonet", {})
+    out = publish_model(tracker, _run(tracker), ds, res.model, ep.support_ids, "supervised", partition=part)
     got = _fresh_scores(uri, out["model_uri"], [ds.by_id(i).path for i in ep.query_ids])
-    np.testing.assert_allclose(got["score"], details["image_scores"], rtol=0, atol=1e-6)
-    assert got["label"] == [str(v) for v in details["y_pred"]]
-    assert got["decision"] == [v != "good" for v in details["y_pred"]]
+    np.testing.assert_allclose(got["score"], res.image_scores, rtol=0, atol=1e-6)
+    assert got["label"] == [str(v) for v in res.y_pred]
+    assert got["decision"] == [v != "good" for v in res.y_pred]
     assert got["meta"]["fsad"]["threshold_rule"] == "argmax"
 
 
@@ -124,16 +123,15 @@ def test_pmf_model_scores_like_the_evaluation(env, tmp_path):
 
     ds, part, tracker, uri = env
     ep = sample_supervised(ds, 2, 1, 0, label_mode="binary", pool="test")
-    details: dict = {}
     params = {"steps": 2, "search_steps": 1, "lr_candidates": [1e-3], "image_size": 64,
               "backbone": "tf_efficientnet_lite0", "time_budget_s": 3600}
-    run_supervised_episode(ds, part, ep, "pmf", params, details=details,
-                           runtime=Runtime(artifact_dir=tmp_path / "artifacts", progress=False))
-    out = publish_model(tracker, _run(tracker), ds, details["model"], ep.support_ids, "supervised", partition=part)
+    res = run_supervised_episode(ds, part, ep, "pmf", params,
+                                 runtime=Runtime(artifact_dir=tmp_path / "artifacts", progress=False))
+    out = publish_model(tracker, _run(tracker), ds, res.model, ep.support_ids, "supervised", partition=part)
     assert out["model_uri"].startswith("models:/")
     got = _fresh_scores(uri, out["model_uri"], [ds.by_id(i).path for i in ep.query_ids])
-    np.testing.assert_allclose(got["score"], details["image_scores"], rtol=0, atol=1e-6)
-    assert got["label"] == [str(v) for v in details["y_pred"]]
+    np.testing.assert_allclose(got["score"], res.image_scores, rtol=0, atol=1e-6)
+    assert got["label"] == [str(v) for v in res.y_pred]
     assert got["meta"]["fsad"]["fsad_method"] == "pmf" and got["meta"]["fsad"]["image_size"] == 64
 
 
@@ -148,15 +146,14 @@ def test_trained_detector_model_scores_like_the_evaluation(env, tmp_path):
 
     ds, _part, tracker, uri = env
     ep = sample_oneclass(ds, 2, 0)
-    details: dict = {}
     params = {"steps": 3, "teacher_steps": 2, "penalty": "none", "image_size": 64}
-    run_oneclass_episode(ds, None, ep, "efficientad", params, mask_size=64, details=details,
-                         runtime=Runtime(artifact_dir=tmp_path / "artifacts", progress=False))
-    out = publish_model(tracker, _run(tracker), ds, details["model"], ep.support_ids, "oneclass",
-                        threshold=details["threshold"], image_size=details["model"].image_size)
+    res = run_oneclass_episode(ds, None, ep, "efficientad", params, mask_size=64,
+                               runtime=Runtime(artifact_dir=tmp_path / "artifacts", progress=False))
+    out = publish_model(tracker, _run(tracker), ds, res.model, ep.support_ids, "oneclass",
+                        threshold=res.threshold, image_size=res.model.image_size)
     assert out["model_uri"].startswith("models:/")
     got = _fresh_scores(uri, out["model_uri"], [ds.by_id(i).path for i in ep.query_ids])
-    np.testing.assert_allclose(got["score"], details["image_scores"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got["score"], res.image_scores, rtol=0, atol=1e-6)
     assert got["decision"] == [None] * len(ep.query_ids)  # no support-only threshold for a trained detector
     meta = got["meta"]["fsad"]
     assert meta["image_size"] == 64 and meta["support_ids"] == list(ep.support_ids)
@@ -219,11 +216,10 @@ def test_served_model_answers_an_image_with_score_and_decision(env, tmp_path):
 
     ds, part, tracker, uri = env
     ep = sample_oneclass(ds, 3, 1)
-    details: dict = {}
-    run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=64, details=details)
+    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=64)
     run_id = _run(tracker)
-    out = publish_model(tracker, run_id, ds, details["model"], ep.support_ids, "oneclass", partition=part,
-                        threshold=details["threshold"])
+    out = publish_model(tracker, run_id, ds, res.model, ep.support_ids, "oneclass", partition=part,
+                        threshold=res.threshold)
     promote(tracker, Candidate(ds.category, "patchcore", None, 3, 0.9, 0.1, 1, out["model_uri"], run_id, "c"))
     port = _free_port()
     # the server execs uvicorn from PATH: this interpreter's environment first
@@ -274,7 +270,7 @@ def test_served_model_answers_an_image_with_score_and_decision(env, tmp_path):
         message = json.loads(body)["message"]
         assert code == 400 and "\n" not in message and message.startswith("model input: no column 'image'"), body
         assert "stack_trace" not in json.loads(body)
-    want = float(details["image_scores"][-1])
+    want = float(res.image_scores[-1])
     assert answer["image_score"] == pytest.approx(want, abs=1e-4)  # a batch of one vs the evaluation's batch
-    assert answer["decision"] == bool(want > details["threshold"].value)
-    assert answer["threshold"] == pytest.approx(details["threshold"].value)
+    assert answer["decision"] == bool(want > res.threshold.value)
+    assert answer["threshold"] == pytest.approx(res.threshold.value)
