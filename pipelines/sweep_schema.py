@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fewshot_core import schema
+from fewshot_core.schema import Protocol
 from fewshot_core.models.champion import ChampionCriterion
 from fewshot_core.sizes import MIN_BACKBONE_SIZE
 
@@ -97,7 +98,7 @@ class MethodItem(_Strict):
     method: str
     id: MethodId | None = None
     params: dict[str, Any] = {}
-    protocol: Literal["oneclass", "supervised"] | None = None
+    protocol: Literal[Protocol.ONECLASS.value, Protocol.SUPERVISED.value] | None = None
     # meta-trained methods (CAML): "categories" (the sweep's other categories; generated ones when it has
     # only one), "synthetic" / "synthetic:N" (N generated categories), or the path of another MVTec root
     meta_pool: Annotated[str, Field(pattern=r"^(categories|synthetic(:[1-9][0-9]*)?|[^:].*)$")] | None = None
@@ -110,7 +111,7 @@ CHAMPION_METRICS = tuple(name for name, col in schema.METRICS.items() if col.hig
 class ChampionSection(_Strict):
     """How the champion per category is chosen (``fewshot_core.models.champion.ChampionCriterion``)."""
     metric: Literal[CHAMPION_METRICS] = ChampionCriterion.metric  # the one default: champion.py
-    protocol: Literal["oneclass", "supervised"] = "oneclass"
+    protocol: Literal[Protocol.ONECLASS.value, Protocol.SUPERVISED.value] = Protocol.ONECLASS.value
     tiebreak: Literal[CHAMPION_METRICS] = ChampionCriterion.tiebreak
     shots: PositiveInt | None = None  # None: the largest shot count of the sweep
 

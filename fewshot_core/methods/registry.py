@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fewshot_core.errors import FsadError
+from fewshot_core.schema import Protocol
 
-Family = Literal["oneclass", "supervised", "transductive"]
+Family = Protocol  # a method's family is the protocol it answers (the names live in fewshot_core/schema.py)
 InputKind = Literal["patches", "embeddings", "images"]
-ONECLASS: Family = "oneclass"
-SUPERVISED: Family = "supervised"
-TRANSDUCTIVE: Family = "transductive"  # scores the unlabeled test images against each other (own protocol)
+ONECLASS = Protocol.ONECLASS
+SUPERVISED = Protocol.SUPERVISED
+TRANSDUCTIVE = Protocol.TRANSDUCTIVE  # scores the unlabeled test images against each other (own protocol)
 PATCHES: InputKind = "patches"  # the store's patch features [n, h, w, d]
 EMBEDDINGS: InputKind = "embeddings"  # the store's global embeddings [n, D]
 IMAGES: InputKind = "images"  # pixels, float [n, 3, S, S] in [0, 1] (the method trains on them)
