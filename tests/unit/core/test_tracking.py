@@ -290,7 +290,8 @@ def test_mlflow_ui_address_is_one_setting(monkeypatch):
     monkeypatch.setenv(tracking.MLFLOW_UI_ENV, "http://127.0.0.1:5123/")
     assert tracking.mlflow_ui_url() == "http://127.0.0.1:5123"
     assert tracking.mlflow_ui_host_port() == ("127.0.0.1", 5123)
-    assert tracking.run_url("3", "abc") == "http://127.0.0.1:5123/#/experiments/3/runs/abc"
+    # the run in the UI's model-training view: MLflow 3's UI otherwise opens the GenAI one (traces, judges)
+    assert tracking.run_url("3", "abc") == "http://127.0.0.1:5123/#/experiments/3/runs/abc?workflowType=machine_learning"
     monkeypatch.setenv(tracking.MLFLOW_UI_ENV, "127.0.0.1:5000")
     with pytest.raises(FsadError, match="FSAD_MLFLOW_UI"):
         tracking.mlflow_ui_url()
