@@ -262,6 +262,11 @@ def run_url(experiment_id, run_id, ui_base: str | None = None) -> str:
     return f"{ui_base or mlflow_ui_url()}/#/experiments/{experiment_id}/runs/{run_id}?{UI_VIEW}"
 
 
+def experiment_url(experiment_id, ui_base: str | None = None) -> str:
+    """The MLflow UI page of one experiment's runs, in the model-training view."""
+    return f"{ui_base or mlflow_ui_url()}/#/experiments/{experiment_id}?{UI_VIEW}"
+
+
 def parent_run_name(experiment: str, stage: str | None, dagster_run_id: str) -> str:
     """``<sweep> · <stage>`` (e.g. ``fsad-default · evaluation 2/3``), the Dagster run's short id only when
     the stage is unknown."""
