@@ -253,9 +253,18 @@ def mlflow_ui_host_port() -> tuple[str, int]:
     return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
 
+# MLflow's UI (3.x) opens every experiment in its GenAI view unless the link asks for the model-training one
+UI_VIEW = "workflowType=machine_learning"
+
+
 def run_url(experiment_id, run_id, ui_base: str | None = None) -> str:
-    """The MLflow UI page of one run."""
-    return f"{ui_base or mlflow_ui_url()}/#/experiments/{experiment_id}/runs/{run_id}"
+    """The MLflow UI page of one run, in the UI's model-training view (runs, metrics, models)."""
+    return f"{ui_base or mlflow_ui_url()}/#/experiments/{experiment_id}/runs/{run_id}?{UI_VIEW}"
+
+
+def experiment_url(experiment_id, ui_base: str | None = None) -> str:
+    """The MLflow UI page of one experiment's runs, in the model-training view."""
+    return f"{ui_base or mlflow_ui_url()}/#/experiments/{experiment_id}?{UI_VIEW}"
 
 
 def parent_run_name(experiment: str, stage: str | None, dagster_run_id: str) -> str:

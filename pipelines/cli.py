@@ -134,8 +134,8 @@ def data_warnings(cfg) -> list[str]:
 
 
 def mlflow_ui_command(args) -> int:
-    from fewshot_core.tracking import (MLFLOW_UI_ENV, default_artifact_root, default_tracking_uri,
-                                       mlflow_ui_host_port, sqlite_path)
+    from fewshot_core.tracking import (MLFLOW_UI_ENV, Tracker, default_artifact_root, default_tracking_uri,
+                                       experiment_url, mlflow_ui_host_port, sqlite_path)
 
     home = resolve_home(args.dagster_home)
     host, port = mlflow_ui_host_port()
@@ -151,7 +151,12 @@ def mlflow_ui_command(args) -> int:
            "--port", str(args.port), "--workers", str(args.workers)]
     if (artifacts := default_artifact_root(uri)) is not None:
         cmd += ["--default-artifact-root", artifacts]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI on {base} (store {uri}); Ctrl-C stops it", flush=True)
+    if db is not None and db.is_file():  # direct links: the UI's start page would open its GenAI view
+        for exp in Tracker(uri).client.search_experiments():
+            if exp.name != "Default":
+                print(f"  experiment {exp.name!r}: {experiment_url(exp.experiment_id, base)}", flush=True)
     return serve(cmd)
 
 

@@ -128,11 +128,9 @@ def current_champion(client, name: str):
 
 def promote(tracker, candidate: Candidate, report: str | None = None) -> dict:
     """Register ``candidate`` and move the alias to it if it beats the current champion (see module doc)."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
-    from fewshot_core.models.mlflow_model import quiet_advice
-    from fewshot_core.tracking import fluent_uri
+    from fewshot_core.models.mlflow_model import register_model
 
     client = tracker.client
     name = registered_name(candidate.category)
@@ -158,8 +156,7 @@ def promote(tracker, candidate: Candidate, report: str | None = None) -> dict:
             "fsad.method": candidate.method, "fsad.backbone": str(candidate.backbone), "fsad.shots": str(candidate.shots),
             "fsad.n_seeds": str(candidate.n_seeds), **({"fsad.report": str(report)} if report else {})}
     try:
-        with fluent_uri(tracker.tracking_uri), quiet_advice():
-            version = mlflow.register_model(candidate.model_uri, name, tags=tags)
+        version = register_model(tracker.tracking_uri, candidate.model_uri, name, tags)
     except MlflowException as exc:
         raise FsadError(f"{candidate.model_uri}: cannot register as {name} ({str(exc).splitlines()[0][:160]}); "
                         "rerun the evaluation that logged it") from None

@@ -163,6 +163,22 @@ def quiet_advice():
         yield
 
 
+def register_model(tracking_uri: str, model_uri: str, name: str, tags: dict):
+    """``mlflow.register_model`` into ``tracking_uri``'s registry without its notices ("Successfully
+    registered model ...", "Created version ..."): MLflow prints them to its event stream, which would
+    interleave them with the stage log; the stream is switched off while registering. Failures still raise."""
+    import mlflow
+    from mlflow.utils import logging_utils
+
+    was_on = logging_utils.MLFLOW_LOGGING_STREAM.enabled
+    logging_utils.disable_logging()
+    try:
+        with fluent_uri(tracking_uri), quiet_advice():
+            return mlflow.register_model(model_uri, name, tags=tags)
+    finally:
+        if was_on:
+            logging_utils.enable_logging()
+
 def log_model(tracking_uri: str, run_id: str, folder, example_image=None, name: str = MODEL_NAME,
               tags: dict | None = None):
     """Log the deployable ``folder`` as an MLflow pyfunc model of run ``run_id``; returns its ``ModelInfo``.

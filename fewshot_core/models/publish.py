@@ -88,15 +88,12 @@ def publish_full_data(tracker, experiment: str, dagster_run_id: str, dataset, pa
     fitted ``model``."""
     import time
 
-    import mlflow
-
     from fewshot_core import tracking
     from fewshot_core.evaluation.oneclass import SCORE_BATCH, score_in_batches, support_threshold
     from fewshot_core.evaluation.threshold import ThresholdConfig, decision_metrics
     from fewshot_core.metrics import image_metrics
     from fewshot_core.models.champion import registered_name
-    from fewshot_core.models.mlflow_model import quiet_advice
-    from fewshot_core.tracking import fluent_uri
+    from fewshot_core.models.mlflow_model import register_model
 
     entry = registry.get(method, protocol=registry.ONECLASS)
     if entry.input_kind == registry.IMAGES:
@@ -134,9 +131,8 @@ def publish_full_data(tracker, experiment: str, dagster_run_id: str, dataset, pa
     out = publish_model(tracker, run_id, dataset, model, train, registry.ONECLASS, partition=partition,
                         threshold=cut, tags=run_tags, name=f"{method}-{dataset.category}-{FULL_DATA_KIND}")
     name = registered_name(dataset.category)
-    with fluent_uri(tracker.tracking_uri), quiet_advice():
-        version = mlflow.register_model(out["model_uri"], name, tags={"fsad.mlflow_run_id": run_id,
-                                                                      "fsad.kind": FULL_DATA_KIND})
+    version = register_model(tracker.tracking_uri, out["model_uri"], name,
+                             {"fsad.mlflow_run_id": run_id, "fsad.kind": FULL_DATA_KIND})
     tracker.client.set_registered_model_alias(name, FULL_DATA_ALIAS, version.version)
     return {**out, "run_id": run_id, "version": version.version, "model": model, "threshold": cut,
             "metrics": metrics}

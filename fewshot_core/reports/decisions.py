@@ -172,7 +172,7 @@ def deploy(rows: pd.DataFrame, agg: pd.DataFrame, criterion=None) -> Section:
     for category, cands in ranked.items():
         champ = cands[0]
         parts.append(f"<h3>{esc(category)}: {esc(champ.method)}"
-                     f"{' (' + esc(champ.backbone) + ')' if champ.backbone else ''} with {champ.shots} good shots"
+                     f"{' (' + esc(champ.backbone) + ')' if champ.backbone else ''} with {_shots(champ.shots)}"
                      f" → {esc(registered_name(category))}@champion</h3>")
         parts.append(_candidates_table(agg, cands, criterion))
         margin, text = _margin(rows, criterion, cands)
@@ -255,10 +255,14 @@ def _margin(rows: pd.DataFrame, criterion, cands) -> tuple[str, str]:
     return line, clause
 
 
+def _shots(k) -> str:
+    return f"{k} good shot" + ("" if k == 1 else "s")
+
+
 def _deploy_sentence(agg: pd.DataFrame, category: str, champ, criterion) -> str:
     rec = _group(agg, champ, criterion.protocol) or {}
     bacc, far, miss = (rec.get(f"{m}_mean", math.nan) for m in ("balanced_accuracy", "false_alarm_rate", "miss_rate"))
-    text = f"{category}: deploy {champ.method} with {champ.shots} good shots"
+    text = f"{category}: deploy {champ.method} with {_shots(champ.shots)}"
     if math.isfinite(far):
         text += (f": balanced accuracy {_f(bacc)}, it flags {far:.1%} of good parts (false alarms) and passes "
                  f"{f'{miss:.1%}' if math.isfinite(miss) else '–'} of defective ones (misses)")

@@ -32,7 +32,7 @@ table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
 td,th{border:1px solid #ddd;padding:3px 7px;text-align:right;vertical-align:top}th{background:#f4f4f4}
 td.l,th.l{text-align:left}a{color:#1a5fb4;text-decoration:none}a:hover{text-decoration:underline}
 .note{color:#555;font-size:.9em}img{max-width:100%;margin:.5em 0}
-.scroll{max-width:100%;overflow-x:auto}table.dec td{white-space:nowrap}
+.scroll{max-width:100%;overflow-x:auto}table.dec td,table.runs td{white-space:nowrap}
 .n{color:#777;font-size:.8em;white-space:nowrap}sup.few{color:#b5651d}
 .takeaway{background:#f1f6fb;border-left:4px solid #1a5fb4;padding:.5em .8em}
 tr:target td{background:#fff3b0}tr:target td:first-child{box-shadow:inset 4px 0 #e5a50a}
@@ -45,7 +45,8 @@ def _img(png: bytes, alt: str) -> str:
 
 def _runs_table(rows: pd.DataFrame, run_url) -> str:
     """Every per-seed row; the MLflow link comes first so a wide metric list never hides it, and the table
-    scrolls inside its own box instead of widening the page."""
+    scrolls inside its own box instead of widening the page. Each row stays one line (a setting key broken at
+    its hyphens is unreadable); the link shows the run id's first 8 characters, the whole id in its tooltip."""
     # Per-type recalls have their own table; timings come first so that no scroll hides them.
     times = schema.timing_columns(rows.columns)
     metrics = times + [m for m in metric_columns(rows) if not m.startswith(schema.RECALL_PREFIX)]
@@ -58,14 +59,15 @@ def _runs_table(rows: pd.DataFrame, run_url) -> str:
         attr = f' id="{target}"' if target not in seen else ""
         seen.add(target)
         rid = rec.get("mlflow_run_id")
-        link = f'<a href="{html.escape(run_url(rec))}">{html.escape(str(rid))}</a>' if _present(rid) else "–"
+        link = (f'<a href="{html.escape(run_url(rec))}" title="{html.escape(str(rid))}">{html.escape(str(rid)[:8])}</a>'
+                if _present(rid) else "–")
         cells = f'<td class="l">{link}</td>'
         cells += "".join(f'<td class="l">{html.escape(str(rec[c]))}</td>' for c in ids)
         q = rec.get("n_query")
         cells += f'<td class="l">{html.escape(support_label(rec))}</td><td>{int(q) if _present(q) else "–"}</td>'
         cells += "".join(f"<td>{rec[m]:.4f}</td>" if pd.notna(rec[m]) else "<td>–</td>" for m in metrics)
         body.append(f"<tr{attr}>{cells}</tr>")
-    return f"<div class=scroll><table><tr>{head}</tr>{''.join(body)}</table></div>"
+    return f"<div class=scroll><table class=runs><tr>{head}</tr>{''.join(body)}</table></div>"
 
 
 def _present(value) -> bool:

@@ -2,7 +2,7 @@
 
     python -m pipelines.deploy up [--home DIR] [--profile deploy/cluster.yaml] [--sweep sweep.yaml]
     python -m pipelines.deploy sweep [--home DIR] [--sweep sweep.yaml]      # run the sweep through it
-    python -m pipelines.deploy status [--home DIR]
+    python -m pipelines.deploy status [--home DIR]   # exit 0: all run, 1: some stopped, 3: none started
     python -m pipelines.deploy down [--home DIR]
     python -m pipelines.deploy worker --name w3 --queues gpu [--profile FILE] [--home DIR]   # another machine;
                                         # its --home holds a copy of the head's secrets.env (or export them)
@@ -18,6 +18,13 @@ import time
 
 from fewshot_core.errors import FsadError
 
+# `status` exits as an init script's status does (LSB), so scripts can tell "stopped" from "never started"
+STATUS_RUNNING, STATUS_DEAD, STATUS_NOT_STARTED = 0, 1, 3
+
+
+STATUS_EPILOG = (f"exit status: {STATUS_RUNNING} every service runs, {STATUS_DEAD} some recorded service has "
+                 f"stopped, {STATUS_NOT_STARTED} no service was started under the home")
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.deploy", description=__doc__,
@@ -29,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                        ("sweep", "run the configured sweep through the running profile"),
                        ("worker", "run one Celery worker in the foreground (other machines)"),
                        ("pools", "set the profile's pool limits on the Dagster instance at $DAGSTER_HOME")):
-        s = sub.add_parser(name, help=text, description=text)
+        s = sub.add_parser(name, help=text, description=text, epilog=STATUS_EPILOG if name == "status" else None)
         s.add_argument("--home", help="cluster home: service data, logs, pid files (default: $FSAD_CLUSTER_HOME, "
                                       "else ./.cluster)")
         s.add_argument("--profile", help="cluster profile YAML (default: $FSAD_PROFILE_CONFIG, else "
@@ -84,7 +91,7 @@ def _run(args) -> int:
         if not services:
             print(f"nothing running: no service was started under {prof.home} (start them with "
                   f"`python -m pipelines.deploy up --home {prof.home}`)")
-            return 1
+            return STATUS_NOT_STARTED
         for name, (pid, alive) in services.items():
             print(f"{name:16s} pid {pid}  {'running' if alive else 'not running'}")
         try:
@@ -92,7 +99,7 @@ def _run(args) -> int:
             print(f"{'secrets':16s} {secrets_path(prof.home)} (or the environment)")
         except FsadError as exc:
             print(f"{'secrets':16s} {exc}")
-        return 0 if all(alive for _, alive in services.values()) else 1
+        return STATUS_RUNNING if all(alive for _, alive in services.values()) else STATUS_DEAD
     env = local._python_env(prof, sweep)
     os.environ.update(env)  # before the code location is imported: it reads the profile from the environment
     if args.command == "worker":

@@ -377,6 +377,19 @@ def _check_report_page(page) -> None:
     box = table.bounding_box()
     time_head = table.locator("th", has_text="time per image").first.bounding_box()
     assert time_head["x"] + time_head["width"] <= box["x"] + box["width"] + 1, (time_head, box)
+    # every per-seed row of "All runs" is one line, on a narrow window too: setting keys and supports are not
+    # broken at their hyphens (the table scrolls sideways in its box instead)
+    size = page.viewport_size
+    page.set_viewport_size({"width": 800, "height": size["height"]})
+    heights = page.locator("table.runs tr:has(td)").evaluate_all("rows => rows.map(r => r.getBoundingClientRect().height)")
+    line = page.locator("table.runs td").first.evaluate(  # the height of one line of the table's text
+        "td => { const s = td.appendChild(document.createElement('span')); s.textContent = 'x';"
+        " const h = s.getBoundingClientRect().height; s.remove(); return h; }")
+    page.set_viewport_size(size)
+    assert len(heights) > 2 and max(heights) < 2 * line, (heights, line)
+    link = page.locator("table.runs a").first
+    assert len(link.inner_text()) == 8 and link.get_attribute("title") in link.get_attribute("href")
+    assert link.get_attribute("href").endswith("?workflowType=machine_learning")  # MLflow's model-training view
 
 
 def test_report_of_a_small_sweep_opens_with_deploy_errors_speed_and_gallery(tmp_path):

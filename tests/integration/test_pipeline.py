@@ -35,7 +35,8 @@ N_EVAL = 4 + 4 + 4  # patchcore and knn: 2 shots x 2 seeds; protonet: 2 ratios x
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """Run `fsad run` once on a tiny config; yield (home, work, config, stdout) with the environment kept."""
+    """Run `fsad run` once on a tiny config; yield (home, work, config, output) with the environment kept;
+    the output is stdout and stderr together, as a terminal shows them."""
     base = tmp_path_factory.mktemp("pipeline")
     home, work = base / "dagster_home", base / "work"
     config = base / "sweep.yaml"
@@ -46,10 +47,10 @@ def sweep(tmp_path_factory):
         mp.delenv("MVTEC_ROOT", raising=False)
         mp.setenv("FSAD_SWEEP_CONFIG", str(config))
         import io
-        from contextlib import redirect_stdout
+        from contextlib import redirect_stderr, redirect_stdout
 
         out = io.StringIO()
-        with redirect_stdout(out):
+        with redirect_stdout(out), redirect_stderr(out):
             code = main(["run", "--config", str(config), "--dagster-home", str(home)])
         assert code == 0, out.getvalue()
         yield home, work, config, out.getvalue()
@@ -69,6 +70,9 @@ def test_fsad_run_materialises_every_asset_and_prints_where_things_are(sweep):
     report = work / "report" / "report.html"
     assert f"Report:      {report}" in out
     assert "dagster dev -w workspace.yaml" in out and "-h 127.0.0.1" in out and "fsad mlflow-ui" in out
+    # the stage log stays one line per stage: MLflow's registry notices are not mixed into it
+    for notice in ("registered model", "Created version", "Creating a new version"):
+        assert notice.lower() not in out.lower(), out
     template = Path(__file__).parents[2] / "pipelines" / "templates" / "dagster.yaml"
     assert (home / "dagster.yaml").read_text() == template.read_text()
     assert (Path(__file__).parents[2] / "dagster_home" / "dagster.yaml").resolve() == template.resolve()

@@ -290,7 +290,8 @@ def test_mlflow_ui_address_is_one_setting(monkeypatch):
     monkeypatch.setenv(tracking.MLFLOW_UI_ENV, "http://127.0.0.1:5123/")
     assert tracking.mlflow_ui_url() == "http://127.0.0.1:5123"
     assert tracking.mlflow_ui_host_port() == ("127.0.0.1", 5123)
-    assert tracking.run_url("3", "abc") == "http://127.0.0.1:5123/#/experiments/3/runs/abc"
+    # the run in the UI's model-training view: MLflow 3's UI otherwise opens the GenAI one (traces, judges)
+    assert tracking.run_url("3", "abc") == "http://127.0.0.1:5123/#/experiments/3/runs/abc?workflowType=machine_learning"
     monkeypatch.setenv(tracking.MLFLOW_UI_ENV, "127.0.0.1:5000")
     with pytest.raises(FsadError, match="FSAD_MLFLOW_UI"):
         tracking.mlflow_ui_url()
@@ -315,3 +316,9 @@ def test_fsad_mlflow_ui_defaults_to_the_setting(monkeypatch, capsys, tmp_path):
     run_cli.mlflow_ui_command(argparse.Namespace(host=None, port=5999, workers=1, dagster_home=None))
     assert calls[-1][calls[-1].index("--port") + 1] == "5999"
     assert "FSAD_MLFLOW_UI=http://127.0.0.1:5999" in capsys.readouterr().out
+    # with a sweep's experiment in the store: its link, in the UI's model-training view
+    exp = tracking.Tracker(tracking.default_tracking_uri(tmp_path / "home")).experiment_id("tiny")
+    run_cli.mlflow_ui_command(argparse.Namespace(host=None, port=None, workers=1, dagster_home=None))
+    out = capsys.readouterr().out
+    assert f"  experiment 'tiny': http://127.0.0.1:5123/#/experiments/{exp}?workflowType=machine_learning" in out
+    assert "'Default'" not in out

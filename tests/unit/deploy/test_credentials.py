@@ -96,7 +96,22 @@ def test_worker_without_secrets_says_where_to_get_them(tmp_path):
 
 
 def test_status_says_when_nothing_runs(tmp_path):
-    out = _deploy("status", "--home", str(tmp_path / "home"), "--profile", str(ROOT / "deploy" / "cluster.yaml"),
-                  cwd=tmp_path)
-    assert out.returncode == 1 and out.stderr == ""
+    """One line and exit 3 (an init script's "not running") when `up` never ran; exit 1 with each service's
+    state when a service it started has stopped; the codes are in `status --help`."""
+    from pipelines.deploy import local
+    from pipelines.deploy.profile import load_profile
+
+    args = ("--home", str(tmp_path / "home"), "--profile", str(ROOT / "deploy" / "cluster.yaml"))
+    out = _deploy("status", *args, cwd=tmp_path)
+    assert out.returncode == 3 and out.stderr == ""
     assert out.stdout.startswith("nothing running: no service was started under ") and "deploy up --home" in out.stdout
+    assert len(out.stdout.splitlines()) == 1
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    prof = load_profile(str(ROOT / "deploy" / "cluster.yaml"), str(tmp_path / "home"))
+    local._run_dir(prof).mkdir(parents=True, exist_ok=True)
+    local._record(prof, "redis", gone.pid)
+    out = _deploy("status", *args, cwd=tmp_path)
+    assert out.returncode == 1 and f"redis            pid {gone.pid}  not running" in out.stdout, out.stdout
+    helped = _deploy("status", "--help", cwd=tmp_path)
+    assert "exit status: 0 every service runs, 1 some recorded service has stopped, 3 no" in " ".join(helped.stdout.split())

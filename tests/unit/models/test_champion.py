@@ -118,3 +118,23 @@ def test_model_logging_leaves_the_process_tracking_uri_as_it_was(monkeypatch, tm
     with fluent_uri(f"sqlite:///{tmp_path / 'a.db'}"):
         pass
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+
+
+def test_registering_prints_nothing_and_keeps_mlflow_event_log_on(tracker, capsys):
+    """MLflow's "Successfully registered model" / "Created version" notices stay out of the stage log; the
+    event stream is on again afterwards and a failed registration still raises."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import logging_utils
+
+    from fewshot_core.models.mlflow_model import register_model
+
+    _, uri = _logged(tracker)
+    capsys.readouterr()
+    first = register_model(tracker.tracking_uri, uri, "fsad-bottle", {"k": "v"})
+    second = register_model(tracker.tracking_uri, uri, "fsad-bottle", {})
+    out, err = capsys.readouterr()
+    assert (str(first.version), str(second.version)) == ("1", "2") and out + err == "", out + err
+    assert logging_utils.MLFLOW_LOGGING_STREAM.enabled
+    with pytest.raises(MlflowException):
+        register_model(tracker.tracking_uri, "models:/m-no-such-model", "fsad-bottle", {})
+    assert logging_utils.MLFLOW_LOGGING_STREAM.enabled

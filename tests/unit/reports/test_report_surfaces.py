@@ -153,7 +153,7 @@ def test_paired_test_and_few_seed_flags():
 def test_runs_table_scrolls_in_its_box_and_highlights_the_jumped_to_row():
     text = _report(_rows())
     runs = text[text.index('id="runs"'):]
-    assert runs.index("<div class=scroll>") < runs.index("<table>")
+    assert runs.index("<div class=scroll>") < runs.index("<table class=runs>")
     header = re.search(r"<tr>(.*?)</tr>", runs).group(1)
     assert re.findall(r"<th[^>]*>([^<]*)</th>", header)[0] == "MLflow run"  # never pushed off the page
     assert ".scroll{max-width:100%;overflow-x:auto}" in text
