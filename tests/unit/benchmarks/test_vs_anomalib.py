@@ -62,6 +62,18 @@ def test_table_gives_ratio_per_setting_and_the_worst_against_the_bar(bench):
     assert bench.format_table([_row("oc-k1-s0", 1.0, 12.0)]).endswith("12.00x (meets the 10x bar)")
 
 
+def test_table_adds_the_stored_views_columns_when_measured(bench):
+    row = _row("oc-k16-s0", 20.0, 40.0, 1.0, 1.0)
+    row["fsad"]["stored_seconds"] = 8.0
+    lines = bench.format_table([row, _row("oc-k1-s0", 4.0, 40.0)]).splitlines()
+    assert lines[0] == ("| setting | fsad s | fsad s, views stored | anomalib s | ratio | ratio, views stored | "
+                        "fsad image AUROC | anomalib image AUROC |")
+    assert lines[1] == "|---|---|---|---|---|---|---|---|"
+    assert lines[2] == "| oc-k16-s0 | 20.0 | 8.0 | 40.0 | 2.00x | 5.00x | 1.0000 | 1.0000 |"
+    assert lines[3] == "| oc-k1-s0 | 4.0 | - | 40.0 | 10.00x | - | 0.9900 | - |"
+    assert lines[-1] == "worst ratio over the grid: 2.00x (misses the 10x bar)"
+
+
 def test_missing_or_broken_anomalib_python_is_one_line_naming_the_fix(bench, tmp_path, capsys):
     with pytest.raises(FsadError, match="no anomalib python given.*--anomalib-python"):
         bench.check_anomalib_python(None)
@@ -99,7 +111,8 @@ def test_grid_gives_both_sides_the_samplers_support_and_alternates_who_goes_firs
         seen[setting.key] = sorted(r.image_id for r in load_category(data_root, "widget").train_good())
         return {"seconds": 5.0, "image_auroc": 0.9}
 
-    rows = bench.run_grid(dataset, settings, fsad, anomalib)
+    kept = []
+    rows = bench.run_grid(dataset, settings, fsad, anomalib, rows=kept)
 
     assert [r["setting"] for r in rows] == ["oc-k1-s0", "oc-k1-s1", "oc-k2-s0", "oc-k2-s1"]
     assert [r["first"] for r in rows] == ["fsad", "anomalib", "fsad", "anomalib"]
@@ -108,3 +121,4 @@ def test_grid_gives_both_sides_the_samplers_support_and_alternates_who_goes_firs
         drawn = list(sample_oneclass(dataset, setting.k_good, setting.seed).support_ids)
         assert seen[row["setting"]] == row["support"] == drawn
     assert len(rows[0]["support"]) == 1 and len(rows[2]["support"]) == 2
+    assert rows is kept  # what a failure part-way leaves is still the caller's to print
