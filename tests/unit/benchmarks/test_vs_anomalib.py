@@ -71,7 +71,7 @@ def test_table_adds_the_stored_views_columns_when_measured(bench):
     assert lines[1] == "|---|---|---|---|---|---|---|---|"
     assert lines[2] == "| oc-k16-s0 | 20.0 | 8.0 | 40.0 | 2.00x | 5.00x | 1.0000 | 1.0000 |"
     assert lines[3] == "| oc-k1-s0 | 4.0 | - | 40.0 | 10.00x | - | 0.9900 | - |"
-    assert lines[-1] == "worst ratio over the grid: 2.00x (misses the 10x bar)"
+    assert lines[-1] == "worst ratio over the grid: 2.00x (misses the 10x bar); views stored: 5.00x"
 
 
 def test_missing_or_broken_anomalib_python_is_one_line_naming_the_fix(bench, tmp_path, capsys):
