@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from fewshot_core.backbones.stages import resolve_layers
 
-_PATH = Path(__file__).resolve().parents[3] / "benchmarks" / "hard_suite.py"
-
 
 @pytest.fixture(scope="module")
-def suite():
-    spec = importlib.util.spec_from_file_location("hard_suite", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def suite(load_benchmark):
+    return load_benchmark("hard_suite")
 
 
 def _tiles(root):
