@@ -225,6 +225,11 @@ def code_version() -> str:
     return __version__
 
 
+# The environment of every MLflow server fsad starts (`fsad mlflow-ui`, the cluster profile): fsad submits no
+# MLflow server jobs, so the server does not start its job runner and the consumer processes beside it.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def mlflow_ui_url() -> str:
     """The MLflow UI address report links point at: ``FSAD_MLFLOW_UI`` when set, else 127.0.0.1:5000.
 

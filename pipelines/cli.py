@@ -134,8 +134,8 @@ def data_warnings(cfg) -> list[str]:
 
 
 def mlflow_ui_command(args) -> int:
-    from fewshot_core.tracking import (MLFLOW_UI_ENV, Tracker, default_artifact_root, default_tracking_uri,
-                                       experiment_url, mlflow_ui_host_port, sqlite_path)
+    from fewshot_core.tracking import (MLFLOW_UI_ENV, SERVER_ENV, Tracker, default_artifact_root,
+                                       default_tracking_uri, experiment_url, mlflow_ui_host_port, sqlite_path)
 
     home = resolve_home(args.dagster_home)
     host, port = mlflow_ui_host_port()
@@ -157,15 +157,15 @@ def mlflow_ui_command(args) -> int:
         for exp in Tracker(uri).client.search_experiments():
             if exp.name != "Default":
                 print(f"  experiment {exp.name!r}: {experiment_url(exp.experiment_id, base)}", flush=True)
-    return serve(cmd)
+    return serve(cmd, env={**os.environ, **SERVER_ENV})
 
 
-def serve(cmd: list[str], grace_s: float = 10.0) -> int:
+def serve(cmd: list[str], grace_s: float = 10.0, env: dict | None = None) -> int:
     """Run the server ``cmd`` in a process group of its own until it exits; SIGTERM, SIGINT and SIGHUP to
     this process are passed on to the whole group (the server and its workers), so ``kill`` of the
     command stops the server instead of leaving it serving the port. A group still running ``grace_s``
     after the signal is killed. Returns the server's exit status, or 128 + the signal received."""
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
     received: list[tuple[int, float]] = []
 
     def forward(signum, _frame):

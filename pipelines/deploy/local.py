@@ -30,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from fewshot_core import tracking
 from fewshot_core.atomic import atomic_write_text
 from fewshot_core.errors import FsadError
 from fewshot_core.processes import pid_alive
@@ -274,7 +275,11 @@ def mlflow_auth_config(prof: ClusterProfile) -> Path:
     folder = prof.home / "mlflow-auth"
     return atomic_write_text(folder / "basic_auth.ini", "\n".join([
         "[mlflow]", "default_permission = NO_PERMISSIONS", f"database_uri = sqlite:///{folder / 'basic_auth.db'}",
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth", ""]), mode=0o600)
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+        # a verified login is remembered for a minute: without it every request of a step pays a full
+        # password-hash check, which made the server the busiest process of a sweep. The account is the
+        # profile's generated one, changed only by a new `up`, which restarts the server and its cache.
+        "auth_cache_ttl_seconds = 60", ""]), mode=0o600)
 
 
 def _check_mlflow_login(prof: ClusterProfile, secrets: dict) -> None:
@@ -301,7 +306,7 @@ def start_mlflow(prof: ClusterProfile, env: dict, secrets: dict) -> None:
                   "MLFLOW_AUTH_ADMIN_USERNAME": secrets["MLFLOW_TRACKING_USERNAME"],
                   "MLFLOW_AUTH_ADMIN_PASSWORD": secrets["MLFLOW_TRACKING_PASSWORD"],
                   "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets["MLFLOW_FLASK_SERVER_SECRET_KEY"],
-                  "PGPASSWORD": secrets["FSAD_POSTGRES_PASSWORD"]}
+                  "PGPASSWORD": secrets["FSAD_POSTGRES_PASSWORD"], **tracking.SERVER_ENV}
     pid = _spawn(prof, "mlflow", [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
                                   "--backend-store-uri", prof.postgres_url("mlflow"),
                                   "--serve-artifacts", "--artifacts-destination", artifacts.as_uri(),

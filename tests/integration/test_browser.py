@@ -1,6 +1,7 @@
-"""The Dagster UI in a real browser: `dagster dev` on 127.0.0.1 serves the fsad code location, headless
-Chromium (Debian's, driven by Playwright) shows the asset graph and a materialisation made beforehand, and
-the whole `dagster dev` process group is gone afterwards."""
+"""The Dagster and MLflow UIs in a real browser: after one `fsad run` of a small sweep, `dagster dev` and
+`fsad mlflow-ui` on 127.0.0.1 serve its home (started once for the module), headless Chromium (Debian's,
+driven by Playwright) follows the report's links, launches a backfill and a materialisation, and shows the
+asset graph and the sweep's materialisations; both process groups are gone afterwards."""
 
 from __future__ import annotations
 
@@ -29,17 +30,6 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
                        "(apt-get install -y chromium; .ci/run installs it)"),
 ]
-
-SWEEP = """\
-name: ui
-data: {{source: synthetic, synth: {{categories: 1, size: 64, n_train: 4, n_test_good: 2, n_test_per_defect: 1}}}}
-image_size: 64
-oneclass: {{shots: [1], seeds: [0]}}
-supervised: {{ratios: [[1, 1]], label_modes: [binary], seeds: [0]}}
-methods: [{{id: knn, method: knn}}]
-work_dir: {work}
-"""
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -81,15 +71,20 @@ def _instance(home: Path):
         yield dg.DagsterInstance.get()
 
 
-def _wait_for_run(home: Path, asset: str, timeout: float):
-    """The run that materialises ``asset`` (launched from the UI), once it has finished."""
+def _run_ids(home: Path) -> set:
+    with _instance(home) as instance:
+        return {r.run_id for r in instance.get_runs()}
+
+
+def _wait_for_run(home: Path, asset: str, known: set, timeout: float):
+    """The run that materialises ``asset`` (launched from the UI: not in ``known``), once it has finished."""
     import dagster as dg
 
     with _instance(home) as instance:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            runs = [r for r in instance.get_runs(limit=10)
-                    if r.asset_selection and dg.AssetKey(asset) in r.asset_selection]
+            runs = [r for r in instance.get_runs(limit=10) if r.run_id not in known
+                    and r.asset_selection and dg.AssetKey(asset) in r.asset_selection]
             if runs and runs[0].status.value in ("SUCCESS", "FAILURE", "CANCELED"):
                 return runs[0]
             time.sleep(1)
@@ -118,85 +113,6 @@ def _stop_group(proc: subprocess.Popen) -> None:
             proc.poll()
             time.sleep(0.3)
     proc.wait(timeout=10)
-
-
-def test_dagster_ui_shows_asset_graph_and_materialisation(tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    home, work = tmp_path / "dagster_home", tmp_path / "work"
-    home.mkdir()
-    shutil.copyfile(PROJECT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    config = tmp_path / "sweep.yaml"
-    config.write_text(SWEEP.format(work=work))
-    env = dict(os.environ, DAGSTER_HOME=str(home), FSAD_SWEEP_CONFIG=str(config), MLFLOW_TRACKING_URI="")
-
-    # A materialisation for the UI to show: the dataset asset, in-process, in the same instance.
-    code = ("import dagster as dg; from pipelines.config import load_config; "
-            "from pipelines.definitions import build_definitions; "
-            "defs = build_definitions(load_config()); "
-            "r = dg.materialize(list(defs.assets) + list(defs.asset_checks), "
-            "selection=dg.AssetSelection.assets('dataset'), resources=defs.resources, "
-            "instance=dg.DagsterInstance.get()); assert r.success")
-    subprocess.run([sys.executable, "-c", code], cwd=PROJECT, env=env, check=True, timeout=180,
-                   capture_output=True)
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "dagster-dev.log").open("w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml",
-                             "-h", "127.0.0.1", "-p", str(port)],
-                            cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(url + "/server_info", timeout=2).read()
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "dagster-dev.log").read_text()[-3000:]
-                assert time.time() < deadline, "dagster dev did not answer within 180 s"
-                time.sleep(1)
-
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 900})
-                page.set_default_timeout(60_000)
-                page.goto(url + "/asset-groups")
-                _skip_welcome(page)
-                # The global graph: one node per stage group, code location loaded.
-                for group in ("data", "features", "evaluation", "reports"):
-                    page.get_by_text(group, exact=True).first.wait_for()
-                assert "Global asset lineage" in page.inner_text("body")
-                # The catalog lists every asset of the code location.
-                page.goto(url + "/assets")
-                for name in ("dataset", "image_manifest", "embeddings", "benchmark_table", "html_report"):
-                    page.get_by_text(name, exact=True).first.wait_for()
-                # keys with a backbone part (support banks, evaluations) are folders of the catalog
-                for prefix in ("memory_banks", "evaluation"):
-                    page.get_by_text(prefix).first.wait_for()
-                # The materialisation made above, with its metadata.
-                page.goto(url + "/assets/dataset")
-                page.get_by_text("Latest materialization").first.wait_for()
-                page.get_by_text("synth_fabric").first.wait_for()
-                page.get_by_text(str(work / "synthetic")).first.wait_for()
-                # A materialisation launched from the UI: queued, dequeued by the daemon, run, shown.
-                page.goto(url + "/assets/image_manifest")
-                page.get_by_text("Materialize", exact=True).first.click()
-                run = _wait_for_run(home, "image_manifest", timeout=180)
-                assert run.status.value == "SUCCESS", run.status
-                page.goto(url + "/assets/image_manifest")
-                page.get_by_text("Latest materialization").first.wait_for()
-                page.get_by_text("image-level categories (no masks)").first.wait_for()
-                page.goto(url + f"/runs/{run.run_id}")
-                page.get_by_text("Success").first.wait_for()
-            finally:
-                browser.close()
-    finally:
-        _stop_group(proc)
-        log.close()
-    assert not _group_alive(proc.pid), "dagster dev left processes in its group"
-    assert _processes_with_env(f"DAGSTER_HOME={home}") == [], "dagster dev left processes behind"
 
 
 SWEEP_LINKS = """\
@@ -246,16 +162,12 @@ def _backfill_ids(home: Path) -> set:
         return {b.backfill_id for b in instance.get_backfills(limit=100)}
 
 
-def test_report_links_and_partition_pages_open_their_mlflow_runs(tmp_path):
-    """After `fsad run`: a report link opens its run in a running MLflow UI, an evaluation partition's page
-    in the Dagster UI links its own (latest, not superseded) MLflow run, and a backfill of one setting's
-    seeds, picked with clicks in the asset's launch dialog, runs and succeeds."""
-    import re
-
-    import pandas as pd
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-    from playwright.sync_api import sync_playwright
-
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    """One `fsad run` of a small sweep, then `fsad mlflow-ui` and `dagster dev` on its home, shared by the tests
+    that open the UIs (one sweep and one server start for all of them); both process groups, and every
+    process of that home, are gone afterwards."""
+    tmp_path = tmp_path_factory.mktemp("ui")
     home, work = tmp_path / "dagster_home", tmp_path / "work"
     home.mkdir()
     shutil.copyfile(PROJECT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
@@ -266,9 +178,6 @@ def test_report_links_and_partition_pages_open_their_mlflow_runs(tmp_path):
                FSAD_MLFLOW_UI=f"http://127.0.0.1:{ml_port}")
     subprocess.run([sys.executable, "-m", "fewshot_core", "run", "--config", str(config), "--dagster-home",
                     str(home)], cwd=PROJECT, env=env, check=True, timeout=900, capture_output=True)
-    report = work / "report" / "report.html"
-    table = pd.read_parquet(next((work / "tables").rglob("benchmark_table*")))
-    oc = table[table["setting_key"] == "oc-k1-s0"].iloc[0]
 
     procs = []
     ml_log, dg_log = tmp_path / "mlflow-ui.log", tmp_path / "dagster-dev.log"
@@ -282,85 +191,147 @@ def test_report_links_and_partition_pages_open_their_mlflow_runs(tmp_path):
                                       stdout=dg_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
         _wait_http(f"http://127.0.0.1:{ml_port}/health", procs[0], ml_log, "MLflow UI")
         _wait_http(f"http://127.0.0.1:{dg_port}/server_info", procs[1], dg_log, "dagster dev")
-        url = f"http://127.0.0.1:{dg_port}"
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 900})
-                page.set_default_timeout(90_000)
-                # 1. The report answers the deploy question first, then the run link opens that run in MLflow.
-                page.goto(report.as_uri())
-                _check_report_page(page)
-                link = page.locator(f'h2#runs ~ div a[href*="/runs/{oc["mlflow_run_id"]}"]').first
-                href = link.get_attribute("href")
-                assert href.startswith(f"http://127.0.0.1:{ml_port}/#/experiments/{oc['mlflow_experiment_id']}/")
-                link.click()
-                page.wait_for_url(re.compile(f".*/runs/{oc['mlflow_run_id']}.*"))
-                page.get_by_text(f"knn|{oc['category']}|oc-k1-s0").first.wait_for()  # the run's name
-                page.get_by_text("image_auroc").first.wait_for()  # its metrics
-                # 2. The partition's own page links its own (latest) MLflow run.
-                from fewshot_core.tracking import Tracker, default_tracking_uri
-
-                latest = [r for r in Tracker(default_tracking_uri(home)).evaluation_runs("ui-links")
-                          if r.data.tags.get("dagster.partition_key") == oc["partition_key"]
-                          and r.data.tags.get("fsad.superseded") == "false"]
-                assert len(latest) == 1
-                page.goto(url + "/assets/evaluation/tf_efficientnet_lite0/knn?view=partitions&partition="
-                          + urllib.parse.quote(oc["partition_key"]))
-                own = page.locator(f'a[href*="/runs/{latest[0].info.run_id}"]').first
-                own.wait_for()
-                assert own.get_attribute("href").startswith(f"http://127.0.0.1:{ml_port}/")
-                # 3. A backfill of one setting's seeds (1 shot, seeds 0 and 1; not the 2-shot ones), with clicks:
-                # the category dimension's "All", then the two seeds in the setting dimension's list.
-                known = _backfill_ids(home)
-                page.goto(url + "/assets/evaluation/tf_efficientnet_lite0/knn")
-                _skip_welcome(page)
-                page.get_by_text(re.compile(r"^Materialize")).first.click()
-                dialog = page.locator('[role="dialog"]', has_text="Partition selection").first
-                # the category dimension's "All": on a loaded machine a click can land before the dialog
-                # listens, so it is repeated until the category shows as selected
-                for attempt in range(5):
-                    dialog.get_by_role("button", name="All").first.click()
-                    try:
-                        dialog.get_by_text(oc["category"], exact=True).first.wait_for(timeout=10_000)
-                        break
-                    except PlaywrightTimeout:
-                        if attempt == 4:
-                            raise
-                dialog.get_by_text("Select a partition or create one").last.click()
-                for key in ("oc-k1-s0", "oc-k1-s1"):
-                    page.get_by_role("menuitem", name=key).click()  # its name repeats the key (truncation helper)
-                page.keyboard.press("Escape")
-                dialog.get_by_text("2 partitions").first.wait_for()
-                dialog.get_by_role("button", name="Launch backfill").click()
-                backfill = _wait_for_backfill(home, known, timeout=900)
-                assert backfill.status.value == "COMPLETED_SUCCESS", backfill.status
-                targeted = backfill.asset_backfill_data.target_subset.partitions_subsets_by_asset_key
-                assert {k.to_user_string(): set(v.get_partition_keys()) for k, v in targeted.items()} == {
-                    "evaluation/tf_efficientnet_lite0/knn": {f"{oc['category']}|oc-k1-s0", f"{oc['category']}|oc-k1-s1"}}
-                page.goto(url + f"/runs/b/{backfill.backfill_id}")
-                page.get_by_text("Succeeded").first.wait_for()
-                page.get_by_text("100% completed").first.wait_for()
-                # each seed got a new MLflow run, and the one it replaced is tagged superseded
-                runs = Tracker(default_tracking_uri(home)).evaluation_runs("ui-links")
-                launched = _backfill_runs(home, backfill.backfill_id)
-                for seed in (0, 1):
-                    key = f"{oc['category']}|oc-k1-s{seed}"
-                    mine = [r for r in runs if r.data.tags.get("dagster.partition_key") == key]
-                    current = [r for r in mine if r.data.tags.get("fsad.superseded") == "false"]
-                    assert len(mine) == 2 and len(current) == 1, key
-                    assert current[0].data.tags["dagster.run_id"] in launched
-            except Exception:
-                page.screenshot(path=str(tmp_path / "failure.png"))
-                raise
-            finally:
-                browser.close()
+        yield {"home": home, "work": work, "tmp": tmp_path, "ml_port": ml_port,
+               "dagster": f"http://127.0.0.1:{dg_port}"}
     finally:
         for proc in procs:
             _stop_group(proc)
     for proc in procs:
         assert not _group_alive(proc.pid), "a server left processes in its group"
     assert _processes_with_env(f"DAGSTER_HOME={home}") == [], "servers left processes behind"
+
+
+def test_report_links_and_partition_pages_open_their_mlflow_runs(ui):
+    """After `fsad run`: a report link opens its run in a running MLflow UI, an evaluation partition's page
+    in the Dagster UI links its own (latest, not superseded) MLflow run, and a backfill of one setting's
+    seeds, picked with clicks in the asset's launch dialog, runs and succeeds."""
+    import re
+
+    import pandas as pd
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import sync_playwright
+
+    home, work, tmp_path, ml_port, url = ui["home"], ui["work"], ui["tmp"], ui["ml_port"], ui["dagster"]
+    report = work / "report" / "report.html"
+    table = pd.read_parquet(next((work / "tables").rglob("benchmark_table*")))
+    oc = table[table["setting_key"] == "oc-k1-s0"].iloc[0]
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(90_000)
+            # 1. The report answers the deploy question first, then the run link opens that run in MLflow.
+            page.goto(report.as_uri())
+            _check_report_page(page)
+            link = page.locator(f'h2#runs ~ div a[href*="/runs/{oc["mlflow_run_id"]}"]').first
+            href = link.get_attribute("href")
+            assert href.startswith(f"http://127.0.0.1:{ml_port}/#/experiments/{oc['mlflow_experiment_id']}/")
+            link.click()
+            page.wait_for_url(re.compile(f".*/runs/{oc['mlflow_run_id']}.*"))
+            page.get_by_text(f"knn|{oc['category']}|oc-k1-s0").first.wait_for()  # the run's name
+            page.get_by_text("image_auroc").first.wait_for()  # its metrics
+            # 2. The partition's own page links its own (latest) MLflow run.
+            from fewshot_core.tracking import Tracker, default_tracking_uri
+
+            latest = [r for r in Tracker(default_tracking_uri(home)).evaluation_runs("ui-links")
+                      if r.data.tags.get("dagster.partition_key") == oc["partition_key"]
+                      and r.data.tags.get("fsad.superseded") == "false"]
+            assert len(latest) == 1
+            page.goto(url + "/assets/evaluation/tf_efficientnet_lite0/knn?view=partitions&partition="
+                      + urllib.parse.quote(oc["partition_key"]))
+            own = page.locator(f'a[href*="/runs/{latest[0].info.run_id}"]').first
+            own.wait_for()
+            assert own.get_attribute("href").startswith(f"http://127.0.0.1:{ml_port}/")
+            # 3. A backfill of one setting's seeds (1 shot, seeds 0 and 1; not the 2-shot ones), with clicks:
+            # the category dimension's "All", then the two seeds in the setting dimension's list.
+            known = _backfill_ids(home)
+            page.goto(url + "/assets/evaluation/tf_efficientnet_lite0/knn")
+            _skip_welcome(page)
+            page.get_by_text(re.compile(r"^Materialize")).first.click()
+            dialog = page.locator('[role="dialog"]', has_text="Partition selection").first
+            # the category dimension's "All": on a loaded machine a click can land before the dialog
+            # listens, so it is repeated until the category shows as selected
+            for attempt in range(5):
+                dialog.get_by_role("button", name="All").first.click()
+                try:
+                    dialog.get_by_text(oc["category"], exact=True).first.wait_for(timeout=10_000)
+                    break
+                except PlaywrightTimeout:
+                    if attempt == 4:
+                        raise
+            dialog.get_by_text("Select a partition or create one").last.click()
+            for key in ("oc-k1-s0", "oc-k1-s1"):
+                page.get_by_role("menuitem", name=key).click()  # its name repeats the key (truncation helper)
+            page.keyboard.press("Escape")
+            dialog.get_by_text("2 partitions").first.wait_for()
+            dialog.get_by_role("button", name="Launch backfill").click()
+            backfill = _wait_for_backfill(home, known, timeout=900)
+            assert backfill.status.value == "COMPLETED_SUCCESS", backfill.status
+            targeted = backfill.asset_backfill_data.target_subset.partitions_subsets_by_asset_key
+            assert {k.to_user_string(): set(v.get_partition_keys()) for k, v in targeted.items()} == {
+                "evaluation/tf_efficientnet_lite0/knn": {f"{oc['category']}|oc-k1-s0", f"{oc['category']}|oc-k1-s1"}}
+            page.goto(url + f"/runs/b/{backfill.backfill_id}")
+            page.get_by_text("Succeeded").first.wait_for()
+            page.get_by_text("100% completed").first.wait_for()
+            # each seed got a new MLflow run, and the one it replaced is tagged superseded
+            runs = Tracker(default_tracking_uri(home)).evaluation_runs("ui-links")
+            launched = _backfill_runs(home, backfill.backfill_id)
+            for seed in (0, 1):
+                key = f"{oc['category']}|oc-k1-s{seed}"
+                mine = [r for r in runs if r.data.tags.get("dagster.partition_key") == key]
+                current = [r for r in mine if r.data.tags.get("fsad.superseded") == "false"]
+                assert len(mine) == 2 and len(current) == 1, key
+                assert current[0].data.tags["dagster.run_id"] in launched
+        except Exception:
+            page.screenshot(path=str(tmp_path / "failure.png"))
+            raise
+        finally:
+            browser.close()
+
+
+def test_dagster_ui_shows_asset_graph_and_materialisation(ui):
+    """The asset graph and catalog, the dataset's materialisation by `fsad run` with its metadata, and a
+    materialisation launched from the UI: queued, dequeued by the daemon, run, shown."""
+    from playwright.sync_api import sync_playwright
+
+    home, work, url = ui["home"], ui["work"], ui["dagster"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(60_000)
+            page.goto(url + "/asset-groups")
+            _skip_welcome(page)
+            # The global graph: one node per stage group, code location loaded.
+            for group in ("data", "features", "evaluation", "reports"):
+                page.get_by_text(group, exact=True).first.wait_for()
+            assert "Global asset lineage" in page.inner_text("body")
+            # The catalog lists every asset of the code location.
+            page.goto(url + "/assets")
+            for name in ("dataset", "image_manifest", "embeddings", "benchmark_table", "html_report"):
+                page.get_by_text(name, exact=True).first.wait_for()
+            # keys with a backbone part (support banks, evaluations) are folders of the catalog
+            for prefix in ("memory_banks", "evaluation"):
+                page.get_by_text(prefix).first.wait_for()
+            # The materialisation made beforehand (by `fsad run`), with its metadata.
+            page.goto(url + "/assets/dataset")
+            page.get_by_text("Latest materialization").first.wait_for()
+            page.get_by_text("synth_fabric").first.wait_for()
+            page.get_by_text(str(work / "synthetic")).first.wait_for()
+            # A materialisation launched from the UI: queued, dequeued by the daemon, run, shown.
+            known = _run_ids(home)
+            page.goto(url + "/assets/image_manifest")
+            page.get_by_text("Materialize", exact=True).first.click()
+            run = _wait_for_run(home, "image_manifest", known, timeout=180)
+            assert run.status.value == "SUCCESS", run.status
+            page.goto(url + "/assets/image_manifest")
+            page.get_by_text("Latest materialization").first.wait_for()
+            page.get_by_text("image-level categories (no masks)").first.wait_for()
+            page.goto(url + f"/runs/{run.run_id}")
+            page.get_by_text("Success").first.wait_for()
+        finally:
+            browser.close()
 
 
 def _check_report_page(page) -> None:

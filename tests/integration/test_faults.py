@@ -207,11 +207,16 @@ def test_kill_9_at_any_point_of_fsad_run_then_a_rerun_gives_the_same_numbers(tmp
 
 
 _INIT = textwrap.dedent("""
-    import sys, time
-    home, start = sys.argv[1], float(sys.argv[2])
+    import os, sys, time
+    from pathlib import Path
+    home, gate = sys.argv[1], Path(sys.argv[2])
     import dagster as dg
     from fewshot_core.tracking import Tracker, default_tracking_uri
     from pipelines.home import prepare_home
+    (gate / f"ready-{os.getpid()}").touch()  # imported: the test releases all three together
+    while not (gate / "start").exists():
+        time.sleep(0.005)
+    start = float((gate / "start").read_text())
     time.sleep(max(0.0, start - time.time()))  # every process reaches the fresh home at the same moment
     prepare_home(home)
     with dg.DagsterInstance.from_config(home) as instance:
@@ -226,9 +231,18 @@ def test_simultaneous_initialisation_of_a_fresh_home_is_serialised(tmp_path):
     IntegrityError / 'table ... already exists' / 'duplicate column')."""
     home = tmp_path / "home"
     env = _env(tmp_path, home)
-    start = time.time() + 25  # after every interpreter has imported Dagster and MLflow
-    procs = [subprocess.Popen([sys.executable, "-c", _INIT, str(home), str(start)], cwd=PROJECT, env=env,
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _INIT, str(home), str(gate)], cwd=PROJECT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    deadline = time.monotonic() + 300
+    while len(list(gate.glob("ready-*"))) < 3:  # every interpreter has imported Dagster and MLflow
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [
+            p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
+        time.sleep(0.05)
+    # one start instant for all three, a moment ahead so that each has seen it before it comes
+    (gate / "start.tmp").write_text(repr(time.time() + 1.0))
+    os.replace(gate / "start.tmp", gate / "start")
     results = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0 and out.strip() == "ok", err[-2000:]

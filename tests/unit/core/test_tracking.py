@@ -126,21 +126,37 @@ def _stop_groups(proc, *pgids) -> None:
         proc.wait(timeout=10)
 
 
-def test_fsad_mlflow_ui_serves_the_pipeline_store(tmp_path):
-    """`fsad mlflow-ui` starts MLflow on the SQLite store under the Dagster home, bound to 127.0.0.1."""
+def test_fsad_mlflow_ui_serves_the_pipeline_store_and_killing_it_stops_its_server(tmp_path):
+    """`fsad mlflow-ui` starts MLflow on the SQLite store under the Dagster home, bound to 127.0.0.1; and
+    ``fsad mlflow-ui & kill $!`` left the MLflow server serving the port: the signal now reaches it."""
     import json
     import os
+    import signal
+    import time
     import urllib.request
 
+    from _procs import mlflow_job_runners
+
     proc, port = _start_mlflow_ui(tmp_path)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    server_pgid = os.getpgid(int(children[0])) if children else None
     try:
         req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
                                      data=json.dumps({"max_results": 10}).encode(),
                                      headers={"Content-Type": "application/json"})
         names = {e["name"] for e in json.loads(urllib.request.urlopen(req, timeout=10).read())["experiments"]}
         assert "ui-sweep" in names
+        assert server_pgid is not None and mlflow_job_runners(server_pgid) == []  # fsad submits no MLflow jobs
+
+        proc.send_signal(signal.SIGTERM)  # `kill $!`: fsad's pid alone, not its group
+        code = proc.wait(timeout=60)
+        deadline = time.time() + 30
+        while _serving(port):
+            assert time.time() < deadline, f"port {port} still served after fsad mlflow-ui was killed"
+            time.sleep(0.5)
+        assert code == 128 + signal.SIGTERM  # it stopped the server and then exited, as a killed command
     finally:
-        _stop_groups(proc)
+        _stop_groups(proc, server_pgid)
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)
 
@@ -158,27 +174,6 @@ def test_older_full_data_runs_are_superseded_like_evaluation_runs(tracker):
     assert get(first)[tracking.SUPERSEDED_TAG] == "true" and get(first)[tracking.SUPERSEDED_BY_TAG] == second
     assert get(second)[tracking.SUPERSEDED_TAG] == "false"
     assert get(evaluation)[tracking.SUPERSEDED_TAG] == "false"
-
-
-def test_killing_fsad_mlflow_ui_stops_its_server(tmp_path):
-    """``fsad mlflow-ui & kill $!`` left the MLflow server serving the port: the signal now reaches it."""
-    import os
-    import signal
-    import time
-
-    proc, port = _start_mlflow_ui(tmp_path)
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    server_pgid = os.getpgid(int(children[0])) if children else None
-    try:
-        proc.send_signal(signal.SIGTERM)  # `kill $!`: fsad's pid alone, not its group
-        code = proc.wait(timeout=60)
-        deadline = time.time() + 30
-        while _serving(port):
-            assert time.time() < deadline, f"port {port} still served after fsad mlflow-ui was killed"
-            time.sleep(0.5)
-        assert code == 128 + signal.SIGTERM  # it stopped the server and then exited, as a killed command
-    finally:
-        _stop_groups(proc, server_pgid)
 
 
 # --- the tracking database is created atomically ----------------------------------------------------
@@ -304,7 +299,7 @@ def test_fsad_mlflow_ui_defaults_to_the_setting(monkeypatch, capsys, tmp_path):
     from pipelines import cli as run_cli
 
     calls = []
-    monkeypatch.setattr(run_cli, "serve", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(run_cli, "serve", lambda cmd, env=None: calls.append(cmd) or 0)
     monkeypatch.setenv(tracking.MLFLOW_UI_ENV, "http://127.0.0.1:5123")
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

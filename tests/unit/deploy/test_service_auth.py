@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -155,3 +156,26 @@ def test_mlflow_refuses_requests_without_the_account(services, mlflow_server, tm
     run = tracker.log_evaluation("auth", "run-a", "x", {}, {"m": 1.0}, artifacts={"notes.txt": "hello"})
     assert [r.info.run_id for r in tracker.evaluation_runs("auth")] == [run]
     assert list((prof.shared_root / "mlflow-artifacts").rglob("notes.txt"))
+
+
+def test_mlflow_checks_the_password_once_not_per_request_and_runs_no_job_runner(services, mlflow_server):
+    """Before: every request paid a full password-hash check (the server was the busiest process of a cluster
+    sweep), and the server started MLflow's job runner with its consumer processes, which fsad never uses."""
+    from _procs import group_cpu_s, mlflow_job_runners
+    from werkzeug.security import check_password_hash, generate_password_hash
+
+    prof, secrets, local = mlflow_server, services["secrets"], services["local"]
+    pgid = local.read_pid(prof, "mlflow")
+    assert mlflow_job_runners(pgid) == []
+    url = f"{prof.mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    account = (secrets["MLFLOW_TRACKING_USERNAME"], secrets["MLFLOW_TRACKING_PASSWORD"])
+    assert _status(url, auth=account) == 200  # the first request checks the password
+    digest = generate_password_hash("x")  # the hash MLflow stores (werkzeug's default method)
+    start = time.process_time()
+    for _ in range(3):
+        check_password_hash(digest, "x")
+    hash_s = (time.process_time() - start) / 3
+    n, before = 20, group_cpu_s(pgid)
+    assert all(_status(url, auth=account) == 200 for _ in range(n))
+    spent = group_cpu_s(pgid) - before
+    assert spent < n * hash_s / 2, (spent, hash_s)
