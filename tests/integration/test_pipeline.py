@@ -477,7 +477,8 @@ def test_each_evaluation_partition_carries_its_own_metrics_run_link_and_path(swe
             meta = event.asset_materialization.metadata
             category, setting = pk.split("|")
             assert meta["mlflow_run_id"].value == row["mlflow_run_id"]
-            assert meta["MLflow run"].value.endswith(f"/runs/{row['mlflow_run_id']}")
+            # the run page in the UI's model-training view (its start page would open the GenAI one)
+            assert meta["MLflow run"].value.endswith(f"/runs/{row['mlflow_run_id']}?workflowType=machine_learning")
             assert meta["path"].value.endswith(f"{category}/{setting}.parquet")
             assert meta["dagster/row_count"].value == 1
             headline = "image_auroc" if row["protocol"] == "oneclass" else "balanced_accuracy"
