@@ -162,8 +162,8 @@ _DECLARED = frozenset(IDENTITY) | frozenset(METRICS) | frozenset(TIMING) | froze
 HEADLINE = {Protocol.ONECLASS: "image_auroc", Protocol.TRANSDUCTIVE: "image_auroc",
             Protocol.SUPERVISED: "balanced_accuracy"}
 # What ``fsad evaluate`` prints per seed, per protocol.
-SHOWN = {Protocol.ONECLASS: ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"),
-         Protocol.TRANSDUCTIVE: ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"),
+_SCORED_SHOWN = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")  # scores and maps
+SHOWN = {Protocol.ONECLASS: _SCORED_SHOWN, Protocol.TRANSDUCTIVE: _SCORED_SHOWN,
          Protocol.SUPERVISED: ("image_auroc", "balanced_accuracy", "accuracy", "macro_f1")}
 
 
@@ -206,7 +206,6 @@ def timing_columns(columns: Iterable[str]) -> list[str]:
 def metrics_of(row: Mapping) -> dict[str, float]:
     """The row's metrics as floats (what MLflow logs and the pipeline checks)."""
     return {k: float(v) for k, v in row.items() if is_metric(k) and v is not None}
-
 
 
 def declared(name: str) -> bool:

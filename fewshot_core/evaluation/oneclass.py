@@ -70,6 +70,13 @@ def mask_shape(mask_size=None, partition=None, model_size=None) -> tuple[int, in
     return shape
 
 
+def require_partition(entry, partition) -> None:
+    """A method that reads patch features needs its feature-store partition: one line naming the fix."""
+    if partition is None:
+        raise FsadError(f"method {entry.name!r}: reads patch features; build the feature-store partition first "
+                        "(fsad embed)")
+
+
 def _masks(dataset, ids: Sequence[str], shape: tuple[int, int], cache: EpisodeCache) -> np.ndarray:
     """Boolean masks [n, H, W] (all False for good images), cached across seeds."""
     from fewshot_core.data.imageio import load_mask
@@ -178,9 +185,9 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method,
     """Fit ``method`` (a ``MethodEntry``, or its name) on the episode's support (features or images, as its
     registry entry says), score its queries; the result holds the row of metrics (``.row``), the fitted
     model, the scores, maps and labels, the threshold and the mask ``shape`` (for plots and saved models
-    without refitting). ``mask_size`` None: the model's working shape (``mask_shape``). ``sigma`` overrides the detector's
-    own map smoothing (None: its ``map_sigma``, 4 px for patch maps, 0 for maps already smoothed at image
-    resolution). ``threshold``: how the decision threshold is set
+    without refitting). ``mask_size`` None: the model's working shape (``mask_shape``). ``sigma`` overrides
+    the detector's own map smoothing (None: its ``map_sigma``, 4 px for patch maps, 0 for maps already
+    smoothed at image resolution). ``threshold``: how the decision threshold is set
     (default ``ThresholdConfig(seed=episode.seed)``). ``config="auto"`` lets the support choose the
     augmentation and scoring (``evaluation/autoconfig.py``) over ``augment`` and ``method_params``; the row
     records the choice (``config``, ``config_scores``, ``config_reason``). ``align="auto"`` embeds every
@@ -200,9 +207,8 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method,
     augment = resolve_augment(entry, augment, len(episode.support_ids))
     if on_images and augment != "none":
         raise FsadError(f"augment {augment!r}: only for feature-based methods; {entry.name} trains on images")
-    if not on_images and partition is None:
-        raise FsadError(f"method {entry.name!r}: reads patch features; build the feature-store partition first "
-                        "(fsad embed)")
+    if not on_images:
+        require_partition(entry, partition)
     params.setdefault("seed", episode.seed)  # coreset / index / training randomness follows the episode seed
     model = registry.create(entry, runtime=runtime, **params)
     shape = mask_shape(mask_size, partition, model.input_size)

@@ -18,7 +18,7 @@ import numpy as np
 from fewshot_core.episode_cache import EpisodeCache, episode_cache
 from fewshot_core.episodes import OneClassEpisode, sample_oneclass
 from fewshot_core.errors import FsadError
-from fewshot_core.evaluation.oneclass import episode_identity, mask_shape, query_metrics
+from fewshot_core.evaluation.oneclass import episode_identity, mask_shape, query_metrics, require_partition
 from fewshot_core.evaluation.results import OneClassResult
 from fewshot_core.methods import registry
 from fewshot_core.methods.anomaly_map import DEFAULT_SIGMA
@@ -44,9 +44,7 @@ def run_transductive_episode(dataset, partition, episode: OneClassEpisode, metho
     queries together; the result is the one-class protocol's (``.row``, scores, maps, labels, mask
     ``shape``; no decision threshold). ``mask_size`` None: the partition's shape."""
     entry = registry.get(method, protocol=registry.TRANSDUCTIVE)
-    if partition is None:
-        raise FsadError(f"method {entry.name!r}: reads patch features; build the feature-store partition first "
-                        "(fsad embed)")
+    require_partition(entry, partition)
     cache = episode_cache(cache)
     model = registry.create(entry, runtime=runtime, **{"seed": episode.seed, **dict(method_params or {})})
     shape = mask_shape(mask_size, partition, model.input_size)
