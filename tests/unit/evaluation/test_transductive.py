@@ -56,3 +56,19 @@ def test_transductive_rows_zero_and_few_shots(synth_root, tmp_path):
     assert "-k0-" in zero["episode_id"] and 0.5 < zero["image_auroc"] <= 1.0 and "pixel_auroc" in two
     with pytest.raises(FsadError, match="shots"):
         transductive_episode(dataset, -1, 0)
+
+
+
+@pytest.mark.parametrize("protocol, method, extra", [("transductive", "musc", {}),
+                                                     ("oneclass", "patchcore", {"augment": "none"})])
+def test_a_feature_method_without_its_partition_is_one_line_naming_fsad_embed(protocol, method, extra):
+    from types import SimpleNamespace
+
+    from fewshot_core.evaluation.oneclass import run_oneclass_episode
+    from fewshot_core.evaluation.transductive import run_transductive_episode
+
+    run = run_transductive_episode if protocol == "transductive" else run_oneclass_episode
+    episode = SimpleNamespace(support_ids=("a", "b"), query_ids=("c",), seed=0)
+    with pytest.raises(FsadError) as exc:
+        run(None, None, episode, method, **extra)
+    assert "\n" not in str(exc.value) and "fsad embed" in str(exc.value) and repr(method) in str(exc.value)
