@@ -65,13 +65,14 @@ class SweepConfig:
     backbones: list[str] = field(default_factory=lambda: ["tf_efficientnet_lite0"])
     image_size: int | None = None  # None: STANDARD_IMAGE_SIZE on real data, QUICK_LOOK_IMAGE_SIZE on synthetic
     aspect: str | float = "auto"  # the long side: the category's own aspect, "square", or a height/width ratio
-    shots: list[int] = field(default_factory=lambda: [1, 2, 4])
-    oneclass_seeds: list[int] = field(default_factory=lambda: [0, 1])
-    ratios: list[tuple[int, int]] = field(default_factory=lambda: [(1, 1), (3, 1), (1, 2), (3, 2)])
-    label_modes: list[str] = field(default_factory=lambda: ["binary", "multiclass"])
-    supervised_seeds: list[int] = field(default_factory=lambda: [0, 1])
-    transductive_shots: list[int] = field(default_factory=lambda: [0])  # 0: the test images only
-    transductive_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    # the grids: the sweep file's defaults (pipelines/sweep_schema.py), the one place they are set
+    shots: list[int] = field(default_factory=lambda: list(SweepFile().oneclass.shots))
+    oneclass_seeds: list[int] = field(default_factory=lambda: list(SweepFile().oneclass.seeds))
+    ratios: list[tuple[int, int]] = field(default_factory=lambda: [tuple(r) for r in SweepFile().supervised.ratios])
+    label_modes: list[str] = field(default_factory=lambda: list(SweepFile().supervised.label_modes))
+    supervised_seeds: list[int] = field(default_factory=lambda: list(SweepFile().supervised.seeds))
+    transductive_shots: list[int] = field(default_factory=lambda: list(SweepFile().transductive.shots))  # 0: none
+    transductive_seeds: list[int] = field(default_factory=lambda: list(SweepFile().transductive.seeds))
     methods: list[MethodSpec] | None = None  # None: the default methods that exist
     # the champion per category (ChampionCriterion fields): default balanced accuracy at the largest shot count
     champion: dict = field(default_factory=dict)
