@@ -20,7 +20,6 @@ from fewshot_core.cli.args import (UniqueKeys, UniqueValues, add_size_arguments,
 from fewshot_core.data.layouts import add_layout_arguments, dataset_from_args
 from fewshot_core.errors import FsadError
 from fewshot_core.methods import registry
-
 from fewshot_core.schema import PROTOCOLS, SHOWN, Protocol
 
 

@@ -64,13 +64,12 @@ def evaluate_setting(dataset, partition, method, setting: Setting, method_params
     ``bank`` (``evaluation.support.build_support_bank``) supplies the support features, shared with the other
     methods of the setting. ``title`` heads the plots (default: method, category and setting).
     """
+    from fewshot_core.evaluation.oneclass import mask_shape
     from fewshot_core.evaluation.support import BankedPartition, sample_episode
     from fewshot_core.methods import registry
 
     method = registry.get(method, protocol=setting.protocol)
     cache = episode_cache(cache)
-    from fewshot_core.evaluation.oneclass import mask_shape
-
     # without a partition (a detector trained on images) the protocol resolves None to the model's own size
     size = mask_shape(mask_size, partition) if partition is not None else mask_size
     title = title or f"{method.name} · {dataset.category} · {setting.key}"

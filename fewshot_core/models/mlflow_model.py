@@ -179,6 +179,7 @@ def register_model(tracking_uri: str, model_uri: str, name: str, tags: dict):
         if was_on:
             logging_utils.enable_logging()
 
+
 def log_model(tracking_uri: str, run_id: str, folder, example_image=None, name: str = MODEL_NAME,
               tags: dict | None = None):
     """Log the deployable ``folder`` as an MLflow pyfunc model of run ``run_id``; returns its ``ModelInfo``.

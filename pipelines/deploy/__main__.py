@@ -20,8 +20,6 @@ from fewshot_core.errors import FsadError
 
 # `status` exits as an init script's status does (LSB), so scripts can tell "stopped" from "never started"
 STATUS_RUNNING, STATUS_DEAD, STATUS_NOT_STARTED = 0, 1, 3
-
-
 STATUS_EPILOG = (f"exit status: {STATUS_RUNNING} every service runs, {STATUS_DEAD} some recorded service has "
                  f"stopped, {STATUS_NOT_STARTED} no service was started under the home")
 
