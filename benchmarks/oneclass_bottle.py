@@ -29,7 +29,7 @@ from fewshot_core.episodes import sample_oneclass  # noqa: E402
 from fewshot_core.evaluation.oneclass import evaluate_oneclass, parse_shots  # noqa: E402
 from fewshot_core.features.store import FeatureStore  # noqa: E402
 from fewshot_core.methods import create  # noqa: E402
-from fewshot_core.methods import nn_search  # noqa: E402
+from fewshot_core.methods.components import nn_search  # noqa: E402
 from fewshot_core.paths import shared_mvtec_root  # noqa: E402
 from fewshot_core.sizes import WORKING_SIZE  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 A part that lies at any pose and fills a small share of the frame gives a few-shot bank two problems:
 orientations its few shots never showed, and tiny defects at the working resolution. From the support's
-foreground estimate (``methods/foreground.py``, fitted on the stored features of the support alone) each
+foreground estimate (``methods/components/foreground.py``, fitted on the stored features of the support alone) each
 image's foreground mask gives its part's centre, principal axis and extent; the image is rotated so the
 axis is vertical and cropped to a square around the part with a margin (``pose_of``), then embedded again
 at the working shape, so the part fills the input at the same cost (zoom) in one orientation (pose).
@@ -185,7 +185,7 @@ def check_align(align: str) -> str:
 def align_episode(dataset, partition, support_ids, query_ids, seed: int, cache: EpisodeCache):
     """The ``AlignedPartition`` of an episode, its poses from a foreground estimate fitted on the
     support's stored features alone; None when the support is a texture (nothing to align)."""
-    from fewshot_core.methods.foreground import fit_foreground
+    from fewshot_core.methods.components.foreground import fit_foreground
 
     foreground = fit_foreground(partition.patch(list(support_ids)), "auto", seed)
     if not foreground.is_object_:

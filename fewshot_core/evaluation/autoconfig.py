@@ -95,7 +95,7 @@ def synthetic_anomalies(dataset, partition, image_id: str, seed: int, cache: Epi
     """Patch features [n, h, w, d] of ``n`` DefectMaker anomalies drawn into ``image_id`` at the working
     shape (cached per partition, image and seed)."""
     from fewshot_core.methods.augment import embed_images, working_image
-    from fewshot_core.methods.defectmaker import DefectMaker
+    from fewshot_core.methods.components.defectmaker import DefectMaker
 
     key = AnomaliesKey(partition.meta["key"], image_id, seed, n, tuple(donors))
     if key not in cache:

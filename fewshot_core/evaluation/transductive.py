@@ -21,7 +21,7 @@ from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.oneclass import episode_identity, mask_shape, query_metrics, require_partition
 from fewshot_core.evaluation.results import OneClassResult
 from fewshot_core.methods import registry
-from fewshot_core.methods.anomaly_map import DEFAULT_SIGMA
+from fewshot_core.methods.components.anomaly_map import DEFAULT_SIGMA
 from fewshot_core.schema import Protocol
 
 

@@ -12,7 +12,7 @@
   Gaussian of ``map_sigma`` pixels: 4 for patch-level maps, 0 for maps a method already smoothed).
 * ``input_size``: the square size a method reads images at (None: it reads the store's features at the
   partition's working shape); ``protocol_params`` fills parameters a protocol knows and the user did not give.
-* ``save(folder)`` / ``Method.load(folder)``: one format for every method (``methods/persistence.py``).
+* ``save(folder)`` / ``Method.load(folder)``: one format for every method (``methods/components/persistence.py``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fewshot_core.methods.anomaly_map import DEFAULT_SIGMA, to_image_maps
-from fewshot_core.methods.nn_search import ivf_lists
+from fewshot_core.methods.components.anomaly_map import DEFAULT_SIGMA, to_image_maps
+from fewshot_core.methods.components.nn_search import ivf_lists
 from fewshot_core.runtime import DEFAULT_RUNTIME, Runtime
 
 
@@ -110,7 +110,7 @@ class Method:
         if not self.is_fitted():
             raise NotFittedError(f"{type(self).__name__} is not fitted: call fit first")
 
-    # --- persistence (methods/persistence.py) ----------------------------------------------------
+    # --- persistence (methods/components/persistence.py) ----------------------------------------
     def get_state(self) -> dict:
         """The fitted state: ``{"arrays": {name: ndarray}, "tensors": {name: tensor or state dict},
         "info": JSON-able dict}`` (any part may be missing)."""
@@ -124,13 +124,13 @@ class Method:
         return {}
 
     def save(self, folder, extra: dict | None = None) -> Path:
-        from fewshot_core.methods.persistence import save_model
+        from fewshot_core.methods.components.persistence import save_model
 
         return save_model(self, folder, extra)
 
     @classmethod
     def load(cls, folder, runtime: Runtime | None = None) -> "Method":
-        from fewshot_core.methods.persistence import load_model
+        from fewshot_core.methods.components.persistence import load_model
 
         model = load_model(folder, runtime)
         if cls is not Method and cls not in (Detector, Classifier) and not isinstance(model, cls):

@@ -17,7 +17,7 @@ Two ways to get the sequence model:
 * ``meta_train(pool, exclude=...)``: offline meta-training on episodes drawn from cached embeddings of
   *other* categories (leave-the-evaluated-category-out). The evaluated category is dropped from the pool
   before any sampling, and the trained model records the categories it saw (``trained_on``).
-  ``meta_train_or_load`` keeps the result as a saved CAML model folder (``methods/persistence.py``) under
+  ``meta_train_or_load`` keeps the result as a saved CAML model folder (``methods/components/persistence.py``) under
   the runtime's artifact folder and reloads it instead of retraining.
 
 An episode with C classes uses label vectors 0..C−1 and the first C logits; C above the model's
@@ -48,7 +48,7 @@ from torch import nn
 
 from fewshot_core.errors import FsadError
 from fewshot_core.methods.base import Classifier
-from fewshot_core.methods.elmes import elmes
+from fewshot_core.methods.components.elmes import elmes
 
 GOOD = "good"
 
@@ -472,7 +472,7 @@ def _fingerprint(data: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> str:
 def _load_cached(directory: Path) -> CAMLSequenceModel | None:
     """The meta-trained sequence model cached in ``directory``, or None when absent or of an older layout
     (a cache: retrained, never misread)."""
-    from fewshot_core.methods import persistence
+    from fewshot_core.methods.components import persistence
 
     try:
         manifest = persistence.read_manifest(directory)

@@ -29,8 +29,8 @@ from torch import nn
 
 from fewshot_core.errors import FsadError
 from fewshot_core.methods.base import Method
-from fewshot_core.methods.generic_images import shared_generic_images
-from fewshot_core.methods.persistence import config_hash
+from fewshot_core.methods.components.generic_images import shared_generic_images
+from fewshot_core.methods.components.persistence import config_hash
 from fewshot_core.methods.training import (
     TrainedDetector,
     TrainLoop,

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot_core.methods.defectmaker import foreground_mask
-from fewshot_core.methods.perlin import TextureSource, perlin_mask
+from fewshot_core.methods.components.defectmaker import foreground_mask
+from fewshot_core.methods.components.perlin import TextureSource, perlin_mask
 from fewshot_core.methods.training import (
     TrainedDetector,
     TrainLoop,

@@ -3,7 +3,7 @@
 Patch score = mean squared L2 distance to the k nearest support patches (faiss, as REB computes it);
 image score = maximum of the 3 x 3 average-pooled patch map. The bank is every support patch unless
 ``coreset_ratio`` < 1. ``foreground="auto"`` takes the maximum over the foreground and the missing
-patches, a missing patch scored against the part's bank rows only (``methods/foreground.py``).
+patches, a missing patch scored against the part's bank rows only (``methods/components/foreground.py``).
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from __future__ import annotations
 import numpy as np
 
 from fewshot_core.methods.base import Detector, as_patch_array, exact_copy_index, pooled_max
-from fewshot_core.methods.coreset import approximate_greedy_coreset, check_selection, coreset_size
-from fewshot_core.methods.foreground import (Foreground, PartBank, check_mode, fit_foreground, masked_for_max,
-                                             scored_mask, search_patches, state_arrays)
-from fewshot_core.methods.nn_search import NearestNeighbors
+from fewshot_core.methods.components.coreset import approximate_greedy_coreset, check_selection, coreset_size
+from fewshot_core.methods.components.foreground import (
+    Foreground, PartBank, check_mode, fit_foreground, masked_for_max, scored_mask, search_patches,
+    state_arrays)
+from fewshot_core.methods.components.nn_search import NearestNeighbors
 
 
 def build_bank(support, coreset_ratio: float, min_bank: int, seed: int, selection: str = "auto"

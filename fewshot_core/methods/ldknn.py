@@ -9,7 +9,7 @@ Follows the authors' code (ShuaiLYU/REB, ``NNHead`` with ``NN_Type.ldknn``):
   the authors' form); ``ld_form="ratio"`` is the ablation d²(x, m*) / LD(m*)^λ;
 * image score = maximum of the 3 x 3 average-pooled patch map (stride 3, torch's default there), over the
   foreground and the missing patches with ``foreground="auto"``, a missing patch scored against the
-  part's bank rows only (``methods/foreground.py``).
+  part's bank rows only (``methods/components/foreground.py``).
 
 λ = ``ld_coef`` (1 by default), K = ``k`` (5; REB sweeps 3-11). With λ = 0 the patch map is exactly the
 1-NN squared distance.
@@ -24,11 +24,12 @@ from __future__ import annotations
 import numpy as np
 
 from fewshot_core.methods.base import Detector, as_patch_array, pooled_max
-from fewshot_core.methods.coreset import check_selection
-from fewshot_core.methods.foreground import (Foreground, PartBank, check_mode, fit_foreground, masked_for_max,
-                                             scored_mask, search_patches, state_arrays)
+from fewshot_core.methods.components.coreset import check_selection
+from fewshot_core.methods.components.foreground import (
+    Foreground, PartBank, check_mode, fit_foreground, masked_for_max, scored_mask, search_patches,
+    state_arrays)
 from fewshot_core.methods.knn import build_bank
-from fewshot_core.methods.nn_search import NearestNeighbors
+from fewshot_core.methods.components.nn_search import NearestNeighbors
 
 LD_FORMS = ("difference", "ratio")
 DENSITY_ON = ("support", "bank")

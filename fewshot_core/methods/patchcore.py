@@ -8,7 +8,7 @@ nearest bank feature m* is (paper Eq. 7, as anomalib implements it; patchcore-in
 
 with b = ``num_neighbors`` (9); b = 1 gives the plain maximum. ``foreground="auto"`` takes m_test,* among
 the foreground patches and the missing ones, a missing patch scored against the part's bank rows only
-(``methods/foreground.py``).
+(``methods/components/foreground.py``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from fewshot_core.methods.base import Detector, as_patch_array, exact_copy_index
-from fewshot_core.methods.coreset import approximate_greedy_coreset, check_selection, coreset_size
-from fewshot_core.methods.foreground import (Foreground, PartBank, check_mode, fit_foreground, masked_for_max,
-                                             scored_mask, search_patches, state_arrays)
-from fewshot_core.methods.nn_search import NearestNeighbors
+from fewshot_core.methods.components.coreset import approximate_greedy_coreset, check_selection, coreset_size
+from fewshot_core.methods.components.foreground import (
+    Foreground, PartBank, check_mode, fit_foreground, masked_for_max, scored_mask, search_patches,
+    state_arrays)
+from fewshot_core.methods.components.nn_search import NearestNeighbors
 
 
 class PatchCore(Detector):

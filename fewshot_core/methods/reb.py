@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fewshot_core.methods.anomaly_map import to_image_maps
-from fewshot_core.methods.defectmaker import CLASSES, DefectMaker, DefectMakerConfig
+from fewshot_core.methods.components.anomaly_map import to_image_maps
+from fewshot_core.methods.components.defectmaker import CLASSES, DefectMaker, DefectMakerConfig
 from fewshot_core.methods.ldknn import LDKNN
 from fewshot_core.methods.training import (
     TrainedDetector,

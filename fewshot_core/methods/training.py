@@ -3,7 +3,7 @@
 One place for what every training loop needs and must do the same way: scoped seeding, mixed precision,
 a step/time budget with progress, images into tensors, backbone patch features, and the trained-weights
 cache. ``TrainedDetector.fit`` first looks for this very model in ``<artifacts>/<method>/<key>/``, a folder
-in the one save format of every method (methods/persistence.py), keyed by a hash of the parameters (seed
+in the one save format of every method (methods/components/persistence.py), keyed by a hash of the parameters (seed
 included), the backbone weights and the support images; it trains only on a miss and saves what it trained.
 """
 
@@ -25,7 +25,7 @@ from PIL import Image
 
 from fewshot_core.errors import FsadError
 from fewshot_core.methods.base import Detector
-from fewshot_core.methods.persistence import config_hash, load_state_into, save_model
+from fewshot_core.methods.components.persistence import config_hash, load_state_into, save_model
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 

@@ -1,6 +1,6 @@
 """A deployable model: a fitted method's save folder plus what it needs to score raw images end to end.
 
-The folder is the one save/load format (``methods/persistence.py``); its manifest's ``extra.deploy``
+The folder is the one save/load format (``methods/components/persistence.py``); its manifest's ``extra.deploy``
 adds the featurizer spec (feature-based methods) or the pixel size (methods trained on images; with the
 backbone whose normalisation they expect for those fine-tuning a backbone, P>M>F), the
 decision threshold, and the audit trail: category, support image ids, dataset digest, partition key,
@@ -54,7 +54,7 @@ def save_deployable(model, folder, *, category: str, support_ids: Sequence[str],
 
 def deploy_record(folder) -> dict:
     """The deploy record of a saved folder; a plain saved method (no record) is a one-line error."""
-    from fewshot_core.methods.persistence import MANIFEST, read_manifest
+    from fewshot_core.methods.components.persistence import MANIFEST, read_manifest
 
     record = (read_manifest(folder).get("extra") or {}).get(DEPLOY)
     if not record:
@@ -78,7 +78,7 @@ class DeployedModel:
     """A saved deployable folder, loaded for scoring (``score(images)``)."""
 
     def __init__(self, folder, runtime=None, device=None):
-        from fewshot_core.methods.persistence import load_model, read_manifest
+        from fewshot_core.methods.components.persistence import load_model, read_manifest
 
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fewshot_core.errors import FsadError
 from fewshot_core.methods import registry
-from fewshot_core.methods.persistence import jsonable
+from fewshot_core.methods.components.persistence import jsonable
 
 MODEL_URI_TAG = "fsad.model_uri"
 

@@ -39,7 +39,7 @@ def verify_logged_model(model_dir) -> Path:
     """Check the MLflow model folder ``model_dir`` (see the module docstring); returns its deployable folder."""
     from mlflow.models import Model
 
-    from fewshot_core.methods.persistence import MANIFEST
+    from fewshot_core.methods.components.persistence import MANIFEST
 
     model_dir = Path(model_dir)
     mlmodel = model_dir / MLMODEL
@@ -111,7 +111,7 @@ def download_verified(uri: str, dst, tracking_uri: str | None = None) -> Path:
 def load_verified(uri: str, tracking_uri: str | None = None, runtime=None):
     """The ``DeployedModel`` behind a model URI, a logged MLflow model folder or a deployable folder, loaded
     only after ``verify_logged_model`` passed (a deployable folder: after its manifest checksum)."""
-    from fewshot_core.methods.persistence import MANIFEST
+    from fewshot_core.methods.components.persistence import MANIFEST
     from fewshot_core.models.deployable import DeployedModel
 
     local = Path(uri)
@@ -133,7 +133,7 @@ def load_verified(uri: str, tracking_uri: str | None = None, runtime=None):
 
 def model_metadata(folder) -> dict:
     """What the MLflow model records for rebuilding and audit (from the deployable folder's manifest)."""
-    from fewshot_core.methods.persistence import read_manifest
+    from fewshot_core.methods.components.persistence import read_manifest
 
     manifest = read_manifest(folder)
     record = manifest["extra"]["deploy"]

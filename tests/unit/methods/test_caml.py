@@ -18,7 +18,7 @@ from fewshot_core.methods.caml import (
     meta_train_or_load,
     random_rotation,
 )
-from fewshot_core.methods.elmes import elmes
+from fewshot_core.methods.components.elmes import elmes
 
 torch.set_num_threads(1)
 D = 24

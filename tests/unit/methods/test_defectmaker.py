@@ -7,7 +7,7 @@ import pytest
 
 from fewshot_core.data.synth import KINDS, render_sample
 from fewshot_core.errors import FsadError
-from fewshot_core.methods.defectmaker import (
+from fewshot_core.methods.components.defectmaker import (
     CLASSES,
     FILLS,
     SHAPES,

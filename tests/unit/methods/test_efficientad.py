@@ -14,8 +14,8 @@ from fewshot_core.errors import FsadError
 from fewshot_core.methods import efficientad, registry
 from fewshot_core.methods.base import Method
 from fewshot_core.methods.efficientad import AutoEncoder, EfficientAD, GenericTeacher, pdn_output_size, pdn_small
-from fewshot_core.methods.generic_images import GenericImages
-from fewshot_core.methods.persistence import MANIFEST
+from fewshot_core.methods.components.generic_images import GenericImages
+from fewshot_core.methods.components.persistence import MANIFEST
 from fewshot_core.runtime import Runtime
 
 SIZE = 64

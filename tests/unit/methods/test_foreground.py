@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fewshot_core.methods.foreground import Foreground
+from fewshot_core.methods.components.foreground import Foreground
 from fewshot_core.methods.knn import KNN
 from fewshot_core.methods.ldknn import LDKNN
 from fewshot_core.methods.patchcore import PatchCore

@@ -13,7 +13,7 @@ from fewshot_core.errors import FsadError
 from fewshot_core.methods import registry
 from fewshot_core.methods.base import Method
 from fewshot_core.methods.glass import GLASS, focal_loss
-from fewshot_core.methods.perlin import TextureSource, make_texture, perlin_2d, perlin_mask
+from fewshot_core.methods.components.perlin import TextureSource, make_texture, perlin_2d, perlin_mask
 from fewshot_core.runtime import Runtime
 
 SIZE = 64

@@ -8,10 +8,10 @@ import torch
 
 from fewshot_core.errors import FsadError
 from fewshot_core.methods import create
-from fewshot_core.methods.anomaly_map import to_image_maps
+from fewshot_core.methods.components.anomaly_map import to_image_maps
 from fewshot_core.methods.base import Method
-from fewshot_core.methods.coreset import approximate_greedy_coreset, coreset_size
-from fewshot_core.methods.nn_search import NearestNeighbors
+from fewshot_core.methods.components.coreset import approximate_greedy_coreset, coreset_size
+from fewshot_core.methods.components.nn_search import NearestNeighbors
 from fewshot_core.methods.patchcore import PatchCore
 
 torch.set_num_threads(1)
@@ -78,7 +78,7 @@ def _clustered(seed: int, n: int = 6000, d: int = 32, clusters: int = 40) -> np.
 
 
 def test_partitioned_selection_is_seeded_complete_and_covers_close_to_the_exact_rule(monkeypatch):
-    import fewshot_core.methods.coreset as coreset
+    import fewshot_core.methods.components.coreset as coreset
 
     monkeypatch.setattr(coreset, "PARTITION", 1000)  # six cells
     x = _clustered(4)
@@ -99,7 +99,7 @@ def test_partitioned_selection_is_seeded_complete_and_covers_close_to_the_exact_
 
 
 def test_partitioned_selection_in_one_cell_is_the_exact_rule():
-    from fewshot_core.methods.coreset import PARTITION
+    from fewshot_core.methods.components.coreset import PARTITION
 
     x = _clustered(6, n=PARTITION // 2)
     assert np.array_equal(approximate_greedy_coreset(x, 200, seed=1, selection="partitioned"),
@@ -107,7 +107,7 @@ def test_partitioned_selection_in_one_cell_is_the_exact_rule():
 
 
 def test_partitioned_selection_fills_the_quota_when_cells_are_small(monkeypatch):
-    import fewshot_core.methods.coreset as coreset
+    import fewshot_core.methods.components.coreset as coreset
 
     monkeypatch.setattr(coreset, "PARTITION", 64)  # ~90 cells for 6000 points, asking for nearly all of them
     x = _clustered(7)
@@ -137,7 +137,7 @@ def test_flat_search_is_exact_and_squared():
 
 
 def test_torch_fallback_search_matches_faiss():
-    from fewshot_core.methods.nn_search import TorchFlatIndex
+    from fewshot_core.methods.components.nn_search import TorchFlatIndex
 
     rng = np.random.default_rng(5)
     bank, query = rng.normal(size=(300, 10)).astype(np.float32), rng.normal(size=(40, 10)).astype(np.float32)
@@ -256,7 +256,7 @@ def test_registry():
 
 
 def _plain_and_lazy(x, n_select, block, seed=0):
-    from fewshot_core.methods import coreset
+    from fewshot_core.methods.components import coreset
 
     plain = approximate_greedy_coreset(x, n_select, seed=seed, selection="plain")
     old = coreset.LAZY_BLOCK
@@ -292,7 +292,7 @@ def test_coreset_selection_option_is_checked():
 
 
 def test_index_spec_carries_search_options():
-    from fewshot_core.methods.nn_search import parse_index
+    from fewshot_core.methods.components.nn_search import parse_index
 
     assert parse_index("flat") == ("flat", {})
     assert parse_index("ivf:nprobe=16,nlist=64") == ("ivf", {"nprobe": 16, "nlist": 64})
@@ -306,7 +306,7 @@ def test_index_spec_carries_search_options():
 
 
 def test_auto_index_is_exact_for_small_banks_and_ivf_for_large(monkeypatch):
-    import fewshot_core.methods.nn_search as nn_search
+    import fewshot_core.methods.components.nn_search as nn_search
 
     monkeypatch.setattr(nn_search, "AUTO_IVF_ROWS", 2000)
     rng = np.random.default_rng(9)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fewshot_core.device import resolve_device
 from fewshot_core.errors import FsadError
-from fewshot_core.methods.persistence import MANIFEST, TENSORS
+from fewshot_core.methods.components.persistence import MANIFEST, TENSORS
 from fewshot_core.methods.training import (
     TrainedDetector,
     TrainLoop,

@@ -135,7 +135,7 @@ def _edit_threshold_digit(text: str) -> str:
 
 @pytest.mark.slow
 def test_one_digit_threshold_edit_in_the_manifest_is_damaged(logged_model, tmp_path):
-    from fewshot_core.methods.persistence import MANIFEST
+    from fewshot_core.methods.components.persistence import MANIFEST
     from fewshot_core.models.trust import load_verified
 
     model_dir = _copy(logged_model, tmp_path / "copy")

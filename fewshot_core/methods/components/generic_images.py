@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fewshot_core.errors import FsadError
-from fewshot_core.methods.perlin import make_texture
+from fewshot_core.methods.components.perlin import make_texture
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 # scikit-image's bundled pictures that are natural photographs or textures (not masks, charts or scans)
