@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fewshot_core.data import load_dataset  # noqa: E402
 from fewshot_core.episodes import sample_oneclass  # noqa: E402
 from fewshot_core.features.store import FeatureStore  # noqa: E402
-from fewshot_core.methods import registry  # noqa: E402
+from fewshot_core.evaluation.augment import TRANSFORMS  # noqa: E402
 from fewshot_core.evaluation.support_views import bank_input, support_views  # noqa: E402
-from fewshot_core.methods.augment import TRANSFORMS  # noqa: E402
+from fewshot_core.methods import registry  # noqa: E402
 from fewshot_core.methods.components.nn_search import NearestNeighbors, parse_index  # noqa: E402
 from fewshot_core.metrics import image_metrics  # noqa: E402
 from fewshot_core.paths import shared_mvtec_root  # noqa: E402

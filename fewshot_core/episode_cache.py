@@ -1,7 +1,7 @@
 """The cache the episodes of one category share within one process, and the one definition of its keys.
 
 The protocols (``evaluation/oneclass.py``, ``supervised.py``, ``transductive.py``), the support views, the
-automatic configuration, the alignment and the support augmentation (``methods/augment.py``) all keep
+automatic configuration, the alignment and the support augmentation (``evaluation/augment.py``) all keep
 what they computed once here: masks, decoded images, embedded views, the backbone extractor, synthetic
 anomalies, meta-trained models. Each kind of entry has its own key class, so two modules can never
 collide on a tuple or read each other's entries by accident. Process memory only; nothing is written.

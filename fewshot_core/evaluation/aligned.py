@@ -153,13 +153,13 @@ class AlignedPartition:
 
     def image(self, image_id: str) -> Image.Image:
         """The aligned image ``image_id`` at the working shape (what ``patch`` embeds)."""
-        from fewshot_core.methods.augment import working_image
+        from fewshot_core.evaluation.augment import working_image
 
         base = working_image(self._partition, self._dataset.by_id(image_id).path, self._cache)
         return aligned_image(base, self.poses[image_id], self._partition.input_shape)
 
     def patch(self, ids) -> np.ndarray:
-        from fewshot_core.methods.augment import embed_images
+        from fewshot_core.evaluation.augment import embed_images
 
         ids = list(ids)
         keys = {i: AlignedKey(self._partition.meta["key"], i, self.poses[i].key()) for i in ids}

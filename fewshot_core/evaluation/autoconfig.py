@@ -24,9 +24,9 @@ import numpy as np
 
 from fewshot_core.episode_cache import AnomaliesKey, EpisodeCache
 from fewshot_core.errors import FsadError
+from fewshot_core.evaluation.augment import TRANSFORMS
 from fewshot_core.evaluation.support_views import bank_input, resolve_augment, support_views
 from fewshot_core.methods import registry
-from fewshot_core.methods.augment import TRANSFORMS
 
 CONFIGS = ("default", "auto")
 FOLDS = 4  # held-out support images: bounds the cost at candidates x FOLDS fits
@@ -94,7 +94,7 @@ def synthetic_anomalies(dataset, partition, image_id: str, seed: int, cache: Epi
                         donors=()) -> np.ndarray:
     """Patch features [n, h, w, d] of ``n`` DefectMaker anomalies drawn into ``image_id`` at the working
     shape (cached per partition, image and seed)."""
-    from fewshot_core.methods.augment import embed_images, working_image
+    from fewshot_core.evaluation.augment import embed_images, working_image
     from fewshot_core.methods.components.defectmaker import DefectMaker
 
     key = AnomaliesKey(partition.meta["key"], image_id, seed, n, tuple(donors))

@@ -43,7 +43,7 @@ from fewshot_core.evaluation.aligned import align_episode, check_align, to_origi
 from fewshot_core.evaluation.autoconfig import check_config, choose
 from fewshot_core.evaluation.results import OneClassResult
 from fewshot_core.evaluation.support_views import AUTO, bank_input, resolve_augment, support_views
-from fewshot_core.methods.augment import TRANSFORMS
+from fewshot_core.evaluation.augment import TRANSFORMS
 from fewshot_core.metrics import PixelAccumulator, image_metrics, recall_per_defect_type
 from fewshot_core.sizes import MIN_MASK_SIZE, WORKING_SIZE, check_size
 from fewshot_core.schema import Protocol

@@ -12,7 +12,7 @@ The registry entry's input kind says what an estimator reads:
   only the protocol knows (the store's backbone) come from the class's ``protocol_params``;
 * one-class detectors on patch features (``patchcore``, ``knn``, ``ldknn``; binary mode only) are fitted
   on the *good* shots only; their image score becomes a probability by a logistic calibration on the
-  support (``methods/oneclass_classifier.py``); the bad shots never enter the memory bank. AUROC does
+  support (``evaluation/oneclass_classifier.py``); the bad shots never enter the memory bank. AUROC does
   not depend on the calibration.
 
 Binary AUROC ranks by the anomaly log-odds ``log P(not good) − log P(good)``, a monotone function of
@@ -33,9 +33,9 @@ from fewshot_core.data.records import GOOD
 from fewshot_core.episode_cache import EpisodeCache, MetaTrainedKey, PreprocessedImagesKey, episode_cache
 from fewshot_core.episodes import SupervisedEpisode, sample_supervised
 from fewshot_core.errors import FsadError
+from fewshot_core.evaluation.oneclass_classifier import OneClassClassifier
 from fewshot_core.evaluation.results import SupervisedResult
 from fewshot_core.methods import registry
-from fewshot_core.methods.oneclass_classifier import OneClassClassifier
 from fewshot_core.metrics.classification import classification_metrics, confusion
 from fewshot_core.schema import Protocol
 

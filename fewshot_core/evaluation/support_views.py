@@ -10,8 +10,8 @@ import numpy as np
 
 from fewshot_core.episode_cache import EpisodeCache
 from fewshot_core.errors import FsadError
+from fewshot_core.evaluation.augment import AUGMENT_MODES, augment_feature_maps, embed_augmented, transforms_for
 from fewshot_core.methods import registry
-from fewshot_core.methods.augment import AUGMENT_MODES, augment_feature_maps, embed_augmented, transforms_for
 
 AUTO = "auto"
 # "auto" augments supports of at most this many images: the remedy is for small supports, and a full-shot

@@ -83,7 +83,7 @@ def test_augmentation_adds_transformed_supports(synth):
     cells = int(np.prod(partition.grid))
     assert plain["bank_size"] == cells and feats["bank_size"] == imgs["bank_size"] == 6 * cells
     assert imgs["augment"] == "images"
-    from fewshot_core.methods.augment import embed_augmented
+    from fewshot_core.evaluation.augment import embed_augmented
 
     rotated = embed_augmented(dataset, partition, episode.support_ids, ["rot180"], cache=cache)
     assert rotated.shape == (1, *partition.grid, partition.patch_dim)
@@ -121,7 +121,7 @@ def test_threshold_copies_are_fitted_with_the_same_augmentation(synth):
 
 def test_augment_features_are_real_re_embeddings(synth):
     """The 'images' mode embeds the transformed image: close to, but not equal to, the transformed map."""
-    from fewshot_core.methods.augment import augment_feature_maps, embed_augmented
+    from fewshot_core.evaluation.augment import augment_feature_maps, embed_augmented
 
     dataset, partition, _ = synth
     ids = [dataset.train_good()[0].image_id]

@@ -160,7 +160,7 @@ def test_tiles_stitch_into_the_whole_image_grid(monkeypatch):
 
 def test_augmented_supports_keep_the_working_shape(tall_root, tmp_path):
     """A tall partition's supports are augmented with the shape-keeping transforms only (no quarter turns)."""
-    from fewshot_core.methods.augment import transforms_for
+    from fewshot_core.evaluation.augment import transforms_for
 
     assert transforms_for((160, 64)) == ("hflip", "vflip", "rot180")
     assert len(transforms_for((64, 64))) == 5

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from fewshot_core.data import list_categories, load_dataset
+from fewshot_core.evaluation import augment as augment_mod
+from fewshot_core.evaluation.augment import embed_augmented
 from fewshot_core.features.store import FeatureStore, verify_partition
 from fewshot_core.features.view_cache import FOLDER, ViewCache
-from fewshot_core.methods import augment as augment_mod
-from fewshot_core.methods.augment import embed_augmented
 
 TRANSFORMS = ["hflip", "rot90"]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from fewshot_core.evaluation.oneclass_classifier import OneClassClassifier
 from fewshot_core.methods import registry
-from fewshot_core.methods.oneclass_classifier import OneClassClassifier
 from fewshot_core.models.publish import model_name, publishable
 
 

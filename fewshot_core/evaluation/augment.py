@@ -16,6 +16,9 @@ square originals (MVTec AD) a flip or a 90-degree rotation commutes with that re
 matches embedding the transformed original. A non-square working shape (aspect kept) takes only the
 transforms that keep it (flips and the half turn, ``transforms_for``): a quarter turn would not fit the bank.
 Note that with a 1-NN bank (PatchCore, LDKNN) the "features" mode only duplicates descriptors.
+
+Part of the one-class protocol, not of any method: the protocol builds the augmented bank and hands the
+method plain features.
 """
 
 from __future__ import annotations

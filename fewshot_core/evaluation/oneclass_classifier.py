@@ -1,4 +1,8 @@
-"""A one-class detector under the supervised protocol: fitted on the good shots, calibrated on all of them."""
+"""A one-class detector under the supervised protocol: fitted on the good shots, calibrated on all of them.
+
+The supervised protocol's adapter, not a registry method: the protocol builds it around a registered
+one-class method, so it lives beside its one user.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ class OneClassClassifier(Classifier):
     name = "oneclass-classifier"
     input_kind = "patches"
 
-    def __init__(self, detector: str = "patchcore", params: dict | None = None):
+    def __init__(self, detector: str, params: dict | None = None):  # the protocol names the detector
         self.detector = detector
         self.params = params
 
