@@ -20,7 +20,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fewshot_core.data.imageio import load_mask  # noqa: E402
-from fewshot_core.methods.training import load_images  # noqa: E402
+from fewshot_core.methods.components.images import load_images  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -155,7 +155,7 @@ def episode_images(dataset, ids: Sequence[str], size: int, cache: EpisodeCache |
     """Images of ``ids`` at ``size`` (float [n, 3, S, S] in [0, 1]); decoded once per (image, size) with a cache."""
     import torch
 
-    from fewshot_core.methods.training import load_images
+    from fewshot_core.methods.components.images import load_images
 
     if cache is None:
         return load_images([dataset.by_id(i).path for i in ids], size)

@@ -29,19 +29,12 @@ from torch import nn
 
 from fewshot_core.errors import FsadError
 from fewshot_core.methods.base import Method
+from fewshot_core.methods.components.backbone_features import backbone_extractor, patch_embed
 from fewshot_core.methods.components.generic_images import shared_generic_images
-from fewshot_core.methods.components.persistence import config_hash
-from fewshot_core.methods.training import (
-    TrainedDetector,
-    TrainLoop,
-    autocast,
-    backbone_extractor,
-    cached_fit,
-    cpu_state,
-    normalize,
-    patch_embed,
-    seeded,
-)
+from fewshot_core.methods.components.images import normalize
+from fewshot_core.methods.components.persistence import cached_fit, config_hash
+from fewshot_core.methods.components.training import TrainLoop, autocast, cpu_state, seeded
+from fewshot_core.methods.trained import TrainedDetector
 
 # Generic teachers of this process, by cache key: the state their artifact folder holds, read once.
 _TEACHERS: dict[str, dict] = {}

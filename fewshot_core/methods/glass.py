@@ -22,19 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot_core.methods.components.anomaly_map import gaussian_blur
+from fewshot_core.methods.components.backbone_features import backbone_extractor, patch_embed
 from fewshot_core.methods.components.defectmaker import foreground_mask
+from fewshot_core.methods.components.images import normalize
 from fewshot_core.methods.components.perlin import TextureSource, perlin_mask
-from fewshot_core.methods.training import (
-    TrainedDetector,
-    TrainLoop,
-    autocast,
-    backbone_extractor,
-    cpu_state,
-    gaussian_blur,
-    normalize,
-    patch_embed,
-    seeded,
-)
+from fewshot_core.methods.components.training import TrainLoop, autocast, cpu_state, seeded
+from fewshot_core.methods.trained import TrainedDetector
 
 
 class Discriminator(nn.Module):

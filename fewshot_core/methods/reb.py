@@ -15,19 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from fewshot_core.methods.components.anomaly_map import to_image_maps
+from fewshot_core.methods.components.backbone_features import patch_embed
 from fewshot_core.methods.components.defectmaker import CLASSES, DefectMaker, DefectMakerConfig
+from fewshot_core.methods.components.images import normalize
+from fewshot_core.methods.components.training import TrainLoop, autocast, cosine_lr, cpu_state, grad_scaler, seeded
 from fewshot_core.methods.ldknn import LDKNN
-from fewshot_core.methods.training import (
-    TrainedDetector,
-    TrainLoop,
-    autocast,
-    cosine_lr,
-    cpu_state,
-    grad_scaler,
-    normalize,
-    patch_embed,
-    seeded,
-)
+from fewshot_core.methods.trained import TrainedDetector
 
 
 class REB(TrainedDetector):

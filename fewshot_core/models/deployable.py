@@ -108,7 +108,7 @@ class DeployedModel:
         if kind == "images" and self.record.get("pixels"):
             return self._normalised(images)
         if kind == "images":
-            from fewshot_core.methods.training import load_images
+            from fewshot_core.methods.components.images import load_images
 
             return load_images(list(images), self.image_size)
         return self.featurizer.pixels(list(images))

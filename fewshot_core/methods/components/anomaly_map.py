@@ -3,7 +3,8 @@
 PatchCore (Roth et al., 2022, section 3.3) upsamples the patch scores to the input size and smooths
 them with a Gaussian of sigma 4 pixels; sigma is in output pixels. Both steps are convex combinations of
 the patch scores, so an image map never leaves the [min, max] range of its patch map (the pixel
-metrics rely on that to fix their histogram range up front).
+metrics rely on that to fix their histogram range up front). ``gaussian_blur`` is a Gaussian blur in torch
+(kernel 2·⌈4σ⌉+1), for a method that smooths its own maps on its device (GLASS).
 """
 
 from __future__ import annotations
@@ -38,3 +39,18 @@ def to_image_maps(patch_maps: np.ndarray, out_size, sigma: float = DEFAULT_SIGMA
         up = np.stack([ndimage.gaussian_filter(m, sigma=sigma) for m in up])
     up = up.astype(np.float32, copy=False)
     return up[0] if single else up
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
+    """Gaussian smoothing of [m, H, W] maps (σ in pixels, kernel 2·⌈4σ⌉+1 as in PatchCore/GLASS)."""
+    if sigma <= 0:
+        return maps
+    radius = int(np.ceil(4 * sigma))
+    t = torch.arange(-radius, radius + 1, device=maps.device, dtype=torch.float32)
+    k = torch.exp(-(t ** 2) / (2 * sigma ** 2))
+    k = (k / k.sum()).to(maps.dtype)
+    x = maps.unsqueeze(1)
+    mode = "reflect" if radius < min(maps.shape[-2:]) else "replicate"
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=mode), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode), k.view(1, 1, -1, 1))
+    return x.squeeze(1)

@@ -191,3 +191,22 @@ def load_state_into(model, folder, rebuild: str = REBUILD) -> dict:
     model.set_state(read_state(folder, manifest, rebuild))
     model.fitted_ = True
     return manifest
+
+
+# What a damaged, foreign or outdated trained-weights cache folder tells the user (training again rebuilds it).
+CACHE_REBUILD = "delete {folder} to retrain"
+
+
+def cached_fit(model, folder: Path | None, train) -> None:
+    """Reload ``model`` from ``folder`` when it holds this very model, else run ``train()`` and save there.
+
+    ``folder`` None: no cache. A folder that exists but is damaged, foreign or of an older format is a
+    one-line error naming it (delete it to retrain), never silently overwritten or misread.
+    """
+    if folder is not None and folder.exists():
+        load_state_into(model, folder, CACHE_REBUILD.format(folder=folder))
+        return
+    train()
+    model.fitted_ = True
+    if folder is not None:
+        save_model(model, folder)

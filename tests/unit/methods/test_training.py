@@ -13,15 +13,11 @@ from PIL import Image
 
 from fewshot_core.device import resolve_device
 from fewshot_core.errors import FsadError
+from fewshot_core.methods.components.anomaly_map import gaussian_blur
+from fewshot_core.methods.components.images import images_fingerprint, load_images
 from fewshot_core.methods.components.persistence import MANIFEST, TENSORS
-from fewshot_core.methods.training import (
-    TrainedDetector,
-    TrainLoop,
-    gaussian_blur,
-    images_fingerprint,
-    load_images,
-    seeded,
-)
+from fewshot_core.methods.components.training import TrainLoop, seeded
+from fewshot_core.methods.trained import TrainedDetector
 from fewshot_core.runtime import Runtime
 
 
