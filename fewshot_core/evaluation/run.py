@@ -97,13 +97,13 @@ def _scored(dataset, partition, method, episode, params, size, cache, runtime, t
     """A one-class or transductive episode: scores and maps per query, hence a ROC curve and a gallery."""
     from fewshot_core.evaluation.oneclass import run_oneclass_episode
     from fewshot_core.evaluation.transductive import run_transductive_episode
-    from fewshot_core.reports import gallery, plots
+    from fewshot_core.figures import episode as figures, gallery
 
     # the loader (store features or decoded images) follows the registry's input kind
     run = run_transductive_episode if protocol == schema.Protocol.TRANSDUCTIVE else run_oneclass_episode
     res = run(dataset, partition, episode, method, params, mask_size=size, cache=cache, runtime=runtime)
     scores, labels, query_ids = res.image_scores, np.asarray(res.labels), list(res.query_ids)
-    artifacts: dict = {"plots/roc_curve.png": plots.roc_curve_png(labels, scores, title)}
+    artifacts: dict = {"plots/roc_curve.png": figures.roc_curve_png(labels, scores, title)}
     picks = gallery.pick_examples(labels, scores)
     if picks:
         cut = res.threshold
@@ -119,13 +119,13 @@ def _scored(dataset, partition, method, episode, params, size, cache, runtime, t
 
 def _supervised(dataset, partition, method, episode, params, cache, runtime, meta_pool, title) -> SettingResult:
     from fewshot_core.evaluation.supervised import run_supervised_episode
-    from fewshot_core.reports import plots
+    from fewshot_core.figures import episode as figures
 
     res = run_supervised_episode(dataset, partition, episode, method, params, cache=cache, runtime=runtime,
                                  meta_pool=meta_pool)
     row = res.row
     classes, matrix = json.loads(row["classes"]), json.loads(row["confusion"])
-    artifacts = {"plots/confusion_matrix.png": plots.confusion_matrix_png(matrix, classes, title),
+    artifacts = {"plots/confusion_matrix.png": figures.confusion_matrix_png(matrix, classes, title),
                  "episode.json": json.dumps({"episode_id": episode.episode_id, "classes": classes,
                                              "support_ids": episode.support_ids,
                                              "support_labels": episode.support_labels,

@@ -1,8 +1,7 @@
-"""Report and MLflow figures, rendered headless (matplotlib's Agg) to PNG bytes."""
+"""The sweep report's figures (metric against shots, imbalance heatmaps, grouped bars), rendered headless to
+PNG bytes; an episode's own figures are in ``fewshot_core/figures/``."""
 
 from __future__ import annotations
-
-import io
 
 import matplotlib
 
@@ -11,12 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-
-def to_png(fig, dpi: int = 100) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+from fewshot_core.figures.png import to_png
 
 
 def metric_vs_shots(agg: pd.DataFrame, metric: str = "image_auroc") -> bytes:
@@ -89,74 +83,4 @@ def grouped_bars(agg: pd.DataFrame, group: str, hue: str, metric: str, title: st
     ax.set_title(f"{title}\nerror bars: {band_label(agg)}" if title else f"error bars: {band_label(agg)}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    return to_png(fig)
-
-
-def roc_curve_png(labels, scores, title: str = "ROC") -> bytes:
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    fpr, tpr, _ = roc_curve(labels, scores)
-    fig, ax = plt.subplots(figsize=(3.4, 3.4))
-    ax.plot(fpr, tpr, label=f"AUROC {roc_auc_score(labels, scores):.3f}")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
-    return to_png(fig)
-
-
-def confusion_matrix_png(matrix, classes, title: str = "confusion matrix") -> bytes:
-    cm = np.asarray(matrix, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1.0 + 0.6 * len(classes)))
-    ax.imshow(cm, cmap="Blues")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=8,
-                color="w" if v > cm.max() / 2 else "k")
-    ax.set_xticks(range(len(classes)), [str(c) for c in classes], rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(classes)), [str(c) for c in classes], fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    return to_png(fig)
-
-
-def map_scale(amap: np.ndarray, threshold: float | None = None) -> tuple[float, float]:
-    """One map's colour range: its own min..max, stretched to include the threshold, so a map whose peak
-    stays below the threshold never reaches the top colour and one above it always does."""
-    lo, hi = float(np.min(amap)), float(np.max(amap))
-    if threshold is not None and np.isfinite(threshold):
-        lo, hi = min(lo, float(threshold)), max(hi, float(threshold))
-    return lo, hi if hi > lo else lo + 1e-9
-
-
-def anomaly_gallery(items: list[dict], title: str = "", threshold: float | None = None) -> bytes:
-    """A strip of test images with their anomaly map overlaid and the ground-truth contour.
-
-    Each item: ``image`` (H x W x 3 uint8), ``map`` (H x W float), optional ``mask`` (H x W bool), ``caption``.
-    Each map has its own colour scale, spanning the map and the model's ``threshold``: a shared scale lets
-    the defective images' peaks wash out a good image's, so a false alarm looked clean. The threshold is a
-    line on each image's colour bar and a dashed contour where the map exceeds it.
-    """
-    n = len(items)
-    # constrained layout keeps the suptitle, the two-line captions and the colour bars apart
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 3.0), squeeze=False, layout="constrained")
-    for ax, it in zip(axes[0], items):
-        amap = np.asarray(it["map"], dtype=float)
-        lo, hi = map_scale(amap, threshold)
-        ax.imshow(it["image"])
-        im = ax.imshow(amap, cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
-        if it.get("mask") is not None and np.any(it["mask"]):
-            ax.contour(np.asarray(it["mask"], dtype=float), levels=[0.5], colors="w", linewidths=0.8)
-        bar = fig.colorbar(im, ax=ax, shrink=0.8, pad=0.02)
-        bar.ax.tick_params(labelsize=6)
-        if threshold is not None and np.isfinite(threshold):
-            bar.ax.axhline(threshold, color="k", linewidth=1.5)
-            if amap.min() < threshold < amap.max():
-                ax.contour(amap, levels=[threshold], colors="k", linewidths=0.8, linestyles="dashed")
-        ax.set_title(it.get("caption", ""), fontsize=7)
-        ax.axis("off")
-    note = ("colour scale per image; black line / dashed contour: the threshold" if threshold is not None
-            and np.isfinite(threshold) else "colour scale per image; no threshold (the model only ranks)")
-    fig.suptitle(f"{title}\n{note}" if title else note, fontsize=8)
     return to_png(fig)

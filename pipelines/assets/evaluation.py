@@ -156,7 +156,7 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
     """Log the partition's MLflow run (with the fitted method as its MLflow Model) and return its table row."""
     from fewshot_core.models.publish import publish_model, publishable
 
-    from fewshot_core.reports.gallery import GALLERY_ARTIFACT
+    from fewshot_core.figures.gallery import GALLERY_ARTIFACT
 
     lib_row, episode, metrics = result.row, result.episode, result.metrics
     fit_s, score_s = result.fit_seconds, result.score_seconds

@@ -370,14 +370,15 @@ def test_report_of_a_small_sweep_opens_with_deploy_errors_speed_and_gallery(tmp_
     from _builders import sweep_rows
     from playwright.sync_api import sync_playwright
 
-    from fewshot_core.reports import aggregate, plots, render_report, write_report
+    from fewshot_core.figures.gallery import anomaly_gallery
+    from fewshot_core.reports import aggregate, render_report, write_report
     from fewshot_core.reports.timing import add_timings
 
     rows = add_timings(sweep_rows(), {"bottle-lite0-64": {"images_per_s": 20.0, "device": "cpu"}})
     rng = np.random.default_rng(0)
     items = [{"image": np.full((64, 64, 3), 90, np.uint8), "map": rng.random((64, 64)) * peak, "caption": cap}
              for peak, cap in ((10.0, "crack s=9.9 > t=2.50: caught"), (3.0, "good s=3.0 > t=2.50: false alarm"))]
-    png = plots.anomaly_gallery(items, "ldknn · bottle · oc-k4-s0", threshold=2.5)
+    png = anomaly_gallery(items, "ldknn · bottle · oc-k4-s0", threshold=2.5)
     gallery = [{"title": "ldknn · bottle · oc-k4-s0", "png": png, "mlflow_run_id": "run-ldknn-4-0",
                 "mlflow_experiment_id": "3"}]
     report = write_report(tmp_path / "report.html",

@@ -16,7 +16,8 @@ from fewshot_core.evaluation.run import evaluate_setting
 from fewshot_core.evaluation.supervised import run_supervised_episode
 from fewshot_core.evaluation.support import build_support_bank, sample_episode
 from fewshot_core.features.store import FeatureStore
-from fewshot_core.reports.gallery import GALLERY_ARTIFACT, pick_examples, report_gallery
+from fewshot_core.figures.gallery import GALLERY_ARTIFACT, pick_examples
+from fewshot_core.reports.gallery import report_gallery
 from fewshot_core.settings import Setting
 
 torch.set_num_threads(2)

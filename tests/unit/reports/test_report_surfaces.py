@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from fewshot_core import tracking
-from fewshot_core.reports import aggregate, plots, render_report, stats
+from fewshot_core.reports import aggregate, render_report, stats
 from fewshot_core.reports.questions import sections
 
 DEFECT_TYPES = 3  # k defective shots per type -> 3k defective images in the support
@@ -56,11 +56,12 @@ def _report(rows, **kw):
 
 
 def test_gallery_links_open_the_run_not_none():
-    from fewshot_core.reports.gallery import GALLERY_ARTIFACT, report_gallery
+    from fewshot_core.figures.gallery import GALLERY_ARTIFACT, anomaly_gallery
+    from fewshot_core.reports.gallery import report_gallery
 
     rows = _rows().assign(gallery_artifact=None)
     rows.loc[rows.protocol == "oneclass", "gallery_artifact"] = GALLERY_ARTIFACT
-    png = plots.anomaly_gallery([{"image": np.zeros((8, 8, 3), np.uint8), "map": np.ones((8, 8))}])
+    png = anomaly_gallery([{"image": np.zeros((8, 8, 3), np.uint8), "map": np.ones((8, 8))}])
     # the report asset's own gallery items, fetched from the runs' artifacts
     items = report_gallery(rows, lambda run_id, path: png)
     assert items and all(i["mlflow_run_id"] for i in items)

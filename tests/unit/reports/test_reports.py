@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fewshot_core.reports import aggregate, bootstrap_ci, plots, render_report, write_report
+from fewshot_core.figures.gallery import anomaly_gallery
+from fewshot_core.reports import aggregate, bootstrap_ci, render_report, write_report
 
 
 def test_bootstrap_ci_brackets_the_mean_and_is_deterministic():
@@ -75,9 +76,9 @@ def test_html_report_is_self_contained_and_links_every_number(tmp_path):
     rows = _rows()
     agg = aggregate(rows)
     gallery = [{"title": "patchcore cat_a", "mlflow_run_id": "run-cat_a-patchcore-4-0", "mlflow_experiment_id": "1",
-                "png": plots.anomaly_gallery([{"image": np.zeros((32, 32, 3), np.uint8),
-                                               "map": np.random.default_rng(0).random((32, 32)),
-                                               "mask": np.eye(32, dtype=bool), "caption": "x"}])}]
+                "png": anomaly_gallery([{"image": np.zeros((32, 32, 3), np.uint8),
+                                         "map": np.random.default_rng(0).random((32, 32)),
+                                         "mask": np.eye(32, dtype=bool), "caption": "x"}])}]
     text = render_report(rows, agg, gallery, info={"data": "synthetic"})
     path = write_report(tmp_path / "report.html", text)
     assert path.read_text() == text
@@ -103,25 +104,3 @@ def test_report_says_what_is_missing_instead_of_failing():
     text = render_report(oc_only, aggregate(oc_only))
     assert "Needs supervised binary runs" in text and "Needs a method run with both" in text
     assert "No anomaly maps" in text
-
-
-def test_roc_and_confusion_pngs():
-    assert plots.roc_curve_png([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]).startswith(b"\x89PNG")
-    assert plots.confusion_matrix_png([[3, 1], [0, 4]], ["good", "bad"]).startswith(b"\x89PNG")
-
-
-def test_gallery_maps_have_their_own_scale_with_the_threshold_and_say_the_decision():
-    from fewshot_core.reports.gallery import caption
-
-    defect = np.linspace(0.0, 10.0, 64).reshape(8, 8)
-    false_alarm = np.linspace(0.0, 3.0, 64).reshape(8, 8)  # above t=2.5, far below the defect's peak
-    clean = np.linspace(0.0, 1.0, 64).reshape(8, 8)
-    # a shared 0..10 scale showed the false alarm's peak at 30 % of the colour range; its own scale tops out
-    assert plots.map_scale(false_alarm, 2.5) == (0.0, 3.0)
-    assert plots.map_scale(clean, 2.5) == (0.0, 2.5)  # a clean map never reaches the top colour
-    assert plots.map_scale(defect, None) == (0.0, 10.0)
-    assert caption("good", 0, 3.0, 2.5) == "good: false alarm\ns=3.00 > t=2.50"
-    assert caption("crack", 1, 2.0, 2.5) == "crack: missed\ns=2.00 ≤ t=2.50"
-    assert caption("crack", 1, 2.0, None) == "crack\ns=2.00"
-    items = [{"image": np.zeros((8, 8, 3), np.uint8), "map": m, "caption": "x"} for m in (defect, false_alarm, clean)]
-    assert plots.anomaly_gallery(items, "t", threshold=2.5).startswith(b"\x89PNG")
