@@ -72,6 +72,17 @@ def first_duplicate(values) -> object | None:
     return None
 
 
+def stage_indices(text: str) -> tuple[int, ...]:
+    """``--layers 2,3``: backbone stage indices, each once."""
+    try:
+        layers = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give stage indices like 2,3") from None
+    if (dup := first_duplicate(layers)) is not None:  # would concatenate the same stage twice
+        raise argparse.ArgumentTypeError(f"{text!r}: stage {dup} given twice; give each stage once")
+    return layers
+
+
 class UniqueValues(argparse.Action):
     """``nargs='+'`` (or ``action='extend'``-like with ``extend=True``) that refuses a value given twice."""
 

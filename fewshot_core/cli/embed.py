@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
-
 from fewshot_core.backbones import DEFAULT_BACKBONE
-from fewshot_core.cli.args import add_size_arguments, first_duplicate, folder, positive_int, workers
+from fewshot_core.cli.args import add_size_arguments, folder, positive_int, stage_indices, workers
 from fewshot_core.data.layouts import add_layout_arguments, dataset_from_args
 from fewshot_core.errors import FsadError
-
-
-def _layers(text: str) -> tuple[int, ...]:
-    try:
-        layers = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give stage indices like 2,3") from None
-    if (dup := first_duplicate(layers)) is not None:  # would concatenate the same stage twice
-        raise argparse.ArgumentTypeError(f"{text!r}: stage {dup} given twice; give each stage once")
-    return layers
 
 
 def register(subparsers) -> None:
@@ -29,7 +17,7 @@ def register(subparsers) -> None:
     p.add_argument("--category", help="category to embed (with layout flags: its name)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm model name (default {DEFAULT_BACKBONE})")
     add_size_arguments(p)
-    p.add_argument("--layers", type=_layers, default=None,
+    p.add_argument("--layers", type=stage_indices, default=None,
                    help="stage indices into the backbone's feature_info, e.g. 2,3 (default: stride 8 and 16)")
     p.add_argument("--patch-dim", type=int, default=None,
                    help="reduce patch features to this many dims (default: keep the concatenation)")

@@ -15,22 +15,12 @@ import math
 import sys
 from pathlib import Path
 
-from fewshot_core.cli.args import (UniqueKeys, UniqueValues, add_size_arguments, first_duplicate, folder,
-                                   non_negative_int, positive_int, workers)
+from fewshot_core.cli.args import (UniqueKeys, UniqueValues, add_size_arguments, folder, non_negative_int,
+                                   positive_int, stage_indices, workers)
 from fewshot_core.data.layouts import add_layout_arguments, dataset_from_args
 from fewshot_core.errors import FsadError
 from fewshot_core.methods import registry
 from fewshot_core.schema import PROTOCOLS, SHOWN, Protocol
-
-
-def _layers(text: str) -> tuple[int, ...]:
-    try:
-        layers = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give stage indices like 2,3") from None
-    if (dup := first_duplicate(layers)) is not None:  # would concatenate the same stage twice
-        raise argparse.ArgumentTypeError(f"{text!r}: stage {dup} given twice; give each stage once")
-    return layers
 
 
 def _param(text: str) -> tuple[str, object]:
@@ -87,7 +77,7 @@ def register(subparsers) -> None:
     g = p.add_argument_group("features (the store partition)")
     g.add_argument("--backbone", default=None, help="timm model name (default tf_efficientnet_lite0)")
     add_size_arguments(g)
-    g.add_argument("--layers", type=_layers, default=None, help="stage indices, e.g. 2,3 (default stride 8 and 16)")
+    g.add_argument("--layers", type=stage_indices, default=None, help="stage indices, e.g. 2,3 (default stride 8 and 16)")
     g.add_argument("--patch-dim", type=int, default=None, help="reduce patch features to this many dims")
     g.add_argument("--weights", default="auto", help="auto, a local checkpoint PATH, or random")
     g.add_argument("--store", type=folder, default=None, help="feature store folder (default $FSAD_HOME/features)")
