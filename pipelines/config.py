@@ -43,6 +43,7 @@ import yaml
 from pydantic import ValidationError
 
 from fewshot_core.errors import FsadError
+from fewshot_core.evaluation import meta_pool as pools
 from fewshot_core.paths import dagster_home
 from fewshot_core.settings import ONECLASS, SUPERVISED, TRANSDUCTIVE, Setting
 from fewshot_core.sizes import WORKING_SIZE
@@ -172,11 +173,10 @@ def _from_file(sweep: SweepFile, path: Path) -> SweepConfig:
             if item.method not in registry.names():
                 _fail(path, f"unknown method {item.method!r}", f"choose from {', '.join(registry.names())}")
             pool = item.meta_pool
-            if pool not in (None, "categories") and not pool.startswith("synthetic"):
-                pool = resolve(pool)
-                if not Path(pool).is_dir():
-                    _fail(path, f"method {item.id or item.method}: meta_pool {item.meta_pool!r} is not a folder",
-                          "use categories, synthetic, synthetic:N or the path of another MVTec-layout root")
+            if pool is not None:
+                source = pools.parse_source(pool, others="categories", base=base,
+                                            where=f"{path}: method {item.id or item.method}: meta_pool")
+                pool = str(source.root) if source.kind == "root" else pool
             spec = MethodSpec(item.id or item.method, item.method, dict(item.params), item.protocol, pool)
             if pool is not None and not spec.entry.meta_pool:
                 _fail(path, f"method {spec.id}: meta_pool is for meta-trained methods", "remove the meta_pool key")

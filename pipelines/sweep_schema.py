@@ -100,8 +100,9 @@ class MethodItem(_Strict):
     params: dict[str, Any] = {}
     protocol: Literal[Protocol.ONECLASS.value, Protocol.SUPERVISED.value] | None = None
     # meta-trained methods (CAML): "categories" (the sweep's other categories; generated ones when it has
-    # only one), "synthetic" / "synthetic:N" (N generated categories), or the path of another MVTec root
-    meta_pool: Annotated[str, Field(pattern=r"^(categories|synthetic(:[1-9][0-9]*)?|[^:].*)$")] | None = None
+    # only one), "synthetic" / "synthetic:N" (N generated categories), or the path of another MVTec root;
+    # read by fewshot_core.evaluation.meta_pool.parse_source alone (pipelines/config.py), as on the command line
+    meta_pool: str | None = None
 
 
 # Metrics a champion can be chosen by: the schema's higher-is-better ones (champion.py ranks by "higher wins")

@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
 from fewshot_core.cli.args import (UniqueKeys, UniqueValues, add_size_arguments, folder, non_negative_int,
                                    positive_int, stage_indices, workers)
@@ -144,28 +143,23 @@ def _meta_pool(args, dataset, partition, params: dict, entry):
 
     if not entry.meta_pool or params.get("checkpoint"):
         return None
-    source = args.meta_pool
     others = [c for c in list_categories(dataset.root) if c != dataset.category] if dataset.root.is_dir() else []
-    if source is None:
-        source = "root" if others else pools.SYNTHETIC
+    if args.meta_pool is None:
+        source = pools.PoolSource("others" if others else "synthetic")
+    else:
+        source = pools.parse_source(args.meta_pool, others="root", where="--meta-pool")
     store = FeatureStore(args.store)
     build = dict(layers=args.layers, weights=args.weights, num_workers=args.num_workers, device=args.device,
                  patch_dim=args.patch_dim)
     backbone, size = partition.meta.get("backbone"), partition.image_size
-    if source == "root":
+
+    def root_others():
         if not others:
             raise FsadError(f"--meta-pool root: {dataset.root} has no category besides {dataset.category!r}; "
                             "use --meta-pool synthetic or a PATH to another root")
         return pools.root_pool(dataset.root, store, backbone, size, categories=others, **build)
-    if source == pools.SYNTHETIC or source.startswith(pools.SYNTHETIC + ":"):
-        count = source.partition(":")[2] or "4"
-        if not count.isdigit() or int(count) < 1:
-            raise FsadError(f"--meta-pool {source}: give synthetic:N with N >= 1 generated categories")
-        return pools.synthetic_pool(store, backbone, size, default_work_dir(), categories=int(count), **build)
-    root = Path(source).expanduser()
-    if not root.is_dir():
-        raise FsadError(f"--meta-pool {source}: not 'synthetic', 'root' or an existing folder; pass one of those")
-    return pools.root_pool(root, store, backbone, size, **build)
+
+    return pools.build_pool(source, store, backbone, size, default_work_dir(), others=root_others, **build)
 
 
 def _needs_features(protocol: str, entry) -> bool:

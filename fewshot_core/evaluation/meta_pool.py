@@ -10,13 +10,16 @@ row records which pool was used (``meta_pool`` column). Three sources:
   still meta-train.
 
 The evaluated category is left out by the method before any sampling (and a model that saw it is refused).
+What the user writes for a source (``fsad evaluate --meta-pool``, a sweep's ``meta_pool:``) is read by
+``parse_source`` alone and built by ``build_pool``; each front end only says what its "other categories" are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -24,6 +27,7 @@ from fewshot_core.data.records import GOOD
 from fewshot_core.errors import FsadError
 
 SYNTHETIC = "synthetic"
+GENERATED = 4  # categories ``synthetic`` generates when no count is given
 
 
 @dataclass(frozen=True)
@@ -87,3 +91,44 @@ def synthetic_pool(store, backbone: str, image_size: int, work_dir, categories: 
         ds = load_dataset(root, name)
         pairs.append((ds, store.build(ds, backbone=backbone, image_size=image_size, progress=False, **build)))
     return pool_from_partitions(pairs, source=f"{SYNTHETIC} ({categories} generated, seed {seed})")
+
+
+@dataclass(frozen=True)
+class PoolSource:
+    """Where a pool comes from: ``others`` (the other categories the front end already has: the evaluated
+    root's for ``fsad evaluate``, the sweep's for a sweep), ``synthetic`` (``count`` generated categories)
+    or ``root`` (every category of another MVTec-layout root)."""
+
+    kind: Literal["others", "synthetic", "root"]
+    count: int = GENERATED
+    root: Path | None = None
+
+
+def parse_source(text: str, others: str, where: str, base=None) -> PoolSource:
+    """The user's ``text``: the word ``others`` (``root`` on the command line, ``categories`` in a sweep
+    file), ``synthetic`` or ``synthetic:N`` (N >= 1), else the path of another root (relative to ``base``,
+    else the working folder), which must be a folder. ``where`` (the flag or file key) starts the one-line
+    error."""
+    if text == others:
+        return PoolSource("others")
+    word, colon, count = text.partition(":")
+    if word == SYNTHETIC:
+        if colon and (not count.isdigit() or int(count) < 1):
+            raise FsadError(f"{where} {text}: not a count of generated categories; give {SYNTHETIC}:N with N >= 1")
+        return PoolSource("synthetic", int(count) if colon else GENERATED)
+    root = (Path(base or ".") / Path(text).expanduser()).resolve()
+    if not root.is_dir():
+        raise FsadError(f"{where} {text}: not a folder ({root}), nor {others!r} or {SYNTHETIC}[:N]; pass an "
+                        "existing folder or one of those words")
+    return PoolSource("root", root=root)
+
+
+def build_pool(source: PoolSource, store, backbone: str, image_size: int, work_dir,
+               others: Callable[[], MetaPool], **build) -> MetaPool:
+    """The pool ``source`` names, embedded in ``store`` with ``backbone`` at ``image_size``; ``others()``
+    builds the front end's other categories."""
+    if source.kind == "others":
+        return others()
+    if source.kind == "synthetic":
+        return synthetic_pool(store, backbone, image_size, work_dir, categories=source.count, **build)
+    return root_pool(source.root, store, backbone, image_size, **build)

@@ -134,21 +134,21 @@ def _meta_pool(cfg, context, backbone, feature_store, device, source: str | None
     from pipelines.partitions import CATEGORY
 
     categories = context.instance.get_dynamic_partitions(CATEGORY.name)
-    if source in (None, "categories") and len(categories) < 2:
-        source = pools.SYNTHETIC
+    parsed = pools.parse_source(source or "categories", others="categories", where="sweep meta_pool")
+    if parsed.kind == "others" and len(categories) < 2:
+        parsed = pools.PoolSource("synthetic")
     build = dict(batch_size=feature_store.batch_size, num_workers=feature_store.num_workers,
                  device=device.resolve())
-    if source in (None, "categories"):
+
+    def sweep_categories():
         pairs = []
         for category in categories:
             ds = load_category(cfg, category)
             pairs.append((ds, feature_store.build(ds, backbone, device.resolve())))
         return pools.pool_from_partitions(pairs, source="sweep categories")
-    store, size = feature_store.store(), feature_store.image_size
-    if source.startswith(pools.SYNTHETIC):
-        count = int(source.partition(":")[2] or 4)
-        return pools.synthetic_pool(store, backbone, size, cfg.resolved_work_dir(), categories=count, **build)
-    return pools.root_pool(source, store, backbone, size, **build)
+
+    return pools.build_pool(parsed, feature_store.store(), backbone, feature_store.image_size,
+                            cfg.resolved_work_dir(), others=sweep_categories, **build)
 
 
 def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpec, p: dict, setting: Setting,

@@ -190,3 +190,32 @@ def test_aspect_reaches_the_feature_store(tmp_path):
     assert "aspect" in _refused(tmp_path, "aspect: wide\n")
     defs = build_definitions(cfg)
     assert defs.resources["feature_store"].aspect == "square"
+
+
+def test_meta_pool_is_read_as_on_the_command_line(tmp_path):
+    # a folder whose name starts with "synthetic" is a root, not generated categories
+    (tmp_path / "synthetic_roots").mkdir()
+    _, cfg = _load(tmp_path, "methods: [{id: caml, method: caml, meta_pool: synthetic_roots}]")
+    assert cfg.method_specs()[0].meta_pool == str(tmp_path / "synthetic_roots")
+    assert "synthetic:N with N >= 1" in _refused(tmp_path, "methods: [{method: caml, meta_pool: 'synthetic:x'}]")
+
+
+def test_the_evaluation_asset_builds_the_pool_the_sweep_names(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from fewshot_core.evaluation import meta_pool as pools
+    from pipelines.assets import evaluation
+
+    built = []
+    monkeypatch.setattr(pools, "synthetic_pool", lambda *a, categories, **k: built.append(("synthetic", categories)))
+    monkeypatch.setattr(pools, "root_pool", lambda root, *a, **k: built.append(("root", root)))
+    context = SimpleNamespace(instance=SimpleNamespace(get_dynamic_partitions=lambda name: ["bottle"]))
+    store = SimpleNamespace(batch_size=4, num_workers=0, image_size=32, store=lambda: None)
+    device = SimpleNamespace(resolve=lambda: "cpu")
+    cfg = SweepConfig(work_dir=str(tmp_path))
+    (tmp_path / "synthetic_roots").mkdir()
+    for source in (None, "categories", "synthetic:3", str(tmp_path / "synthetic_roots")):
+        evaluation._meta_pool(cfg, context, "b", store, device, source)
+    # one category: the sweep's other categories are generated ones (the default count)
+    assert built == [("synthetic", pools.GENERATED), ("synthetic", pools.GENERATED), ("synthetic", 3),
+                     ("root", tmp_path / "synthetic_roots")]
