@@ -67,3 +67,14 @@ def test_no_protocol_names_a_method():
             elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in methods:
                 found.append(f"{path.name}:{node.lineno}: {node.value!r}")
     assert not found, found
+
+
+def test_the_methods_folder_holds_methods_only():
+    """One file per registered method beside the contract, the registry and the trained detectors' base;
+    a part that methods share lives in methods/components/."""
+    folder = Path(__file__).resolve().parents[3] / "fewshot_core" / "methods"
+    methods = {e.factory.partition(":")[0] for e in registry.REGISTRY.values()
+               if e.factory.startswith("fewshot_core.methods.")}
+    files = {f"fewshot_core.methods.{p.stem}" for p in folder.glob("*.py") if p.stem != "__init__"}
+    frame = {f"fewshot_core.methods.{name}" for name in ("base", "registry", "trained")}
+    assert files - frame == methods
