@@ -23,7 +23,7 @@ from pipelines.assets.reports import build_report_assets
 from pipelines.automation import automation_sensor, with_automation
 from pipelines.checks import build_table_checks
 from pipelines.config import SweepConfig, load_config
-from pipelines.deploy.profile import selection as deploy_selection
+from pipelines.placement.profile import selection as deploy_selection
 from pipelines.io_managers import ArrayStoreIOManager, ParquetIOManager
 from pipelines.resources import DeviceResource, FeatureStoreResource, MlflowTracking
 from pipelines.schedules import build_nightly
@@ -66,7 +66,7 @@ def build_definitions(cfg: SweepConfig | None = None) -> dg.Definitions:
             "array_io": ArrayStoreIOManager(base_dir=str(work / "arrays")),
             **extra_resources,
         },
-        executor=profile.executor,  # embedded: in-process (pipelines/deploy/profile.py says why)
+        executor=profile.executor,  # embedded: in-process (pipelines/placement/profile.py says why)
     )
 
 

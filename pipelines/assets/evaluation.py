@@ -22,7 +22,7 @@ from fewshot_core.settings import Setting
 from pipelines.assets.banks import bank_key
 from pipelines.assets.data import load_category
 from pipelines.config import SweepConfig
-from pipelines.deploy.profile import pool_for_method, step_placement
+from pipelines.placement.steps import pool_for_method, step_placement
 from pipelines.methods import MethodSpec
 from pipelines.partitions import embeddings_for_evaluation, keys_of, setting_backfill_policy, setting_partitions
 from pipelines.resources import DeviceResource, FeatureStoreResource, MlflowTracking

@@ -59,8 +59,8 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from pipelines.deploy import local
-    from pipelines.deploy.credentials import secrets_path
-    from pipelines.deploy.profile import load_profile, read_pools
+    from pipelines.placement.credentials import secrets_path
+    from pipelines.placement.profile import load_profile, read_pools
 
     if args.command == "pools":  # any profile file with `pools:` (the k8s one has no cluster keys)
         limits = read_pools(args.profile or os.environ.get("FSAD_PROFILE_CONFIG") or "deploy/cluster.yaml")

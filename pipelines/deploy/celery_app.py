@@ -25,7 +25,7 @@ from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_task
 
 from fewshot_core.processes import pid_alive
-from pipelines.deploy.profile import load_profile
+from pipelines.placement.profile import load_profile
 from pipelines.deploy.step_lease import StepLease, lease_name
 
 log = logging.getLogger("fsad.worker")

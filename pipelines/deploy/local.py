@@ -34,8 +34,8 @@ from fewshot_core import tracking
 from fewshot_core.atomic import atomic_write_text
 from fewshot_core.errors import FsadError
 from fewshot_core.processes import pid_alive
-from pipelines.deploy.credentials import ensure_secrets
-from pipelines.deploy.profile import CHECKOUT, POSTGRES_ROLE, POSTGRES_SCHEME, ClusterProfile
+from pipelines.placement.credentials import ensure_secrets
+from pipelines.placement.profile import CHECKOUT, POSTGRES_ROLE, POSTGRES_SCHEME, ClusterProfile
 
 SERVICES_FILE = "services.json"
 

@@ -12,7 +12,7 @@ import dagster as dg
 
 from fewshot_core.errors import FsadError
 from pipelines.automation import SWEEP_TAG
-from pipelines.deploy.profile import ClusterProfile
+from pipelines.placement.profile import ClusterProfile
 from pipelines.runner import RANGE_END, RANGE_START, stages
 
 ROOT_RUN_TAG = "dagster/root_run_id"

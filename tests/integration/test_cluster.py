@@ -82,7 +82,7 @@ def cluster():
         pytest.skip(reason)
     from pipelines.deploy import local
     from fewshot_core.processes import pid_alive
-    from pipelines.deploy.profile import load_profile
+    from pipelines.placement.profile import load_profile
 
     # not under pytest's tmp folder: that one is private to root and the postgres user must reach its data
     base = Path(tempfile.mkdtemp(prefix="fsad-cluster-", dir="/tmp"))

@@ -103,3 +103,16 @@ def test_no_import_cycles():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_code_location_never_imports_the_launcher():
+    """``pipelines/deploy/`` starts the profile's services and imports the code location; the code location
+    (assets, definitions) reads where its steps run from ``pipelines/placement/`` and never imports back."""
+    offenders = []
+    for path in (PROJECT / "pipelines").rglob("*.py"):
+        if path.is_relative_to(PROJECT / "pipelines" / "deploy"):
+            continue
+        bad = {t for t in _imports(path) if t == "pipelines.deploy" or t.startswith("pipelines.deploy.")}
+        if bad:
+            offenders.append(f"{path.relative_to(PROJECT)}: {sorted(bad)}")
+    assert not offenders, offenders

@@ -22,7 +22,7 @@ K8S = ROOT / "deploy" / "k8s"
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    from pipelines.deploy.credentials import ALL_KEYS
+    from pipelines.placement.credentials import ALL_KEYS
 
     for key in ("FSAD_PROFILE", "FSAD_PROFILE_CONFIG", "FSAD_CLUSTER_HOME", "FSAD_SHARED_ROOT", "FSAD_CLUSTER_HOST",
                 *ALL_KEYS):
@@ -33,7 +33,7 @@ def clean_env(monkeypatch):
 @pytest.fixture
 def client_secrets(monkeypatch):
     """The worker app reads the profile (and so its secrets) when imported."""
-    from pipelines.deploy.credentials import CLIENT_KEYS
+    from pipelines.placement.credentials import CLIENT_KEYS
 
     for key in CLIENT_KEYS:
         monkeypatch.setenv(key, f"test-{key.lower()}")
@@ -70,8 +70,8 @@ def test_embedded_stays_the_in_process_default(clean_env, tmp_path):
 def test_cluster_executor_config_is_accepted_by_dagster(clean_env, tmp_path):
     from dagster_celery import celery_executor
 
-    from pipelines.deploy.credentials import ensure_secrets
-    from pipelines.deploy.profile import load_profile
+    from pipelines.placement.credentials import ensure_secrets
+    from pipelines.placement.profile import load_profile
 
     secrets, _ = ensure_secrets(tmp_path / "home")
     prof = load_profile(ROOT / "deploy" / "cluster.yaml", tmp_path / "home")
@@ -102,7 +102,7 @@ def test_cluster_executor_config_is_accepted_by_dagster(clean_env, tmp_path):
     ("host: [unclosed\n", "not valid YAML"),
 ])
 def test_bad_cluster_profile_names_the_file_and_the_fix(clean_env, tmp_path, text, message):
-    from pipelines.deploy.profile import load_profile
+    from pipelines.placement.profile import load_profile
 
     path = tmp_path / "cluster.yaml"
     path.write_text(text)
@@ -112,7 +112,7 @@ def test_bad_cluster_profile_names_the_file_and_the_fix(clean_env, tmp_path, tex
 
 
 def test_missing_profile_file_is_one_line(clean_env, tmp_path):
-    from pipelines.deploy.profile import load_profile
+    from pipelines.placement.profile import load_profile
 
     with pytest.raises(FsadError, match="cluster profile not found; set FSAD_PROFILE_CONFIG"):
         load_profile(tmp_path / "nope.yaml")
@@ -142,7 +142,7 @@ def test_k8s_executor_config_is_accepted_by_dagster(clean_env, tmp_path):
     import dagster as dg
     from dagster_k8s import k8s_job_executor
 
-    from pipelines.deploy.profile import load_k8s_executor_config
+    from pipelines.placement.profile import load_k8s_executor_config
 
     config = load_k8s_executor_config(K8S / "executor.yaml")
     value = _process(k8s_job_executor.config_schema, config)
@@ -160,7 +160,7 @@ def test_cluster_instance_config_is_accepted_by_dagster(clean_env, tmp_path):
     from dagster._core.instance.config import dagster_instance_config
 
     from pipelines.deploy.local import write_instance
-    from pipelines.deploy.profile import load_profile
+    from pipelines.placement.profile import load_profile
 
     prof = load_profile(ROOT / "deploy" / "cluster.yaml", tmp_path / "home")
     write_instance(prof)

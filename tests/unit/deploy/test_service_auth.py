@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.deploy.credentials import ALL_KEYS
+from pipelines.placement.credentials import ALL_KEYS
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -35,7 +35,7 @@ def services():
     for module in ("psycopg2", "redis"):
         pytest.importorskip(module, reason=f"{module} not installed (pip install -e '.[cluster]')")
     from pipelines.deploy import local
-    from pipelines.deploy.profile import load_profile
+    from pipelines.placement.profile import load_profile
 
     # not under pytest's tmp folder: that one is private to root and the postgres user must reach its data
     base = Path(tempfile.mkdtemp(prefix="fsad-auth-", dir="/tmp"))
