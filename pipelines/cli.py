@@ -77,7 +77,8 @@ def run_command(args) -> int:
             raise FsadError(f"{root}: --root does not exist; pass an MVTec-layout folder (<category>/train/good)")
         cfg.data_source, cfg.data_root = "mvtec", str(root)
     data_root, source = resolve_data(cfg)
-    from fewshot_core.tracking import Tracker, default_tracking_uri
+    from fewshot_core.tracking.runs import Tracker
+    from fewshot_core.tracking.store import default_tracking_uri
     from pipelines.sweep_claim import check_experiment, check_home, identity
 
     ident = identity(cfg, data_root, source)
@@ -134,8 +135,9 @@ def data_warnings(cfg) -> list[str]:
 
 
 def mlflow_ui_command(args) -> int:
-    from fewshot_core.tracking import (MLFLOW_UI_ENV, SERVER_ENV, Tracker, default_artifact_root,
-                                       default_tracking_uri, experiment_url, mlflow_ui_host_port, sqlite_path)
+    from fewshot_core.tracking.runs import Tracker
+    from fewshot_core.tracking.store import SERVER_ENV, default_artifact_root, default_tracking_uri, sqlite_path
+    from fewshot_core.tracking.ui import MLFLOW_UI_ENV, experiment_url, mlflow_ui_host_port
 
     home = resolve_home(args.dagster_home)
     host, port = mlflow_ui_host_port()

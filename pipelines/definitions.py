@@ -23,8 +23,8 @@ from pipelines.assets.reports import build_report_assets
 from pipelines.automation import automation_sensor, with_automation
 from pipelines.checks import build_table_checks
 from pipelines.config import SweepConfig, load_config
-from pipelines.placement.profile import selection as deploy_selection
 from pipelines.io_managers import ArrayStoreIOManager, ParquetIOManager
+from pipelines.placement.profile import selection as deploy_selection
 from pipelines.resources import DeviceResource, FeatureStoreResource, MlflowTracking
 from pipelines.schedules import build_nightly
 from pipelines.sensors import build_new_images_sensor

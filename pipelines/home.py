@@ -66,7 +66,7 @@ def prepare_home(explicit: str | os.PathLike | None = None, *, instance: bool = 
     """
     from fewshot_core.locking import file_lock
     from fewshot_core.outputs import require_writable
-    from fewshot_core.tracking import default_tracking_uri, ensure_tracking_db
+    from fewshot_core.tracking.store import default_tracking_uri, ensure_tracking_db
 
     home = resolve_home(explicit)
     require_writable(home, FIX)

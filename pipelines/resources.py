@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import dagster as dg
 
-from fewshot_core.tracking import Tracker
+from fewshot_core.tracking.runs import Tracker
+
+# Which Dagster step logged an MLflow run: the worker's cleanup of a redelivered step finds its runs by them
+PARTITION_TAG = "dagster.partition_key"
+ASSET_TAG = "dagster.asset_key"
 
 
 class DeviceResource(dg.ConfigurableResource):
@@ -67,3 +71,8 @@ class MlflowTracking(dg.ConfigurableResource):
 
     def tracker(self) -> Tracker:
         return Tracker(self.tracking_uri or None)
+
+    @staticmethod
+    def step_tags(context: dg.AssetExecutionContext, partition_key: str) -> dict[str, str]:
+        """The tags that tie a run to the Dagster step and partition that logged it."""
+        return {PARTITION_TAG: partition_key, ASSET_TAG: context.asset_key.to_user_string()}

@@ -37,7 +37,7 @@ def save_deployable(model, folder, *, category: str, support_ids: Sequence[str],
 
     ``pixels``: for methods that read backbone-normalised pixels (P>M>F), ``{"backbone": name}``: images
     are then preprocessed as the backbone's timm config says, at ``image_size``."""
-    from fewshot_core.tracking import code_version, git_commit
+    from fewshot_core.tracking.versions import code_version, git_commit
 
     if featurizer is None and image_size is None:
         raise ValueError("a deployable model needs a featurizer spec (feature-based) or an image size (pixels)")

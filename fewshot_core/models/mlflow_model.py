@@ -26,7 +26,7 @@ import mlflow.pyfunc
 import numpy as np
 
 from fewshot_core.models.trust import ARTIFACT, ENTRY, model_metadata, verify_logged_model
-from fewshot_core.tracking import fluent_uri
+from fewshot_core.tracking.store import fluent_uri
 
 MODEL_NAME = "model"
 OUTPUT_COLUMNS = ("image_score", "decision", "threshold", "label", "error")
@@ -143,7 +143,7 @@ def quiet_advice():
     import logging
     import warnings
 
-    from fewshot_core.tracking import no_progress_bars
+    from fewshot_core.tracking.store import no_progress_bars
 
     # its log lines on loading the model code and validating the input example, once per model
     pyfunc_log = logging.getLogger("mlflow.pyfunc")

@@ -12,6 +12,7 @@ from pathlib import Path
 from fewshot_core.errors import FsadError
 from fewshot_core.methods import registry
 from fewshot_core.methods.persistence import jsonable
+from fewshot_core.tracking.runs import KIND_TAG, log_dataset_input
 
 MODEL_URI_TAG = "fsad.model_uri"
 
@@ -48,13 +49,12 @@ def publish_model(tracker, run_id: str, dataset, model, support_ids: Sequence[st
     ``{"model_uri", "model_id", "dataset_digest"}``, or only ``{"dataset_digest"}`` for a model the registry
     cannot rebuild from its folder (``publishable``).
     """
-    from fewshot_core import tracking
     from fewshot_core.models.deployable import save_deployable
     from fewshot_core.models.featurizer import FeaturizerSpec
     from fewshot_core.models.mlflow_model import log_model, quiet_advice
 
     with quiet_advice():
-        data = tracking.log_dataset_input(tracker, run_id, dataset)  # every run names its data, model or not
+        data = log_dataset_input(tracker, run_id, dataset)  # every run names its data, model or not
     if not publishable(model, protocol):
         return {"dataset_digest": data.digest}
     pixels = None
@@ -77,18 +77,17 @@ FULL_DATA_ALIAS = "full-data"
 FULL_DATA_KIND = "full-data"
 
 
-def publish_full_data(tracker, experiment: str, dagster_run_id: str, dataset, partition, method: str = "patchcore",
+def publish_full_data(tracker, experiment: str, batch_id: str, dataset, partition, method: str = "patchcore",
                       params: dict | None = None, threshold=None, runtime=None, tags: dict | None = None) -> dict:
     """Fit ``method`` on every good training image of ``dataset`` (the production candidate beside the few-shot
     episodes), set its threshold from the training images alone (holdout by default), report what it gives on
     the test split, log it into a run of its own and register it as a version of ``fsad-<category>`` with the
-    alias ``full-data``.
+    alias ``full-data``; the run's parent is the batch ``batch_id`` (``Tracker.parent_run``).
 
     Returns the ``publish_model`` result plus ``run_id``, ``version``, ``metrics``, ``threshold`` and the
     fitted ``model``."""
     import time
 
-    from fewshot_core import tracking
     from fewshot_core.evaluation.oneclass import SCORE_BATCH, score_in_batches, support_threshold
     from fewshot_core.evaluation.threshold import ThresholdConfig, decision_metrics
     from fewshot_core.metrics import image_metrics
@@ -121,9 +120,9 @@ def publish_full_data(tracker, experiment: str, dagster_run_id: str, dataset, pa
         decided.pop("threshold_rule", None)  # a param of the run (the rule), not a metric
         metrics.update(decided)
         metrics["score_seconds"] = score_s
-    run_tags = {tracking.KIND_TAG: FULL_DATA_KIND, "fsad.category": dataset.category, "fsad.method": method,
+    run_tags = {KIND_TAG: FULL_DATA_KIND, "fsad.category": dataset.category, "fsad.method": method,
                 **(tags or {})}
-    run_id = tracker.log_evaluation(experiment, dagster_run_id, f"{method}|{dataset.category}|full-data",
+    run_id = tracker.log_evaluation(experiment, batch_id, f"{method}|{dataset.category}|full-data",
                                     {"method": method, "category": dataset.category, "n_support": len(train),
                                      "n_query": len(test), "feature_key": partition.key,
                                      "threshold_rule": cut.rule, "method_params": json.dumps(jsonable(params), sort_keys=True)},

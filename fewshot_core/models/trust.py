@@ -89,7 +89,7 @@ def _canon(value) -> str:
 def _download(uri: str, dst, tracking_uri: str | None) -> Path:
     import mlflow.artifacts
 
-    from fewshot_core.tracking import default_tracking_uri, fluent_uri, no_progress_bars
+    from fewshot_core.tracking.store import default_tracking_uri, fluent_uri, no_progress_bars
 
     with fluent_uri(tracking_uri or default_tracking_uri()), no_progress_bars():
         try:

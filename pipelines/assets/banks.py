@@ -12,8 +12,8 @@ import dagster as dg
 from fewshot_core.settings import Setting
 from pipelines.assets.data import load_category
 from pipelines.config import SweepConfig
-from pipelines.placement.steps import CPU_POOL, step_placement
 from pipelines.partitions import keys_of, setting_backfill_policy, setting_partitions
+from pipelines.placement.steps import CPU_POOL, step_placement
 from pipelines.resources import DeviceResource, FeatureStoreResource
 
 

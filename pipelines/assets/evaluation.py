@@ -14,7 +14,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from fewshot_core import schema, tracking
+from fewshot_core import schema
 from fewshot_core.episode_cache import EpisodeCache
 from fewshot_core.errors import FsadError
 from fewshot_core.methods import registry
@@ -22,9 +22,9 @@ from fewshot_core.settings import Setting
 from pipelines.assets.banks import bank_key
 from pipelines.assets.data import load_category
 from pipelines.config import SweepConfig
-from pipelines.placement.steps import pool_for_method, step_placement
 from pipelines.methods import MethodSpec
 from pipelines.partitions import embeddings_for_evaluation, keys_of, setting_backfill_policy, setting_partitions
+from pipelines.placement.steps import pool_for_method, step_placement
 from pipelines.resources import DeviceResource, FeatureStoreResource, MlflowTracking
 
 METRICS_IN_UNIT_RANGE = "metrics_in_unit_range"
@@ -167,8 +167,8 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
               "feature_key": part.key, "weights_random": part.is_random, "episode_id": lib_row.get("episode_id"),
               "method_params": lib_row.get("params", "{}"), "n_support": len(episode.support_ids),
               "n_query": len(episode.query_ids), "meta_pool": lib_row.get("meta_pool", "")}
-    tags = {tracking.PARTITION_TAG: p["key"], tracking.ASSET_TAG: context.asset_key.to_user_string(),
-            "fsad.setting": setting.key, "fsad.method": spec.id, "fsad.category": p["category"]}
+    tags = {**MlflowTracking.step_tags(context, p["key"]), "fsad.setting": setting.key, "fsad.method": spec.id,
+            "fsad.category": p["category"]}
     # a model logged as an MLflow Model is stored there once, not again among the run's plain artifacts
     artifacts = ({k: v for k, v in result.artifacts.items() if not k.startswith("model/")}
                  if publishable(result.model, setting.protocol) else result.artifacts)

@@ -13,7 +13,7 @@ from fewshot_core.reports import aggregate, plots, render_report, write_report
 from fewshot_core.reports.gallery import report_gallery
 from fewshot_core.reports.timing import add_timings, embed_rates, machine
 from fewshot_core.schema import HEADLINE, METRICS, Protocol
-from fewshot_core.tracking import mlflow_ui_url
+from fewshot_core.tracking.ui import mlflow_ui_url
 from pipelines.config import SweepConfig
 from pipelines.metadata import md_png
 from pipelines.resources import FeatureStoreResource, MlflowTracking

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import yaml
 
-from fewshot_core import tracking
 from fewshot_core.atomic import atomic_write_text
 from fewshot_core.errors import FsadError
 from fewshot_core.processes import pid_alive
+from fewshot_core.tracking.store import SERVER_ENV
 from pipelines.placement.credentials import ensure_secrets
 from pipelines.placement.profile import CHECKOUT, POSTGRES_ROLE, POSTGRES_SCHEME, ClusterProfile
 
@@ -306,7 +306,7 @@ def start_mlflow(prof: ClusterProfile, env: dict, secrets: dict) -> None:
                   "MLFLOW_AUTH_ADMIN_USERNAME": secrets["MLFLOW_TRACKING_USERNAME"],
                   "MLFLOW_AUTH_ADMIN_PASSWORD": secrets["MLFLOW_TRACKING_PASSWORD"],
                   "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets["MLFLOW_FLASK_SERVER_SECRET_KEY"],
-                  "PGPASSWORD": secrets["FSAD_POSTGRES_PASSWORD"], **tracking.SERVER_ENV}
+                  "PGPASSWORD": secrets["FSAD_POSTGRES_PASSWORD"], **SERVER_ENV}
     pid = _spawn(prof, "mlflow", [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
                                   "--backend-store-uri", prof.postgres_url("mlflow"),
                                   "--serve-artifacts", "--artifacts-destination", artifacts.as_uri(),

@@ -355,15 +355,15 @@ def test_worker_removes_only_this_hosts_dead_temp_folders(tmp_path, client_secre
 
 
 def test_superseded_mlflow_runs_of_a_step_are_deleted_with_their_artifacts(tmp_path, client_secrets):
-    from fewshot_core import tracking
-    from fewshot_core.tracking import Tracker
+    from fewshot_core.tracking.runs import Tracker
     from pipelines.deploy.celery_app import discard_mlflow_run, superseded_mlflow_runs
+    from pipelines.resources import ASSET_TAG
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mine = tracker.log_evaluation("exp", "run-a", "x", {}, {"m": 1.0}, tags={tracking.ASSET_TAG: "evaluation/b/knn"},
+    mine = tracker.log_evaluation("exp", "run-a", "x", {}, {"m": 1.0}, tags={ASSET_TAG: "evaluation/b/knn"},
                                   artifacts={"notes.txt": "partial"})
-    tracker.log_evaluation("exp", "run-a", "y", {}, {"m": 1.0}, tags={tracking.ASSET_TAG: "evaluation/b/patchcore"})
-    tracker.log_evaluation("exp", "run-b", "z", {}, {"m": 1.0}, tags={tracking.ASSET_TAG: "evaluation/b/knn"})
+    tracker.log_evaluation("exp", "run-a", "y", {}, {"m": 1.0}, tags={ASSET_TAG: "evaluation/b/patchcore"})
+    tracker.log_evaluation("exp", "run-b", "z", {}, {"m": 1.0}, tags={ASSET_TAG: "evaluation/b/knn"})
     assert superseded_mlflow_runs(tracker, "run-a", ["evaluation__b__knn"]) == [mine]
     artifacts = Path(tracker.client.get_run(mine).info.artifact_uri.replace("file://", ""))
     assert (artifacts / "notes.txt").is_file()

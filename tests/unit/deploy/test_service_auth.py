@@ -147,7 +147,7 @@ def test_mlflow_refuses_requests_without_the_account(services, mlflow_server, tm
     assert _status(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", auth=("fsad", "guess")) == 401
     assert not list((prof.shared_root / "mlflow-artifacts").rglob("python_model.pkl"))
     # the clients' account (MLflow reads it from the environment) logs runs and artifacts
-    from fewshot_core.tracking import Tracker
+    from fewshot_core.tracking.runs import Tracker
 
     mp = services["mp"]
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
