@@ -28,6 +28,7 @@ from pipelines.placement.profile import selection as deploy_selection
 from pipelines.resources import DeviceResource, FeatureStoreResource, MlflowTracking
 from pipelines.schedules import build_nightly
 from pipelines.sensors import build_new_images_sensor
+from pipelines.sweep_claim import check_loaded_home
 
 
 def build_definitions(cfg: SweepConfig | None = None) -> dg.Definitions:
@@ -72,8 +73,6 @@ def build_definitions(cfg: SweepConfig | None = None) -> dg.Definitions:
 
 def _default_definitions() -> dg.Definitions:
     """What ``dagster dev`` loads: the configured sweep, refused against a home holding another's data."""
-    from pipelines.sweep_claim import check_loaded_home
-
     cfg = load_config()
     check_loaded_home(cfg)
     return build_definitions(cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from fewshot_core.runtime import Runtime
 from fewshot_core.tracking.runs import Tracker
 
 # Which Dagster step logged an MLflow run: the worker's cleanup of a redelivered step finds its runs by them
@@ -23,20 +24,18 @@ class DeviceResource(dg.ConfigurableResource):
 
     def setup_for_execution(self, context) -> None:
         if self.torch_threads > 0:
-            import torch
+            import torch  # the code location loads without torch; a step brings it
 
             torch.set_num_threads(self.torch_threads)
 
     def resolve(self) -> str:
-        from fewshot_core.device import resolve_device
+        from fewshot_core.device import resolve_device  # torch: the code location loads without it
 
         return str(resolve_device(self.device))
 
     def runtime(self, artifact_dir):
         """The ``fewshot_core.runtime.Runtime`` methods compute on: this device, trained weights cached in
         ``artifact_dir``, no progress bars (the step log is the progress)."""
-        from fewshot_core.runtime import Runtime
-
         return Runtime(device=self.resolve(), artifact_dir=artifact_dir, progress=False,
                        threads=self.torch_threads or None)
 
@@ -51,7 +50,7 @@ class FeatureStoreResource(dg.ConfigurableResource):
     num_workers: int = 2  # DataLoader decode workers: decoding overlaps the forward pass (the store's default)
 
     def store(self):
-        from fewshot_core.features import FeatureStore
+        from fewshot_core.features import FeatureStore  # torch: the code location loads without it
 
         return FeatureStore(self.root)
 

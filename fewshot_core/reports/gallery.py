@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from fewshot_core.data.imageio import load_mask, load_rgb
 from fewshot_core.reports import plots
 
 GALLERY_IMAGES = 4
@@ -33,8 +34,7 @@ def render_gallery(dataset, query_ids: Sequence[str], scores: np.ndarray, image_
     """PNG strip of the picked queries at ``size`` (an int for a square, or the maps' (height, width)) with
     their image-resolution maps and mask contours; with the model's ``threshold`` each caption says what the
     decision was (caught, missed, false alarm)."""
-    from fewshot_core.backbones.preprocess import as_shape
-    from fewshot_core.data.imageio import load_mask, load_rgb
+    from fewshot_core.backbones.preprocess import as_shape  # torch: the code location loads reports without it
 
     h, w = as_shape(size)
     items = []

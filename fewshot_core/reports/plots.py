@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from fewshot_core.reports.tables import interval_caption
+
 
 def to_png(fig, dpi: int = 100) -> bytes:
     buf = io.BytesIO()
@@ -45,8 +47,6 @@ def metric_vs_shots(agg: pd.DataFrame, metric: str = "image_auroc") -> bytes:
 
 def band_label(agg: pd.DataFrame) -> str:
     """What a plot's bands or error bars are (the table captions' words, without the footnote mark)."""
-    from fewshot_core.reports.tables import interval_caption
-
     return interval_caption(agg).replace(" †", "")
 
 
@@ -93,7 +93,7 @@ def grouped_bars(agg: pd.DataFrame, group: str, hue: str, metric: str, title: st
 
 
 def roc_curve_png(labels, scores, title: str = "ROC") -> bytes:
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_auc_score, roc_curve  # sklearn: the code location loads reports without it
 
     fpr, tpr, _ = roc_curve(labels, scores)
     fig, ax = plt.subplots(figsize=(3.4, 3.4))

@@ -116,7 +116,7 @@ class Tracker:
         Non-finite metrics are skipped (MLflow stores NaN, but a metric that could not be computed must be
         absent, not NaN). Returns the child run id.
         """
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param  # mlflow: see the package docstring
 
         parent = self.parent_run(experiment, batch_id, stage=stage)
         exp_id = self.experiment_id(experiment)
@@ -217,7 +217,7 @@ def category_dataset(dataset):
 
 def log_dataset_input(tracker: "Tracker", run_id: str, dataset, context: str = "evaluation"):
     """Log the category's manifest as the run's dataset input (MLflow's Dataset column); returns it."""
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import DatasetInput, InputTag  # mlflow: see the package docstring
 
     data = category_dataset(dataset)
     tracker.client.log_inputs(run_id, datasets=[DatasetInput(data._to_mlflow_entity(),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sqlite3
 import sys
 import time
 from functools import lru_cache
@@ -81,6 +80,8 @@ def _expected_schema() -> tuple[frozenset[str], str]:
 
 def _db_state(db: Path) -> dict:
     """Tables, schema revision and how much user data an MLflow SQLite file holds (read-only)."""
+    import sqlite3  # the help paths import this module for its URI helpers: no database driver there
+
     con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
     try:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -103,7 +104,7 @@ def _is_complete(state: dict, tables: frozenset[str], head: str) -> bool:
 
 def _forget_engine(uri: str) -> None:
     """Drop MLflow's cached engine for ``uri``: its pooled connections may point at a replaced file."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # mlflow: see the package docstring
 
     engine = SqlAlchemyStore._engine_map.pop(uri, None)
     if engine is not None:
@@ -152,7 +153,7 @@ def ensure_tracking_db(tracking_uri: str | None = None) -> Path | None:
 
 
 def _build_db(db: Path, artifact_root: str | None) -> None:
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # mlflow: see the package docstring
 
     tmp = db.with_name(f".{db.name}.{os.getpid()}.building")
     tmp_uri = f"sqlite:///{tmp}"
@@ -187,7 +188,7 @@ def fluent_uri(tracking_uri: str):
 
     ``set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into the environment; both are put back as
     they were (unset stays unset), or every later ``Tracker`` of this process would follow them."""
-    import mlflow
+    import mlflow  # mlflow: see the package docstring
     from mlflow.tracking._tracking_service import utils
 
     env_before = os.environ.get("MLFLOW_TRACKING_URI")

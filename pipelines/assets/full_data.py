@@ -29,7 +29,7 @@ def build_full_data_asset(cfg: SweepConfig, embeddings_asset) -> dg.AssetsDefini
                           "fsad-<category>@full-data; threshold from the training images alone.")
     def full_data_model(context: dg.AssetExecutionContext, feature_store: FeatureStoreResource,
                         device: DeviceResource, mlflow: MlflowTracking) -> dg.MaterializeResult:
-        from fewshot_core.models.publish import publish_full_data
+        from fewshot_core.models.publish import publish_full_data  # torch, mlflow: the code location loads without them
 
         tracker = mlflow.tracker()
         for category in context.partition_keys:

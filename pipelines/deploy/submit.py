@@ -21,7 +21,7 @@ _DONE = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRun
 
 
 def _client(prof: ClusterProfile):
-    from dagster_graphql import DagsterGraphQLClient
+    from dagster_graphql import DagsterGraphQLClient  # its GraphQL client: only `sweep` submits
 
     return DagsterGraphQLClient(prof.host, port_number=prof.ports["webserver"])
 

@@ -246,7 +246,7 @@ class Selection:
 
 
 def selection() -> Selection:
-    import dagster as dg
+    import dagster as dg  # Dagster: the launcher reads profiles without it
 
     name = profile_name()
     if name == "embedded":
