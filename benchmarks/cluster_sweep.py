@@ -95,7 +95,7 @@ def _steps(profile: Path, home: Path) -> list[dict]:
     import dagster as dg
 
     from pipelines.deploy.events import step_timings
-    from pipelines.deploy.profile import load_profile
+    from pipelines.placement.profile import load_profile
 
     prof = load_profile(profile, home)
     # the instance reads its PostgreSQL password from the environment (dagster.yaml holds none)

@@ -16,7 +16,11 @@ import time
 from pathlib import Path
 
 from fewshot_core.cli.args import folder
+from fewshot_core.data.mvtec import split_class_warnings
 from fewshot_core.errors import FsadError
+from fewshot_core.outputs import require_writable
+from fewshot_core.tracking.store import SERVER_ENV, default_artifact_root, default_tracking_uri, sqlite_path
+from fewshot_core.tracking.ui import MLFLOW_UI_ENV, experiment_url, mlflow_ui_host_port
 from pipelines.home import instance_template, prepare_home, resolve_home  # noqa: F401 (instance_template: API)
 
 
@@ -62,13 +66,16 @@ def run_command(args) -> int:
     if args.config:
         os.environ["FSAD_SWEEP_CONFIG"] = str(Path(args.config).resolve())
     start = time.perf_counter()
+    # Dagster, the code location and the MLflow tracker load here: after DAGSTER_HOME is set, never for --help
     import dagster as dg
 
+    from fewshot_core.tracking.runs import Tracker
     from pipelines.assets.data import resolve_data
     from pipelines.assets.reports import report_path
     from pipelines.config import load_config
     from pipelines.definitions import build_definitions
     from pipelines.runner import run_sweep
+    from pipelines.sweep_claim import check_experiment, check_home, identity
 
     cfg = load_config(args.config)
     if args.root:
@@ -77,14 +84,10 @@ def run_command(args) -> int:
             raise FsadError(f"{root}: --root does not exist; pass an MVTec-layout folder (<category>/train/good)")
         cfg.data_source, cfg.data_root = "mvtec", str(root)
     data_root, source = resolve_data(cfg)
-    from fewshot_core.tracking import Tracker, default_tracking_uri
-    from pipelines.sweep_claim import check_experiment, check_home, identity
-
     ident = identity(cfg, data_root, source)
     check_home(home, ident)  # before anything is written: one sweep per home and per experiment
     check_experiment(Tracker(default_tracking_uri(home)), ident)
     check_home(home, ident, write=True)
-    from fewshot_core.outputs import require_writable
 
     # before any stage: fail now, not halfway (features, tables and the report need some room)
     require_writable(cfg.resolved_work_dir(), f"free space or set work_dir in {cfg.source_file or 'the sweep YAML'} "
@@ -113,8 +116,7 @@ def data_warnings(cfg) -> list[str]:
     """What ``fsad data validate`` warns about a category's test split (no good, or no defect images: the
     image metrics are then absent from every row), for the data already on disk (synthetic data the sweep
     generates itself has both)."""
-    from fewshot_core.data.mvtec import split_class_warnings
-    from pipelines.assets.data import categories, load_category, resolve_data
+    from pipelines.assets.data import categories, load_category, resolve_data  # Dagster: not for --help
 
     root, source = resolve_data(cfg)
     if source in ("synthetic", "download") and not root.is_dir():
@@ -134,9 +136,6 @@ def data_warnings(cfg) -> list[str]:
 
 
 def mlflow_ui_command(args) -> int:
-    from fewshot_core.tracking import (MLFLOW_UI_ENV, SERVER_ENV, Tracker, default_artifact_root,
-                                       default_tracking_uri, experiment_url, mlflow_ui_host_port, sqlite_path)
-
     home = resolve_home(args.dagster_home)
     host, port = mlflow_ui_host_port()
     if (args.host or host, args.port or port) != (host, port):
@@ -154,6 +153,8 @@ def mlflow_ui_command(args) -> int:
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {base} (store {uri}); Ctrl-C stops it", flush=True)
     if db is not None and db.is_file():  # direct links: the UI's start page would open its GenAI view
+        from fewshot_core.tracking.runs import Tracker  # mlflow's client: not for --help
+
         for exp in Tracker(uri).client.search_experiments():
             if exp.name != "Default":
                 print(f"  experiment {exp.name!r}: {experiment_url(exp.experiment_id, base)}", flush=True)

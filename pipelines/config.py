@@ -44,6 +44,7 @@ from pydantic import ValidationError
 
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation import meta_pool as pools
+from fewshot_core.methods import registry
 from fewshot_core.paths import dagster_home
 from fewshot_core.settings import ONECLASS, SUPERVISED, TRANSDUCTIVE, Setting
 from fewshot_core.sizes import WORKING_SIZE
@@ -158,8 +159,6 @@ def load_config(path: str | Path | None = None) -> SweepConfig:
 
 def _from_file(sweep: SweepFile, path: Path) -> SweepConfig:
     """Relative paths resolve against the YAML file's folder; methods are checked against the registry."""
-    from fewshot_core.methods import registry
-
     base = path.resolve().parent
     resolve = lambda p: str((base / os.path.expanduser(str(p))).resolve())  # noqa: E731
     data = sweep.data

@@ -23,11 +23,12 @@ from pipelines.assets.reports import build_report_assets
 from pipelines.automation import automation_sensor, with_automation
 from pipelines.checks import build_table_checks
 from pipelines.config import SweepConfig, load_config
-from pipelines.deploy.profile import selection as deploy_selection
 from pipelines.io_managers import ArrayStoreIOManager, ParquetIOManager
+from pipelines.placement.profile import selection as deploy_selection
 from pipelines.resources import DeviceResource, FeatureStoreResource, MlflowTracking
 from pipelines.schedules import build_nightly
 from pipelines.sensors import build_new_images_sensor
+from pipelines.sweep_claim import check_loaded_home
 
 
 def build_definitions(cfg: SweepConfig | None = None) -> dg.Definitions:
@@ -66,14 +67,12 @@ def build_definitions(cfg: SweepConfig | None = None) -> dg.Definitions:
             "array_io": ArrayStoreIOManager(base_dir=str(work / "arrays")),
             **extra_resources,
         },
-        executor=profile.executor,  # embedded: in-process (pipelines/deploy/profile.py says why)
+        executor=profile.executor,  # embedded: in-process (pipelines/placement/profile.py says why)
     )
 
 
 def _default_definitions() -> dg.Definitions:
     """What ``dagster dev`` loads: the configured sweep, refused against a home holding another's data."""
-    from pipelines.sweep_claim import check_loaded_home
-
     cfg = load_config()
     check_loaded_home(cfg)
     return build_definitions(cfg)

@@ -13,7 +13,11 @@ import sys
 from importlib.resources import files
 from pathlib import Path
 
+from fewshot_core.atomic import atomic_write_bytes
+from fewshot_core.locking import file_lock
+from fewshot_core.outputs import require_writable
 from fewshot_core.paths import dagster_home
+from fewshot_core.tracking.store import default_tracking_uri, ensure_tracking_db
 
 LOCK_NAME = ".fsad-init.lock"
 FIX = "pass --dagster-home DIR (or set DAGSTER_HOME) to a writable folder"
@@ -33,14 +37,12 @@ def _copy_template(home: Path) -> None:
     """Same storage and run-queue settings in every home; written whole or not at all."""
     target = home / "dagster.yaml"
     if not target.exists():
-        from fewshot_core.atomic import atomic_write_bytes
-
         atomic_write_bytes(target, instance_template(), mode=0o644)
 
 
 def _init_instance(home: Path) -> None:
     """Open the home's Dagster instance once and touch each storage, which creates its tables."""
-    import dagster as dg
+    import dagster as dg  # Dagster: fsad run --help and mlflow-ui need none
 
     before = os.environ.get("DAGSTER_HOME")
     os.environ["DAGSTER_HOME"] = str(home)  # the template's storage settings read it
@@ -64,10 +66,6 @@ def prepare_home(explicit: str | os.PathLike | None = None, *, instance: bool = 
     (``tracking_uri``, default ``<home>/mlflow.db`` unless ``MLFLOW_TRACKING_URI`` is set). Safe to call
     from several processes at once: the later ones wait, then find everything made.
     """
-    from fewshot_core.locking import file_lock
-    from fewshot_core.outputs import require_writable
-    from fewshot_core.tracking import default_tracking_uri, ensure_tracking_db
-
     home = resolve_home(explicit)
     require_writable(home, FIX)
     say = lambda: print(f"fsad: waiting for another fsad process to finish initialising {home}",  # noqa: E731

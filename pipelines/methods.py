@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from fewshot_core.methods import registry
 from fewshot_core.settings import Setting
 
 # Methods the default sweep runs when they exist, in this order: cheap from cached features. The trained
@@ -37,8 +38,6 @@ class MethodSpec:
     @cached_property
     def entry(self):
         """The registry's ``MethodEntry``: the sweep turns the method's name into it once, here."""
-        from fewshot_core.methods import registry
-
         return registry.get(self.method)
 
     @property
@@ -58,8 +57,6 @@ class MethodSpec:
 
 def default_specs() -> list[MethodSpec]:
     """``DEFAULT_METHODS`` that the registry knows."""
-    from fewshot_core.methods import registry
-
     known = set(registry.names())
     return [MethodSpec(m["id"], m["method"], dict(m.get("params", {})), m.get("protocol"))
             for m in DEFAULT_METHODS if m["method"] in known]

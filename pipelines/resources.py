@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import dagster as dg
 
-from fewshot_core.tracking import Tracker
+from fewshot_core.runtime import Runtime
+from fewshot_core.tracking.runs import Tracker
+
+# Which Dagster step logged an MLflow run: the worker's cleanup of a redelivered step finds its runs by them
+PARTITION_TAG = "dagster.partition_key"
+ASSET_TAG = "dagster.asset_key"
 
 
 class DeviceResource(dg.ConfigurableResource):
@@ -19,20 +24,18 @@ class DeviceResource(dg.ConfigurableResource):
 
     def setup_for_execution(self, context) -> None:
         if self.torch_threads > 0:
-            import torch
+            import torch  # the code location loads without torch; a step brings it
 
             torch.set_num_threads(self.torch_threads)
 
     def resolve(self) -> str:
-        from fewshot_core.device import resolve_device
+        from fewshot_core.device import resolve_device  # torch: the code location loads without it
 
         return str(resolve_device(self.device))
 
     def runtime(self, artifact_dir):
         """The ``fewshot_core.runtime.Runtime`` methods compute on: this device, trained weights cached in
         ``artifact_dir``, no progress bars (the step log is the progress)."""
-        from fewshot_core.runtime import Runtime
-
         return Runtime(device=self.resolve(), artifact_dir=artifact_dir, progress=False,
                        threads=self.torch_threads or None)
 
@@ -47,7 +50,7 @@ class FeatureStoreResource(dg.ConfigurableResource):
     num_workers: int = 2  # DataLoader decode workers: decoding overlaps the forward pass (the store's default)
 
     def store(self):
-        from fewshot_core.features import FeatureStore
+        from fewshot_core.features import FeatureStore  # torch: the code location loads without it
 
         return FeatureStore(self.root)
 
@@ -67,3 +70,8 @@ class MlflowTracking(dg.ConfigurableResource):
 
     def tracker(self) -> Tracker:
         return Tracker(self.tracking_uri or None)
+
+    @staticmethod
+    def step_tags(context: dg.AssetExecutionContext, partition_key: str) -> dict[str, str]:
+        """The tags that tie a run to the Dagster step and partition that logged it."""
+        return {PARTITION_TAG: partition_key, ASSET_TAG: context.asset_key.to_user_string()}

@@ -3,12 +3,12 @@
 
 import dagster as dg
 
+from pipelines.runner import run_sweep
+
 
 def build_nightly(defs_factory) -> tuple[dg.JobDefinition, dg.ScheduleDefinition]:
     @dg.op(description="Materialise the whole configured sweep: data, features, every evaluation, the report.")
     def run_default_sweep(context: dg.OpExecutionContext) -> None:
-        from pipelines.runner import run_sweep
-
         run_sweep(defs_factory(), context.instance, log=context.log.info,
                   tags={"fsad/triggered_by": context.run_id})
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import dagster as dg
 
 from fewshot_core.data.imageio import IMAGE_EXTENSIONS
+from pipelines.assets.data import layouts, resolve_data
 from pipelines.config import SweepConfig
 from pipelines.partitions import CATEGORY
 
@@ -49,14 +50,11 @@ def build_new_images_sensor(cfg: SweepConfig, embeddings_job) -> dg.SensorDefini
                description="Watches the dataset folder; new or changed images request the affected embeddings "
                            "partitions, new category folders become new partitions.")
     def new_images_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-        from pipelines.assets.data import resolve_data
-
         root, source = resolve_data(cfg)
         if not root.is_dir():
             return dg.SkipReason(f"{root}: dataset folder not there yet")
         previous = json.loads(context.cursor) if context.cursor else {}
         if source == "layout":  # users' own folders: fingerprint every folder a layout names
-            from pipelines.assets.data import layouts
 
             current = {name: ";".join(folder_fingerprint(d) for d in layout_folders(lc))
                        for name, lc in layouts(cfg).items()}

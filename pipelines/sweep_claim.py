@@ -12,9 +12,12 @@ add rows to the same benchmark.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from fewshot_core.atomic import atomic_write_text
 from fewshot_core.errors import FsadError
+from pipelines.assets.data import resolve_data
 
 CLAIM = "fsad-sweep.json"
 EXPERIMENT_TAG = "fsad.sweep_data"
@@ -39,8 +42,6 @@ def _describe(ident: dict) -> str:
 
 def check_home(home: Path, ident: dict, write: bool = False) -> None:
     """Refuse ``ident`` in a home that holds another sweep's data; with ``write``, claim an unclaimed home."""
-    from fewshot_core.atomic import atomic_write_text
-
     path = Path(home) / CLAIM
     try:
         held = json.loads(path.read_text())
@@ -71,10 +72,6 @@ def check_experiment(tracker, ident: dict) -> None:
 def check_loaded_home(cfg) -> None:
     """For ``dagster dev``: refuse to load ``cfg`` against a ``DAGSTER_HOME`` that ``fsad run`` claimed for
     another sweep's data (read only; a home without a record is left alone)."""
-    import os
-
-    from pipelines.assets.data import resolve_data
-
     home = os.environ.get("DAGSTER_HOME")
     if home and (Path(home) / CLAIM).is_file():
         check_home(Path(home), identity(cfg, *resolve_data(cfg)))

@@ -18,6 +18,8 @@ from importlib.metadata import entry_points
 
 from fewshot_core.cli.args import Parser
 from fewshot_core.errors import FsadError
+from fewshot_core.outputs import is_write_error, path_kind_error, write_error
+from fewshot_core.paths import default_store_dir
 
 # Modules that define ``register(subparsers)``; each adds its sub-commands with ``set_defaults(func=...)``.
 _COMMAND_MODULES = (
@@ -50,8 +52,6 @@ def _output_folder(args: argparse.Namespace):
         if getattr(args, attr, None):
             return getattr(args, attr)
     if args.command in ("embed", "evaluate"):
-        from fewshot_core.paths import default_store_dir
-
         return default_store_dir()
     return getattr(args, "root", None) if args.command == "data" else None
 
@@ -72,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fsad: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
-        from fewshot_core.outputs import is_write_error, path_kind_error, write_error
-
         if (mixed := path_kind_error(exc, getattr(args, "write_fix", None))) is not None:
             print(f"fsad: error: {mixed}", file=sys.stderr)
             return mixed.exit_code

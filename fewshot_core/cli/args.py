@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from fewshot_core.errors import FsadError
+from fewshot_core.outputs import require_file_path, require_folder
 from fewshot_core.sizes import WORKING_SIZE
 
 
@@ -45,8 +46,6 @@ def workers(text: str) -> int:
 
 def folder(text: str) -> Path:
     """A folder to write into (created when missing): refused when it, or a folder above it, is a file."""
-    from fewshot_core.outputs import require_folder
-
     try:
         return require_folder(Path(text), "pass a folder (it is created when missing)")
     except FsadError as exc:
@@ -55,8 +54,6 @@ def folder(text: str) -> Path:
 
 def file_path(text: str) -> Path:
     """A file to write: refused when it is an existing folder or a folder above it is a file."""
-    from fewshot_core.outputs import require_file_path
-
     try:
         return require_file_path(Path(text), "pass a file name, e.g. manifest.parquet")
     except FsadError as exc:

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from fewshot_core.cli.args import UniqueValues, file_path, folder
-from fewshot_core.data.layouts import add_layout_arguments, source_from_args
+from fewshot_core.data.layouts import add_layout_arguments, load_datasets, source_from_args
+from fewshot_core.outputs import require_writable
 
 
 def register(subparsers) -> None:
@@ -46,7 +47,7 @@ def register(subparsers) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from fewshot_core.data.validate import validate
+    from fewshot_core.data.validate import validate  # the validator loads for its command, not for --help
 
     source = source_from_args(args)
     category = args.category if isinstance(source, Path) else None
@@ -68,9 +69,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> int:
-    from fewshot_core.data.layouts import load_datasets
-    from fewshot_core.data.manifest import build_manifest, write_manifest
-    from fewshot_core.outputs import require_writable
+    from fewshot_core.data.manifest import build_manifest, write_manifest  # pandas: not for --help
 
     require_writable(Path(args.out).absolute().parent, args.write_fix)  # before reading every image
     source = source_from_args(args)
@@ -82,14 +81,14 @@ def _manifest(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from fewshot_core.data.download import download_mvtec
+    from fewshot_core.data.download import download_mvtec  # urllib, ssl, tarfile: not on every --help
 
     download_mvtec(Path(args.root), categories=args.category)
     return 0
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from fewshot_core.data.synth import generate
+    from fewshot_core.data.synth import generate  # the generator loads for its command, not for --help
 
     given = {k: getattr(args, k) for k in ("categories", "seed", "size") if getattr(args, k) is not None}
     result = generate(Path(args.root), **given)

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from fewshot_core.features.store import FeatureStore
+    from fewshot_core.features.store import FeatureStore  # torch: not for --help
 
     if args.batch_size < 1 or args.num_workers < 0:
         raise FsadError(f"--batch-size {args.batch_size} / --num-workers {args.num_workers}: "

@@ -14,11 +14,15 @@ import json
 import math
 import sys
 
+from fewshot_core.backbones import DEFAULT_BACKBONE
 from fewshot_core.cli.args import (UniqueKeys, UniqueValues, add_size_arguments, folder, non_negative_int,
                                    positive_int, stage_indices, workers)
+from fewshot_core.data import list_categories
 from fewshot_core.data.layouts import add_layout_arguments, dataset_from_args
+from fewshot_core.data.mvtec import split_class_warnings
 from fewshot_core.errors import FsadError
 from fewshot_core.methods import registry
+from fewshot_core.paths import default_work_dir
 from fewshot_core.schema import PROTOCOLS, SHOWN, Protocol
 
 
@@ -87,8 +91,7 @@ def register(subparsers) -> None:
 
 
 def _partition(args, dataset):
-    from fewshot_core.backbones import DEFAULT_BACKBONE
-    from fewshot_core.features.store import FeatureStore
+    from fewshot_core.features.store import FeatureStore  # torch: not for --help
 
     return FeatureStore(args.store).build(dataset, backbone=args.backbone or DEFAULT_BACKBONE,
                                           image_size=args.image_size, layers=args.layers, weights=args.weights,
@@ -106,7 +109,7 @@ def _method_help() -> str:
 def _rows(args, dataset, partition, entry) -> list[dict]:
     params = dict(args.param)
     if args.protocol == Protocol.ONECLASS:
-        from fewshot_core.evaluation.oneclass import evaluate_oneclass, parse_shots
+        from fewshot_core.evaluation.oneclass import evaluate_oneclass, parse_shots  # torch: not for --help
 
         if args.shots is None:
             raise FsadError("fsad evaluate: --shots is required for the one-class protocol; give a number or 'full'")
@@ -114,7 +117,7 @@ def _rows(args, dataset, partition, entry) -> list[dict]:
                                  method_params=params, mask_size=args.mask_size, augment=args.augment,
                                  config=args.config, align=args.align)
     if args.protocol == Protocol.TRANSDUCTIVE:
-        from fewshot_core.evaluation.transductive import evaluate_transductive
+        from fewshot_core.evaluation.transductive import evaluate_transductive  # torch: not for --help
 
         shots = 0 if args.shots is None else args.shots
         if not str(shots).isdigit():
@@ -126,7 +129,7 @@ def _rows(args, dataset, partition, entry) -> list[dict]:
     if args.distance is not None:
         params["distance"] = args.distance
     try:
-        from fewshot_core.evaluation.supervised import evaluate_supervised
+        from fewshot_core.evaluation.supervised import evaluate_supervised  # torch, faiss: not for --help
     except ImportError as exc:
         raise FsadError(f"supervised protocol unavailable ({exc}); install the project with its dependencies") from exc
     return evaluate_supervised(dataset, partition, entry, args.k_good, args.k_bad, args.seeds,
@@ -136,10 +139,8 @@ def _rows(args, dataset, partition, entry) -> list[dict]:
 
 def _meta_pool(args, dataset, partition, params: dict, entry):
     """The meta-training pool for a meta-trained method (None for the others, or with a checkpoint)."""
-    from fewshot_core.data import list_categories
-    from fewshot_core.evaluation import meta_pool as pools
+    from fewshot_core.evaluation import meta_pool as pools  # with the store: torch, not for --help
     from fewshot_core.features.store import FeatureStore
-    from fewshot_core.paths import default_work_dir
 
     if not entry.meta_pool or params.get("checkpoint"):
         return None
@@ -200,7 +201,7 @@ def _warn_copies(dataset, partition) -> None:
     """Byte-identical images (the store's content hashes, already computed): a copy across splits is
     train/test leakage, copies inside a split skew episodes and counts; ``fsad data validate`` refuses the
     first, here both are warnings so a deliberate experiment still runs."""
-    from fewshot_core.data.validate import copy_findings
+    from fewshot_core.data.validate import copy_findings  # the validator: not for --help
 
     if "sha256" not in partition.index:
         return
@@ -226,8 +227,6 @@ def json_rows(rows: list[dict]) -> str:
 
 
 def run(args) -> int:
-    from fewshot_core.data.mvtec import split_class_warnings
-
     dataset = dataset_from_args(args)
     for warning in split_class_warnings(dataset.records, f"{dataset.category}"):
         print(f"warning: {warning}", file=sys.stderr)

@@ -15,6 +15,7 @@ the previous one as a whole.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -22,12 +23,19 @@ import shutil
 import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from fewshot_core.atomic import atomic_write_bytes, replace_dir
 from fewshot_core.cli.args import folder
+from fewshot_core.data.imageio import is_image_file, load_rgb, not_regular_message, special_file_kind
 from fewshot_core.errors import FsadError
+from fewshot_core.locking import LockBusy, file_lock
+from fewshot_core.models.trust import load_verified
+from fewshot_core.processes import pid_alive
 
 
 def register(subparsers) -> None:
@@ -70,8 +78,6 @@ def _walk(root: Path, skip: Path | None) -> list[Path]:
 def collect(inputs, out: Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
     """(image files in order, [(path, error)] for inputs that are missing, not images or not regular
     files); folders are walked as ``_walk`` says, ``out`` (the output folder) left out."""
-    from fewshot_core.data.imageio import is_image_file, not_regular_message, special_file_kind
-
     images, bad = [], []
     skip = Path(out).resolve() if out is not None else None
 
@@ -98,8 +104,6 @@ def collect(inputs, out: Path | None = None) -> tuple[list[Path], list[tuple[Pat
 def load_deployed(uri: str, tracking_uri: str | None = None):
     """The ``DeployedModel`` behind a model URI, a logged MLflow model folder or a deployable folder, every
     model file verified before anything is loaded (``fewshot_core.models.trust``)."""
-    from fewshot_core.models.trust import load_verified
-
     return load_verified(uri, tracking_uri)
 
 
@@ -108,10 +112,7 @@ def overlay_png(image, amap: np.ndarray, threshold: float | None) -> bytes:
 
     With a threshold the colour scale is fixed around it (0.5x .. 1.5x), so colours compare across
     images; without one each map is scaled to its own range."""
-    import io
-
-    from matplotlib import colormaps
-    from PIL import Image
+    from matplotlib import colormaps  # matplotlib: only when overlays are drawn
 
     size = amap.shape[-1]
     lo, hi = (0.5 * threshold, 1.5 * threshold) if threshold else (float(amap.min()), float(amap.max()))
@@ -130,10 +131,8 @@ def predict_files(model, images: list[Path], out: Path | None = None, overlays: 
 
     Overlays are named ``out/overlays/<n>_<stem>.png`` in the rows; ``staging``: write them there
     instead (the caller moves that folder into place)."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # with the scorer (torch): not for --help
 
-    from fewshot_core.atomic import atomic_write_bytes
-    from fewshot_core.data.imageio import load_rgb
     from fewshot_core.evaluation.oneclass import SCORE_BATCH
 
     rows = []
@@ -190,9 +189,7 @@ def predict_files(model, images: list[Path], out: Path | None = None, overlays: 
 
 
 def write_results(rows: list[dict], out: Path) -> tuple[Path, Path]:
-    import pandas as pd
-
-    from fewshot_core.atomic import atomic_write_bytes
+    import pandas as pd  # pandas: not for --help
 
     out.mkdir(parents=True, exist_ok=True)
     cols = ["image", "image_score", "decision", "threshold", "label", "error", "overlay"]
@@ -219,8 +216,6 @@ def _check_overlays(folder: Path) -> None:
 
 def _remove_dead_staging(out: Path) -> None:
     """Staging folders left by runs that died (kill -9): their pid is no longer alive."""
-    from fewshot_core.processes import pid_alive
-
     for tmp in out.glob(f"{_STAGING}*"):
         pid = tmp.name[len(_STAGING):].split("-")[0]
         if pid.isdigit() and not pid_alive(int(pid)):
@@ -228,11 +223,6 @@ def _remove_dead_staging(out: Path) -> None:
 
 
 def run(args) -> int:
-    from contextlib import ExitStack
-
-    from fewshot_core.atomic import replace_dir
-    from fewshot_core.locking import LockBusy, file_lock
-
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f"{_STAGING}{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 
 
 def run_verify(args) -> int:
-    from fewshot_core.features.store import FeatureStore
+    from fewshot_core.features.store import FeatureStore  # torch: not for --help
 
     store = FeatureStore(args.store)
     if not store.root.is_dir():

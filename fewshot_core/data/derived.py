@@ -37,6 +37,7 @@ from PIL import Image
 from scipy import ndimage
 
 from fewshot_core.atomic import atomic_write_text, replace_dir
+from fewshot_core.data.imageio import load_rgb
 from fewshot_core.errors import FsadError
 
 DERIVED_VERSION = 1
@@ -128,8 +129,6 @@ def posed_copy(dataset, out_root, name: str | None = None, seed: int = 0, size: 
                max_shift: float = 0.08, scale_range: tuple[float, float] = (0.85, 1.15)) -> Path:
     """Write ``out_root/<name>`` (default ``<category>_posed``): every image of ``dataset`` at ``size`` px
     under its own seeded pose (``pose_for``), masks transformed identically. Returns the category folder."""
-    from fewshot_core.data.imageio import load_rgb
-
     name = name or f"{dataset.category}_posed"
     record = {"version": DERIVED_VERSION, "kind": "posed", "source": str(Path(dataset.root) / dataset.category),
               "fingerprint": _fingerprint(dataset), "seed": int(seed), "size": int(size),
@@ -158,8 +157,6 @@ def mask_area(rec) -> float:
 def small_defect_copy(dataset, out_root, name: str | None = None, max_area: float = 0.03, size: int = 512) -> Path:
     """Write ``out_root/<name>`` (default ``<category>_small``) at ``size`` px: all good images and the
     defect images whose mask covers at most ``max_area`` of the image."""
-    from fewshot_core.data.imageio import load_rgb
-
     name = name or f"{dataset.category}_small"
     record = {"version": DERIVED_VERSION, "kind": "small_defects", "source": str(Path(dataset.root) / dataset.category),
               "fingerprint": _fingerprint(dataset), "max_area": float(max_area), "size": int(size)}
@@ -185,8 +182,6 @@ def tall_copy(dataset, out_root, name: str | None = None, seed: int = 0, panels:
     tall strip of ``panels`` square panels (``width`` px each; the others are seeded good images of the same
     split, never test images in a train strip), its mask in its panel. A stand-in for tall surface images
     (a strip of steel or a commutator): a square resize squashes the strip, and thin defects with it."""
-    from fewshot_core.data.imageio import load_rgb
-
     if panels < 2:
         raise FsadError(f"tall_copy: panels={panels}; a strip needs at least 2 panels")
     name = name or f"{dataset.category}_tall"
@@ -324,8 +319,6 @@ def logical_copy(dataset, out_root, name: str | None = None, seed: int = 0, size
     ``n_per_kind`` x 4 seeded training images held out and turned into logical anomalies
     (``logical_defect``, one kind each), masks marking the changed region. The source's own defect
     images are left out: only logical anomalies are tested."""
-    from fewshot_core.data.imageio import load_rgb
-
     name = name or f"{dataset.category}_logical"
     record = {"version": DERIVED_VERSION, "kind": "logical", "source": str(Path(dataset.root) / dataset.category),
               "fingerprint": _fingerprint(dataset), "seed": int(seed), "size": int(size),

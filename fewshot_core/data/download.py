@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from fewshot_core.checksums import sha256_file
+from fewshot_core.data.mvtec import scan_category
 from fewshot_core.errors import FsadError
+from fewshot_core.outputs import is_write_error, require_writable, write_error
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -105,8 +107,6 @@ def download_mvtec(
     _check_existing(root, wanted)
     missing = [c for c in wanted if not is_present(root, c)]
     if missing:
-        from fewshot_core.outputs import require_writable
-
         require_writable(root, "pass a writable ROOT (the archive and the categories go there)")
 
     # Per-category archives where the table has them, the whole-set archive for the rest.
@@ -285,7 +285,7 @@ def _content_range_start(value: str) -> int | None:
 def _progress_bar(enabled: bool, name: str, initial: int, total: int | None):
     if not enabled:
         return None
-    from tqdm import tqdm
+    from tqdm import tqdm  # only for a terminal download (fsad data --help imports this module)
 
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name)
 
@@ -328,8 +328,6 @@ class _EndCheckingTarInfo(tarfile.TarInfo):
 
 def _incomplete(tmp: Path, category: str) -> str | None:
     """Why an extracted category is not a whole MVTec category (None if it is)."""
-    from fewshot_core.data.mvtec import scan_category
-
     if not (tmp / category / "train" / "good").is_dir():
         return f"{category}/ has no train/good"
     problems = scan_category(tmp, category).problems
@@ -383,8 +381,6 @@ def extract_categories(archive: Path, root: Path, categories: Iterable[str]) -> 
                         raise FsadError(f"{archive}: {exc}; {refuse}") from None
                 ended = tar.fsad_end_marker
         except (tarfile.TarError, EOFError, OSError) as exc:
-            from fewshot_core.outputs import is_write_error, write_error
-
             if is_write_error(exc):
                 raise write_error(exc, root, "free space in ROOT or pass another ROOT") from None
             raise FsadError(f"{archive}: cannot read the archive ({exc}); delete it and re-download") from None

@@ -36,6 +36,8 @@ from fewshot_core.data.mvtec import (
     mask_key,
     scan_category,
 )
+from fewshot_core.data.mask_sizes import require_consistent_masks
+from fewshot_core.data.mvtec import load_category
 from fewshot_core.data.records import GOOD, ImageRecord, make_image_id
 from fewshot_core.errors import FsadError
 
@@ -220,8 +222,6 @@ def scan_layout(cfg: LayoutConfig) -> CategoryScan:
 
 
 def load_layout(cfg: LayoutConfig) -> Dataset:
-    from fewshot_core.data.mask_sizes import require_consistent_masks
-
     hint = f"fsad data validate --layout-config {cfg.origin}" if cfg.origin != "flags" else "fsad data validate <same flags>"
     return require_consistent_masks(scan_layout(cfg).raise_if_problems(hint), hint)
 
@@ -263,7 +263,6 @@ def load_dataset(source, category: str | None = None) -> Dataset:
         if len(cats) != 1:
             raise FsadError(f"{src}: holds {len(cats)} categories ({', '.join(cats) or 'none'}); pick one with --category")
         category = cats[0]
-    from fewshot_core.data.mvtec import load_category
 
     return load_category(src, category)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fewshot_core.data.imageio import is_image_file, not_regular_message, special_file_kind
+from fewshot_core.data.mask_sizes import require_consistent_masks
 from fewshot_core.data.records import GOOD, ImageRecord, make_image_id
 from fewshot_core.errors import FsadError
 
@@ -236,7 +237,5 @@ def scan_category(root: Path, category: str) -> CategoryScan:
 def load_category(root: Path, category: str) -> Dataset:
     """The category's records; raises ``FsadError`` if its folder structure has any problem or a mask's
     size differs from its image's (header reads only)."""
-    from fewshot_core.data.mask_sizes import require_consistent_masks
-
     hint = f"fsad data validate {Path(root)} --category {category}"
     return require_consistent_masks(scan_category(root, category).raise_if_problems(hint), hint)

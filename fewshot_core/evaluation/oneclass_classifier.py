@@ -36,7 +36,7 @@ class OneClassClassifier(Classifier):
 
         return registry.create(self.detector, runtime=self.runtime, **(self.params or {}))
 
-    def fit(self, patches: np.ndarray, labels) -> "OneClassAsSupervised":
+    def fit(self, patches: np.ndarray, labels) -> "OneClassClassifier":
         labels = np.asarray(labels)
         self.classes_ = np.unique(labels)
         if GOOD not in self.classes_ or len(self.classes_) > 2:

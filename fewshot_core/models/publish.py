@@ -6,12 +6,22 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from fewshot_core.errors import FsadError
+from fewshot_core.evaluation.oneclass import SCORE_BATCH, score_in_batches, support_threshold
+from fewshot_core.evaluation.threshold import ThresholdConfig, decision_metrics
 from fewshot_core.methods import registry
+from fewshot_core.methods.base import Method
 from fewshot_core.methods.components.persistence import jsonable
+from fewshot_core.metrics import image_metrics
+from fewshot_core.models.champion import registered_name
+from fewshot_core.models.deployable import save_deployable
+from fewshot_core.models.featurizer import FeaturizerSpec
+from fewshot_core.models.mlflow_model import log_model, quiet_advice, register_model
+from fewshot_core.tracking.runs import KIND_TAG, log_dataset_input
 
 MODEL_URI_TAG = "fsad.model_uri"
 
@@ -21,8 +31,6 @@ def publishable(model, protocol: str) -> bool:
     one-class detector run under the supervised protocol (``OneClassClassifier``) is not a registry method,
     a P>M>F backbone passed as a module names nothing to rebuild, and a transductive method needs the
     other test images to score one."""
-    from fewshot_core.methods.base import Method
-
     if not isinstance(model, Method) or model.name not in registry.REGISTRY:
         return False
     if protocol == registry.TRANSDUCTIVE:  # scores a batch of parts against each other: no one-part model
@@ -48,13 +56,8 @@ def publish_model(tracker, run_id: str, dataset, model, support_ids: Sequence[st
     ``{"model_uri", "model_id", "dataset_digest"}``, or only ``{"dataset_digest"}`` for a model the registry
     cannot rebuild from its folder (``publishable``).
     """
-    from fewshot_core import tracking
-    from fewshot_core.models.deployable import save_deployable
-    from fewshot_core.models.featurizer import FeaturizerSpec
-    from fewshot_core.models.mlflow_model import log_model, quiet_advice
-
     with quiet_advice():
-        data = tracking.log_dataset_input(tracker, run_id, dataset)  # every run names its data, model or not
+        data = log_dataset_input(tracker, run_id, dataset)  # every run names its data, model or not
     if not publishable(model, protocol):
         return {"dataset_digest": data.digest}
     pixels = None
@@ -77,24 +80,15 @@ FULL_DATA_ALIAS = "full-data"
 FULL_DATA_KIND = "full-data"
 
 
-def publish_full_data(tracker, experiment: str, dagster_run_id: str, dataset, partition, method: str = "patchcore",
+def publish_full_data(tracker, experiment: str, batch_id: str, dataset, partition, method: str = "patchcore",
                       params: dict | None = None, threshold=None, runtime=None, tags: dict | None = None) -> dict:
     """Fit ``method`` on every good training image of ``dataset`` (the production candidate beside the few-shot
     episodes), set its threshold from the training images alone (holdout by default), report what it gives on
     the test split, log it into a run of its own and register it as a version of ``fsad-<category>`` with the
-    alias ``full-data``.
+    alias ``full-data``; the run's parent is the batch ``batch_id`` (``Tracker.parent_run``).
 
     Returns the ``publish_model`` result plus ``run_id``, ``version``, ``metrics``, ``threshold`` and the
     fitted ``model``."""
-    import time
-
-    from fewshot_core import tracking
-    from fewshot_core.evaluation.oneclass import SCORE_BATCH, score_in_batches, support_threshold
-    from fewshot_core.evaluation.threshold import ThresholdConfig, decision_metrics
-    from fewshot_core.metrics import image_metrics
-    from fewshot_core.models.champion import registered_name
-    from fewshot_core.models.mlflow_model import register_model
-
     entry = registry.get(method, protocol=registry.ONECLASS)
     if entry.input_kind == registry.IMAGES:
         raise FsadError(f"full-data model {method!r}: trains on images; choose a feature-based detector "
@@ -121,9 +115,9 @@ def publish_full_data(tracker, experiment: str, dagster_run_id: str, dataset, pa
         decided.pop("threshold_rule", None)  # a param of the run (the rule), not a metric
         metrics.update(decided)
         metrics["score_seconds"] = score_s
-    run_tags = {tracking.KIND_TAG: FULL_DATA_KIND, "fsad.category": dataset.category, "fsad.method": method,
+    run_tags = {KIND_TAG: FULL_DATA_KIND, "fsad.category": dataset.category, "fsad.method": method,
                 **(tags or {})}
-    run_id = tracker.log_evaluation(experiment, dagster_run_id, f"{method}|{dataset.category}|full-data",
+    run_id = tracker.log_evaluation(experiment, batch_id, f"{method}|{dataset.category}|full-data",
                                     {"method": method, "category": dataset.category, "n_support": len(train),
                                      "n_query": len(test), "feature_key": partition.key,
                                      "threshold_rule": cut.rule, "method_params": json.dumps(jsonable(params), sort_keys=True)},

@@ -20,9 +20,12 @@ import io
 import os
 from pathlib import Path
 
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from PIL import Image, UnidentifiedImageError
 
+from fewshot_core.data.imageio import _READ_ERRORS, load_rgb
 from fewshot_core.errors import FsadError
 
 IMAGE_PIXELS_ENV = "FSAD_SERVE_MAX_IMAGE_PIXELS"
@@ -70,8 +73,6 @@ def budgets() -> tuple[int, int]:
 
 def read_request(model_input, image_size: int) -> tuple[list, list]:
     """(decoded RGB images or None, one-line errors or None), one each per row of ``model_input``."""
-    import pandas as pd
-
     try:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
     except (TypeError, ValueError) as exc:
@@ -119,10 +120,6 @@ def _image_bytes(value, i: int) -> bytes:
 
 def _header_pixels(data: bytes, i: int, per_image: int) -> int:
     """Width x height from the header alone (PIL opens lazily); over ``per_image`` is a row error."""
-    from PIL import Image, UnidentifiedImageError
-
-    from fewshot_core.data.imageio import _READ_ERRORS
-
     too_big = (f"over the server's limit of {per_image / 1e6:g} megapixels per image ({IMAGE_PIXELS_ENV}); "
                "send it scaled down, the model works at a far smaller size")
     try:
@@ -141,6 +138,4 @@ def _header_pixels(data: bytes, i: int, per_image: int) -> int:
 
 
 def _decode(data: bytes, i: int, image_size: int):
-    from fewshot_core.data.imageio import load_rgb
-
     return load_rgb(Path(f"input row {i}"), max_side=DECODE_FACTOR * image_size, data=data)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from fewshot_core.checksums import sha256_file
 from fewshot_core.errors import FsadError
+from fewshot_core.methods.components.persistence import MANIFEST, read_manifest
+from fewshot_core.tracking.store import default_tracking_uri, fluent_uri, no_progress_bars
 
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 ARTIFACT = "fsad_model"  # the deployable folder inside the MLflow model's artifacts
@@ -37,9 +39,7 @@ RELOG = "log it again with this fsad (rerun the evaluation that produced it)"
 
 def verify_logged_model(model_dir) -> Path:
     """Check the MLflow model folder ``model_dir`` (see the module docstring); returns its deployable folder."""
-    from mlflow.models import Model
-
-    from fewshot_core.methods.components.persistence import MANIFEST
+    from mlflow.models import Model  # mlflow: fsad predict --help imports this module
 
     model_dir = Path(model_dir)
     mlmodel = model_dir / MLMODEL
@@ -87,9 +87,7 @@ def _canon(value) -> str:
 
 
 def _download(uri: str, dst, tracking_uri: str | None) -> Path:
-    import mlflow.artifacts
-
-    from fewshot_core.tracking import default_tracking_uri, fluent_uri, no_progress_bars
+    import mlflow.artifacts  # mlflow: fsad predict --help imports this module
 
     with fluent_uri(tracking_uri or default_tracking_uri()), no_progress_bars():
         try:
@@ -111,8 +109,7 @@ def download_verified(uri: str, dst, tracking_uri: str | None = None) -> Path:
 def load_verified(uri: str, tracking_uri: str | None = None, runtime=None):
     """The ``DeployedModel`` behind a model URI, a logged MLflow model folder or a deployable folder, loaded
     only after ``verify_logged_model`` passed (a deployable folder: after its manifest checksum)."""
-    from fewshot_core.methods.components.persistence import MANIFEST
-    from fewshot_core.models.deployable import DeployedModel
+    from fewshot_core.models.deployable import DeployedModel  # torch: fsad predict --help imports this module
 
     local = Path(uri)
     if (local / MANIFEST).is_file():
@@ -133,8 +130,6 @@ def load_verified(uri: str, tracking_uri: str | None = None, runtime=None):
 
 def model_metadata(folder) -> dict:
     """What the MLflow model records for rebuilding and audit (from the deployable folder's manifest)."""
-    from fewshot_core.methods.components.persistence import read_manifest
-
     manifest = read_manifest(folder)
     record = manifest["extra"]["deploy"]
     spec = record.get("featurizer") or {}

@@ -13,12 +13,13 @@ import math
 import numpy as np
 import pandas as pd
 
-from fewshot_core.schema import METRICS, RECALL_PREFIX, Protocol
+from fewshot_core.models.champion import ChampionCriterion, rank_candidates, registered_name
 from fewshot_core.reports.aggregate import bootstrap_ci, interval_label, value_range
 from fewshot_core.reports.questions import Section
 from fewshot_core.reports.stats import FEW_SEEDS
 from fewshot_core.reports.tables import cell, esc, interval_caption, support_label
 from fewshot_core.reports.timing import SCORE_NOTE, reads_images
+from fewshot_core.schema import METRICS, RECALL_PREFIX, Protocol
 
 DECISION_METRICS = tuple((m, METRICS[m].label) for m in ("image_auroc", "balanced_accuracy", "false_alarm_rate",
                                                           "miss_rate"))
@@ -152,8 +153,6 @@ def _decisions_takeaway(agg: pd.DataFrame, types: list[str]) -> str:
 # -- which model to deploy -------------------------------------------------------------------------------
 
 def deploy(rows: pd.DataFrame, agg: pd.DataFrame, criterion=None) -> Section:
-    from fewshot_core.models.champion import ChampionCriterion, rank_candidates, registered_name
-
     criterion = criterion or ChampionCriterion()
     heading = "Which model to deploy"
     note = (f"Per category, the champion registered as fsad-<category>@champion (criterion {criterion.key()}): "

@@ -17,13 +17,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fewshot_core import schema, tracking
+from fewshot_core import schema
 from fewshot_core.atomic import atomic_write_text
 from fewshot_core.reports import decisions, questions
 from fewshot_core.reports.aggregate import aggregate, metric_columns
 from fewshot_core.reports.stats import FEW_SEEDS
 from fewshot_core.reports.tables import FEW_SEEDS_NOTE, anchor, group_key, support_label
 from fewshot_core.reports.timing import SCORE_NOTE, TIME_COLUMNS, add_timings, machine
+from fewshot_core.tracking.ui import MLFLOW_UI_ENV, mlflow_ui_url
+from fewshot_core.tracking.ui import run_url as mlflow_run_url
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
@@ -81,14 +83,14 @@ def render_report(rows: pd.DataFrame, agg: pd.DataFrame, gallery: list[dict] | N
     ``mlflow_run_id`` and ``mlflow_experiment_id``. ``mlflow_ui``: the MLflow UI address the links point at
     (default: the ``FSAD_MLFLOW_UI`` setting). ``criterion``: the sweep's ``ChampionCriterion`` (default:
     the registry's default). Rows without per-image times get the scoring share (``timing.add_timings``)."""
-    mlflow_ui = (mlflow_ui or tracking.mlflow_ui_url()).rstrip("/")
+    mlflow_ui = (mlflow_ui or mlflow_ui_url()).rstrip("/")
     if len(rows) and "score_seconds" in rows and "ms_per_image" not in rows:
         rows = add_timings(rows)
     if len(rows) and any(c in rows and f"{c}_mean" not in agg for c in TIME_COLUMNS):
         agg = aggregate(rows)
 
     def run_url(rec) -> str:
-        return tracking.run_url(rec.get("mlflow_experiment_id", ""), rec.get("mlflow_run_id"), mlflow_ui)
+        return mlflow_run_url(rec.get("mlflow_experiment_id", ""), rec.get("mlflow_run_id"), mlflow_ui)
 
     info = dict(info or {})
     info.setdefault("generated", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
@@ -105,7 +107,7 @@ def render_report(rows: pd.DataFrame, agg: pd.DataFrame, gallery: list[dict] | N
             "otherwise (marked †). Each value states its n (episodes × query images); hover it to see its "
             "interval's kind and MLflow run ids; click it to jump to its "
             "per-seed rows, which link to MLflow (start the UI with <code>fsad mlflow-ui</code>, served at "
-            f"{html.escape(mlflow_ui)}; set <code>{tracking.MLFLOW_UI_ENV}</code> to move both). "
+            f"{html.escape(mlflow_ui)}; set <code>{MLFLOW_UI_ENV}</code> to move both). "
             f"{html.escape(FEW_SEEDS_NOTE)}</p>"),
            "<ul>" + "".join(f'<li><a href="#{s.anchor}">{html.escape(s.heading)}</a></li>' for s in sections)
            + '<li><a href="#gallery">Anomaly maps</a></li><li><a href="#runs">All runs</a></li></ul>']

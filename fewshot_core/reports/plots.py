@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from fewshot_core.figures.png import to_png
+from fewshot_core.reports.tables import interval_caption
 
 
 def metric_vs_shots(agg: pd.DataFrame, metric: str = "image_auroc") -> bytes:
@@ -39,8 +40,6 @@ def metric_vs_shots(agg: pd.DataFrame, metric: str = "image_auroc") -> bytes:
 
 def band_label(agg: pd.DataFrame) -> str:
     """What a plot's bands or error bars are (the table captions' words, without the footnote mark)."""
-    from fewshot_core.reports.tables import interval_caption
-
     return interval_caption(agg).replace(" †", "")
 
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from fewshot_core.methods import registry
 from fewshot_core.reports import plots, stats
-from fewshot_core.schema import Protocol
-from fewshot_core.reports.timing import reads_images
 from fewshot_core.reports.tables import esc, metric_caption, pivot, simple, support_label
+from fewshot_core.reports.timing import reads_images
+from fewshot_core.schema import Protocol
 
 RANK, DECIDE = "image_auroc", "balanced_accuracy"  # declared in fewshot_core/schema.py, higher is better
 SUPERVISED, ONECLASS = Protocol.SUPERVISED, Protocol.ONECLASS  # protocols; also the registry's family names
@@ -47,8 +48,6 @@ def sections(rows: pd.DataFrame, agg: pd.DataFrame, image=None) -> list[Section]
 # -- shared ----------------------------------------------------------------------------------------------
 
 def _family(method_name) -> str:
-    from fewshot_core.methods import registry
-
     try:
         return registry.get(str(method_name)).family
     except Exception:  # noqa: BLE001 - a method no longer registered keeps its rows, labelled unknown
@@ -152,7 +151,6 @@ def rq1(rows, agg, image) -> Section:
         takeaway += (f" Under the one-class protocol the best cell is {best_oc['method']} with "
                      f"{support_label(best_oc)}: image AUROC {_f(best_oc[f'{RANK}_mean'])}.")
     trained = sorted({m for m in rows.get("method_name", pd.Series(dtype=str)) if reads_images(m)}) if len(rows) else []
-    from fewshot_core.methods import registry
 
     ran = set(rows["method_name"]) if len(rows) else set()
     missing = [n for n in registry.names() if n not in ran]

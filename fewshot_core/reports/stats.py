@@ -63,7 +63,7 @@ def paired(rows_a: pd.DataFrame, rows_b: pd.DataFrame, metric: str, keys=EPISODE
     if identical:
         p = 1.0
     elif n >= 2:
-        from scipy.stats import wilcoxon
+        from scipy.stats import wilcoxon  # scipy.stats: the code location loads reports without it
 
         # zsplit keeps tied episodes in n (a tie is evidence of no difference, not a missing pair)
         p = float(wilcoxon(both["a"], both["b"], zero_method="zsplit").pvalue)

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 
 from fewshot_core import schema
+from fewshot_core.errors import FsadError
+from fewshot_core.methods import registry
 
 SCORE_NOTE = ("score_seconds is the time to score all n_query test images of an episode from cached features "
               "(backbone excluded; methods that read pixels include their own network); fit_seconds fits the "
@@ -28,8 +30,6 @@ TIME_COLUMNS = schema.PER_IMAGE_TIMING  # the columns add_timings adds
 
 def reads_images(method_name) -> bool:
     """Whether the registered method reads pixels itself (no store features)."""
-    from fewshot_core.methods import registry
-
     try:
         return registry.get(str(method_name)).input_kind == registry.IMAGES
     except Exception:  # noqa: BLE001 - a method no longer registered keeps its rows
@@ -39,8 +39,7 @@ def reads_images(method_name) -> bool:
 def embed_rates(store_root: str | Path, keys) -> dict[str, dict]:
     """``{feature key: {"images_per_s", "device"}}`` from the store partitions' build records (keys whose
     partition or record is missing are left out: their backbone time is unknown, not zero)."""
-    from fewshot_core.errors import FsadError
-    from fewshot_core.features.store import read_meta
+    from fewshot_core.features.store import read_meta  # torch: the code location loads reports without it
 
     out = {}
     for key in {str(k) for k in keys if isinstance(k, str) and k}:
@@ -85,7 +84,7 @@ def machine() -> str:
 
 def gpu() -> str | None:
     try:
-        import torch
+        import torch  # the code location loads reports without it
 
         if torch.cuda.is_available():
             return ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))

@@ -9,11 +9,12 @@ the lineage reads embeddings -> memory banks and prototypes -> evaluations.
 
 import dagster as dg
 
+from fewshot_core.evaluation.support import build_support_bank
 from fewshot_core.settings import Setting
 from pipelines.assets.data import load_category
 from pipelines.config import SweepConfig
-from pipelines.deploy.profile import CPU_POOL, step_placement
-from pipelines.partitions import keys_of, setting_backfill_policy, setting_partitions
+from pipelines.partitions import embeddings_for_evaluation, keys_of, setting_backfill_policy, setting_partitions
+from pipelines.placement.steps import CPU_POOL, step_placement
 from pipelines.resources import DeviceResource, FeatureStoreResource
 
 
@@ -35,8 +36,6 @@ def build_banks_assets(cfg: SweepConfig, embeddings_asset) -> list[dg.AssetsDefi
 
 
 def _banks_asset(cfg: SweepConfig, embeddings_asset, backbone: str, keys: list[str]) -> dg.AssetsDefinition:
-    from pipelines.partitions import embeddings_for_evaluation
-
     @dg.asset(key=bank_key(backbone), partitions_def=setting_partitions(keys), group_name="banks",
               deps=[dg.AssetDep(embeddings_asset, partition_mapping=embeddings_for_evaluation(backbone, keys))],
               io_manager_key="array_io", backfill_policy=setting_backfill_policy(keys), kinds={"numpy"},
@@ -46,8 +45,6 @@ def _banks_asset(cfg: SweepConfig, embeddings_asset, backbone: str, keys: list[s
                           "setting fits on.")
     def memory_banks(context: dg.AssetExecutionContext, feature_store: FeatureStoreResource,
                      device: DeviceResource) -> dict:
-        from fewshot_core.evaluation.support import build_support_bank
-
         out, parts = {}, {}
         for p in keys_of(context):
             if p["category"] not in parts:

@@ -4,14 +4,13 @@ in the MLflow registry (one library call: ``fewshot_core.models.champion.promote
 import dagster as dg
 import pandas as pd
 
+from fewshot_core.models.champion import ChampionCriterion, promote_champions
 from pipelines.assets.reports import report_path
 from pipelines.config import SweepConfig
 from pipelines.resources import MlflowTracking
 
 
 def build_champion_asset(cfg: SweepConfig, html_report) -> dg.AssetsDefinition:
-    from fewshot_core.models.champion import ChampionCriterion
-
     criterion = ChampionCriterion(**cfg.champion)  # the sweep's champion: key; default balanced accuracy, largest shots
     @dg.asset(group_name="reports", kinds={"mlflow"}, deps=[html_report],
               ins={"benchmark_table": dg.AssetIn()},
@@ -20,8 +19,6 @@ def build_champion_asset(cfg: SweepConfig, html_report) -> dg.AssetsDefinition:
                           "scorer; the HTML report names the same one); a worse rerun leaves the alias where it is.")
     def champion(context: dg.AssetExecutionContext, benchmark_table: pd.DataFrame,
                  mlflow: MlflowTracking) -> dg.MaterializeResult:
-        from fewshot_core.models.champion import promote_champions
-
         results = promote_champions(mlflow.tracker(), benchmark_table, criterion,
                                     report=str(report_path(cfg)))
         lines = [f"- {r['name']} v{r['version']}: {r['candidate']['method']} "

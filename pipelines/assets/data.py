@@ -6,6 +6,12 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from fewshot_core.data import list_categories, load_dataset
+from fewshot_core.data.download import download_mvtec
+from fewshot_core.data.layouts import LayoutConfig
+from fewshot_core.data.manifest import build_manifest
+from fewshot_core.data.synth import generate
+from fewshot_core.data.validate import validate
 from fewshot_core.errors import FsadError
 from fewshot_core.paths import shared_mvtec_root
 from pipelines.config import SweepConfig
@@ -31,8 +37,6 @@ def resolve_data(cfg: SweepConfig) -> tuple[Path, str]:
 
 def layouts(cfg: SweepConfig) -> dict:
     """Category name -> ``LayoutConfig`` for ``data.source: layout`` (users' own folders)."""
-    from fewshot_core.data.layouts import LayoutConfig
-
     found = [LayoutConfig.from_yaml(Path(f)) for f in cfg.data_layouts or []]
     by_name = {lc.name: lc for lc in found}
     if len(by_name) != len(found):
@@ -54,7 +58,6 @@ def categories(cfg: SweepConfig, root: Path) -> list[str]:
         return [c for c in names if c in cfg.categories] if cfg.categories else names
     if cfg.categories:
         return list(cfg.categories)
-    from fewshot_core.data import list_categories
 
     found = list_categories(root)
     if not found:
@@ -64,15 +67,11 @@ def categories(cfg: SweepConfig, root: Path) -> list[str]:
 
 
 def load_category(cfg: SweepConfig, category: str):
-    from fewshot_core.data import load_dataset
-
     return load_dataset(source_for(cfg, category), category)
 
 
 def manifest_problems(cfg: SweepConfig, manifest: pd.DataFrame) -> list[str]:
     """The library validator's problems for every category, plus disagreements with the manifest."""
-    from fewshot_core.data.validate import validate
-
     problems: list[str] = []
     for cat, rows in manifest.groupby("category"):
         report = validate(source_for(cfg, str(cat)), str(cat))
@@ -98,15 +97,11 @@ def build_data_assets(cfg: SweepConfig):
     def dataset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         root, source = resolve_data(cfg)
         if source == "synthetic":
-            from fewshot_core.data.synth import generate
-
             s = cfg.synth
             generate(root, categories=int(s["categories"]), seed=int(s["seed"]), size=int(s["size"]),
                      n_train=int(s["n_train"]), n_test_good=int(s["n_test_good"]),
                      n_test_per_defect=int(s["n_test_per_defect"]))
         elif source == "download":
-            from fewshot_core.data.download import download_mvtec
-
             download_mvtec(root, cfg.categories, progress=False)
         cats = categories(cfg, root)
         known = set(context.instance.get_dynamic_partitions(CATEGORY.name))
@@ -114,7 +109,6 @@ def build_data_assets(cfg: SweepConfig):
             context.instance.add_dynamic_partitions(CATEGORY.name, new)
         # A category whose folder is gone (renamed, deleted) would fail every range run: unregister it.
         # Its past materialisations stay in the event log and its MLflow runs are untouched.
-        from fewshot_core.data import list_categories
 
         present = set(cats) | (set(list_categories(root)) if source != "layout" and root.is_dir() else set())
         for stale in sorted(known - present):
@@ -128,9 +122,6 @@ def build_data_assets(cfg: SweepConfig):
     @dg.asset(deps=[dataset], group_name="data", io_manager_key="table_io", kinds={"pandas", "parquet"},
               description="One row per image (id, split, defect type, label, path, mask, size) of every category.")
     def image_manifest(context: dg.AssetExecutionContext) -> pd.DataFrame:
-        from fewshot_core.data import load_dataset
-        from fewshot_core.data.manifest import build_manifest
-
         root, _ = resolve_data(cfg)
         datasets = [load_dataset(source_for(cfg, c), c) for c in categories(cfg, root)]
         df = build_manifest(datasets)

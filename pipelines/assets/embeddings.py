@@ -11,8 +11,8 @@ import dagster as dg
 
 from pipelines.assets.data import load_category
 from pipelines.config import SweepConfig
-from pipelines.deploy.profile import CPU_POOL, step_placement
 from pipelines.partitions import embedding_partitions, keys_of
+from pipelines.placement.steps import CPU_POOL, step_placement
 from pipelines.resources import DeviceResource, FeatureStoreResource
 
 

@@ -14,17 +14,21 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from fewshot_core import schema, tracking
+from fewshot_core import schema
 from fewshot_core.episode_cache import EpisodeCache
 from fewshot_core.errors import FsadError
+from fewshot_core.evaluation import meta_pool as pools
+from fewshot_core.evaluation.run import evaluate_setting
 from fewshot_core.methods import registry
+from fewshot_core.figures.gallery import GALLERY_ARTIFACT
 from fewshot_core.settings import Setting
 from pipelines.assets.banks import bank_key
 from pipelines.assets.data import load_category
 from pipelines.config import SweepConfig
-from pipelines.deploy.profile import pool_for_method, step_placement
 from pipelines.methods import MethodSpec
-from pipelines.partitions import embeddings_for_evaluation, keys_of, setting_backfill_policy, setting_partitions
+from pipelines.partitions import (CATEGORY, embeddings_for_evaluation, keys_of, setting_backfill_policy,
+                                  setting_partitions)
+from pipelines.placement.steps import pool_for_method, step_placement
 from pipelines.resources import DeviceResource, FeatureStoreResource, MlflowTracking
 
 METRICS_IN_UNIT_RANGE = "metrics_in_unit_range"
@@ -71,8 +75,6 @@ def _evaluation_asset(cfg: SweepConfig, embeddings_asset, backbone: str, spec: M
     )
     def _eval(context: dg.AssetExecutionContext, feature_store: FeatureStoreResource, device: DeviceResource,
               mlflow: MlflowTracking, banks: dict):
-        from fewshot_core.evaluation.run import evaluate_setting
-
         tracker = mlflow.tracker()
         exp_id = tracker.experiment_id(mlflow.experiment)
         runtime = device.runtime(cfg.resolved_work_dir() / "artifacts")
@@ -130,9 +132,6 @@ def _meta_pool(cfg, context, backbone, feature_store, device, source: str | None
     """The meta-training pool (``MetaPool``) the method spec asks for: the sweep's registered categories
     (generated ones when the sweep has a single category, e.g. bottle), generated categories, or another
     root's. The method itself leaves the evaluated category out (and refuses a model that saw it)."""
-    from fewshot_core.evaluation import meta_pool as pools
-    from pipelines.partitions import CATEGORY
-
     categories = context.instance.get_dynamic_partitions(CATEGORY.name)
     parsed = pools.parse_source(source or "categories", others="categories", where="sweep meta_pool")
     if parsed.kind == "others" and len(categories) < 2:
@@ -154,9 +153,8 @@ def _meta_pool(cfg, context, backbone, feature_store, device, source: str | None
 def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpec, p: dict, setting: Setting,
             part, result, ds) -> dict:
     """Log the partition's MLflow run (with the fitted method as its MLflow Model) and return its table row."""
+    # torch, mlflow: the code location loads without them
     from fewshot_core.models.publish import publish_model, publishable
-
-    from fewshot_core.figures.gallery import GALLERY_ARTIFACT
 
     lib_row, episode, metrics = result.row, result.episode, result.metrics
     fit_s, score_s = result.fit_seconds, result.score_seconds
@@ -167,8 +165,8 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
               "feature_key": part.key, "weights_random": part.is_random, "episode_id": lib_row.get("episode_id"),
               "method_params": lib_row.get("params", "{}"), "n_support": len(episode.support_ids),
               "n_query": len(episode.query_ids), "meta_pool": lib_row.get("meta_pool", "")}
-    tags = {tracking.PARTITION_TAG: p["key"], tracking.ASSET_TAG: context.asset_key.to_user_string(),
-            "fsad.setting": setting.key, "fsad.method": spec.id, "fsad.category": p["category"]}
+    tags = {**MlflowTracking.step_tags(context, p["key"]), "fsad.setting": setting.key, "fsad.method": spec.id,
+            "fsad.category": p["category"]}
     # a model logged as an MLflow Model is stored there once, not again among the run's plain artifacts
     artifacts = ({k: v for k, v in result.artifacts.items() if not k.startswith("model/")}
                  if publishable(result.model, setting.protocol) else result.artifacts)

@@ -8,8 +8,8 @@ import dagster as dg
 
 from pipelines.assets.data import load_category
 from pipelines.config import SweepConfig
-from pipelines.deploy.profile import CPU_POOL, step_placement
 from pipelines.partitions import CATEGORY
+from pipelines.placement.steps import CPU_POOL, step_placement
 from pipelines.resources import DeviceResource, FeatureStoreResource, MlflowTracking
 
 FULL_DATA_KEY = dg.AssetKey(["full_data_model"])
@@ -29,8 +29,7 @@ def build_full_data_asset(cfg: SweepConfig, embeddings_asset) -> dg.AssetsDefini
                           "fsad-<category>@full-data; threshold from the training images alone.")
     def full_data_model(context: dg.AssetExecutionContext, feature_store: FeatureStoreResource,
                         device: DeviceResource, mlflow: MlflowTracking) -> dg.MaterializeResult:
-        from fewshot_core import tracking
-        from fewshot_core.models.publish import publish_full_data
+        from fewshot_core.models.publish import publish_full_data  # torch, mlflow: the code location loads without them
 
         tracker = mlflow.tracker()
         for category in context.partition_keys:
@@ -38,8 +37,7 @@ def build_full_data_asset(cfg: SweepConfig, embeddings_asset) -> dg.AssetsDefini
             part = feature_store.build(ds, backbone, device.resolve())
             out = publish_full_data(tracker, mlflow.experiment, context.run.run_id, ds, part, method, params,
                                     runtime=device.runtime(None),
-                                    tags={tracking.PARTITION_TAG: category,
-                                          tracking.ASSET_TAG: context.asset_key.to_user_string()})
+                                    tags=mlflow.step_tags(context, category))
             metrics = {k: float(v) for k, v in out["metrics"].items() if v == v}
             context.log.info(f"full-data {method} {category}: v{out['version']} "
                              + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()

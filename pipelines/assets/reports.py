@@ -9,11 +9,12 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from fewshot_core.models.champion import ChampionCriterion
 from fewshot_core.reports import aggregate, plots, render_report, write_report
 from fewshot_core.reports.gallery import report_gallery
 from fewshot_core.reports.timing import add_timings, embed_rates, machine
 from fewshot_core.schema import HEADLINE, METRICS, Protocol
-from fewshot_core.tracking import mlflow_ui_url
+from fewshot_core.tracking.ui import mlflow_ui_url
 from pipelines.config import SweepConfig
 from pipelines.metadata import md_png
 from pipelines.resources import FeatureStoreResource, MlflowTracking
@@ -69,8 +70,6 @@ def build_report_assets(cfg: SweepConfig, evaluation_assets: list[dg.AssetsDefin
     def html_report(context: dg.AssetExecutionContext, benchmark_table: pd.DataFrame,
                     benchmark_summary: pd.DataFrame, mlflow: MlflowTracking,
                     feature_store: FeatureStoreResource) -> dg.MaterializeResult:
-        from fewshot_core.models.champion import ChampionCriterion
-
         tracker = mlflow.tracker()
         gallery = report_gallery(benchmark_table, tracker.artifact_bytes)
         keys = benchmark_table["feature_key"].unique() if "feature_key" in benchmark_table else []

@@ -17,6 +17,9 @@ import sys
 import time
 
 from fewshot_core.errors import FsadError
+from pipelines.deploy import local
+from pipelines.placement.credentials import secrets_path
+from pipelines.placement.profile import load_profile, read_pools
 
 # `status` exits as an init script's status does (LSB), so scripts can tell "stopped" from "never started"
 STATUS_RUNNING, STATUS_DEAD, STATUS_NOT_STARTED = 0, 1, 3
@@ -58,13 +61,9 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from pipelines.deploy import local
-    from pipelines.deploy.credentials import secrets_path
-    from pipelines.deploy.profile import load_profile, read_pools
-
     if args.command == "pools":  # any profile file with `pools:` (the k8s one has no cluster keys)
         limits = read_pools(args.profile or os.environ.get("FSAD_PROFILE_CONFIG") or "deploy/cluster.yaml")
-        import dagster as dg
+        import dagster as dg  # Dagster: status, up and down need none
 
         with dg.DagsterInstance.get() as instance:
             for pool, limit in limits.items():
@@ -107,6 +106,7 @@ def _run(args) -> int:
                             f"{', '.join(prof.pools)}")
         cmd = local.worker_command(prof, args.name, queues)
         os.execv(cmd[0], cmd)
+    # the code location reads the profile from the environment set above; Dagster: status needs none
     import dagster as dg
 
     from pipelines.definitions import build_definitions

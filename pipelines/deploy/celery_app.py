@@ -20,13 +20,18 @@ import shutil
 import socket
 from pathlib import Path
 
+import redis
 from celery.signals import worker_ready
+from dagster._grpc.types import ExecuteStepArgs
+from dagster._serdes import unpack_value
 from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_task
 
 from fewshot_core.processes import pid_alive
-from pipelines.deploy.profile import load_profile
+from fewshot_core.tracking.runs import BATCH_TAG, KIND_TAG, Tracker
 from pipelines.deploy.step_lease import StepLease, lease_name
+from pipelines.placement.profile import load_profile
+from pipelines.resources import ASSET_TAG
 
 log = logging.getLogger("fsad.worker")
 profile = load_profile()
@@ -36,8 +41,6 @@ app = make_app({"broker": profile.broker_url, "backend": profile.backend_url, "i
 
 @functools.cache
 def _lease_store():
-    import redis
-
     return redis.Redis.from_url(profile.broker_url)
 
 
@@ -85,9 +88,6 @@ def _on_ready(**_kwargs) -> None:
 
 
 def _step_of(kwargs: dict) -> tuple[str | None, list[str]]:
-    from dagster._grpc.types import ExecuteStepArgs
-    from dagster._serdes import unpack_value
-
     try:
         args = unpack_value(kwargs["execute_step_args_packed"], as_type=ExecuteStepArgs)
     except Exception:  # not a step task: nothing to clean
@@ -97,14 +97,12 @@ def _step_of(kwargs: dict) -> tuple[str | None, list[str]]:
 
 def superseded_mlflow_runs(tracker, dagster_run_id: str, step_keys: list[str]) -> list[str]:
     """MLflow evaluation runs an earlier attempt of these steps (same Dagster run) logged."""
-    from fewshot_core import tracking
-
     # Step keys of assets are their key path joined by "__"; the runs carry the key joined by "/".
     assets = {key.replace("__", "/") for key in step_keys}
-    flt = (f"tags.`{tracking.KIND_TAG}` = 'evaluation' and tags.`{tracking.DAGSTER_RUN_TAG}` = '{dagster_run_id}'")
+    flt = (f"tags.`{KIND_TAG}` = 'evaluation' and tags.`{BATCH_TAG}` = '{dagster_run_id}'")
     exps = [e.experiment_id for e in tracker.client.search_experiments()]
     runs = tracker.client.search_runs(exps, filter_string=flt, max_results=5000) if exps else []
-    return [r.info.run_id for r in runs if r.data.tags.get(tracking.ASSET_TAG) in assets]
+    return [r.info.run_id for r in runs if r.data.tags.get(ASSET_TAG) in assets]
 
 
 def _before_step(run_id: str, step_keys: list[str]) -> None:
@@ -112,7 +110,6 @@ def _before_step(run_id: str, step_keys: list[str]) -> None:
         log.warning("removed %s (left by a dead process)", path)
     if not any(k.startswith("evaluation__") for k in step_keys):
         return
-    from fewshot_core.tracking import Tracker
 
     tracker = Tracker(os.environ.get("MLFLOW_TRACKING_URI") or profile.mlflow_uri)
     for mlflow_run in superseded_mlflow_runs(tracker, run_id, step_keys):
@@ -122,6 +119,7 @@ def _before_step(run_id: str, step_keys: list[str]) -> None:
 
 def discard_mlflow_run(tracker, mlflow_run: str) -> None:
     """Delete the run and its artifact files (a deleted run's artifacts would otherwise stay on the share)."""
+    # mlflow: only when an earlier attempt of a step left a run behind
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     uri = tracker.client.get_run(mlflow_run).info.artifact_uri

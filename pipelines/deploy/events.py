@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dagster._core.events import DagsterEventType
+
 WORKER_EVENT = "in celery worker"  # dagster-celery's engine event when a worker starts a step
 SUBMIT_EVENT = "Submitting celery task"
 
@@ -35,8 +37,6 @@ class StepTiming:
 
 
 def step_timings(instance, run_ids) -> list[StepTiming]:
-    from dagster._core.events import DagsterEventType
-
     out = []
     for run_id in run_ids:
         steps: dict[str, StepTiming] = {}
@@ -63,8 +63,6 @@ def step_timings(instance, run_ids) -> list[StepTiming]:
 
 def step_workers(instance, run_ids) -> dict[str, set[str]]:
     """Celery worker name -> keys of the steps it started (every pick-up, including a killed one)."""
-    from dagster._core.events import DagsterEventType
-
     out: dict[str, set[str]] = {}
     for run_id in run_ids:
         for rec in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT):

@@ -15,6 +15,7 @@ line (other local users can read those): they go through 0600 files and the proc
 
 from __future__ import annotations
 
+import base64
 import glob
 import json
 import os
@@ -30,12 +31,12 @@ from pathlib import Path
 
 import yaml
 
-from fewshot_core import tracking
 from fewshot_core.atomic import atomic_write_text
 from fewshot_core.errors import FsadError
 from fewshot_core.processes import pid_alive
-from pipelines.deploy.credentials import ensure_secrets
-from pipelines.deploy.profile import CHECKOUT, POSTGRES_ROLE, POSTGRES_SCHEME, ClusterProfile
+from fewshot_core.tracking.store import SERVER_ENV
+from pipelines.placement.credentials import ensure_secrets
+from pipelines.placement.profile import CHECKOUT, POSTGRES_ROLE, POSTGRES_SCHEME, ClusterProfile
 
 SERVICES_FILE = "services.json"
 
@@ -170,7 +171,7 @@ def write_instance(prof: ClusterProfile) -> Path:
 
 def apply_pool_limits(prof: ClusterProfile) -> None:
     """The profile's pool limits on the instance (what ``dagster instance concurrency set`` does)."""
-    import dagster as dg
+    import dagster as dg  # Dagster: status and down need none
 
     with dg.DagsterInstance.from_config(str(prof.dagster_home)) as instance:
         for pool, limit in prof.pools.items():  # per-pool limits live in the instance's storage, not dagster.yaml
@@ -228,7 +229,7 @@ def start_postgres(prof: ClusterProfile, secrets: dict) -> None:
         raise FsadError(f"PostgreSQL did not start on {prof.host}:{prof.ports['postgres']}; see {log}")
     pid = int((data / "postmaster.pid").read_text().split()[0])
     _record(prof, "postgres", pid)
-    import psycopg2
+    import psycopg2  # optional (the cluster extra): only `up` connects
 
     try:
         conn = psycopg2.connect(host=prof.host, port=prof.ports["postgres"], user="postgres", dbname="postgres",
@@ -284,8 +285,6 @@ def mlflow_auth_config(prof: ClusterProfile) -> Path:
 
 def _check_mlflow_login(prof: ClusterProfile, secrets: dict) -> None:
     """The clients' account must be the one the server's user store holds (it was made at its first start)."""
-    import base64
-
     token = base64.b64encode(f"{secrets['MLFLOW_TRACKING_USERNAME']}:{secrets['MLFLOW_TRACKING_PASSWORD']}"
                              .encode()).decode()
     req = urllib.request.Request(f"{prof.mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=1",
@@ -306,7 +305,7 @@ def start_mlflow(prof: ClusterProfile, env: dict, secrets: dict) -> None:
                   "MLFLOW_AUTH_ADMIN_USERNAME": secrets["MLFLOW_TRACKING_USERNAME"],
                   "MLFLOW_AUTH_ADMIN_PASSWORD": secrets["MLFLOW_TRACKING_PASSWORD"],
                   "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets["MLFLOW_FLASK_SERVER_SECRET_KEY"],
-                  "PGPASSWORD": secrets["FSAD_POSTGRES_PASSWORD"], **tracking.SERVER_ENV}
+                  "PGPASSWORD": secrets["FSAD_POSTGRES_PASSWORD"], **SERVER_ENV}
     pid = _spawn(prof, "mlflow", [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
                                   "--backend-store-uri", prof.postgres_url("mlflow"),
                                   "--serve-artifacts", "--artifacts-destination", artifacts.as_uri(),
@@ -333,7 +332,7 @@ def worker_command(prof: ClusterProfile, name: str, queues: list[str]) -> list[s
 
 
 def start_workers(prof: ClusterProfile, env: dict) -> None:
-    from celery import Celery
+    from celery import Celery  # optional (the cluster extra): only `up` starts workers
 
     pids = {w["name"]: _spawn(prof, f"worker-{w['name']}", worker_command(prof, w["name"], w["queues"]), env)
             for w in prof.workers}

@@ -12,7 +12,7 @@ import dagster as dg
 
 from fewshot_core.errors import FsadError
 from pipelines.automation import SWEEP_TAG
-from pipelines.deploy.profile import ClusterProfile
+from pipelines.placement.profile import ClusterProfile
 from pipelines.runner import RANGE_END, RANGE_START, stages
 
 ROOT_RUN_TAG = "dagster/root_run_id"
@@ -21,7 +21,7 @@ _DONE = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRun
 
 
 def _client(prof: ClusterProfile):
-    from dagster_graphql import DagsterGraphQLClient
+    from dagster_graphql import DagsterGraphQLClient  # its GraphQL client: only `sweep` submits
 
     return DagsterGraphQLClient(prof.host, port_number=prof.ports["webserver"])
 

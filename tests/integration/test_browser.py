@@ -232,7 +232,8 @@ def test_report_links_and_partition_pages_open_their_mlflow_runs(ui):
             page.get_by_text(f"knn|{oc['category']}|oc-k1-s0").first.wait_for()  # the run's name
             page.get_by_text("image_auroc").first.wait_for()  # its metrics
             # 2. The partition's own page links its own (latest) MLflow run.
-            from fewshot_core.tracking import Tracker, default_tracking_uri
+            from fewshot_core.tracking.runs import Tracker
+            from fewshot_core.tracking.store import default_tracking_uri
 
             latest = [r for r in Tracker(default_tracking_uri(home)).evaluation_runs("ui-links")
                       if r.data.tags.get("dagster.partition_key") == oc["partition_key"]

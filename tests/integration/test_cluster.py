@@ -80,9 +80,9 @@ def _deploy(*args, env=None, timeout=900) -> subprocess.CompletedProcess:
 def cluster():
     if reason := _missing_services():
         pytest.skip(reason)
-    from pipelines.deploy import local
     from fewshot_core.processes import pid_alive
-    from pipelines.deploy.profile import load_profile
+    from pipelines.deploy import local
+    from pipelines.placement.profile import load_profile
 
     # not under pytest's tmp folder: that one is private to root and the postgres user must reach its data
     base = Path(tempfile.mkdtemp(prefix="fsad-cluster-", dir="/tmp"))
@@ -300,7 +300,7 @@ def test_pools_and_queues_come_from_the_profile(cluster, sweep, instance):
 
 
 def test_mlflow_server_holds_every_evaluation_run(cluster, sweep):
-    from fewshot_core.tracking import Tracker
+    from fewshot_core.tracking.runs import Tracker
 
     prof = cluster["prof"]
     table = pd.read_parquet(_work(cluster) / "tables" / "benchmark_table.parquet")
@@ -330,7 +330,7 @@ def test_killed_worker_mid_sweep_still_finishes_every_partition_once(cluster, sw
     import dagster as dg
     from dagster._core.events import DagsterEventType
 
-    from fewshot_core.tracking import Tracker
+    from fewshot_core.tracking.runs import Tracker
 
     prof, work = cluster["prof"], _work(cluster)
     runs, victim, fault_runs, defs = sweep["runs"], sweep["victim"], sweep["run_ids"], sweep["defs"]

@@ -211,7 +211,8 @@ _INIT = textwrap.dedent("""
     from pathlib import Path
     home, gate = sys.argv[1], Path(sys.argv[2])
     import dagster as dg
-    from fewshot_core.tracking import Tracker, default_tracking_uri
+    from fewshot_core.tracking.runs import Tracker
+    from fewshot_core.tracking.store import default_tracking_uri
     from pipelines.home import prepare_home
     (gate / f"ready-{os.getpid()}").touch()  # imported: the test releases all three together
     while not (gate / "start").exists():

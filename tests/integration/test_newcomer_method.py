@@ -150,7 +150,8 @@ work_dir: {work}
 @pytest.mark.slow
 def test_a_sweep_runs_the_newcomer_and_the_transductive_method_into_mlflow_and_the_report(newcomers, tmp_path,
                                                                                         monkeypatch, capsys):
-    from fewshot_core.tracking import Tracker, default_tracking_uri
+    from fewshot_core.tracking.runs import Tracker
+    from fewshot_core.tracking.store import default_tracking_uri
 
     home, work, config = tmp_path / "home", tmp_path / "work", tmp_path / "sweep.yaml"
     config.write_text(textwrap.dedent(SWEEP.format(work=work)))

@@ -139,14 +139,15 @@ def _check_decisions(table: pd.DataFrame, text: str) -> None:
 def test_full_data_model_is_registered_beside_the_champion(sweep):
     """The full-data detector per category is its own asset and MLflow run and the registered model's
     ``full-data`` version; the few-shot champion is another version of the same registered model."""
-    from fewshot_core import tracking
-    from fewshot_core.tracking import Tracker, default_tracking_uri
+    from fewshot_core.tracking.runs import KIND_TAG, Tracker
+    from fewshot_core.tracking.store import default_tracking_uri
+    from pipelines.resources import ASSET_TAG
 
     home, _, _, _ = sweep
     tracker = Tracker(default_tracking_uri(home))
     full = tracker.client.get_model_version_by_alias("fsad-synth_fabric", "full-data")
     run = tracker.client.get_run(full.tags["fsad.mlflow_run_id"])
-    assert run.data.tags[tracking.KIND_TAG] == "full-data" and run.data.tags[tracking.ASSET_TAG] == "full_data_model"
+    assert run.data.tags[KIND_TAG] == "full-data" and run.data.tags[ASSET_TAG] == "full_data_model"
     assert run.data.params["method"] == "patchcore" and run.data.params["n_support"] == "6"
     assert run.data.params["threshold_rule"].startswith("holdout") and "image_auroc" in run.data.metrics
     champion = tracker.client.get_model_version_by_alias("fsad-synth_fabric", "champion")
@@ -154,8 +155,9 @@ def test_full_data_model_is_registered_beside_the_champion(sweep):
 
 
 def test_mlflow_holds_one_nested_run_per_evaluation_partition(sweep):
-    from fewshot_core import tracking
-    from fewshot_core.tracking import Tracker, default_tracking_uri
+    from fewshot_core.tracking.runs import BATCH_TAG, CODE_VERSION_TAG, KIND_TAG, PARENT_RUN_TAG, Tracker
+    from fewshot_core.tracking.store import default_tracking_uri
+    from pipelines.resources import ASSET_TAG, PARTITION_TAG
 
     home, work, _, _ = sweep
     tracker = Tracker(default_tracking_uri(home))
@@ -163,19 +165,19 @@ def test_mlflow_holds_one_nested_run_per_evaluation_partition(sweep):
     table = pd.read_parquet(work / "tables" / "benchmark_table.parquet")
     assert {r.info.run_id for r in runs} == set(table["mlflow_run_id"])
     assert len(runs) == N_EVAL
-    parents = {r.data.tags[tracking.PARENT_RUN_TAG] for r in runs}
+    parents = {r.data.tags[PARENT_RUN_TAG] for r in runs}
     assert len(parents) == 2  # one per evaluation Dagster run (one-class group, supervised group)
     for parent in parents:
         p = tracker.client.get_run(parent)
-        assert p.data.tags[tracking.KIND_TAG] == "dagster-run" and p.data.tags[tracking.DAGSTER_RUN_TAG]
+        assert p.data.tags[KIND_TAG] == "dagster-run" and p.data.tags[BATCH_TAG]
     for r in runs:
         tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
         assert r.info.status == "FINISHED"
-        assert tags[tracking.DAGSTER_RUN_TAG] == tracker.client.get_run(tags[tracking.PARENT_RUN_TAG]).data.tags[
-            tracking.DAGSTER_RUN_TAG]
-        assert tags[tracking.ASSET_TAG].startswith("evaluation/")
-        assert tags[tracking.PARTITION_TAG].startswith("synth_fabric|")
-        assert tags[tracking.CODE_VERSION_TAG]
+        assert tags[BATCH_TAG] == tracker.client.get_run(tags[PARENT_RUN_TAG]).data.tags[
+            BATCH_TAG]
+        assert tags[ASSET_TAG].startswith("evaluation/")
+        assert tags[PARTITION_TAG].startswith("synth_fabric|")
+        assert tags[CODE_VERSION_TAG]
         for name in ("method", "backbone", "category", "shots", "k_good", "k_bad", "ratio", "seed", "feature_key"):
             assert name in params, name
         assert params["backbone"] == "tf_efficientnet_lite0" and params["category"] == "synth_fabric"
@@ -205,7 +207,8 @@ def test_mlflow_holds_one_nested_run_per_evaluation_partition(sweep):
 def test_second_materialisation_reuses_embeddings_and_makes_new_mlflow_runs(sweep):
     import dagster as dg
 
-    from fewshot_core.tracking import Tracker, default_tracking_uri
+    from fewshot_core.tracking.runs import Tracker
+    from fewshot_core.tracking.store import default_tracking_uri
     from pipelines.assets.evaluation import evaluation_key
 
     home, work, config, _ = sweep

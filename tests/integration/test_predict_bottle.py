@@ -24,7 +24,7 @@ def test_predict_reproduces_the_evaluation_auroc(mvtec_root, tmp_path):
     from fewshot_core.metrics import image_metrics
     from fewshot_core.models.champion import promote_champions
     from fewshot_core.models.publish import publish_model
-    from fewshot_core.tracking import Tracker
+    from fewshot_core.tracking.runs import Tracker
 
     ds = load_dataset(mvtec_root, "bottle")
     part = FeatureStore(tmp_path / "store").build(ds, image_size=128, num_workers=0, progress=False)

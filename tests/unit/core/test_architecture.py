@@ -103,3 +103,60 @@ def test_no_import_cycles():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_code_location_never_imports_the_launcher():
+    """``pipelines/deploy/`` starts the profile's services and imports the code location; the code location
+    (assets, definitions) reads where its steps run from ``pipelines/placement/`` and never imports back."""
+    offenders = []
+    for path in (PROJECT / "pipelines").rglob("*.py"):
+        if path.is_relative_to(PROJECT / "pipelines" / "deploy"):
+            continue
+        bad = {t for t in _imports(path) if t == "pipelines.deploy" or t.startswith("pipelines.deploy.")}
+        if bad:
+            offenders.append(f"{path.relative_to(PROJECT)}: {sorted(bad)}")
+    assert not offenders, offenders
+
+
+# Folders whose imports follow the rule "at the top, unless a comment says why not" (docs/architecture.md)
+DEFERRED_RULE = ("pipelines", "fewshot_core/tracking", "fewshot_core/cli", "fewshot_core/models", "fewshot_core/reports",
+                 "fewshot_core/data", "fewshot_core/features")
+
+
+def _unexplained_deferred_imports(path: Path) -> list[int]:
+    """Line numbers of import blocks inside functions with no comment on or right above them; an import
+    guarded by ``except ImportError`` (an optional extra) explains itself."""
+    text = path.read_text()
+    lines = text.splitlines()
+    tree = ast.parse(text)
+    optional = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try)
+                and any(isinstance(h.type, ast.Name) and h.type.id == "ImportError" for h in t.handlers)
+                for n in t.body}
+    bad = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        blocks: list[list[ast.stmt]] = []
+        found = [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in optional]
+        for node in sorted(found, key=lambda n: n.lineno):
+            if blocks and node.lineno <= blocks[-1][-1].end_lineno + 2:  # one statement after another
+                blocks[-1].append(node)
+            else:
+                blocks.append([node])
+        for block in blocks:
+            span = lines[block[0].lineno - 2:block[-1].end_lineno]
+            if not any("#" in line for line in span):
+                bad.append(block[0].lineno)
+    return bad
+
+
+def test_every_import_inside_a_function_says_why():
+    offenders = [f"{path.relative_to(PROJECT)}:{line}" for folder in DEFERRED_RULE
+                 for path in sorted((PROJECT / folder).rglob("*.py")) for line in _unexplained_deferred_imports(path)]
+    assert not offenders, offenders
+
+
+def test_the_deferred_import_check_finds_an_unexplained_one(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("def f():\n    import json\n\n    return json\n\n\ndef g():\n    import torch  # heavy\n")
+    assert _unexplained_deferred_imports(src) == [2]

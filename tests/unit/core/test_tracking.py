@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from fewshot_core import tracking
 from fewshot_core.errors import FsadError
-from fewshot_core.tracking import Tracker
+from fewshot_core.tracking.runs import (BATCH_TAG, CODE_VERSION_TAG, EXPERIMENT_KIND_TAG, KIND_TAG, PARENT_RUN_TAG,
+                                        STAGE_TAG, SUPERSEDED_BY_TAG, SUPERSEDED_TAG, Tracker, parent_run_name)
+from fewshot_core.tracking.store import _db_state, default_artifact_root, default_tracking_uri, ensure_tracking_db
+from fewshot_core.tracking.ui import MLFLOW_UI_ENV, mlflow_ui_host_port, mlflow_ui_url, run_url
+# The code location's step tags (pipelines/resources.py): any tag a caller passes travels with the run
+PARTITION_TAG, ASSET_TAG = "dagster.partition_key", "dagster.asset_key"
 
 
 @pytest.fixture
@@ -20,12 +24,12 @@ def tracker(tmp_path):
 def test_default_uri_is_sqlite_under_dagster_home(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
-    uri = tracking.default_tracking_uri()
+    uri = default_tracking_uri()
     assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-    assert tracking.default_artifact_root(uri) == (tmp_path / "mlartifacts").resolve().as_uri()
+    assert default_artifact_root(uri) == (tmp_path / "mlartifacts").resolve().as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.default_tracking_uri() == "http://127.0.0.1:5000"
-    assert tracking.default_artifact_root("http://127.0.0.1:5000") is None
+    assert default_tracking_uri() == "http://127.0.0.1:5000"
+    assert default_artifact_root("http://127.0.0.1:5000") is None
 
 
 def test_children_nest_under_one_parent_per_dagster_run(tracker, tmp_path):
@@ -34,7 +38,7 @@ def test_children_nest_under_one_parent_per_dagster_run(tracker, tmp_path):
     ids = [
         tracker.log_evaluation("sweep", "dag-1", "knn|a|oc-k1-s0", {"method": "knn", "shots": 1},
                                {"image_auroc": 0.75, "pixel_auroc": math.nan},
-                               {tracking.PARTITION_TAG: "a|oc-k1-s0", tracking.ASSET_TAG: "evaluation/knn"},
+                               {PARTITION_TAG: "a|oc-k1-s0", ASSET_TAG: "evaluation/knn"},
                                {"plots/roc.png": b"\x89PNG", "model/bank.npz": bank, "notes.txt": "x"}),
         tracker.log_evaluation("sweep", "dag-1", "knn|a|oc-k1-s1", {"method": "knn", "shots": 1},
                                {"image_auroc": 0.8}, {}),
@@ -47,15 +51,15 @@ def test_children_nest_under_one_parent_per_dagster_run(tracker, tmp_path):
     first = runs[ids[0]]
     assert first.data.params == {"method": "knn", "shots": "1"}
     assert first.data.metrics == {"image_auroc": 0.75}  # NaN metric is absent, not stored
-    assert first.data.tags[tracking.PARTITION_TAG] == "a|oc-k1-s0"
-    assert first.data.tags[tracking.DAGSTER_RUN_TAG] == "dag-1"
-    assert first.data.tags[tracking.CODE_VERSION_TAG]
+    assert first.data.tags[PARTITION_TAG] == "a|oc-k1-s0"
+    assert first.data.tags[BATCH_TAG] == "dag-1"
+    assert first.data.tags[CODE_VERSION_TAG]
     assert first.info.status == "FINISHED"
-    parents = {runs[i].data.tags[tracking.PARENT_RUN_TAG] for i in ids}
+    parents = {runs[i].data.tags[PARENT_RUN_TAG] for i in ids}
     assert len(parents) == 2
-    assert runs[ids[0]].data.tags[tracking.PARENT_RUN_TAG] == runs[ids[1]].data.tags[tracking.PARENT_RUN_TAG]
-    parent = tracker.client.get_run(runs[ids[0]].data.tags[tracking.PARENT_RUN_TAG])
-    assert parent.data.tags[tracking.KIND_TAG] == "dagster-run"
+    assert runs[ids[0]].data.tags[PARENT_RUN_TAG] == runs[ids[1]].data.tags[PARENT_RUN_TAG]
+    parent = tracker.client.get_run(runs[ids[0]].data.tags[PARENT_RUN_TAG])
+    assert parent.data.tags[KIND_TAG] == "dagster-run"
     arts = {a.path for a in tracker.client.list_artifacts(ids[0])}
     assert arts == {"plots", "model", "notes.txt"}
     assert [a.path for a in tracker.client.list_artifacts(ids[0], "model")] == ["model/bank.npz"]
@@ -84,7 +88,7 @@ def _start_mlflow_ui(tmp_path):
     import time
 
     home = tmp_path / "home"
-    Tracker(tracking.default_tracking_uri(home)).log_evaluation("ui-sweep", "dag-1", "r", {"method": "knn"},
+    Tracker(default_tracking_uri(home)).log_evaluation("ui-sweep", "dag-1", "r", {"method": "knn"},
                                                                {"image_auroc": 0.5})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,14 +170,14 @@ def test_older_full_data_runs_are_superseded_like_evaluation_runs(tracker):
     from fewshot_core.models.publish import FULL_DATA_KIND
 
     name = "patchcore|bottle|full-data"
-    tags = {tracking.KIND_TAG: FULL_DATA_KIND}
+    tags = {KIND_TAG: FULL_DATA_KIND}
     first = tracker.log_evaluation("sweep", "dag-1", name, {}, {}, tags, stage=FULL_DATA_KIND)
     evaluation = tracker.log_evaluation("sweep", "dag-1", name, {}, {})  # another kind: never supersedes it
     second = tracker.log_evaluation("sweep", "dag-2", name, {}, {}, tags, stage=FULL_DATA_KIND)
     get = lambda run_id: tracker.client.get_run(run_id).data.tags  # noqa: E731
-    assert get(first)[tracking.SUPERSEDED_TAG] == "true" and get(first)[tracking.SUPERSEDED_BY_TAG] == second
-    assert get(second)[tracking.SUPERSEDED_TAG] == "false"
-    assert get(evaluation)[tracking.SUPERSEDED_TAG] == "false"
+    assert get(first)[SUPERSEDED_TAG] == "true" and get(first)[SUPERSEDED_BY_TAG] == second
+    assert get(second)[SUPERSEDED_TAG] == "false"
+    assert get(evaluation)[SUPERSEDED_TAG] == "false"
 
 
 # --- the tracking database is created atomically ----------------------------------------------------
@@ -231,36 +235,36 @@ def test_database_with_runs_at_an_old_schema_is_never_replaced(tmp_path):
         con.execute("UPDATE alembic_version SET version_num = 'older'")
     before = db.read_bytes()
     with pytest.raises(FsadError, match="mlflow db upgrade"):
-        tracking.ensure_tracking_db(f"sqlite:///{db}")
+        ensure_tracking_db(f"sqlite:///{db}")
     assert db.read_bytes() == before and not list(tmp_path.glob("mlflow.db.broken-*"))
 
 
 def test_leftover_of_a_killed_build_is_cleaned_and_the_database_built(tmp_path):
     db = tmp_path / "mlflow.db"
     (tmp_path / ".mlflow.db.12345.building").write_bytes(b"half")
-    assert tracking.ensure_tracking_db(f"sqlite:///{db}") == db
+    assert ensure_tracking_db(f"sqlite:///{db}") == db
     assert db.is_file() and not list(tmp_path.glob(".mlflow.db.*"))
-    state = tracking._db_state(db)
+    state = _db_state(db)
     assert state["default"] and state["runs"] == 0
 
 
 def test_experiments_are_marked_model_training_for_mlflow_3(tracker):
     """MLflow 3 opens an experiment without ``mlflow.experimentKind`` in its GenAI view."""
     exp_id = tracker.experiment_id("kind")
-    assert tracker.client.get_experiment(exp_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert tracker.client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
     old = tracker.client.create_experiment("made-before")  # an experiment from an older fsad: tagged on use
     assert tracker.experiment_id("made-before") == old
-    assert tracker.client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert tracker.client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
 def test_parent_runs_are_named_by_sweep_and_stage(tracker):
     child = tracker.log_evaluation("sweep", "0123456789abcdef", "knn|a|oc-k1-s0", {}, {"image_auroc": 0.5},
                                    stage="evaluation 2/3")
-    parent = tracker.client.get_run(tracker.client.get_run(child).data.tags[tracking.PARENT_RUN_TAG])
+    parent = tracker.client.get_run(tracker.client.get_run(child).data.tags[PARENT_RUN_TAG])
     assert parent.info.run_name == "sweep · evaluation 2/3"
-    assert parent.data.tags[tracking.STAGE_TAG] == "evaluation 2/3"
+    assert parent.data.tags[STAGE_TAG] == "evaluation 2/3"
     assert "dagster-" not in parent.info.run_name
-    assert tracking.parent_run_name("sweep", None, "0123456789abcdef") == "sweep · dagster 01234567"
+    assert parent_run_name("sweep", None, "0123456789abcdef") == "sweep · dagster 01234567"
 
 
 def test_a_rematerialised_partition_supersedes_its_older_run(tracker):
@@ -268,28 +272,28 @@ def test_a_rematerialised_partition_supersedes_its_older_run(tracker):
     other = tracker.log_evaluation("sweep", "dag-1", "knn|a|oc-k1-s1", {}, {"image_auroc": 0.6})
     second = tracker.log_evaluation("sweep", "dag-2", "knn|a|oc-k1-s0", {}, {"image_auroc": 0.7})
     tags = {i: tracker.client.get_run(i).data.tags for i in (first, other, second)}
-    assert tags[first][tracking.SUPERSEDED_TAG] == "true" and tags[first][tracking.SUPERSEDED_BY_TAG] == second
-    assert tags[second][tracking.SUPERSEDED_TAG] == "false" and tags[other][tracking.SUPERSEDED_TAG] == "false"
+    assert tags[first][SUPERSEDED_TAG] == "true" and tags[first][SUPERSEDED_BY_TAG] == second
+    assert tags[second][SUPERSEDED_TAG] == "false" and tags[other][SUPERSEDED_TAG] == "false"
     # The filter a user types in the MLflow UI shows exactly the current runs.
     exp = tracker.client.get_experiment_by_name("sweep").experiment_id
-    current = tracker.client.search_runs([exp], f"tags.`{tracking.SUPERSEDED_TAG}` = 'false'")
+    current = tracker.client.search_runs([exp], f"tags.`{SUPERSEDED_TAG}` = 'false'")
     assert {r.info.run_id for r in current} == {other, second}
 
 
 def test_mlflow_ui_address_is_one_setting(monkeypatch):
     from fewshot_core.errors import FsadError
 
-    monkeypatch.delenv(tracking.MLFLOW_UI_ENV, raising=False)
-    assert tracking.mlflow_ui_url() == "http://127.0.0.1:5000"
-    assert tracking.mlflow_ui_host_port() == ("127.0.0.1", 5000)
-    monkeypatch.setenv(tracking.MLFLOW_UI_ENV, "http://127.0.0.1:5123/")
-    assert tracking.mlflow_ui_url() == "http://127.0.0.1:5123"
-    assert tracking.mlflow_ui_host_port() == ("127.0.0.1", 5123)
+    monkeypatch.delenv(MLFLOW_UI_ENV, raising=False)
+    assert mlflow_ui_url() == "http://127.0.0.1:5000"
+    assert mlflow_ui_host_port() == ("127.0.0.1", 5000)
+    monkeypatch.setenv(MLFLOW_UI_ENV, "http://127.0.0.1:5123/")
+    assert mlflow_ui_url() == "http://127.0.0.1:5123"
+    assert mlflow_ui_host_port() == ("127.0.0.1", 5123)
     # the run in the UI's model-training view: MLflow 3's UI otherwise opens the GenAI one (traces, judges)
-    assert tracking.run_url("3", "abc") == "http://127.0.0.1:5123/#/experiments/3/runs/abc?workflowType=machine_learning"
-    monkeypatch.setenv(tracking.MLFLOW_UI_ENV, "127.0.0.1:5000")
+    assert run_url("3", "abc") == "http://127.0.0.1:5123/#/experiments/3/runs/abc?workflowType=machine_learning"
+    monkeypatch.setenv(MLFLOW_UI_ENV, "127.0.0.1:5000")
     with pytest.raises(FsadError, match="FSAD_MLFLOW_UI"):
-        tracking.mlflow_ui_url()
+        mlflow_ui_url()
 
 
 def test_fsad_mlflow_ui_defaults_to_the_setting(monkeypatch, capsys, tmp_path):
@@ -300,7 +304,7 @@ def test_fsad_mlflow_ui_defaults_to_the_setting(monkeypatch, capsys, tmp_path):
 
     calls = []
     monkeypatch.setattr(run_cli, "serve", lambda cmd, env=None: calls.append(cmd) or 0)
-    monkeypatch.setenv(tracking.MLFLOW_UI_ENV, "http://127.0.0.1:5123")
+    monkeypatch.setenv(MLFLOW_UI_ENV, "http://127.0.0.1:5123")
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     args = argparse.Namespace(host=None, port=None, workers=1, dagster_home=None)
@@ -312,7 +316,7 @@ def test_fsad_mlflow_ui_defaults_to_the_setting(monkeypatch, capsys, tmp_path):
     assert calls[-1][calls[-1].index("--port") + 1] == "5999"
     assert "FSAD_MLFLOW_UI=http://127.0.0.1:5999" in capsys.readouterr().out
     # with a sweep's experiment in the store: its link, in the UI's model-training view
-    exp = tracking.Tracker(tracking.default_tracking_uri(tmp_path / "home")).experiment_id("tiny")
+    exp = Tracker(default_tracking_uri(tmp_path / "home")).experiment_id("tiny")
     run_cli.mlflow_ui_command(argparse.Namespace(host=None, port=None, workers=1, dagster_home=None))
     out = capsys.readouterr().out
     assert f"  experiment 'tiny': http://127.0.0.1:5123/#/experiments/{exp}?workflowType=machine_learning" in out

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fewshot_core.errors import FsadError
-from pipelines.deploy.credentials import ALL_KEYS, CLIENT_KEYS, ensure_secrets, load_secrets, secrets_path
+from pipelines.placement.credentials import ALL_KEYS, CLIENT_KEYS, ensure_secrets, load_secrets, secrets_path
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -99,7 +99,7 @@ def test_status_says_when_nothing_runs(tmp_path):
     """One line and exit 3 (an init script's "not running") when `up` never ran; exit 1 with each service's
     state when a service it started has stopped; the codes are in `status --help`."""
     from pipelines.deploy import local
-    from pipelines.deploy.profile import load_profile
+    from pipelines.placement.profile import load_profile
 
     args = ("--home", str(tmp_path / "home"), "--profile", str(ROOT / "deploy" / "cluster.yaml"))
     out = _deploy("status", *args, cwd=tmp_path)

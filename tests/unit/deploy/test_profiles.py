@@ -22,7 +22,7 @@ K8S = ROOT / "deploy" / "k8s"
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    from pipelines.deploy.credentials import ALL_KEYS
+    from pipelines.placement.credentials import ALL_KEYS
 
     for key in ("FSAD_PROFILE", "FSAD_PROFILE_CONFIG", "FSAD_CLUSTER_HOME", "FSAD_SHARED_ROOT", "FSAD_CLUSTER_HOST",
                 *ALL_KEYS):
@@ -33,7 +33,7 @@ def clean_env(monkeypatch):
 @pytest.fixture
 def client_secrets(monkeypatch):
     """The worker app reads the profile (and so its secrets) when imported."""
-    from pipelines.deploy.credentials import CLIENT_KEYS
+    from pipelines.placement.credentials import CLIENT_KEYS
 
     for key in CLIENT_KEYS:
         monkeypatch.setenv(key, f"test-{key.lower()}")
@@ -70,8 +70,8 @@ def test_embedded_stays_the_in_process_default(clean_env, tmp_path):
 def test_cluster_executor_config_is_accepted_by_dagster(clean_env, tmp_path):
     from dagster_celery import celery_executor
 
-    from pipelines.deploy.credentials import ensure_secrets
-    from pipelines.deploy.profile import load_profile
+    from pipelines.placement.credentials import ensure_secrets
+    from pipelines.placement.profile import load_profile
 
     secrets, _ = ensure_secrets(tmp_path / "home")
     prof = load_profile(ROOT / "deploy" / "cluster.yaml", tmp_path / "home")
@@ -102,7 +102,7 @@ def test_cluster_executor_config_is_accepted_by_dagster(clean_env, tmp_path):
     ("host: [unclosed\n", "not valid YAML"),
 ])
 def test_bad_cluster_profile_names_the_file_and_the_fix(clean_env, tmp_path, text, message):
-    from pipelines.deploy.profile import load_profile
+    from pipelines.placement.profile import load_profile
 
     path = tmp_path / "cluster.yaml"
     path.write_text(text)
@@ -112,7 +112,7 @@ def test_bad_cluster_profile_names_the_file_and_the_fix(clean_env, tmp_path, tex
 
 
 def test_missing_profile_file_is_one_line(clean_env, tmp_path):
-    from pipelines.deploy.profile import load_profile
+    from pipelines.placement.profile import load_profile
 
     with pytest.raises(FsadError, match="cluster profile not found; set FSAD_PROFILE_CONFIG"):
         load_profile(tmp_path / "nope.yaml")
@@ -142,7 +142,7 @@ def test_k8s_executor_config_is_accepted_by_dagster(clean_env, tmp_path):
     import dagster as dg
     from dagster_k8s import k8s_job_executor
 
-    from pipelines.deploy.profile import load_k8s_executor_config
+    from pipelines.placement.profile import load_k8s_executor_config
 
     config = load_k8s_executor_config(K8S / "executor.yaml")
     value = _process(k8s_job_executor.config_schema, config)
@@ -160,7 +160,7 @@ def test_cluster_instance_config_is_accepted_by_dagster(clean_env, tmp_path):
     from dagster._core.instance.config import dagster_instance_config
 
     from pipelines.deploy.local import write_instance
-    from pipelines.deploy.profile import load_profile
+    from pipelines.placement.profile import load_profile
 
     prof = load_profile(ROOT / "deploy" / "cluster.yaml", tmp_path / "home")
     write_instance(prof)
@@ -355,15 +355,15 @@ def test_worker_removes_only_this_hosts_dead_temp_folders(tmp_path, client_secre
 
 
 def test_superseded_mlflow_runs_of_a_step_are_deleted_with_their_artifacts(tmp_path, client_secrets):
-    from fewshot_core import tracking
-    from fewshot_core.tracking import Tracker
+    from fewshot_core.tracking.runs import Tracker
     from pipelines.deploy.celery_app import discard_mlflow_run, superseded_mlflow_runs
+    from pipelines.resources import ASSET_TAG
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mine = tracker.log_evaluation("exp", "run-a", "x", {}, {"m": 1.0}, tags={tracking.ASSET_TAG: "evaluation/b/knn"},
+    mine = tracker.log_evaluation("exp", "run-a", "x", {}, {"m": 1.0}, tags={ASSET_TAG: "evaluation/b/knn"},
                                   artifacts={"notes.txt": "partial"})
-    tracker.log_evaluation("exp", "run-a", "y", {}, {"m": 1.0}, tags={tracking.ASSET_TAG: "evaluation/b/patchcore"})
-    tracker.log_evaluation("exp", "run-b", "z", {}, {"m": 1.0}, tags={tracking.ASSET_TAG: "evaluation/b/knn"})
+    tracker.log_evaluation("exp", "run-a", "y", {}, {"m": 1.0}, tags={ASSET_TAG: "evaluation/b/patchcore"})
+    tracker.log_evaluation("exp", "run-b", "z", {}, {"m": 1.0}, tags={ASSET_TAG: "evaluation/b/knn"})
     assert superseded_mlflow_runs(tracker, "run-a", ["evaluation__b__knn"]) == [mine]
     artifacts = Path(tracker.client.get_run(mine).info.artifact_uri.replace("file://", ""))
     assert (artifacts / "notes.txt").is_file()

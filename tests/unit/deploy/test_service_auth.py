@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import glob
-import os
 import shutil
 import socket
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.deploy.credentials import ALL_KEYS
+from pipelines.placement.credentials import ALL_KEYS
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -35,7 +34,7 @@ def services():
     for module in ("psycopg2", "redis"):
         pytest.importorskip(module, reason=f"{module} not installed (pip install -e '.[cluster]')")
     from pipelines.deploy import local
-    from pipelines.deploy.profile import load_profile
+    from pipelines.placement.profile import load_profile
 
     # not under pytest's tmp folder: that one is private to root and the postgres user must reach its data
     base = Path(tempfile.mkdtemp(prefix="fsad-auth-", dir="/tmp"))
@@ -147,7 +146,7 @@ def test_mlflow_refuses_requests_without_the_account(services, mlflow_server, tm
     assert _status(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", auth=("fsad", "guess")) == 401
     assert not list((prof.shared_root / "mlflow-artifacts").rglob("python_model.pkl"))
     # the clients' account (MLflow reads it from the environment) logs runs and artifacts
-    from fewshot_core.tracking import Tracker
+    from fewshot_core.tracking.runs import Tracker
 
     mp = services["mp"]
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):

@@ -24,7 +24,7 @@ def test_registry_entries_agree_with_their_classes(name):
 
 
 def test_the_worker_pool_follows_the_registry():
-    from pipelines.deploy.profile import CPU_POOL, GPU_POOL, pool_for_method
+    from pipelines.placement.steps import CPU_POOL, GPU_POOL, pool_for_method
 
     pools = {n: pool_for_method(registry.get(n)) for n in registry.names()}
     assert {n for n, p in pools.items() if p == GPU_POOL} == set(registry.names(input_kind=registry.IMAGES))

@@ -27,7 +27,7 @@ def logged_model(tmp_path_factory, synth_root) -> Logged:
     from fewshot_core.evaluation.oneclass import run_oneclass_episode
     from fewshot_core.features.store import FeatureStore
     from fewshot_core.models.publish import publish_model
-    from fewshot_core.tracking import Tracker
+    from fewshot_core.tracking.runs import Tracker
 
     tmp = tmp_path_factory.mktemp("logged-model")
     category = sorted(p.name for p in synth_root.iterdir() if p.is_dir())[0]

@@ -22,7 +22,7 @@ class _Constant(mlflow.pyfunc.PythonModel):
 
 @pytest.fixture()
 def tracker(tmp_path):
-    from fewshot_core.tracking import Tracker
+    from fewshot_core.tracking.runs import Tracker
 
     return Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", (tmp_path / "artifacts").as_uri())
 
@@ -30,7 +30,7 @@ def tracker(tmp_path):
 def _logged(tracker, name="r"):
     from mlflow.models import Model
 
-    from fewshot_core.tracking import fluent_uri
+    from fewshot_core.tracking.store import fluent_uri
 
     run_id = tracker.log_evaluation("t", "dag", name, {}, {})
     with fluent_uri(tracker.tracking_uri):
@@ -108,7 +108,7 @@ def test_worse_rerun_keeps_the_alias_better_one_moves_it(tracker):
 def test_model_logging_leaves_the_process_tracking_uri_as_it_was(monkeypatch, tmp_path):
     import os
 
-    from fewshot_core.tracking import fluent_uri
+    from fewshot_core.tracking.store import fluent_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with fluent_uri(f"sqlite:///{tmp_path / 'a.db'}"):

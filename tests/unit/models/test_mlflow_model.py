@@ -44,7 +44,7 @@ def _fresh_scores(uri: str, model_uri: str, paths) -> dict:
 def env(tmp_path_factory, synth_root):
     from fewshot_core.data import load_dataset
     from fewshot_core.features.store import FeatureStore
-    from fewshot_core.tracking import Tracker
+    from fewshot_core.tracking.runs import Tracker
 
     tmp = tmp_path_factory.mktemp("mlflow-model")
     category = sorted(p.name for p in synth_root.iterdir() if p.is_dir())[0]

@@ -32,7 +32,7 @@ def test_a_home_is_claimed_once_and_refuses_other_data(tmp_path):
 
 
 def test_an_experiment_is_tagged_and_refuses_other_data(tmp_path):
-    from fewshot_core.tracking import Tracker
+    from fewshot_core.tracking.runs import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     check_experiment(tracker, _ident())

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fewshot_core import tracking
 from fewshot_core.reports import aggregate, render_report, stats
 from fewshot_core.reports.questions import sections
+from fewshot_core.tracking.ui import MLFLOW_UI_ENV
 
 DEFECT_TYPES = 3  # k defective shots per type -> 3k defective images in the support
 
@@ -72,7 +72,7 @@ def test_gallery_links_open_the_run_not_none():
 
 
 def test_links_follow_the_mlflow_ui_setting(monkeypatch):
-    monkeypatch.setenv(tracking.MLFLOW_UI_ENV, "http://127.0.0.1:5123")
+    monkeypatch.setenv(MLFLOW_UI_ENV, "http://127.0.0.1:5123")
     text = _report(_rows())
     assert "http://127.0.0.1:5123/#/experiments/7/runs/oc-a-0" in text
     assert "127.0.0.1:5000" not in text

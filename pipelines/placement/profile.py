@@ -17,7 +17,8 @@ from urllib.parse import quote
 import yaml
 
 from fewshot_core.errors import FsadError
-from pipelines.deploy.credentials import CLIENT_KEYS, load_secrets
+from pipelines.placement.credentials import CLIENT_KEYS, load_secrets
+from pipelines.placement.steps import CPU_POOL, GPU_POOL
 
 PROFILE_ENV = "FSAD_PROFILE"
 CONFIG_ENV = "FSAD_PROFILE_CONFIG"
@@ -32,9 +33,6 @@ DEFAULT_K8S_CONFIG = CHECKOUT / "deploy" / "k8s" / "executor.yaml"
 POSTGRES_ROLE = "fsad"  # owner of the profile's databases; not a superuser
 # SQLAlchemy 2.1 defaults postgresql:// to psycopg 3; the extras bring psycopg2 (what dagster-postgres needs)
 POSTGRES_SCHEME = "postgresql+psycopg2"
-CPU_POOL, GPU_POOL = "cpu", "gpu"
-CELERY_QUEUE_TAG = "dagster-celery/queue"  # dagster_celery.tags.DAGSTER_CELERY_QUEUE_TAG, without the import
-K8S_CONFIG_TAG = "dagster-k8s/config"
 
 
 def profile_name() -> str:
@@ -43,26 +41,6 @@ def profile_name() -> str:
         raise FsadError(f"{PROFILE_ENV}={name!r}: unknown deployment profile; use one of {', '.join(PROFILES)} "
                         "(unset = embedded)")
     return name
-
-
-def pool_for_method(entry) -> str:
-    """The worker pool of a method (its ``MethodEntry``): the registry says whether it trains on pixels
-    (``needs_accelerator``: GPU workers); the rest run from cached features on CPU workers."""
-    return GPU_POOL if entry.needs_accelerator else CPU_POOL
-
-
-def step_placement(pool: str) -> dict:
-    """``pool`` and ``op_tags`` for an asset decorator: the Dagster pool (its limit caps steps across runs), the
-    Celery queue of the same name, and the pod resources a k8s step of that pool asks for. All three are inert
-    under the in-process executor (pools only limit when a limit is set on the instance)."""
-    k8s: dict = {"container_config": {"resources": {"requests": {"cpu": "2", "memory": "8Gi"}}}}
-    if pool == GPU_POOL:
-        k8s = {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"},
-                                                  "requests": {"cpu": "4", "memory": "16Gi"}}},
-               # GPU nodes are usually tainted so that only pods asking for a GPU land there
-               "pod_spec_config": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                                    "effect": "NoSchedule"}]}}
-    return {"pool": pool, "op_tags": {CELERY_QUEUE_TAG: pool, K8S_CONFIG_TAG: k8s}}
 
 
 def _read_yaml(path: Path, what: str) -> dict:
@@ -98,7 +76,7 @@ class ClusterProfile:
 
     _secrets: dict | None = field(default=None, repr=False)
 
-    # -- secrets (pipelines/deploy/credentials.py) ------------------------------------------------------
+    # -- secrets (pipelines/placement/credentials.py) ------------------------------------------------------
     @property
     def secrets(self) -> dict[str, str]:
         """The client secrets (environment, else ``<home>/secrets.env``), read on first use."""
@@ -268,7 +246,7 @@ class Selection:
 
 
 def selection() -> Selection:
-    import dagster as dg
+    import dagster as dg  # Dagster: the launcher reads profiles without it
 
     name = profile_name()
     if name == "embedded":
