@@ -169,7 +169,7 @@ def episode_images(dataset, ids: Sequence[str], size: int, cache: EpisodeCache |
 
 def _trained_fields(model) -> dict:
     """Row fields of a detector that trains on images, from its ``fit_info_``."""
-    info = getattr(model, "fit_info_", {})
+    info = model.fit_info_
     return {"train_s": float(info.get("fit_s", 0.0)), "train_steps": int(info.get("steps", 0)),
             "stopped_by": str(info.get("stopped_by", "")),
             "loaded_from_artifact": bool(info.get("loaded_from_artifact", False)),
@@ -250,18 +250,16 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method,
     metrics.update(recall_per_defect_type([dataset.by_id(i).defect_type for i in query_ids], labels,
                                           cut.decide(scores)))
     if on_images:
-        backbone, partition_key = getattr(model, "backbone", None), None
-        bank = getattr(model, "fit_info_", {}).get("bank", 0)
+        backbone, partition_key = model.backbone_name, None
     else:
         backbone, partition_key = partition.meta.get("backbone"), partition.meta.get("key")
-        bank = len(getattr(model, "bank_", ()))
     row = {
         **episode_identity(dataset, episode, entry.name, model.get_params(), backbone, partition_key, len(query_ids),
                            augment, shape),
         **chosen,
         "align": "none" if align == "none" else ("aligned" if aligned is not None else "texture: not aligned"),
         **metrics,
-        "bank_size": int(bank),
+        "bank_size": model.bank_size,
         "fit_s": round(fit_s, 4),
         "score_s": round(score_s, 4),
         **(_trained_fields(model) if on_images else {}),

@@ -86,8 +86,6 @@ def evaluate_setting(dataset, partition, method, setting: Setting, method_params
 
 def _model_files(model) -> dict[str, bytes]:
     """The fitted model's save folder as ``model/<file>`` artifacts (its manifest, arrays, weights)."""
-    if not hasattr(model, "save"):
-        return {}
     with tempfile.TemporaryDirectory(prefix="fsad-model-") as tmp:
         saved = Path(model.save(Path(tmp) / "model"))
         return {f"model/{f.name}": f.read_bytes() for f in sorted(saved.iterdir()) if f.is_file()}

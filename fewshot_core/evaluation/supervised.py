@@ -105,8 +105,8 @@ def _build(entry, dataset, partition, episode: SupervisedEpisode, params: dict, 
         est = registry.create(entry, runtime=runtime, **params)
     if entry.input_kind == registry.EMBEDDINGS:
         return est, partition.global_(support), partition.global_(query)
-    return (est, _images(dataset, support, est.backbone, est.input_size, cache, images),
-            _images(dataset, query, est.backbone, est.input_size, cache, images))
+    return (est, _images(dataset, support, est.backbone_name, est.input_size, cache, images),
+            _images(dataset, query, est.backbone_name, est.input_size, cache, images))
 
 
 def _meta_pool_used(entry, params: dict, meta_pool, category: str) -> str:
@@ -117,12 +117,6 @@ def _meta_pool_used(entry, params: dict, meta_pool, category: str) -> str:
     if params.get("checkpoint"):
         return f"checkpoint {params['checkpoint']}"
     return "" if meta_pool is None else meta_pool.describe(exclude=category)
-
-
-def _log_proba(est, X) -> np.ndarray:
-    if hasattr(est, "predict_log_proba"):
-        return np.asarray(est.predict_log_proba(X), dtype=np.float64)
-    return np.log(np.clip(np.asarray(est.predict_proba(X), dtype=np.float64), 1e-300, None))
 
 
 def _jsonable_params(params: dict) -> str:
@@ -150,7 +144,7 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
     est.fit(X_support, y_support)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    logp = _log_proba(est, X_query)
+    logp = np.asarray(est.predict_log_proba(X_query), dtype=np.float64)
     score_s = time.perf_counter() - t0
 
     classes = np.asarray(est.classes_)
@@ -161,8 +155,8 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
         others = np.delete(logp, good[0], axis=1)
         score = logsumexp(others, axis=1) - logp[:, good[0]]
     metrics = classification_metrics(y_query, y_pred, classes=list(episode.classes), anomaly_score=score)
-    info = dict(getattr(est, "fit_info_", {}))
-    if hasattr(est, "trained_on"):
+    info = dict(est.fit_info_)
+    if est.trained_on:
         info["trained_on"] = list(est.trained_on)
     row = {
         "episode_id": episode.episode_id,
@@ -170,7 +164,7 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
         "category": episode.category,
         "method": entry.name,
         "params": _jsonable_params(params),
-        "backbone": getattr(est, "backbone_name", None) or partition.meta.get("backbone"),
+        "backbone": est.backbone_name or partition.meta.get("backbone"),
         "meta_pool": _meta_pool_used(entry, params, meta_pool, dataset.category),
         "label_mode": episode.label_mode,
         "pool": episode.pool,

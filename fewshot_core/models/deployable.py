@@ -42,7 +42,7 @@ def save_deployable(model, folder, *, category: str, support_ids: Sequence[str],
     if featurizer is None and image_size is None:
         raise ValueError("a deployable model needs a featurizer spec (feature-based) or an image size (pixels)")
     deploy = {
-        "protocol": protocol, "input_kind": getattr(model, "input_kind", "patches"), "category": category,
+        "protocol": protocol, "input_kind": model.input_kind, "category": category,
         "support_ids": list(support_ids), "featurizer": featurizer.to_dict() if featurizer else None,
         "image_size": int(image_size if image_size is not None else featurizer.image_size),
         "threshold": threshold.to_dict() if threshold is not None else None,

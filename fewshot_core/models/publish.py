@@ -28,7 +28,7 @@ def publishable(model, protocol: str) -> bool:
     if protocol == registry.TRANSDUCTIVE:  # scores a batch of parts against each other: no one-part model
         return False
     if protocol == registry.SUPERVISED and model.input_kind == registry.IMAGES:
-        return isinstance(getattr(model, "backbone", None), str)
+        return model.backbone_name is not None
     return True
 
 
@@ -59,7 +59,7 @@ def publish_model(tracker, run_id: str, dataset, model, support_ids: Sequence[st
         return {"dataset_digest": data.digest}
     pixels = None
     if protocol == registry.SUPERVISED and model.input_kind == registry.IMAGES:  # P>M>F: normalised pixels
-        pixels, image_size = {"backbone": model.backbone}, int(model.input_size)
+        pixels, image_size = {"backbone": model.backbone_name}, int(model.input_size)
     spec = FeaturizerSpec.from_partition(partition) if partition is not None and model.input_kind != "images" else None
     with quiet_advice(), tempfile.TemporaryDirectory(prefix="fsad-model-") as tmp:
         folder = save_deployable(model, Path(tmp) / "model", category=dataset.category, support_ids=support_ids,
