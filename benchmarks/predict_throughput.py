@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from fewshot_core.evaluation.options import EpisodeOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -60,7 +61,7 @@ def main() -> None:
         store = FeatureStore(args.store or Path(tmp) / "store")
         part = store.build(ds, image_size=args.image_size, progress=False)
         ep = sample_oneclass(ds, args.shots, 0)
-        res = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=args.image_size)
+        res = run_oneclass_episode(ds, part, ep, "patchcore", {}, options=EpisodeOptions(mask_size=args.image_size))
         folder = save_deployable(res.model, Path(tmp) / "model", category=ds.category,
                                  support_ids=ep.support_ids, protocol="oneclass",
                                  featurizer=FeaturizerSpec.from_partition(part), threshold=res.threshold)

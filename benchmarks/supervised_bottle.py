@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from fewshot_core.evaluation.options import EvalContext, SupervisedDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -108,8 +109,8 @@ def run(args) -> pd.DataFrame:
         for mode in modes:
             for g, b in configs:
                 t = time.perf_counter()
-                out = evaluate_supervised(bottle, part, method, g, b, seeds, label_mode=mode, method_params=params,
-                                          meta_pool=meta_pool, runtime=runtime)
+                out = evaluate_supervised(bottle, part, method, SupervisedDraw(g, b, label_mode=mode), seeds, params,
+                                          context=EvalContext(runtime=runtime, meta_pool=meta_pool))
                 for r in out:
                     r["method_label"] = label
                 rows += out
@@ -171,8 +172,9 @@ def run_pmf_bundle(args) -> pd.DataFrame:
     for mode in args.pmf_modes:
         for g, k in configs:
             t = time.perf_counter()
-            out = evaluate_supervised(ds, part, "pmf", g, k, list(range(args.pmf_seeds)), mode, method_params=params,
-                                      images=images, runtime=runtime)
+            out = evaluate_supervised(ds, part, "pmf", SupervisedDraw(g, k, label_mode=mode),
+                                      list(range(args.pmf_seeds)), params,
+                                      context=EvalContext(runtime=runtime, images=images))
             for r in out:
                 r["method_label"] = "pmf"
             rows += out

@@ -40,6 +40,7 @@ from fewshot_core.evaluation.oneclass import run_oneclass_episode  # noqa: E402
 from fewshot_core.evaluation.threshold import DEFAULT_FPR, threshold_from_scores  # noqa: E402
 from fewshot_core.features.store import FeatureStore  # noqa: E402
 from fewshot_core.paths import default_work_dir, shared_root  # noqa: E402
+from fewshot_core.evaluation.options import EpisodeOptions, EvalContext  # noqa: E402
 
 DATA = {"bottle": ("mvtec_ad", "bottle"), "mtd": ("mtd", "magnetic_tile")}
 
@@ -59,7 +60,8 @@ def collect(dataset, partition, methods, shots_list, seeds, cache_dir: Path, mas
                     continue
                 t0 = time.perf_counter()
                 res = run_oneclass_episode(dataset, partition, sample_oneclass(dataset, shots, seed), method,
-                                           mask_size=mask_size, cache=cache)
+                                           options=EpisodeOptions(mask_size=mask_size),
+                                           context=EvalContext(cache=cache))
                 labels = np.asarray(res.labels)
                 scores = np.asarray(res.image_scores, dtype=float)
                 done[key] = {"heldout": list(res.threshold.good_scores),

@@ -115,23 +115,25 @@ def _method_help() -> str:
 
 
 def _rows(args, dataset, partition, entry) -> list[dict]:
+    from fewshot_core.evaluation.options import EpisodeOptions, EvalContext, SupervisedDraw  # numpy: not at --help
+
     params = dict(args.param)
     if args.protocol == Protocol.ONECLASS:
         from fewshot_core.evaluation.oneclass import evaluate_oneclass, parse_shots
 
         if args.shots is None:
             raise FsadError("fsad evaluate: --shots is required for the one-class protocol; give a number or 'full'")
-        return evaluate_oneclass(dataset, partition, entry, parse_shots(args.shots), args.seeds,
-                                 method_params=params, mask_size=args.mask_size, augment=args.augment,
-                                 config=args.config, align=args.align)
+        options = EpisodeOptions(mask_size=args.mask_size, augment=args.augment, config=args.config,
+                                 align=args.align)
+        return evaluate_oneclass(dataset, partition, entry, parse_shots(args.shots), args.seeds, params, options)
     if args.protocol == Protocol.TRANSDUCTIVE:
         from fewshot_core.evaluation.transductive import evaluate_transductive
 
         shots = 0 if args.shots is None else args.shots
         if not str(shots).isdigit():
             raise FsadError(f"fsad evaluate: --shots {shots}: the transductive protocol takes 0 or more good shots")
-        return evaluate_transductive(dataset, partition, entry, int(shots), args.seeds, method_params=params,
-                                     mask_size=args.mask_size)
+        return evaluate_transductive(dataset, partition, entry, int(shots), args.seeds, params,
+                                     EpisodeOptions(mask_size=args.mask_size))
     if args.k_good is None or args.k_bad is None:
         raise FsadError("fsad evaluate: the supervised protocol needs --k-good G and --k-bad B")
     if args.distance is not None:
@@ -140,9 +142,9 @@ def _rows(args, dataset, partition, entry) -> list[dict]:
         from fewshot_core.evaluation.supervised import evaluate_supervised
     except ImportError as exc:
         raise FsadError(f"supervised protocol unavailable ({exc}); install the project with its dependencies") from exc
-    return evaluate_supervised(dataset, partition, entry, args.k_good, args.k_bad, args.seeds,
-                               label_mode=args.label_mode, pool=args.pool, method_params=params,
-                               meta_pool=_meta_pool(args, dataset, partition, params, entry))
+    draw = SupervisedDraw(args.k_good, args.k_bad, label_mode=args.label_mode, pool=args.pool)
+    return evaluate_supervised(dataset, partition, entry, draw, args.seeds, params,
+                               EvalContext(meta_pool=_meta_pool(args, dataset, partition, params, entry)))
 
 
 def _meta_pool(args, dataset, partition, params: dict, entry):

@@ -1,7 +1,7 @@
 """Meta-training pools: the embeddings of *other* categories a meta-trained method (CAML) learns from.
 
-A pool is data, given to the protocol explicitly (``evaluate_supervised(..., meta_pool=...)``), and every
-row records which pool was used (``meta_pool`` column). Three sources:
+A pool is data, given to the protocol explicitly (``evaluate_supervised(..., context=EvalContext(meta_pool=...))``),
+and every row records which pool was used (``meta_pool`` column). Three sources:
 
 * ``pool_from_partitions(pairs)``: categories already embedded, e.g. the other categories of a sweep;
 * ``root_pool(root, store, ...)``: every category of another MVTec-layout root;

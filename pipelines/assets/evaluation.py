@@ -71,7 +71,9 @@ def _evaluation_asset(cfg: SweepConfig, embeddings_asset, backbone: str, spec: M
     )
     def _eval(context: dg.AssetExecutionContext, feature_store: FeatureStoreResource, device: DeviceResource,
               mlflow: MlflowTracking, banks: dict):
+        from fewshot_core.evaluation.options import EvalContext
         from fewshot_core.evaluation.run import evaluate_setting
+        from fewshot_core.evaluation.support import BankedPartition
 
         tracker = mlflow.tracker()
         exp_id = tracker.experiment_id(mlflow.experiment)
@@ -93,8 +95,8 @@ def _evaluation_asset(cfg: SweepConfig, embeddings_asset, backbone: str, spec: M
             if p["key"] not in banks:
                 raise FsadError(f"{p['key']}: no support bank yet; materialise {bank_key(backbone).to_user_string()} "
                                 "for this partition first (fsad run does)")
-            result = evaluate_setting(ds, part, spec.entry, setting, params, cache=caches[category],
-                                      runtime=runtime, meta_pool=pool, bank=banks[p["key"]],
+            result = evaluate_setting(ds, BankedPartition(part, banks[p["key"]]), spec.entry, setting, params,
+                                      context=EvalContext(runtime=runtime, cache=caches[category], meta_pool=pool),
                                       title=f"{spec.id} · {category} · {setting.key}")
             row = _record(context, tracker, mlflow.experiment, exp_id, cfg, backbone, spec, p, setting, part, result,
                           ds)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from fewshot_core.evaluation.options import EpisodeOptions
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: subprocesses import this code
 
@@ -29,7 +30,7 @@ def test_predict_reproduces_the_evaluation_auroc(mvtec_root, tmp_path):
     ds = load_dataset(mvtec_root, "bottle")
     part = FeatureStore(tmp_path / "store").build(ds, image_size=128, num_workers=0, progress=False)
     ep = sample_oneclass(ds, 1, 0)
-    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=128)
+    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, options=EpisodeOptions(mask_size=128))
     row = res.row
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, (tmp_path / "artifacts").as_uri())

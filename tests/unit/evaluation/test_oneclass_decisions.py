@@ -13,6 +13,7 @@ from fewshot_core.data import list_categories, load_dataset
 from fewshot_core.episodes import sample_oneclass
 from fewshot_core.evaluation.oneclass import run_oneclass_episode
 from fewshot_core.features.store import FeatureStore
+from fewshot_core.evaluation.options import EpisodeOptions
 
 torch.set_num_threads(2)
 
@@ -26,7 +27,8 @@ def synth(synth_root, tmp_path_factory):
 
 def test_row_reports_errors_and_recall_per_defect_type_at_its_threshold(synth):
     dataset, part = synth
-    res = run_oneclass_episode(dataset, part, sample_oneclass(dataset, 3, 0), "knn", mask_size=32)
+    res = run_oneclass_episode(dataset, part, sample_oneclass(dataset, 3, 0), "knn",
+                               options=EpisodeOptions(mask_size=32))
     row = res.row
     scores, labels = np.asarray(res.image_scores), np.asarray(res.labels)
     flagged = scores > row["threshold"]
@@ -38,5 +40,6 @@ def test_row_reports_errors_and_recall_per_defect_type_at_its_threshold(synth):
     for t in defects:
         assert row[f"recall_{t}"] == pytest.approx(flagged[types == t].mean())
     # one good shot: no threshold, so no decisions to count
-    (one,) = [run_oneclass_episode(dataset, part, sample_oneclass(dataset, 1, 0), "knn", mask_size=32).row]
+    (one,) = [run_oneclass_episode(dataset, part, sample_oneclass(dataset, 1, 0), "knn",
+                                   options=EpisodeOptions(mask_size=32)).row]
     assert math.isnan(one["false_alarm_rate"]) and not any(k.startswith("recall_") for k in one)

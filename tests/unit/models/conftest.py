@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fewshot_core.evaluation.options import EpisodeOptions
 
 
 @dataclass
@@ -36,7 +37,7 @@ def logged_model(tmp_path_factory, synth_root) -> Logged:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     tracker = Tracker(uri, (tmp / "artifacts").as_uri())
     ep = sample_oneclass(ds, 3, 0)
-    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=64)
+    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, options=EpisodeOptions(mask_size=64))
     run_id = tracker.log_evaluation("t", "dag", "r", {}, {})
     out = publish_model(tracker, run_id, ds, res.model, ep.support_ids, "oneclass", partition=part,
                         threshold=res.threshold)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fewshot_core.evaluation.options import EpisodeOptions, EvalContext
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]  # the checkout: subprocesses import this code
 
@@ -66,7 +67,7 @@ def test_patchcore_model_scores_like_the_evaluation(env):
 
     ds, part, tracker, uri = env
     ep = sample_oneclass(ds, 4, 0)
-    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=64)
+    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, options=EpisodeOptions(mask_size=64))
     row = res.row
     run_id = _run(tracker)
     import warnings
@@ -126,7 +127,8 @@ def test_pmf_model_scores_like_the_evaluation(env, tmp_path):
     params = {"steps": 2, "search_steps": 1, "lr_candidates": [1e-3], "image_size": 64,
               "backbone": "tf_efficientnet_lite0", "time_budget_s": 3600}
     res = run_supervised_episode(ds, part, ep, "pmf", params,
-                                 runtime=Runtime(artifact_dir=tmp_path / "artifacts", progress=False))
+                                 context=EvalContext(runtime=Runtime(artifact_dir=tmp_path / "artifacts",
+                                                                     progress=False)))
     out = publish_model(tracker, _run(tracker), ds, res.model, ep.support_ids, "supervised", partition=part)
     assert out["model_uri"].startswith("models:/")
     got = _fresh_scores(uri, out["model_uri"], [ds.by_id(i).path for i in ep.query_ids])
@@ -147,8 +149,9 @@ def test_trained_detector_model_scores_like_the_evaluation(env, tmp_path):
     ds, _part, tracker, uri = env
     ep = sample_oneclass(ds, 2, 0)
     params = {"steps": 3, "teacher_steps": 2, "penalty": "none", "image_size": 64}
-    res = run_oneclass_episode(ds, None, ep, "efficientad", params, mask_size=64,
-                               runtime=Runtime(artifact_dir=tmp_path / "artifacts", progress=False))
+    res = run_oneclass_episode(ds, None, ep, "efficientad", params, options=EpisodeOptions(mask_size=64),
+                               context=EvalContext(runtime=Runtime(artifact_dir=tmp_path / "artifacts",
+                                                                   progress=False)))
     out = publish_model(tracker, _run(tracker), ds, res.model, ep.support_ids, "oneclass",
                         threshold=res.threshold, image_size=res.model.image_size)
     assert out["model_uri"].startswith("models:/")
@@ -216,7 +219,7 @@ def test_served_model_answers_an_image_with_score_and_decision(env, tmp_path):
 
     ds, part, tracker, uri = env
     ep = sample_oneclass(ds, 3, 1)
-    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=64)
+    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, options=EpisodeOptions(mask_size=64))
     run_id = _run(tracker)
     out = publish_model(tracker, run_id, ds, res.model, ep.support_ids, "oneclass", partition=part,
                         threshold=res.threshold)
