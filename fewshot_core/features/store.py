@@ -36,6 +36,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -381,6 +382,37 @@ class _BackgroundWriter:
         self.global_.close()
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """One partition to write: its key and spec, the images (records and content hashes), what their
+    features are (backbone and resolved weights, short side, working shape, stages, patch dims) and what
+    changed since the previous partition of the same spec."""
+
+    key: str
+    spec: str
+    dataset: object
+    records: list
+    hashes: dict
+    fingerprint: str
+    backbone: str
+    weights: object  # backbones.weights.WeightsInfo
+    image_size: int
+    shape: tuple[int, int]
+    layers: tuple[int, ...]
+    patch_dim: int | None
+    change: dict | None
+
+
+@dataclass(frozen=True)
+class _Compute:
+    """How a partition is embedded (never part of its key)."""
+
+    batch_size: int
+    num_workers: int
+    device: object
+    progress: bool
+
+
 class FeatureStore:
     """Builds and opens partitions under ``root`` (default ``fewshot_core.paths.default_store_dir()``)."""
 
@@ -511,8 +543,9 @@ class FeatureStore:
             tmp = self.root / f"{_TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
                 tmp.mkdir()
-                self._write(tmp, records, key, spec, dataset, backbone, image_size, shape, layers, info,
-                            fingerprint, hashes, change, batch_size, num_workers, device, progress, patch_dim)
+                plan = _Plan(key, spec, dataset, records, hashes, fingerprint, backbone, info, image_size, shape,
+                             layers, patch_dim, change)
+                self._write(tmp, plan, _Compute(batch_size, num_workers, device, progress))
                 os.rename(tmp, final)  # nobody else writes this key while we hold the lock
             except BaseException as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -564,14 +597,19 @@ class FeatureStore:
         _notice(f"{category}: images differ from partition {best[1].name}: {summary}; building {key}")
         return {"previous": best[1].name, "summary": summary, **record}
 
-    def _write(self, tmp: Path, records, key, spec, dataset, backbone, image_size, shape, layers, info,
-               fingerprint, hashes, change, batch_size, num_workers, device, progress, patch_dim) -> dict:
+    def _write(self, tmp: Path, plan: _Plan, compute: _Compute) -> dict:
         from tqdm.auto import tqdm
+
+        records, key, spec, dataset, hashes, fingerprint = (plan.records, plan.key, plan.spec, plan.dataset,
+                                                            plan.hashes, plan.fingerprint)
+        backbone, info, image_size, shape, layers, patch_dim = (plan.backbone, plan.weights, plan.image_size,
+                                                                plan.shape, plan.layers, plan.patch_dim)
+        batch_size, num_workers, device = compute.batch_size, compute.num_workers, compute.device
 
         extractor = create_extractor(backbone, layers, weights_info=info, device=device)
         n = len(records)
         started = time.perf_counter()
-        bar = tqdm(total=n, unit="img", desc=f"embed {dataset.category}", disable=not progress)
+        bar = tqdm(total=n, unit="img", desc=f"embed {dataset.category}", disable=not compute.progress)
         writer = _BackgroundWriter(tmp, n)
         try:
             for _, patch, pooled in iter_embeddings(extractor, [r.path for r in records], shape,
@@ -613,7 +651,7 @@ class FeatureStore:
             "patch_size": PATCH_SIZE, "patch_dim": patch_dim_of(channels, patch_dim),
             "patch_reduction": None if patch_dim is None else "adaptive_avg_pool per stage then over stack",
             "global_dim": int(global_dim), "global": "pooled pre-classifier features (timm forward_head pre_logits)",
-            "dtype": "float16", "versions": _versions(), "files": files, "changed_from": change,
+            "dtype": "float16", "versions": _versions(), "files": files, "changed_from": plan.change,
             "build": {"device": str(device), "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 3),
                       "batch_size": batch_size, "num_workers": num_workers,
                       "created": datetime.now(timezone.utc).isoformat(timespec="microseconds")},

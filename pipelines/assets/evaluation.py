@@ -9,6 +9,7 @@ carrying that run's id; its materialisation carries its own metrics, run link an
 
 
 import json
+from typing import Any, NamedTuple
 
 import dagster as dg
 import numpy as np
@@ -98,8 +99,8 @@ def _evaluation_asset(cfg: SweepConfig, embeddings_asset, backbone: str, spec: M
             result = evaluate_setting(ds, BankedPartition(part, banks[p["key"]]), spec.entry, setting, params,
                                       context=EvalContext(runtime=runtime, cache=caches[category], meta_pool=pool),
                                       title=f"{spec.id} · {category} · {setting.key}")
-            row = _record(context, tracker, mlflow.experiment, exp_id, cfg, backbone, spec, p, setting, part, result,
-                          ds)
+            row = _record(context, _Tracking(tracker, mlflow.experiment, exp_id),
+                          _Partition(backbone, spec, p, setting), ds, part, result)
             out[p["key"]] = pd.DataFrame([row])
             metrics = result.metrics
             # NaN is allowed off the headline (e.g. no decision threshold from one good shot)
@@ -153,12 +154,32 @@ def _meta_pool(cfg, context, backbone, feature_store, device, source: str | None
     return pools.root_pool(source, store, backbone, size, **build)
 
 
-def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpec, p: dict, setting: Setting,
-            part, result, ds) -> dict:
+class _Tracking(NamedTuple):
+    """Where a partition's run is logged: the tracker, the sweep's experiment by name and by id."""
+
+    tracker: Any
+    experiment: str
+    experiment_id: str
+
+
+class _Partition(NamedTuple):
+    """One evaluation partition: its asset's backbone and method spec, its keys (``key``, ``category``,
+    ``setting``) and the parsed setting."""
+
+    backbone: str
+    spec: MethodSpec
+    keys: dict
+    setting: Setting
+
+
+def _record(context, log: _Tracking, where: _Partition, ds, part, result) -> dict:
     """Log the partition's MLflow run (with the fitted method as its MLflow Model) and return its table row."""
-    from fewshot_core.models.publish import publish_model, publishable
+    from fewshot_core.models.publish import ModelRun, publish_model, publishable
 
     from fewshot_core.reports.gallery import GALLERY_ARTIFACT
+
+    tracker, experiment, exp_id = log.tracker, log.experiment, log.experiment_id
+    backbone, spec, p, setting = where.backbone, where.spec, where.keys, where.setting
 
     lib_row, episode, metrics = result.row, result.episode, result.metrics
     fit_s, score_s = result.fit_seconds, result.score_seconds
@@ -182,10 +203,9 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
                                     tags, artifacts, stage=context.run.tags.get("fsad/stage")
                                     or context.asset_key.to_user_string())
     image_method = spec.entry.input_kind == registry.IMAGES
-    published = publish_model(tracker, run_id, ds, result.model, episode.support_ids, setting.protocol,
-                              partition=None if image_method else part, threshold=result.threshold,
-                              image_size=result.model.input_size if image_method else None, tags=tags,
-                              name=f"{spec.id}-{p['category']}-{setting.key}")
+    published = publish_model(ModelRun(tracker, run_id, tags, f"{spec.id}-{p['category']}-{setting.key}"), ds,
+                              result.model, episode.support_ids, setting.protocol,
+                              partition=None if image_method else part, threshold=result.threshold)
     shown = schema.SHOWN[schema.Protocol(setting.protocol)]
     context.log.info(f"{spec.id} {p['key']}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k in shown))
     identity = {"method": spec.id, "method_name": spec.method, "backbone": backbone, "category": p["category"],

@@ -24,7 +24,7 @@ def test_predict_reproduces_the_evaluation_auroc(mvtec_root, tmp_path):
     from fewshot_core.features.store import FeatureStore
     from fewshot_core.metrics import image_metrics
     from fewshot_core.models.champion import promote_champions
-    from fewshot_core.models.publish import publish_model
+    from fewshot_core.models.publish import ModelRun, publish_model
     from fewshot_core.tracking import Tracker
 
     ds = load_dataset(mvtec_root, "bottle")
@@ -35,7 +35,7 @@ def test_predict_reproduces_the_evaluation_auroc(mvtec_root, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, (tmp_path / "artifacts").as_uri())
     run_id = tracker.log_evaluation("bottle", "dag", "patchcore", {}, {"image_auroc": row["image_auroc"]})
-    out = publish_model(tracker, run_id, ds, res.model, ep.support_ids, "oneclass", partition=part,
+    out = publish_model(ModelRun(tracker, run_id), ds, res.model, ep.support_ids, "oneclass", partition=part,
                         threshold=res.threshold)
     table = pd.DataFrame([{**row, "model_uri": out["model_uri"], "mlflow_run_id": run_id,
                            "score_seconds": row["score_s"]}])

@@ -22,7 +22,7 @@ def model_dir(tmp_path_factory):
     from fewshot_core.data import load_dataset
     from fewshot_core.features.store import FeatureStore
     from fewshot_core.methods import registry
-    from fewshot_core.models.deployable import save_deployable
+    from fewshot_core.models.deployable import ModelInputs, Provenance, save_deployable
     from fewshot_core.models.featurizer import FeaturizerSpec
 
     base = tmp_path_factory.mktemp("predict-model")
@@ -31,8 +31,8 @@ def model_dir(tmp_path_factory):
     part = FeatureStore(base / "store").build(ds, image_size=32, num_workers=0, progress=False)
     support = [r.image_id for r in ds.train_good()]
     model = registry.create("patchcore", seed=0).fit(part.patch(support))
-    return save_deployable(model, base / "model", category="w", support_ids=support, protocol="oneclass",
-                           featurizer=FeaturizerSpec.from_partition(part))
+    return save_deployable(model, base / "model", Provenance("w", support, "oneclass"),
+                           ModelInputs(featurizer=FeaturizerSpec.from_partition(part)))
 
 
 def _predict(capsys, *argv) -> tuple[int, str, str]:

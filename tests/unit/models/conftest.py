@@ -27,7 +27,7 @@ def logged_model(tmp_path_factory, synth_root) -> Logged:
     from fewshot_core.episodes import sample_oneclass
     from fewshot_core.evaluation.oneclass import run_oneclass_episode
     from fewshot_core.features.store import FeatureStore
-    from fewshot_core.models.publish import publish_model
+    from fewshot_core.models.publish import ModelRun, publish_model
     from fewshot_core.tracking import Tracker
 
     tmp = tmp_path_factory.mktemp("logged-model")
@@ -39,7 +39,7 @@ def logged_model(tmp_path_factory, synth_root) -> Logged:
     ep = sample_oneclass(ds, 3, 0)
     res = run_oneclass_episode(ds, part, ep, "patchcore", {}, options=EpisodeOptions(mask_size=64))
     run_id = tracker.log_evaluation("t", "dag", "r", {}, {})
-    out = publish_model(tracker, run_id, ds, res.model, ep.support_ids, "oneclass", partition=part,
+    out = publish_model(ModelRun(tracker, run_id), ds, res.model, ep.support_ids, "oneclass", partition=part,
                         threshold=res.threshold)
     return Logged(ds, tracker, uri, out["model_uri"], out["model_id"], [ds.by_id(i).path for i in ep.query_ids],
                   [float(s) for s in res.image_scores], res.threshold.value)

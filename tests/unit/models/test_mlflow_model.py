@@ -63,7 +63,7 @@ def _run(tracker):
 def test_patchcore_model_scores_like_the_evaluation(env):
     from fewshot_core.episodes import sample_oneclass
     from fewshot_core.evaluation.oneclass import run_oneclass_episode
-    from fewshot_core.models.publish import publish_model
+    from fewshot_core.models.publish import ModelRun, publish_model
 
     ds, part, tracker, uri = env
     ep = sample_oneclass(ds, 4, 0)
@@ -75,7 +75,7 @@ def test_patchcore_model_scores_like_the_evaluation(env):
     from fewshot_core.models.mlflow_model import _ADVICE
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = publish_model(tracker, run_id, ds, res.model, ep.support_ids, "oneclass", partition=part,
+        out = publish_model(ModelRun(tracker, run_id), ds, res.model, ep.support_ids, "oneclass", partition=part,
                             threshold=res.threshold)
     assert not [w for w in caught if any(a in str(w.message) for a in _ADVICE)], "MLflow's advice reached the log"
     assert out["model_uri"].startswith("models:/")
@@ -100,12 +100,12 @@ def test_patchcore_model_scores_like_the_evaluation(env):
 def test_protonet_model_scores_like_the_evaluation(env):
     from fewshot_core.episodes import sample_supervised
     from fewshot_core.evaluation.supervised import run_supervised_episode
-    from fewshot_core.models.publish import publish_model
+    from fewshot_core.models.publish import ModelRun, publish_model
 
     ds, part, tracker, uri = env
     ep = sample_supervised(ds, 2, 1, 0, label_mode="multiclass", pool="test")
     res = run_supervised_episode(ds, part, ep, "protonet", {})
-    out = publish_model(tracker, _run(tracker), ds, res.model, ep.support_ids, "supervised", partition=part)
+    out = publish_model(ModelRun(tracker, _run(tracker)), ds, res.model, ep.support_ids, "supervised", partition=part)
     got = _fresh_scores(uri, out["model_uri"], [ds.by_id(i).path for i in ep.query_ids])
     np.testing.assert_allclose(got["score"], res.image_scores, rtol=0, atol=1e-6)
     assert got["label"] == [str(v) for v in res.y_pred]
@@ -119,7 +119,7 @@ def test_pmf_model_scores_like_the_evaluation(env, tmp_path):
     whose preprocessing it needs and, in a fresh process, classifies the queries as the evaluation did."""
     from fewshot_core.episodes import sample_supervised
     from fewshot_core.evaluation.supervised import run_supervised_episode
-    from fewshot_core.models.publish import publish_model
+    from fewshot_core.models.publish import ModelRun, publish_model
     from fewshot_core.runtime import Runtime
 
     ds, part, tracker, uri = env
@@ -129,7 +129,7 @@ def test_pmf_model_scores_like_the_evaluation(env, tmp_path):
     res = run_supervised_episode(ds, part, ep, "pmf", params,
                                  context=EvalContext(runtime=Runtime(artifact_dir=tmp_path / "artifacts",
                                                                      progress=False)))
-    out = publish_model(tracker, _run(tracker), ds, res.model, ep.support_ids, "supervised", partition=part)
+    out = publish_model(ModelRun(tracker, _run(tracker)), ds, res.model, ep.support_ids, "supervised", partition=part)
     assert out["model_uri"].startswith("models:/")
     got = _fresh_scores(uri, out["model_uri"], [ds.by_id(i).path for i in ep.query_ids])
     np.testing.assert_allclose(got["score"], res.image_scores, rtol=0, atol=1e-6)
@@ -143,7 +143,7 @@ def test_trained_detector_model_scores_like_the_evaluation(env, tmp_path):
     pixel size and, loaded in a fresh process, scores the queries as the evaluation did."""
     from fewshot_core.episodes import sample_oneclass
     from fewshot_core.evaluation.oneclass import run_oneclass_episode
-    from fewshot_core.models.publish import publish_model
+    from fewshot_core.models.publish import ModelRun, publish_model
     from fewshot_core.runtime import Runtime
 
     ds, _part, tracker, uri = env
@@ -152,8 +152,8 @@ def test_trained_detector_model_scores_like_the_evaluation(env, tmp_path):
     res = run_oneclass_episode(ds, None, ep, "efficientad", params, options=EpisodeOptions(mask_size=64),
                                context=EvalContext(runtime=Runtime(artifact_dir=tmp_path / "artifacts",
                                                                    progress=False)))
-    out = publish_model(tracker, _run(tracker), ds, res.model, ep.support_ids, "oneclass",
-                        threshold=res.threshold, image_size=res.model.image_size)
+    out = publish_model(ModelRun(tracker, _run(tracker)), ds, res.model, ep.support_ids, "oneclass",
+                        threshold=res.threshold)
     assert out["model_uri"].startswith("models:/")
     got = _fresh_scores(uri, out["model_uri"], [ds.by_id(i).path for i in ep.query_ids])
     np.testing.assert_allclose(got["score"], res.image_scores, rtol=0, atol=1e-6)
@@ -215,13 +215,13 @@ def test_served_model_answers_an_image_with_score_and_decision(env, tmp_path):
     from fewshot_core.episodes import sample_oneclass
     from fewshot_core.evaluation.oneclass import run_oneclass_episode
     from fewshot_core.models.champion import Candidate, promote
-    from fewshot_core.models.publish import publish_model
+    from fewshot_core.models.publish import ModelRun, publish_model
 
     ds, part, tracker, uri = env
     ep = sample_oneclass(ds, 3, 1)
     res = run_oneclass_episode(ds, part, ep, "patchcore", {}, options=EpisodeOptions(mask_size=64))
     run_id = _run(tracker)
-    out = publish_model(tracker, run_id, ds, res.model, ep.support_ids, "oneclass", partition=part,
+    out = publish_model(ModelRun(tracker, run_id), ds, res.model, ep.support_ids, "oneclass", partition=part,
                         threshold=res.threshold)
     promote(tracker, Candidate(ds.category, "patchcore", None, 3, 0.9, 0.1, 1, out["model_uri"], run_id, "c"))
     port = _free_port()
