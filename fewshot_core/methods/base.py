@@ -12,6 +12,9 @@
   Gaussian of ``map_sigma`` pixels: 4 for patch-level maps, 0 for maps a method already smoothed).
 * ``input_size``: the square size a method reads images at (None: it reads the store's features at the
   partition's working shape); ``protocol_params`` fills parameters a protocol knows and the user did not give.
+* Everything a protocol, saved model or pipeline reads of a method is declared here with a default
+  (``input_kind``, ``fitted_``, ``fit_info_``, ``input_size``, ``backbone_name``; ``Detector.bank_`` /
+  ``bank_size``; ``Classifier.trained_on``) and read as a plain attribute, never through ``getattr`` defaults.
 * ``save(folder)`` / ``Method.load(folder)``: one format for every method (``methods/persistence.py``).
 """
 
