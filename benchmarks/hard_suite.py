@@ -51,6 +51,7 @@ from fewshot_core.features.store import FeatureStore  # noqa: E402
 from fewshot_core.paths import default_work_dir, shared_mtd_root, shared_mvtec_root  # noqa: E402
 from fewshot_core.sizes import WORKING_SIZE  # noqa: E402
 from fewshot_core.evaluation.options import EpisodeOptions, EvalContext  # noqa: E402
+from fewshot_core.features.store import EmbedCompute, FeatureSpec  # noqa: E402
 
 DATASETS = ("bottle_posed", "bottle_small", "synth_screw", "bottle_logical", "magnetic_tile", "mtd_tall", "bottle")
 HARD = DATASETS[:6]
@@ -177,8 +178,8 @@ def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: in
                 continue
             if key not in partitions:
                 t0 = time.perf_counter()
-                partitions[key] = store.build(ds, backbone=backbone, image_size=size, layers=layers, progress=False,
-                                              aspect=aspect)
+                spec = FeatureSpec(backbone=backbone, image_size=size, layers=layers, aspect=aspect)
+                partitions[key] = store.build(ds, spec, EmbedCompute(progress=False))
                 log(f"# partition {name}@{size} {backbone} layers {layers or 'default'}: "
                     f"{time.perf_counter() - t0:.1f} s")
             transductive = registry.get(method).family == registry.TRANSDUCTIVE

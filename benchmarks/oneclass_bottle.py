@@ -33,6 +33,7 @@ from fewshot_core.methods import nn_search  # noqa: E402
 from fewshot_core.paths import shared_mvtec_root  # noqa: E402
 from fewshot_core.sizes import WORKING_SIZE  # noqa: E402
 from fewshot_core.evaluation.options import EpisodeOptions, EvalContext  # noqa: E402
+from fewshot_core.features.store import EmbedCompute, FeatureSpec  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -150,8 +151,8 @@ def main(argv=None) -> int:
         return 2
     dataset = load_dataset(root, "bottle")
     t0 = time.perf_counter()
-    partition = FeatureStore(args.store).build(dataset, image_size=args.image_size, weights=args.weights,
-                                               progress=False)
+    partition = FeatureStore(args.store).build(dataset, FeatureSpec(image_size=args.image_size, weights=args.weights),
+                                               EmbedCompute(progress=False))
     cuda = torch.cuda.is_available()
     print(f"bottle: {len(dataset.train_good())} train/good, {len(dataset.test())} test; partition {partition.key} "
           f"(grid {partition.grid}, d={partition.patch_dim}, {time.perf_counter() - t0:.1f} s to open/build); "

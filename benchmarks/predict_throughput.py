@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -59,7 +60,7 @@ def main() -> None:
     ds = load_dataset(root, args.category)
     with tempfile.TemporaryDirectory(prefix="fsad-predict-bench-") as tmp:
         store = FeatureStore(args.store or Path(tmp) / "store")
-        part = store.build(ds, image_size=args.image_size, progress=False)
+        part = store.build(ds, FeatureSpec(image_size=args.image_size), EmbedCompute(progress=False))
         ep = sample_oneclass(ds, args.shots, 0)
         res = run_oneclass_episode(ds, part, ep, "patchcore", {}, options=EpisodeOptions(mask_size=args.image_size))
         folder = save_deployable(res.model, Path(tmp) / "model", Provenance(ds.category, ep.support_ids, "oneclass"),

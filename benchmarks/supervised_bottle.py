@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from fewshot_core.evaluation.options import EvalContext, SupervisedDraw
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -64,8 +65,8 @@ def caml_meta_pool(args, store):
     pairs = []
     for name in names:
         ds = load_dataset(root, name)
-        pairs.append((ds, store.build(ds, backbone=BACKBONE, image_size=args.image_size, num_workers=0,
-                                      progress=False)))
+        pairs.append((ds, store.build(ds, FeatureSpec(backbone=BACKBONE, image_size=args.image_size),
+                                      EmbedCompute(num_workers=0, progress=False))))
     return pool_from_partitions(pairs, source="synthetic (benchmark)")
 
 
@@ -84,7 +85,8 @@ def run(args) -> pd.DataFrame:
     bottle = load_dataset(root, "bottle")
     store = FeatureStore(args.store)
     t0 = time.perf_counter()
-    part = store.build(bottle, backbone=BACKBONE, image_size=args.image_size, num_workers=0, progress=False)
+    part = store.build(bottle, FeatureSpec(backbone=BACKBONE, image_size=args.image_size),
+                       EmbedCompute(num_workers=0, progress=False))
     print(f"# bottle partition {part.key} ({time.perf_counter() - t0:.1f}s)", flush=True)
 
     from fewshot_core.runtime import Runtime

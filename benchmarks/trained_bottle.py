@@ -34,6 +34,7 @@ from fewshot_core.methods import registry  # noqa: E402
 from fewshot_core.paths import default_work_dir, shared_mvtec_root  # noqa: E402
 from fewshot_core.runtime import Runtime  # noqa: E402
 from fewshot_core.evaluation.options import EpisodeOptions, EvalContext  # noqa: E402
+from fewshot_core.features.store import EmbedCompute, FeatureSpec  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -200,7 +201,8 @@ def main(argv=None) -> int:
         from fewshot_core.features.store import FeatureStore
 
         t0 = time.perf_counter()
-        partition = FeatureStore(args.store).build(dataset, image_size=256, weights=args.weights, progress=False)
+        partition = FeatureStore(args.store).build(dataset, FeatureSpec(image_size=256, weights=args.weights),
+                                                   EmbedCompute(progress=False))
         print(f"(PatchCore: feature-store partition {partition.key}, grid {partition.grid}, "
               f"{time.perf_counter() - t0:.1f} s to open/build)", flush=True)
     # shots outermost: a run cut short still has every method at the small shot counts

@@ -99,12 +99,12 @@ def register(subparsers) -> None:
 
 def _partition(args, dataset):
     from fewshot_core.backbones import DEFAULT_BACKBONE
-    from fewshot_core.features.store import FeatureStore
+    from fewshot_core.features.store import EmbedCompute, FeatureSpec, FeatureStore
 
-    return FeatureStore(args.store).build(dataset, backbone=args.backbone or DEFAULT_BACKBONE,
-                                          image_size=args.image_size, layers=args.layers, weights=args.weights,
-                                          num_workers=args.num_workers, device=args.device, progress=False,
-                                          patch_dim=args.patch_dim, aspect=args.aspect)
+    spec = FeatureSpec(backbone=args.backbone or DEFAULT_BACKBONE, image_size=args.image_size, layers=args.layers,
+                       weights=args.weights, patch_dim=args.patch_dim, aspect=args.aspect)
+    return FeatureStore(args.store).build(dataset, spec, EmbedCompute(num_workers=args.num_workers, device=args.device,
+                                                                      progress=False))
 
 
 def _method_help() -> str:
@@ -151,7 +151,7 @@ def _meta_pool(args, dataset, partition, params: dict, entry):
     """The meta-training pool for a meta-trained method (None for the others, or with a checkpoint)."""
     from fewshot_core.data import list_categories
     from fewshot_core.evaluation import meta_pool as pools
-    from fewshot_core.features.store import FeatureStore
+    from fewshot_core.features.store import EmbedCompute, FeatureSpec, FeatureStore
     from fewshot_core.paths import default_work_dir
 
     if not entry.meta_pool or params.get("checkpoint"):
@@ -161,23 +161,23 @@ def _meta_pool(args, dataset, partition, params: dict, entry):
     if source is None:
         source = "root" if others else pools.SYNTHETIC
     store = FeatureStore(args.store)
-    build = dict(layers=args.layers, weights=args.weights, num_workers=args.num_workers, device=args.device,
-                 patch_dim=args.patch_dim)
-    backbone, size = partition.meta.get("backbone"), partition.image_size
+    spec = FeatureSpec(partition.meta.get("backbone"), partition.image_size, layers=args.layers, weights=args.weights,
+                       patch_dim=args.patch_dim)
+    compute = EmbedCompute(num_workers=args.num_workers, device=args.device)
     if source == "root":
         if not others:
             raise FsadError(f"--meta-pool root: {dataset.root} has no category besides {dataset.category!r}; "
                             "use --meta-pool synthetic or a PATH to another root")
-        return pools.root_pool(dataset.root, store, backbone, size, categories=others, **build)
+        return pools.root_pool(dataset.root, store, spec, compute, categories=others)
     if source == pools.SYNTHETIC or source.startswith(pools.SYNTHETIC + ":"):
         count = source.partition(":")[2] or "4"
         if not count.isdigit() or int(count) < 1:
             raise FsadError(f"--meta-pool {source}: give synthetic:N with N >= 1 generated categories")
-        return pools.synthetic_pool(store, backbone, size, default_work_dir(), categories=int(count), **build)
+        return pools.synthetic_pool(store, spec, default_work_dir(), compute, categories=int(count))
     root = Path(source).expanduser()
     if not root.is_dir():
         raise FsadError(f"--meta-pool {source}: not 'synthetic', 'root' or an existing folder; pass one of those")
-    return pools.root_pool(root, store, backbone, size, **build)
+    return pools.root_pool(root, store, spec, compute)
 
 
 def _needs_features(protocol: str, entry) -> bool:

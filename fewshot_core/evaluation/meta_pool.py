@@ -15,13 +15,14 @@ The evaluated category is left out by the method before any sampling (and a mode
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from fewshot_core.data.records import GOOD
 from fewshot_core.errors import FsadError
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 SYNTHETIC = "synthetic"
 
@@ -55,9 +56,9 @@ def pool_from_partitions(pairs: Iterable[tuple], source: str = "categories") -> 
     return MetaPool(source, embeddings)
 
 
-def root_pool(root, store, backbone: str, image_size: int, categories: list[str] | None = None,
-              **build) -> MetaPool:
-    """Every category (or ``categories``) of the MVTec-layout ``root``, embedded in ``store``."""
+def root_pool(root, store, spec: FeatureSpec, compute: EmbedCompute | None = None,
+              categories: list[str] | None = None) -> MetaPool:
+    """Every category (or ``categories``) of the MVTec-layout ``root``, embedded in ``store`` as ``spec`` says."""
     from fewshot_core.data import list_categories, load_dataset
 
     root = Path(root).expanduser().resolve()
@@ -68,13 +69,13 @@ def root_pool(root, store, backbone: str, image_size: int, categories: list[str]
     pairs = []
     for name in names:
         ds = load_dataset(root, name)
-        pairs.append((ds, store.build(ds, backbone=backbone, image_size=image_size, progress=False, **build)))
+        pairs.append((ds, store.build(ds, spec, replace(compute or EmbedCompute(), progress=False))))
     return pool_from_partitions(pairs, source=f"root {root}")
 
 
-def synthetic_pool(store, backbone: str, image_size: int, work_dir, categories: int = 4, seed: int = 0,
-                   **build) -> MetaPool:
-    """``categories`` generated categories (made once under ``work_dir``), embedded in ``store``."""
+def synthetic_pool(store, spec: FeatureSpec, work_dir, compute: EmbedCompute | None = None, categories: int = 4,
+                   seed: int = 0) -> MetaPool:
+    """``categories`` generated categories (made once under ``work_dir``), embedded in ``store`` as ``spec`` says."""
     from fewshot_core.data import list_categories, load_dataset
     from fewshot_core.data.synth import generate
 
@@ -85,5 +86,5 @@ def synthetic_pool(store, backbone: str, image_size: int, work_dir, categories: 
     pairs = []
     for name in list_categories(root):
         ds = load_dataset(root, name)
-        pairs.append((ds, store.build(ds, backbone=backbone, image_size=image_size, progress=False, **build)))
+        pairs.append((ds, store.build(ds, spec, replace(compute or EmbedCompute(), progress=False))))
     return pool_from_partitions(pairs, source=f"{SYNTHETIC} ({categories} generated, seed {seed})")

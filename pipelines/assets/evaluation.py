@@ -134,24 +134,24 @@ def _meta_pool(cfg, context, backbone, feature_store, device, source: str | None
     (generated ones when the sweep has a single category, e.g. bottle), generated categories, or another
     root's. The method itself leaves the evaluated category out (and refuses a model that saw it)."""
     from fewshot_core.evaluation import meta_pool as pools
+    from fewshot_core.features.store import EmbedCompute, FeatureSpec
     from pipelines.partitions import CATEGORY
 
     categories = context.instance.get_dynamic_partitions(CATEGORY.name)
     if source in (None, "categories") and len(categories) < 2:
         source = pools.SYNTHETIC
-    build = dict(batch_size=feature_store.batch_size, num_workers=feature_store.num_workers,
-                 device=device.resolve())
+    compute = EmbedCompute(feature_store.batch_size, feature_store.num_workers, device.resolve())
     if source in (None, "categories"):
         pairs = []
         for category in categories:
             ds = load_category(cfg, category)
             pairs.append((ds, feature_store.build(ds, backbone, device.resolve())))
         return pools.pool_from_partitions(pairs, source="sweep categories")
-    store, size = feature_store.store(), feature_store.image_size
+    store, spec = feature_store.store(), FeatureSpec(backbone, feature_store.image_size)
     if source.startswith(pools.SYNTHETIC):
         count = int(source.partition(":")[2] or 4)
-        return pools.synthetic_pool(store, backbone, size, cfg.resolved_work_dir(), categories=count, **build)
-    return pools.root_pool(source, store, backbone, size, **build)
+        return pools.synthetic_pool(store, spec, cfg.resolved_work_dir(), compute, categories=count)
+    return pools.root_pool(source, store, spec, compute)
 
 
 class _Tracking(NamedTuple):

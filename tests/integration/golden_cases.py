@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from fewshot_core.evaluation.options import EpisodeOptions, EvalContext, SupervisedDraw
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 SYNTH_SIZE = 64
 BOTTLE_SIZE = 128
@@ -83,8 +84,8 @@ class GoldenEnv:
 
         key = ("part", str(dataset.root), dataset.category, size)
         if key not in self._cache:
-            self._cache[key] = FeatureStore(self.tmp / "store").build(dataset, image_size=size, num_workers=0,
-                                                                       progress=False)
+            self._cache[key] = FeatureStore(self.tmp / "store").build(dataset, FeatureSpec(image_size=size),
+                                                                      EmbedCompute(num_workers=0, progress=False))
         return self._cache[key]
 
     def caml_pool_pairs(self, exclude: str):

@@ -13,6 +13,7 @@ from fewshot_core.episodes import sample_oneclass
 from fewshot_core.evaluation.oneclass import run_oneclass_episode
 from fewshot_core.features.store import FeatureStore
 from fewshot_core.evaluation.options import EpisodeOptions, EvalContext
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 SIZE = 128
 SEEDS = [0, 1, 2]
@@ -23,7 +24,8 @@ SEEDS = [0, 1, 2]
 def test_a_missing_bottle_scores_far_above_the_good_ones(mvtec_root, tmp_path):
     bottle = load_dataset(mvtec_root, "bottle")
     logical = load_dataset(tmp_path, logical_copy(bottle, tmp_path, seed=0, size=256).name)
-    part = FeatureStore(tmp_path / "store").build(logical, image_size=SIZE, num_workers=0, progress=False)
+    part = FeatureStore(tmp_path / "store").build(logical, FeatureSpec(image_size=SIZE),
+                                                  EmbedCompute(num_workers=0, progress=False))
     kind = {r.image_id: r.defect_type for r in logical.records}
     cache = EpisodeCache()
     for seed in SEEDS:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: subprocesses import this code
 
@@ -28,7 +29,8 @@ def test_predict_reproduces_the_evaluation_auroc(mvtec_root, tmp_path):
     from fewshot_core.tracking import Tracker
 
     ds = load_dataset(mvtec_root, "bottle")
-    part = FeatureStore(tmp_path / "store").build(ds, image_size=128, num_workers=0, progress=False)
+    part = FeatureStore(tmp_path / "store").build(ds, FeatureSpec(image_size=128),
+                                                  EmbedCompute(num_workers=0, progress=False))
     ep = sample_oneclass(ds, 1, 0)
     res = run_oneclass_episode(ds, part, ep, "patchcore", {}, options=EpisodeOptions(mask_size=128))
     row = res.row

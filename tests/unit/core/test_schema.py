@@ -11,6 +11,7 @@ from fewshot_core import schema
 from fewshot_core.evaluation.run import SettingResult
 from fewshot_core.reports.aggregate import aggregate, metric_columns
 from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 
 def _direction(name: str) -> bool:
@@ -69,7 +70,7 @@ def test_every_protocol_row_carries_the_shared_names(synth_root, tmp_path):
     from fewshot_core.features.store import FeatureStore
 
     ds = load_dataset(synth_root, list_categories(synth_root)[0])
-    part = FeatureStore(tmp_path).build(ds, image_size=64, num_workers=0, progress=False)
+    part = FeatureStore(tmp_path).build(ds, FeatureSpec(image_size=64), EmbedCompute(num_workers=0, progress=False))
     results = {
         schema.Protocol.ONECLASS: run_oneclass_episode(ds, part, sample_oneclass(ds, 2, 0), "knn",
                                                        options=EpisodeOptions(mask_size=32, augment="none")),

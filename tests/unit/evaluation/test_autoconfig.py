@@ -11,12 +11,14 @@ from fewshot_core.evaluation.autoconfig import CANDIDATES, candidates_for
 from fewshot_core.evaluation.oneclass import evaluate_oneclass
 from fewshot_core.features.store import FeatureStore
 from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 
 @pytest.fixture(scope="module")
 def synth(synth_root, tmp_path_factory):
     ds = load_dataset(synth_root, list_categories(synth_root)[0])
-    part = FeatureStore(tmp_path_factory.mktemp("store")).build(ds, image_size=64, num_workers=0, progress=False)
+    part = FeatureStore(tmp_path_factory.mktemp("store")).build(ds, FeatureSpec(image_size=64),
+                                                                EmbedCompute(num_workers=0, progress=False))
     return ds, part
 
 

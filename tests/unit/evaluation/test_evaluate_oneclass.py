@@ -19,6 +19,7 @@ from fewshot_core.episode_cache import EpisodeCache
 from fewshot_core.episodes import sample_oneclass
 from fewshot_core.features.store import FeatureStore
 from fewshot_core.evaluation.options import EpisodeOptions, EvalContext
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 torch.set_num_threads(2)
 IMAGE_SIZE = 64
@@ -29,7 +30,8 @@ METRICS = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro"
 def synth(synth_root, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     dataset = load_dataset(synth_root, list_categories(synth_root)[0])
-    partition = FeatureStore(store).build(dataset, image_size=IMAGE_SIZE, num_workers=0, progress=False)
+    partition = FeatureStore(store).build(dataset, FeatureSpec(image_size=IMAGE_SIZE),
+                                          EmbedCompute(num_workers=0, progress=False))
     return dataset, partition, store
 
 
@@ -262,7 +264,8 @@ def test_patchcore_reaches_the_bar_on_real_bottle(mvtec_root):
     patches: the greedy coreset loop is memory-bound on a CPU); the benchmark runs the 10 % default.
     """
     dataset = load_dataset(mvtec_root, "bottle")
-    partition = FeatureStore().build(dataset, progress=False)  # Lite0, 256 px, stride 8 + 16 stages
+    # Lite0, 256 px, stride 8 + 16 stages
+    partition = FeatureStore().build(dataset, compute=EmbedCompute(progress=False))
     (full,) = evaluate_oneclass(dataset, partition, "patchcore", "full", [0], {"coreset_ratio": 0.002, "min_bank": 0})
     assert full["image_auroc"] >= 0.99 and full["pixel_auroc"] >= 0.97, full
     one = evaluate_oneclass(dataset, partition, "patchcore", 1, [0, 1])

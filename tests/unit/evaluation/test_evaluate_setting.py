@@ -20,6 +20,7 @@ from fewshot_core.reports.gallery import GALLERY_ARTIFACT, pick_examples, report
 from fewshot_core.settings import Setting
 from fewshot_core.evaluation.options import EpisodeOptions
 from fewshot_core.evaluation.support import BankedPartition
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 torch.set_num_threads(2)
 
@@ -27,8 +28,8 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="module")
 def synth(synth_root, tmp_path_factory):
     dataset = load_dataset(synth_root, list_categories(synth_root)[0])
-    partition = FeatureStore(tmp_path_factory.mktemp("store")).build(dataset, image_size=64, num_workers=0,
-                                                                    progress=False)
+    partition = FeatureStore(tmp_path_factory.mktemp("store")).build(dataset, FeatureSpec(image_size=64),
+                                                                     EmbedCompute(num_workers=0, progress=False))
     return dataset, partition
 
 

@@ -14,6 +14,7 @@ from fewshot_core.episodes import sample_oneclass
 from fewshot_core.evaluation.oneclass import run_oneclass_episode
 from fewshot_core.features.store import FeatureStore
 from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 torch.set_num_threads(2)
 
@@ -21,7 +22,8 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="module")
 def synth(synth_root, tmp_path_factory):
     dataset = load_dataset(synth_root, list_categories(synth_root)[0])
-    part = FeatureStore(tmp_path_factory.mktemp("store")).build(dataset, image_size=64, num_workers=0, progress=False)
+    part = FeatureStore(tmp_path_factory.mktemp("store")).build(dataset, FeatureSpec(image_size=64),
+                                                                EmbedCompute(num_workers=0, progress=False))
     return dataset, part
 
 

@@ -18,6 +18,7 @@ from fewshot_core.evaluation.meta_pool import pool_from_partitions
 from fewshot_core.evaluation.supervised import evaluate_supervised, run_supervised_episode
 from fewshot_core.runtime import Runtime
 from fewshot_core.evaluation.options import EvalContext, SupervisedDraw
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 DEFECTS = ("crack", "hole", "stain")
 torch.set_num_threads(1)
@@ -195,7 +196,8 @@ def test_pmf_and_protonet_through_the_real_store(synth_root, tmp_path):
         pytest.skip(f"Lite0 weights unavailable: {exc}")
     cat = sorted(p.name for p in synth_root.iterdir() if p.is_dir())[0]
     ds = load_dataset(synth_root, cat)
-    part = FeatureStore(tmp_path / "store").build(ds, image_size=64, num_workers=0, progress=False)
+    part = FeatureStore(tmp_path / "store").build(ds, FeatureSpec(image_size=64),
+                                                  EmbedCompute(num_workers=0, progress=False))
     proto = evaluate_supervised(ds, part, "protonet", SupervisedDraw(2, 1), [0], {"distance": "cosine"})
     pmf = evaluate_supervised(ds, part, "pmf", SupervisedDraw(2, 1), [0],
                               {"steps": 2, "search_steps": 1, "lr_candidates": [1e-3], "image_size": 64,

@@ -12,6 +12,7 @@ from fewshot_core.evaluation.transductive import evaluate_transductive, transduc
 from fewshot_core.features.store import FeatureStore
 from fewshot_core.methods import registry
 from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 torch.set_num_threads(2)
 
@@ -49,7 +50,8 @@ def test_musc_is_its_own_protocol():
 
 def test_transductive_rows_zero_and_few_shots(synth_root, tmp_path):
     dataset = load_dataset(synth_root, list_categories(synth_root)[0])
-    partition = FeatureStore(tmp_path).build(dataset, image_size=64, num_workers=0, progress=False)
+    partition = FeatureStore(tmp_path).build(dataset, FeatureSpec(image_size=64),
+                                             EmbedCompute(num_workers=0, progress=False))
     zero = evaluate_transductive(dataset, partition, "musc", 0, [0], options=EpisodeOptions(mask_size=48))[0]
     two = evaluate_transductive(dataset, partition, "musc", 2, [0], options=EpisodeOptions(mask_size=48))[0]
     assert zero["protocol"] == two["protocol"] == "transductive"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 
 @dataclass
@@ -33,7 +34,8 @@ def logged_model(tmp_path_factory, synth_root) -> Logged:
     tmp = tmp_path_factory.mktemp("logged-model")
     category = sorted(p.name for p in synth_root.iterdir() if p.is_dir())[0]
     ds = load_dataset(synth_root, category)
-    part = FeatureStore(tmp / "store").build(ds, image_size=64, num_workers=0, progress=False)
+    part = FeatureStore(tmp / "store").build(ds, FeatureSpec(image_size=64),
+                                             EmbedCompute(num_workers=0, progress=False))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     tracker = Tracker(uri, (tmp / "artifacts").as_uri())
     ep = sample_oneclass(ds, 3, 0)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fewshot_core.evaluation.options import EpisodeOptions, EvalContext
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]  # the checkout: subprocesses import this code
 
@@ -50,7 +51,8 @@ def env(tmp_path_factory, synth_root):
     tmp = tmp_path_factory.mktemp("mlflow-model")
     category = sorted(p.name for p in synth_root.iterdir() if p.is_dir())[0]
     ds = load_dataset(synth_root, category)
-    part = FeatureStore(tmp / "store").build(ds, image_size=64, num_workers=0, progress=False)
+    part = FeatureStore(tmp / "store").build(ds, FeatureSpec(image_size=64),
+                                             EmbedCompute(num_workers=0, progress=False))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     return ds, part, Tracker(uri, (tmp / "artifacts").as_uri()), uri
 
