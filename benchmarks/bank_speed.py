@@ -42,6 +42,7 @@ from fewshot_core.methods import registry  # noqa: E402
 from fewshot_core.methods.components.nn_search import NearestNeighbors, parse_index  # noqa: E402
 from fewshot_core.metrics import image_metrics  # noqa: E402
 from fewshot_core.paths import shared_mvtec_root  # noqa: E402
+from fewshot_core.features.store import EmbedCompute, FeatureSpec  # noqa: E402
 
 INDEXES = (("flat", {}), ("ivf", {"nprobe": 4}), ("ivf", {"nprobe": 16}), ("ivf", {"nprobe": 64}),
            ("hnsw", {"ef_search": 32}), ("hnsw", {"ef_search": 128}))
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
         print("no MVTec AD root: pass --root or set MVTEC_ROOT", file=sys.stderr)
         return 2
     ds = load_dataset(root, args.category)
-    part = FeatureStore(args.store).build(ds, image_size=args.image_size, progress=False)
+    part = FeatureStore(args.store).build(ds, FeatureSpec(image_size=args.image_size), EmbedCompute(progress=False))
     ep = sample_oneclass(ds, args.shots or None, args.seed)
     augment = "features" if args.grid_augment else args.augment
     # the bank the one-class protocol fits on (stored maps, then their augmented views)

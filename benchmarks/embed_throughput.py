@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -61,8 +62,8 @@ def child_build(args) -> None:
     thread.start()
     rss_before = _status_kb("VmRSS")
     started = time.perf_counter()
-    part = FeatureStore(args.store).build(dataset, image_size=args.image_size, batch_size=args.batch_size,
-                                          num_workers=args.num_workers, device=args.device, progress=False)
+    part = FeatureStore(args.store).build(dataset, FeatureSpec(image_size=args.image_size),
+                                          EmbedCompute(args.batch_size, args.num_workers, args.device, progress=False))
     wall = time.perf_counter() - started
     done.set()
     thread.join()
@@ -194,8 +195,8 @@ def interleaved(args, dataset, records, measure) -> None:
     raws, ratios = [measure()], []
     for i in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="fsad-bench-") as store:
-            part = FeatureStore(store).build(subset, image_size=args.image_size, batch_size=args.batch_size,
-                                             num_workers=args.num_workers, device=args.device, progress=False)
+            compute = EmbedCompute(args.batch_size, args.num_workers, args.device, progress=False)
+            part = FeatureStore(store).build(subset, FeatureSpec(image_size=args.image_size), compute)
         raws.append(measure())
         build_ips = part.meta["build"]["images_per_s"]
         ratios.append(build_ips / ((raws[-2] + raws[-1]) / 2))

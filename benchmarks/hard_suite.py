@@ -50,6 +50,8 @@ from fewshot_core.methods import registry  # noqa: E402
 from fewshot_core.features.store import FeatureStore  # noqa: E402
 from fewshot_core.paths import default_work_dir, shared_mtd_root, shared_mvtec_root  # noqa: E402
 from fewshot_core.sizes import WORKING_SIZE  # noqa: E402
+from fewshot_core.evaluation.options import EpisodeOptions, EvalContext  # noqa: E402
+from fewshot_core.features.store import EmbedCompute, FeatureSpec  # noqa: E402
 
 DATASETS = ("bottle_posed", "bottle_small", "synth_screw", "bottle_logical", "magnetic_tile", "mtd_tall", "bottle")
 HARD = DATASETS[:6]
@@ -71,7 +73,7 @@ class Lever(NamedTuple):
     layers: tuple | None = None  # backbone stages; None: the backbone's default stride-8 + stride-16 pair
     backbone: str = DEFAULT_BACKBONE
     aspect: str = "auto"  # the store's long side: the category's own aspect, or "square" (every image squashed)
-    options: dict = {}  # evaluate_oneclass keywords: config="auto", align="auto"
+    options: dict = {}  # EpisodeOptions fields: config="auto", align="auto"
 
 
 LITE1, LITE2 = "tf_efficientnet_lite1", "tf_efficientnet_lite2"
@@ -176,8 +178,8 @@ def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: in
                 continue
             if key not in partitions:
                 t0 = time.perf_counter()
-                partitions[key] = store.build(ds, backbone=backbone, image_size=size, layers=layers, progress=False,
-                                              aspect=aspect)
+                spec = FeatureSpec(backbone=backbone, image_size=size, layers=layers, aspect=aspect)
+                partitions[key] = store.build(ds, spec, EmbedCompute(progress=False))
                 log(f"# partition {name}@{size} {backbone} layers {layers or 'default'}: "
                     f"{time.perf_counter() - t0:.1f} s")
             transductive = registry.get(method).family == registry.TRANSDUCTIVE
@@ -188,11 +190,13 @@ def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: in
                 t0 = time.perf_counter()
                 if transductive:  # 0-shot rows have no support to draw: one seed says it all
                     rows = evaluate_transductive(ds, partitions[key], method, 0 if zero else shots,
-                                                 seeds[:1] if zero else seeds, params, mask_size=WORKING_SIZE,
-                                                 cache=cache)
+                                                 seeds[:1] if zero else seeds, params,
+                                                 options=EpisodeOptions(mask_size=WORKING_SIZE),
+                                                 context=EvalContext(cache=cache))
                 else:  # masks at one short side for every lever and size, as docs/benchmarks.md's tables
-                    rows = evaluate_oneclass(ds, partitions[key], method, shots, seeds, params, augment=augment,
-                                             mask_size=WORKING_SIZE, cache=cache, **options)
+                    rows = evaluate_oneclass(ds, partitions[key], method, shots, seeds, params,
+                                             EpisodeOptions(mask_size=WORKING_SIZE, augment=augment, **options),
+                                             EvalContext(cache=cache))
                 res = {"lever": lever, "dataset": name, "shots": shots, "image_size": size, "backbone": backbone,
                        "seeds": [r["seed"] for r in rows], "protocol": rows[0]["protocol"],
                        "fit_s": float(np.mean([r["fit_s"] for r in rows])),

@@ -32,6 +32,8 @@ from fewshot_core.methods import create  # noqa: E402
 from fewshot_core.methods.components import nn_search  # noqa: E402
 from fewshot_core.paths import shared_mvtec_root  # noqa: E402
 from fewshot_core.sizes import WORKING_SIZE  # noqa: E402
+from fewshot_core.evaluation.options import EpisodeOptions, EvalContext  # noqa: E402
+from fewshot_core.features.store import EmbedCompute, FeatureSpec  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -55,7 +57,8 @@ def accuracy_table(dataset, partition, methods, shots_list, seeds, augment_shots
     settings += [(m, s, "images") for m in augment_methods for s in augment_shots]
     for method, shots, augment in settings:
         rows = evaluate_oneclass(dataset, partition, method, parse_shots(shots), seeds, params.get(method),
-                                 augment=augment, mask_size=WORKING_SIZE, cache=cache)
+                                 options=EpisodeOptions(mask_size=WORKING_SIZE, augment=augment),
+                                 context=EvalContext(cache=cache))
         summary = {"method": method, "shots": str(shots), "augment": augment, "seeds": list(seeds),
                    **{m: float(np.mean([r[m] for r in rows])) for m in METRICS if m in rows[0]},
                    **{f"{m}_std": float(np.std([r[m] for r in rows], ddof=1)) if len(rows) > 1 else 0.0
@@ -148,8 +151,8 @@ def main(argv=None) -> int:
         return 2
     dataset = load_dataset(root, "bottle")
     t0 = time.perf_counter()
-    partition = FeatureStore(args.store).build(dataset, image_size=args.image_size, weights=args.weights,
-                                               progress=False)
+    partition = FeatureStore(args.store).build(dataset, FeatureSpec(image_size=args.image_size, weights=args.weights),
+                                               EmbedCompute(progress=False))
     cuda = torch.cuda.is_available()
     print(f"bottle: {len(dataset.train_good())} train/good, {len(dataset.test())} test; partition {partition.key} "
           f"(grid {partition.grid}, d={partition.patch_dim}, {time.perf_counter() - t0:.1f} s to open/build); "

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -48,7 +50,7 @@ def main() -> None:
     from fewshot_core.episodes import sample_oneclass
     from fewshot_core.evaluation.oneclass import SCORE_BATCH, run_oneclass_episode
     from fewshot_core.features.store import FeatureStore
-    from fewshot_core.models.deployable import DeployedModel, save_deployable
+    from fewshot_core.models.deployable import DeployedModel, ModelInputs, Provenance, save_deployable
     from fewshot_core.models.featurizer import FeaturizerSpec
     from fewshot_core.paths import shared_mvtec_root
 
@@ -58,12 +60,11 @@ def main() -> None:
     ds = load_dataset(root, args.category)
     with tempfile.TemporaryDirectory(prefix="fsad-predict-bench-") as tmp:
         store = FeatureStore(args.store or Path(tmp) / "store")
-        part = store.build(ds, image_size=args.image_size, progress=False)
+        part = store.build(ds, FeatureSpec(image_size=args.image_size), EmbedCompute(progress=False))
         ep = sample_oneclass(ds, args.shots, 0)
-        res = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=args.image_size)
-        folder = save_deployable(res.model, Path(tmp) / "model", category=ds.category,
-                                 support_ids=ep.support_ids, protocol="oneclass",
-                                 featurizer=FeaturizerSpec.from_partition(part), threshold=res.threshold)
+        res = run_oneclass_episode(ds, part, ep, "patchcore", {}, options=EpisodeOptions(mask_size=args.image_size))
+        folder = save_deployable(res.model, Path(tmp) / "model", Provenance(ds.category, ep.support_ids, "oneclass"),
+                                 ModelInputs(featurizer=FeaturizerSpec.from_partition(part)), res.threshold)
         model = DeployedModel(folder)
         paths = [ds.by_id(i).path for i in ep.query_ids][: args.images or None]
         featurizer = model.featurizer

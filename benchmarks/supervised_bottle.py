@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from fewshot_core.evaluation.options import EvalContext, SupervisedDraw
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -63,8 +65,8 @@ def caml_meta_pool(args, store):
     pairs = []
     for name in names:
         ds = load_dataset(root, name)
-        pairs.append((ds, store.build(ds, backbone=BACKBONE, image_size=args.image_size, num_workers=0,
-                                      progress=False)))
+        pairs.append((ds, store.build(ds, FeatureSpec(backbone=BACKBONE, image_size=args.image_size),
+                                      EmbedCompute(num_workers=0, progress=False))))
     return pool_from_partitions(pairs, source="synthetic (benchmark)")
 
 
@@ -83,7 +85,8 @@ def run(args) -> pd.DataFrame:
     bottle = load_dataset(root, "bottle")
     store = FeatureStore(args.store)
     t0 = time.perf_counter()
-    part = store.build(bottle, backbone=BACKBONE, image_size=args.image_size, num_workers=0, progress=False)
+    part = store.build(bottle, FeatureSpec(backbone=BACKBONE, image_size=args.image_size),
+                       EmbedCompute(num_workers=0, progress=False))
     print(f"# bottle partition {part.key} ({time.perf_counter() - t0:.1f}s)", flush=True)
 
     from fewshot_core.runtime import Runtime
@@ -108,8 +111,8 @@ def run(args) -> pd.DataFrame:
         for mode in modes:
             for g, b in configs:
                 t = time.perf_counter()
-                out = evaluate_supervised(bottle, part, method, g, b, seeds, label_mode=mode, method_params=params,
-                                          meta_pool=meta_pool, runtime=runtime)
+                out = evaluate_supervised(bottle, part, method, SupervisedDraw(g, b, label_mode=mode), seeds, params,
+                                          context=EvalContext(runtime=runtime, meta_pool=meta_pool))
                 for r in out:
                     r["method_label"] = label
                 rows += out
@@ -171,8 +174,9 @@ def run_pmf_bundle(args) -> pd.DataFrame:
     for mode in args.pmf_modes:
         for g, k in configs:
             t = time.perf_counter()
-            out = evaluate_supervised(ds, part, "pmf", g, k, list(range(args.pmf_seeds)), mode, method_params=params,
-                                      images=images, runtime=runtime)
+            out = evaluate_supervised(ds, part, "pmf", SupervisedDraw(g, k, label_mode=mode),
+                                      list(range(args.pmf_seeds)), params,
+                                      context=EvalContext(runtime=runtime, images=images))
             for r in out:
                 r["method_label"] = "pmf"
             rows += out

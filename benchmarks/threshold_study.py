@@ -40,6 +40,8 @@ from fewshot_core.evaluation.oneclass import run_oneclass_episode  # noqa: E402
 from fewshot_core.evaluation.threshold import DEFAULT_FPR, threshold_from_scores  # noqa: E402
 from fewshot_core.features.store import FeatureStore  # noqa: E402
 from fewshot_core.paths import default_work_dir, shared_root  # noqa: E402
+from fewshot_core.evaluation.options import EpisodeOptions, EvalContext  # noqa: E402
+from fewshot_core.features.store import EmbedCompute, FeatureSpec  # noqa: E402
 
 DATA = {"bottle": ("mvtec_ad", "bottle"), "mtd": ("mtd", "magnetic_tile")}
 
@@ -59,7 +61,8 @@ def collect(dataset, partition, methods, shots_list, seeds, cache_dir: Path, mas
                     continue
                 t0 = time.perf_counter()
                 res = run_oneclass_episode(dataset, partition, sample_oneclass(dataset, shots, seed), method,
-                                           mask_size=mask_size, cache=cache)
+                                           options=EpisodeOptions(mask_size=mask_size),
+                                           context=EvalContext(cache=cache))
                 labels = np.asarray(res.labels)
                 scores = np.asarray(res.image_scores, dtype=float)
                 done[key] = {"heldout": list(res.threshold.good_scores),
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
     folder, category = DATA[args.data]
     root = args.root or shared_root() / "data" / folder
     dataset = load_dataset(root, category)
-    partition = FeatureStore().build(dataset, image_size=args.image_size, progress=False)
+    partition = FeatureStore().build(dataset, FeatureSpec(image_size=args.image_size), EmbedCompute(progress=False))
     cache_dir = default_work_dir() / "threshold_study" / f"{category}-{args.image_size}px-{partition.key}"
     cache_dir.mkdir(parents=True, exist_ok=True)
     episodes = collect(dataset, partition, args.methods, args.shots, args.seeds, cache_dir, args.mask_size)

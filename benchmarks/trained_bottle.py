@@ -33,6 +33,8 @@ from fewshot_core.evaluation.oneclass import evaluate_oneclass, parse_shots  # n
 from fewshot_core.methods import registry  # noqa: E402
 from fewshot_core.paths import default_work_dir, shared_mvtec_root  # noqa: E402
 from fewshot_core.runtime import Runtime  # noqa: E402
+from fewshot_core.evaluation.options import EpisodeOptions, EvalContext  # noqa: E402
+from fewshot_core.features.store import EmbedCompute, FeatureSpec  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -199,20 +201,23 @@ def main(argv=None) -> int:
         from fewshot_core.features.store import FeatureStore
 
         t0 = time.perf_counter()
-        partition = FeatureStore(args.store).build(dataset, image_size=256, weights=args.weights, progress=False)
+        partition = FeatureStore(args.store).build(dataset, FeatureSpec(image_size=256, weights=args.weights),
+                                                   EmbedCompute(progress=False))
         print(f"(PatchCore: feature-store partition {partition.key}, grid {partition.grid}, "
               f"{time.perf_counter() - t0:.1f} s to open/build)", flush=True)
     # shots outermost: a run cut short still has every method at the small shot counts
     for shots in args.shots:
         if partition is not None:
             rows = evaluate_oneclass(dataset, partition, "patchcore", parse_shots(shots), args.seeds,
-                                     patchcore_params or None, mask_size=args.mask_size, cache=cache)
+                                     patchcore_params or None, options=EpisodeOptions(mask_size=args.mask_size),
+                                     context=EvalContext(cache=cache))
             results.extend(rows)
             print(_line("patchcore", shots, rows, "fit_s"), flush=True)
             save()
         for method in args.methods:
             rows = evaluate_oneclass(dataset, None, method, parse_shots(shots), args.seeds, params[method],
-                                     mask_size=args.mask_size, cache=cache, runtime=runtime)
+                                     options=EpisodeOptions(mask_size=args.mask_size),
+                                     context=EvalContext(runtime=runtime, cache=cache))
             for row in rows:
                 row["label"] = f"{method}:{args.tag}" if args.tag else method
             results.extend(rows)

@@ -56,9 +56,10 @@ class FeatureStoreResource(dg.ConfigurableResource):
 
     def build(self, dataset, backbone: str, device: str = "cpu"):
         """The partition for ``dataset`` x ``backbone``: opened from disk when complete, else built."""
-        return self.store().build(dataset, backbone=backbone, image_size=self.image_size,
-                                  batch_size=self.batch_size, num_workers=self.num_workers, device=device,
-                                  progress=False, aspect=self.aspect)
+        from fewshot_core.features.store import EmbedCompute, FeatureSpec  # torch: the code location loads without it
+
+        return self.store().build(dataset, FeatureSpec(backbone, self.image_size, aspect=self.aspect),
+                                  EmbedCompute(self.batch_size, self.num_workers, device, progress=False))
 
 
 class MlflowTracking(dg.ConfigurableResource):

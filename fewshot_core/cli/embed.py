@@ -33,17 +33,17 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from fewshot_core.features.store import FeatureStore  # torch: not for --help
+    from fewshot_core.features.store import EmbedCompute, FeatureSpec, FeatureStore  # torch: not for --help
 
     if args.batch_size < 1 or args.num_workers < 0:
         raise FsadError(f"--batch-size {args.batch_size} / --num-workers {args.num_workers}: "
                         f"need batch size >= 1 and workers >= 0")
     dataset = dataset_from_args(args)
     store = FeatureStore(args.store)
-    part = store.build(dataset, backbone=args.backbone, image_size=args.image_size, layers=args.layers,
-                       weights=args.weights, batch_size=args.batch_size, num_workers=args.num_workers,
-                       device=args.device, progress=not args.no_progress, patch_dim=args.patch_dim,
-                       aspect=args.aspect)
+    spec = FeatureSpec(backbone=args.backbone, image_size=args.image_size, layers=args.layers, weights=args.weights,
+                       patch_dim=args.patch_dim, aspect=args.aspect)
+    part = store.build(dataset, spec, EmbedCompute(batch_size=args.batch_size, num_workers=args.num_workers,
+                                                   device=args.device, progress=not args.no_progress))
     meta = part.meta
     shape = f"input {part.input_shape[0]}x{part.input_shape[1]} px, grid {part.grid[0]}x{part.grid[1]} (stride {part.stride}) x {part.patch_dim}-d patches, {meta['global_dim']}-d global"
     flag = "  [RANDOM WEIGHTS]" if part.is_random else ""

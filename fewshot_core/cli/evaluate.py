@@ -91,12 +91,12 @@ def register(subparsers) -> None:
 
 
 def _partition(args, dataset):
-    from fewshot_core.features.store import FeatureStore  # torch: not for --help
+    from fewshot_core.features.store import EmbedCompute, FeatureSpec, FeatureStore  # torch: not for --help
 
-    return FeatureStore(args.store).build(dataset, backbone=args.backbone or DEFAULT_BACKBONE,
-                                          image_size=args.image_size, layers=args.layers, weights=args.weights,
-                                          num_workers=args.num_workers, device=args.device, progress=False,
-                                          patch_dim=args.patch_dim, aspect=args.aspect)
+    spec = FeatureSpec(backbone=args.backbone or DEFAULT_BACKBONE, image_size=args.image_size, layers=args.layers,
+                       weights=args.weights, patch_dim=args.patch_dim, aspect=args.aspect)
+    return FeatureStore(args.store).build(dataset, spec, EmbedCompute(num_workers=args.num_workers, device=args.device,
+                                                                      progress=False))
 
 
 def _method_help() -> str:
@@ -107,23 +107,25 @@ def _method_help() -> str:
 
 
 def _rows(args, dataset, partition, entry) -> list[dict]:
+    from fewshot_core.evaluation.options import EpisodeOptions, EvalContext, SupervisedDraw  # numpy: not at --help
+
     params = dict(args.param)
     if args.protocol == Protocol.ONECLASS:
         from fewshot_core.evaluation.oneclass import evaluate_oneclass, parse_shots  # torch: not for --help
 
         if args.shots is None:
             raise FsadError("fsad evaluate: --shots is required for the one-class protocol; give a number or 'full'")
-        return evaluate_oneclass(dataset, partition, entry, parse_shots(args.shots), args.seeds,
-                                 method_params=params, mask_size=args.mask_size, augment=args.augment,
-                                 config=args.config, align=args.align)
+        options = EpisodeOptions(mask_size=args.mask_size, augment=args.augment, config=args.config,
+                                 align=args.align)
+        return evaluate_oneclass(dataset, partition, entry, parse_shots(args.shots), args.seeds, params, options)
     if args.protocol == Protocol.TRANSDUCTIVE:
         from fewshot_core.evaluation.transductive import evaluate_transductive  # torch: not for --help
 
         shots = 0 if args.shots is None else args.shots
         if not str(shots).isdigit():
             raise FsadError(f"fsad evaluate: --shots {shots}: the transductive protocol takes 0 or more good shots")
-        return evaluate_transductive(dataset, partition, entry, int(shots), args.seeds, method_params=params,
-                                     mask_size=args.mask_size)
+        return evaluate_transductive(dataset, partition, entry, int(shots), args.seeds, params,
+                                     EpisodeOptions(mask_size=args.mask_size))
     if args.k_good is None or args.k_bad is None:
         raise FsadError("fsad evaluate: the supervised protocol needs --k-good G and --k-bad B")
     if args.distance is not None:
@@ -132,15 +134,15 @@ def _rows(args, dataset, partition, entry) -> list[dict]:
         from fewshot_core.evaluation.supervised import evaluate_supervised  # torch, faiss: not for --help
     except ImportError as exc:
         raise FsadError(f"supervised protocol unavailable ({exc}); install the project with its dependencies") from exc
-    return evaluate_supervised(dataset, partition, entry, args.k_good, args.k_bad, args.seeds,
-                               label_mode=args.label_mode, pool=args.pool, method_params=params,
-                               meta_pool=_meta_pool(args, dataset, partition, params, entry))
+    draw = SupervisedDraw(args.k_good, args.k_bad, label_mode=args.label_mode, pool=args.pool)
+    return evaluate_supervised(dataset, partition, entry, draw, args.seeds, params,
+                               EvalContext(meta_pool=_meta_pool(args, dataset, partition, params, entry)))
 
 
 def _meta_pool(args, dataset, partition, params: dict, entry):
     """The meta-training pool for a meta-trained method (None for the others, or with a checkpoint)."""
     from fewshot_core.evaluation import meta_pool as pools  # with the store: torch, not for --help
-    from fewshot_core.features.store import FeatureStore
+    from fewshot_core.features.store import EmbedCompute, FeatureSpec, FeatureStore
 
     if not entry.meta_pool or params.get("checkpoint"):
         return None
@@ -150,17 +152,17 @@ def _meta_pool(args, dataset, partition, params: dict, entry):
     else:
         source = pools.parse_source(args.meta_pool, others="root", where="--meta-pool")
     store = FeatureStore(args.store)
-    build = dict(layers=args.layers, weights=args.weights, num_workers=args.num_workers, device=args.device,
-                 patch_dim=args.patch_dim)
-    backbone, size = partition.meta.get("backbone"), partition.image_size
+    spec = FeatureSpec(partition.meta.get("backbone"), partition.image_size, layers=args.layers, weights=args.weights,
+                       patch_dim=args.patch_dim)
+    compute = EmbedCompute(num_workers=args.num_workers, device=args.device)
 
     def root_others():
         if not others:
             raise FsadError(f"--meta-pool root: {dataset.root} has no category besides {dataset.category!r}; "
                             "use --meta-pool synthetic or a PATH to another root")
-        return pools.root_pool(dataset.root, store, backbone, size, categories=others, **build)
+        return pools.root_pool(dataset.root, store, spec, compute, categories=others)
 
-    return pools.build_pool(source, store, backbone, size, default_work_dir(), others=root_others, **build)
+    return pools.build_pool(source, store, spec, default_work_dir(), others=root_others, compute=compute)
 
 
 def _needs_features(protocol: str, entry) -> bool:

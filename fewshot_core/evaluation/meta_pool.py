@@ -1,7 +1,7 @@
 """Meta-training pools: the embeddings of *other* categories a meta-trained method (CAML) learns from.
 
-A pool is data, given to the protocol explicitly (``evaluate_supervised(..., meta_pool=...)``), and every
-row records which pool was used (``meta_pool`` column). Three sources:
+A pool is data, given to the protocol explicitly (``evaluate_supervised(..., context=EvalContext(meta_pool=...))``),
+and every row records which pool was used (``meta_pool`` column). Three sources:
 
 * ``pool_from_partitions(pairs)``: categories already embedded, e.g. the other categories of a sweep;
 * ``root_pool(root, store, ...)``: every category of another MVTec-layout root;
@@ -17,7 +17,7 @@ What the user writes for a source (``fsad evaluate --meta-pool``, a sweep's ``me
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +25,7 @@ import numpy as np
 
 from fewshot_core.data.records import GOOD
 from fewshot_core.errors import FsadError
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 SYNTHETIC = "synthetic"
 GENERATED = 4  # categories ``synthetic`` generates when no count is given
@@ -59,9 +60,9 @@ def pool_from_partitions(pairs: Iterable[tuple], source: str = "categories") -> 
     return MetaPool(source, embeddings)
 
 
-def root_pool(root, store, backbone: str, image_size: int, categories: list[str] | None = None,
-              **build) -> MetaPool:
-    """Every category (or ``categories``) of the MVTec-layout ``root``, embedded in ``store``."""
+def root_pool(root, store, spec: FeatureSpec, compute: EmbedCompute | None = None,
+              categories: list[str] | None = None) -> MetaPool:
+    """Every category (or ``categories``) of the MVTec-layout ``root``, embedded in ``store`` as ``spec`` says."""
     from fewshot_core.data import list_categories, load_dataset
 
     root = Path(root).expanduser().resolve()
@@ -72,13 +73,13 @@ def root_pool(root, store, backbone: str, image_size: int, categories: list[str]
     pairs = []
     for name in names:
         ds = load_dataset(root, name)
-        pairs.append((ds, store.build(ds, backbone=backbone, image_size=image_size, progress=False, **build)))
+        pairs.append((ds, store.build(ds, spec, replace(compute or EmbedCompute(), progress=False))))
     return pool_from_partitions(pairs, source=f"root {root}")
 
 
-def synthetic_pool(store, backbone: str, image_size: int, work_dir, categories: int = 4, seed: int = 0,
-                   **build) -> MetaPool:
-    """``categories`` generated categories (made once under ``work_dir``), embedded in ``store``."""
+def synthetic_pool(store, spec: FeatureSpec, work_dir, compute: EmbedCompute | None = None, categories: int = 4,
+                   seed: int = 0) -> MetaPool:
+    """``categories`` generated categories (made once under ``work_dir``), embedded in ``store`` as ``spec`` says."""
     from fewshot_core.data import list_categories, load_dataset
     from fewshot_core.data.synth import generate
 
@@ -89,7 +90,7 @@ def synthetic_pool(store, backbone: str, image_size: int, work_dir, categories: 
     pairs = []
     for name in list_categories(root):
         ds = load_dataset(root, name)
-        pairs.append((ds, store.build(ds, backbone=backbone, image_size=image_size, progress=False, **build)))
+        pairs.append((ds, store.build(ds, spec, replace(compute or EmbedCompute(), progress=False))))
     return pool_from_partitions(pairs, source=f"{SYNTHETIC} ({categories} generated, seed {seed})")
 
 
@@ -123,12 +124,12 @@ def parse_source(text: str, others: str, where: str, base=None) -> PoolSource:
     return PoolSource("root", root=root)
 
 
-def build_pool(source: PoolSource, store, backbone: str, image_size: int, work_dir,
-               others: Callable[[], MetaPool], **build) -> MetaPool:
-    """The pool ``source`` names, embedded in ``store`` with ``backbone`` at ``image_size``; ``others()``
-    builds the front end's other categories."""
+def build_pool(source: PoolSource, store, spec: FeatureSpec, work_dir, others: Callable[[], MetaPool],
+               compute: EmbedCompute | None = None) -> MetaPool:
+    """The pool ``source`` names, embedded in ``store`` as ``spec`` says; ``others()`` builds the front end's
+    other categories."""
     if source.kind == "others":
         return others()
     if source.kind == "synthetic":
-        return synthetic_pool(store, backbone, image_size, work_dir, categories=source.count, **build)
-    return root_pool(source.root, store, backbone, image_size, **build)
+        return synthetic_pool(store, spec, work_dir, compute, categories=source.count)
+    return root_pool(source.root, store, spec, compute)

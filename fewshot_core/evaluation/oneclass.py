@@ -34,16 +34,16 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fewshot_core.backbones.preprocess import as_shape
-from fewshot_core.episode_cache import EpisodeCache, ImageKey, MaskKey, episode_cache
+from fewshot_core.episode_cache import EpisodeCache, ImageKey, MaskKey
 from fewshot_core.episodes import OneClassEpisode, sample_oneclass
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.threshold import Threshold, ThresholdConfig, decision_metrics, fit_threshold
 from fewshot_core.methods import registry
 from fewshot_core.evaluation.aligned import align_episode, check_align, to_original
 from fewshot_core.evaluation.autoconfig import check_config, choose
+from fewshot_core.evaluation.options import EpisodeOptions, EvalContext, context_of
 from fewshot_core.evaluation.results import OneClassResult
-from fewshot_core.evaluation.support_views import AUTO, bank_input, resolve_augment, support_views
-from fewshot_core.evaluation.augment import TRANSFORMS
+from fewshot_core.evaluation.support_views import bank_input, resolve_augment, support_views
 from fewshot_core.metrics import PixelAccumulator, image_metrics, recall_per_defect_type
 from fewshot_core.sizes import MIN_MASK_SIZE, WORKING_SIZE, check_size
 from fewshot_core.schema import Protocol
@@ -169,36 +169,37 @@ def episode_images(dataset, ids: Sequence[str], size: int, cache: EpisodeCache |
 
 def _trained_fields(model) -> dict:
     """Row fields of a detector that trains on images, from its ``fit_info_``."""
-    info = getattr(model, "fit_info_", {})
+    info = model.fit_info_
     return {"train_s": float(info.get("fit_s", 0.0)), "train_steps": int(info.get("steps", 0)),
             "stopped_by": str(info.get("stopped_by", "")),
             "loaded_from_artifact": bool(info.get("loaded_from_artifact", False)),
             "device": str(info.get("device", ""))}
 
 
-def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method,
-                         method_params: Mapping | None = None, mask_size=None,
-                         augment: str = AUTO, augment_transforms: Sequence[str] = TRANSFORMS,
-                         sigma: float | None = None, cache: EpisodeCache | None = None, runtime=None,
-                         threshold: ThresholdConfig | None = None, config: str = "default",
-                         align: str = "none") -> OneClassResult:
+def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method, method_params: Mapping | None = None,
+                         options: EpisodeOptions | None = None, context: EvalContext | None = None) -> OneClassResult:
     """Fit ``method`` (a ``MethodEntry``, or its name) on the episode's support (features or images, as its
     registry entry says), score its queries; the result holds the row of metrics (``.row``), the fitted
     model, the scores, maps and labels, the threshold and the mask ``shape`` (for plots and saved models
-    without refitting). ``mask_size`` None: the model's working shape (``mask_shape``). ``sigma`` overrides
-    the detector's own map smoothing (None: its ``map_sigma``, 4 px for patch maps, 0 for maps already
-    smoothed at image resolution). ``threshold``: how the decision threshold is set
-    (default ``ThresholdConfig(seed=episode.seed)``). ``config="auto"`` lets the support choose the
-    augmentation and scoring (``evaluation/autoconfig.py``) over ``augment`` and ``method_params``; the row
-    records the choice (``config``, ``config_scores``, ``config_reason``). ``align="auto"`` embeds every
-    image rotated and cropped to its part (``evaluation/aligned.py``; the row's ``align`` says whether it
-    did: textures are not aligned); maps are warped back to the original frame for the pixel metrics.
+    without refitting). ``options`` (``EpisodeOptions``): the mask size (None: the model's working shape,
+    ``mask_shape``), the map smoothing (None: the detector's ``map_sigma``, 4 px for patch maps, 0 for maps
+    already smoothed at image resolution), the support augmentation, how the decision threshold is set
+    (default ``ThresholdConfig(seed=episode.seed)``), ``config="auto"`` (the support chooses the
+    augmentation and scoring, ``evaluation/autoconfig.py``, over ``augment`` and ``method_params``; the row
+    records the choice: ``config``, ``config_scores``, ``config_reason``) and ``align="auto"`` (every image
+    rotated and cropped to its part, ``evaluation/aligned.py``; the row's ``align`` says whether it did:
+    textures are not aligned; maps are warped back to the original frame for the pixel metrics).
+    ``context`` (``EvalContext``): the runtime and the cache shared across episodes.
     """
     entry = registry.get(method, protocol=registry.ONECLASS)
     on_images = entry.input_kind == registry.IMAGES
+    opts = options or EpisodeOptions()
+    config, align, sigma, threshold = opts.config, opts.align, opts.sigma, opts.threshold
+    augment, augment_transforms = opts.augment, opts.augment_transforms
     if check_config(config) == "auto" and on_images:
         raise FsadError(f"config auto: only for feature-based methods; {entry.name} trains on images")
-    cache = episode_cache(cache)
+    context = context_of(context)
+    cache, runtime = context.cache, context.runtime
     params = dict(method_params or {})
     chosen = {"config": "default"}
     if config == "auto":
@@ -211,7 +212,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method,
         require_partition(entry, partition)
     params.setdefault("seed", episode.seed)  # coreset / index / training randomness follows the episode seed
     model = registry.create(entry, runtime=runtime, **params)
-    shape = mask_shape(mask_size, partition, model.input_size)
+    shape = mask_shape(opts.mask_size, partition, model.input_size)
     to_image = lambda batch, ids: model.anomaly_maps(batch, shape, sigma)  # noqa: E731
     aligned = None
     if check_align(align) == "auto" and not on_images:
@@ -250,18 +251,16 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method,
     metrics.update(recall_per_defect_type([dataset.by_id(i).defect_type for i in query_ids], labels,
                                           cut.decide(scores)))
     if on_images:
-        backbone, partition_key = getattr(model, "backbone", None), None
-        bank = getattr(model, "fit_info_", {}).get("bank", 0)
+        backbone, partition_key = model.backbone_name, None
     else:
         backbone, partition_key = partition.meta.get("backbone"), partition.meta.get("key")
-        bank = len(getattr(model, "bank_", ()))
     row = {
         **episode_identity(dataset, episode, entry.name, model.get_params(), backbone, partition_key, len(query_ids),
                            augment, shape),
         **chosen,
         "align": "none" if align == "none" else ("aligned" if aligned is not None else "texture: not aligned"),
         **metrics,
-        "bank_size": int(bank),
+        "bank_size": model.bank_size,
         "fit_s": round(fit_s, 4),
         "score_s": round(score_s, 4),
         **(_trained_fields(model) if on_images else {}),
@@ -312,20 +311,15 @@ def parse_shots(shots) -> int | None:
 
 
 def evaluate_oneclass(dataset, partition, method, shots, seeds, method_params: Mapping | None = None,
-                      mask_size=None, augment: str = AUTO,
-                      augment_transforms: Sequence[str] = TRANSFORMS, sigma: float | None = None,
-                      cache: EpisodeCache | None = None, runtime=None,
-                      threshold: ThresholdConfig | None = None, config: str = "default",
-                      align: str = "none") -> list[dict]:
+                      options: EpisodeOptions | None = None, context: EvalContext | None = None) -> list[dict]:
     """One row per seed (``run_oneclass_episode(...).row``); ``shots`` is an int or ``"full"``/None.
-    ``runtime`` (``fewshot_core.runtime.Runtime``) says where and how to compute, and where the detectors
-    that train on images cache their weights. ``partition`` may be None for those."""
+    ``context.runtime`` (``fewshot_core.runtime.Runtime``) says where and how to compute, and where the
+    detectors that train on images cache their weights. ``partition`` may be None for those."""
     shots = parse_shots(shots)
     if isinstance(seeds, (int, np.integer)):
         seeds = [int(seeds)]
-    cache = episode_cache(cache)
+    context = context_of(context)  # one cache across the seeds
     method = registry.get(method, protocol=registry.ONECLASS)  # the name becomes its entry once, before any episode
     return [run_oneclass_episode(dataset, partition, sample_oneclass(dataset, shots, int(seed)), method,
-                                 method_params, mask_size, augment, augment_transforms, sigma, cache,
-                                 runtime=runtime, threshold=threshold, config=config, align=align).row
+                                 method_params, options, context).row
             for seed in seeds]

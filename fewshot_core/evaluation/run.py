@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from fewshot_core import schema
-from fewshot_core.episode_cache import EpisodeCache, episode_cache
+from fewshot_core.evaluation.options import EpisodeOptions, EvalContext, context_of
 from fewshot_core.settings import Setting
 
 
@@ -52,56 +52,54 @@ class SettingResult:
         return len(set(self.episode.support_ids) & set(self.episode.query_ids))
 
 
-def evaluate_setting(dataset, partition, method, setting: Setting, method_params: Mapping | None = None,
-                     *, mask_size=None, cache: EpisodeCache | None = None, runtime=None,
-                     meta_pool=None, bank: dict | None = None, title: str | None = None) -> SettingResult:
+def evaluate_setting(dataset, partition, method, setting: Setting, method_params: Mapping | None = None, *,
+                     options: EpisodeOptions | None = None, context: EvalContext | None = None,
+                     title: str | None = None) -> SettingResult:
     """Run ``method`` (a ``MethodEntry`` or its name) on ``setting``'s episode of ``dataset`` (features from
     ``partition``) and describe it.
 
-    ``mask_size`` defaults to the partition's working shape (``oneclass.mask_shape``); ``cache`` (an
-    ``EpisodeCache``) is shared across the settings of one category (masks, images, meta-trained models);
-    ``meta_pool`` (``evaluation.meta_pool.MetaPool``) is the meta-training pool of the methods that need one.
-    ``bank`` (``evaluation.support.build_support_bank``) supplies the support features, shared with the other
-    methods of the setting. ``title`` heads the plots (default: method, category and setting).
+    ``options`` (``EpisodeOptions``, one-class and transductive): ``mask_size`` defaults to the partition's
+    working shape (``oneclass.mask_shape``); ``context`` (``EvalContext``): the runtime, the cache shared
+    across the settings of one category (masks, images, meta-trained models) and the meta-training pool of
+    the methods that need one. A ``support.BankedPartition`` as ``partition`` supplies the support features
+    (``support.build_support_bank``, shared with the other methods of the setting); it is checked against
+    the episode. ``title`` heads the plots (default: method, category and setting).
     """
-    from fewshot_core.evaluation.oneclass import mask_shape
+    from fewshot_core.evaluation.oneclass import mask_shape, run_oneclass_episode
+    from fewshot_core.evaluation.supervised import run_supervised_episode
     from fewshot_core.evaluation.support import BankedPartition, sample_episode
+    from fewshot_core.evaluation.transductive import run_transductive_episode
     from fewshot_core.methods import registry
 
     method = registry.get(method, protocol=setting.protocol)
-    cache = episode_cache(cache)
+    context, options = context_of(context), options or EpisodeOptions()
     # without a partition (a detector trained on images) the protocol resolves None to the model's own size
-    size = mask_shape(mask_size, partition) if partition is not None else mask_size
+    if partition is not None:
+        options = replace(options, mask_size=mask_shape(options.mask_size, partition))
     title = title or f"{method.name} · {dataset.category} · {setting.key}"
     episode = sample_episode(dataset, setting)
-    if bank is not None:
-        partition = BankedPartition(partition, bank)
+    if isinstance(partition, BankedPartition):
         partition.check(episode)
-    if setting.protocol in (schema.Protocol.ONECLASS, schema.Protocol.TRANSDUCTIVE):
-        return _scored(dataset, partition, method, episode, dict(method_params or {}), size, cache, runtime,
-                       title, setting.protocol)
-    return _supervised(dataset, partition, method, episode, dict(method_params or {}), cache, runtime, meta_pool,
-                       title)
+    params = dict(method_params or {})
+    if setting.protocol == schema.Protocol.SUPERVISED:
+        return _supervised(episode, run_supervised_episode(dataset, partition, episode, method, params, context),
+                           title)
+    # the loader (store features or decoded images) follows the registry's input kind
+    run = run_transductive_episode if setting.protocol == schema.Protocol.TRANSDUCTIVE else run_oneclass_episode
+    return _scored(dataset, episode, run(dataset, partition, episode, method, params, options, context), title)
 
 
 def _model_files(model) -> dict[str, bytes]:
     """The fitted model's save folder as ``model/<file>`` artifacts (its manifest, arrays, weights)."""
-    if not hasattr(model, "save"):
-        return {}
     with tempfile.TemporaryDirectory(prefix="fsad-model-") as tmp:
         saved = Path(model.save(Path(tmp) / "model"))
         return {f"model/{f.name}": f.read_bytes() for f in sorted(saved.iterdir()) if f.is_file()}
 
 
-def _scored(dataset, partition, method, episode, params, size, cache, runtime, title, protocol) -> SettingResult:
-    """A one-class or transductive episode: scores and maps per query, hence a ROC curve and a gallery."""
-    from fewshot_core.evaluation.oneclass import run_oneclass_episode
-    from fewshot_core.evaluation.transductive import run_transductive_episode
+def _scored(dataset, episode, res, title: str) -> SettingResult:
+    """A one-class or transductive episode's result described: a ROC curve and a gallery of its maps."""
     from fewshot_core.figures import episode as figures, gallery
 
-    # the loader (store features or decoded images) follows the registry's input kind
-    run = run_transductive_episode if protocol == schema.Protocol.TRANSDUCTIVE else run_oneclass_episode
-    res = run(dataset, partition, episode, method, params, mask_size=size, cache=cache, runtime=runtime)
     scores, labels, query_ids = res.image_scores, np.asarray(res.labels), list(res.query_ids)
     artifacts: dict = {"plots/roc_curve.png": figures.roc_curve_png(labels, scores, title)}
     picks = gallery.pick_examples(labels, scores)
@@ -117,12 +115,10 @@ def _scored(dataset, partition, method, episode, params, size, cache, runtime, t
     return SettingResult(res.row, artifacts, episode, model=res.model, threshold=res.threshold)
 
 
-def _supervised(dataset, partition, method, episode, params, cache, runtime, meta_pool, title) -> SettingResult:
-    from fewshot_core.evaluation.supervised import run_supervised_episode
+def _supervised(episode, res, title: str) -> SettingResult:
+    """A supervised episode's result described: its confusion matrix."""
     from fewshot_core.figures import episode as figures
 
-    res = run_supervised_episode(dataset, partition, episode, method, params, cache=cache, runtime=runtime,
-                                 meta_pool=meta_pool)
     row = res.row
     classes, matrix = json.loads(row["classes"]), json.loads(row["confusion"])
     artifacts = {"plots/confusion_matrix.png": figures.confusion_matrix_png(matrix, classes, title),

@@ -30,10 +30,11 @@ import numpy as np
 from scipy.special import logsumexp
 
 from fewshot_core.data.records import GOOD
-from fewshot_core.episode_cache import EpisodeCache, MetaTrainedKey, PreprocessedImagesKey, episode_cache
+from fewshot_core.episode_cache import EpisodeCache, MetaTrainedKey, PreprocessedImagesKey
 from fewshot_core.episodes import SupervisedEpisode, sample_supervised
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.oneclass_classifier import OneClassClassifier
+from fewshot_core.evaluation.options import EvalContext, SupervisedDraw, context_of
 from fewshot_core.evaluation.results import SupervisedResult
 from fewshot_core.methods import registry
 from fewshot_core.metrics.classification import classification_metrics, confusion
@@ -61,9 +62,10 @@ def _images(dataset, ids, backbone: str, image_size: int, cache: EpisodeCache, p
     return torch.stack([store[i] for i in ids])
 
 
-def _meta_trained(entry, dataset, partition, params: dict, cache: EpisodeCache, runtime, meta_pool):
-    """An estimator meta-fitted on ``meta_pool`` without the evaluated category, or loaded from its published
-    ``checkpoint`` (shared across the seeds of one evaluation)."""
+def _meta_trained(entry, dataset, partition, params: dict, context: EvalContext):
+    """An estimator meta-fitted on ``context.meta_pool`` without the evaluated category, or loaded from its
+    published ``checkpoint`` (shared across the seeds of one evaluation)."""
+    cache, runtime, meta_pool = context.cache, context.runtime, context.meta_pool
     key = MetaTrainedKey(entry.name, dataset.category, json.dumps(params, sort_keys=True, default=str),
                          None if meta_pool is None else meta_pool.source)
     est = cache.get(key)
@@ -73,7 +75,7 @@ def _meta_trained(entry, dataset, partition, params: dict, cache: EpisodeCache, 
             if meta_pool is None:
                 raise FsadError(f"{entry.name}: needs a published checkpoint (param checkpoint=<model.pth>) or a "
                                 "meta-training pool of other categories (--meta-pool synthetic, --meta-pool ROOT, "
-                                "or meta_pool=... in the library)")
+                                "or EvalContext(meta_pool=...) in the library)")
             est.meta_fit(meta_pool.embeddings, exclude=dataset.category,
                          key_extra={"backbone": partition.meta.get("backbone"),
                                     "image_size": partition.meta.get("image_size")})
@@ -84,18 +86,18 @@ def _meta_trained(entry, dataset, partition, params: dict, cache: EpisodeCache, 
     return copy.copy(est)  # the meta-trained model is shared; each episode fits its own support
 
 
-def _build(entry, dataset, partition, episode: SupervisedEpisode, params: dict, cache: EpisodeCache, runtime=None,
-           meta_pool=None, images=None):
+def _build(entry, dataset, partition, episode: SupervisedEpisode, params: dict, context: EvalContext):
     """(estimator, support inputs, query inputs) for one episode: the registry entry's input kind decides
     what the estimator reads."""
     support, query = list(episode.support_ids), list(episode.query_ids)
+    cache, runtime, images = context.cache, context.runtime, context.images
     if entry.family == registry.ONECLASS:  # fitted on the good shots only, calibrated on all (binary)
         if episode.label_mode != "binary":
             raise FsadError(f"{entry.name}: one-class methods only run in binary mode; use --label-mode binary")
         est = OneClassClassifier(entry.name, params).set_runtime(runtime)
         return est, partition.patch(support), partition.patch(query)
     if entry.meta_pool:
-        est = _meta_trained(entry, dataset, partition, params, cache, runtime, meta_pool)
+        est = _meta_trained(entry, dataset, partition, params, context)
     else:
         cls = entry.load_class()
         params = cls.protocol_params(params, store_backbone=partition.meta.get("backbone"),
@@ -105,8 +107,8 @@ def _build(entry, dataset, partition, episode: SupervisedEpisode, params: dict, 
         est = registry.create(entry, runtime=runtime, **params)
     if entry.input_kind == registry.EMBEDDINGS:
         return est, partition.global_(support), partition.global_(query)
-    return (est, _images(dataset, support, est.backbone, est.input_size, cache, images),
-            _images(dataset, query, est.backbone, est.input_size, cache, images))
+    return (est, _images(dataset, support, est.backbone_name, est.input_size, cache, images),
+            _images(dataset, query, est.backbone_name, est.input_size, cache, images))
 
 
 def _meta_pool_used(entry, params: dict, meta_pool, category: str) -> str:
@@ -119,38 +121,33 @@ def _meta_pool_used(entry, params: dict, meta_pool, category: str) -> str:
     return "" if meta_pool is None else meta_pool.describe(exclude=category)
 
 
-def _log_proba(est, X) -> np.ndarray:
-    if hasattr(est, "predict_log_proba"):
-        return np.asarray(est.predict_log_proba(X), dtype=np.float64)
-    return np.log(np.clip(np.asarray(est.predict_proba(X), dtype=np.float64), 1e-300, None))
-
-
 def _jsonable_params(params: dict) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
 def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, method,
-                           method_params: Mapping | None = None, cache: EpisodeCache | None = None, runtime=None,
-                           meta_pool=None, images: Mapping | None = None) -> SupervisedResult:
+                           method_params: Mapping | None = None, context: EvalContext | None = None
+                           ) -> SupervisedResult:
     """Fit on the episode's support only, predict its queries; the result holds the row of metrics
     (``.row``), the fitted model, the query log-probabilities, their anomaly ``image_scores`` (log-odds,
     the score AUROC ranks by) and the predicted classes ``y_pred``.
 
-    ``meta_pool`` (``evaluation.meta_pool.MetaPool``): other categories a meta-trained method learns from;
-    ``images``: preprocessed image tensors by image id, for image methods where the pixels are elsewhere."""
+    ``context`` (``EvalContext``): the runtime, the cache, ``meta_pool`` (``evaluation.meta_pool.MetaPool``:
+    other categories a meta-trained method learns from) and ``images`` (preprocessed image tensors by
+    image id, for image methods where the pixels are elsewhere)."""
     entry = registry.get(method, protocol=registry.SUPERVISED)  # a name or the entry the caller resolved
     params = dict(method_params or {})
-    cache = episode_cache(cache)
+    context = context_of(context)
     names = np.asarray(episode.classes)
     y_support = names[np.asarray(episode.support_labels)]
     y_query = names[np.asarray(episode.query_labels)]
-    est, X_support, X_query = _build(entry, dataset, partition, episode, params, cache, runtime, meta_pool, images)
+    est, X_support, X_query = _build(entry, dataset, partition, episode, params, context)
 
     t0 = time.perf_counter()
     est.fit(X_support, y_support)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    logp = _log_proba(est, X_query)
+    logp = np.asarray(est.predict_log_proba(X_query), dtype=np.float64)
     score_s = time.perf_counter() - t0
 
     classes = np.asarray(est.classes_)
@@ -161,8 +158,8 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
         others = np.delete(logp, good[0], axis=1)
         score = logsumexp(others, axis=1) - logp[:, good[0]]
     metrics = classification_metrics(y_query, y_pred, classes=list(episode.classes), anomaly_score=score)
-    info = dict(getattr(est, "fit_info_", {}))
-    if hasattr(est, "trained_on"):
+    info = dict(est.fit_info_)
+    if est.trained_on:
         info["trained_on"] = list(est.trained_on)
     row = {
         "episode_id": episode.episode_id,
@@ -170,8 +167,8 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
         "category": episode.category,
         "method": entry.name,
         "params": _jsonable_params(params),
-        "backbone": getattr(est, "backbone_name", None) or partition.meta.get("backbone"),
-        "meta_pool": _meta_pool_used(entry, params, meta_pool, dataset.category),
+        "backbone": est.backbone_name or partition.meta.get("backbone"),
+        "meta_pool": _meta_pool_used(entry, params, context.meta_pool, dataset.category),
         "label_mode": episode.label_mode,
         "pool": episode.pool,
         "k_good": episode.k_good,
@@ -189,19 +186,18 @@ def run_supervised_episode(dataset, partition, episode: SupervisedEpisode, metho
     return SupervisedResult(row, est, list(episode.query_ids), classes, logp, y_pred, score)
 
 
-def evaluate_supervised(dataset, partition, method, k_good: int, k_bad: int, seeds,
-                        label_mode: str = "binary", pool: str = "test",
-                        method_params: Mapping | None = None, runtime=None, meta_pool=None,
-                        images: Mapping | None = None) -> list[dict]:
-    """One row per seed (``run_supervised_episode(...).row``); models that do not depend on the episode
-    (a meta-trained CAML, a loaded backbone, decoded images) are built once and shared across seeds."""
+def evaluate_supervised(dataset, partition, method, draw: SupervisedDraw, seeds,
+                        method_params: Mapping | None = None, context: EvalContext | None = None) -> list[dict]:
+    """One row per seed (``run_supervised_episode(...).row``) of the episodes ``draw`` (``SupervisedDraw``:
+    shots, label mode, pool) gives; models that do not depend on the episode (a meta-trained CAML, a loaded
+    backbone, decoded images) are built once and shared across seeds."""
     method = registry.get(method, protocol=registry.SUPERVISED)  # the name becomes its entry once
     if isinstance(seeds, (int, np.integer)):
         seeds = [int(seeds)]
-    cache = EpisodeCache()
+    context = context_of(context)  # one cache across the seeds
     rows = []
     for seed in seeds:
-        episode = sample_supervised(dataset, k_good, k_bad, seed, label_mode=label_mode, pool=pool)
-        rows.append(run_supervised_episode(dataset, partition, episode, method, method_params, cache, runtime,
-                                           meta_pool, images).row)
+        episode = sample_supervised(dataset, draw.k_good, draw.k_bad, seed, label_mode=draw.label_mode,
+                                    pool=draw.pool)
+        rows.append(run_supervised_episode(dataset, partition, episode, method, method_params, context).row)
     return rows

@@ -15,14 +15,17 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fewshot_core.episode_cache import EpisodeCache, episode_cache
 from fewshot_core.episodes import OneClassEpisode, sample_oneclass
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.oneclass import episode_identity, mask_shape, query_metrics, require_partition
+from fewshot_core.evaluation.options import EpisodeOptions, EvalContext, context_of
+from fewshot_core.evaluation.support_views import AUTO
 from fewshot_core.evaluation.results import OneClassResult
 from fewshot_core.methods import registry
-from fewshot_core.methods.components.anomaly_map import DEFAULT_SIGMA
 from fewshot_core.schema import Protocol
+
+# the one-class options this protocol has no use for, with the values that leave them idle
+UNUSED_OPTIONS = {"augment": (AUTO, "none"), "config": ("default",), "align": ("none",), "threshold": (None,)}
 
 
 def transductive_episode(dataset, shots: int, seed: int) -> OneClassEpisode:
@@ -36,18 +39,29 @@ def transductive_episode(dataset, shots: int, seed: int) -> OneClassEpisode:
                            ep.category, 0, ep.seed, (), ep.query_ids)
 
 
+def check_options(options: EpisodeOptions) -> EpisodeOptions:
+    """The transductive protocol compares masks and maps as the one-class one does (``mask_size``,
+    ``sigma``) but has no support augmentation, configuration choice, alignment or threshold."""
+    asked = [f"{name}={getattr(options, name)!r}" for name, idle in UNUSED_OPTIONS.items()
+             if getattr(options, name) not in idle]
+    if asked:
+        raise FsadError(f"transductive protocol: {', '.join(asked)} is one-class only; leave it at its default")
+    return options
+
+
 def run_transductive_episode(dataset, partition, episode: OneClassEpisode, method,
-                             method_params: Mapping | None = None, mask_size=None,
-                             sigma: float = DEFAULT_SIGMA, cache: EpisodeCache | None = None,
-                             runtime=None) -> OneClassResult:
+                             method_params: Mapping | None = None, options: EpisodeOptions | None = None,
+                             context: EvalContext | None = None) -> OneClassResult:
     """Fit ``method`` (a ``MethodEntry`` or its name) on the episode's good shots (none for 0), score the
     queries together; the result is the one-class protocol's (``.row``, scores, maps, labels, mask
-    ``shape``; no decision threshold). ``mask_size`` None: the partition's shape."""
+    ``shape``; no decision threshold). ``options.mask_size`` None: the partition's shape; ``options.sigma``
+    None: the detector's ``map_sigma``."""
     entry = registry.get(method, protocol=registry.TRANSDUCTIVE)
     require_partition(entry, partition)
-    cache = episode_cache(cache)
-    model = registry.create(entry, runtime=runtime, **{"seed": episode.seed, **dict(method_params or {})})
-    shape = mask_shape(mask_size, partition, model.input_size)
+    opts = check_options(options or EpisodeOptions())
+    context = context_of(context)
+    model = registry.create(entry, runtime=context.runtime, **{"seed": episode.seed, **dict(method_params or {})})
+    shape = mask_shape(opts.mask_size, partition, model.input_size)
     t0 = time.perf_counter()
     model.fit(partition.patch(list(episode.support_ids)) if episode.support_ids else None)
     fit_s = time.perf_counter() - t0
@@ -56,8 +70,8 @@ def run_transductive_episode(dataset, partition, episode: OneClassEpisode, metho
     t0 = time.perf_counter()
     scores, maps = model.score(queries)  # all at once: each image is scored against the others
     score_s = time.perf_counter() - t0
-    to_image = lambda batch, ids: model.anomaly_maps(batch, shape, sigma)  # noqa: E731
-    labels, metrics = query_metrics(dataset, query_ids, scores, maps, to_image, shape, cache)
+    to_image = lambda batch, ids: model.anomaly_maps(batch, shape, opts.sigma)  # noqa: E731
+    labels, metrics = query_metrics(dataset, query_ids, scores, maps, to_image, shape, context.cache)
     row = episode_identity(dataset, episode, entry.name, model.get_params(), partition.meta.get("backbone"),
                            partition.meta.get("key"), len(query_ids), "none", shape)
     row.update(protocol=Protocol.TRANSDUCTIVE.value, shots=len(episode.support_ids), full_shot="no")
@@ -67,12 +81,11 @@ def run_transductive_episode(dataset, partition, episode: OneClassEpisode, metho
 
 
 def evaluate_transductive(dataset, partition, method, shots: int, seeds, method_params: Mapping | None = None,
-                          mask_size=None, sigma: float = DEFAULT_SIGMA, cache: EpisodeCache | None = None,
-                          runtime=None) -> list[dict]:
+                          options: EpisodeOptions | None = None, context: EvalContext | None = None) -> list[dict]:
     """One row per seed; ``shots`` = 0 scores the test images against each other only."""
     if isinstance(seeds, (int, np.integer)):
         seeds = [int(seeds)]
-    cache = episode_cache(cache)
+    context = context_of(context)  # one cache across the seeds
     method = registry.get(method, protocol=registry.TRANSDUCTIVE)  # the name becomes its entry once
     return [run_transductive_episode(dataset, partition, transductive_episode(dataset, shots, int(seed)), method,
-                                     method_params, mask_size, sigma, cache, runtime).row for seed in seeds]
+                                     method_params, options, context).row for seed in seeds]

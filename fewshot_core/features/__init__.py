@@ -3,7 +3,9 @@
 from fewshot_core.features.extract import embed_batch, iter_embeddings
 from fewshot_core.features.patch import local_aggregate, patch_features
 from fewshot_core.features.store import (
+    EmbedCompute,
     FeaturePartition,
+    FeatureSpec,
     FeatureStore,
     PartitionDamaged,
     dataset_fingerprint,
@@ -12,7 +14,9 @@ from fewshot_core.features.store import (
 )
 
 __all__ = [
+    "EmbedCompute",
     "FeaturePartition",
+    "FeatureSpec",
     "FeatureStore",
     "PartitionDamaged",
     "dataset_fingerprint",

@@ -36,6 +36,8 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -383,6 +385,54 @@ class _BackgroundWriter:
         self.global_.close()
 
 
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a partition's features are; all of it goes into the partition key. ``backbone`` (a timm name)
+    with its ``weights`` (``"auto"``, a file, ``"random"``: ``backbones/weights.py``), ``image_size`` the
+    short side, ``aspect`` the long one (``data/aspect.py``: ``"auto"`` the category's own, ``"square"``, or
+    a ratio), ``layers`` the backbone stages (None: its stride-8 + stride-16 pair), ``patch_dim`` the patch
+    feature dimensions (None: every stage's channels)."""
+
+    backbone: str = DEFAULT_BACKBONE
+    image_size: int = WORKING_SIZE
+    layers: Sequence[int] | None = None
+    weights: str = "auto"
+    patch_dim: int | None = None
+    aspect: str | float = "auto"
+
+
+@dataclass(frozen=True)
+class EmbedCompute:
+    """How a partition is embedded; never part of its key: images per forward pass, decode workers, the
+    device (None: the best available) and the progress bar."""
+
+    batch_size: int = 16
+    num_workers: int = 2
+    device: object = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One partition to write: its key and spec, the images (records and content hashes), what their
+    features are (backbone and resolved weights, short side, working shape, stages, patch dims) and what
+    changed since the previous partition of the same spec."""
+
+    key: str
+    spec: str
+    dataset: object
+    records: list
+    hashes: dict
+    fingerprint: str
+    backbone: str
+    weights: object  # backbones.weights.WeightsInfo
+    image_size: int
+    shape: tuple[int, int]
+    layers: tuple[int, ...]
+    patch_dim: int | None
+    change: dict | None
+
+
 class FeatureStore:
     """Builds and opens partitions under ``root`` (default ``fewshot_core.paths.default_store_dir()``)."""
 
@@ -413,14 +463,14 @@ class FeatureStore:
     def _hash_cache(self) -> HashCache:
         return HashCache(self.root / CACHE_NAME)
 
-    def key_for(self, dataset, backbone: str = DEFAULT_BACKBONE, image_size: int = WORKING_SIZE, layers=None,
-                weights="auto", patch_dim: int | None = None, aspect="auto") -> str:
+    def key_for(self, dataset, spec: FeatureSpec | None = None) -> str:
         """The partition key without computing features (weights and images are hashed, not loaded)."""
-        info = resolve_weights(backbone, weights)
-        return partition_key(dataset.category, backbone, info.sha256, image_size,
-                             resolve_layers(backbone, layers), patch_dim,
+        spec = spec or FeatureSpec()
+        info = resolve_weights(spec.backbone, spec.weights)
+        return partition_key(dataset.category, spec.backbone, info.sha256, spec.image_size,
+                             resolve_layers(spec.backbone, spec.layers), spec.patch_dim,
                              dataset_fingerprint(dataset.records, self._hash_cache()),
-                             working_shape(image_size, resolve_aspect(dataset, aspect)))
+                             working_shape(spec.image_size, resolve_aspect(dataset, spec.aspect)))
 
     @contextmanager
     def lock(self, key: str):
@@ -456,17 +506,18 @@ class FeatureStore:
             finally:
                 os.close(fd)  # releases the record lock
 
-    def build(self, dataset, backbone: str = DEFAULT_BACKBONE, image_size: int = WORKING_SIZE, layers=None,
-              weights="auto", batch_size: int = 16, num_workers: int = 2, device=None, progress: bool = True,
-              patch_dim: int | None = None, aspect="auto") -> FeaturePartition:
-        """Embed every image of ``dataset`` (train and test) once; reuse the partition when it exists.
-
-        ``image_size`` names the short side; ``aspect`` (``data/aspect.py``: "auto" = the category's own
-        height/width, "square", or a ratio) the long one, through ``working_shape``.
+    def build(self, dataset, spec: FeatureSpec | None = None, compute: EmbedCompute | None = None
+              ) -> FeaturePartition:
+        """Embed every image of ``dataset`` (train and test) once as ``spec`` says (``FeatureSpec``: backbone,
+        weights, short side, aspect, stages, patch dims), computing as ``compute`` says (``EmbedCompute``);
+        reuse the partition when it exists.
 
         A damaged partition is reported in one line and rebuilt; a build of the same partition running
         in another process is waited for and reused.
         """
+        spec, compute = spec or FeatureSpec(), compute or EmbedCompute()
+        backbone, image_size, layers, weights, patch_dim, aspect = (spec.backbone, spec.image_size, spec.layers,
+                                                                    spec.weights, spec.patch_dim, spec.aspect)
         records = list(dataset.records)
         if not records:
             raise FsadError(f"{dataset.root}: category {dataset.category!r} has no images; check the dataset folder")
@@ -505,14 +556,15 @@ class FeatureStore:
                     _notice(f"{key}: partition damaged ({exc.reason}); rebuilding it")
                     self._discard(final)
             self._remove_stale_tmp(key)
-            spec = spec_key(dataset.category, backbone, info.sha256, image_size, layers, patch_dim, shape)
-            change = self._changes_since_previous(dataset.category, spec, key, hashes)
-            device = resolve_device(device)
+            spec_id = spec_key(dataset.category, backbone, info.sha256, image_size, layers, patch_dim, shape)
+            change = self._changes_since_previous(dataset.category, spec_id, key, hashes)
+            compute = replace(compute, device=resolve_device(compute.device))
             tmp = self.root / f"{_TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
                 tmp.mkdir()
-                self._write(tmp, records, key, spec, dataset, backbone, image_size, shape, layers, info,
-                            fingerprint, hashes, change, batch_size, num_workers, device, progress, patch_dim)
+                plan = _Plan(key, spec_id, dataset, records, hashes, fingerprint, backbone, info, image_size, shape,
+                             layers, patch_dim, change)
+                self._write(tmp, plan, compute)
                 os.rename(tmp, final)  # nobody else writes this key while we hold the lock
             except BaseException as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -564,12 +616,17 @@ class FeatureStore:
         _notice(f"{category}: images differ from partition {best[1].name}: {summary}; building {key}")
         return {"previous": best[1].name, "summary": summary, **record}
 
-    def _write(self, tmp: Path, records, key, spec, dataset, backbone, image_size, shape, layers, info,
-               fingerprint, hashes, change, batch_size, num_workers, device, progress, patch_dim) -> dict:
+    def _write(self, tmp: Path, plan: _Plan, compute: EmbedCompute) -> dict:
+        records, key, spec, dataset, hashes, fingerprint = (plan.records, plan.key, plan.spec, plan.dataset,
+                                                            plan.hashes, plan.fingerprint)
+        backbone, info, image_size, shape, layers, patch_dim = (plan.backbone, plan.weights, plan.image_size,
+                                                                plan.shape, plan.layers, plan.patch_dim)
+        batch_size, num_workers, device = compute.batch_size, compute.num_workers, compute.device
+
         extractor = create_extractor(backbone, layers, weights_info=info, device=device)
         n = len(records)
         started = time.perf_counter()
-        bar = tqdm(total=n, unit="img", desc=f"embed {dataset.category}", disable=not progress)
+        bar = tqdm(total=n, unit="img", desc=f"embed {dataset.category}", disable=not compute.progress)
         writer = _BackgroundWriter(tmp, n)
         try:
             for _, patch, pooled in iter_embeddings(extractor, [r.path for r in records], shape,
@@ -611,7 +668,7 @@ class FeatureStore:
             "patch_size": PATCH_SIZE, "patch_dim": patch_dim_of(channels, patch_dim),
             "patch_reduction": None if patch_dim is None else "adaptive_avg_pool per stage then over stack",
             "global_dim": int(global_dim), "global": "pooled pre-classifier features (timm forward_head pre_logits)",
-            "dtype": "float16", "versions": _versions(), "files": files, "changed_from": change,
+            "dtype": "float16", "versions": _versions(), "files": files, "changed_from": plan.change,
             "build": {"device": str(device), "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 3),
                       "batch_size": batch_size, "num_workers": num_workers,
                       "created": datetime.now(timezone.utc).isoformat(timespec="microseconds")},

@@ -12,13 +12,18 @@
   Gaussian of ``map_sigma`` pixels: 4 for patch-level maps, 0 for maps a method already smoothed).
 * ``input_size``: the square size a method reads images at (None: it reads the store's features at the
   partition's working shape); ``protocol_params`` fills parameters a protocol knows and the user did not give.
+* Everything a protocol, saved model or pipeline reads of a method is declared here with a default
+  (``input_kind``, ``fitted_``, ``fit_info_``, ``input_size``, ``backbone_name``; ``Detector.bank_`` /
+  ``bank_size``; ``Classifier.trained_on``) and read as a plain attribute, never through ``getattr`` defaults.
 * ``save(folder)`` / ``Method.load(folder)``: one format for every method (``methods/components/persistence.py``).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -61,6 +66,13 @@ class Method:
     # Bump when the saved state of this method changes meaning; older folders then ask to be rebuilt.
     version = 1
     _runtime: Runtime = DEFAULT_RUNTIME
+    # What fit and score read: "patches", "embeddings" or "images" (the registry entry says the same).
+    input_kind: str
+    # True once fit (or set_state) has run.
+    fitted_: bool = False
+    # What the last fit did (steps, timings, choices made on the support); a row and a saved model record
+    # it. Read-only and empty until a method's fit assigns its own dict.
+    fit_info_: Mapping[str, object] = MappingProxyType({})
 
     @classmethod
     def _param_names(cls) -> list[str]:
@@ -93,8 +105,15 @@ class Method:
         (the detectors and classifiers that train on pixels); None for a method that reads the feature
         store, whose features come at the partition's working shape. The protocols, the saved model and the
         pipeline read a method's size here and nowhere else."""
-        size = getattr(self, "image_size", None)
+        size = self.image_size if "image_size" in self._param_names() else None
         return int(size) if size else None
+
+    @property
+    def backbone_name(self) -> str | None:
+        """The timm name of the backbone this method embeds images with itself (its images are preprocessed
+        as that backbone's config says); None for a method that reads the feature store's features (the
+        partition names their backbone) or whose backbone was passed in as a module (nothing to rebuild)."""
+        return None
 
     @classmethod
     def protocol_params(cls, params: dict, *, store_backbone: str | None = None, preloaded: bool = False) -> dict:
@@ -104,7 +123,7 @@ class Method:
         return params
 
     def is_fitted(self) -> bool:
-        return bool(getattr(self, "fitted_", False))
+        return bool(self.fitted_)
 
     def _check_fitted(self) -> None:
         if not self.is_fitted():
@@ -145,6 +164,13 @@ class Detector(Method):
 
     input_kind = "patches"
     map_sigma: float = DEFAULT_SIGMA
+    # The fitted memory bank [rows, d] of the methods that keep one (PatchCore, kNN, LDKNN); None otherwise.
+    bank_: np.ndarray | None = None
+
+    @property
+    def bank_size(self) -> int:
+        """Rows of the fitted memory bank, as a row reports it; 0 for a detector without one."""
+        return 0 if self.bank_ is None else len(self.bank_)
 
     def fit(self, X) -> "Detector":  # pragma: no cover - interface
         raise NotImplementedError
@@ -181,6 +207,9 @@ class Classifier(Method):
     """A supervised few-shot learner: ``fit(X, y)``, ``predict_log_proba(X) -> [m, C]`` over ``classes_``."""
 
     input_kind = "embeddings"
+    # The categories a meta-trained classifier learnt from (the protocol refuses one that saw the evaluated
+    # category); empty for a classifier that learns from its support alone.
+    trained_on: tuple[str, ...] = ()
 
     def fit(self, X, y) -> "Classifier":  # pragma: no cover - interface
         raise NotImplementedError

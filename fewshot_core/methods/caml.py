@@ -141,6 +141,7 @@ class CAMLSequenceModel(nn.Module):
         else:
             self.head = nn.Linear(cfg.d_model, cfg.num_ways, bias=False)
         self.trained_on: tuple[str, ...] = ()
+        self.train_info: dict = {}  # how meta-training went (rotated, balanced shots, steps); {} if published
 
     def forward(self, query: torch.Tensor, support: torch.Tensor, support_labels: torch.Tensor) -> torch.Tensor:
         """query [b, D], support [n, D], support_labels [n] in 0..num_ways-1 -> logits [b, num_ways]."""
@@ -263,7 +264,7 @@ class CAML(Classifier):
         return tuple(self._sequence().trained_on)
 
     def _effective(self) -> tuple[int, bool]:
-        info = getattr(self._sequence(), "train_info", {}) or {}
+        info = self._sequence().train_info
         rotations = (8 if info.get("rotated") else 0) if self.rotations is None else int(self.rotations)
         balance = bool(info.get("balanced_shots")) if self.balance_support is None else bool(self.balance_support)
         return rotations, balance
@@ -330,7 +331,7 @@ class CAML(Classifier):
         model = self._sequence()
         state = {"tensors": {"sequence_model": model.state_dict()},
                  "info": {"model": asdict(model.cfg), "trained_on": list(model.trained_on),
-                          "train_info": getattr(model, "train_info", {})}}
+                          "train_info": model.train_info}}
         if getattr(self, "support_", None) is not None:
             state["arrays"] = {"support": self.support_, "support_labels": self.support_labels_,
                                "classes": np.asarray(self.classes_).astype(str)}

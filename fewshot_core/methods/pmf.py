@@ -182,7 +182,8 @@ class PMF(Classifier):
 
     @property
     def backbone_name(self) -> str | None:
-        return self.backbone if isinstance(self.backbone, str) or self.backbone is None else type(self.backbone).__name__
+        """The ``backbone`` parameter when it is a timm name; None for a module passed in."""
+        return self.backbone if isinstance(self.backbone, str) else None
 
     @classmethod
     def protocol_params(cls, params: dict, *, store_backbone: str | None = None, preloaded: bool = False) -> dict:

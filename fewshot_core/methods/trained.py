@@ -50,6 +50,16 @@ class TrainedDetector(Detector):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ identity
+    @property
+    def backbone_name(self) -> str | None:
+        """The frozen backbone's timm name (the ``backbone`` parameter)."""
+        return self.backbone
+
+    @property
+    def bank_size(self) -> int:
+        """The rows of a memory bank a detector builds from its trained features (``fit_info_["bank"]``)."""
+        return int(self.fit_info_.get("bank", 0))
+
     def weights_info(self):
         """The resolved backbone weights (source, sha256, path) this detector starts from."""
         from fewshot_core.backbones import resolve_weights

@@ -30,6 +30,7 @@ from fewshot_core.evaluation.threshold import Threshold
 from fewshot_core.methods.base import Detector
 from fewshot_core.methods.components.persistence import MANIFEST, load_model, read_manifest
 from fewshot_core.methods.components.images import load_images
+from fewshot_core.methods import registry
 from fewshot_core.models.featurizer import Featurizer, FeaturizerSpec
 from fewshot_core.tracking.versions import code_version, git_commit
 
@@ -37,23 +38,51 @@ DEPLOY = "deploy"
 GOOD = "good"
 
 
-def save_deployable(model, folder, *, category: str, support_ids: Sequence[str], protocol: str,
-                    featurizer: FeaturizerSpec | None = None, image_size: int | None = None,
-                    threshold: Threshold | None = None, dataset: dict | None = None, extra: dict | None = None,
-                    pixels: dict | None = None) -> Path:
-    """Save fitted ``model`` into ``folder`` with its deploy record (see the module docstring).
+@dataclass(frozen=True)
+class Provenance:
+    """What a deployed model was fitted on, as its deploy record keeps it: the category, the support image
+    ids, the protocol, and the dataset's name, digest and source when known (the MLflow dataset input)."""
 
-    ``pixels``: for methods that read backbone-normalised pixels (P>M>F), ``{"backbone": name}``: images
-    are then preprocessed as the backbone's timm config says, at ``image_size``."""
-    if featurizer is None and image_size is None:
+    category: str
+    support_ids: Sequence[str]
+    protocol: str
+    dataset: dict | None = None
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """How a deployed model reads raw images: through ``featurizer`` (feature-based methods: the spec of
+    the partition it was fitted on), or as pixels at ``image_size`` (methods trained on images), normalised
+    for the backbone ``pixels`` names (``{"backbone": name}``, methods that fine-tune one: P>M>F)."""
+
+    featurizer: FeaturizerSpec | None = None
+    image_size: int | None = None
+    pixels: dict | None = None
+
+    @classmethod
+    def of(cls, model, protocol: str, partition=None) -> "ModelInputs":
+        """The inputs of fitted ``model``: its own ``input_size`` (and, fine-tuned under the supervised
+        protocol, its ``backbone_name``) for a method that reads images, else the partition's featurizer."""
+        if model.input_kind != registry.IMAGES:
+            return cls(featurizer=FeaturizerSpec.from_partition(partition) if partition is not None else None)
+        pixels = {"backbone": model.backbone_name} if protocol == registry.SUPERVISED else None
+        return cls(image_size=int(model.input_size), pixels=pixels)
+
+
+def save_deployable(model, folder, provenance: Provenance, inputs: ModelInputs, threshold: Threshold | None = None,
+                    extra: dict | None = None) -> Path:
+    """Save fitted ``model`` into ``folder`` with its deploy record (see the module docstring): where it came
+    from (``provenance``), how it reads images (``inputs``), its decision ``threshold`` and any ``extra``."""
+    if inputs.featurizer is None and inputs.image_size is None:
         raise ValueError("a deployable model needs a featurizer spec (feature-based) or an image size (pixels)")
     deploy = {
-        "protocol": protocol, "input_kind": getattr(model, "input_kind", "patches"), "category": category,
-        "support_ids": list(support_ids), "featurizer": featurizer.to_dict() if featurizer else None,
-        "image_size": int(image_size if image_size is not None else featurizer.image_size),
+        "protocol": provenance.protocol, "input_kind": model.input_kind, "category": provenance.category,
+        "support_ids": list(provenance.support_ids),
+        "featurizer": inputs.featurizer.to_dict() if inputs.featurizer else None,
+        "image_size": int(inputs.image_size if inputs.image_size is not None else inputs.featurizer.image_size),
         "threshold": threshold.to_dict() if threshold is not None else None,
-        "dataset": dataset, "code_version": code_version(), "git_commit": git_commit(),
-        "pixels": dict(pixels) if pixels else None, **(extra or {}),
+        "dataset": provenance.dataset, "code_version": code_version(), "git_commit": git_commit(),
+        "pixels": dict(inputs.pixels) if inputs.pixels else None, **(extra or {}),
     }
     return model.save(folder, extra={DEPLOY: deploy})
 

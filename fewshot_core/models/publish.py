@@ -8,7 +8,9 @@ import re
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.oneclass import SCORE_BATCH, score_in_batches, support_threshold
@@ -18,8 +20,7 @@ from fewshot_core.methods.base import Method
 from fewshot_core.methods.components.persistence import jsonable
 from fewshot_core.metrics import image_metrics
 from fewshot_core.models.champion import registered_name
-from fewshot_core.models.deployable import save_deployable
-from fewshot_core.models.featurizer import FeaturizerSpec
+from fewshot_core.models.deployable import ModelInputs, Provenance, save_deployable
 from fewshot_core.models.mlflow_model import log_model, quiet_advice, register_model
 from fewshot_core.tracking.runs import KIND_TAG, log_dataset_input
 
@@ -36,7 +37,7 @@ def publishable(model, protocol: str) -> bool:
     if protocol == registry.TRANSDUCTIVE:  # scores a batch of parts against each other: no one-part model
         return False
     if protocol == registry.SUPERVISED and model.input_kind == registry.IMAGES:
-        return isinstance(getattr(model, "backbone", None), str)
+        return model.backbone_name is not None
     return True
 
 
@@ -45,33 +46,39 @@ def model_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
 
 
-def publish_model(tracker, run_id: str, dataset, model, support_ids: Sequence[str], protocol: str,
-                  partition=None, threshold=None, image_size: int | None = None, tags: dict | None = None,
-                  name: str | None = None) -> dict:
-    """Log ``model`` (fitted on ``support_ids`` of ``dataset``) into run ``run_id``.
+@dataclass(frozen=True)
+class ModelRun:
+    """Where a model is logged: the tracker (``fewshot_core.tracking``), the MLflow run, the tags the logged
+    model carries and its ``name`` in MLflow's Models tab (e.g. method, category and setting)."""
+
+    tracker: Any
+    run_id: str
+    tags: dict | None = None
+    name: str | None = None
+
+
+def publish_model(target: ModelRun, dataset, model, support_ids: Sequence[str], protocol: str, partition=None,
+                  threshold=None) -> dict:
+    """Log ``model`` (fitted on ``support_ids`` of ``dataset``) into ``target``'s run.
 
     Feature-based methods need the ``partition`` they were fitted on (its featurizer spec goes into the
-    model); methods trained on pixels need ``image_size``. ``name`` names the logged model (MLflow's Models
-    tab), e.g. method, category and setting. The dataset input is logged for every run. Returns
-    ``{"model_uri", "model_id", "dataset_digest"}``, or only ``{"dataset_digest"}`` for a model the registry
-    cannot rebuild from its folder (``publishable``).
+    model); methods trained on pixels are saved at their ``input_size`` (``deployable.ModelInputs.of``).
+    The dataset input is logged for every run. Returns ``{"model_uri", "model_id", "dataset_digest"}``, or
+    only ``{"dataset_digest"}`` for a model the registry cannot rebuild from its folder (``publishable``).
     """
+    tracker, run_id = target.tracker, target.run_id
     with quiet_advice():
         data = log_dataset_input(tracker, run_id, dataset)  # every run names its data, model or not
     if not publishable(model, protocol):
         return {"dataset_digest": data.digest}
-    pixels = None
-    if protocol == registry.SUPERVISED and model.input_kind == registry.IMAGES:  # P>M>F: normalised pixels
-        pixels, image_size = {"backbone": model.backbone}, int(model.input_size)
-    spec = FeaturizerSpec.from_partition(partition) if partition is not None and model.input_kind != "images" else None
+    provenance = Provenance(dataset.category, support_ids, protocol,
+                            {"name": data.name, "digest": data.digest, "source": str(dataset.root)})
     with quiet_advice(), tempfile.TemporaryDirectory(prefix="fsad-model-") as tmp:
-        folder = save_deployable(model, Path(tmp) / "model", category=dataset.category, support_ids=support_ids,
-                                 protocol=protocol, featurizer=spec, image_size=image_size, threshold=threshold,
-                                 pixels=pixels,
-                                 dataset={"name": data.name, "digest": data.digest, "source": str(dataset.root)})
+        folder = save_deployable(model, Path(tmp) / "model", provenance, ModelInputs.of(model, protocol, partition),
+                                 threshold)
         example = dataset.by_id(support_ids[0]).path if support_ids else None
-        info = log_model(tracker.tracking_uri, run_id, folder, example_image=example, tags=tags,
-                         **({"name": model_name(name)} if name else {}))
+        info = log_model(tracker.tracking_uri, run_id, folder, example_image=example, tags=target.tags,
+                         **({"name": model_name(target.name)} if target.name else {}))
     tracker.client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
     return {"model_uri": info.model_uri, "model_id": getattr(info, "model_id", None), "dataset_digest": data.digest}
 
@@ -122,8 +129,8 @@ def publish_full_data(tracker, experiment: str, batch_id: str, dataset, partitio
                                      "n_query": len(test), "feature_key": partition.key,
                                      "threshold_rule": cut.rule, "method_params": json.dumps(jsonable(params), sort_keys=True)},
                                     metrics, run_tags, stage=FULL_DATA_KIND)
-    out = publish_model(tracker, run_id, dataset, model, train, registry.ONECLASS, partition=partition,
-                        threshold=cut, tags=run_tags, name=f"{method}-{dataset.category}-{FULL_DATA_KIND}")
+    out = publish_model(ModelRun(tracker, run_id, run_tags, f"{method}-{dataset.category}-{FULL_DATA_KIND}"),
+                        dataset, model, train, registry.ONECLASS, partition=partition, threshold=cut)
     name = registered_name(dataset.category)
     version = register_model(tracker.tracking_uri, out["model_uri"], name,
                              {"fsad.mlflow_run_id": run_id, "fsad.kind": FULL_DATA_KIND})

@@ -9,6 +9,7 @@ carrying that run's id; its materialisation carries its own metrics, run link an
 
 
 import json
+from typing import Any, NamedTuple
 
 import dagster as dg
 import numpy as np
@@ -18,7 +19,9 @@ from fewshot_core import schema
 from fewshot_core.episode_cache import EpisodeCache
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation import meta_pool as pools
+from fewshot_core.evaluation.options import EvalContext
 from fewshot_core.evaluation.run import evaluate_setting
+from fewshot_core.evaluation.support import BankedPartition
 from fewshot_core.methods import registry
 from fewshot_core.figures.gallery import GALLERY_ARTIFACT
 from fewshot_core.settings import Setting
@@ -95,11 +98,11 @@ def _evaluation_asset(cfg: SweepConfig, embeddings_asset, backbone: str, spec: M
             if p["key"] not in banks:
                 raise FsadError(f"{p['key']}: no support bank yet; materialise {bank_key(backbone).to_user_string()} "
                                 "for this partition first (fsad run does)")
-            result = evaluate_setting(ds, part, spec.entry, setting, params, cache=caches[category],
-                                      runtime=runtime, meta_pool=pool, bank=banks[p["key"]],
+            result = evaluate_setting(ds, BankedPartition(part, banks[p["key"]]), spec.entry, setting, params,
+                                      context=EvalContext(runtime=runtime, cache=caches[category], meta_pool=pool),
                                       title=f"{spec.id} · {category} · {setting.key}")
-            row = _record(context, tracker, mlflow.experiment, exp_id, cfg, backbone, spec, p, setting, part, result,
-                          ds)
+            row = _record(context, _Tracking(tracker, mlflow.experiment, exp_id),
+                          _Partition(backbone, spec, p, setting), ds, part, result)
             out[p["key"]] = pd.DataFrame([row])
             metrics = result.metrics
             # NaN is allowed off the headline (e.g. no decision threshold from one good shot)
@@ -132,12 +135,13 @@ def _meta_pool(cfg, context, backbone, feature_store, device, source: str | None
     """The meta-training pool (``MetaPool``) the method spec asks for: the sweep's registered categories
     (generated ones when the sweep has a single category, e.g. bottle), generated categories, or another
     root's. The method itself leaves the evaluated category out (and refuses a model that saw it)."""
+    from fewshot_core.features.store import EmbedCompute, FeatureSpec  # torch: the code location loads without it
+
     categories = context.instance.get_dynamic_partitions(CATEGORY.name)
     parsed = pools.parse_source(source or "categories", others="categories", where="sweep meta_pool")
     if parsed.kind == "others" and len(categories) < 2:
         parsed = pools.PoolSource("synthetic")
-    build = dict(batch_size=feature_store.batch_size, num_workers=feature_store.num_workers,
-                 device=device.resolve())
+    compute = EmbedCompute(feature_store.batch_size, feature_store.num_workers, device.resolve())
 
     def sweep_categories():
         pairs = []
@@ -146,15 +150,35 @@ def _meta_pool(cfg, context, backbone, feature_store, device, source: str | None
             pairs.append((ds, feature_store.build(ds, backbone, device.resolve())))
         return pools.pool_from_partitions(pairs, source="sweep categories")
 
-    return pools.build_pool(parsed, feature_store.store(), backbone, feature_store.image_size,
-                            cfg.resolved_work_dir(), others=sweep_categories, **build)
+    return pools.build_pool(parsed, feature_store.store(), FeatureSpec(backbone, feature_store.image_size),
+                            cfg.resolved_work_dir(), others=sweep_categories, compute=compute)
 
 
-def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpec, p: dict, setting: Setting,
-            part, result, ds) -> dict:
+class _Tracking(NamedTuple):
+    """Where a partition's run is logged: the tracker, the sweep's experiment by name and by id."""
+
+    tracker: Any
+    experiment: str
+    experiment_id: str
+
+
+class _Partition(NamedTuple):
+    """One evaluation partition: its asset's backbone and method spec, its keys (``key``, ``category``,
+    ``setting``) and the parsed setting."""
+
+    backbone: str
+    spec: MethodSpec
+    keys: dict
+    setting: Setting
+
+
+def _record(context, log: _Tracking, where: _Partition, ds, part, result) -> dict:
     """Log the partition's MLflow run (with the fitted method as its MLflow Model) and return its table row."""
     # torch, mlflow: the code location loads without them
-    from fewshot_core.models.publish import publish_model, publishable
+    from fewshot_core.models.publish import ModelRun, publish_model, publishable
+
+    tracker, experiment, exp_id = log.tracker, log.experiment, log.experiment_id
+    backbone, spec, p, setting = where.backbone, where.spec, where.keys, where.setting
 
     lib_row, episode, metrics = result.row, result.episode, result.metrics
     fit_s, score_s = result.fit_seconds, result.score_seconds
@@ -178,10 +202,9 @@ def _record(context, tracker, experiment, exp_id, cfg, backbone, spec: MethodSpe
                                     tags, artifacts, stage=context.run.tags.get("fsad/stage")
                                     or context.asset_key.to_user_string())
     image_method = spec.entry.input_kind == registry.IMAGES
-    published = publish_model(tracker, run_id, ds, result.model, episode.support_ids, setting.protocol,
-                              partition=None if image_method else part, threshold=result.threshold,
-                              image_size=result.model.input_size if image_method else None, tags=tags,
-                              name=f"{spec.id}-{p['category']}-{setting.key}")
+    published = publish_model(ModelRun(tracker, run_id, tags, f"{spec.id}-{p['category']}-{setting.key}"), ds,
+                              result.model, episode.support_ids, setting.protocol,
+                              partition=None if image_method else part, threshold=result.threshold)
     shown = schema.SHOWN[schema.Protocol(setting.protocol)]
     context.log.info(f"{spec.id} {p['key']}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k in shown))
     identity = {"method": spec.id, "method_name": spec.method, "backbone": backbone, "category": p["category"],

@@ -7,6 +7,8 @@ of the library does; ``run_case`` is the one place that knows how.
 from __future__ import annotations
 
 from pathlib import Path
+from fewshot_core.evaluation.options import EpisodeOptions, EvalContext, SupervisedDraw
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 SYNTH_SIZE = 64
 BOTTLE_SIZE = 128
@@ -82,8 +84,8 @@ class GoldenEnv:
 
         key = ("part", str(dataset.root), dataset.category, size)
         if key not in self._cache:
-            self._cache[key] = FeatureStore(self.tmp / "store").build(dataset, image_size=size, num_workers=0,
-                                                                       progress=False)
+            self._cache[key] = FeatureStore(self.tmp / "store").build(dataset, FeatureSpec(image_size=size),
+                                                                      EmbedCompute(num_workers=0, progress=False))
         return self._cache[key]
 
     def caml_pool_pairs(self, exclude: str):
@@ -110,16 +112,18 @@ def run_case(name: str, env: GoldenEnv) -> list[dict]:
             from fewshot_core.runtime import Runtime
 
             runtime = Runtime(device="cpu", threads=1, progress=False, artifact_dir=None)
-            return evaluate_oneclass(ds, None, spec["method"], spec["shots"], spec["seeds"], method_params=params,
-                                     mask_size=size, runtime=runtime)
-        return evaluate_oneclass(ds, env.partition(ds, size), spec["method"], spec["shots"], spec["seeds"],
-                                 method_params=params, mask_size=size, augment=spec.get("augment", "none"))
+            return evaluate_oneclass(ds, None, spec["method"], spec["shots"], spec["seeds"], params,
+                                     options=EpisodeOptions(mask_size=size), context=EvalContext(runtime=runtime))
+        return evaluate_oneclass(ds, env.partition(ds, size), spec["method"], spec["shots"], spec["seeds"], params,
+                                 options=EpisodeOptions(mask_size=size, augment=spec.get("augment", "none")))
     from fewshot_core.evaluation.meta_pool import pool_from_partitions
     from fewshot_core.evaluation.supervised import evaluate_supervised
     from fewshot_core.runtime import Runtime
 
     part = env.partition(ds, size)
     meta_pool = pool_from_partitions(env.caml_pool_pairs(ds.category)) if spec.get("caml_pool") else None
-    return evaluate_supervised(ds, part, spec["method"], spec["k_good"], spec["k_bad"], spec["seeds"],
-                               label_mode=spec["label_mode"], method_params=params, meta_pool=meta_pool,
-                               runtime=Runtime(artifact_dir=env.tmp / "artifacts"))
+    return evaluate_supervised(ds, part, spec["method"],
+                               SupervisedDraw(spec["k_good"], spec["k_bad"], label_mode=spec["label_mode"]),
+                               spec["seeds"], params,
+                               context=EvalContext(runtime=Runtime(artifact_dir=env.tmp / "artifacts"),
+                                                   meta_pool=meta_pool))

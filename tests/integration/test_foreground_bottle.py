@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fewshot_core.evaluation.options import EpisodeOptions, EvalContext
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 SIZE = 128
 SEEDS = [0, 1, 2]
@@ -23,9 +25,9 @@ def test_foreground_lifts_posed_bottle_and_keeps_bottle(mvtec_root, tmp_path):
     store, cache = FeatureStore(tmp_path / "store"), EpisodeCache()
 
     def mean_auroc(ds, foreground: str) -> float:
-        part = store.build(ds, image_size=SIZE, num_workers=0, progress=False)
-        rows = evaluate_oneclass(ds, part, "patchcore", 1, SEEDS, {"foreground": foreground}, mask_size=SIZE,
-                                 cache=cache)
+        part = store.build(ds, FeatureSpec(image_size=SIZE), EmbedCompute(num_workers=0, progress=False))
+        rows = evaluate_oneclass(ds, part, "patchcore", 1, SEEDS, {"foreground": foreground},
+                                 options=EpisodeOptions(mask_size=SIZE), context=EvalContext(cache=cache))
         return float(np.mean([r["image_auroc"] for r in rows]))
 
     whole, centric = mean_auroc(posed, "none"), mean_auroc(posed, "auto")

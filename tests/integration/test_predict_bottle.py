@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: subprocesses import this code
 
@@ -23,18 +25,19 @@ def test_predict_reproduces_the_evaluation_auroc(mvtec_root, tmp_path):
     from fewshot_core.features.store import FeatureStore
     from fewshot_core.metrics import image_metrics
     from fewshot_core.models.champion import promote_champions
-    from fewshot_core.models.publish import publish_model
+    from fewshot_core.models.publish import ModelRun, publish_model
     from fewshot_core.tracking.runs import Tracker
 
     ds = load_dataset(mvtec_root, "bottle")
-    part = FeatureStore(tmp_path / "store").build(ds, image_size=128, num_workers=0, progress=False)
+    part = FeatureStore(tmp_path / "store").build(ds, FeatureSpec(image_size=128),
+                                                  EmbedCompute(num_workers=0, progress=False))
     ep = sample_oneclass(ds, 1, 0)
-    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=128)
+    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, options=EpisodeOptions(mask_size=128))
     row = res.row
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, (tmp_path / "artifacts").as_uri())
     run_id = tracker.log_evaluation("bottle", "dag", "patchcore", {}, {"image_auroc": row["image_auroc"]})
-    out = publish_model(tracker, run_id, ds, res.model, ep.support_ids, "oneclass", partition=part,
+    out = publish_model(ModelRun(tracker, run_id), ds, res.model, ep.support_ids, "oneclass", partition=part,
                         threshold=res.threshold)
     table = pd.DataFrame([{**row, "model_uri": out["model_uri"], "mlflow_run_id": run_id,
                            "score_seconds": row["score_s"]}])

@@ -23,6 +23,7 @@ from fewshot_core.cli import main
 from fewshot_core.data.mvtec import load_category
 from fewshot_core.data.synth import generate
 from fewshot_core.features import FeatureStore, verify_partition
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: subprocesses import this code
 
 SIZE = 64
@@ -146,7 +147,7 @@ def test_read_only_store_is_one_line_and_a_complete_partition_still_serves(synth
 def test_two_processes_building_one_partition_build_it_once(synth, tmp_path):
     root, category = synth
     store = FeatureStore(tmp_path / "store")
-    key = store.key_for(load_category(root, category), image_size=SIZE)
+    key = store.key_for(load_category(root, category), FeatureSpec(image_size=SIZE))
     env = {**os.environ, "FSAD_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "fewshot_core", *map(str, embed_args(synth, store.root))]
     logs = [tmp_path / f"err{i}.txt" for i in range(2)]
@@ -163,15 +164,15 @@ def test_two_processes_building_one_partition_build_it_once(synth, tmp_path):
     assert sorted(o.split(":")[0].split(" ")[0] for o in outs) == ["built", "cache"]  # one built, one reused
     assert all(key in o for o in outs)
     assert store.keys() == [key] and leftovers(store.root) == [] and verify_partition(store.root / key) == []
-    reference = FeatureStore(tmp_path / "ref").build(load_category(root, category), image_size=SIZE,
-                                                     num_workers=0, progress=False)
+    reference = FeatureStore(tmp_path / "ref").build(load_category(root, category), FeatureSpec(image_size=SIZE),
+                                                     EmbedCompute(num_workers=0, progress=False))
     assert np.array_equal(store.open(key).patch(), reference.patch())
 
 
 def test_builder_killed_mid_build_leaves_no_partition_and_the_next_build_proceeds(synth, tmp_path):
     root, category = synth
     store = tmp_path / "store"
-    key = FeatureStore(store).key_for(load_category(root, category), image_size=SIZE)
+    key = FeatureStore(store).key_for(load_category(root, category), FeatureSpec(image_size=SIZE))
     env = {**os.environ, "FSAD_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "fewshot_core", *map(str, embed_args(synth, store))],
                             cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -14,6 +14,7 @@ import pytest
 from fewshot_core.data import load_dataset
 from fewshot_core.evaluation.oneclass import evaluate_oneclass
 from fewshot_core.runtime import Runtime
+from fewshot_core.evaluation.options import EpisodeOptions, EvalContext
 
 SEED = 0
 
@@ -23,8 +24,9 @@ def _one_shot(mvtec_root, tmp_path, method: str, **params) -> dict:
     # one thread: results don't depend on the core count, and a busy 2-core runner isn't oversubscribed
     runtime = Runtime(device="cpu", threads=1, progress=False, artifact_dir=tmp_path)
     params = dict(time_budget_s=None, **params)
-    (row,) = evaluate_oneclass(dataset, None, method, 1, [SEED], params, mask_size=params["image_size"],
-                               runtime=runtime)
+    (row,) = evaluate_oneclass(dataset, None, method, 1, [SEED], params,
+                               options=EpisodeOptions(mask_size=params["image_size"]),
+                               context=EvalContext(runtime=runtime))
     assert row["train_steps"] == params["steps"] and row["stopped_by"] == "steps", row
     assert not row["loaded_from_artifact"] and row["n_query"] == len(dataset.test())
     return row

@@ -14,6 +14,7 @@ import pytest
 
 from _builders import build_mvtec_category, write_image
 from fewshot_core.cli import main
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +23,18 @@ def model_dir(tmp_path_factory):
     from fewshot_core.data import load_dataset
     from fewshot_core.features.store import FeatureStore
     from fewshot_core.methods import registry
-    from fewshot_core.models.deployable import save_deployable
+    from fewshot_core.models.deployable import ModelInputs, Provenance, save_deployable
     from fewshot_core.models.featurizer import FeaturizerSpec
 
     base = tmp_path_factory.mktemp("predict-model")
     build_mvtec_category(base / "data", "w", n_train=3, n_test_good=1, defects={"cut": 1})
     ds = load_dataset(base / "data", "w")
-    part = FeatureStore(base / "store").build(ds, image_size=32, num_workers=0, progress=False)
+    part = FeatureStore(base / "store").build(ds, FeatureSpec(image_size=32),
+                                              EmbedCompute(num_workers=0, progress=False))
     support = [r.image_id for r in ds.train_good()]
     model = registry.create("patchcore", seed=0).fit(part.patch(support))
-    return save_deployable(model, base / "model", category="w", support_ids=support, protocol="oneclass",
-                           featurizer=FeaturizerSpec.from_partition(part))
+    return save_deployable(model, base / "model", Provenance("w", support, "oneclass"),
+                           ModelInputs(featurizer=FeaturizerSpec.from_partition(part)))
 
 
 def _predict(capsys, *argv) -> tuple[int, str, str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fewshot_core.episode_cache import AlignedKey, EpisodeCache, ExtractorKey, ImageKey, MaskKey, ViewKey, episode_cache
+from fewshot_core.evaluation.options import EpisodeOptions, EvalContext
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 
 def test_keys_of_different_kinds_never_collide_and_untyped_keys_are_refused():
@@ -28,9 +30,10 @@ def test_a_shared_cache_holds_each_masks_and_images_once(synth_root, tmp_path):
     from fewshot_core.features.store import FeatureStore
 
     ds = load_dataset(synth_root, list_categories(synth_root)[0])
-    part = FeatureStore(tmp_path).build(ds, image_size=64, num_workers=0, progress=False)
+    part = FeatureStore(tmp_path).build(ds, FeatureSpec(image_size=64), EmbedCompute(num_workers=0, progress=False))
     cache = EpisodeCache()
-    evaluate_oneclass(ds, part, "knn", 2, [0, 1], mask_size=32, augment="none", cache=cache)
+    evaluate_oneclass(ds, part, "knn", 2, [0, 1], options=EpisodeOptions(mask_size=32, augment="none"),
+                      context=EvalContext(cache=cache))
     masks = [k for k in cache.keys() if isinstance(k, MaskKey)]
     assert len(masks) == 1 and masks[0].shape == (32, 32)  # the same queries at both seeds: loaded once
     assert not [k for k in cache.keys() if isinstance(k, ImageKey)]  # features from the store, no decoded images

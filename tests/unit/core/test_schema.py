@@ -10,6 +10,8 @@ from _builders import sweep_rows
 from fewshot_core import schema
 from fewshot_core.evaluation.run import SettingResult
 from fewshot_core.reports.aggregate import aggregate, metric_columns
+from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 
 def _direction(name: str) -> bool:
@@ -68,13 +70,13 @@ def test_every_protocol_row_carries_the_shared_names(synth_root, tmp_path):
     from fewshot_core.features.store import FeatureStore
 
     ds = load_dataset(synth_root, list_categories(synth_root)[0])
-    part = FeatureStore(tmp_path).build(ds, image_size=64, num_workers=0, progress=False)
+    part = FeatureStore(tmp_path).build(ds, FeatureSpec(image_size=64), EmbedCompute(num_workers=0, progress=False))
     results = {
-        schema.Protocol.ONECLASS: run_oneclass_episode(ds, part, sample_oneclass(ds, 2, 0), "knn", mask_size=32,
-                                                       augment="none"),
+        schema.Protocol.ONECLASS: run_oneclass_episode(ds, part, sample_oneclass(ds, 2, 0), "knn",
+                                                       options=EpisodeOptions(mask_size=32, augment="none")),
         schema.Protocol.SUPERVISED: run_supervised_episode(ds, part, sample_supervised(ds, 2, 1, 0), "protonet"),
         schema.Protocol.TRANSDUCTIVE: run_transductive_episode(ds, part, transductive_episode(ds, 0, 0), "musc",
-                                                               mask_size=32)}
+                                                               options=EpisodeOptions(mask_size=32))}
     shared = {"episode_id", "protocol", "category", "method", "params", "backbone", "seed", "n_support", "n_query",
               "fit_s", "score_s", "image_auroc"}
     for protocol, res in results.items():

@@ -13,6 +13,8 @@ from fewshot_core.data.synth import generate
 from fewshot_core.evaluation.aligned import Pose, aligned_image, pose_of, to_original
 from fewshot_core.evaluation.oneclass import evaluate_oneclass
 from fewshot_core.features.store import FeatureStore
+from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 
 def _bar(angle: float, size: int = 32, length: float = 20, width: float = 4) -> np.ndarray:
@@ -60,11 +62,12 @@ def test_aligned_episode_scores_posed_parts(tmp_path):
     (name,) = generate(tmp_path / "data", seed=0, size=96, n_train=8, n_test_good=6, n_test_per_defect=3,
                        kinds=("screw",))
     ds = load_dataset(tmp_path / "data", name)
-    part = FeatureStore(tmp_path / "store").build(ds, image_size=64, num_workers=0, progress=False)
-    aligned = evaluate_oneclass(ds, part, "patchcore", 4, [0], align="auto")
+    part = FeatureStore(tmp_path / "store").build(ds, FeatureSpec(image_size=64),
+                                                  EmbedCompute(num_workers=0, progress=False))
+    aligned = evaluate_oneclass(ds, part, "patchcore", 4, [0], options=EpisodeOptions(align="auto"))
     plain = evaluate_oneclass(ds, part, "patchcore", 4, [0])
     assert aligned[0]["align"] == "aligned" and plain[0]["align"] == "none"
     assert "pixel_auroc" in aligned[0] and 0.5 < aligned[0]["pixel_auroc"] <= 1.0
     assert aligned[0]["image_auroc"] > 0.5
-    again = evaluate_oneclass(ds, part, "patchcore", 4, [0], align="auto")
+    again = evaluate_oneclass(ds, part, "patchcore", 4, [0], options=EpisodeOptions(align="auto"))
     assert again[0]["image_auroc"] == aligned[0]["image_auroc"]  # poses and crops follow the seed alone

@@ -10,12 +10,15 @@ from fewshot_core.data import list_categories, load_dataset
 from fewshot_core.evaluation.autoconfig import CANDIDATES, candidates_for
 from fewshot_core.evaluation.oneclass import evaluate_oneclass
 from fewshot_core.features.store import FeatureStore
+from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 
 @pytest.fixture(scope="module")
 def synth(synth_root, tmp_path_factory):
     ds = load_dataset(synth_root, list_categories(synth_root)[0])
-    part = FeatureStore(tmp_path_factory.mktemp("store")).build(ds, image_size=64, num_workers=0, progress=False)
+    part = FeatureStore(tmp_path_factory.mktemp("store")).build(ds, FeatureSpec(image_size=64),
+                                                                EmbedCompute(num_workers=0, progress=False))
     return ds, part
 
 
@@ -28,8 +31,8 @@ def test_candidates_follow_the_method_and_the_users_fixed_parameters():
 
 def test_auto_choice_is_recorded_and_reproducible(synth):
     ds, part = synth
-    first = evaluate_oneclass(ds, part, "patchcore", 3, [0, 1], config="auto")
-    again = evaluate_oneclass(ds, part, "patchcore", 3, [0, 1], config="auto")
+    first = evaluate_oneclass(ds, part, "patchcore", 3, [0, 1], options=EpisodeOptions(config="auto"))
+    again = evaluate_oneclass(ds, part, "patchcore", 3, [0, 1], options=EpisodeOptions(config="auto"))
     for row, row2 in zip(first, again):
         assert row["config"] in {c.name for c in CANDIDATES}
         scores = json.loads(row["config_scores"])
@@ -45,7 +48,7 @@ def test_auto_choice_is_recorded_and_reproducible(synth):
 
 def test_one_shot_keeps_the_defaults_and_says_why(synth):
     ds, part = synth
-    (row,) = evaluate_oneclass(ds, part, "patchcore", 1, [0], config="auto")
+    (row,) = evaluate_oneclass(ds, part, "patchcore", 1, [0], options=EpisodeOptions(config="auto"))
     assert row["config"] == "default" and "1 good shot" in row["config_reason"]
     (plain,) = evaluate_oneclass(ds, part, "patchcore", 1, [0])
     assert plain["config"] == "default" and plain["image_auroc"] == row["image_auroc"]
@@ -56,4 +59,4 @@ def test_unknown_config_is_one_line(synth):
 
     ds, part = synth
     with pytest.raises(FsadError, match="config 'best'"):
-        evaluate_oneclass(ds, part, "patchcore", 2, [0], config="best")
+        evaluate_oneclass(ds, part, "patchcore", 2, [0], options=EpisodeOptions(config="best"))

@@ -18,6 +18,8 @@ from fewshot_core.methods.base import Detector
 from fewshot_core.episode_cache import EpisodeCache
 from fewshot_core.episodes import sample_oneclass
 from fewshot_core.features.store import FeatureStore
+from fewshot_core.evaluation.options import EpisodeOptions, EvalContext
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 torch.set_num_threads(2)
 IMAGE_SIZE = 64
@@ -28,13 +30,14 @@ METRICS = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro"
 def synth(synth_root, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     dataset = load_dataset(synth_root, list_categories(synth_root)[0])
-    partition = FeatureStore(store).build(dataset, image_size=IMAGE_SIZE, num_workers=0, progress=False)
+    partition = FeatureStore(store).build(dataset, FeatureSpec(image_size=IMAGE_SIZE),
+                                          EmbedCompute(num_workers=0, progress=False))
     return dataset, partition, store
 
 
 def test_rows_per_seed_with_every_metric(synth):
     dataset, partition, _ = synth
-    rows = evaluate_oneclass(dataset, partition, "patchcore", 2, [0, 1], mask_size=48)
+    rows = evaluate_oneclass(dataset, partition, "patchcore", 2, [0, 1], options=EpisodeOptions(mask_size=48))
     assert [r["seed"] for r in rows] == [0, 1]
     for r in rows:
         assert r["protocol"] == "oneclass" and r["method"] == "patchcore" and r["shots"] == 2
@@ -46,7 +49,7 @@ def test_rows_per_seed_with_every_metric(synth):
     assert rows[0]["episode_id"] != rows[1]["episode_id"]
     # the synthetic defects are visible to a pretrained backbone even with two shots
     assert np.mean([r["image_auroc"] for r in rows]) > 0.7
-    again = evaluate_oneclass(dataset, partition, "patchcore", 2, [0, 1], mask_size=48)
+    again = evaluate_oneclass(dataset, partition, "patchcore", 2, [0, 1], options=EpisodeOptions(mask_size=48))
     for a, b in zip(rows, again):
         assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}  # deterministic
 
@@ -54,9 +57,10 @@ def test_rows_per_seed_with_every_metric(synth):
 def test_full_shot_and_other_methods(synth):
     dataset, partition, _ = synth
     n_train = len(dataset.train_good())
-    (row,) = evaluate_oneclass(dataset, partition, "ldknn", "full", [0], {"k": 3}, mask_size=32)
+    (row,) = evaluate_oneclass(dataset, partition, "ldknn", "full", [0], {"k": 3},
+                               options=EpisodeOptions(mask_size=32))
     assert row["shots"] == n_train and row["full_shot"] == "yes" and json.loads(row["params"])["k"] == 3
-    (row,) = evaluate_oneclass(dataset, partition, "knn", 1, 0, mask_size=32)
+    (row,) = evaluate_oneclass(dataset, partition, "knn", 1, 0, options=EpisodeOptions(mask_size=32))
     assert row["full_shot"] == "no" and set(METRICS) <= set(row)
 
 
@@ -73,13 +77,16 @@ def test_augmentation_adds_transformed_supports(synth):
     dataset, partition, _ = synth
     episode = sample_oneclass(dataset, 1, 0)
     cache = EpisodeCache()
-    res = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, augment="none")
+    res = run_oneclass_episode(dataset, partition, episode, "patchcore",
+                               options=EpisodeOptions(mask_size=32, augment="none"))
     plain = res.row
     assert res.patch_maps.shape == (len(episode.query_ids), *partition.grid)
     assert len(res.model.bank_) == plain["bank_size"] and len(res.image_scores) == plain["n_query"]
-    feats = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, augment="features").row
-    imgs = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, augment="images",
-                                cache=cache).row
+    feats = run_oneclass_episode(dataset, partition, episode, "patchcore",
+                                 options=EpisodeOptions(mask_size=32, augment="features")).row
+    imgs = run_oneclass_episode(dataset, partition, episode, "patchcore",
+                                options=EpisodeOptions(mask_size=32, augment="images"),
+                                context=EvalContext(cache=cache)).row
     cells = int(np.prod(partition.grid))
     assert plain["bank_size"] == cells and feats["bank_size"] == imgs["bank_size"] == 6 * cells
     assert imgs["augment"] == "images"
@@ -94,7 +101,8 @@ def test_auto_augmentation_is_the_methods_default_for_small_supports_only(synth)
 
     dataset, partition, _ = synth
     cells = int(np.prod(partition.grid))
-    row = run_oneclass_episode(dataset, partition, sample_oneclass(dataset, 1, 0), "patchcore", mask_size=32).row
+    row = run_oneclass_episode(dataset, partition, sample_oneclass(dataset, 1, 0), "patchcore",
+                               options=EpisodeOptions(mask_size=32)).row
     assert row["augment"] == "images" and row["bank_size"] == 6 * cells  # the stored map + five transforms
     assert resolve_augment("ldknn", "auto", AUGMENT_MAX_SHOTS) == resolve_augment("knn", "auto", 1) == "images"
     assert resolve_augment("patchcore", "auto", AUGMENT_MAX_SHOTS + 1) == "none"  # full-shot banks stay plain
@@ -113,8 +121,9 @@ def test_threshold_copies_are_fitted_with_the_same_augmentation(synth):
     episode = sample_oneclass(dataset, 4, 0)
     cut = {}
     for augment in ("none", "images"):
-        row = run_oneclass_episode(dataset, partition, episode, "patchcore", mask_size=32, augment=augment,
-                                   threshold=ThresholdConfig(rule="loo", seed=0)).row
+        row = run_oneclass_episode(dataset, partition, episode, "patchcore",
+                                   options=EpisodeOptions(mask_size=32, augment=augment,
+                                                          threshold=ThresholdConfig(rule="loo", seed=0))).row
         cut[augment] = row["threshold"]
     assert cut["images"] < cut["none"]
 
@@ -165,7 +174,7 @@ def test_image_kind_methods_get_images_at_their_size_and_the_shared_post_process
     monkeypatch.setitem(registry.REGISTRY, "toy",
                         registry.MethodEntry("toy", "oneclass", "images", f"{__name__}:ToyImages", "toy"))
     ep = sample_oneclass(dataset, 2, 1)
-    res = run_oneclass_episode(dataset, None, ep, "toy", {"image_size": 24}, mask_size=32)
+    res = run_oneclass_episode(dataset, None, ep, "toy", {"image_size": 24}, options=EpisodeOptions(mask_size=32))
     row = res.row
     assert ToyImages.seen[0][:2] == ("fit", (2, 3, 24, 24)) and 0 <= ToyImages.seen[0][2] <= ToyImages.seen[0][3] <= 1
     assert all(kind == "score" and shape[1:] == (3, 24, 24) for kind, shape in ToyImages.seen[1:])
@@ -180,7 +189,8 @@ def test_image_kind_methods_get_images_at_their_size_and_the_shared_post_process
     np.testing.assert_allclose(model.anomaly_maps(res.patch_maps[:1], 32)[0],
                                torch.nn.functional.interpolate(torch.from_numpy(res.patch_maps[:1])[:, None],
                                                                size=(32, 32), mode="bilinear", align_corners=False)[0, 0].numpy())
-    rows = evaluate_oneclass(dataset, None, "toy", 1, [0, 1], {"image_size": 24}, mask_size=32)
+    rows = evaluate_oneclass(dataset, None, "toy", 1, [0, 1], {"image_size": 24},
+                             options=EpisodeOptions(mask_size=32))
     assert [r["seed"] for r in rows] == [0, 1]
     # no mask size: the detector's own input size (its input_size), not a library constant
     (own,) = evaluate_oneclass(dataset, None, registry.get("toy"), 1, [0], {"image_size": 40})
@@ -192,7 +202,7 @@ def test_image_kind_methods_get_images_at_their_size_and_the_shared_post_process
     result = evaluate_setting(dataset, None, "toy", Setting.parse("oc-k1-s0"), {"image_size": 40})
     assert result.row["input_shape"] == "40x40" and result.artifacts["plots/roc_curve.png"].startswith(b"\x89PNG")
     with pytest.raises(FsadError, match="augment"):
-        evaluate_oneclass(dataset, None, "toy", 1, [0], augment="images")
+        evaluate_oneclass(dataset, None, "toy", 1, [0], options=EpisodeOptions(augment="images"))
 
 
 def test_bad_inputs_raise_fsad_errors(synth):
@@ -202,7 +212,7 @@ def test_bad_inputs_raise_fsad_errors(synth):
     with pytest.raises(FsadError, match="shots"):
         parse_shots("many")
     with pytest.raises(FsadError, match="augment"):
-        evaluate_oneclass(dataset, partition, "patchcore", 1, [0], augment="mixup")
+        evaluate_oneclass(dataset, partition, "patchcore", 1, [0], options=EpisodeOptions(augment="mixup"))
     with pytest.raises(FsadError):
         evaluate_oneclass(dataset, partition, "patchcore", 10_000, [0])
 
@@ -254,9 +264,9 @@ def test_patchcore_reaches_the_bar_on_real_bottle(mvtec_root):
     patches: the greedy coreset loop is memory-bound on a CPU); the benchmark runs the 10 % default.
     """
     dataset = load_dataset(mvtec_root, "bottle")
-    partition = FeatureStore().build(dataset, progress=False)  # Lite0, 256 px, stride 8 + 16 stages
-    (full,) = evaluate_oneclass(dataset, partition, "patchcore", "full", [0],
-                                {"coreset_ratio": 0.002, "min_bank": 0})
+    # Lite0, 256 px, stride 8 + 16 stages
+    partition = FeatureStore().build(dataset, compute=EmbedCompute(progress=False))
+    (full,) = evaluate_oneclass(dataset, partition, "patchcore", "full", [0], {"coreset_ratio": 0.002, "min_bank": 0})
     assert full["image_auroc"] >= 0.99 and full["pixel_auroc"] >= 0.97, full
     one = evaluate_oneclass(dataset, partition, "patchcore", 1, [0, 1])
     assert min(r["image_auroc"] for r in one) >= 0.95, one
@@ -277,9 +287,10 @@ def test_patchcore_threshold_copies_skip_the_coreset(synth, monkeypatch):
         return real(name, runtime=runtime, **params)
 
     monkeypatch.setattr(oneclass.registry, "create", create)
-    row = run_oneclass_episode(dataset, partition, sample_oneclass(dataset, 3, 0), "patchcore", {"coreset_ratio": 0.5,
-                               "min_bank": 0, "num_neighbors": 3}, mask_size=32, augment="none",
-                               threshold=ThresholdConfig(rule="loo")).row
+    row = run_oneclass_episode(dataset, partition, sample_oneclass(dataset, 3, 0), "patchcore",
+                               {"coreset_ratio": 0.5, "min_bank": 0, "num_neighbors": 3},
+                               options=EpisodeOptions(mask_size=32, augment="none",
+                                                      threshold=ThresholdConfig(rule="loo"))).row
     model, copies = made[0], made[1:]
     assert model["coreset_ratio"] == 0.5 and len(copies) == 3 and row["threshold_rule"].startswith("loo")
     # the row states what 3 held-out scores can stand behind, not the 5 % asked

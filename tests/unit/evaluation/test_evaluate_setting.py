@@ -19,6 +19,9 @@ from fewshot_core.features.store import FeatureStore
 from fewshot_core.figures.gallery import GALLERY_ARTIFACT, pick_examples
 from fewshot_core.reports.gallery import report_gallery
 from fewshot_core.settings import Setting
+from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.evaluation.support import BankedPartition
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 torch.set_num_threads(2)
 
@@ -26,8 +29,8 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="module")
 def synth(synth_root, tmp_path_factory):
     dataset = load_dataset(synth_root, list_categories(synth_root)[0])
-    partition = FeatureStore(tmp_path_factory.mktemp("store")).build(dataset, image_size=64, num_workers=0,
-                                                                    progress=False)
+    partition = FeatureStore(tmp_path_factory.mktemp("store")).build(dataset, FeatureSpec(image_size=64),
+                                                                     EmbedCompute(num_workers=0, progress=False))
     return dataset, partition
 
 
@@ -40,9 +43,11 @@ def _same(a: dict, b: dict, keys):
 def test_oneclass_setting_matches_the_protocol_with_and_without_a_bank(synth, method):
     dataset, partition = synth
     setting = Setting.parse("oc-k2-s1")
-    direct = run_oneclass_episode(dataset, partition, sample_episode(dataset, setting), method, mask_size=64).row
+    direct = run_oneclass_episode(dataset, partition, sample_episode(dataset, setting), method,
+                                  options=EpisodeOptions(mask_size=64)).row
     plain = evaluate_setting(dataset, partition, method, setting)
-    banked = evaluate_setting(dataset, partition, method, setting, bank=build_support_bank(dataset, partition, setting))
+    banked = evaluate_setting(dataset, BankedPartition(partition, build_support_bank(dataset, partition, setting)),
+                              method, setting)
     metrics = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
     _same(plain.row, direct, metrics)
     _same(banked.row, direct, metrics)
@@ -60,7 +65,7 @@ def test_supervised_setting_matches_the_protocol_with_a_bank(synth):
     setting = Setting.parse("sup-g2b1-multi-s0")
     direct = run_supervised_episode(dataset, partition, sample_episode(dataset, setting), "protonet").row
     bank = build_support_bank(dataset, partition, setting)
-    banked = evaluate_setting(dataset, partition, "protonet", setting, bank=bank)
+    banked = evaluate_setting(dataset, BankedPartition(partition, bank), "protonet", setting)
     _same(banked.row, direct, ("balanced_accuracy", "accuracy", "macro_f1"))
     assert "plots/confusion_matrix.png" in banked.artifacts
     # prototypes: the mean support embedding of each class present in the support
@@ -73,10 +78,10 @@ def test_a_bank_from_other_features_or_another_support_is_refused(synth):
     dataset, partition = synth
     bank = build_support_bank(dataset, partition, Setting.parse("oc-k2-s0"))
     with pytest.raises(FsadError, match="support images differ"):
-        evaluate_setting(dataset, partition, "knn", Setting.parse("oc-k2-s1"), bank=bank)
+        evaluate_setting(dataset, BankedPartition(partition, bank), "knn", Setting.parse("oc-k2-s1"))
     with pytest.raises(FsadError, match="re-materialise memory_banks"):
-        evaluate_setting(dataset, partition, "knn", Setting.parse("oc-k2-s0"),
-                         bank={**bank, "feature_key": np.array("other")})
+        evaluate_setting(dataset, BankedPartition(partition, {**bank, "feature_key": np.array("other")}), "knn",
+                         Setting.parse("oc-k2-s0"))
 
 
 def test_gallery_picks_hits_the_worst_false_alarm_and_the_worst_miss():
@@ -105,7 +110,8 @@ def test_transductive_setting_runs_like_the_protocol_with_and_without_a_bank(syn
     assert setting.protocol == "transductive" and setting.key == key and setting.name == key.rsplit("-s", 1)[0]
     (direct,) = evaluate_transductive(dataset, partition, "musc", setting.k_good, [setting.seed])
     plain = evaluate_setting(dataset, partition, "musc", setting)
-    banked = evaluate_setting(dataset, partition, "musc", setting, bank=build_support_bank(dataset, partition, setting))
+    banked = evaluate_setting(dataset, BankedPartition(partition, build_support_bank(dataset, partition, setting)),
+                              "musc", setting)
     metrics = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
     for result in (plain, banked):
         _same(result.row, direct, metrics)

@@ -6,6 +6,7 @@ import pytest
 
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.meta_pool import GENERATED, PoolSource, build_pool, parse_source
+from fewshot_core.features.store import FeatureSpec
 
 
 def test_words_counts_and_folders(tmp_path):
@@ -26,4 +27,5 @@ def test_words_counts_and_folders(tmp_path):
 
 def test_build_dispatches_to_the_front_ends_other_categories(tmp_path):
     marker = object()
-    assert build_pool(PoolSource("others"), None, "b", 32, tmp_path, others=lambda: marker) is marker
+    spec = FeatureSpec("b", 32)
+    assert build_pool(PoolSource("others"), None, spec, tmp_path, others=lambda: marker) is marker

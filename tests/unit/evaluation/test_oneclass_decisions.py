@@ -13,6 +13,8 @@ from fewshot_core.data import list_categories, load_dataset
 from fewshot_core.episodes import sample_oneclass
 from fewshot_core.evaluation.oneclass import run_oneclass_episode
 from fewshot_core.features.store import FeatureStore
+from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 torch.set_num_threads(2)
 
@@ -20,13 +22,15 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="module")
 def synth(synth_root, tmp_path_factory):
     dataset = load_dataset(synth_root, list_categories(synth_root)[0])
-    part = FeatureStore(tmp_path_factory.mktemp("store")).build(dataset, image_size=64, num_workers=0, progress=False)
+    part = FeatureStore(tmp_path_factory.mktemp("store")).build(dataset, FeatureSpec(image_size=64),
+                                                                EmbedCompute(num_workers=0, progress=False))
     return dataset, part
 
 
 def test_row_reports_errors_and_recall_per_defect_type_at_its_threshold(synth):
     dataset, part = synth
-    res = run_oneclass_episode(dataset, part, sample_oneclass(dataset, 3, 0), "knn", mask_size=32)
+    res = run_oneclass_episode(dataset, part, sample_oneclass(dataset, 3, 0), "knn",
+                               options=EpisodeOptions(mask_size=32))
     row = res.row
     scores, labels = np.asarray(res.image_scores), np.asarray(res.labels)
     flagged = scores > row["threshold"]
@@ -38,5 +42,6 @@ def test_row_reports_errors_and_recall_per_defect_type_at_its_threshold(synth):
     for t in defects:
         assert row[f"recall_{t}"] == pytest.approx(flagged[types == t].mean())
     # one good shot: no threshold, so no decisions to count
-    (one,) = [run_oneclass_episode(dataset, part, sample_oneclass(dataset, 1, 0), "knn", mask_size=32).row]
+    (one,) = [run_oneclass_episode(dataset, part, sample_oneclass(dataset, 1, 0), "knn",
+                                   options=EpisodeOptions(mask_size=32)).row]
     assert math.isnan(one["false_alarm_rate"]) and not any(k.startswith("recall_") for k in one)

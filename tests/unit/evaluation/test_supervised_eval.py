@@ -17,6 +17,8 @@ from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.meta_pool import pool_from_partitions
 from fewshot_core.evaluation.supervised import evaluate_supervised, run_supervised_episode
 from fewshot_core.runtime import Runtime
+from fewshot_core.evaluation.options import EvalContext, SupervisedDraw
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 DEFECTS = ("crack", "hole", "stain")
 torch.set_num_threads(1)
@@ -68,8 +70,8 @@ def data():
 @pytest.mark.parametrize("distance", ["euclidean", "cosine"])
 def test_protonet_rows_and_metrics(data, label_mode, distance):
     ds, part = data
-    rows = evaluate_supervised(ds, part, "protonet", k_good=2, k_bad=2, seeds=[0, 1, 2], label_mode=label_mode,
-                               method_params={"distance": distance})
+    rows = evaluate_supervised(ds, part, "protonet", SupervisedDraw(2, 2, label_mode=label_mode), [0, 1, 2],
+                               {"distance": distance})
     assert [r["seed"] for r in rows] == [0, 1, 2] and len({r["episode_id"] for r in rows}) == 3
     for r in rows:
         classes = json.loads(r["classes"])
@@ -82,7 +84,8 @@ def test_protonet_rows_and_metrics(data, label_mode, distance):
         assert r["balanced_accuracy"] > 0.75  # easy clusters; chance is 1/len(classes)
     if label_mode == "multiclass":
         assert json.loads(rows[0]["classes"]) == ["good", *DEFECTS]
-    again = evaluate_supervised(ds, part, "protonet", 2, 2, [0, 1, 2], label_mode, method_params={"distance": distance})
+    again = evaluate_supervised(ds, part, "protonet", SupervisedDraw(2, 2, label_mode=label_mode), [0, 1, 2],
+                                {"distance": distance})
     assert [r["balanced_accuracy"] for r in again] == [r["balanced_accuracy"] for r in rows]  # deterministic
 
 
@@ -128,8 +131,8 @@ def test_caml_meta_trains_on_other_categories_only(data, tmp_path, monkeypatch):
     pool = pool_from_partitions(pairs + [(ds, part)], source="test")  # the evaluated category is in the pool on purpose
     params = {"train": {"steps": 150, "episodes_per_step": 4, "time_budget_s": 600}}
     rt = Runtime(artifact_dir=tmp_path)
-    rows = evaluate_supervised(ds, part, "caml", 2, 2, seeds=[0, 1], label_mode="multiclass", method_params=params,
-                               meta_pool=pool, runtime=rt)
+    rows = evaluate_supervised(ds, part, "caml", SupervisedDraw(2, 2, label_mode="multiclass"), [0, 1], params,
+                               context=EvalContext(runtime=rt, meta_pool=pool))
     info = json.loads(rows[0]["info"])
     assert sorted(info["trained_on"]) == ["other1", "other2", "other3"]
     assert rows[0]["meta_pool"] == "test: other1, other2, other3"  # the row says what it learnt from
@@ -138,11 +141,11 @@ def test_caml_meta_trains_on_other_categories_only(data, tmp_path, monkeypatch):
 
     # A cache shared across categories (as the pipeline does) never reuses another category's model.
     shared, quick = EpisodeCache(), dict(params, train={"steps": 3, "time_budget_s": 30})
-    run_supervised_episode(ds, part, sample_supervised(ds, 1, 1, 0), "caml", quick, cache=shared, meta_pool=pool,
-                           runtime=rt)
+    run_supervised_episode(ds, part, sample_supervised(ds, 1, 1, 0), "caml", quick,
+                           context=EvalContext(runtime=rt, cache=shared, meta_pool=pool))
     other_ds, other_part = pairs[0]
     row = run_supervised_episode(other_ds, other_part, sample_supervised(other_ds, 1, 1, 0), "caml", quick,
-                                 cache=shared, meta_pool=pool, runtime=rt).row
+                                 context=EvalContext(runtime=rt, cache=shared, meta_pool=pool)).row
     assert "other1" not in json.loads(row["info"])["trained_on"]
 
     # A model that did see the evaluated category is refused.
@@ -154,30 +157,30 @@ def test_caml_meta_trains_on_other_categories_only(data, tmp_path, monkeypatch):
     leaky.trained_on = ("part", "other1")
     monkeypatch.setattr(caml, "meta_train_or_load", lambda *a, **k: leaky)
     with pytest.raises(FsadError, match="meta-trained on 'part'"):
-        evaluate_supervised(ds, part, "caml", 2, 2, [0], "multiclass", method_params=params, meta_pool=pool,
-                            runtime=rt)
+        evaluate_supervised(ds, part, "caml", SupervisedDraw(2, 2, label_mode="multiclass"), [0], params,
+                            context=EvalContext(runtime=rt, meta_pool=pool))
     with pytest.raises(FsadError, match="checkpoint"):
-        evaluate_supervised(ds, part, "caml", 1, 1, [0])
+        evaluate_supervised(ds, part, "caml", SupervisedDraw(1, 1), [0])
 
 
 @pytest.mark.parametrize("method", ["patchcore", "ldknn"])
 def test_one_class_methods_under_the_protocol(data, method):
     ds, part = data
     params = {} if method == "patchcore" else {"k": 1, "pool": 1}
-    rows = evaluate_supervised(ds, part, method, k_good=3, k_bad=1, seeds=[0, 1], method_params=params)
+    rows = evaluate_supervised(ds, part, method, SupervisedDraw(3, 1), [0, 1], params)
     for r in rows:
         assert r["image_auroc"] > 0.9 and r["balanced_accuracy"] > 0.7, r
         assert json.loads(r["info"])["n_bank_images"] == 3  # good shots only in the bank
     with pytest.raises(FsadError, match="binary"):
-        evaluate_supervised(ds, part, method, 2, 1, [0], label_mode="multiclass", method_params=params)
+        evaluate_supervised(ds, part, method, SupervisedDraw(2, 1, label_mode="multiclass"), [0], params)
 
 
 def test_unknown_method_is_a_user_error(data):
     ds, part = data
     with pytest.raises(FsadError, match="unknown; choose one of"):
-        evaluate_supervised(ds, part, "svm", 1, 1, [0])
+        evaluate_supervised(ds, part, "svm", SupervisedDraw(1, 1), [0])
     with pytest.raises(FsadError, match="not available under the supervised protocol"):
-        evaluate_supervised(ds, part, "efficientad", 1, 1, [0])
+        evaluate_supervised(ds, part, "efficientad", SupervisedDraw(1, 1), [0])
 
 
 def test_pmf_and_protonet_through_the_real_store(synth_root, tmp_path):
@@ -193,10 +196,11 @@ def test_pmf_and_protonet_through_the_real_store(synth_root, tmp_path):
         pytest.skip(f"Lite0 weights unavailable: {exc}")
     cat = sorted(p.name for p in synth_root.iterdir() if p.is_dir())[0]
     ds = load_dataset(synth_root, cat)
-    part = FeatureStore(tmp_path / "store").build(ds, image_size=64, num_workers=0, progress=False)
-    proto = evaluate_supervised(ds, part, "protonet", 2, 1, [0], method_params={"distance": "cosine"})
-    pmf = evaluate_supervised(ds, part, "pmf", 2, 1, [0],
-                              method_params={"steps": 2, "search_steps": 1, "lr_candidates": [1e-3], "image_size": 64,
+    part = FeatureStore(tmp_path / "store").build(ds, FeatureSpec(image_size=64),
+                                                  EmbedCompute(num_workers=0, progress=False))
+    proto = evaluate_supervised(ds, part, "protonet", SupervisedDraw(2, 1), [0], {"distance": "cosine"})
+    pmf = evaluate_supervised(ds, part, "pmf", SupervisedDraw(2, 1), [0],
+                              {"steps": 2, "search_steps": 1, "lr_candidates": [1e-3], "image_size": 64,
                                              "backbone": "tf_efficientnet_lite0"})
     for r in proto + pmf:
         assert 0 <= r["balanced_accuracy"] <= 1 and "image_auroc" in r

@@ -16,6 +16,8 @@ from fewshot_core.evaluation.threshold import (
     fpr_upper_bound,
     threshold_from_scores,
 )
+from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 FPR = 0.05
 REPS = 4000
@@ -148,8 +150,9 @@ def test_identical_support_images_in_an_evaluated_episode_say_degenerate(tmp_pat
     for name in ("001.png", "002.png"):
         shutil.copy(cat / "train/good/000.png", cat / "train/good" / name)
     ds = load_dataset(tmp_path / "d", "w")
-    part = FeatureStore(tmp_path / "s").build(ds, image_size=32, weights="random", num_workers=0, progress=False)
-    row = evaluate_oneclass(ds, part, "knn", 3, [0], augment="none")[0]
+    part = FeatureStore(tmp_path / "s").build(ds, FeatureSpec(image_size=32, weights="random"),
+                                              EmbedCompute(num_workers=0, progress=False))
+    row = evaluate_oneclass(ds, part, "knn", 3, [0], options=EpisodeOptions(augment="none"))[0]
     assert row["threshold_rule"].startswith("none: degenerate: identical support images"), row["threshold_rule"]
     assert np.isnan(row["balanced_accuracy"])
 

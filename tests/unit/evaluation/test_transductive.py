@@ -11,6 +11,8 @@ from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.transductive import evaluate_transductive, transductive_episode
 from fewshot_core.features.store import FeatureStore
 from fewshot_core.methods import registry
+from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 torch.set_num_threads(2)
 
@@ -48,9 +50,10 @@ def test_musc_is_its_own_protocol():
 
 def test_transductive_rows_zero_and_few_shots(synth_root, tmp_path):
     dataset = load_dataset(synth_root, list_categories(synth_root)[0])
-    partition = FeatureStore(tmp_path).build(dataset, image_size=64, num_workers=0, progress=False)
-    zero = evaluate_transductive(dataset, partition, "musc", 0, [0], mask_size=48)[0]
-    two = evaluate_transductive(dataset, partition, "musc", 2, [0], mask_size=48)[0]
+    partition = FeatureStore(tmp_path).build(dataset, FeatureSpec(image_size=64),
+                                             EmbedCompute(num_workers=0, progress=False))
+    zero = evaluate_transductive(dataset, partition, "musc", 0, [0], options=EpisodeOptions(mask_size=48))[0]
+    two = evaluate_transductive(dataset, partition, "musc", 2, [0], options=EpisodeOptions(mask_size=48))[0]
     assert zero["protocol"] == two["protocol"] == "transductive"
     assert zero["shots"] == 0 and two["shots"] == 2 and zero["n_query"] == len(dataset.test())
     assert "-k0-" in zero["episode_id"] and 0.5 < zero["image_auroc"] <= 1.0 and "pixel_auroc" in two
@@ -70,5 +73,5 @@ def test_a_feature_method_without_its_partition_is_one_line_naming_fsad_embed(pr
     run = run_transductive_episode if protocol == "transductive" else run_oneclass_episode
     episode = SimpleNamespace(support_ids=("a", "b"), query_ids=("c",), seed=0)
     with pytest.raises(FsadError) as exc:
-        run(None, None, episode, method, **extra)
+        run(None, None, episode, method, options=EpisodeOptions(**extra))
     assert "\n" not in str(exc.value) and "fsad embed" in str(exc.value) and repr(method) in str(exc.value)

@@ -13,6 +13,8 @@ from fewshot_core.data.aspect import category_aspect, resolve_aspect
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.oneclass import evaluate_oneclass, mask_shape
 from fewshot_core.features.store import FeatureStore
+from fewshot_core.evaluation.options import EpisodeOptions
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 W, H = 64, 160  # tall images, height / width = 2.5 (the working shape at 64 px: 160 x 64)
 
@@ -77,8 +79,8 @@ def test_category_aspect_from_the_training_images(tall_root):
 def test_store_embeds_at_the_working_shape_and_masks_follow(tall_root, tmp_path):
     ds = load_dataset(tall_root, "tall")
     store = FeatureStore(tmp_path / "store")
-    kept = store.build(ds, image_size=64, num_workers=0, progress=False)
-    square = store.build(ds, image_size=64, num_workers=0, progress=False, aspect="square")
+    kept = store.build(ds, FeatureSpec(image_size=64), EmbedCompute(num_workers=0, progress=False))
+    square = store.build(ds, FeatureSpec(image_size=64, aspect="square"), EmbedCompute(num_workers=0, progress=False))
     assert kept.input_shape == (160, 64) and kept.grid == (20, 8)
     assert square.input_shape == (64, 64) and square.grid == (8, 8)
     assert kept.key != square.key
@@ -87,8 +89,8 @@ def test_store_embeds_at_the_working_shape_and_masks_follow(tall_root, tmp_path)
     assert mask_shape(32, kept) == (80, 32)  # the short side, at the partition's aspect
     assert mask_shape(32, square) == (32, 32)
 
-    rows = evaluate_oneclass(ds, kept, "patchcore", 4, [0], {"foreground": "none"}, mask_size=None,
-                             augment="none")
+    rows = evaluate_oneclass(ds, kept, "patchcore", 4, [0], {"foreground": "none"},
+                             options=EpisodeOptions(mask_size=None, augment="none"))
     assert rows[0]["input_shape"] == "160x64" and rows[0]["mask_size"] == 64
     assert rows[0]["image_auroc"] == 1.0
     assert rows[0]["pixel_auroc"] > 0.95
@@ -101,9 +103,10 @@ def test_maps_line_up_with_the_defect_pixels(tall_root, tmp_path):
     from fewshot_core.episodes import sample_oneclass
 
     ds = load_dataset(tall_root, "tall")
-    part = FeatureStore(tmp_path / "store").build(ds, image_size=64, num_workers=0, progress=False)
+    part = FeatureStore(tmp_path / "store").build(ds, FeatureSpec(image_size=64),
+                                                  EmbedCompute(num_workers=0, progress=False))
     res = run_oneclass_episode(ds, part, sample_oneclass(ds, 4, 0), "patchcore", {"foreground": "none"},
-                               mask_size=None, augment="none")
+                               options=EpisodeOptions(mask_size=None, augment="none"))
     ids = res.query_ids
     maps = res.model.anomaly_maps(res.patch_maps, part.input_shape)
     assert maps.shape[1:] == (H, W)
@@ -121,7 +124,8 @@ def test_featurizer_resizes_new_images_to_the_partition_shape(tall_root, tmp_pat
     from fewshot_core.models.featurizer import Featurizer, FeaturizerSpec
 
     ds = load_dataset(tall_root, "tall")
-    part = FeatureStore(tmp_path / "store").build(ds, image_size=64, num_workers=0, progress=False)
+    part = FeatureStore(tmp_path / "store").build(ds, FeatureSpec(image_size=64),
+                                                  EmbedCompute(num_workers=0, progress=False))
     spec = FeaturizerSpec.from_partition(part)
     assert spec.shape == (160, 64)
     assert FeaturizerSpec.from_dict(spec.to_dict()) == spec
@@ -165,8 +169,10 @@ def test_augmented_supports_keep_the_working_shape(tall_root, tmp_path):
     assert transforms_for((160, 64)) == ("hflip", "vflip", "rot180")
     assert len(transforms_for((64, 64))) == 5
     ds = load_dataset(tall_root, "tall")
-    part = FeatureStore(tmp_path / "store").build(ds, image_size=64, num_workers=0, progress=False)
-    rows = evaluate_oneclass(ds, part, "patchcore", 2, [0], {"coreset_ratio": 1.0}, mask_size=None, augment="images")
+    part = FeatureStore(tmp_path / "store").build(ds, FeatureSpec(image_size=64),
+                                                  EmbedCompute(num_workers=0, progress=False))
+    rows = evaluate_oneclass(ds, part, "patchcore", 2, [0], {"coreset_ratio": 1.0},
+                             options=EpisodeOptions(mask_size=None, augment="images"))
     assert rows[0]["augment"] == "images"
     assert rows[0]["bank_size"] == 2 * 4 * 20 * 8  # 2 shots x (stored + 3 views) x the 20 x 8 grid
     assert rows[0]["image_auroc"] > 0.9

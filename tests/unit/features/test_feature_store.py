@@ -20,6 +20,7 @@ from fewshot_core.data.mvtec import load_category
 from fewshot_core.data.synth import generate
 from fewshot_core.errors import FsadError
 from fewshot_core.features import FeatureStore, embed_batch
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 torch.set_num_threads(2)
 SIZE = 64
@@ -42,7 +43,8 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(dataset, tmp_path_factory):
     store = FeatureStore(tmp_path_factory.mktemp("store"))
-    part = store.build(dataset, image_size=SIZE, batch_size=4, num_workers=2, progress=False)
+    part = store.build(dataset, FeatureSpec(image_size=SIZE),
+                       EmbedCompute(batch_size=4, num_workers=2, progress=False))
     return store, part
 
 
@@ -82,7 +84,8 @@ def test_complete_partition_is_reused_without_a_forward_pass(dataset, built, mon
         raise AssertionError("the backbone was built although the partition exists")
 
     monkeypatch.setattr(store_mod, "create_extractor", no_forward)
-    again = store.build(dataset, image_size=SIZE, batch_size=4, num_workers=2, progress=False)
+    again = store.build(dataset, FeatureSpec(image_size=SIZE),
+                        EmbedCompute(batch_size=4, num_workers=2, progress=False))
     assert again.cache_hit and again.key == part.key and again.path == part.path
     assert np.array_equal(again.patch(again.image_ids[:2]), part.patch(part.image_ids[:2]))
     assert store.open(part.key).meta == part.meta
@@ -90,16 +93,16 @@ def test_complete_partition_is_reused_without_a_forward_pass(dataset, built, mon
 
 def test_key_changes_with_everything_that_changes_the_features(dataset, built):
     store, part = built
-    base = dict(backbone="tf_efficientnet_lite0", image_size=SIZE, layers=None)
-    assert store.key_for(dataset, **base) == part.key
-    assert store.key_for(dataset, **{**base, "layers": (2, 3)}) == part.key  # default spelled out
+    base = FeatureSpec(backbone="tf_efficientnet_lite0", image_size=SIZE, layers=None)
+    assert store.key_for(dataset, base) == part.key
+    assert store.key_for(dataset, replace(base, layers=(2, 3))) == part.key  # default spelled out
     others = {
-        store.key_for(dataset, **{**base, "image_size": 96}),
-        store.key_for(dataset, **{**base, "layers": (1, 2)}),
-        store.key_for(dataset, **{**base, "backbone": "tf_efficientnet_lite1"}),
-        store.key_for(dataset, **base, weights="random"),
-        store.key_for(dataset, **base, patch_dim=64),
-        store.key_for(replace(dataset, records=dataset.records[1:]), **base),
+        store.key_for(dataset, replace(base, image_size=96)),
+        store.key_for(dataset, replace(base, layers=(1, 2))),
+        store.key_for(dataset, replace(base, backbone="tf_efficientnet_lite1")),
+        store.key_for(dataset, replace(base, weights="random")),
+        store.key_for(dataset, replace(base, patch_dim=64)),
+        store.key_for(replace(dataset, records=dataset.records[1:]), base),
     }
     assert len(others) == 6 and part.key not in others
 
@@ -116,26 +119,27 @@ def test_interrupted_build_leaves_nothing_visible_and_rebuilds(dataset, tmp_path
 
     monkeypatch.setattr(store_mod, "iter_embeddings", dies_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
-        store.build(dataset, image_size=SIZE, batch_size=3, num_workers=0, progress=False)
+        store.build(dataset, FeatureSpec(image_size=SIZE), EmbedCompute(batch_size=3, num_workers=0, progress=False))
     assert store.keys() == [] and _leftovers(tmp_path) == []
 
     monkeypatch.setattr(store_mod, "iter_embeddings", real)
-    part = store.build(dataset, image_size=SIZE, batch_size=3, num_workers=0, progress=False)
+    part = store.build(dataset, FeatureSpec(image_size=SIZE),
+                       EmbedCompute(batch_size=3, num_workers=0, progress=False))
     assert not part.cache_hit and store.keys() == [part.key] and len(part) == len(dataset.records)
     assert np.isfinite(part.patch()).all()
 
 
 def test_stale_temp_folder_of_a_dead_build_is_removed(dataset, tmp_path):
     store = FeatureStore(tmp_path)
-    key = store.key_for(dataset, image_size=SIZE, weights="random", backbone="resnet18")
+    key = store.key_for(dataset, FeatureSpec(backbone="resnet18", image_size=SIZE, weights="random"))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".tmp-{key}-{int(dead.stdout)}-deadbeef"
     stale.mkdir()
     (stale / "patch.npy").write_bytes(b"half written")
     live = tmp_path / f".tmp-{key}-{os.getpid()}-cafecafe"  # a build still running here: keep
     live.mkdir()
-    part = store.build(dataset, backbone="resnet18", weights="random", image_size=SIZE, num_workers=0,
-                       progress=False)
+    part = store.build(dataset, FeatureSpec(backbone="resnet18", image_size=SIZE, weights="random"),
+                       EmbedCompute(num_workers=0, progress=False))
     assert part.is_random and part.meta["weights"]["source"] == "random"
     assert part.meta["layer_info"][0]["module"] == "layer2" and part.grid == (8, 8)
     assert not stale.exists() and live.exists()
@@ -150,6 +154,18 @@ def test_unknown_ids_and_unreadable_images_are_user_errors(dataset, built, tmp_p
     broken = replace(dataset, records=[replace(dataset.records[0], path=broken_file)])
     store = FeatureStore(tmp_path / "store")
     with pytest.raises(FsadError) as exc:  # raised inside a worker process, reported as one line
-        store.build(broken, image_size=SIZE, num_workers=1, progress=False)
+        store.build(broken, FeatureSpec(image_size=SIZE), EmbedCompute(num_workers=1, progress=False))
     assert str(exc.value).startswith(f"{broken_file}: ") and "\n" not in str(exc.value)
     assert store.keys() == [] and _leftovers(tmp_path / "store") == []
+
+
+def test_build_takes_what_the_features_are_and_how_to_compute_them_apart():
+    """``FeatureSpec`` is the key's part of a build, ``EmbedCompute`` never is (a build on other workers and
+    batch sizes opens the same partition)."""
+    import inspect
+
+    from fewshot_core.features.store import _Plan
+
+    assert list(inspect.signature(FeatureStore.build).parameters) == ["self", "dataset", "spec", "compute"]
+    assert list(inspect.signature(FeatureStore.key_for).parameters) == ["self", "dataset", "spec"]
+    assert len(inspect.signature(FeatureStore._write).parameters) <= 4 and "key" in _Plan.__dataclass_fields__

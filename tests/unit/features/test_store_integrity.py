@@ -18,10 +18,11 @@ from fewshot_core.data.mvtec import load_category
 from fewshot_core.data.synth import generate
 from fewshot_core.errors import FsadError
 from fewshot_core.features import FeatureStore, PartitionDamaged, verify_partition
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 torch.set_num_threads(2)
 SIZE = 64
-OPTS = dict(image_size=SIZE, batch_size=4, num_workers=0, progress=False)
+OPTS = (FeatureSpec(image_size=SIZE), EmbedCompute(batch_size=4, num_workers=0, progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def data(source, tmp_path):
 def reference(source, tmp_path_factory):
     """One partition built from the pristine images, to compare rebuilt features with."""
     root, category = source
-    return FeatureStore(tmp_path_factory.mktemp("ref_store")).build(load_category(root, category), **OPTS)
+    return FeatureStore(tmp_path_factory.mktemp("ref_store")).build(load_category(root, category), *OPTS)
 
 
 def _no_forward(*args, **kwargs):
@@ -53,14 +54,14 @@ def _no_forward(*args, **kwargs):
 def test_same_size_rewrite_of_an_image_gives_a_new_partition_and_says_what_changed(data, tmp_path, capsys):
     root, category = data
     store = FeatureStore(tmp_path / "store")
-    first = store.build(load_category(root, category), **OPTS)
+    first = store.build(load_category(root, category), *OPTS)
     target = root / category / "train" / "good" / "000.png"
     other = root / category / "train" / "good" / "001.png"
     assert target.stat().st_size == other.stat().st_size and target.read_bytes() != other.read_bytes()
     shutil.copyfile(other, target)  # new pixels, same byte size, immediately after the build
     capsys.readouterr()
 
-    second = store.build(load_category(root, category), **OPTS)
+    second = store.build(load_category(root, category), *OPTS)
     assert not second.cache_hit and second.key != first.key
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"fsad: {category}: images differ from partition {first.key}")
@@ -70,34 +71,34 @@ def test_same_size_rewrite_of_an_image_gives_a_new_partition_and_says_what_chang
     ids = [f"{category}/train/good/000", f"{category}/train/good/001"]
     assert not np.array_equal(first.patch(ids[:1]), second.patch(ids[:1]))
     assert np.array_equal(second.patch(ids[:1]), second.patch(ids[1:]))  # same pixels now, same features
-    assert store.key_for(load_category(root, category), image_size=SIZE) == second.key
+    assert store.key_for(load_category(root, category), FeatureSpec(image_size=SIZE)) == second.key
 
 
 def test_unchanged_images_are_not_hashed_again_and_touched_ones_are(data, tmp_path, monkeypatch):
     root, category = data
     monkeypatch.setattr(fingerprint_mod, "RACY_NS", 0)  # files were just written; skip the racy-clean wait
     store = FeatureStore(tmp_path / "store")
-    part = store.build(load_category(root, category), **OPTS)
+    part = store.build(load_category(root, category), *OPTS)
     hashed = []
     real = fingerprint_mod.sha256_of
     monkeypatch.setattr(fingerprint_mod, "sha256_of", lambda p: hashed.append(os.path.basename(p)) or real(p))
     monkeypatch.setattr(store_mod, "create_extractor", _no_forward)
-    assert store.build(load_category(root, category), **OPTS).cache_hit and hashed == []
+    assert store.build(load_category(root, category), *OPTS).cache_hit and hashed == []
 
     touched = root / category / "test" / "good" / "000.png"
     os.utime(touched)  # same bytes, new mtime: hashed again, still the same partition
-    again = store.build(load_category(root, category), **OPTS)
+    again = store.build(load_category(root, category), *OPTS)
     assert again.cache_hit and again.key == part.key and hashed == ["000.png"]
 
 
 def test_racily_clean_entries_are_hashed_again(data, tmp_path, monkeypatch):
     root, category = data
     store = FeatureStore(tmp_path / "store")
-    store.build(load_category(root, category), **OPTS)
+    store.build(load_category(root, category), *OPTS)
     hashed = []
     real = fingerprint_mod.sha256_of
     monkeypatch.setattr(fingerprint_mod, "sha256_of", lambda p: hashed.append(p) or real(p))
-    store.key_for(load_category(root, category), image_size=SIZE)
+    store.key_for(load_category(root, category), FeatureSpec(image_size=SIZE))
     # written moments before they were hashed: the stat cache cannot vouch for them yet
     assert len(hashed) == len(load_category(root, category).records)
 
@@ -105,7 +106,7 @@ def test_racily_clean_entries_are_hashed_again(data, tmp_path, monkeypatch):
 def test_zeroed_patch_file_is_detected_and_the_partition_rebuilt(data, reference, tmp_path, capsys, monkeypatch):
     root, category = data
     store = FeatureStore(tmp_path / "store")
-    part = store.build(load_category(root, category), **OPTS)
+    part = store.build(load_category(root, category), *OPTS)
     patch_file = part.path / "patch.npy"
     size = patch_file.stat().st_size
     header = size - np.load(patch_file, mmap_mode="r").nbytes  # the .npy header stays, the data is zeroed
@@ -119,7 +120,7 @@ def test_zeroed_patch_file_is_detected_and_the_partition_rebuilt(data, reference
     with pytest.raises(PartitionDamaged, match=r"feature partition damaged \(patch\.npy: checksum mismatch"):
         store.open(part.key)
     capsys.readouterr()
-    rebuilt = store.build(load_category(root, category), **OPTS)
+    rebuilt = store.build(load_category(root, category), *OPTS)
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"fsad: {part.key}: partition damaged (patch.npy: checksum mismatch in block 1 of 1 "
                    f"(bytes 0-{size})); rebuilding it"]
@@ -132,7 +133,7 @@ def test_zeroed_patch_file_is_detected_and_the_partition_rebuilt(data, reference
 def test_damage_that_keeps_size_and_mtime_is_still_caught(data, reference, tmp_path):
     root, category = data
     store = FeatureStore(tmp_path / "store")
-    part = store.build(load_category(root, category), **OPTS)
+    part = store.build(load_category(root, category), *OPTS)
     target = part.path / "global.npy"
     st = target.stat()
     with open(target, "r+b") as fh:
@@ -149,7 +150,7 @@ def test_sampled_load_check_trusts_the_stamp_and_full_verify_does_not(data, tmp_
     monkeypatch.setattr(integrity_mod, "BLOCK", 4096)  # many blocks, so a load only samples some
     monkeypatch.setattr(integrity_mod, "RACY_NS", 0)
     store = FeatureStore(tmp_path / "store")
-    part = store.build(load_category(root, category), **OPTS)
+    part = store.build(load_category(root, category), *OPTS)
     blocks = part.meta["files"]["patch.npy"]["blocks"]
     assert len(blocks) > 20
     # bit rot in one block that no stat shows: the stamp is rewritten to match the damaged file
@@ -174,7 +175,7 @@ def test_sampled_load_check_trusts_the_stamp_and_full_verify_does_not(data, tmp_
 def test_each_kind_of_damaged_partition_is_rebuilt_with_one_line(data, reference, tmp_path, capsys, damage):
     root, category = data
     store = FeatureStore(tmp_path / "store")
-    part = store.build(load_category(root, category), **OPTS)
+    part = store.build(load_category(root, category), *OPTS)
     if damage == "truncate_patch":
         os.truncate(part.path / "patch.npy", 1000)
         reason = "patch.npy: truncated"
@@ -194,7 +195,7 @@ def test_each_kind_of_damaged_partition_is_rebuilt_with_one_line(data, reference
     with pytest.raises(FsadError, match=reason):
         store.open(part.key)
     capsys.readouterr()
-    rebuilt = store.build(load_category(root, category), **OPTS)
+    rebuilt = store.build(load_category(root, category), *OPTS)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"fsad: {part.key}: partition damaged ({reason}")
     assert err[0].endswith("rebuilding it")
@@ -206,8 +207,8 @@ def test_each_kind_of_damaged_partition_is_rebuilt_with_one_line(data, reference
 def test_store_verify_reports_every_partition(data, tmp_path):
     root, category = data
     store = FeatureStore(tmp_path / "store")
-    a = store.build(load_category(root, category), **OPTS)
-    b = store.build(load_category(root, category), **{**OPTS, "image_size": 72})
+    a = store.build(load_category(root, category), *OPTS)
+    b = store.build(load_category(root, category), FeatureSpec(image_size=72), OPTS[1])
     os.truncate(b.path / "global.npy", 64)
     assert store.verify() == {a.key: [], b.key: [f"global.npy: truncated (64 bytes, "
                                                   f"{b.meta['files']['global.npy']['size']} recorded)"]}
@@ -217,11 +218,12 @@ def test_patch_dim_larger_than_the_features_is_refused(data, tmp_path):
     root, category = data
     store = FeatureStore(tmp_path / "store")
     with pytest.raises(FsadError) as exc:
-        store.build(load_category(root, category), **OPTS, patch_dim=153)
+        store.build(load_category(root, category), FeatureSpec(image_size=SIZE, patch_dim=153), OPTS[1])
     assert str(exc.value) == ("--patch-dim 153: larger than the 152 dims of tf_efficientnet_lite0 stages 2,3 "
                               "(it would only repeat values); use at most 152 or omit it")
     assert not (tmp_path / "store").exists()
-    part = store.build(load_category(root, category), **OPTS, patch_dim=152)  # the full width is allowed
+    # the full width is allowed
+    part = store.build(load_category(root, category), FeatureSpec(image_size=SIZE, patch_dim=152), OPTS[1])
     assert part.patch_dim == 152
 
 
@@ -234,7 +236,7 @@ def test_two_threads_building_one_partition_build_it_once(data, tmp_path, monkey
     results = [None, None]
 
     def build(i):
-        results[i] = FeatureStore(tmp_path / "store").build(load_category(root, category), **OPTS)
+        results[i] = FeatureStore(tmp_path / "store").build(load_category(root, category), *OPTS)
 
     threads = [threading.Thread(target=build, args=(i,)) for i in range(2)]
     for t in threads:

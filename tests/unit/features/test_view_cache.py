@@ -8,7 +8,7 @@ import pytest
 from fewshot_core.data import list_categories, load_dataset
 from fewshot_core.evaluation import augment as augment_mod
 from fewshot_core.evaluation.augment import embed_augmented
-from fewshot_core.features.store import FeatureStore, verify_partition
+from fewshot_core.features.store import EmbedCompute, FeatureSpec, FeatureStore, verify_partition
 from fewshot_core.features.view_cache import FOLDER, ViewCache
 
 TRANSFORMS = ["hflip", "rot90"]
@@ -17,7 +17,8 @@ TRANSFORMS = ["hflip", "rot90"]
 @pytest.fixture()
 def part(synth_root, tmp_path):
     dataset = load_dataset(synth_root, list_categories(synth_root)[0])
-    partition = FeatureStore(tmp_path / "store").build(dataset, image_size=64, num_workers=0, progress=False)
+    partition = FeatureStore(tmp_path / "store").build(dataset, FeatureSpec(image_size=64),
+                                                       EmbedCompute(num_workers=0, progress=False))
     return dataset, partition, [r.image_id for r in dataset.train_good()[:2]]
 
 

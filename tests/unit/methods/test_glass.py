@@ -15,6 +15,7 @@ from fewshot_core.methods.base import Method
 from fewshot_core.methods.glass import GLASS, focal_loss
 from fewshot_core.methods.components.perlin import TextureSource, make_texture, perlin_2d, perlin_mask
 from fewshot_core.runtime import Runtime
+from fewshot_core.evaluation.options import EpisodeOptions, EvalContext
 
 SIZE = 64
 
@@ -129,19 +130,21 @@ def test_runs_the_oneclass_protocol_from_images(synth_root, tmp_path):
     ds = load_dataset(synth_root, "synth_disk")
     episode = sample_oneclass(ds, 2, 0)
     params = _cfg(steps=5)
-    res = run_oneclass_episode(ds, None, episode, "glass", params, mask_size=32, runtime=_rt(tmp_path))
+    res = run_oneclass_episode(ds, None, episode, "glass", params, options=EpisodeOptions(mask_size=32),
+                               context=EvalContext(runtime=_rt(tmp_path)))
     row = res.row
     assert row["method"] == "glass" and row["shots"] == 2 and row["n_query"] == len(ds.test())
     assert 0 <= row["image_auroc"] <= 1 and 0 <= row["pixel_auroc"] <= 1 and "aupro" in row
     assert row["train_steps"] == 5 and not row["loaded_from_artifact"] and row["device"] == "cpu"
     assert row["partition_key"] is None and row["backbone"] == "tf_efficientnet_lite0"
     assert '"seed": 0' in row["params"] and res.patch_maps.shape[1:] == (SIZE, SIZE)
-    (again,) = evaluate_oneclass(ds, None, "glass", 2, [0], params, mask_size=32, runtime=_rt(tmp_path))
+    (again,) = evaluate_oneclass(ds, None, "glass", 2, [0], params, options=EpisodeOptions(mask_size=32),
+                                 context=EvalContext(runtime=_rt(tmp_path)))
     assert again["loaded_from_artifact"] and again["image_auroc"] == row["image_auroc"]
     assert again["train_s"] == row["train_s"] and again["pixel_auroc"] == row["pixel_auroc"]
     with pytest.raises(FsadError, match="bad parameters"):
         run_oneclass_episode(ds, None, episode, "glass", {"nonsense": 1})
     with pytest.raises(FsadError, match="only for feature-based"):
-        run_oneclass_episode(ds, None, episode, "glass", params, augment="images")
+        run_oneclass_episode(ds, None, episode, "glass", params, options=EpisodeOptions(augment="images"))
     with pytest.raises(FsadError, match="feature-store partition"):
         run_oneclass_episode(ds, None, episode, "patchcore", {})

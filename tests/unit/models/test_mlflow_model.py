@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fewshot_core.evaluation.options import EpisodeOptions, EvalContext
+from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]  # the checkout: subprocesses import this code
 
@@ -49,7 +51,8 @@ def env(tmp_path_factory, synth_root):
     tmp = tmp_path_factory.mktemp("mlflow-model")
     category = sorted(p.name for p in synth_root.iterdir() if p.is_dir())[0]
     ds = load_dataset(synth_root, category)
-    part = FeatureStore(tmp / "store").build(ds, image_size=64, num_workers=0, progress=False)
+    part = FeatureStore(tmp / "store").build(ds, FeatureSpec(image_size=64),
+                                             EmbedCompute(num_workers=0, progress=False))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     return ds, part, Tracker(uri, (tmp / "artifacts").as_uri()), uri
 
@@ -62,11 +65,11 @@ def _run(tracker):
 def test_patchcore_model_scores_like_the_evaluation(env):
     from fewshot_core.episodes import sample_oneclass
     from fewshot_core.evaluation.oneclass import run_oneclass_episode
-    from fewshot_core.models.publish import publish_model
+    from fewshot_core.models.publish import ModelRun, publish_model
 
     ds, part, tracker, uri = env
     ep = sample_oneclass(ds, 4, 0)
-    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=64)
+    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, options=EpisodeOptions(mask_size=64))
     row = res.row
     run_id = _run(tracker)
     import warnings
@@ -74,7 +77,7 @@ def test_patchcore_model_scores_like_the_evaluation(env):
     from fewshot_core.models.mlflow_model import _ADVICE
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = publish_model(tracker, run_id, ds, res.model, ep.support_ids, "oneclass", partition=part,
+        out = publish_model(ModelRun(tracker, run_id), ds, res.model, ep.support_ids, "oneclass", partition=part,
                             threshold=res.threshold)
     assert not [w for w in caught if any(a in str(w.message) for a in _ADVICE)], "MLflow's advice reached the log"
     assert out["model_uri"].startswith("models:/")
@@ -99,12 +102,12 @@ def test_patchcore_model_scores_like_the_evaluation(env):
 def test_protonet_model_scores_like_the_evaluation(env):
     from fewshot_core.episodes import sample_supervised
     from fewshot_core.evaluation.supervised import run_supervised_episode
-    from fewshot_core.models.publish import publish_model
+    from fewshot_core.models.publish import ModelRun, publish_model
 
     ds, part, tracker, uri = env
     ep = sample_supervised(ds, 2, 1, 0, label_mode="multiclass", pool="test")
     res = run_supervised_episode(ds, part, ep, "protonet", {})
-    out = publish_model(tracker, _run(tracker), ds, res.model, ep.support_ids, "supervised", partition=part)
+    out = publish_model(ModelRun(tracker, _run(tracker)), ds, res.model, ep.support_ids, "supervised", partition=part)
     got = _fresh_scores(uri, out["model_uri"], [ds.by_id(i).path for i in ep.query_ids])
     np.testing.assert_allclose(got["score"], res.image_scores, rtol=0, atol=1e-6)
     assert got["label"] == [str(v) for v in res.y_pred]
@@ -118,7 +121,7 @@ def test_pmf_model_scores_like_the_evaluation(env, tmp_path):
     whose preprocessing it needs and, in a fresh process, classifies the queries as the evaluation did."""
     from fewshot_core.episodes import sample_supervised
     from fewshot_core.evaluation.supervised import run_supervised_episode
-    from fewshot_core.models.publish import publish_model
+    from fewshot_core.models.publish import ModelRun, publish_model
     from fewshot_core.runtime import Runtime
 
     ds, part, tracker, uri = env
@@ -126,8 +129,9 @@ def test_pmf_model_scores_like_the_evaluation(env, tmp_path):
     params = {"steps": 2, "search_steps": 1, "lr_candidates": [1e-3], "image_size": 64,
               "backbone": "tf_efficientnet_lite0", "time_budget_s": 3600}
     res = run_supervised_episode(ds, part, ep, "pmf", params,
-                                 runtime=Runtime(artifact_dir=tmp_path / "artifacts", progress=False))
-    out = publish_model(tracker, _run(tracker), ds, res.model, ep.support_ids, "supervised", partition=part)
+                                 context=EvalContext(runtime=Runtime(artifact_dir=tmp_path / "artifacts",
+                                                                     progress=False)))
+    out = publish_model(ModelRun(tracker, _run(tracker)), ds, res.model, ep.support_ids, "supervised", partition=part)
     assert out["model_uri"].startswith("models:/")
     got = _fresh_scores(uri, out["model_uri"], [ds.by_id(i).path for i in ep.query_ids])
     np.testing.assert_allclose(got["score"], res.image_scores, rtol=0, atol=1e-6)
@@ -141,16 +145,17 @@ def test_trained_detector_model_scores_like_the_evaluation(env, tmp_path):
     pixel size and, loaded in a fresh process, scores the queries as the evaluation did."""
     from fewshot_core.episodes import sample_oneclass
     from fewshot_core.evaluation.oneclass import run_oneclass_episode
-    from fewshot_core.models.publish import publish_model
+    from fewshot_core.models.publish import ModelRun, publish_model
     from fewshot_core.runtime import Runtime
 
     ds, _part, tracker, uri = env
     ep = sample_oneclass(ds, 2, 0)
     params = {"steps": 3, "teacher_steps": 2, "penalty": "none", "image_size": 64}
-    res = run_oneclass_episode(ds, None, ep, "efficientad", params, mask_size=64,
-                               runtime=Runtime(artifact_dir=tmp_path / "artifacts", progress=False))
-    out = publish_model(tracker, _run(tracker), ds, res.model, ep.support_ids, "oneclass",
-                        threshold=res.threshold, image_size=res.model.image_size)
+    res = run_oneclass_episode(ds, None, ep, "efficientad", params, options=EpisodeOptions(mask_size=64),
+                               context=EvalContext(runtime=Runtime(artifact_dir=tmp_path / "artifacts",
+                                                                   progress=False)))
+    out = publish_model(ModelRun(tracker, _run(tracker)), ds, res.model, ep.support_ids, "oneclass",
+                        threshold=res.threshold)
     assert out["model_uri"].startswith("models:/")
     got = _fresh_scores(uri, out["model_uri"], [ds.by_id(i).path for i in ep.query_ids])
     np.testing.assert_allclose(got["score"], res.image_scores, rtol=0, atol=1e-6)
@@ -212,13 +217,13 @@ def test_served_model_answers_an_image_with_score_and_decision(env, tmp_path):
     from fewshot_core.episodes import sample_oneclass
     from fewshot_core.evaluation.oneclass import run_oneclass_episode
     from fewshot_core.models.champion import Candidate, promote
-    from fewshot_core.models.publish import publish_model
+    from fewshot_core.models.publish import ModelRun, publish_model
 
     ds, part, tracker, uri = env
     ep = sample_oneclass(ds, 3, 1)
-    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, mask_size=64)
+    res = run_oneclass_episode(ds, part, ep, "patchcore", {}, options=EpisodeOptions(mask_size=64))
     run_id = _run(tracker)
-    out = publish_model(tracker, run_id, ds, res.model, ep.support_ids, "oneclass", partition=part,
+    out = publish_model(ModelRun(tracker, run_id), ds, res.model, ep.support_ids, "oneclass", partition=part,
                         threshold=res.threshold)
     promote(tracker, Candidate(ds.category, "patchcore", None, 3, 0.9, 0.1, 1, out["model_uri"], run_id, "c"))
     port = _free_port()
