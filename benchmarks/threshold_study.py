@@ -141,7 +141,7 @@ def markdown(rows: list[dict], sources) -> str:
         cells = [r["method"], str(r["shots"]), pct(r["nominal"])]
         for source in sources:
             cells += [f"{pct(r[f'{source}_fpr'])} ({pct(r[f'{source}_fpr_max'])})", pct(r[f"{source}_miss"]),
-                      "" if np.isnan(r[f"{source}_s"]) else f"{r[f'{source}_s']:.1f}"]
+                      "–" if np.isnan(r[f"{source}_s"]) else f"{r[f'{source}_s']:.1f}"]  # cached before timed
         last = sources[-1]
         cells += [pct(r[f"{last}_bound"]), "yes" if r[f"{last}_within"] else "NO"]
         lines.append("| " + " | ".join(cells) + " |")
