@@ -43,7 +43,7 @@ from fewshot_core.evaluation.aligned import align_episode, check_align, to_origi
 from fewshot_core.evaluation.autoconfig import check_config, choose
 from fewshot_core.evaluation.options import EpisodeOptions, EvalContext, context_of
 from fewshot_core.evaluation.results import OneClassResult
-from fewshot_core.evaluation.support_views import bank_input, resolve_augment, support_views
+from fewshot_core.evaluation.support_views import bank_groups, bank_input, resolve_augment, support_views
 from fewshot_core.metrics import PixelAccumulator, image_metrics, recall_per_defect_type
 from fewshot_core.sizes import MIN_MASK_SIZE, WORKING_SIZE, check_size
 from fewshot_core.schema import Protocol
@@ -246,7 +246,7 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method, m
                         "trained on images: a support-only threshold would retrain the detector; not computed")
     else:
         cut = support_threshold(entry, params, views, runtime, threshold or ThresholdConfig(seed=episode.seed),
-                                augment, support_keys=content_keys(partition, episode.support_ids))
+                                augment, support_keys=content_keys(partition, episode.support_ids), model=model)
     metrics.update(decision_metrics(labels, scores, cut))
     metrics.update(recall_per_defect_type([dataset.by_id(i).defect_type for i in query_ids], labels,
                                           cut.decide(scores)))
@@ -278,14 +278,27 @@ def content_keys(partition, ids: Sequence[str]) -> list[str] | None:
 
 
 def support_threshold(method, params: Mapping, support: np.ndarray, runtime, config: ThresholdConfig,
-                      augment: str = "none", support_keys: Sequence[str] | None = None):
-    """The decision threshold from the good support alone: fresh copies of the method (same parameters
-    and seed) fitted on part of the support score the rest (leave-one-out or holdout).
+                      augment: str = "none", support_keys: Sequence[str] | None = None, model=None):
+    """The decision threshold from the good support alone: each held-out support image is scored by a
+    model that did not see it (leave-one-out or holdout).
+
+    ``model``: the fitted model, on ``bank_input(support, augment)``. Where it can (``can_score_heldout``:
+    the bank detectors), it scores each held-out image itself, its bank less the rows of that image and of
+    its augmented views (``methods/components/heldout.py``): no refit, and the model's own coreset, foreground and
+    scoring. Otherwise fresh copies of the method (same parameters and seed) are fitted on the rest.
 
     ``support``: [n, h, w, d], or [n, views, h, w, d] with each image's augmented views after it; a copy
     is then fitted on its training images' views too, as the model itself was, and scores the held-out
     images' stored features only (a flipped copy of a held-out image is not a new part)."""
     views = support if support.ndim == 5 else support[:, None]
+
+    if model is not None and model.can_score_heldout():
+        groups = bank_groups(views.shape[:2], augment)
+
+        def own_bank(train_idx, held_idx):
+            return model.heldout_scores(views[held_idx, 0], np.flatnonzero(np.isin(groups, held_idx)))
+
+        return fit_threshold(len(support), own_bank, config, support_keys, source="the model's bank")
 
     method = registry.get(method)
     copy_params = method.load_class().threshold_copy_params(dict(params), views.shape)
@@ -294,7 +307,7 @@ def support_threshold(method, params: Mapping, support: np.ndarray, runtime, con
         copy = registry.create(method, runtime=runtime, **copy_params).fit(bank_input(views[train_idx], augment))
         return copy.score(views[held_idx, 0])[0]
 
-    return fit_threshold(len(support), fit_score, config, support_keys)
+    return fit_threshold(len(support), fit_score, config, support_keys, source="refits")
 
 
 def parse_shots(shots) -> int | None:

@@ -53,3 +53,14 @@ def bank_input(views: np.ndarray, augment: str) -> np.ndarray:
         return views[:, 0]
     rest = views[:, 1:].swapaxes(0, 1) if augment == "features" else views[:, 1:]
     return np.concatenate([views[:, 0], rest.reshape(-1, *views.shape[2:])])
+
+
+def bank_groups(views_shape: tuple[int, int], augment: str) -> np.ndarray:
+    """The support image of each map ``bank_input`` gives for views of shape [n, views, ...], in its order
+    (an augmented view belongs to its image): what a held-out image's rows are left out by."""
+    n, v = int(views_shape[0]), int(views_shape[1])
+    image = np.arange(n)
+    if v == 1:
+        return image
+    rest = np.tile(image, v - 1) if augment == "features" else np.repeat(image, v - 1)
+    return np.concatenate([image, rest])

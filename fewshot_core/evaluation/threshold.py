@@ -1,11 +1,15 @@
 """The decision threshold of a one-class model, from its good support images only (never test labels).
 
-Held-out scores: score each good support image with a model that did *not* see it.
+Held-out scores: score each good support image with a model that did *not* see it. A bank detector
+(PatchCore, kNN, LDKNN) is that model itself: its bank less the held-out image's rows (and its augmented
+views'), with its own coreset, foreground and scoring (``methods/components/heldout.py``), no refit. Other methods
+(and models saved before their bank recorded its provenance) fit fresh copies on the rest; the rule text
+says which (``held out from the model's bank`` / ``from refits``).
 
-* ``loo`` (leave-one-out): fit a copy of the method on all support images but one, score that one; n
-  fits of n - 1 images. The default up to ``LOO_MAX`` images, where fits are cheap and every image counts.
-* ``holdout``: one fit on a seeded ``1 - share`` of the support, scoring the held-out ``share``; for
-  large support sets (full shot) and methods whose fit is expensive.
+* ``loo`` (leave-one-out): all support images but one score that one; n times. The default up to
+  ``LOO_MAX`` images, where every image counts.
+* ``holdout``: a seeded ``1 - share`` of the support scoring the held-out ``share``, once; for large
+  support sets (full shot) and methods whose fit is expensive.
 * ``auto``: ``loo`` up to ``LOO_MAX`` good images, ``holdout`` above.
 
 Rule (docs/models.md, "The decision threshold"): a fresh good image is as likely to take any rank among
@@ -169,8 +173,9 @@ def heldout_good_scores(n: int, fit_score: Callable[[np.ndarray, np.ndarray], np
                         config: ThresholdConfig) -> tuple[str, np.ndarray | None, str]:
     """(rule used, held-out scores or None, reason) for ``n`` support images.
 
-    ``fit_score(train_idx, held_idx)`` fits a fresh copy of the method on the support rows ``train_idx``
-    and returns the image scores of the rows ``held_idx``.
+    ``fit_score(train_idx, held_idx)`` returns the image scores of the support images ``held_idx`` by a
+    model of the images ``train_idx`` only (a fresh copy fitted on them, or the model's bank without the
+    held-out images' rows).
     """
     if n < 2:
         return config.rule, None, (f"{n} good support image: a threshold needs a good image the model did not "
@@ -191,11 +196,14 @@ DEGENERATE = "degenerate: identical support images"
 
 
 def fit_threshold(n: int, fit_score: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                  config: ThresholdConfig | None = None, support_keys: Sequence[str] | None = None) -> Threshold:
+                  config: ThresholdConfig | None = None, support_keys: Sequence[str] | None = None,
+                  source: str = "") -> Threshold:
     """The threshold of a model fitted on ``n`` good support images (see the module docstring).
 
     ``support_keys``: the support images' content hashes, when known: n copies of one image need no fits
-    to be refused."""
+    to be refused. ``source``: where the held-out scores come from (the rule text says it). A held-out
+    score ``fit_score`` gives as NaN (no model without that image exists: every bank row came from it)
+    is left out, and the rule text says how many."""
     config = config or ThresholdConfig()
     if n >= 2 and support_keys is not None and len(set(support_keys)) == 1:
         return Threshold(None, f"{config.rule} fpr={config.fpr:g}", float(config.fpr), n, [],
@@ -204,6 +212,16 @@ def fit_threshold(n: int, fit_score: Callable[[np.ndarray, np.ndarray], np.ndarr
     if scores is None:
         return Threshold(None, f"{rule} fpr={config.fpr:g}", float(config.fpr), n, [], reason)
     label = f"{rule} fpr={config.fpr:g} n={n}" + (f" share={config.share:g}" if rule == "holdout" else "")
+    label += f" (held out from {source})" if source else ""
+    unscored = np.flatnonzero(np.isnan(scores))
+    if len(unscored):
+        label += (f"; {len(unscored)} held-out image(s) without a score (every bank row came from "
+                  f"{'it' if len(unscored) == 1 else 'them'})")
+        scores = scores[~np.isnan(scores)]
+        if not scores.size:
+            return Threshold(None, label, float(config.fpr), n, [],
+                             "no held-out score: every bank row came from the held-out images; give the model a "
+                             "larger bank (coreset_ratio) or more good images")
     if np.all(scores == 0):  # every held-out image met an exact copy of itself (distance 0)
         return Threshold(None, label, float(config.fpr), n, [float(s) for s in scores],
                          f"{DEGENERATE} (every held-out image scored 0: each has a copy in the rest of the "

@@ -189,6 +189,13 @@ class Detector(Method):
         cheaper stand-in."""
         return params
 
+    # Optional capability, the bank detectors' (``methods/components/heldout.py``): ``heldout_scores(X, left_out)``, the
+    # image scores of X by this fitted model with the bank rows from the fitted maps ``left_out`` removed,
+    # no refit (the threshold's held-out good scores); where ``can_score_heldout()`` is False the threshold
+    # refits held-out copies instead.
+    def can_score_heldout(self) -> bool:
+        return False
+
 
 def exact_copy_index(params: dict, support_shape: tuple | None = None) -> dict:
     """Params for a held-out copy, which scores one image: on ``index="auto"`` it searches exactly when

@@ -15,22 +15,25 @@ from fewshot_core.methods.components.coreset import approximate_greedy_coreset, 
 from fewshot_core.methods.components.foreground import (
     Foreground, PartBank, check_mode, fit_foreground, masked_for_max, scored_mask, search_patches,
     state_arrays)
+from fewshot_core.methods.components.heldout import BankHeldout, loaded_sources, map_sources, source_array
 from fewshot_core.methods.components.nn_search import NearestNeighbors
 
 
 def build_bank(support, coreset_ratio: float, min_bank: int, seed: int, selection: str = "auto"
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """All support patches [N, d] and the (coreset-reduced) bank drawn from them."""
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All support patches [N, d], the (coreset-reduced) bank drawn from them and the support map each
+    bank row came from (``bank_source_``)."""
     feats = as_patch_array(support, "support")
     flat = feats.reshape(-1, feats.shape[-1])
     keep = coreset_size(len(flat), coreset_ratio, min_bank)
+    per_map = feats.shape[1] * feats.shape[2]
     if keep >= len(flat):
-        return flat, flat
-    idx = approximate_greedy_coreset(flat, keep, seed=seed, selection=selection)
-    return flat, flat[np.sort(idx)]
+        return flat, flat, map_sources(np.arange(len(flat)), per_map)
+    rows = np.sort(approximate_greedy_coreset(flat, keep, seed=seed, selection=selection))
+    return flat, flat[rows], map_sources(rows, per_map)
 
 
-class KNN(Detector):
+class KNN(BankHeldout, Detector):
     name = "knn"
     input_kind = "patches"
 
@@ -49,7 +52,8 @@ class KNN(Detector):
         check_selection(coreset_selection)
 
     def fit(self, X) -> KNN:
-        _, bank = build_bank(X, self.coreset_ratio, self.min_bank, self.seed, self.coreset_selection)
+        _, bank, self.bank_source_ = build_bank(X, self.coreset_ratio, self.min_bank, self.seed,
+                                                self.coreset_selection)
         self.bank_ = np.array(bank, copy=True)
         self.foreground_ = fit_foreground(as_patch_array(X, "support"), self.foreground, self.seed)
         self._build_index()
@@ -76,9 +80,10 @@ class KNN(Detector):
         return pooled_max(masked_for_max(patch, scored_mask(self.foreground_, q, missing)), self.pool), patch
 
     def get_state(self) -> dict:
-        return {"arrays": {"bank": self.bank_, **state_arrays(self.foreground_)}}
+        return {"arrays": {"bank": self.bank_, **source_array(self), **state_arrays(self.foreground_)}}
 
     def set_state(self, state: dict) -> None:
         self.bank_ = np.ascontiguousarray(state["arrays"]["bank"], dtype=np.float32)
+        self.bank_source_ = loaded_sources(state["arrays"], len(self.bank_))
         self.foreground_ = Foreground.from_state(state["arrays"])
         self._build_index()

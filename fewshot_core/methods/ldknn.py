@@ -29,6 +29,7 @@ from fewshot_core.methods.components.foreground import (
     Foreground, PartBank, check_mode, fit_foreground, masked_for_max, scored_mask, search_patches,
     state_arrays)
 from fewshot_core.methods.knn import build_bank
+from fewshot_core.methods.components.heldout import BankHeldout, loaded_sources, source_array
 from fewshot_core.methods.components.nn_search import NearestNeighbors
 
 LD_FORMS = ("difference", "ratio")
@@ -36,7 +37,7 @@ DENSITY_ON = ("support", "bank")
 _RATIO_EPS = 1e-12  # LD is 0 for a patch with an exact duplicate; keeps the ratio finite
 
 
-class LDKNN(Detector):
+class LDKNN(BankHeldout, Detector):
     name = "ldknn"
     input_kind = "patches"
 
@@ -66,24 +67,33 @@ class LDKNN(Detector):
         return NearestNeighbors(self.index, self.runtime.faiss_gpu, seed=self.seed).fit(data)
 
     def fit(self, X) -> LDKNN:
-        everything, bank = build_bank(X, self.coreset_ratio, self.min_bank, self.seed, self.coreset_selection)
+        everything, bank, self.bank_source_ = build_bank(X, self.coreset_ratio, self.min_bank, self.seed,
+                                                         self.coreset_selection)
         self.bank_ = np.array(bank, copy=True)
         self.nn_ = self._index(self.bank_)
-        full = self.nn_ if bank is everything or self.density_on == "bank" else self._index(everything)
-        sq, _ = full.search(self.bank_, self.k + 1)
-        neighbours = sq[:, 1:] if sq.shape[1] > 1 else sq  # a one-patch support has no other neighbour
-        self.ld_ = neighbours.mean(1).astype(np.float32)
+        # LD among the bank's own rows: a held-out image's rows can then be left out of it (heldout_scores)
+        self.ld_in_bank_ = bank is everything or self.density_on == "bank"
+        self.ld_ = self._density(self.bank_, self.nn_ if self.ld_in_bank_ else self._index(everything))
         self.foreground_ = fit_foreground(as_patch_array(X, "support"), self.foreground, self.seed)
         self.part_ = PartBank(self.foreground_, self.bank_, self._index)
         self.fitted_ = True
         return self
 
+    def _density(self, rows: np.ndarray, index) -> np.ndarray:
+        """LD of ``rows`` (bank rows): mean squared distance to their K nearest in ``index``, themselves
+        excluded (the first of K + 1)."""
+        sq, _ = index.search(rows, self.k + 1)
+        neighbours = sq[:, 1:] if sq.shape[1] > 1 else sq  # a one-patch support has no other neighbour
+        return neighbours.mean(1).astype(np.float32)
+
     def score(self, X) -> tuple[np.ndarray, np.ndarray]:
         self._check_fitted()
         q = as_patch_array(X, "query")
-        m, h, w, d = q.shape
         sq, idx, missing = search_patches(self.nn_, self.part_, self.foreground_, q)
-        dist, ld = sq[:, 0], self.ld_[idx[:, 0]]
+        return self._scores(q, sq[:, 0], self.ld_[idx[:, 0]], missing)
+
+    def _scores(self, q: np.ndarray, dist: np.ndarray, ld: np.ndarray, missing) -> tuple[np.ndarray, np.ndarray]:
+        m, h, w, _ = q.shape
         lam = self.ld_coef
         if self.ld_form == "difference":
             patch = dist - lam * ld if lam else dist
@@ -92,13 +102,28 @@ class LDKNN(Detector):
         patch = patch.astype(np.float32).reshape(m, h, w)
         return pooled_max(masked_for_max(patch, scored_mask(self.foreground_, q, missing)), self.pool), patch
 
+    def can_score_heldout(self) -> bool:
+        """LD among support patches that a coreset bank does not keep cannot leave a held-out image out."""
+        return super().can_score_heldout() and bool(getattr(self, "ld_in_bank_", False))
+
+    def _heldout_score(self, X) -> np.ndarray:
+        """On the bank less a held-out image's rows (``methods/components/heldout.py``): LD recomputed inside it for
+        the nearest rows the held-out patches meet, as a refit without that image would."""
+        q = as_patch_array(X, "query")
+        sq, idx, missing = search_patches(self.nn_, self.part_, self.foreground_, q)
+        used, at = np.unique(idx[:, 0], return_inverse=True)
+        return self._scores(q, sq[:, 0], self._density(self.bank_[used], self.nn_)[at.ravel()], missing)[0]
+
     def get_state(self) -> dict:
-        return {"arrays": {"bank": self.bank_, "ld": self.ld_, **state_arrays(self.foreground_)}}
+        return {"arrays": {"bank": self.bank_, "ld": self.ld_, **source_array(self),
+                           "ld_in_bank": np.asarray([self.ld_in_bank_], bool), **state_arrays(self.foreground_)}}
 
     def set_state(self, state: dict) -> None:
         arrays = state["arrays"]
         self.bank_ = np.ascontiguousarray(arrays["bank"], dtype=np.float32)
         self.ld_ = np.asarray(arrays["ld"], dtype=np.float32)
+        self.bank_source_ = loaded_sources(arrays, len(self.bank_))
+        self.ld_in_bank_ = bool(np.asarray(arrays.get("ld_in_bank", [False])).ravel()[0])
         self.foreground_ = Foreground.from_state(arrays)
         self.nn_ = self._index(self.bank_)
         self.part_ = PartBank(self.foreground_, self.bank_, self._index)

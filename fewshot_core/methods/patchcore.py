@@ -21,10 +21,11 @@ from fewshot_core.methods.components.coreset import approximate_greedy_coreset, 
 from fewshot_core.methods.components.foreground import (
     Foreground, PartBank, check_mode, fit_foreground, masked_for_max, scored_mask, search_patches,
     state_arrays)
+from fewshot_core.methods.components.heldout import BankHeldout, loaded_sources, map_sources, source_array
 from fewshot_core.methods.components.nn_search import NearestNeighbors
 
 
-class PatchCore(Detector):
+class PatchCore(BankHeldout, Detector):
     name = "patchcore"
     input_kind = "patches"
 
@@ -49,7 +50,9 @@ class PatchCore(Detector):
         keep = coreset_size(len(flat), self.coreset_ratio, self.min_bank)
         idx = approximate_greedy_coreset(flat, keep, self.proj_dim, self.n_starts, seed=self.seed,
                                          selection=self.coreset_selection)
-        self.bank_ = flat[np.sort(idx)] if keep < len(flat) else flat.copy()
+        rows = np.sort(idx) if keep < len(flat) else np.arange(len(flat))
+        self.bank_ = flat[rows] if keep < len(flat) else flat.copy()
+        self.bank_source_ = map_sources(rows, feats.shape[1] * feats.shape[2])
         self.foreground_ = fit_foreground(feats, self.foreground, self.seed)
         self._build_index()
         return self
@@ -97,9 +100,10 @@ class PatchCore(Detector):
         return (weights * s_star).astype(np.float32)
 
     def get_state(self) -> dict:
-        return {"arrays": {"bank": self.bank_, **state_arrays(self.foreground_)}}
+        return {"arrays": {"bank": self.bank_, **source_array(self), **state_arrays(self.foreground_)}}
 
     def set_state(self, state: dict) -> None:
         self.bank_ = np.ascontiguousarray(state["arrays"]["bank"], dtype=np.float32)
+        self.bank_source_ = loaded_sources(state["arrays"], len(self.bank_))
         self.foreground_ = Foreground.from_state(state["arrays"])
         self._build_index()

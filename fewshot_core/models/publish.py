@@ -110,7 +110,8 @@ def publish_full_data(tracker, experiment: str, batch_id: str, dataset, partitio
     t0 = time.perf_counter()
     model = registry.create(method, runtime=runtime, **params).fit(support)
     fit_s = time.perf_counter() - t0
-    cut = support_threshold(method, params, support, runtime, threshold or ThresholdConfig(rule="holdout"))
+    cut = support_threshold(method, params, support, runtime, threshold or ThresholdConfig(rule="holdout"),
+                            model=model)
     del support
     test = [r.image_id for r in dataset.test()]
     metrics: dict = {"fit_seconds": fit_s, "threshold": cut.value if cut.usable else float("nan")}

@@ -272,9 +272,11 @@ def test_patchcore_reaches_the_bar_on_real_bottle(mvtec_root):
     assert min(r["image_auroc"] for r in one) >= 0.95, one
 
 
-def test_patchcore_threshold_copies_skip_the_coreset(synth, monkeypatch):
-    """Leave-one-out fits one copy per support image; PatchCore's copies keep every patch (no coreset per
-    copy), every other parameter as the model's."""
+def test_patchcore_threshold_from_its_own_bank_fits_no_copy(synth, monkeypatch):
+    """The episode's PatchCore scores each held-out support image with its own coreset bank less that
+    image's rows: one fit, no copy; the rule says where its held-out scores came from. Without the model
+    (the refit fallback), leave-one-out fits one copy per support image, keeping every patch (no coreset
+    per copy), every other parameter as the model's."""
     from fewshot_core.evaluation import oneclass
     from fewshot_core.evaluation.threshold import ThresholdConfig
 
@@ -287,14 +289,23 @@ def test_patchcore_threshold_copies_skip_the_coreset(synth, monkeypatch):
         return real(name, runtime=runtime, **params)
 
     monkeypatch.setattr(oneclass.registry, "create", create)
-    row = run_oneclass_episode(dataset, partition, sample_oneclass(dataset, 3, 0), "patchcore",
+    episode = sample_oneclass(dataset, 3, 0)
+    res = run_oneclass_episode(dataset, partition, episode, "patchcore",
                                {"coreset_ratio": 0.5, "min_bank": 0, "num_neighbors": 3},
                                options=EpisodeOptions(mask_size=32, augment="none",
-                                                      threshold=ThresholdConfig(rule="loo"))).row
-    model, copies = made[0], made[1:]
-    assert model["coreset_ratio"] == 0.5 and len(copies) == 3 and row["threshold_rule"].startswith("loo")
+                                                      threshold=ThresholdConfig(rule="loo")))
+    row = res.row
+    assert len(made) == 1 and made[0]["coreset_ratio"] == 0.5
+    assert row["threshold_rule"].startswith("loo fpr=0.05 n=3 (held out from the model's bank)")
+    assert res.threshold.good_scores == pytest.approx(
+        [res.model.heldout_scores(partition.patch([i]), [k])[0] for k, i in enumerate(episode.support_ids)])
     # the row states what 3 held-out scores can stand behind, not the 5 % asked
     assert row["threshold_fpr_bound"] == pytest.approx(1 - 0.05 ** (1 / 3))
     assert ("3 held-out scores support at best 63.2% false alarms (95% confidence), not the 5.0% asked"
             in row["threshold_rule"])
-    assert all(c["coreset_ratio"] == 1.0 and c["num_neighbors"] == 3 and c["min_bank"] == 0 for c in copies)
+
+    made.clear()
+    cut = oneclass.support_threshold("patchcore", res.model.get_params(), partition.patch(list(episode.support_ids)),
+                                     None, ThresholdConfig(rule="loo"))
+    assert len(made) == 3 and "held out from refits" in cut.rule
+    assert all(c["coreset_ratio"] == 1.0 and c["num_neighbors"] == 3 and c["min_bank"] == 0 for c in made)
