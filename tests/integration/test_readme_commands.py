@@ -112,7 +112,7 @@ def _bottle_stand_in(shared: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # about 7 minutes alone; the shared 2-core machine runs several suites at once
+@pytest.mark.timeout(2400)  # a few minutes alone; the shared 2-core machine runs several suites at once
 def test_readme_commands_run_as_written(tmp_path):
     blocks = readme_blocks(README.read_text())
     run = [b for b in blocks if b.skip is None]
@@ -133,9 +133,12 @@ def test_readme_commands_run_as_written(tmp_path):
               "trap 'echo \"README test: exit $? from: $BASH_COMMAND\"' ERR"]
     for b in run:
         script += [f"echo \">>> README.md line {b.line} (at ${{SECONDS}}s)\"", b.code]
+    script.append('echo "=== README blocks done (at ${SECONDS}s)"')
     proc = subprocess.run(["bash", "-c", "\n".join(script)], cwd=clone, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=2100)
     out = proc.stdout
+    # where the time goes (shown with -rP or -s): each block's start and the end
+    print("\n".join(re.findall(r"^(?:>>>|===) README.*$", out, flags=re.M)))
     if proc.returncode != 0:
         where = re.findall(r">>> README.md line (\d+)", out)
         failed = re.findall(r"README test: exit (\d+) from: (.*)", out)
