@@ -30,3 +30,11 @@ def synth_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     generate(root, categories=2, seed=0, size=96, n_train=12, n_test_good=6, n_test_per_defect=4)
     return root
+
+
+@pytest.fixture(scope="session")
+def bottle_store(tmp_path_factory):
+    """One feature-store folder for the real bottle's partitions, shared by the tests that embed bottle at
+    the same size: the store is content-addressed, so the first build embeds and later ones reopen it.
+    Tests only build and read bottle partitions in it (a derived copy of bottle goes to the test's own store)."""
+    return tmp_path_factory.mktemp("bottle_store")

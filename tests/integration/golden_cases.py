@@ -57,10 +57,12 @@ for method, params in (("efficientad", {"steps": 3, "teacher_steps": 2, "penalty
 class GoldenEnv:
     """Datasets and feature-store partitions, built once per test module."""
 
-    def __init__(self, tmp: Path, mvtec_root: Path | None):
+    def __init__(self, tmp: Path, mvtec_root: Path | None, bottle_store: Path | None = None):
         from fewshot_core.data.synth import generate
 
         self.tmp = Path(tmp)
+        # real bottle's partitions may come from a store other tests share (conftest.py's bottle_store)
+        self.bottle_store = Path(bottle_store) if bottle_store is not None else self.tmp / "store"
         self.synth_root = self.tmp / "synth"
         generate(self.synth_root, categories=3, seed=0, size=96, n_train=12, n_test_good=6, n_test_per_defect=4)
         self.mvtec_root = mvtec_root
@@ -84,8 +86,10 @@ class GoldenEnv:
 
         key = ("part", str(dataset.root), dataset.category, size)
         if key not in self._cache:
-            self._cache[key] = FeatureStore(self.tmp / "store").build(dataset, FeatureSpec(image_size=size),
-                                                                      EmbedCompute(num_workers=0, progress=False))
+            synthetic = dataset.root.resolve() == self.synth_root.resolve()
+            store = self.tmp / "store" if synthetic else self.bottle_store
+            self._cache[key] = FeatureStore(store).build(dataset, FeatureSpec(image_size=size),
+                                                         EmbedCompute(num_workers=0, progress=False))
         return self._cache[key]
 
     def caml_pool_pairs(self, exclude: str):

@@ -13,7 +13,7 @@ SEEDS = [0, 1, 2]
 
 @pytest.mark.slow
 @pytest.mark.shared_data
-def test_foreground_lifts_posed_bottle_and_keeps_bottle(mvtec_root, tmp_path):
+def test_foreground_lifts_posed_bottle_and_keeps_bottle(mvtec_root, bottle_store, tmp_path):
     from fewshot_core.data import load_dataset
     from fewshot_core.data.derived import posed_copy
     from fewshot_core.episode_cache import EpisodeCache
@@ -22,9 +22,10 @@ def test_foreground_lifts_posed_bottle_and_keeps_bottle(mvtec_root, tmp_path):
 
     bottle = load_dataset(mvtec_root, "bottle")
     posed = load_dataset(tmp_path, posed_copy(bottle, tmp_path, seed=0, size=256).name)
-    store, cache = FeatureStore(tmp_path / "store"), EpisodeCache()
+    cache = EpisodeCache()
 
     def mean_auroc(ds, foreground: str) -> float:
+        store = FeatureStore(bottle_store if ds is bottle else tmp_path / "store")
         part = store.build(ds, FeatureSpec(image_size=SIZE), EmbedCompute(num_workers=0, progress=False))
         rows = evaluate_oneclass(ds, part, "patchcore", 1, SEEDS, {"foreground": foreground},
                                  options=EpisodeOptions(mask_size=SIZE), context=EvalContext(cache=cache))

@@ -60,12 +60,12 @@ def recorded():
 
 
 @pytest.fixture(scope="module")
-def golden_env(tmp_path_factory):
+def golden_env(tmp_path_factory, bottle_store):
     from fewshot_core.paths import shared_mvtec_root
 
     from golden_cases import GoldenEnv
 
-    return GoldenEnv(tmp_path_factory.mktemp("golden"), shared_mvtec_root())
+    return GoldenEnv(tmp_path_factory.mktemp("golden"), shared_mvtec_root(), bottle_store)
 
 
 @pytest.mark.slow

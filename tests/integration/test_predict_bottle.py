@@ -18,7 +18,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: subprocesses
 
 @pytest.mark.slow
 @pytest.mark.shared_data
-def test_predict_reproduces_the_evaluation_auroc(mvtec_root, tmp_path):
+def test_predict_reproduces_the_evaluation_auroc(mvtec_root, bottle_store, tmp_path):
     from fewshot_core.data import load_dataset
     from fewshot_core.episodes import sample_oneclass
     from fewshot_core.evaluation.oneclass import run_oneclass_episode
@@ -29,8 +29,7 @@ def test_predict_reproduces_the_evaluation_auroc(mvtec_root, tmp_path):
     from fewshot_core.tracking.runs import Tracker
 
     ds = load_dataset(mvtec_root, "bottle")
-    part = FeatureStore(tmp_path / "store").build(ds, FeatureSpec(image_size=128),
-                                                  EmbedCompute(num_workers=0, progress=False))
+    part = FeatureStore(bottle_store).build(ds, FeatureSpec(image_size=128), EmbedCompute(num_workers=0, progress=False))
     ep = sample_oneclass(ds, 1, 0)
     res = run_oneclass_episode(ds, part, ep, "patchcore", {}, options=EpisodeOptions(mask_size=128))
     row = res.row

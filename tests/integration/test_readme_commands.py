@@ -98,12 +98,14 @@ def test_every_repository_path_readme_names_exists():
 
 def _bottle_stand_in(shared: Path) -> Path:
     """``shared/data/mvtec_ad/bottle``: a generated category with enough images for README's commands
-    (10 good shots for the supervised example) and a ``contamination`` defect type, as real bottle has."""
+    (10 good shots for the supervised example, 2 images per defect type: a shot and a query) and a
+    ``contamination`` defect type, as real bottle has. Kept small: the zero-shot example scores every
+    test image against every other."""
     from fewshot_core.data.synth import generate
 
     root = shared / "data" / "mvtec_ad"
     gen = shared / "generated"
-    (name,) = generate(gen, categories=1, seed=0, size=64, n_train=6, n_test_good=14, n_test_per_defect=3,
+    (name,) = generate(gen, categories=1, seed=0, size=64, n_train=6, n_test_good=14, n_test_per_defect=2,
                        kinds=("disk",))
     root.mkdir(parents=True)
     (gen / name).rename(root / "bottle")
@@ -112,7 +114,7 @@ def _bottle_stand_in(shared: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # about 7 minutes alone; the shared 2-core machine runs several suites at once
+@pytest.mark.timeout(2400)  # a few minutes alone; the shared 2-core machine runs several suites at once
 def test_readme_commands_run_as_written(tmp_path):
     blocks = readme_blocks(README.read_text())
     run = [b for b in blocks if b.skip is None]
@@ -130,19 +132,23 @@ def test_readme_commands_run_as_written(tmp_path):
     env.update(PYTHONPATH=str(ROOT), FSAD_SWEEP_CONFIG=str(sweep), FSAD_SHARED=str(tmp_path / "shared"),
                HF_HUB_OFFLINE="1")
     script = ["set -euo pipefail",
-              "trap 'echo \"README test: exit $? from: $BASH_COMMAND\"' ERR"]
+              "trap 'echo \"README test: exit $? from: $BASH_COMMAND\"' ERR",
+              "PS4='+T${SECONDS}s '", "set -x"]  # each command traced with its start time
     for b in run:
         script += [f"echo \">>> README.md line {b.line} (at ${{SECONDS}}s)\"", b.code]
+    script.append('echo "=== README blocks done (at ${SECONDS}s)"')
     proc = subprocess.run(["bash", "-c", "\n".join(script)], cwd=clone, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=2100)
     out = proc.stdout
+    # where the time goes (shown with -rP or -s): each block's and each command's start (bash's trace)
+    print("\n".join(re.findall(r"^(?:>>>|===|\+T\d+s (?!echo )).*$", out, flags=re.M)))
     if proc.returncode != 0:
         where = re.findall(r">>> README.md line (\d+)", out)
         failed = re.findall(r"README test: exit (\d+) from: (.*)", out)
         pytest.fail(f"README.md block at line {where[-1] if where else '?'}: "
                     f"{failed[-1][1] if failed else 'a command'} failed (exit {proc.returncode})\n{out[-6000:]}")
     # what the commands were to produce is there
-    assert len(re.findall(r">>> README.md line", out)) == len(run)
+    assert len(re.findall(r"^>>> README.md line", out, flags=re.M)) == len(run)
     assert (clone / "dagster_home" / "fsad" / "report" / "report.html").is_file()
     assert "0 damaged" in out and "--store dagster_home/fsad/features" in "\n".join(b.code for b in run)
     assert list((clone / "predictions").glob("*.csv")), sorted(p.name for p in (clone / "predictions").iterdir())
