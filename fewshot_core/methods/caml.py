@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import ThreadpoolController
 from torch import nn
 
 from fewshot_core.errors import FsadError
@@ -168,6 +169,11 @@ def normalise_episode(support: np.ndarray, query: np.ndarray, mode: str) -> tupl
     return (s - centre) / scale, (q - centre) / scale
 
 
+# QR of a tall, thin episode matrix is too small to share out: a second BLAS thread only waits for a busy
+# core, and meta-training runs it every episode (docs/benchmarks.md, "Test suite time").
+_BLAS = ThreadpoolController()
+
+
 def random_rotation(rng: np.random.Generator, support: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The episode under a uniformly random rotation of R^D, at the cost of the episode's span only.
 
@@ -176,8 +182,9 @@ def random_rotation(rng: np.random.Generator, support: np.ndarray, query: np.nda
     instead of a D x D rotation per episode. Distances and angles inside the episode are unchanged.
     """
     X = np.concatenate([support, query]).astype(np.float64)
-    B, _ = np.linalg.qr(X.T)  # [D, m]
-    F, r = np.linalg.qr(rng.standard_normal(B.shape))
+    with _BLAS.limit(limits=1, user_api="blas"):
+        B, _ = np.linalg.qr(X.T)  # [D, m]
+        F, r = np.linalg.qr(rng.standard_normal(B.shape))
     F = F * np.sign(np.diag(r))  # sign fix: makes F Haar-distributed
     Y = ((X @ B) @ F.T).astype(np.float32)
     return Y[: len(support)], Y[len(support):]
@@ -416,7 +423,10 @@ def meta_train(
     model = CAMLSequenceModel(cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr,
                             weight_decay=train.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=train.steps, pct_start=0.1)
+    # OneCycleLR divides by zero when its warm-up is exactly one step (10 steps at 10 %): no warm-up then,
+    # as for any schedule shorter than 10 steps
+    warmup = 0.1 if train.steps * 0.1 != 1.0 else 0.05
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=train.steps, pct_start=warmup)
     cats = list(data)
     start, steps_done, losses = time.perf_counter(), 0, []
     model.train()

@@ -225,6 +225,14 @@ def test_meta_training_never_reads_the_evaluated_category(pool, trained):
     assert "cat0" not in trained.trained_on
 
 
+@pytest.mark.parametrize("steps", [1, 9, 10, 11])
+def test_any_short_schedule_meta_trains(pool, steps):
+    """Ten steps made the learning-rate schedule's one-step warm-up divide by zero (a traceback)."""
+    model = meta_train(pool, exclude="cat0", cfg=CFG, train=MetaTrainConfig(steps=steps, episodes_per_step=1,
+                                                                            time_budget_s=60, seed=0))
+    assert model.train_info["steps_done"] == steps
+
+
 def test_exclude_is_required_and_empty_pool_refused(pool):
     with pytest.raises(ValueError):
         meta_train(pool, exclude=[], cfg=CFG, train=TRAIN)
