@@ -5,7 +5,10 @@ The blocks run in a fresh folder standing in for a clone (``.venv`` links to the
 with ``FSAD_SWEEP_CONFIG`` giving ``fsad run`` a small sweep, the variable README documents for that. A
 block the test cannot run (an install, a server that runs until stopped) carries the marker
 ``<!-- not run by the README test: why -->`` on the line above it, in README itself, so a new block is run
-unless it says why not. Every repository path README names must exist."""
+unless it says why not. A block that installs and then runs (README's first command) carries
+``<!-- the README test runs this block after its install: why -->``: the test runs what follows the install
+(``python3 -m venv .venv && .venv/bin/pip install ... &&``), as the stand-in's ``.venv`` is the venv running the
+tests. Every repository path README names must exist."""
 
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 MARKER = re.compile(r"^<!-- not run by the README test: (?P<why>\S.*?) -->$")
+AFTER_INSTALL = re.compile(r"^<!-- the README test runs this block after its install: (?P<why>\S.*?) -->$")
+INSTALL = re.compile(r"^python3 -m venv \.venv && \.venv/bin/pip install [^&\n]+ && (?=\S)")
 FENCE = "```"
 
 # Folders of the repository whose files README names by path. A path into any other folder is a run's
@@ -48,6 +53,17 @@ class Block:
     line: int  # README line of the opening fence
     code: str
     skip: str | None  # the marker's reason, None when the block is run
+    after_install: bool = False  # run what follows the block's install (AFTER_INSTALL)
+
+    @property
+    def command(self) -> str:
+        """What the test runs of the block."""
+        if not self.after_install:
+            return self.code
+        install = INSTALL.match(self.code)
+        assert install, f"README.md:{self.line}: the block is marked as run after its install but does not start " \
+                        "with `python3 -m venv .venv && .venv/bin/pip install ... && `"
+        return self.code[install.end():]
 
 
 def readme_blocks(text: str) -> list[Block]:
@@ -57,7 +73,8 @@ def readme_blocks(text: str) -> list[Block]:
     blocks, i = [], 0
     while i < len(lines):
         line = lines[i].strip()
-        if MARKER.match(line) and not (i + 1 < len(lines) and lines[i + 1].startswith(FENCE)):
+        if (MARKER.match(line) or AFTER_INSTALL.match(line)) and not (i + 1 < len(lines)
+                                                                       and lines[i + 1].startswith(FENCE)):
             raise AssertionError(f"README.md:{i + 1}: the marker is not right above a ``` block: {line}")
         if line.startswith("<!-- not run") and not MARKER.match(line):
             raise AssertionError(f"README.md:{i + 1}: write the marker as `<!-- not run by the README test: why -->`")
@@ -67,7 +84,8 @@ def readme_blocks(text: str) -> list[Block]:
             end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == FENCE), None)
             assert end is not None, f"README.md:{i + 1}: block never closed"
             mark = MARKER.match(lines[i - 1].strip()) if i else None
-            blocks.append(Block(i + 1, "\n".join(lines[i + 1:end]), mark["why"] if mark else None))
+            after = bool(i and AFTER_INSTALL.match(lines[i - 1].strip()))
+            blocks.append(Block(i + 1, "\n".join(lines[i + 1:end]), mark["why"] if mark else None, after))
             i = end
         i += 1
     return blocks
@@ -76,6 +94,14 @@ def readme_blocks(text: str) -> list[Block]:
 def test_blocks_are_parsed_and_markers_are_strict():
     text = "a\n<!-- not run by the README test: a server -->\n```bash\nserve &\n```\n\n```bash\nls\nls -a\n```\n"
     assert readme_blocks(text) == [Block(3, "serve &", "a server"), Block(7, "ls\nls -a", None)]
+    installs = ("<!-- the README test runs this block after its install: the venv is the test's -->\n```bash\n"
+                "python3 -m venv .venv && .venv/bin/pip install -q -e . && .venv/bin/fsad run\n```\n")
+    (block,) = readme_blocks(installs)
+    assert block.after_install and block.command == ".venv/bin/fsad run"
+    (unmarked,) = readme_blocks(installs.split("\n", 1)[1])
+    assert unmarked.command == unmarked.code
+    with pytest.raises(AssertionError, match="does not start with"):
+        _ = readme_blocks(installs.replace("python3 -m venv .venv && ", ""))[0].command
     for bad in ("```\nls\n```\n", "```sh\nls\n```\n", "<!-- not run by the README test: x -->\n\n```bash\nls\n```\n",
                 "<!-- not run: x -->\n```bash\nls\n```\n", "```bash\nls\n"):
         with pytest.raises(AssertionError):
@@ -135,7 +161,7 @@ def test_readme_commands_run_as_written(tmp_path):
               "trap 'echo \"README test: exit $? from: $BASH_COMMAND\"' ERR",
               "PS4='+T${SECONDS}s '", "set -x"]  # each command traced with its start time
     for b in run:
-        script += [f"echo \">>> README.md line {b.line} (at ${{SECONDS}}s)\"", b.code]
+        script += [f"echo \">>> README.md line {b.line} (at ${{SECONDS}}s)\"", b.command]
     script.append('echo "=== README blocks done (at ${SECONDS}s)"')
     proc = subprocess.run(["bash", "-c", "\n".join(script)], cwd=clone, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=2100)
