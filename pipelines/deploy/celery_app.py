@@ -56,7 +56,7 @@ class LeasedStep(app.Task):
             _before_step(run_id, step_keys)
             return super(LeasedStep, self).__call__(*args, **kwargs)
 
-        return StepLease(_lease_store(), lease_name(self.request.id, step_keys)).run(execute)
+        return StepLease(_lease_store(), lease_name(self.request.id, step_keys), ttl_s=profile.lease_ttl_s).run(execute)
 
 
 execute_plan = create_task(app, base=LeasedStep)

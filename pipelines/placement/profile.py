@@ -71,6 +71,7 @@ class ClusterProfile:
     max_concurrent_runs: int = 4
     visibility_timeout_s: int = 10800
     restore_interval_s: int = 10
+    lease_ttl_s: int = 60
     run_retries: int = 2
     step_retries: int = 1
 
@@ -202,6 +203,7 @@ def load_profile(path: str | Path | None = None, home: str | Path | None = None)
     celery = raw.get("celery") or {}
     prof.visibility_timeout_s = _int(path, celery, "visibility_timeout_s", prof.visibility_timeout_s, 1)
     prof.restore_interval_s = _int(path, celery, "restore_interval_s", prof.restore_interval_s, 1)
+    prof.lease_ttl_s = _int(path, celery, "lease_ttl_s", prof.lease_ttl_s, 3)
     prof.run_retries = _int(path, raw, "run_retries", prof.run_retries)
     prof.step_retries = _int(path, raw, "step_retries", prof.step_retries)
     return prof

@@ -92,14 +92,16 @@ def cluster():
     sweep.write_text(SWEEP)
     profile = base / "profile.yaml"
     # a short visibility timeout: the killed worker's step is handed to the other worker within seconds, and
-    # every step longer than it is redelivered while still running (the step lease must keep it exactly once)
+    # every step longer than it is redelivered while still running (the step lease must keep it exactly once);
+    # a short lease: the redelivered copy takes over from the killed worker seconds after its last renewal
     profile.write_text((ROOT / "deploy" / "cluster.yaml").read_text()
                        .replace("ports: {postgres: 55432, redis: 56379, mlflow: 55000, webserver: 53000}",
                                 f"ports: {{postgres: {_free_port()}, redis: {_free_port()}, mlflow: {_free_port()}, "
                                 f"webserver: {_free_port()}}}")
-                       .replace("visibility_timeout_s: 10800, restore_interval_s: 10",
-                                "visibility_timeout_s: 20, restore_interval_s: 2"))
+                       .replace("visibility_timeout_s: 10800, restore_interval_s: 10, lease_ttl_s: 60",
+                                "visibility_timeout_s: 20, restore_interval_s: 2, lease_ttl_s: 9"))
     prof = load_profile(profile, home)
+    assert (prof.visibility_timeout_s, prof.lease_ttl_s) == (20, 9), "deploy/cluster.yaml changed: fix the replace"
     args = ["--home", str(home), "--profile", str(profile)]
     started: dict[str, int] = {}
     try:

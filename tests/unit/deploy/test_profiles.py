@@ -99,6 +99,7 @@ def test_cluster_executor_config_is_accepted_by_dagster(clean_env, tmp_path):
     ("workers: [{name: a, queues: [tpu]}]\n", "queue\\(s\\) tpu"),
     ("workers: [{name: a, queues: [cpu]}, {name: a, queues: [gpu]}]\n", "must be unique"),
     ("celery: {visibility_timeout_s: 0}\n", "visibility_timeout_s must be an integer >= 1"),
+    ("celery: {lease_ttl_s: 2}\n", "lease_ttl_s must be an integer >= 3"),
     ("host: [unclosed\n", "not valid YAML"),
 ])
 def test_bad_cluster_profile_names_the_file_and_the_fix(clean_env, tmp_path, text, message):
@@ -109,6 +110,16 @@ def test_bad_cluster_profile_names_the_file_and_the_fix(clean_env, tmp_path, tex
     with pytest.raises(FsadError, match=message) as exc:
         load_profile(path, tmp_path)
     assert str(path) in str(exc.value) and ";" in str(exc.value)
+
+
+def test_the_step_lease_ttl_comes_from_the_profile(clean_env, tmp_path):
+    """How long a dead worker's step waits before another worker takes it over is the profile's to set."""
+    from pipelines.placement.profile import load_profile
+
+    assert load_profile(ROOT / "deploy" / "cluster.yaml", tmp_path).lease_ttl_s == 60
+    path = tmp_path / "cluster.yaml"
+    path.write_text("celery: {lease_ttl_s: 9}\n")
+    assert load_profile(path, tmp_path).lease_ttl_s == 9
 
 
 def test_missing_profile_file_is_one_line(clean_env, tmp_path):
