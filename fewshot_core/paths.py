@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fewshot_core.outputs import require_folder
+
 
 def source_checkout() -> Path | None:
     """The source checkout this package runs from (the folder holding its ``pyproject.toml``), else None
@@ -36,8 +38,6 @@ def _env_folder(name: str, default: Path) -> Path:
     value = os.environ.get(name)
     if not value:
         return default
-    from fewshot_core.outputs import require_folder
-
     return require_folder(Path(value), f"set {name} to a folder (or unset it)", name=f"{name}=")
 
 

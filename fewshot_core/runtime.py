@@ -12,6 +12,12 @@ import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
+from fewshot_core.device import resolve_device
+from fewshot_core.errors import FsadError
+from fewshot_core.paths import default_work_dir
+
 AUTO = "auto"
 
 
@@ -32,8 +38,6 @@ class Runtime:
     score_batch: int = 8
 
     def __post_init__(self):
-        from fewshot_core.errors import FsadError
-
         if self.threads is not None and int(self.threads) < 1:
             raise FsadError(f"threads={self.threads}: give a positive number of threads (or none for torch's choice)")
         if int(self.score_batch) < 1:
@@ -48,14 +52,10 @@ class Runtime:
         if self.artifact_dir is None:
             return None
         if str(self.artifact_dir) == AUTO:
-            from fewshot_core.paths import default_work_dir
-
             return default_work_dir() / "artifacts"
         return Path(self.artifact_dir)
 
     def torch_device(self):
-        from fewshot_core.device import resolve_device
-
         return resolve_device(self.device)
 
     @contextlib.contextmanager
@@ -64,8 +64,6 @@ class Runtime:
         if not self.threads:
             yield
             return
-        import torch
-
         before = torch.get_num_threads()
         torch.set_num_threads(int(self.threads))
         try:

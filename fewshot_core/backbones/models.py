@@ -15,6 +15,7 @@ from fewshot_core.backbones import DEFAULT_BACKBONE  # noqa: F401 (one definitio
 
 def _size_kwargs(name: str) -> dict:
     """ViTs are built for one input size; let them take any (position embeddings resampled on the fly)."""
+    # deferred: timm is heavy, and the code location loads this module without building a model
     import timm
 
     try:
@@ -25,6 +26,7 @@ def _size_kwargs(name: str) -> dict:
 
 
 def _timm_model(name: str, info: WeightsInfo) -> nn.Module:
+    # deferred: timm is heavy, and the code location loads this module without building a model
     import timm
 
     try:

@@ -27,6 +27,7 @@ REDUCING_GAP = 3.0
 
 def preprocess_config(name: str) -> dict:
     """``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct`` of timm's pretrained config."""
+    # deferred: timm is heavy, and the code location loads this module without reading a config
     import timm
 
     try:

@@ -13,14 +13,14 @@ import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from fewshot_core.atomic import atomic_write_text
 from fewshot_core.errors import FsadError
+from fewshot_core.paths import default_work_dir
 
 _MEMO: dict[str, list[dict]] = {}
 
 
 def _cache_file() -> Path | None:
-    from fewshot_core.paths import default_work_dir
-
     try:
         timm_version = version("timm")
     except PackageNotFoundError:
@@ -43,6 +43,7 @@ def _valid(infos) -> bool:
 
 
 def _from_timm(name: str) -> list[dict]:
+    # deferred: only a cache miss builds the model; `resolve_layers` from the cache stays free of timm
     import timm
     import torch
 
@@ -71,8 +72,6 @@ def stage_info(name: str) -> list[dict]:
 
 
 def _write_cache(path: Path, name: str, infos: list[dict]) -> None:
-    from fewshot_core.atomic import atomic_write_text
-
     data = _read_cache(path)  # another process may have added other backbones meanwhile
     data[name] = infos
     try:

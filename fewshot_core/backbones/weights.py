@@ -88,6 +88,7 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
 
 def _resolve_timm(name: str) -> WeightsInfo:
     """Download (or find in the local cache) timm's pretrained checkpoint for ``name``."""
+    # deferred: timm is heavy, and the code location loads this module without resolving weights
     import timm
 
     cfg = timm.models.get_pretrained_cfg(name)
@@ -95,6 +96,7 @@ def _resolve_timm(name: str) -> WeightsInfo:
         raise FsadError(f"{name}: no pretrained weights known to timm and none bundled; {_HOW_TO}")
     try:
         if cfg.hf_hub_id:
+            # deferred: only a download needs the Hub client, off the code location's load
             from huggingface_hub import hf_hub_download
 
             from huggingface_hub import try_to_load_from_cache
@@ -135,6 +137,7 @@ def read_state_dict(path: str | Path) -> dict:
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
+            # deferred: only .safetensors checkpoints need it, off the code location's load
             from safetensors.torch import load_file
 
             state = load_file(str(path))

@@ -26,6 +26,8 @@ from scipy import ndimage
 
 from fewshot_core.episode_cache import AlignedKey, EpisodeCache
 from fewshot_core.errors import FsadError
+from fewshot_core.evaluation.augment import embed_images, working_image
+from fewshot_core.methods.components.foreground import fit_foreground
 
 MARGIN = 0.2  # the crop's half side: the part's largest half extent times 1 + MARGIN
 ROUND_PART = 1.3  # principal variances closer than this ratio: no axis, centre and crop only
@@ -153,14 +155,10 @@ class AlignedPartition:
 
     def image(self, image_id: str) -> Image.Image:
         """The aligned image ``image_id`` at the working shape (what ``patch`` embeds)."""
-        from fewshot_core.evaluation.augment import working_image
-
         base = working_image(self._partition, self._dataset.by_id(image_id).path, self._cache)
         return aligned_image(base, self.poses[image_id], self._partition.input_shape)
 
     def patch(self, ids) -> np.ndarray:
-        from fewshot_core.evaluation.augment import embed_images
-
         ids = list(ids)
         keys = {i: AlignedKey(self._partition.meta["key"], i, self.poses[i].key()) for i in ids}
         todo = [i for i in ids if keys[i] not in self._cache]
@@ -185,8 +183,6 @@ def check_align(align: str) -> str:
 def align_episode(dataset, partition, support_ids, query_ids, seed: int, cache: EpisodeCache):
     """The ``AlignedPartition`` of an episode, its poses from a foreground estimate fitted on the
     support's stored features alone; None when the support is a texture (nothing to align)."""
-    from fewshot_core.methods.components.foreground import fit_foreground
-
     foreground = fit_foreground(partition.patch(list(support_ids)), "auto", seed)
     if not foreground.is_object_:
         return None

@@ -26,10 +26,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
+from fewshot_core.backbones.models import create_extractor
+from fewshot_core.backbones.preprocess import Normalize, preprocess_config, resize_image, to_uint8_tensor
+from fewshot_core.data.imageio import load_rgb
 from fewshot_core.episode_cache import EpisodeCache, ExtractorKey, ViewKey, episode_cache
 from fewshot_core.errors import FsadError
+from fewshot_core.features.extract import embed_batch
+from fewshot_core.features.view_cache import ViewCache
 
 TRANSFORMS = ("hflip", "vflip", "rot90", "rot180", "rot270")
 AUGMENT_MODES = ("none", "features", "images")
@@ -93,8 +99,6 @@ def embed_augmented(dataset, partition, support_ids: Sequence[str], transforms: 
     ``persist`` also keeps them in the partition folder (``features/view_cache.py``) for later processes,
     so the backbone is only built for views never embedded before.
     """
-    from fewshot_core.features.view_cache import ViewCache
-
     transforms = check_transforms(transforms)
     meta = partition.meta
     cache = episode_cache(cache)
@@ -121,9 +125,6 @@ def embed_augmented(dataset, partition, support_ids: Sequence[str], transforms: 
 def partition_extractor(partition, cache: EpisodeCache, device=None):
     """(extractor, preprocessing config, normalisation) of ``partition``'s backbone, built once per
     partition into ``cache``; weights whose hash differs from the partition's are refused."""
-    from fewshot_core.backbones.models import create_extractor
-    from fewshot_core.backbones.preprocess import Normalize, preprocess_config
-
     meta = partition.meta
     key = ExtractorKey(meta["key"])
     if key not in cache:
@@ -139,9 +140,6 @@ def partition_extractor(partition, cache: EpisodeCache, device=None):
 
 def working_image(partition, path, cache: EpisodeCache) -> Image.Image:
     """The image at ``path`` read and resized to ``partition``'s working shape, as the store did."""
-    from fewshot_core.backbones.preprocess import resize_image
-    from fewshot_core.data.imageio import load_rgb
-
     _, cfg, _ = partition_extractor(partition, cache)
     return resize_image(load_rgb(path), partition.input_shape, cfg["interpolation"], crop=False)
 
@@ -150,11 +148,6 @@ def embed_images(partition, images: Sequence[Image.Image], cache: EpisodeCache, 
                  batch_size: int = 16) -> np.ndarray:
     """Patch features float32 [n, h, w, d] of PIL ``images`` already at the working shape, with the
     partition's backbone, layers and patch reduction, rounded through float16 like the store's."""
-    import torch
-
-    from fewshot_core.backbones.preprocess import to_uint8_tensor
-    from fewshot_core.features.extract import embed_batch
-
     extractor, _, normalize = partition_extractor(partition, cache, device)
     meta = partition.meta
     patch_dim = meta.get("patch_dim") if meta.get("patch_reduction") else None

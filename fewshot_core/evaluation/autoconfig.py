@@ -21,12 +21,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from fewshot_core.episode_cache import AnomaliesKey, EpisodeCache
 from fewshot_core.errors import FsadError
-from fewshot_core.evaluation.augment import TRANSFORMS
+from fewshot_core.evaluation.augment import TRANSFORMS, embed_images, working_image
 from fewshot_core.evaluation.support_views import bank_input, resolve_augment, support_views
 from fewshot_core.methods import registry
+from fewshot_core.methods.components.defectmaker import DefectMaker
 
 CONFIGS = ("default", "auto")
 FOLDS = 4  # held-out support images: bounds the cost at candidates x FOLDS fits
@@ -94,9 +96,6 @@ def synthetic_anomalies(dataset, partition, image_id: str, seed: int, cache: Epi
                         donors=()) -> np.ndarray:
     """Patch features [n, h, w, d] of ``n`` DefectMaker anomalies drawn into ``image_id`` at the working
     shape (cached per partition, image and seed)."""
-    from fewshot_core.evaluation.augment import embed_images, working_image
-    from fewshot_core.methods.components.defectmaker import DefectMaker
-
     key = AnomaliesKey(partition.meta["key"], image_id, seed, n, tuple(donors))
     if key not in cache:
         image = np.asarray(working_image(partition, dataset.by_id(image_id).path, cache).convert("RGB"))
@@ -104,8 +103,6 @@ def synthetic_anomalies(dataset, partition, image_id: str, seed: int, cache: Epi
         maker, rng = DefectMaker(), _rng(seed, "anomalies", image_id)
         fg = maker.foreground(image)
         made = [maker.make(image, rng, donors=others or None, fg=fg)[0] for _ in range(n)]
-        from PIL import Image
-
         cache[key] = embed_images(partition, [Image.fromarray(m) for m in made], cache)
     return cache[key]
 

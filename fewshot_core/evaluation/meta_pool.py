@@ -23,7 +23,9 @@ from typing import Literal
 
 import numpy as np
 
+from fewshot_core.data import list_categories, load_dataset
 from fewshot_core.data.records import GOOD
+from fewshot_core.data.synth import generate
 from fewshot_core.errors import FsadError
 from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
@@ -63,8 +65,6 @@ def pool_from_partitions(pairs: Iterable[tuple], source: str = "categories") -> 
 def root_pool(root, store, spec: FeatureSpec, compute: EmbedCompute | None = None,
               categories: list[str] | None = None) -> MetaPool:
     """Every category (or ``categories``) of the MVTec-layout ``root``, embedded in ``store`` as ``spec`` says."""
-    from fewshot_core.data import list_categories, load_dataset
-
     root = Path(root).expanduser().resolve()
     names = categories or list_categories(root)
     if not names:
@@ -80,9 +80,6 @@ def root_pool(root, store, spec: FeatureSpec, compute: EmbedCompute | None = Non
 def synthetic_pool(store, spec: FeatureSpec, work_dir, compute: EmbedCompute | None = None, categories: int = 4,
                    seed: int = 0) -> MetaPool:
     """``categories`` generated categories (made once under ``work_dir``), embedded in ``store`` as ``spec`` says."""
-    from fewshot_core.data import list_categories, load_dataset
-    from fewshot_core.data.synth import generate
-
     if categories < 1:
         raise FsadError(f"synthetic meta-training pool: categories={categories}; give 1 or more")
     root = Path(work_dir) / "meta_pool" / f"synthetic-c{categories}-s{seed}"

@@ -32,21 +32,24 @@ import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 
 from fewshot_core.backbones.preprocess import as_shape
+from fewshot_core.data.imageio import load_mask
 from fewshot_core.episode_cache import EpisodeCache, ImageKey, MaskKey
 from fewshot_core.episodes import OneClassEpisode, sample_oneclass
 from fewshot_core.errors import FsadError
-from fewshot_core.evaluation.threshold import Threshold, ThresholdConfig, decision_metrics, fit_threshold
-from fewshot_core.methods import registry
 from fewshot_core.evaluation.aligned import align_episode, check_align, to_original
 from fewshot_core.evaluation.autoconfig import check_config, choose
 from fewshot_core.evaluation.options import EpisodeOptions, EvalContext, context_of
 from fewshot_core.evaluation.results import OneClassResult
 from fewshot_core.evaluation.support_views import bank_groups, bank_input, resolve_augment, support_views
+from fewshot_core.evaluation.threshold import Threshold, ThresholdConfig, decision_metrics, fit_threshold
+from fewshot_core.methods import registry
+from fewshot_core.methods.components.images import load_images
 from fewshot_core.metrics import PixelAccumulator, image_metrics, recall_per_defect_type
-from fewshot_core.sizes import MIN_MASK_SIZE, WORKING_SIZE, check_size
 from fewshot_core.schema import Protocol
+from fewshot_core.sizes import MIN_MASK_SIZE, WORKING_SIZE, check_size
 
 SCORE_BATCH = 32  # query images scored per call: bounds memory on large test sets
 
@@ -79,8 +82,6 @@ def require_partition(entry, partition) -> None:
 
 def _masks(dataset, ids: Sequence[str], shape: tuple[int, int], cache: EpisodeCache) -> np.ndarray:
     """Boolean masks [n, H, W] (all False for good images), cached across seeds."""
-    from fewshot_core.data.imageio import load_mask
-
     shape = as_shape(shape)
 
     def load() -> np.ndarray:
@@ -153,10 +154,6 @@ def episode_identity(dataset, episode: OneClassEpisode, method: str, params: Map
 
 def episode_images(dataset, ids: Sequence[str], size: int, cache: EpisodeCache | None):
     """Images of ``ids`` at ``size`` (float [n, 3, S, S] in [0, 1]); decoded once per (image, size) with a cache."""
-    import torch
-
-    from fewshot_core.methods.components.images import load_images
-
     if cache is None:
         return load_images([dataset.by_id(i).path for i in ids], size)
     keys = {i: ImageKey(str(dataset.root), dataset.category, i, size) for i in ids}

@@ -11,6 +11,7 @@ from scipy.special import log_expit
 
 from fewshot_core.data.records import GOOD
 from fewshot_core.errors import FsadError
+from fewshot_core.methods import registry
 from fewshot_core.methods.base import Classifier
 
 
@@ -32,8 +33,6 @@ class OneClassClassifier(Classifier):
         self.params = params
 
     def _new(self):
-        from fewshot_core.methods import registry
-
         return registry.create(self.detector, runtime=self.runtime, **(self.params or {}))
 
     def fit(self, patches: np.ndarray, labels) -> "OneClassClassifier":

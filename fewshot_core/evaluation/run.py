@@ -65,6 +65,7 @@ def evaluate_setting(dataset, partition, method, setting: Setting, method_params
     (``support.build_support_bank``, shared with the other methods of the setting); it is checked against
     the episode. ``title`` heads the plots (default: method, category and setting).
     """
+    # deferred: the protocols bring scipy, sklearn and faiss, which the code location's load does without
     from fewshot_core.evaluation.oneclass import mask_shape, run_oneclass_episode
     from fewshot_core.evaluation.supervised import run_supervised_episode
     from fewshot_core.evaluation.support import BankedPartition, sample_episode
@@ -98,6 +99,7 @@ def _model_files(model) -> dict[str, bytes]:
 
 def _scored(dataset, episode, res, title: str) -> SettingResult:
     """A one-class or transductive episode's result described: a ROC curve and a gallery of its maps."""
+    # deferred: the figures bring sklearn, which the code location's load does without
     from fewshot_core.figures import episode as figures, gallery
 
     scores, labels, query_ids = res.image_scores, np.asarray(res.labels), list(res.query_ids)
@@ -117,6 +119,7 @@ def _scored(dataset, episode, res, title: str) -> SettingResult:
 
 def _supervised(episode, res, title: str) -> SettingResult:
     """A supervised episode's result described: its confusion matrix."""
+    # deferred: the figures bring sklearn, which the code location's load does without
     from fewshot_core.figures import episode as figures
 
     row = res.row

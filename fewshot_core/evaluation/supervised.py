@@ -27,8 +27,11 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 from scipy.special import logsumexp
 
+from fewshot_core.backbones import build_transform
+from fewshot_core.data.imageio import load_rgb
 from fewshot_core.data.records import GOOD
 from fewshot_core.episode_cache import EpisodeCache, MetaTrainedKey, PreprocessedImagesKey
 from fewshot_core.episodes import SupervisedEpisode, sample_supervised
@@ -46,13 +49,8 @@ from fewshot_core.schema import Protocol
 def _images(dataset, ids, backbone: str, image_size: int, cache: EpisodeCache, preloaded: Mapping | None = None):
     """Preprocessed image tensors [n, 3, S, S] for a method that reads images, decoded once per (backbone,
     size), or taken from ``preloaded`` (image id -> tensor) where the pixels are not on this machine."""
-    import torch
-
     if preloaded is not None:
         return torch.stack([torch.as_tensor(preloaded[i]) for i in ids])
-    from fewshot_core.backbones import build_transform
-    from fewshot_core.data.imageio import load_rgb
-
     store = cache.get_or_make(PreprocessedImagesKey(backbone, image_size), dict)
     missing = [i for i in ids if i not in store]
     if missing:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from fewshot_core.episodes import sample_oneclass, sample_supervised
 from fewshot_core.errors import FsadError
 from fewshot_core.settings import ONECLASS, TRANSDUCTIVE, Setting
 
 
 def sample_episode(dataset, setting: Setting):
     """The episode ``setting`` draws from ``dataset`` (the one every protocol run of it uses)."""
-    from fewshot_core.episodes import sample_oneclass, sample_supervised
-
     if setting.protocol == ONECLASS:
         return sample_oneclass(dataset, setting.k_good, setting.seed)
     if setting.protocol == TRANSDUCTIVE:  # the one-class episode's support (none for 0 shots), every test image

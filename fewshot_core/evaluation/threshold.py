@@ -128,6 +128,7 @@ def normal_tail_fit(scores: np.ndarray, fpr: float) -> float:
 
 @lru_cache(maxsize=1024)
 def _beta_quantile(q: float, a: int, b: int) -> float:
+    # deferred: scipy is heavy, and the code location loads this module
     from scipy.stats import beta
 
     return float(beta.ppf(q, a, b))
@@ -135,6 +136,7 @@ def _beta_quantile(q: float, a: int, b: int) -> float:
 
 @lru_cache(maxsize=256)
 def _student_t(q: float, dof: int) -> float:
+    # deferred: scipy is heavy, and the code location loads this module
     from scipy.stats import t
 
     return float(t.ppf(q, dof))
@@ -238,6 +240,7 @@ def decision_metrics(labels, scores, threshold: Threshold | None) -> dict:
     Without a usable threshold the rates are NaN and the rule says why; a rate whose class is absent
     from the test split is NaN.
     """
+    # deferred: sklearn is heavy, and the code location loads this module
     from sklearn.metrics import balanced_accuracy_score
 
     nan = float("nan")

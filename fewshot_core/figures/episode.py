@@ -9,6 +9,7 @@ from fewshot_core.figures.png import to_png
 
 
 def roc_curve_png(labels, scores, title: str = "ROC") -> bytes:
+    # deferred: sklearn loads pandas, which importing the figures must not (test_figures)
     from sklearn.metrics import roc_auc_score, roc_curve
 
     fpr, tpr, _ = roc_curve(labels, scores)

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
+from fewshot_core.backbones.preprocess import as_shape
+from fewshot_core.data.imageio import load_mask, load_rgb
 from fewshot_core.figures.png import to_png
 
 GALLERY_IMAGES = 4
@@ -33,9 +35,6 @@ def render_gallery(dataset, query_ids: Sequence[str], scores: np.ndarray, image_
     """PNG strip of the picked queries at ``size`` (an int for a square, or the maps' (height, width)) with
     their image-resolution maps and mask contours; with the model's ``threshold`` each caption says what the
     decision was (caught, missed, false alarm)."""
-    from fewshot_core.backbones.preprocess import as_shape
-    from fewshot_core.data.imageio import load_mask, load_rgb
-
     h, w = as_shape(size)
     items = []
     for i, amap in zip(picks, image_maps):

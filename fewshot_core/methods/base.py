@@ -29,8 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fewshot_core.errors import FsadError
 from fewshot_core.methods.components.anomaly_map import DEFAULT_SIGMA, to_image_maps
 from fewshot_core.methods.components.nn_search import ivf_lists
+from fewshot_core.methods.components.persistence import load_model, save_model
 from fewshot_core.runtime import DEFAULT_RUNTIME, Runtime
 
 
@@ -143,18 +145,12 @@ class Method:
         return {}
 
     def save(self, folder, extra: dict | None = None) -> Path:
-        from fewshot_core.methods.components.persistence import save_model
-
         return save_model(self, folder, extra)
 
     @classmethod
     def load(cls, folder, runtime: Runtime | None = None) -> "Method":
-        from fewshot_core.methods.components.persistence import load_model
-
         model = load_model(folder, runtime)
         if cls is not Method and cls not in (Detector, Classifier) and not isinstance(model, cls):
-            from fewshot_core.errors import FsadError
-
             raise FsadError(f"{folder}: holds a {model.name!r} model, not {cls.name!r}; load it with Method.load")
         return model
 

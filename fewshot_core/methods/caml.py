@@ -49,6 +49,7 @@ from torch import nn
 
 from fewshot_core.errors import FsadError
 from fewshot_core.methods.base import Classifier
+from fewshot_core.methods.components import persistence
 from fewshot_core.methods.components.elmes import elmes
 
 GOOD = "good"
@@ -483,8 +484,6 @@ def _fingerprint(data: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> str:
 def _load_cached(directory: Path) -> CAMLSequenceModel | None:
     """The meta-trained sequence model cached in ``directory``, or None when absent or of an older layout
     (a cache: retrained, never misread)."""
-    from fewshot_core.methods.components import persistence
-
     try:
         manifest = persistence.read_manifest(directory)
         if manifest.get("method") != CAML.name or manifest.get("method_version") != CAML.version:

@@ -21,12 +21,15 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot_core.backbones import resolve_weights
+from fewshot_core.checksums import sha256_file
 from fewshot_core.errors import FsadError
 from fewshot_core.methods.base import Method
 from fewshot_core.methods.components.backbone_features import backbone_extractor, patch_embed
@@ -161,8 +164,6 @@ class GenericTeacher(Method):
         self.time_budget_s = time_budget_s  # a cap that stops distillation early makes another teacher
 
     def provenance(self) -> dict:
-        from fewshot_core.backbones import resolve_weights
-
         info = resolve_weights(self.backbone, self.backbone_weights)
         return {"backbone": self.backbone, "weights": {"source": info.source, "sha256": info.sha256}}
 
@@ -284,14 +285,10 @@ class EfficientAD(TrainedDetector):
     def provenance(self) -> dict:
         out = {**super().provenance(), "teacher": {"source": self.teacher_source()}}
         if self.teacher_path:
-            from fewshot_core.checksums import sha256_file
-
             out["teacher"]["sha256"] = sha256_file(self._teacher_file())
         return out
 
     def _teacher_file(self):
-        from pathlib import Path
-
         path = Path(self.teacher_path)
         if not path.is_file():
             raise FsadError(f"{path}: teacher weights not found; pass teacher_small.pth or leave teacher_path unset")

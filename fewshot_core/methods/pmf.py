@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot_core.backbones import create_model, resolve_weights
+from fewshot_core.backbones.models import DEFAULT_BACKBONE
 from fewshot_core.errors import FsadError
 from fewshot_core.methods.base import Classifier
 
@@ -112,8 +114,6 @@ PAPER_BACKBONE = "vit_small_patch16_224.dino"  # P>M>F's pre-training: DINO ViT-
 @functools.cache  # one probe per process: offline it costs a failed connect
 def paper_backbone_available() -> bool:
     """Whether DINO ViT-S weights can be had (local timm/HF cache, or a download when online)."""
-    from fewshot_core.backbones import resolve_weights
-
     try:
         resolve_weights(PAPER_BACKBONE, "auto")
         return True
@@ -124,8 +124,6 @@ def paper_backbone_available() -> bool:
 def default_backbone(store_backbone: str | None, weights_given: bool = False) -> str | None:
     """The paper's DINO ViT-S/16 when nothing else was asked for (no weights, the store on the default
     backbone) and its weights can be had; otherwise the feature store's backbone (offline: Lite0)."""
-    from fewshot_core.backbones.models import DEFAULT_BACKBONE
-
     if not weights_given and store_backbone == DEFAULT_BACKBONE and paper_backbone_available():
         return PAPER_BACKBONE
     return store_backbone
@@ -134,8 +132,6 @@ def default_backbone(store_backbone: str | None, weights_given: bool = False) ->
 @functools.lru_cache(maxsize=2)
 def _pretrained_model(name: str, weights: str, device: str) -> nn.Module:
     """The pre-trained backbone, loaded once per process; never modified (fine-tuning works on copies)."""
-    from fewshot_core.backbones import create_model
-
     return create_model(name, weights=weights, device=device)
 
 
@@ -291,8 +287,6 @@ class PMF(Classifier):
         return z - np.logaddexp.reduce(z, axis=1, keepdims=True)
 
     def provenance(self) -> dict:
-        from fewshot_core.backbones import resolve_weights
-
         if not isinstance(self.backbone, str):
             return {"backbone": self.backbone_name}
         return {"backbone": self.backbone, "weights": resolve_weights(self.backbone, self.weights).to_dict(),

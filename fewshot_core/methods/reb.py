@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fewshot_core.backbones import FeatureExtractor, create_model, preprocess_config
+from fewshot_core.checksums import sha256_file
 from fewshot_core.methods.components.anomaly_map import to_image_maps
 from fewshot_core.methods.components.backbone_features import patch_embed
 from fewshot_core.methods.components.defectmaker import CLASSES, DefectMaker, DefectMakerConfig
@@ -67,14 +69,10 @@ class REB(TrainedDetector):
     def provenance(self) -> dict:
         out = super().provenance()
         if self.saliency_model:
-            from fewshot_core.checksums import sha256_file
-
             out["saliency_model"] = {"path": str(self.saliency_model), "sha256": sha256_file(self.saliency_model)}
         return out
 
     def _setup(self) -> None:
-        from fewshot_core.backbones import preprocess_config
-
         cfg = preprocess_config(self.backbone)
         self.mean_, self.std_ = tuple(cfg["mean"]), tuple(cfg["std"])
         self.maker_ = DefectMaker(DefectMakerConfig(), saliency_model=self.saliency_model)
@@ -83,16 +81,12 @@ class REB(TrainedDetector):
     def _build(self) -> None:
         """The pretrained backbone with a fresh 7-way head (inside the fit's seeded scope: the head's init
         follows the seed)."""
-        from fewshot_core.backbones import create_model
-
         self.model_ = create_model(self.backbone, device=self.device_, weights_info=self.weights_)
         self.model_.reset_classifier(len(CLASSES))
         self.model_.to(self.device_)
         self._extractor = None
 
     def _extractor_of_model(self):
-        from fewshot_core.backbones import FeatureExtractor
-
         if self._extractor is None:
             self.model_.eval()
             self._extractor = FeatureExtractor(self.model_, self.backbone_layers, self.backbone, self.weights_)

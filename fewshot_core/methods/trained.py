@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 
+from fewshot_core.backbones import resolve_weights
 from fewshot_core.methods.base import Detector
 from fewshot_core.methods.components.images import images_fingerprint, is_image_batch, load_images
 from fewshot_core.methods.components.persistence import cached_fit, config_hash
@@ -62,8 +63,6 @@ class TrainedDetector(Detector):
 
     def weights_info(self):
         """The resolved backbone weights (source, sha256, path) this detector starts from."""
-        from fewshot_core.backbones import resolve_weights
-
         return resolve_weights(self.backbone, self.backbone_weights)
 
     def provenance(self) -> dict:

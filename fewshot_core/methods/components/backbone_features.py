@@ -7,6 +7,9 @@ from typing import Sequence
 
 import torch
 
+from fewshot_core.backbones import create_extractor, preprocess_config
+from fewshot_core.features.patch import patch_features
+
 
 def backbone_extractor(name: str, layers: Sequence[int] | None, weights: str = "auto",
                        device: torch.device | str | None = None) -> tuple[torch.nn.Module, dict]:
@@ -14,8 +17,6 @@ def backbone_extractor(name: str, layers: Sequence[int] | None, weights: str = "
 
     ``layers=None`` takes the feature store's default (the stride-8 and stride-16 stages).
     """
-    from fewshot_core.backbones import create_extractor, preprocess_config
-
     model = create_extractor(name, layers=layers, weights=weights, device=device)
     cfg = preprocess_config(name)
     return model, {"name": name, "layers": list(model.layers), "weights": model.weights.to_dict(),
@@ -24,6 +25,4 @@ def backbone_extractor(name: str, layers: Sequence[int] | None, weights: str = "
 
 def patch_embed(feature_maps: Sequence[torch.Tensor], out_dim: int | None = None) -> torch.Tensor:
     """Stage maps -> PatchCore patch features [n, d, h, w] (the feature store's own aggregation)."""
-    from fewshot_core.features.patch import patch_features
-
     return patch_features(list(feature_maps), patch_dim=out_dim).permute(0, 3, 1, 2)

@@ -159,6 +159,7 @@ def _blocks_of_neighbours(z: torch.Tensor, block: int, seed: int) -> torch.Tenso
 
 def _kmeans_cells(z: torch.Tensor, cells: int, seed: int) -> np.ndarray:
     """The k-means cell (0 .. cells - 1) of every point: faiss k-means, seeded, on a sample of the points."""
+    # deferred: faiss may be absent (nn_search falls back to torch); only this ordering needs it
     import faiss
 
     x = np.ascontiguousarray(z.numpy(), dtype=np.float32)

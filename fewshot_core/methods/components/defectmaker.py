@@ -11,9 +11,12 @@ was written to. The 3 × 2 combinations are classes 1..6 of the self-supervised 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import comb
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
@@ -32,8 +35,6 @@ def bezier(points: np.ndarray, n: int = 64) -> np.ndarray:
     """Points of the Bézier curve with control ``points`` [k, 2] (Bernstein form), [n, 2]."""
     k = len(points) - 1
     t = np.linspace(0, 1, n)[:, None]
-    from math import comb
-
     coeff = [comb(k, i) * t**i * (1 - t) ** (k - i) for i in range(k + 1)]
     return sum(c * p for c, p in zip(coeff, points))
 
@@ -70,8 +71,6 @@ class SaliencyModel:
     """A TorchScript saliency network: float [1,3,H,W] in [0,1] -> map [1,1,H',W'] (logits or probabilities)."""
 
     def __init__(self, path: str | Path):
-        import torch
-
         path = Path(path)
         if not path.is_file():
             raise FsadError(f"{path}: saliency model not found; pass a TorchScript file or leave it unset")
@@ -81,9 +80,6 @@ class SaliencyModel:
             raise FsadError(f"{path}: not a TorchScript model ({exc}); export it with torch.jit.save") from exc
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        import torch
-        import torch.nn.functional as F
-
         x = torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)[None]
         with torch.no_grad():
             out = self.model(x)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fewshot_core.data.imageio import load_rgb
 from fewshot_core.errors import FsadError
 from fewshot_core.methods.components.perlin import make_texture
 
@@ -81,8 +82,6 @@ class GenericImages:
         key = str(device)
         if key not in self._pictures:
             if self.files:
-                from fewshot_core.data.imageio import load_rgb
-
                 arrays = [np.asarray(load_rgb(f, max_side=512)) for f in self.files]
             else:
                 arrays = _skimage_pictures()

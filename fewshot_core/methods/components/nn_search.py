@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 try:
     import faiss
@@ -72,8 +73,6 @@ class TorchFlatIndex:
     """Exact squared-L2 k-NN in torch (GPU when available): the fallback without faiss-gpu."""
 
     def __init__(self, bank: np.ndarray, device: str):
-        import torch
-
         self.torch = torch
         self.bank = torch.from_numpy(bank).to(device)
         self.bank_sq = (self.bank * self.bank).sum(1)

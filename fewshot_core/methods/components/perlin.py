@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from fewshot_core.data.imageio import load_rgb
 from fewshot_core.errors import FsadError
 
 
@@ -126,8 +127,6 @@ class TextureSource:
     def _draw(self, size: int, rng: np.random.Generator, index: int) -> np.ndarray:
         if not self.files:
             return make_texture(size, rng)
-        from fewshot_core.data.imageio import load_rgb
-
         # with more files than the pool, each pool slot holds a random file
         path = self.files[index] if len(self.files) <= self.pool_size else self.files[int(rng.integers(len(self.files)))]
         img = load_rgb(path)

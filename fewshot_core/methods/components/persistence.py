@@ -26,9 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from fewshot_core import __version__
 from fewshot_core.atomic import replace_dir
 from fewshot_core.checksums import sha256_file
 from fewshot_core.errors import FsadError
+from fewshot_core.methods import registry
 
 MANIFEST = "fsad_model.json"
 FORMAT = "fsad-model"
@@ -75,6 +77,7 @@ def _write_state(tmp: Path, state: dict) -> dict[str, str]:
         files[ARRAYS] = sha256_file(tmp / ARRAYS)
     tensors = state.get("tensors") or {}
     if tensors:
+        # deferred: torch is heavy, and `fsad --help` loads this module (test_help_fast)
         import torch
 
         buf = io.BytesIO()
@@ -89,8 +92,6 @@ def save_model(model, folder, extra: dict | None = None) -> Path:
     model._check_fitted()
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    from fewshot_core import __version__
-
     state = model.get_state()
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -153,6 +154,7 @@ def read_state(folder, manifest: dict, rebuild: str = REBUILD) -> dict:
         with np.load(folder / ARRAYS, allow_pickle=False) as data:
             state["arrays"] = {k: data[k] for k in data.files}
     if TENSORS in manifest.get("files", {}):
+        # deferred: torch is heavy, and `fsad --help` loads this module (test_help_fast)
         import torch
 
         state["tensors"] = torch.load(folder / TENSORS, map_location="cpu", weights_only=True)
@@ -161,8 +163,6 @@ def read_state(folder, manifest: dict, rebuild: str = REBUILD) -> dict:
 
 def load_model(folder, runtime=None):
     """Rebuild the fitted method saved in ``folder`` (any method: the manifest names it)."""
-    from fewshot_core.methods import registry
-
     manifest = read_manifest(folder)
     name = manifest.get("method")
     if name not in registry.REGISTRY:
