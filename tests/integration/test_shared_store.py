@@ -21,15 +21,15 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from fewshot_core.data.mvtec import load_category
-from fewshot_core.features import FeatureStore
+from fewshot_core.features import EmbedCompute, FeatureSpec, FeatureStore
 
 data, store, go, ready = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
 ds = load_category(Path(data), "synth_fabric")
 ready.touch()
 while not go.exists():  # both writers are past their imports before either looks at the store
     time.sleep(0.01)
-part = FeatureStore(store).build(ds, backbone="resnet18", weights="random", image_size=64, num_workers=0,
-                                 progress=False)
+part = FeatureStore(store).build(ds, FeatureSpec("resnet18", 64, weights="random"),
+                                 EmbedCompute(num_workers=0, progress=False))
 digest = hashlib.sha256(part.patch().tobytes() + part.global_().tobytes()).hexdigest()
 print(json.dumps({"key": part.key, "cache_hit": part.cache_hit, "digest": digest}))
 """
