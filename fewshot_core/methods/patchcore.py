@@ -51,7 +51,7 @@ class PatchCore(BankHeldout, Detector):
         idx = approximate_greedy_coreset(flat, keep, self.proj_dim, self.n_starts, seed=self.seed,
                                          selection=self.coreset_selection)
         rows = np.sort(idx) if keep < len(flat) else np.arange(len(flat))
-        self.bank_ = flat[rows] if keep < len(flat) else flat.copy()
+        self.bank_ = flat[rows]
         self.bank_source_ = map_sources(rows, feats.shape[1] * feats.shape[2])
         self.foreground_ = fit_foreground(feats, self.foreground, self.seed)
         self._build_index()

@@ -16,7 +16,7 @@ import numpy as np
 
 from fewshot_core.methods.base import as_patch_array
 from fewshot_core.methods.components.foreground import PartBank
-from fewshot_core.methods.components.nn_search import NearestNeighbors, parse_index
+from fewshot_core.methods.components.nn_search import parse_index
 
 
 def map_sources(rows: np.ndarray, rows_per_map: int) -> np.ndarray:
@@ -47,13 +47,10 @@ def without_maps(model, left_out):
     sub.bank_source_ = source[keep]
     if not len(keep):
         return sub
-    spec = "flat" if parse_index(model.index)[0] == "auto" else model.index
-
-    def make(data):
-        return NearestNeighbors(spec, model.runtime.faiss_gpu, seed=model.seed).fit(data)
-
-    sub.nn_ = make(sub.bank_)
-    sub.part_ = PartBank(model.foreground_, sub.bank_, make)
+    if parse_index(model.index)[0] == "auto":
+        sub.index = "flat"  # the copy's own parameter: the model keeps its index
+    sub.nn_ = sub._index(sub.bank_)
+    sub.part_ = PartBank(model.foreground_, sub.bank_, sub._index)
     return sub
 
 
