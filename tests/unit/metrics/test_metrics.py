@@ -58,6 +58,38 @@ def test_pixel_metrics_exact_equal_sklearn(ties):
     assert 0.0 < out["aupro"] < 1.0
 
 
+def _full_curve_metrics(maps, masks):
+    """Every distinct score a threshold, every pixel argsorted: the curve the reduced one must equal."""
+    from fewshot_core.metrics.aupro import aupro_from_curve, region_weights
+
+    weights, n_regions = zip(*(region_weights(m) for m in masks))
+    w = np.concatenate([x.ravel() for x in weights])
+    s = np.concatenate([m.ravel() for m in maps])
+    order = np.argsort(s)[::-1]
+    s, w = s[order], w[order]
+    ends = np.append(np.flatnonzero(np.diff(s)), len(s) - 1)
+    tp = np.cumsum(w > 0)[ends].astype(float)
+    fp = ends + 1 - tp
+    pro = np.cumsum(w.astype(np.float64))[ends]
+    fpr, tpr = np.r_[0, fp / fp[-1]], np.r_[0, tp / tp[-1]]
+    return {"pixel_auroc": float(np.trapezoid(tpr, fpr)),
+            "pixel_f1_max": float((2 * tp / (tp + fp + tp[-1])).max()),
+            "aupro": aupro_from_curve(fpr, np.r_[0, pro / sum(n_regions)])}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("decimals", [None, 1, 0])
+def test_reduced_exact_curve_equals_the_full_curve(seed, decimals):
+    """Ties across defect and defect-free pixels (rounded scores) and none: the same three values."""
+    maps, masks = _random_maps(seed, n=6, size=24)
+    if decimals is not None:
+        maps = np.round(maps, decimals)
+    out = pixel_metrics(maps, masks)
+    full = _full_curve_metrics(maps, masks)
+    for key in full:
+        assert out[key] == pytest.approx(full[key], abs=1e-12), key
+
+
 def test_binned_mode_is_close_to_exact_and_streams():
     maps, masks = _random_maps(2, n=8, size=32)
     exact = pixel_metrics(maps, masks)
