@@ -10,7 +10,10 @@ is anomalib's default: coreset ratio 0.1, 9 neighbours, the validation pass over
 threshold and normalisation statistics), the test pass and its metrics; the per-image visualisations
 are off (fsad's evaluate writes no pictures either).
 
-Writes ``{"image_auroc", "pixel_auroc", "fit_s", "test_s", "anomalib"}`` to ``--out``.
+Several ``--root``/``--seed`` pairs run one after the other in this one process (a grid as a sweep runs
+it: the imports once, then each setting's own model, data module and engine). Writes a JSON list to
+``--out``: ``{"startup_s"}`` (the imports), then per setting ``{"image_auroc", "pixel_auroc", "fit_s",
+"test_s", "setting_s", "anomalib"}``.
 """
 
 from __future__ import annotations
@@ -50,19 +53,8 @@ def load_backbone_weights(extractor, backbone: str, weights: Path) -> None:
                          f"{result.missing_keys[:2]}; pass the checkpoint of {backbone}")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", type=Path, required=True)
-    p.add_argument("--category", default="bottle")
-    p.add_argument("--backbone", default="tf_efficientnet_lite0")
-    p.add_argument("--layers", type=int, nargs="+", default=[2, 3], help="timm feature indices (stride 8, 16)")
-    p.add_argument("--weights", type=Path, required=True)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=2, help="data loading processes (fsad's default too)")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-
+def run_setting(root: Path, seed: int, args) -> dict:
+    """One setting: anomalib's model, data module and engine made for it, fitted and tested."""
     import anomalib
     from anomalib.data import MVTecAD
     from anomalib.engine import Engine
@@ -71,14 +63,14 @@ def main(argv=None) -> int:
     from lightning.pytorch import seed_everything
     from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
-    seed_everything(args.seed, workers=True)
+    seed_everything(seed, workers=True)
     size = (args.image_size, args.image_size)
     pre = PreProcessor(transform=Compose([Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
                                           Normalize(mean=[0.5] * 3, std=[0.5] * 3)]))
     model = Patchcore(backbone=args.backbone, layers=args.layers, pre_trained=False, pre_processor=pre,
                       visualizer=False)
     load_backbone_weights(model.model.feature_extractor.feature_extractor, args.backbone, args.weights)
-    data = MVTecAD(root=args.root, category=args.category, num_workers=args.num_workers, seed=args.seed)
+    data = MVTecAD(root=root, category=args.category, num_workers=args.num_workers, seed=seed)
     engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir=args.out.parent / "anomalib_results",
                     enable_progress_bar=False)
     start = time.perf_counter()
@@ -87,11 +79,41 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     metrics = engine.test(model=model, datamodule=data, verbose=False)[0]
     test_s = time.perf_counter() - start
-    result = {"image_auroc": float(metrics["image_AUROC"]),
-              "pixel_auroc": float(metrics["pixel_AUROC"]) if "pixel_AUROC" in metrics else None,
-              "fit_s": fit_s, "test_s": test_s, "anomalib": anomalib.__version__,
-              "train_images": len(data.train_data), "test_images": len(data.test_data)}
-    args.out.write_text(json.dumps(result), encoding="utf-8")
+    return {"image_auroc": float(metrics["image_AUROC"]),
+            "pixel_auroc": float(metrics["pixel_AUROC"]) if "pixel_AUROC" in metrics else None,
+            "fit_s": fit_s, "test_s": test_s, "anomalib": anomalib.__version__,
+            "train_images": len(data.train_data), "test_images": len(data.test_data)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", type=Path, nargs="+", required=True,
+                   help="one MVTec-layout root per setting (several: run in turn in this one process)")
+    p.add_argument("--category", default="bottle")
+    p.add_argument("--backbone", default="tf_efficientnet_lite0")
+    p.add_argument("--layers", type=int, nargs="+", default=[2, 3], help="timm feature indices (stride 8, 16)")
+    p.add_argument("--weights", type=Path, required=True)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one per --root")
+    p.add_argument("--num-workers", type=int, default=2, help="data loading processes (fsad's default too)")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    if len(args.seed) != len(args.root):
+        p.error(f"{len(args.root)} --root but {len(args.seed)} --seed; give one seed per root")
+    start = time.perf_counter()
+    # the imports once per process, before any setting's clock starts
+    import anomalib.data  # noqa: F401
+    import anomalib.engine  # noqa: F401
+    import anomalib.models  # noqa: F401
+    import anomalib.pre_processing  # noqa: F401
+    import lightning.pytorch  # noqa: F401
+    import torchvision.transforms.v2  # noqa: F401
+    results = [{"startup_s": time.perf_counter() - start}]
+    for root, seed in zip(args.root, args.seed):
+        start = time.perf_counter()
+        result = run_setting(root, seed, args)
+        results.append({**result, "setting_s": time.perf_counter() - start})
+    args.out.write_text(json.dumps(results), encoding="utf-8")
     return 0
 
 

@@ -18,8 +18,14 @@ For every setting of the grid (shots x seeds of ``pipelines/sweep_schema.py``'s 
 Both are timed end to end (process start to exit) in the same run, alternating which goes first, and
 the table gives the seconds, fsad's speed-up (anomalib s / fsad s) and both image AUROCs.
 
+``--mode grid`` (and the default ``both``, after the table above) runs the whole grid in one process per
+side, as a sweep runs it: fsad evaluates the settings after one start-up (imports, dataset scan, store
+look-up; ``fsad_grid_child``, the calls ``pipelines/assets/evaluation.py`` makes per partition), anomalib
+builds one model, data module and engine per setting after one import (``anomalib_patchcore_run.py`` with
+several ``--root``/``--seed``); the seconds per setting leave each process's start-up out, printed apart.
+
     MVTEC_ROOT=/work/shared/data/mvtec_ad python benchmarks/vs_anomalib.py \
-        --anomalib-python /work/anomalib-venv/bin/python [--shots 1 16 --seeds 0] [--json out.json]
+        --anomalib-python /work/anomalib-venv/bin/python [--shots 1 16 --seeds 0] [--mode grid] [--json out.json]
 
 The anomalib environment (beside the project, never inside it):
 
@@ -163,8 +169,83 @@ def run_anomalib(python: str, root: Path, category: str, weights: Path, image_si
     seconds, done = _run_timed(anomalib_command(python, root, category, weights, image_size, seed, out), env, work)
     if done.returncode != 0:
         _fail("anomalib PatchCore", done)
-    result = json.loads(out.read_text(encoding="utf-8"))
-    return {"seconds": seconds, **result}
+    startup, result = json.loads(out.read_text(encoding="utf-8"))
+    return {"seconds": seconds, **result, "startup_s": startup["startup_s"]}
+
+
+def fsad_grid_child(root: Path, category: str, settings: list[tuple[int, int]]) -> list[dict]:
+    """Run in a child process (``--grid-child``): the settings one after the other in this one process, as a
+    sweep step evaluates its partitions (``pipelines/assets/evaluation.py``: one dataset scan, one store
+    look-up and one episode cache per category), each with ``fsad evaluate``'s defaults. First entry: the
+    start-up (imports, dataset scan, store look-up, the backbone's timm import), then one per setting."""
+    start = time.perf_counter()
+    import timm  # noqa: F401  the augmented views' backbone library: once per process, as in a sweep step
+
+    from fewshot_core.data import load_category
+    from fewshot_core.evaluation.oneclass import evaluate_oneclass
+    from fewshot_core.evaluation.options import EvalContext
+    from fewshot_core.features.store import EmbedCompute, FeatureSpec, FeatureStore
+
+    dataset = load_category(root, category)
+    partition = FeatureStore().build(dataset, FeatureSpec(), EmbedCompute(progress=False))
+    context = EvalContext().with_cache()
+    out = [{"startup_s": time.perf_counter() - start}]
+    for shots, seed in settings:
+        start = time.perf_counter()
+        row = evaluate_oneclass(dataset, partition, "patchcore", shots, [seed], context=context)[0]
+        out.append({"seconds": time.perf_counter() - start, "image_auroc": row.get("image_auroc"),
+                    "pixel_auroc": row.get("pixel_auroc"), "fit_s": row.get("fit_s"), "score_s": row.get("score_s")})
+    return out
+
+
+def run_fsad_grid(root: Path, category: str, settings, home: Path) -> list[dict]:
+    pairs = [f"{s.k_good}:{s.seed}" for s in settings]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--grid-child", "--root", str(root), "--category", category,
+           "--pairs", *pairs]
+    seconds, done = _run_timed(cmd, fsad_env(home), REPO)
+    if done.returncode != 0:
+        _fail("fsad grid", done)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_anomalib_grid(python: str, roots: list[Path], seeds: list[int], category: str, weights: Path,
+                      image_size: int, work: Path) -> list[dict]:
+    out = work / "anomalib_grid.json"
+    cmd = [python, str(HELPER), "--root", *map(str, roots), "--seed", *map(str, seeds), "--category", category,
+           "--backbone", BACKBONE, "--weights", str(weights), "--image-size", str(image_size), "--out", str(out)]
+    env = dict(CALLER_ENV)
+    env.pop("PYTHONPATH", None)
+    _, done = _run_timed(cmd, env, work)
+    if done.returncode != 0:
+        _fail("anomalib PatchCore grid", done)
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def in_process_grid(dataset, root: Path, settings, home: Path, python: str, weights: Path, image_size: int,
+                    keep_views: bool) -> dict:
+    """The whole grid in one process per side (fsad: the settings after one start-up, as a sweep step runs
+    them; anomalib: one model, data module and engine per setting after one import). fsad runs first with
+    the views deleted (each support's views embedded when first met), then anomalib, then fsad again with
+    the views stored. Per-setting seconds exclude each process's one start-up, reported apart."""
+    from fewshot_core.episodes import sample_oneclass
+
+    if not keep_views:
+        drop_views(home)
+    load = [os.getloadavg()[0]]
+    fsad = run_fsad_grid(root, dataset.category, settings, home)
+    load.append(os.getloadavg()[0])
+    with tempfile.TemporaryDirectory(prefix="anomalib_grid_") as tmp:
+        roots = [support_root(dataset, sample_oneclass(dataset, s.k_good, s.seed), Path(tmp) / f"data{i}")
+                 for i, s in enumerate(settings)]
+        ano = run_anomalib_grid(python, roots, [s.seed for s in settings], dataset.category, weights, image_size,
+                                Path(tmp))
+    load.append(os.getloadavg()[0])
+    stored = run_fsad_grid(root, dataset.category, settings, home)
+    load.append(os.getloadavg()[0])
+    rows = [{"setting": s.key, "fsad": {**f, "stored_seconds": st["seconds"]}, "anomalib": {**a, "seconds": a["setting_s"]}}
+            for s, f, st, a in zip(settings, fsad[1:], stored[1:], ano[1:])]
+    return {"rows": rows, "fsad_startup_s": fsad[0]["startup_s"], "fsad_stored_startup_s": stored[0]["startup_s"],
+            "anomalib_startup_s": ano[0]["startup_s"], "load": load}
 
 
 def _num(value, digits: int) -> str:
@@ -224,8 +305,17 @@ def main(argv=None) -> int:
     p.add_argument("--keep-views", action="store_true",
                    help="keep the stored augmented views between runs (default: each setting's fsad run embeds its "
                         "support's views, then runs once more with them stored)")
+    p.add_argument("--mode", choices=("both", "cold", "grid"), default="both",
+                   help="cold: a new process per setting on each side; grid: the whole grid in one process per side "
+                        "(per-setting seconds after one start-up, as a sweep runs it); both (default)")
     p.add_argument("--json", type=Path, default=None, help="write every row with both sides' details here")
+    p.add_argument("--grid-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--pairs", nargs="+", default=[], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.grid_child:  # the fsad side of --mode grid, in its own process
+        pairs = [tuple(int(x) for x in pair.split(":")) for pair in args.pairs]
+        print(json.dumps(fsad_grid_child(args.root, args.category, pairs)))
+        return 0
     rows: list[dict] = []
     try:
         version = check_anomalib_python(args.anomalib_python)
@@ -234,15 +324,40 @@ def main(argv=None) -> int:
             raise FsadError(f"{root or 'MVTEC_ROOT'}: no {args.category} category; set MVTEC_ROOT or pass --root")
         dataset = load_category(Path(root), args.category)
         weights = _lite0_weights()
-        _bench(args, Path(root), dataset, weights, version,
-               [Setting(ONECLASS, k, 0, s) for k in args.shots for s in args.seeds], rows)
+        settings = [Setting(ONECLASS, k, 0, s) for k in args.shots for s in args.seeds]
+        home = args.home or Path(tempfile.mkdtemp(prefix="fsad_vs_anomalib_"))
+        print(f"anomalib {version}; fsad FSAD_HOME={home}", flush=True)
+        # The store (and the backbone's stage cache) once, untimed: a cold run below is a new process that
+        # reuses the category's embeddings, as every evaluation after the first does.
+        start = time.perf_counter()
+        run_fsad(Path(root), args.category, 1, 0, home)
+        print(f"fsad store build + first evaluation (untimed warm-up): {time.perf_counter() - start:.1f} s", flush=True)
+
+        if args.mode in ("both", "cold"):
+            _bench(args, Path(root), dataset, weights, home, settings, rows)
+            print("\nA new process per setting on each side:\n" + format_table(rows), flush=True)
+        if args.mode in ("both", "grid"):
+            grid = in_process_grid(dataset, Path(root), settings, home, args.anomalib_python, weights,
+                                   args.image_size, args.keep_views)
+            _save(args.json, {"cold": rows, "grid": grid})
+            print("\nThe grid in one process per side (seconds per setting, start-up apart):\n"
+                  + format_table(grid["rows"]))
+            print(f"start-up once per process: fsad {grid['fsad_startup_s']:.1f} s (views stored: "
+                  f"{grid['fsad_stored_startup_s']:.1f} s), anomalib {grid['anomalib_startup_s']:.1f} s; load average "
+                  + " -> ".join(f"{x:.1f}" for x in grid["load"]))
     except FsadError as exc:
         if rows:
             print(format_table(rows))
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_table(rows))
     return 0
+
+
+def _save(path: Path | None, data) -> None:
+    if path:
+        from fewshot_core.atomic import atomic_write_text
+
+        atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def run_grid(dataset, settings, fsad, anomalib, on_row=None, rows: list | None = None) -> list[dict]:
@@ -267,15 +382,7 @@ def run_grid(dataset, settings, fsad, anomalib, on_row=None, rows: list | None =
     return rows
 
 
-def _bench(args, root, dataset, weights, version, settings, rows: list) -> list[dict]:
-    home = args.home or Path(tempfile.mkdtemp(prefix="fsad_vs_anomalib_"))
-    print(f"anomalib {version}; fsad FSAD_HOME={home}", flush=True)
-    # The store (and the backbone's stage cache) once, untimed: a cold run below is a new process that
-    # reuses the category's embeddings, as every evaluation after the first does.
-    start = time.perf_counter()
-    run_fsad(root, args.category, 1, 0, home)
-    print(f"fsad store build + first evaluation (untimed warm-up): {time.perf_counter() - start:.1f} s", flush=True)
-
+def _bench(args, root, dataset, weights, home, settings, rows: list) -> list[dict]:
     def fsad(setting):
         if not args.keep_views:
             drop_views(home)
@@ -295,10 +402,7 @@ def _bench(args, root, dataset, weights, version, settings, rows: list) -> list[
               + (f" ({stored:.1f} s with views stored)" if stored is not None else "")
               + f" (AUROC {r['fsad']['image_auroc']:.4f}), "
               f"anomalib {r['anomalib']['seconds']:.1f} s (AUROC {r['anomalib']['image_auroc']:.4f})", flush=True)
-        if args.json:
-            from fewshot_core.atomic import atomic_write_text
-
-            atomic_write_text(args.json, json.dumps(rows, indent=2))
+        _save(args.json, {"cold": rows})
 
     return run_grid(dataset, settings, fsad, anomalib, on_row, rows)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import io
+import json
 import sys
 
 import pytest
@@ -122,3 +124,23 @@ def test_grid_gives_both_sides_the_samplers_support_and_alternates_who_goes_firs
         assert seen[row["setting"]] == row["support"] == drawn
     assert len(rows[0]["support"]) == 1 and len(rows[2]["support"]) == 2
     assert rows is kept  # what a failure part-way leaves is still the caller's to print
+
+
+def test_grid_child_runs_each_setting_as_fsad_evaluate_would_after_one_startup(bench, tmp_path, monkeypatch):
+    """The in-process grid times each setting apart from the start-up, and its numbers are the CLI's."""
+    from fewshot_core.cli import main as fsad_main
+
+    monkeypatch.setenv("FSAD_HOME", str(tmp_path / "home"))
+    build_mvtec_category(tmp_path / "src", "widget", n_train=5, defects={"scratch": 2})
+    out = bench.fsad_grid_child(tmp_path / "src", "widget", [(1, 0), (2, 1)])
+
+    assert list(out[0]) == ["startup_s"] and len(out) == 3
+    assert all(r["seconds"] > 0 and 0 <= r["image_auroc"] <= 1 for r in out[1:])
+    for (shots, seed), timed in zip([(1, 0), (2, 1)], out[1:]):
+        monkeypatch.setattr(sys, "stdout", io.StringIO())
+        fsad_main(["evaluate", str(tmp_path / "src"), "--category", "widget", "--method", "patchcore",
+                   "--shots", str(shots), "--seeds", str(seed), "--json"])
+        row = json.loads(sys.stdout.getvalue())[0]
+        monkeypatch.undo()
+        monkeypatch.setenv("FSAD_HOME", str(tmp_path / "home"))
+        assert timed["image_auroc"] == row["image_auroc"] and timed["pixel_auroc"] == row["pixel_auroc"]
