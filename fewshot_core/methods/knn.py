@@ -16,7 +16,6 @@ from fewshot_core.methods.components.foreground import (
     Foreground, PartBank, check_mode, fit_foreground, masked_for_max, scored_mask, search_patches,
     state_arrays)
 from fewshot_core.methods.components.heldout import BankHeldout, loaded_sources, map_sources, source_array
-from fewshot_core.methods.components.nn_search import NearestNeighbors
 
 
 def build_bank(support, coreset_ratio: float, min_bank: int, seed: int, selection: str = "auto"
@@ -62,9 +61,6 @@ class KNN(BankHeldout, Detector):
     @classmethod
     def threshold_copy_params(cls, params: dict, support_shape: tuple | None = None) -> dict:
         return exact_copy_index(params, support_shape)
-
-    def _index(self, data: np.ndarray) -> NearestNeighbors:
-        return NearestNeighbors(self.index, self.runtime.faiss_gpu, seed=self.seed).fit(data)
 
     def _build_index(self) -> None:
         self.nn_ = self._index(self.bank_)

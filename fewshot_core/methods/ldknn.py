@@ -30,7 +30,6 @@ from fewshot_core.methods.components.foreground import (
     state_arrays)
 from fewshot_core.methods.knn import build_bank
 from fewshot_core.methods.components.heldout import BankHeldout, loaded_sources, source_array
-from fewshot_core.methods.components.nn_search import NearestNeighbors
 
 LD_FORMS = ("difference", "ratio")
 DENSITY_ON = ("support", "bank")
@@ -62,9 +61,6 @@ class LDKNN(BankHeldout, Detector):
         self.seed = seed
         self.coreset_selection = coreset_selection
         check_selection(coreset_selection)
-
-    def _index(self, data: np.ndarray) -> NearestNeighbors:
-        return NearestNeighbors(self.index, self.runtime.faiss_gpu, seed=self.seed).fit(data)
 
     def fit(self, X) -> LDKNN:
         everything, bank, self.bank_source_ = build_bank(X, self.coreset_ratio, self.min_bank, self.seed,

@@ -22,7 +22,6 @@ from fewshot_core.methods.components.foreground import (
     Foreground, PartBank, check_mode, fit_foreground, masked_for_max, scored_mask, search_patches,
     state_arrays)
 from fewshot_core.methods.components.heldout import BankHeldout, loaded_sources, map_sources, source_array
-from fewshot_core.methods.components.nn_search import NearestNeighbors
 
 
 class PatchCore(BankHeldout, Detector):
@@ -64,9 +63,6 @@ class PatchCore(BankHeldout, Detector):
         lower than the coreset would, against the copies' lean towards high scores (fewer images). Each
         copy scores one image, so small banks are searched exactly (``exact_copy_index``)."""
         return exact_copy_index({**params, "coreset_ratio": 1.0}, support_shape)
-
-    def _index(self, data: np.ndarray) -> NearestNeighbors:
-        return NearestNeighbors(self.index, self.runtime.faiss_gpu, seed=self.seed).fit(data)
 
     def _build_index(self) -> None:
         self.nn_ = self._index(self.bank_)

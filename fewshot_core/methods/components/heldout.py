@@ -16,7 +16,7 @@ import numpy as np
 
 from fewshot_core.methods.base import as_patch_array
 from fewshot_core.methods.components.foreground import PartBank
-from fewshot_core.methods.components.nn_search import parse_index
+from fewshot_core.methods.components.nn_search import BankIndex, parse_index
 
 
 def map_sources(rows: np.ndarray, rows_per_map: int) -> np.ndarray:
@@ -54,9 +54,10 @@ def without_maps(model, left_out):
     return sub
 
 
-class BankHeldout:
+class BankHeldout(BankIndex):
     """The held-out capability of a bank detector (mixed in before ``Detector``): ``heldout_scores`` scores
-    images with the fitted model's bank less the rows of the left-out maps, by ``_heldout_score``."""
+    images with the fitted model's bank less the rows of the left-out maps, by ``_heldout_score``, the
+    copy's index built as the model's own (``BankIndex``)."""
 
     def can_score_heldout(self) -> bool:
         return getattr(self, "bank_source_", None) is not None

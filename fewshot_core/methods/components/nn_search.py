@@ -149,3 +149,12 @@ class NearestNeighbors:
         dist = np.ascontiguousarray(dist, dtype=np.float32)
         np.maximum(dist, 0.0, out=dist)  # ||a||^2 + ||b||^2 - 2ab can dip below 0 in float32
         return dist, idx
+
+
+class BankIndex:
+    """The search index of a bank detector (mixed in): built from the method's own ``index``, its runtime's
+    faiss GPU choice and its ``seed``, for the bank and for any part of it (foreground rows, held-out
+    copies), so every index a model searches follows the same settings."""
+
+    def _index(self, data: np.ndarray) -> NearestNeighbors:
+        return NearestNeighbors(self.index, self.runtime.faiss_gpu, seed=self.seed).fit(data)
