@@ -205,6 +205,7 @@ def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: in
                 for m in METRICS:
                     if m in rows[0]:
                         res[m], res[m + "_ci"] = interval([r[m] for r in rows])
+                        res[m + "_per_seed"] = [float(r[m]) for r in rows]  # in ``seeds`` order: paired deltas
                 results.append(res)
                 if save is not None:
                     save(results)

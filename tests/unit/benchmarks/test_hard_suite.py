@@ -76,3 +76,19 @@ def test_issue_23_levers_name_the_store_aspect_and_protocol_options(suite):
     assert suite.LEVERS["patchcore+aug+fg square"].aspect == "square"
     assert suite.LEVERS["patchcore auto"].options == {"config": "auto"}
     assert suite.LEVERS["patchcore align"].options == {"align": "auto"}
+
+
+def test_rows_keep_each_seeds_value_for_paired_comparisons(suite, tmp_path):
+    """Two levers on the same support draws are compared seed by seed: each row keeps its per-seed values,
+    in its seeds' order, and their mean is the row's value."""
+    from fewshot_core.data import load_category
+    from fewshot_core.features.store import FeatureStore
+
+    _tiles(tmp_path)
+    ds = load_category(tmp_path, "magnetic_tile")
+    rows = suite.run(["patchcore"], {"magnetic_tile": ds}, [1], [0, 1], FeatureStore(tmp_path / "store"), 64,
+                     log=lambda *_: None)
+    (row,) = rows
+    assert row["seeds"] == [0, 1] and len(row["image_auroc_per_seed"]) == 2
+    for m in ("image_auroc", "pixel_auroc", "aupro"):
+        assert np.mean(row[m + "_per_seed"]) == pytest.approx(row[m])
