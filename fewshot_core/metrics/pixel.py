@@ -34,9 +34,8 @@ def exact_curve(scores: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np
     and its inner points change neither the area nor the F1 maximum (F1 is largest at the highest
     threshold of a given true-positive count). Each distinct defect score t therefore gives two points,
     negatives > t with the counts above t, then negatives >= t with t's own (ties joined by the diagonal
-    the full curve draws); the last point counts every pixel. Only the defect pixels are argsorted (a few
-    per cent of a test set), the defect-free ones are sorted as plain floats: about 3x faster than the
-    argsort of every pixel, the same values.
+    the full curve draws); the last point counts every pixel. So only the defect pixels (a few per cent of
+    a test set) need an argsort; the defect-free ones are sorted as plain floats, which is far cheaper.
     """
     pos = weights > 0
     pos_scores, pos_weights = scores[pos], weights[pos]
