@@ -150,26 +150,36 @@ def run_fsad(root: Path, category: str, shots: int, seed: int, home: Path) -> di
     seconds, done = _run_timed(fsad_command(root, category, shots, seed), fsad_env(home), REPO)
     if done.returncode != 0:
         _fail("fsad evaluate", done)
-    row = json.loads(done.stdout)[0]
-    return {"seconds": seconds, "image_auroc": row.get("image_auroc"), "pixel_auroc": row.get("pixel_auroc"),
-            "fit_s": row.get("fit_s"), "score_s": row.get("score_s")}
+    return {"seconds": seconds, **_fsad_fields(json.loads(done.stdout)[0])}
 
 
-def anomalib_command(python: str, root: Path, category: str, weights: Path, image_size: int, seed: int,
-                     out: Path) -> list[str]:
-    return [python, str(HELPER), "--root", str(root), "--category", category, "--backbone", BACKBONE,
-            "--weights", str(weights), "--image-size", str(image_size), "--seed", str(seed), "--out", str(out)]
+def _fsad_fields(row: dict) -> dict:
+    """What the table and the JSON keep of an fsad evaluation row."""
+    return {k: row.get(k) for k in ("image_auroc", "pixel_auroc", "fit_s", "score_s")}
+
+
+def anomalib_command(python: str, roots: list[Path], seeds: list[int], category: str, weights: Path,
+                     image_size: int, out: Path) -> list[str]:
+    """The helper's command line: one setting per (root, seed), all in its one process."""
+    return [python, str(HELPER), "--root", *map(str, roots), "--seed", *map(str, seeds), "--category", category,
+            "--backbone", BACKBONE, "--weights", str(weights), "--image-size", str(image_size), "--out", str(out)]
+
+
+def run_anomalib_settings(python: str, roots: list[Path], seeds: list[int], category: str, weights: Path,
+                          image_size: int, work: Path) -> tuple[float, list[dict]]:
+    """(process seconds, the helper's list: ``{"startup_s"}`` then one result per setting)."""
+    out = work / "anomalib_result.json"
+    env = dict(CALLER_ENV)
+    env.pop("PYTHONPATH", None)  # the other venv must not import this checkout
+    seconds, done = _run_timed(anomalib_command(python, roots, seeds, category, weights, image_size, out), env, work)
+    if done.returncode != 0:
+        _fail("anomalib PatchCore", done)
+    return seconds, json.loads(out.read_text(encoding="utf-8"))
 
 
 def run_anomalib(python: str, root: Path, category: str, weights: Path, image_size: int, seed: int,
                  work: Path) -> dict:
-    out = work / "anomalib_result.json"
-    env = dict(CALLER_ENV)
-    env.pop("PYTHONPATH", None)  # the other venv must not import this checkout
-    seconds, done = _run_timed(anomalib_command(python, root, category, weights, image_size, seed, out), env, work)
-    if done.returncode != 0:
-        _fail("anomalib PatchCore", done)
-    startup, result = json.loads(out.read_text(encoding="utf-8"))
+    seconds, (startup, result) = run_anomalib_settings(python, [root], [seed], category, weights, image_size, work)
     return {"seconds": seconds, **result, "startup_s": startup["startup_s"]}
 
 
@@ -193,8 +203,7 @@ def fsad_grid_child(root: Path, category: str, settings: list[tuple[int, int]]) 
     for shots, seed in settings:
         start = time.perf_counter()
         row = evaluate_oneclass(dataset, partition, "patchcore", shots, [seed], context=context)[0]
-        out.append({"seconds": time.perf_counter() - start, "image_auroc": row.get("image_auroc"),
-                    "pixel_auroc": row.get("pixel_auroc"), "fit_s": row.get("fit_s"), "score_s": row.get("score_s")})
+        out.append({"seconds": time.perf_counter() - start, **_fsad_fields(row)})
     return out
 
 
@@ -202,23 +211,10 @@ def run_fsad_grid(root: Path, category: str, settings, home: Path) -> list[dict]
     pairs = [f"{s.k_good}:{s.seed}" for s in settings]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--grid-child", "--root", str(root), "--category", category,
            "--pairs", *pairs]
-    seconds, done = _run_timed(cmd, fsad_env(home), REPO)
+    _, done = _run_timed(cmd, fsad_env(home), REPO)
     if done.returncode != 0:
         _fail("fsad grid", done)
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def run_anomalib_grid(python: str, roots: list[Path], seeds: list[int], category: str, weights: Path,
-                      image_size: int, work: Path) -> list[dict]:
-    out = work / "anomalib_grid.json"
-    cmd = [python, str(HELPER), "--root", *map(str, roots), "--seed", *map(str, seeds), "--category", category,
-           "--backbone", BACKBONE, "--weights", str(weights), "--image-size", str(image_size), "--out", str(out)]
-    env = dict(CALLER_ENV)
-    env.pop("PYTHONPATH", None)
-    _, done = _run_timed(cmd, env, work)
-    if done.returncode != 0:
-        _fail("anomalib PatchCore grid", done)
-    return json.loads(out.read_text(encoding="utf-8"))
 
 
 def in_process_grid(dataset, root: Path, settings, home: Path, python: str, weights: Path, image_size: int,
@@ -237,8 +233,8 @@ def in_process_grid(dataset, root: Path, settings, home: Path, python: str, weig
     with tempfile.TemporaryDirectory(prefix="anomalib_grid_") as tmp:
         roots = [support_root(dataset, sample_oneclass(dataset, s.k_good, s.seed), Path(tmp) / f"data{i}")
                  for i, s in enumerate(settings)]
-        ano = run_anomalib_grid(python, roots, [s.seed for s in settings], dataset.category, weights, image_size,
-                                Path(tmp))
+        _, ano = run_anomalib_settings(python, roots, [s.seed for s in settings], dataset.category, weights,
+                                       image_size, Path(tmp))
     load.append(os.getloadavg()[0])
     stored = run_fsad_grid(root, dataset.category, settings, home)
     load.append(os.getloadavg()[0])
