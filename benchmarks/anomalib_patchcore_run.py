@@ -1,8 +1,8 @@
 """anomalib's PatchCore on one MVTec-layout category, for ``benchmarks/vs_anomalib.py``.
 
 Runs in anomalib's own virtual environment (never the project's): ``ANOMALIB_PYTHON
-benchmarks/anomalib_patchcore_run.py --root R --category bottle --weights LITE0.pth --out result.json``.
-The backbone matches fsad's default: ``tf_efficientnet_lite0`` at its stride-8 and stride-16 stages
+benchmarks/anomalib_patchcore_run.py --root R --category bottle --backbone NAME --weights FILE --out result.json``.
+The backbone is the one fsad ran (``vs_anomalib.py`` passes fsad's default) at its stride-8 and stride-16 stages
 (feature indices 2 and 3), the bundled ImageNet checkpoint renamed to timm's keys by fsad's own
 ``fewshot_core/backbones/lite_weights.py`` (loaded by file, so none of fsad's package code runs here), the
 input resized (bicubic) to a square and normalised with mean = std = 0.5 as fsad does. Everything else
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--root", type=Path, nargs="+", required=True,
                    help="one MVTec-layout root per setting (several: run in turn in this one process)")
     p.add_argument("--category", default="bottle")
-    p.add_argument("--backbone", default="tf_efficientnet_lite0")
+    p.add_argument("--backbone", required=True, help="timm name of an EfficientNet-Lite (fsad's backbone)")
     p.add_argument("--layers", type=int, nargs="+", default=[2, 3], help="timm feature indices (stride 8, 16)")
     p.add_argument("--weights", type=Path, required=True)
     p.add_argument("--image-size", type=int, default=256)

@@ -76,7 +76,7 @@ class Lever(NamedTuple):
     options: dict = {}  # EpisodeOptions fields: config="auto", align="auto"
 
 
-LITE1, LITE2 = "tf_efficientnet_lite1", "tf_efficientnet_lite2"
+LITE0, LITE1, LITE2 = "tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"
 
 LEVERS: dict[str, Lever] = {name: Lever(*value) for name, value in {
     "patchcore": ("patchcore", WHOLE, "none", None),
@@ -96,7 +96,7 @@ LEVERS: dict[str, Lever] = {name: Lever(*value) for name, value in {
     "patchcore+aug+fg": ("patchcore", FG, "images", None),
     "knn+aug+fg": ("knn", FG, "images", None),
     "ldknn+aug+fg": ("ldknn", FG, "images", None),
-    # resolution and stages (Lite0: strides 2, 4, 8, 16, 32 at indices 0-4): the patch grid follows the
+    # resolution and stages (the Lite backbones: strides 2, 4, 8, 16, 32 at indices 0-4): the patch grid follows the
     # finest stage chosen, so stride 4 quadruples the patches; stride 32 adds context at no grid cost
     "patchcore+aug@256": ("patchcore", WHOLE, "images", 256),
     "patchcore+aug+fg@256": ("patchcore", FG, "images", 256),
@@ -107,8 +107,10 @@ LEVERS: dict[str, Lever] = {name: Lever(*value) for name, value in {
     "patchcore+aug s4-8-16": ("patchcore", WHOLE, "images", None, (1, 2, 3)),
     "patchcore+aug s8-16-32": ("patchcore", WHOLE, "images", None, (2, 3, 4)),
     "patchcore+aug+fg s8-16-32": ("patchcore", FG, "images", None, (2, 3, 4)),
-    # stronger bundled backbones (real ImageNet weights, same stage layout as Lite0: strides 2-32 at 0-4);
+    # the bundled backbones (real ImageNet weights, one stage layout: strides 2-32 at indices 0-4);
     # the default stride-8 + stride-16 pair, and the pair plus stride 32 for context
+    # (rows measured before Lite2 became the default ran on Lite0: "patchcore+aug+fg lite0" repeats them)
+    "patchcore+aug+fg lite0": ("patchcore", FG, "images", None, (2, 3), LITE0),
     "patchcore+aug+fg lite1": ("patchcore", FG, "images", None, (2, 3), LITE1),
     "patchcore+aug+fg lite2": ("patchcore", FG, "images", None, (2, 3), LITE2),
     "patchcore+aug+fg lite1 s8-16-32": ("patchcore", FG, "images", None, (2, 3, 4), LITE1),

