@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "run", help="run the whole benchmark sweep (data, features, every method, report) in-process",
         description="Materialise the default Dagster sweep in-process: synthetic data (or MVTEC_ROOT / --root), "
-                    "the offline EfficientNet-Lite0 backbone, the fast methods, a small shots grid; results go "
+                    "the offline EfficientNet-Lite2 backbone, the fast methods, a small shots grid; results go "
                     "to MLflow and an HTML report.")
     p.add_argument("--config", help="sweep YAML (see pipelines/config.py); default: the embedded demo sweep")
     p.add_argument("--root", help="MVTec-layout data root to use instead of the configured data")

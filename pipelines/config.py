@@ -1,7 +1,7 @@
 """The sweep configuration: which data, categories, backbones, methods, shots, ratios and seeds.
 
 The default (no file) is the embedded demo: synthetic data (or ``MVTEC_ROOT`` when set), the offline
-EfficientNet-Lite0 backbone, the fast methods that exist, a small shots grid and two seeds, so that
+EfficientNet-Lite2 backbone, the fast methods that exist, a small shots grid and two seeds, so that
 ``fsad run`` finishes in a few minutes on a laptop CPU. A YAML file (``fsad run --config FILE`` or the
 ``FSAD_SWEEP_CONFIG`` environment variable for ``dagster dev``) overrides any field, e.g.::
 
@@ -9,7 +9,7 @@ EfficientNet-Lite0 backbone, the fast methods that exist, a small shots grid and
     data: {source: mvtec, root: ../shared/data/mvtec_ad, categories: [bottle]}
     # or your own folders, one layout YAML per category (image-level when it names no masks):
     # data: {source: layout, layouts: [parts/housing.yaml, parts/gasket.yaml]}
-    backbones: [tf_efficientnet_lite0]
+    backbones: [tf_efficientnet_lite2]
     image_size: 224     # the short side; aspect: auto (each category's own height/width), square, or a ratio
     oneclass: {shots: [1, 2, 4, 8], seeds: [0, 1, 2, 3, 4]}
     supervised: {ratios: [[1, 1], [5, 1], [10, 1]], label_modes: [binary, multiclass], seeds: [0, 1, 2]}
@@ -64,7 +64,7 @@ class SweepConfig:
     data_layouts: list[str] | None = None  # source "layout": one layout YAML per category (fewshot_core.data.layouts)
     categories: list[str] | None = None  # None: every category found under the root
     synth: dict = field(default_factory=lambda: SweepFile().data.synth.model_dump())
-    backbones: list[str] = field(default_factory=lambda: ["tf_efficientnet_lite0"])
+    backbones: list[str] = field(default_factory=lambda: list(SweepFile().backbones))
     image_size: int | None = None  # None: STANDARD_IMAGE_SIZE on real data, QUICK_LOOK_IMAGE_SIZE on synthetic
     aspect: str | float = "auto"  # the long side: the category's own aspect, "square", or a height/width ratio
     # the grids: the sweep file's defaults (pipelines/sweep_schema.py), the one place they are set

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fewshot_core import schema
+from fewshot_core.backbones import DEFAULT_BACKBONE
 from fewshot_core.schema import Protocol
 from fewshot_core.models.champion import ChampionCriterion
 from fewshot_core.sizes import MIN_BACKBONE_SIZE
@@ -127,7 +128,7 @@ class FullDataSection(_Strict):
 class SweepFile(_Strict):
     name: Annotated[str, Field(min_length=1)] = "fsad-default"
     data: DataSection = DataSection()
-    backbones: list[str] = ["tf_efficientnet_lite0"]
+    backbones: list[str] = [DEFAULT_BACKBONE]
     # None: the methods' standard resolution on real data, a quick look on the synthetic demo (config.py)
     image_size: Annotated[int, Field(strict=True, ge=MIN_BACKBONE_SIZE)] | None = None
     # the long side (fewshot_core.data.aspect): auto keeps each category's height/width, square squashes

@@ -78,7 +78,7 @@ def register(subparsers) -> None:
                         "PATH to another MVTec-layout root; default: 'root' when ROOT has other categories, "
                         "else 'synthetic'")
     g = p.add_argument_group("features (the store partition)")
-    g.add_argument("--backbone", default=None, help="timm model name (default tf_efficientnet_lite0)")
+    g.add_argument("--backbone", default=None, help=f"timm model name (default {DEFAULT_BACKBONE})")
     add_size_arguments(g)
     g.add_argument("--layers", type=stage_indices, default=None, help="stage indices, e.g. 2,3 (default stride 8 and 16)")
     g.add_argument("--patch-dim", type=int, default=None, help="reduce patch features to this many dims")

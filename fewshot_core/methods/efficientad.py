@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot_core.backbones import resolve_weights
+from fewshot_core.backbones import TRAINED_DETECTOR_BACKBONE, resolve_weights
 from fewshot_core.checksums import sha256_file
 from fewshot_core.errors import FsadError
 from fewshot_core.methods.base import Method
@@ -148,7 +148,7 @@ class GenericTeacher(Method):
     version = 1
 
     def __init__(self, image_size: int = 128, out_channels: int = 384, steps: int = 1500, batch_size: int = 8,
-                 lr: float = 1e-3, weight_decay: float = 1e-5, backbone: str = "tf_efficientnet_lite0",
+                 lr: float = 1e-3, weight_decay: float = 1e-5, backbone: str = TRAINED_DETECTOR_BACKBONE,
                  backbone_layers: tuple[int, ...] | None = None, backbone_weights: str = "auto",
                  generic_dir: str | None = None, time_budget_s: float | None = 240.0):
         self.image_size = image_size
@@ -242,7 +242,7 @@ class EfficientAD(TrainedDetector):
                  teacher_steps: int = 1500,  # offline distillation steps (paper: 60 000 on ImageNet)
                  teacher_batch: int = 8,
                  teacher_lr: float = 1e-3,
-                 backbone: str = "tf_efficientnet_lite0",  # distillation target
+                 backbone: str = TRAINED_DETECTOR_BACKBONE,  # distillation target
                  backbone_layers: tuple[int, ...] | None = None,  # None: the feature store default (stride 8 + 16)
                  backbone_weights: str = "auto",
                  val_fraction: float = 0.1,  # held-out good images for the map quantiles

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot_core.backbones import TRAINED_DETECTOR_BACKBONE
 from fewshot_core.methods.components.anomaly_map import gaussian_blur
 from fewshot_core.methods.components.backbone_features import backbone_extractor, patch_embed
 from fewshot_core.methods.components.defectmaker import foreground_mask
@@ -78,7 +79,7 @@ class GLASS(TrainedDetector):
                  focal_gamma: float = 2.0,
                  use_foreground: bool = True,  # LAS masks restricted to a foreground estimate (objects)
                  texture_dir: str | None = None,  # DTD images folder; None: generated textures
-                 backbone: str = "tf_efficientnet_lite0",
+                 backbone: str = TRAINED_DETECTOR_BACKBONE,
                  backbone_layers: tuple[int, ...] | None = None,  # None: the feature store default (stride 8 + 16)
                  backbone_weights: str = "auto",
                  smoothing_sigma: float = 4.0,

@@ -5,7 +5,7 @@ hushell/pmf_cvpr22). Stages here:
 
 * pre-training: the backbone asked for; by default (``default_backbone``) the paper's DINO ViT-S/16
   when its weights can be had and nothing else was asked for, otherwise the feature store's backbone
-  (offline: the bundled EfficientNet-Lite0 ImageNet weights).
+  (offline: the bundled default, EfficientNet-Lite2 ImageNet weights).
 * meta-training (optional, ``meta_train_backbone``): ProtoNet episodes drawn from images of *other*
   categories, cosine loss, the evaluated category excluded before sampling.
 * fine-tuning (``PMF.fit``): augmented support images act as pseudo-queries against the support's
@@ -123,7 +123,7 @@ def paper_backbone_available() -> bool:
 
 def default_backbone(store_backbone: str | None, weights_given: bool = False) -> str | None:
     """The paper's DINO ViT-S/16 when nothing else was asked for (no weights, the store on the default
-    backbone) and its weights can be had; otherwise the feature store's backbone (offline: Lite0)."""
+    backbone) and its weights can be had; otherwise the feature store's backbone (offline: the bundled default)."""
     if not weights_given and store_backbone == DEFAULT_BACKBONE and paper_backbone_available():
         return PAPER_BACKBONE
     return store_backbone

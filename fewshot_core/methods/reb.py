@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fewshot_core.backbones import FeatureExtractor, create_model, preprocess_config
+from fewshot_core.backbones import TRAINED_DETECTOR_BACKBONE, FeatureExtractor, create_model, preprocess_config
 from fewshot_core.checksums import sha256_file
 from fewshot_core.methods.components.anomaly_map import to_image_maps
 from fewshot_core.methods.components.backbone_features import patch_embed
@@ -37,7 +37,7 @@ class REB(TrainedDetector):
                  weight_decay: float = 1e-4,
                  flip: bool = True,  # random horizontal flips of the synthetic batch
                  saliency_model: str | None = None,  # TorchScript saliency net; None: foreground estimate
-                 backbone: str = "tf_efficientnet_lite0",
+                 backbone: str = TRAINED_DETECTOR_BACKBONE,
                  backbone_layers: tuple[int, ...] | None = None,  # None: the feature store default (stride 8 + 16)
                  backbone_weights: str = "auto",
                  patch_dim: int | None = None,  # None: concatenated channels, as the feature store's default

@@ -14,6 +14,7 @@ SYNTH_SIZE = 64
 BOTTLE_SIZE = 128
 FAST: dict = {"foreground": "none"}  # recorded before object-centric scoring became the default
 TRAINED = {"image_size": 64}
+BACKBONE = "tf_efficientnet_lite0"  # recorded with it, the default before Lite2
 
 CASES: dict[str, dict] = {}
 
@@ -45,7 +46,7 @@ for data in ("synth", "bottle"):
           label_mode="multiclass", seeds=[0, 1], caml_pool=True)
     _case(f"{data}-sup-pmf-binary", bottle=bottle, data=data, protocol="supervised", method="pmf",
           params={"steps": 2, "search_steps": 1, "lr_candidates": [1e-3], "image_size": 64,
-                  "backbone": "tf_efficientnet_lite0", "time_budget_s": 3600}, k_good=2, k_bad=1, label_mode="binary", seeds=[0])
+                  "backbone": BACKBONE, "time_budget_s": 3600}, k_good=2, k_bad=1, label_mode="binary", seeds=[0])
 
 for method, params in (("efficientad", {"steps": 3, "teacher_steps": 2, "penalty": "none"}),
                        ("glass", {"steps": 4, "batch_size": 2, "dsc_hidden": 64, "ascent_steps": 2}),
@@ -88,7 +89,7 @@ class GoldenEnv:
         if key not in self._cache:
             synthetic = dataset.root.resolve() == self.synth_root.resolve()
             store = self.tmp / "store" if synthetic else self.bottle_store
-            self._cache[key] = FeatureStore(store).build(dataset, FeatureSpec(image_size=size),
+            self._cache[key] = FeatureStore(store).build(dataset, FeatureSpec(BACKBONE, size),
                                                          EmbedCompute(num_workers=0, progress=False))
         return self._cache[key]
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from fewshot_core.backbones import DEFAULT_BACKBONE
+
 CHROMIUM = Path("/usr/bin/chromium")
 PROJECT = Path(__file__).resolve().parents[2]
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -239,7 +241,7 @@ def test_report_links_and_partition_pages_open_their_mlflow_runs(ui):
                       if r.data.tags.get("dagster.partition_key") == oc["partition_key"]
                       and r.data.tags.get("fsad.superseded") == "false"]
             assert len(latest) == 1
-            page.goto(url + "/assets/evaluation/tf_efficientnet_lite0/knn?view=partitions&partition="
+            page.goto(url + f"/assets/evaluation/{DEFAULT_BACKBONE}/knn?view=partitions&partition="
                       + urllib.parse.quote(oc["partition_key"]))
             own = page.locator(f'a[href*="/runs/{latest[0].info.run_id}"]').first
             own.wait_for()
@@ -247,7 +249,7 @@ def test_report_links_and_partition_pages_open_their_mlflow_runs(ui):
             # 3. A backfill of one setting's seeds (1 shot, seeds 0 and 1; not the 2-shot ones), with clicks:
             # the category dimension's "All", then the two seeds in the setting dimension's list.
             known = _backfill_ids(home)
-            page.goto(url + "/assets/evaluation/tf_efficientnet_lite0/knn")
+            page.goto(url + f"/assets/evaluation/{DEFAULT_BACKBONE}/knn")
             _skip_welcome(page)
             page.get_by_text(re.compile(r"^Materialize")).first.click()
             dialog = page.locator('[role="dialog"]', has_text="Partition selection").first
@@ -271,7 +273,7 @@ def test_report_links_and_partition_pages_open_their_mlflow_runs(ui):
             assert backfill.status.value == "COMPLETED_SUCCESS", backfill.status
             targeted = backfill.asset_backfill_data.target_subset.partitions_subsets_by_asset_key
             assert {k.to_user_string(): set(v.get_partition_keys()) for k, v in targeted.items()} == {
-                "evaluation/tf_efficientnet_lite0/knn": {f"{oc['category']}|oc-k1-s0", f"{oc['category']}|oc-k1-s1"}}
+                f"evaluation/{DEFAULT_BACKBONE}/knn": {f"{oc['category']}|oc-k1-s0", f"{oc['category']}|oc-k1-s1"}}
             page.goto(url + f"/runs/b/{backfill.backfill_id}")
             page.get_by_text("Succeeded").first.wait_for()
             page.get_by_text("100% completed").first.wait_for()

@@ -34,4 +34,7 @@ def test_foreground_lifts_posed_bottle_and_keeps_bottle(mvtec_root, bottle_store
     whole, centric = mean_auroc(posed, "none"), mean_auroc(posed, "auto")
     # hard suite at 128 px (docs/benchmarks.md): 0.843 -> 0.945 over seeds 0-2
     assert centric >= whole + 0.05, (whole, centric)
-    assert mean_auroc(bottle, "auto") >= 0.995
+    # bottle fills its image: the foreground estimate must not cost it anything against the whole image
+    # (the 0.995 one-shot bar is at the default 256 px: test_evaluate_oneclass, docs/benchmarks.md)
+    kept = mean_auroc(bottle, "auto")
+    assert kept >= mean_auroc(bottle, "none") and kept >= 0.99, kept

@@ -11,6 +11,7 @@ import textwrap
 import pandas as pd
 import pytest
 
+from fewshot_core.backbones import DEFAULT_BACKBONE
 from fewshot_core.cli import main
 from fewshot_core.methods import registry
 
@@ -127,9 +128,9 @@ def test_the_pipeline_places_a_registered_method_by_its_input_kind(newcomers, tm
                    f"{{method: musc}}]\nwork_dir: {tmp_path / 'work'}\n")
     defs = build_definitions(load_config(cfg))
     nodes = {n.name: n.pool for n in defs.resolve_implicit_global_asset_job_def().graph.node_defs}
-    assert nodes["evaluation__tf_efficientnet_lite0__meanpatch"] == "cpu"
-    assert nodes["evaluation__tf_efficientnet_lite0__meanimage"] == "gpu"
-    assert nodes["evaluation__tf_efficientnet_lite0__musc"] == "cpu"
+    assert nodes[f"evaluation__{DEFAULT_BACKBONE}__meanpatch"] == "cpu"
+    assert nodes[f"evaluation__{DEFAULT_BACKBONE}__meanimage"] == "gpu"
+    assert nodes[f"evaluation__{DEFAULT_BACKBONE}__musc"] == "cpu"
 
 
 SWEEP = """\

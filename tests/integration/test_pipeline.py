@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fewshot_core.backbones import DEFAULT_BACKBONE as BB  # the sweep's default backbone
 from fewshot_core.cli import main
 from fewshot_core.errors import FsadError
 
@@ -132,7 +133,7 @@ def _check_decisions(table: pd.DataFrame, text: str) -> None:
                   '<th class="l">machine</th>', "cores usable", '<th class="l">backbone embedding</th>'):
         assert field in text, field
     champ = pick_champions(table)["synth_fabric"]
-    assert f"synth_fabric: {champ.method} (tf_efficientnet_lite0) with 2 good shots → fsad-synth_fabric@champion" in text
+    assert f"synth_fabric: {champ.method} ({BB}) with 2 good shots → fsad-synth_fabric@champion" in text
     assert "range over 2 seeds" in text and "95% interval" not in text
 
 
@@ -180,7 +181,7 @@ def test_mlflow_holds_one_nested_run_per_evaluation_partition(sweep):
         assert tags[CODE_VERSION_TAG]
         for name in ("method", "backbone", "category", "shots", "k_good", "k_bad", "ratio", "seed", "feature_key"):
             assert name in params, name
-        assert params["backbone"] == "tf_efficientnet_lite0" and params["category"] == "synth_fabric"
+        assert params["backbone"] == BB and params["category"] == "synth_fabric"
         artifacts = {a.path for a in tracker.client.list_artifacts(r.info.run_id, "plots")}
         if params["protocol"] == "oneclass":
             assert 0.0 <= metrics["image_auroc"] <= 1.0 and "pixel_auroc" in metrics and "aupro" in metrics
@@ -221,7 +222,7 @@ def test_second_materialisation_reuses_embeddings_and_makes_new_mlflow_runs(swee
     assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
     emb = dg.AssetKey("embeddings")
     res = dg.materialize(assets, selection=[emb], resources=defs.resources, instance=instance,
-                         partition_key="tf_efficientnet_lite0|synth_fabric")
+                         partition_key=f"{BB}|synth_fabric")
     assert res.success
     meta = instance.get_latest_materialization_event(emb).asset_materialization.metadata
     assert meta["cache hit"].value is True and meta["store key"].value == parts[0].name
@@ -229,7 +230,7 @@ def test_second_materialisation_reuses_embeddings_and_makes_new_mlflow_runs(swee
 
     tracker = Tracker(default_tracking_uri(home))
     before = {r.info.run_id: r.data.metrics for r in tracker.evaluation_runs("tiny")}
-    key = dg.AssetKey(evaluation_key("tf_efficientnet_lite0", _spec(config, "knn")).path)
+    key = dg.AssetKey(evaluation_key(BB, _spec(config, "knn")).path)
     res = dg.materialize(assets, selection=[key], resources=defs.resources, instance=instance,
                          partition_key="synth_fabric|oc-k1-s0")
     assert res.success
@@ -243,7 +244,7 @@ def test_second_materialisation_reuses_embeddings_and_makes_new_mlflow_runs(swee
            and r.data.params["method_id"] == "knn" and rid != new_run.info.run_id]
     assert len(old) == 1
     assert after[old[0]].data.metrics["image_auroc"] == pytest.approx(new_run.data.metrics["image_auroc"])
-    part = pd.read_parquet(work / "tables" / "evaluation" / "tf_efficientnet_lite0" / "knn" / "synth_fabric"
+    part = pd.read_parquet(work / "tables" / "evaluation" / BB / "knn" / "synth_fabric"
                            / "oc-k1-s0.parquet")
     assert part["mlflow_run_id"].tolist() == [new_run.info.run_id]
 
@@ -270,12 +271,12 @@ def test_sensor_requests_partitions_for_new_and_changed_images(sweep):
     generate(root, categories=2, seed=0, size=64, n_train=6, n_test_good=4, n_test_per_defect=2)
     second = sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor))
     assert [list(r.partition_keys) for r in second.dynamic_partitions_requests] == [["synth_disk"]]
-    assert [str(r.partition_key) for r in second.run_requests] == ["tf_efficientnet_lite0|synth_disk"]
+    assert [str(r.partition_key) for r in second.run_requests] == [f"{BB}|synth_disk"]
     instance.add_dynamic_partitions(CATEGORY.name, ["synth_disk"])
     extra = root / "synth_fabric" / "train" / "good" / "zz_new.png"
     shutil.copyfile(next((root / "synth_fabric" / "train" / "good").glob("*.png")), extra)
     third = sensor(dg.build_sensor_context(instance=instance, cursor=second.cursor))
-    assert [str(r.partition_key) for r in third.run_requests] == ["tf_efficientnet_lite0|synth_fabric"]
+    assert [str(r.partition_key) for r in third.run_requests] == [f"{BB}|synth_fabric"]
     assert not third.dynamic_partitions_requests
     extra.unlink()
     # A category folder that disappears is unregistered by the next data run (range runs would fail on it).
@@ -470,7 +471,7 @@ def test_each_evaluation_partition_carries_its_own_metrics_run_link_and_path(swe
     instance = dg.DagsterInstance.get()
     table = pd.read_parquet(work / "tables" / "benchmark_table.parquet")
     for method_id in ("patchcore", "protonet-euclidean"):
-        key = evaluation_key("tf_efficientnet_lite0", _spec(config, method_id))
+        key = evaluation_key(BB, _spec(config, method_id))
         rows = table[table["method"] == method_id]
         assert len(rows) == 4
         for _, row in rows.iterrows():
@@ -501,14 +502,14 @@ def test_lineage_runs_from_the_gated_manifest_through_support_banks_to_evaluatio
     _, work, config, _ = sweep
     defs = _defs(config)
     graph = defs.resolve_asset_graph()
-    bank = bank_key("tf_efficientnet_lite0")
+    bank = bank_key(BB)
     assert graph.get(dg.AssetKey("embeddings")).parent_keys == {dg.AssetKey("image_manifest")}
     assert graph.get(bank).parent_keys == {dg.AssetKey("embeddings")}
     evals = [k for k in graph.get_all_asset_keys() if k.path[0] == "evaluation"]
     assert evals and all(bank in graph.get(k).parent_keys for k in evals)
     check = next(c for c in defs.asset_checks if "manifest_validates" in {k.name for k in c.check_keys})
     assert all(spec.blocking for spec in check.check_specs)
-    banks = sorted((work / "arrays" / "memory_banks" / "tf_efficientnet_lite0" / "synth_fabric").glob("*.npz"))
+    banks = sorted((work / "arrays" / "memory_banks" / BB / "synth_fabric").glob("*.npz"))
     # one bank per setting some method runs: 2 shots x 2 seeds + 2 ratios x 2 label modes x 1 seed
     assert [b.stem for b in banks] == sorted(["oc-k1-s0", "oc-k1-s1", "oc-k2-s0", "oc-k2-s1", "sup-g1b1-bin-s0",
                                               "sup-g1b1-multi-s0", "sup-g2b1-bin-s0", "sup-g2b1-multi-s0"])
@@ -545,7 +546,7 @@ def test_updated_embeddings_carry_on_to_an_updated_report(sweep):
     assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
     # a sweep's own run updating the embeddings launches nothing: the sweep runs its next stages itself
     assert dg.materialize(assets, selection=[dg.AssetKey("embeddings")], resources=defs.resources,
-                          instance=instance, partition_key="tf_efficientnet_lite0|synth_fabric",
+                          instance=instance, partition_key=f"{BB}|synth_fabric",
                           tags={SWEEP_TAG: "features"}).success
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     assert first.total_requested == 0, _requested(first)
@@ -557,14 +558,14 @@ def test_updated_embeddings_carry_on_to_an_updated_report(sweep):
         first = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
         assert first.total_requested == 0, (_name, _requested(first))
     assert dg.materialize(assets, selection=[dg.AssetKey("embeddings")], resources=defs.resources,
-                          instance=instance, partition_key="tf_efficientnet_lite0|synth_fabric").success
+                          instance=instance, partition_key=f"{BB}|synth_fabric").success
     second = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     requested = _requested(second)
-    assert "memory_banks/tf_efficientnet_lite0" in requested and any(k.startswith("evaluation/") for k in requested)
+    assert f"memory_banks/{BB}" in requested and any(k.startswith("evaluation/") for k in requested)
     assert "full_data_model" in requested  # the production candidate follows new images too
     assert not {"dataset", "image_manifest", "embeddings"} & requested
     # the automation sensor launches those; once an evaluation is updated, the tables and the report follow
-    knn = evaluation_key("tf_efficientnet_lite0", _spec(config, "knn"))
+    knn = evaluation_key(BB, _spec(config, "knn"))
     assert dg.materialize(assets, selection=[knn], resources=defs.resources, instance=instance,
                           partition_key="synth_fabric|oc-k1-s0").success
     third = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=second.cursor)

@@ -192,5 +192,5 @@ def test_builder_killed_mid_build_leaves_no_partition_and_the_next_build_proceed
 def test_patch_dim_above_the_feature_width_is_one_line(synth, tmp_path, capsys):
     assert main([str(a) for a in embed_args(synth, tmp_path / "store")] + ["--patch-dim", "4096"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["fsad: error: --patch-dim 4096: larger than the 152 dims of tf_efficientnet_lite0 stages 2,3 "
-                   "(it would only repeat values); use at most 152 or omit it"]
+    assert err == ["fsad: error: --patch-dim 4096: larger than the 168 dims of tf_efficientnet_lite2 stages 2,3 "
+                   "(it would only repeat values); use at most 168 or omit it"]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fewshot_core.backbones import DEFAULT_BACKBONE
 from fewshot_core.cli import main
 from fewshot_core.features import FeatureStore
 
@@ -22,8 +23,9 @@ def test_embed_real_bottle_then_cache_hit(mvtec_root, tmp_path, capsys):
             "--batch-size", "32", "--no-progress"]
     assert main(args) == 0
     first = capsys.readouterr().out
-    assert re.search(r"built bottle-tf_efficientnet_lite0-64-\w+: 292 images in [\d.]+ s = [\d.]+ images/s", first)
-    assert "weights bundled sha256 579344248a93" in first and "RANDOM" not in first
+    assert re.search(rf"built bottle-{DEFAULT_BACKBONE}-64-\w+: 292 images in [\d.]+ s = [\d.]+ images/s", first)
+    # the bundled Lite2 file's published sha256 (../shared/README.md)
+    assert "weights bundled sha256 9656183eaeaf" in first and "RANDOM" not in first
 
     (key,) = FeatureStore(tmp_path).keys()
     part = FeatureStore(tmp_path).open(key)

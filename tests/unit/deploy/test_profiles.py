@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fewshot_core.backbones import DEFAULT_BACKBONE
 from fewshot_core.errors import FsadError
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -136,16 +137,16 @@ def test_gpu_methods_go_to_the_gpu_pool_and_queue_the_rest_to_cpu(clean_env, tmp
                            "{id: pmf, method: pmf}]")
     nodes = {n.name: n for n in defs.resolve_implicit_global_asset_job_def().graph.node_defs}
     placed = {name: (n.pool, n.tags.get("dagster-celery/queue")) for name, n in nodes.items() if n.pool}
-    assert placed == {"embeddings": ("cpu", "cpu"), "memory_banks__tf_efficientnet_lite0": ("cpu", "cpu"),
+    assert placed == {"embeddings": ("cpu", "cpu"), f"memory_banks__{DEFAULT_BACKBONE}": ("cpu", "cpu"),
                       "full_data_model": ("cpu", "cpu"),
-                      "evaluation__tf_efficientnet_lite0__patchcore": ("cpu", "cpu"),
-                      "evaluation__tf_efficientnet_lite0__efficientad": ("gpu", "gpu"),
-                      "evaluation__tf_efficientnet_lite0__pmf": ("gpu", "gpu")}
+                      f"evaluation__{DEFAULT_BACKBONE}__patchcore": ("cpu", "cpu"),
+                      f"evaluation__{DEFAULT_BACKBONE}__efficientad": ("gpu", "gpu"),
+                      f"evaluation__{DEFAULT_BACKBONE}__pmf": ("gpu", "gpu")}
     gpu = UserDefinedDagsterK8sConfig.from_dict(
-        json.loads(nodes["evaluation__tf_efficientnet_lite0__efficientad"].tags["dagster-k8s/config"]))
+        json.loads(nodes[f"evaluation__{DEFAULT_BACKBONE}__efficientad"].tags["dagster-k8s/config"]))
     assert gpu.container_config["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     cpu = UserDefinedDagsterK8sConfig.from_dict(
-        json.loads(nodes["evaluation__tf_efficientnet_lite0__patchcore"].tags["dagster-k8s/config"]))
+        json.loads(nodes[f"evaluation__{DEFAULT_BACKBONE}__patchcore"].tags["dagster-k8s/config"]))
     assert "limits" not in cpu.container_config["resources"]
 
 

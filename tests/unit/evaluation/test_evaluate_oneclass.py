@@ -257,19 +257,22 @@ def test_cli_errors_are_one_line(synth, synth_root, capsys):
 @pytest.mark.shared_data
 @pytest.mark.slow
 def test_patchcore_reaches_the_bar_on_real_bottle(mvtec_root):
-    """Issue bar: full-shot image AUROC >= 0.99 and pixel AUROC >= 0.97; 1-shot image AUROC >= 0.95.
+    """Issue bars: full-shot image AUROC >= 0.99 and pixel AUROC >= 0.97; 1-shot image AUROC >= 0.95 per
+    seed and >= 0.995 over seeds 0-2.
 
     Uses the project's default feature store (a content-addressed cache: the first run embeds the 292
     images, ~1-4 min on a CPU; later runs reuse it) and a 0.2 % coreset at full shot (428 of 214k
     patches: the greedy coreset loop is memory-bound on a CPU); the benchmark runs the 10 % default.
     """
     dataset = load_dataset(mvtec_root, "bottle")
-    # Lite0, 256 px, stride 8 + 16 stages
+    # the defaults: Lite2, 256 px, stride 8 + 16 stages
     partition = FeatureStore().build(dataset, compute=EmbedCompute(progress=False))
     (full,) = evaluate_oneclass(dataset, partition, "patchcore", "full", [0], {"coreset_ratio": 0.002, "min_bank": 0})
     assert full["image_auroc"] >= 0.99 and full["pixel_auroc"] >= 0.97, full
-    one = evaluate_oneclass(dataset, partition, "patchcore", 1, [0, 1])
+    one = evaluate_oneclass(dataset, partition, "patchcore", 1, [0, 1, 2])
     assert min(r["image_auroc"] for r in one) >= 0.95, one
+    # issue 23's bar for the defaults (no flags) at one shot
+    assert np.mean([r["image_auroc"] for r in one]) >= 0.995, one
 
 
 def test_patchcore_threshold_from_its_own_bank_fits_no_copy(synth, monkeypatch):

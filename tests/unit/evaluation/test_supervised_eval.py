@@ -210,13 +210,14 @@ def test_pmf_and_protonet_through_the_real_store(synth_root, tmp_path):
 
 def test_pmf_takes_dino_vit_s_when_its_weights_can_be_had(monkeypatch):
     """P>M>F's paper backbone when available and nothing else was asked for; the store's otherwise."""
+    from fewshot_core.backbones import DEFAULT_BACKBONE
     from fewshot_core.methods import pmf
 
     monkeypatch.setattr(pmf, "paper_backbone_available", lambda: True)
-    assert pmf.default_backbone("tf_efficientnet_lite0") == "vit_small_patch16_224.dino"
-    assert pmf.default_backbone("tf_efficientnet_lite0", weights_given=True) == "tf_efficientnet_lite0"
+    assert pmf.default_backbone(DEFAULT_BACKBONE) == "vit_small_patch16_224.dino"
+    assert pmf.default_backbone(DEFAULT_BACKBONE, weights_given=True) == DEFAULT_BACKBONE
     assert pmf.default_backbone("resnet50") == "resnet50"  # fsad evaluate --backbone resnet50
     assert pmf.PMF(backbone="vit_small_patch16_224.dino").input_size == 224
     assert pmf.PMF(backbone="tf_efficientnet_lite0").input_size == 128
     monkeypatch.setattr(pmf, "paper_backbone_available", lambda: False)  # offline, not cached
-    assert pmf.default_backbone("tf_efficientnet_lite0") == "tf_efficientnet_lite0"
+    assert pmf.default_backbone(DEFAULT_BACKBONE) == DEFAULT_BACKBONE

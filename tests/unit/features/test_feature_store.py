@@ -24,6 +24,7 @@ from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 torch.set_num_threads(2)
 SIZE = 64
+LITE0 = "tf_efficientnet_lite0"  # its 152 dims and 1280 pooled are spelled out below
 # The store's own bookkeeping (image hash cache, lock files) is not partition data.
 BOOKKEEPING = {".file-hashes.json", ".locks"}
 
@@ -43,7 +44,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(dataset, tmp_path_factory):
     store = FeatureStore(tmp_path_factory.mktemp("store"))
-    part = store.build(dataset, FeatureSpec(image_size=SIZE),
+    part = store.build(dataset, FeatureSpec(LITE0, SIZE),
                        EmbedCompute(batch_size=4, num_workers=2, progress=False))
     return store, part
 
@@ -67,7 +68,7 @@ def test_build_writes_a_complete_partition_matching_direct_extraction(dataset, b
 
     # rows come back in the caller's order and equal an in-process forward pass on the same files
     ids = [dataset.records[3].image_id, dataset.records[0].image_id]
-    ext = create_extractor("tf_efficientnet_lite0")
+    ext = create_extractor(LITE0)
     batch = torch.stack([to_uint8_tensor(resize_image(load_rgb(dataset.by_id(i).path), SIZE)) for i in ids])
     patch, pooled = embed_batch(ext, batch, Normalize((0.5,) * 3, (0.5,) * 3))
     got = part.patch(ids)
@@ -84,7 +85,7 @@ def test_complete_partition_is_reused_without_a_forward_pass(dataset, built, mon
         raise AssertionError("the backbone was built although the partition exists")
 
     monkeypatch.setattr(store_mod, "create_extractor", no_forward)
-    again = store.build(dataset, FeatureSpec(image_size=SIZE),
+    again = store.build(dataset, FeatureSpec(LITE0, SIZE),
                         EmbedCompute(batch_size=4, num_workers=2, progress=False))
     assert again.cache_hit and again.key == part.key and again.path == part.path
     assert np.array_equal(again.patch(again.image_ids[:2]), part.patch(part.image_ids[:2]))
@@ -93,7 +94,7 @@ def test_complete_partition_is_reused_without_a_forward_pass(dataset, built, mon
 
 def test_key_changes_with_everything_that_changes_the_features(dataset, built):
     store, part = built
-    base = FeatureSpec(backbone="tf_efficientnet_lite0", image_size=SIZE, layers=None)
+    base = FeatureSpec(backbone=LITE0, image_size=SIZE, layers=None)
     assert store.key_for(dataset, base) == part.key
     assert store.key_for(dataset, replace(base, layers=(2, 3))) == part.key  # default spelled out
     others = {

@@ -22,6 +22,7 @@ from fewshot_core.features.store import EmbedCompute, FeatureSpec
 
 torch.set_num_threads(2)
 SIZE = 64
+LITE0 = "tf_efficientnet_lite0"  # the message below names its 152 dims
 OPTS = (FeatureSpec(image_size=SIZE), EmbedCompute(batch_size=4, num_workers=0, progress=False))
 
 
@@ -218,12 +219,12 @@ def test_patch_dim_larger_than_the_features_is_refused(data, tmp_path):
     root, category = data
     store = FeatureStore(tmp_path / "store")
     with pytest.raises(FsadError) as exc:
-        store.build(load_category(root, category), FeatureSpec(image_size=SIZE, patch_dim=153), OPTS[1])
+        store.build(load_category(root, category), FeatureSpec(LITE0, SIZE, patch_dim=153), OPTS[1])
     assert str(exc.value) == ("--patch-dim 153: larger than the 152 dims of tf_efficientnet_lite0 stages 2,3 "
                               "(it would only repeat values); use at most 152 or omit it")
     assert not (tmp_path / "store").exists()
     # the full width is allowed
-    part = store.build(load_category(root, category), FeatureSpec(image_size=SIZE, patch_dim=152), OPTS[1])
+    part = store.build(load_category(root, category), FeatureSpec(LITE0, SIZE, patch_dim=152), OPTS[1])
     assert part.patch_dim == 152
 
 

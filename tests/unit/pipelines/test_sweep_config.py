@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from fewshot_core.backbones import DEFAULT_BACKBONE
 from fewshot_core.errors import FsadError
 from pipelines.config import QUICK_LOOK_IMAGE_SIZE, STANDARD_IMAGE_SIZE, SweepConfig, load_config
 
@@ -157,7 +158,7 @@ def test_champion_criterion_and_full_data_model_are_sweep_keys(tmp_path):
     crit = ChampionCriterion(**cfg.champion)
     assert crit.key() == "supervised:balanced_accuracy@3"
     assert cfg.full_data == {"method": "knn", "params": {"k": 3}, "backbone": None}
-    assert cfg.full_data_backbone() == "tf_efficientnet_lite0"
+    assert cfg.full_data_backbone() == DEFAULT_BACKBONE  # the sweep's first backbone
     champion = next(a for a in build_definitions(cfg).assets if a.key.to_user_string() == "champion")
     assert "supervised:balanced_accuracy@3" in champion.descriptions_by_key[champion.key]
     _, off = _load(tmp_path, "full_data: null\n")
