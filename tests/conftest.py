@@ -13,6 +13,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_TRACKING_URI", "")  # each test that needs MLflow sets its own
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_put_back():
+    """A test that leaves the process's MLflow tracking URI changed (``mlflow.set_tracking_uri`` writes the
+    environment) points every later test of its worker at its store; on two workers which tests come later
+    changes from run to run. Fail the test that leaked it, not the one that followed."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    after = os.environ.get("MLFLOW_TRACKING_URI")
+    assert after == before, (f"the test left MLFLOW_TRACKING_URI={after!r} (was {before!r}); use "
+                             "fewshot_core.tracking.store.fluent_uri or monkeypatch.setenv")
+
+
 @pytest.fixture(scope="session")
 def mvtec_root():
     """Root of the real MVTec AD data (../shared/data/mvtec_ad or MVTEC_ROOT); skips where absent."""

