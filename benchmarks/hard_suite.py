@@ -73,7 +73,7 @@ class Lever(NamedTuple):
     layers: tuple | None = None  # backbone stages; None: the backbone's default stride-8 + stride-16 pair
     backbone: str = DEFAULT_BACKBONE
     aspect: str = "auto"  # the store's long side: the category's own aspect, or "square" (every image squashed)
-    options: dict = {}  # EpisodeOptions fields: config="auto", align="auto"
+    options: dict = {}  # EpisodeOptions fields: config="auto", align="auto" or "always"
 
 
 LITE0, LITE1, LITE2 = "tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"
@@ -119,7 +119,9 @@ LEVERS: dict[str, Lever] = {name: Lever(*value) for name, value in {
     # choosing its configuration, and registration (each image rotated and cropped to its part)
     "patchcore+aug+fg square": ("patchcore", FG, "images", None, None, DEFAULT_BACKBONE, "square"),
     "patchcore auto": ("patchcore", {}, "auto", None, None, DEFAULT_BACKBONE, "auto", {"config": "auto"}),
-    "patchcore align": ("patchcore", FG, "images", None, None, DEFAULT_BACKBONE, "auto", {"align": "auto"}),
+    "patchcore align": ("patchcore", FG, "images", None, None, DEFAULT_BACKBONE, "auto", {"align": "always"}),
+    "patchcore align auto": ("patchcore", FG, "images", None, None, DEFAULT_BACKBONE, "auto", {"align": "auto"}),
+    "patchcore+aug+fg unaligned": ("patchcore", FG, "images", None, None, DEFAULT_BACKBONE, "auto", {"align": "none"}),
     # transductive protocol (its own: scores the unlabeled test images against each other)
     "musc 0-shot": ("musc", {}, "none", None),
     "musc+shots": ("musc", {}, "none", None),
@@ -204,6 +206,9 @@ def run(levers, datasets, shots_list, seeds, store: FeatureStore, image_size: in
                        "fit_s": float(np.mean([r["fit_s"] for r in rows])),
                        "score_s": float(np.mean([r["score_s"] for r in rows])),
                        "wall_s": time.perf_counter() - t0, "bank": int(np.mean([r["bank_size"] for r in rows]))}
+                for choice in ("align", "config"):  # what an automatic lever chose, seed by seed
+                    if choice in rows[0]:
+                        res[choice + "_per_seed"] = [r[choice] for r in rows]
                 for m in METRICS:
                     if m in rows[0]:
                         res[m], res[m + "_ci"] = interval([r[m] for r in rows])

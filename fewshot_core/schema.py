@@ -134,7 +134,7 @@ DETAIL_COLUMNS: tuple[Column, ...] = (
     _detail("config", "one-class: default, or what config=auto chose"),
     _detail("config_scores", "one-class, config=auto: the candidates' scores"),
     _detail("config_reason", "one-class, config=auto: why it chose"),
-    _detail("align", "one-class: none, aligned or 'texture: not aligned'"),
+    _detail("align", "one-class: none, aligned, or why not ('texture', 'round part' or 'fixed pose: not aligned')"),
     _detail("bank_size", "one-class: memory-bank rows (trained detectors: their own count)"),
     _detail("threshold", "the decision threshold, on the method's score scale"),
     _detail("threshold_rule", "how the threshold was set, or why there is none"),

@@ -58,9 +58,11 @@ def register(subparsers) -> None:
                    help="auto: each episode picks its augmentation and object-centric scoring from its good "
                         "support images (synthetic anomalies in held-out shots; needs 2+ shots), recorded in "
                         "each row's config column")
-    g.add_argument("--align", choices=("none", "auto"), default="none",
-                   help="auto: rotate and crop every image to its part (axis upright, part filling the input) "
-                        "before embedding, from the support's foreground estimate; textures are left alone")
+    g.add_argument("--align", choices=("auto", "always", "none"), default="auto",
+                   help="rotate and crop each image to its part (axis upright, part filling the input) before "
+                        "embedding, from the support's foreground estimate; auto, the default: only when the "
+                        "support shows an elongated part at varying poses (round parts, fixed poses and textures "
+                        "stay as they are; each row's align column says which); always: every part")
     g.add_argument("--augment", choices=("auto", "none", "features", "images"), default="auto",
                    help="add flipped/rotated support images to the bank (images: re-embedded; features: grid "
                         "approximation; auto, the default: images for "

@@ -9,6 +9,14 @@ at the working shape, so the part fills the input at the same cost (zoom) in one
 Anomaly maps are warped back to the original frame (``to_original``), so pixel metrics compare with
 unaligned runs. Near-round parts (no clear axis) are only centred and cropped. Textures are left alone.
 
+``align="always"`` aligns every part. ``align="auto"`` decides from the support's poses alone
+(``pose_reason``): only an elongated part (``ELONGATED``) whose pose varies gains from registration; a round
+part has no axis (centring and cropping it only adds scale noise between images), and a part in a fixed
+pose must stay unaligned, since its pose or place is itself what a test image may get wrong (a misplaced
+or turned component). Two or more shots show the pose varying when their axes spread over more than
+``POSE_SPREAD``; one shot cannot, so a single part tilted off both image axes by more than ``TILT`` is
+taken as posed and an upright one as fixed.
+
 The axis has no sign: a part can arrive upside down, so aligned supports keep their half turn and flips
 as augmented views. Poses are rounded (``ANGLE_STEP``, ``GRID_STEP``) so an image aligned twice gets the
 same crop.
@@ -21,19 +29,24 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy import ndimage
 
+from fewshot_core.backbones.preprocess import to_uint8_tensor
 from fewshot_core.episode_cache import AlignedKey, EpisodeCache
 from fewshot_core.errors import FsadError
 from fewshot_core.evaluation.augment import embed_images, working_image
-from fewshot_core.methods.components.foreground import fit_foreground
+from fewshot_core.methods.components.foreground import Foreground, fit_foreground
 
 MARGIN = 0.2  # the crop's half side: the part's largest half extent times 1 + MARGIN
 ROUND_PART = 1.3  # principal variances closer than this ratio: no axis, centre and crop only
 ANGLE_STEP = 2.0  # degrees
 GRID_STEP = 1 / 64  # of the working side, for the centre and the half side
 MIN_HALF = 0.15  # of the working side: a tiny mask does not zoom in further than this
+ELONGATED = 2.0  # principal variance ratio from which align="auto" sees an axis worth turning to
+POSE_SPREAD = 10.0  # degrees: support axes further than this from their mean axis show a varying pose
+TILT = 5.0  # degrees off the nearest image axis: one support part lying this tilted is taken as posed
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,7 @@ class Pose:
     cy: float
     angle: float
     half: float
+    elongation: float = 1.0  # principal variance ratio of the mask (not part of the crop's key)
 
     def key(self) -> str:
         return f"{self.cx:.2f},{self.cy:.2f},{self.angle:.1f},{self.half:.2f}"
@@ -65,6 +79,7 @@ def pose_of(mask: np.ndarray, shape: tuple[int, int]) -> Pose:
     cx, cy = float(px.mean()), float(py.mean())
     cov = np.cov(np.stack([px - cx, py - cy])) if len(px) > 1 else np.eye(2)
     evals, evecs = np.linalg.eigh(cov)
+    elongation = float(evals[1] / max(evals[0], 1e-9))
     if evals[1] > ROUND_PART * max(evals[0], 1e-9):
         u = evecs[:, 1]
         proj = (px - cx) * u[0] + (py - cy) * u[1]
@@ -82,7 +97,28 @@ def pose_of(mask: np.ndarray, shape: tuple[int, int]) -> Pose:
     side = min(width, height)
     half = max((extent + cell) * (1 + MARGIN), MIN_HALF * side)
     step = GRID_STEP * side
-    return Pose(_snap(cx, step), _snap(cy, step), angle if angle != 0.0 else 0.0, _snap(half, step))
+    return Pose(_snap(cx, step), _snap(cy, step), angle if angle != 0.0 else 0.0, _snap(half, step),
+                round(elongation, 3))
+
+
+def _axis_offsets(angles: np.ndarray) -> np.ndarray:
+    """Each undirected axis's distance in degrees from the support's mean axis (axes averaged as doubled
+    angles, so 1 and 179 degrees are 2 apart)."""
+    doubled = np.radians(2 * angles)
+    mean = math.atan2(np.sin(doubled).mean(), np.cos(doubled).mean())
+    return np.degrees(np.abs(np.angle(np.exp(1j * (doubled - mean))))) / 2
+
+
+def pose_reason(support_poses: list[Pose]) -> str | None:
+    """Why ``align="auto"`` leaves this support's category unaligned, or None to align it (module docstring)."""
+    elongated = [p for p in support_poses if p.elongation >= ELONGATED]
+    if 2 * len(elongated) <= len(support_poses):
+        return "round part: not aligned"
+    angles = np.array([p.angle for p in elongated])
+    if len(elongated) == 1:
+        tilt = float(np.abs((angles[0] + 45) % 90 - 45))
+        return None if tilt > TILT else "fixed pose: not aligned"
+    return None if _axis_offsets(angles).max() > POSE_SPREAD else "fixed pose: not aligned"
 
 
 def _frame(pose: Pose, out_shape: tuple[int, int]):
@@ -135,8 +171,10 @@ class AlignedPartition:
 
     persist_views = False
 
-    def __init__(self, partition, dataset, poses: dict[str, Pose], cache: EpisodeCache):
+    def __init__(self, partition, dataset, poses: dict[str, Pose], cache: EpisodeCache,
+                 foreground: Foreground | None = None):
         self._partition, self._dataset, self.poses, self._cache = partition, dataset, poses, cache
+        self.foreground = foreground  # the estimate whose masks gave the poses (a deployed model's too)
         digest = hashlib.sha256("|".join(f"{i}:{p.key()}" for i, p in sorted(poses.items())).encode())
         self.meta = {**partition.meta, "key": f"{partition.meta['key']}-aligned-{digest.hexdigest()[:12]}"}
 
@@ -168,7 +206,30 @@ class AlignedPartition:
         return np.stack([self._cache[keys[i]] for i in ids])
 
 
-ALIGNS = ("none", "auto")
+def foreground_record(foreground: Foreground) -> dict:
+    """The part of a foreground estimate that poses need (``Foreground.mask``), as plain JSON for a
+    deployed model's record: nothing in it is executed or unpickled when it is read back."""
+    return {"mean": foreground.mean_.tolist(), "direction": foreground.direction_.tolist(),
+            "threshold": float(foreground.threshold_)}
+
+
+def foreground_from_record(record: dict) -> Foreground:
+    return Foreground.from_state({"fg_mean": np.asarray(record["mean"], np.float32),
+                                  "fg_direction": np.asarray(record["direction"], np.float32),
+                                  "fg_threshold": np.asarray([record["threshold"]], np.float32),
+                                  "fg_is_object": np.asarray([True])})
+
+
+def align_pixels(pixels, patch: np.ndarray, foreground: Foreground, shape: tuple[int, int]):
+    """A deployed model's images brought to their parts' frames as ``align_episode`` brought the
+    evaluation's: ``pixels`` uint8 [n, 3, H, W] at the working ``shape``, ``patch`` their features.
+    Returns (aligned uint8 pixels [n, 3, H, W], poses)."""
+    poses = [pose_of(m, shape) for m in foreground.mask(patch)]
+    images = [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
+    return torch.stack([to_uint8_tensor(aligned_image(img, pose, shape)) for img, pose in zip(images, poses)]), poses
+
+
+ALIGNS = ("none", "auto", "always")
 # an aligned part stands upright, heavier end first: the sign of its axis can still flip, and a part can
 # lie face down, so its views are the half turn and the flips; a quarter turn is a pose that never occurs
 ALIGNED_TRANSFORMS = ("hflip", "vflip", "rot180")
@@ -180,13 +241,20 @@ def check_align(align: str) -> str:
     return align
 
 
-def align_episode(dataset, partition, support_ids, query_ids, seed: int, cache: EpisodeCache):
-    """The ``AlignedPartition`` of an episode, its poses from a foreground estimate fitted on the
-    support's stored features alone; None when the support is a texture (nothing to align)."""
-    foreground = fit_foreground(partition.patch(list(support_ids)), "auto", seed)
+def align_episode(dataset, partition, support_ids, query_ids, seed: int, cache: EpisodeCache,
+                  align: str = "always") -> tuple[AlignedPartition | None, str]:
+    """The ``AlignedPartition`` of an episode and the row's ``align`` value: its poses from a foreground
+    estimate fitted on the support's stored features alone. None with the reason when the support is a
+    texture (nothing to align) or, under ``align="auto"``, when ``pose_reason`` keeps the part as it is."""
+    support = partition.patch(list(support_ids))
+    foreground = fit_foreground(support, "auto", seed)
     if not foreground.is_object_:
-        return None
+        return None, "texture: not aligned"
+    if align == "auto":
+        reason = pose_reason([pose_of(m, partition.input_shape) for m in foreground.mask(support)])
+        if reason is not None:
+            return None, reason
     ids = list(dict.fromkeys([*support_ids, *query_ids]))
     masks = foreground.mask(partition.patch(ids))
-    return AlignedPartition(partition, dataset, {i: pose_of(m, partition.input_shape) for i, m in zip(ids, masks)},
-                            cache)
+    poses = {i: pose_of(m, partition.input_shape) for i, m in zip(ids, masks)}
+    return AlignedPartition(partition, dataset, poses, cache, foreground), "aligned"

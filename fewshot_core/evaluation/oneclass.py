@@ -183,9 +183,10 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method, m
     already smoothed at image resolution), the support augmentation, how the decision threshold is set
     (default ``ThresholdConfig(seed=episode.seed)``), ``config="auto"`` (the support chooses the
     augmentation and scoring, ``evaluation/autoconfig.py``, over ``augment`` and ``method_params``; the row
-    records the choice: ``config``, ``config_scores``, ``config_reason``) and ``align="auto"`` (every image
-    rotated and cropped to its part, ``evaluation/aligned.py``; the row's ``align`` says whether it did:
-    textures are not aligned; maps are warped back to the original frame for the pixel metrics).
+    records the choice: ``config``, ``config_scores``, ``config_reason``) and ``align`` ("always": every
+    image rotated and cropped to its part, ``evaluation/aligned.py``; "auto": only a posed elongated part,
+    as the support shows it; the row's ``align`` says whether it did and why not: textures, round parts
+    and fixed poses are not aligned; maps are warped back to the original frame for the pixel metrics).
     ``context`` (``EvalContext``): the runtime and the cache shared across episodes.
     """
     entry = registry.get(method, protocol=registry.ONECLASS)
@@ -211,9 +212,10 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method, m
     model = registry.create(entry, runtime=runtime, **params)
     shape = mask_shape(opts.mask_size, partition, model.input_size)
     to_image = lambda batch, ids: model.anomaly_maps(batch, shape, sigma)  # noqa: E731
-    aligned = None
-    if check_align(align) == "auto" and not on_images:
-        aligned = align_episode(dataset, partition, episode.support_ids, episode.query_ids, params["seed"], cache)
+    aligned, aligned_as = None, "none"
+    if check_align(align) != "none" and not on_images:
+        aligned, aligned_as = align_episode(dataset, partition, episode.support_ids, episode.query_ids,
+                                            params["seed"], cache, align)
     if aligned is not None:
         augment_transforms = aligned.transforms(episode.support_ids, augment_transforms)
         partition, working = aligned, aligned.input_shape
@@ -255,14 +257,14 @@ def run_oneclass_episode(dataset, partition, episode: OneClassEpisode, method, m
         **episode_identity(dataset, episode, entry.name, model.get_params(), backbone, partition_key, len(query_ids),
                            augment, shape),
         **chosen,
-        "align": "none" if align == "none" else ("aligned" if aligned is not None else "texture: not aligned"),
+        "align": aligned_as,
         **metrics,
         "bank_size": model.bank_size,
         "fit_s": round(fit_s, 4),
         "score_s": round(score_s, 4),
         **(_trained_fields(model) if on_images else {}),
     }
-    return OneClassResult(row, model, query_ids, labels, scores, patch_maps, to_image, cut, shape)
+    return OneClassResult(row, model, query_ids, labels, scores, patch_maps, to_image, cut, shape, aligned)
 
 
 def content_keys(partition, ids: Sequence[str]) -> list[str] | None:

@@ -33,7 +33,8 @@ class EpisodeOptions:
     the support augmentation (``support_views.resolve_augment``). ``sigma``: the map smoothing in pixels
     (None: the detector's own ``map_sigma``). ``threshold``: how the decision threshold is set (None:
     ``ThresholdConfig(seed=episode.seed)``). ``config="auto"``: the support chooses the augmentation and
-    scoring; ``align="auto"``: parts are aligned before embedding. The transductive protocol reads
+    scoring; ``align``: parts aligned before embedding ("auto", the default: posed elongated parts only, as the
+    support shows them; "always"; "none"). The transductive protocol reads
     ``mask_size`` and ``sigma`` only."""
 
     mask_size: int | tuple[int, int] | None = None
@@ -42,7 +43,7 @@ class EpisodeOptions:
     sigma: float | None = None
     threshold: ThresholdConfig | None = None
     config: str = "default"
-    align: str = "none"
+    align: str = AUTO
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ class OneClassResult:
     image_maps: Callable[[np.ndarray, Sequence[str]], np.ndarray]  # (maps, query ids) -> maps at the mask shape
     threshold: Any = None  # evaluation.threshold.Threshold from the good support; None: not computed
     shape: tuple | None = None  # (h, w) the maps and masks were compared at
+    partition: Any = None  # an aligned episode's own features, what its model was fitted on (None: the store's)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ class SettingResult:
     artifacts: dict = field(default_factory=dict)
     episode: object = None
     model: object = None  # the fitted method (for fewshot_core.models.publish_model)
+    partition: object = None  # the features it was fitted on, where they are not the store's (aligned parts)
     threshold: object = None  # one-class: its decision threshold (evaluation.threshold.Threshold)
 
     @property
@@ -114,7 +115,8 @@ def _scored(dataset, episode, res, title: str) -> SettingResult:
     artifacts["episode.json"] = json.dumps({"episode_id": episode.episode_id, "support_ids": episode.support_ids,
                                             "query_ids": query_ids, "labels": labels.tolist(),
                                             "scores": [float(s) for s in scores]}, indent=1)
-    return SettingResult(res.row, artifacts, episode, model=res.model, threshold=res.threshold)
+    return SettingResult(res.row, artifacts, episode, model=res.model, threshold=res.threshold,
+                         partition=getattr(res, "partition", None))
 
 
 def _supervised(episode, res, title: str) -> SettingResult:

@@ -25,7 +25,7 @@ from fewshot_core.methods import registry
 from fewshot_core.schema import Protocol
 
 # the one-class options this protocol has no use for, with the values that leave them idle
-UNUSED_OPTIONS = {"augment": (AUTO, "none"), "config": ("default",), "align": ("none",), "threshold": (None,)}
+UNUSED_OPTIONS = {"augment": (AUTO, "none"), "config": ("default",), "align": (AUTO, "none"), "threshold": (None,)}
 
 
 def transductive_episode(dataset, shots: int, seed: int) -> OneClassEpisode:

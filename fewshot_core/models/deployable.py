@@ -26,6 +26,7 @@ from scipy.special import logsumexp
 from fewshot_core.backbones import build_transform
 from fewshot_core.data.imageio import load_rgb
 from fewshot_core.errors import FsadError
+from fewshot_core.evaluation.aligned import align_pixels, foreground_from_record, foreground_record, to_original
 from fewshot_core.evaluation.threshold import Threshold
 from fewshot_core.methods.base import Detector
 from fewshot_core.methods.components.persistence import MANIFEST, load_model, read_manifest
@@ -58,13 +59,16 @@ class ModelInputs:
     featurizer: FeaturizerSpec | None = None
     image_size: int | None = None
     pixels: dict | None = None
+    align: dict | None = None  # fitted on aligned parts: the foreground estimate that poses new images
 
     @classmethod
     def of(cls, model, protocol: str, partition=None) -> "ModelInputs":
         """The inputs of fitted ``model``: its own ``input_size`` (and, fine-tuned under the supervised
         protocol, its ``backbone_name``) for a method that reads images, else the partition's featurizer."""
         if model.input_kind != registry.IMAGES:
-            return cls(featurizer=FeaturizerSpec.from_partition(partition) if partition is not None else None)
+            foreground = getattr(partition, "foreground", None)  # an aligned episode's partition
+            return cls(featurizer=FeaturizerSpec.from_partition(partition) if partition is not None else None,
+                       align={"foreground": foreground_record(foreground)} if foreground is not None else None)
         pixels = {"backbone": model.backbone_name} if protocol == registry.SUPERVISED else None
         return cls(image_size=int(model.input_size), pixels=pixels)
 
@@ -82,7 +86,7 @@ def save_deployable(model, folder, provenance: Provenance, inputs: ModelInputs, 
         "image_size": int(inputs.image_size if inputs.image_size is not None else inputs.featurizer.image_size),
         "threshold": threshold.to_dict() if threshold is not None else None,
         "dataset": provenance.dataset, "code_version": code_version(), "git_commit": git_commit(),
-        "pixels": dict(inputs.pixels) if inputs.pixels else None, **(extra or {}),
+        "pixels": dict(inputs.pixels) if inputs.pixels else None, "align": inputs.align, **(extra or {}),
     }
     return model.save(folder, extra={DEPLOY: deploy})
 
@@ -119,6 +123,8 @@ class DeployedModel:
         self.image_size = int(self.record["image_size"])
         spec = self.record.get("featurizer")
         self.featurizer = Featurizer(FeaturizerSpec.from_dict(spec), device=device) if spec else None
+        align = self.record.get("align")
+        self.poser = foreground_from_record(align["foreground"]) if align else None
         self._transform = None
 
     @property
@@ -141,20 +147,26 @@ class DeployedModel:
         return self.featurizer.pixels(list(images))
 
     def _inputs(self, images: Sequence, prepared=None):
-        """The method's inputs for one batch: patch features, global embeddings or pixels [n, 3, S, S]."""
+        """The method's inputs for one batch (patch features, global embeddings or pixels [n, 3, S, S]) and,
+        for a model fitted on aligned parts, each image's pose (else None)."""
         prepared = self.prepare(images) if prepared is None else prepared
         kind = self.record.get("input_kind", "patches")
         if kind == "images":
-            return prepared
+            return prepared, None
+        patch, pooled = self._embed(images, prepared)
+        poses = None
+        if self.poser is not None:  # posed from its own features, then embedded in its part's frame
+            prepared, poses = align_pixels(prepared, patch, self.poser, self.featurizer.spec.shape)
+            patch, pooled = self._embed(images, prepared)
+        return (patch if kind == "patches" else pooled), poses
+
+    def _embed(self, images: Sequence, prepared):
         # A lone image is embedded beside a copy of itself: CPU kernels pick another algorithm for a batch
         # of one, whose float16-rounded features differ in a few last digits from the store's batches.
-
         pad = len(images) == 1
         patch, pooled = self.featurizer(list(images) * 2 if pad else list(images),
                                         batch=torch.cat([prepared, prepared]) if pad else prepared)
-        if pad:
-            patch, pooled = patch[:1], pooled[:1]
-        return patch if kind == "patches" else pooled
+        return (patch[:1], pooled[:1]) if pad else (patch, pooled)
 
     def _normalised(self, images: Sequence):
         """Pixels as the evaluation fed them: decoded, resized and normalised for the record's backbone."""
@@ -168,13 +180,15 @@ class DeployedModel:
         what ``prepare(images)`` returned for them, if it ran already."""
         if not len(images):
             raise FsadError("no images to score")
-        x = self._inputs(images, prepared)
+        x, poses = self._inputs(images, prepared)
         if self.is_detector:
             scores, raw = self.method.score(x)
             scores = np.asarray(scores, dtype=np.float64)
             decided = self.threshold.decide(scores) if self.threshold is not None else None
             shape = self.featurizer.spec.shape if self.featurizer is not None else self.image_size
             amap = self.method.anomaly_maps(raw, shape) if maps else None
+            if amap is not None and poses is not None:  # back to each image's own frame
+                amap = to_original(amap, poses, shape, shape)
             return Scores(scores, [None] * len(scores) if decided is None else [bool(d) for d in decided],
                           self.threshold.value if self.threshold is not None and self.threshold.usable else None,
                           anomaly_map=amap)

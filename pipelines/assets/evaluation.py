@@ -202,9 +202,11 @@ def _record(context, log: _Tracking, where: _Partition, ds, part, result) -> dic
                                     tags, artifacts, stage=context.run.tags.get("fsad/stage")
                                     or context.asset_key.to_user_string())
     image_method = spec.entry.input_kind == registry.IMAGES
+    fitted_on = part if result.partition is None else result.partition  # an aligned episode's own features
     published = publish_model(ModelRun(tracker, run_id, tags, f"{spec.id}-{p['category']}-{setting.key}"), ds,
                               result.model, episode.support_ids, setting.protocol,
-                              partition=None if image_method else part, threshold=result.threshold)
+                              partition=None if image_method else fitted_on,
+                              threshold=result.threshold)
     shown = schema.SHOWN[schema.Protocol(setting.protocol)]
     context.log.info(f"{spec.id} {p['key']}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k in shown))
     identity = {"method": spec.id, "method_name": spec.method, "backbone": backbone, "category": p["category"],

@@ -15,6 +15,7 @@ BOTTLE_SIZE = 128
 FAST: dict = {"foreground": "none"}  # recorded before object-centric scoring became the default
 TRAINED = {"image_size": 64}
 BACKBONE = "tf_efficientnet_lite0"  # recorded with it, the default before Lite2
+ALIGN = "none"  # recorded before align="auto" became the default: the rows guard the methods, unaligned
 
 CASES: dict[str, dict] = {}
 
@@ -118,9 +119,11 @@ def run_case(name: str, env: GoldenEnv) -> list[dict]:
 
             runtime = Runtime(device="cpu", threads=1, progress=False, artifact_dir=None)
             return evaluate_oneclass(ds, None, spec["method"], spec["shots"], spec["seeds"], params,
-                                     options=EpisodeOptions(mask_size=size), context=EvalContext(runtime=runtime))
+                                     options=EpisodeOptions(mask_size=size, align=ALIGN),
+                                     context=EvalContext(runtime=runtime))
         return evaluate_oneclass(ds, env.partition(ds, size), spec["method"], spec["shots"], spec["seeds"], params,
-                                 options=EpisodeOptions(mask_size=size, augment=spec.get("augment", "none")))
+                                 options=EpisodeOptions(mask_size=size, augment=spec.get("augment", "none"),
+                                                        align=ALIGN))
     from fewshot_core.evaluation.meta_pool import pool_from_partitions
     from fewshot_core.evaluation.supervised import evaluate_supervised
     from fewshot_core.runtime import Runtime

@@ -75,7 +75,8 @@ def test_issue_23_levers_name_the_store_aspect_and_protocol_options(suite):
         assert set(lever.options) <= keywords, name
     assert suite.LEVERS["patchcore+aug+fg square"].aspect == "square"
     assert suite.LEVERS["patchcore auto"].options == {"config": "auto"}
-    assert suite.LEVERS["patchcore align"].options == {"align": "auto"}
+    assert suite.LEVERS["patchcore align"].options == {"align": "always"}
+    assert suite.LEVERS["patchcore align auto"].options == {"align": "auto"}
 
 
 def test_rows_keep_each_seeds_value_for_paired_comparisons(suite, tmp_path):

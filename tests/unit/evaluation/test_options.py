@@ -33,7 +33,7 @@ def test_the_groups_are_frozen_and_a_context_always_has_a_cache():
 
 
 @pytest.mark.parametrize("options", [EpisodeOptions(augment="images"), EpisodeOptions(config="auto"),
-                                     EpisodeOptions(align="auto"), EpisodeOptions(threshold=ThresholdConfig())])
+                                     EpisodeOptions(align="always"), EpisodeOptions(threshold=ThresholdConfig())])
 def test_the_transductive_protocol_refuses_one_class_only_options(options):
     episode = SimpleNamespace(support_ids=(), query_ids=("c",), seed=0)
     with pytest.raises(FsadError, match="one-class only") as exc:
