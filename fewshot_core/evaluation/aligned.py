@@ -51,17 +51,19 @@ TILT = 5.0  # degrees off the nearest image axis: one support part lying this ti
 
 @dataclass(frozen=True)
 class Pose:
-    """Where an image's part is, in working-image pixels: centre, axis angle (degrees from the x axis;
-    0 for a round part) and the half side of its square crop."""
+    """Where an image's part is, in working-image pixels: centre, axis angle (degrees from the x axis)
+    and the half side of its square crop; a round part has no axis (``has_axis``: only centred and
+    cropped, never turned; an elongated part lying at 0 degrees is still turned upright)."""
 
     cx: float
     cy: float
     angle: float
     half: float
     elongation: float = 1.0  # principal variance ratio of the mask (not part of the crop's key)
+    has_axis: bool = True
 
     def key(self) -> str:
-        return f"{self.cx:.2f},{self.cy:.2f},{self.angle:.1f},{self.half:.2f}"
+        return f"{self.cx:.2f},{self.cy:.2f},{self.angle:.1f}{'' if self.has_axis else 'r'},{self.half:.2f}"
 
 
 def _snap(value: float, step: float) -> float:
@@ -74,13 +76,14 @@ def pose_of(mask: np.ndarray, shape: tuple[int, int]) -> Pose:
     gh, gw = mask.shape
     ys, xs = np.nonzero(mask)
     if not len(ys):
-        return Pose(width / 2, height / 2, 0.0, max(width, height) / 2)
+        return Pose(width / 2, height / 2, 0.0, max(width, height) / 2, has_axis=False)
     px, py = (xs + 0.5) * width / gw, (ys + 0.5) * height / gh
     cx, cy = float(px.mean()), float(py.mean())
     cov = np.cov(np.stack([px - cx, py - cy])) if len(px) > 1 else np.eye(2)
     evals, evecs = np.linalg.eigh(cov)
     elongation = float(evals[1] / max(evals[0], 1e-9))
-    if evals[1] > ROUND_PART * max(evals[0], 1e-9):
+    has_axis = bool(evals[1] > ROUND_PART * max(evals[0], 1e-9))
+    if has_axis:
         u = evecs[:, 1]
         proj = (px - cx) * u[0] + (py - cy) * u[1]
         # point the axis at the heavier end (the mass sits where the skew's long tail is not), so an
@@ -98,7 +101,7 @@ def pose_of(mask: np.ndarray, shape: tuple[int, int]) -> Pose:
     half = max((extent + cell) * (1 + MARGIN), MIN_HALF * side)
     step = GRID_STEP * side
     return Pose(_snap(cx, step), _snap(cy, step), angle if angle != 0.0 else 0.0, _snap(half, step),
-                round(elongation, 3))
+                round(elongation, 3), has_axis)
 
 
 def _axis_offsets(angles: np.ndarray) -> np.ndarray:
@@ -126,7 +129,7 @@ def _frame(pose: Pose, out_shape: tuple[int, int]):
     part's axis ``u`` runs down the output's vertical."""
     oh, ow = out_shape
     scale = pose.half / (min(oh, ow) / 2)
-    if pose.angle == 0.0:  # a round part: no rotation, only centre and crop
+    if not pose.has_axis:  # a round part: no rotation, only centre and crop
         u, v = np.array([0.0, 1.0]), np.array([1.0, 0.0])
     else:
         a = math.radians(pose.angle)
@@ -188,7 +191,7 @@ class AlignedPartition:
     def transforms(self, support_ids, default) -> tuple[str, ...]:
         """The support's augmented views: the half turn and flips once its parts stand upright; the
         ``default`` (quarter turns too) while most are round, so only centred and never turned."""
-        upright = sum(self.poses[i].angle != 0.0 for i in support_ids)
+        upright = sum(self.poses[i].has_axis for i in support_ids)
         return ALIGNED_TRANSFORMS if 2 * upright > len(support_ids) else tuple(default)
 
     def image(self, image_id: str) -> Image.Image:
