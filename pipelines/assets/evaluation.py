@@ -188,7 +188,8 @@ def _record(context, log: _Tracking, where: _Partition, ds, part, result) -> dic
               "label_mode": setting.label_mode or "", "seed": setting.seed, "image_size": part.image_size,
               "feature_key": part.key, "weights_random": part.is_random, "episode_id": lib_row.get("episode_id"),
               "method_params": lib_row.get("params", "{}"), "n_support": len(episode.support_ids),
-              "n_query": len(episode.query_ids), "meta_pool": lib_row.get("meta_pool", "")}
+              "n_query": len(episode.query_ids), "meta_pool": lib_row.get("meta_pool", ""),
+              "align": lib_row.get("align", "")}  # what registration decided from the support (one-class)
     tags = {**MlflowTracking.step_tags(context, p["key"]), "fsad.setting": setting.key, "fsad.method": spec.id,
             "fsad.category": p["category"]}
     # a model logged as an MLflow Model is stored there once, not again among the run's plain artifacts
