@@ -149,7 +149,7 @@ DETAIL_COLUMNS: tuple[Column, ...] = (
     _detail("dataset_digest", "table: the MLflow dataset the model was fitted on"),
 )
 # Episode-row columns the benchmark table copies as they are.
-CARRIED = ("confusion", "threshold", "threshold_rule", "threshold_fpr_bound")
+CARRIED = ("confusion", "threshold", "threshold_rule", "threshold_fpr_bound", "align")
 
 IDENTITY: tuple[str, ...] = tuple(c.name for c in IDENTITY_COLUMNS)
 GROUP: tuple[str, ...] = tuple(c.name for c in IDENTITY_COLUMNS if c.group)

@@ -202,6 +202,7 @@ def test_mlflow_holds_one_nested_run_per_evaluation_partition(sweep):
     row = table[(table["method"] == "patchcore") & (table["setting_key"] == "oc-k2-s1")].iloc[0]
     assert tracker.client.get_run(row["mlflow_run_id"]).data.metrics["image_auroc"] == pytest.approx(row["image_auroc"])
     assert row["model_uri"] == tracker.client.get_run(row["mlflow_run_id"]).data.tags["fsad.model_uri"]
+    assert row["align"] == tracker.client.get_run(row["mlflow_run_id"]).data.params["align"]  # the table says it too
     # after the report: the best one-class method at 2 shots is the category's champion
     champion = tracker.client.get_model_version_by_alias("fsad-synth_fabric", "champion")
     assert champion.tags["fsad.shots"] == "2" and champion.tags["fsad.method"] in ("patchcore", "knn")
