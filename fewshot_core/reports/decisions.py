@@ -93,7 +93,7 @@ PROTOCOL_LABEL = {Protocol.ONECLASS: "One-class: k good images, the whole test s
 
 def _decision_table(rows: pd.DataFrame, agg: pd.DataFrame) -> str:
     """One row per method × setting: times first, then the ranking and decision metrics; the threshold
-    rule sits under the support (full text on hover)."""
+    rule sits under the support (full text on hover), and whether the parts were registered."""
     metrics = [(m, label) for m, label in DECISION_METRICS if f"{m}_mean" in agg]
     head = "".join(f'<th class="l">{h}</th>' for h in ("category", "method", "support · threshold", N_HEAD))
     head += "<th>time per image, end to end (ms)</th><th>fit (s)</th>"
@@ -103,8 +103,9 @@ def _decision_table(rows: pd.DataFrame, agg: pd.DataFrame) -> str:
         support = support_label(rec) + (" (defect types)" if rec.get("label_mode") == "multiclass" else "")
         rule = _rule(rows, rec)
         cells = "".join(f'<td class="l">{esc(v)}</td>' for v in (rec["category"], rec["method"]))
+        registered = _registered(rows, rec)
         cells += (f'<td class="l">{esc(support)}<br><span class=n title="{esc(rule)}">{esc(rule.split(":")[0])}'
-                  "</span></td>")
+                  f"</span>{f'<br><span class=n>{esc(registered)}</span>' if registered else ''}</td>")
         cells += f'<td class="l n">{esc(_n(rec))}</td>'
         cells += f"<td>{_ms(rec)}</td><td>{_f(rec.get('fit_seconds_mean', math.nan), 2)}</td>"
         cells += "".join(cell(rec, m, n_line=False) for m, _ in metrics)
@@ -126,6 +127,16 @@ def _rule(rows: pd.DataFrame, rec) -> str:
         return ""
     mine = rows[rows["mlflow_run_id"].isin(str(rec["run_ids"]).split())]["threshold_rule"].dropna()
     return str(mine.iloc[0]) if len(mine) else ""
+
+
+def _registered(rows: pd.DataFrame, rec) -> str:
+    """``parts registered in 2 of 3 seeds`` where the support's poses had the images aligned (``align``);
+    empty where no seed was, so unaligned rows stay as they were."""
+    if "align" not in rows or not rec.get("run_ids"):
+        return ""
+    mine = rows[rows["mlflow_run_id"].isin(str(rec["run_ids"]).split())]["align"]
+    aligned = int((mine == "aligned").sum())
+    return f"parts registered in {aligned} of {len(mine)} seeds" if aligned else ""
 
 
 def _decisions_takeaway(agg: pd.DataFrame, types: list[str]) -> str:

@@ -111,3 +111,15 @@ def test_time_per_image_from_the_store_build_record(tmp_path):
     assert (trained["embed_ms_per_image"] == 0).all()
     assert "its own network, inside scoring" in _section(_text(trained), "decisions")
     assert "cores usable" in machine() and "GPU: " in machine()
+
+
+def test_decision_rows_say_where_the_parts_were_registered():
+    rows = add_timings(sweep_rows(), RATES)
+    rows["align"] = "round part: not aligned"
+    knn4 = (rows["method"] == "knn") & (rows["shots"] == 4)
+    rows.loc[knn4 & (rows["seed"] == 0), "align"] = "aligned"
+    dec = _section(_text(rows), "decisions")
+    assert dec.count("parts registered in") == 1 and "parts registered in 1 of 2 seeds" in dec
+    knn_row = [tr for tr in dec.split("<tr>") if "parts registered" in tr][0]
+    assert ">knn<" in knn_row and "4 good" in knn_row
+    assert "parts registered" not in _section(_text(add_timings(sweep_rows(), RATES)), "decisions")  # no column
