@@ -14,6 +14,8 @@ Datasets (derived into a cache folder in MVTec layout, never into the repository
   images are held out to make them.
 * ``magnetic_tile``: Magnetic Tile Defects (real grey surface images, JPEG, non-square, small and thin
   defects, masks; ``--mtd-root``, default ``MTD_ROOT`` or ``../shared/data/mtd``), read as it is.
+* ``mtd_parts``: MTD's elongated images (aspect >= 1.6) as parts on a plain background at any pose
+  (``derived.part_copy``): a posed elongated part with real texture and real defects.
 * ``mtd_tall``: each MTD image as one panel of a 1 : 3 strip of good images (``derived.tall_copy``): a
   tall category whose thin defects a square resize squashes (MTD's own images vary in aspect around 1).
 * ``bottle``: the real category itself, so no default is tuned on the hard data alone.
@@ -44,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fewshot_core.data import load_dataset  # noqa: E402
 from fewshot_core.episode_cache import EpisodeCache  # noqa: E402
 from fewshot_core.backbones.models import DEFAULT_BACKBONE  # noqa: E402
-from fewshot_core.data.derived import logical_copy, posed_copy, small_defect_copy, tall_copy  # noqa: E402
+from fewshot_core.data.derived import logical_copy, part_copy, posed_copy, small_defect_copy, tall_copy  # noqa: E402
 from fewshot_core.data.synth import generate  # noqa: E402
 from fewshot_core.evaluation.oneclass import evaluate_oneclass  # noqa: E402
 from fewshot_core.evaluation.transductive import evaluate_transductive  # noqa: E402
@@ -56,7 +58,7 @@ from fewshot_core.evaluation.options import EpisodeOptions, EvalContext  # noqa:
 from fewshot_core.features.store import EmbedCompute, FeatureSpec  # noqa: E402
 
 DATASETS = ("bottle_posed", "bottle_small", "synth_screw", "bottle_logical", "magnetic_tile", "mtd_tall",
-            "synth_capsule", "bottle")
+            "synth_capsule", "mtd_parts", "bottle")
 HARD = DATASETS[:-1]
 NEEDS_MVTEC = {"bottle_posed", "bottle_small", "bottle_logical", "bottle"}
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -145,12 +147,14 @@ def prepare(cache: Path, mvtec_root: Path | None, seed: int = 0, mtd_root: Path 
             out["bottle_small"] = load_dataset(cache, small_defect_copy(bottle, cache, size=512).name)
         if "bottle_logical" in wanted:
             out["bottle_logical"] = load_dataset(cache, logical_copy(bottle, cache, seed=seed, size=512).name)
-    if mtd_root is not None and {"magnetic_tile", "mtd_tall"} & set(wanted):
+    if mtd_root is not None and {"magnetic_tile", "mtd_tall", "mtd_parts"} & set(wanted):
         mtd = load_dataset(mtd_root, "magnetic_tile")
         if "magnetic_tile" in wanted:
             out["magnetic_tile"] = mtd
         if "mtd_tall" in wanted:
             out["mtd_tall"] = load_dataset(cache, tall_copy(mtd, cache, seed=seed).name)
+        if "mtd_parts" in wanted:
+            out["mtd_parts"] = load_dataset(cache, part_copy(mtd, cache, seed=seed).name)
     for kind, folder in (("screw", "synth"), ("capsule", "synth_capsule")):
         if f"synth_{kind}" in wanted:
             (name,) = generate(cache / folder, seed=seed, size=256, n_train=24, n_test_good=16, n_test_per_defect=8,

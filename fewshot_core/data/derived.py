@@ -6,6 +6,11 @@
   one whose parts lie at random poses, as screws and nuts do on a conveyor.
 * ``tall_copy``: each image as one panel of a tall strip of good images (aspect 1 : panels), its mask in
   its panel: a non-square category whose thin defects a square resize squashes.
+* ``part_copy``: the elongated images of a surface category (aspect at least ``min_aspect``) as parts
+  on a plain background at any pose: each image kept at its aspect, its long side ``part_scale`` of the
+  canvas, then rotated by any angle, shifted and scaled like ``posed_copy``; its real defects and masks
+  come along. A posed elongated part with real texture and real defects (a bar, a pin), where the
+  generator's screw is the only other.
 * ``small_defect_copy``: the good images and only the defect images whose mask covers at most
   ``max_area`` of the image, so image-level detection hinges on a few patches.
 * ``logical_copy``: logical anomalies of a fixed-pose part on a plain background. Every image is first
@@ -143,6 +148,51 @@ def posed_copy(dataset, out_root, name: str | None = None, seed: int = 0, size: 
             _save(img, tmp / rel)
             if m is not None:
                 _save(m, tmp / "ground_truth" / rel.parent.name / _mask_name(dataset, rec))
+
+    return _build(Path(out_root) / name, record, write)
+
+
+def _aspect(rec) -> float:
+    with Image.open(rec.path) as img:
+        return max(img.size) / min(img.size)
+
+
+def part_copy(dataset, out_root, name: str | None = None, seed: int = 0, size: int = 384, min_aspect: float = 1.6,
+              part_scale: float = 0.7, background: int = 24) -> Path:
+    """Write ``out_root/<name>`` (default ``<category>_parts``): the images of ``dataset`` whose aspect is at
+    least ``min_aspect`` (module docstring), each on a ``size`` px canvas of grey ``background`` at its
+    own seeded pose (``pose_for``); masks follow exactly."""
+    name = name or f"{dataset.category}_parts"
+    record = {"version": DERIVED_VERSION, "kind": "parts", "source": str(Path(dataset.root) / dataset.category),
+              "fingerprint": _fingerprint(dataset), "seed": int(seed), "size": int(size),
+              "min_aspect": float(min_aspect), "part_scale": float(part_scale), "background": int(background)}
+    kept = [r for r in dataset.records if _aspect(r) >= min_aspect]
+    if not any(r.split == "train" for r in kept) or not any(r.label == 1 for r in kept):
+        raise FsadError(f"{dataset.root}/{dataset.category}: too few images with aspect >= {min_aspect} for "
+                        "part_copy (it needs good training images and defect images); lower min_aspect")
+    fill = (background,) * 3
+
+    def place(img: Image.Image, resample, colour):
+        w, h = img.size
+        k = part_scale * size / max(w, h)
+        part = img.resize((max(1, round(w * k)), max(1, round(h * k))), resample)
+        canvas = Image.new(img.mode, (size, size), colour)
+        canvas.paste(part, ((size - part.width) // 2, (size - part.height) // 2))
+        return canvas
+
+    def write(tmp: Path) -> None:
+        for rec in kept:
+            pose = pose_for(seed, rec.image_id, 0.08, (0.9, 1.1))
+            coeffs = _affine(pose, size)
+            img = place(load_rgb(rec.path).convert("RGB"), Image.Resampling.BILINEAR, fill)
+            img = img.transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor=fill)
+            rel = _relative(dataset, rec)
+            _save(img, tmp / rel)
+            if rec.mask_path is not None:
+                m = place(Image.open(rec.mask_path).convert("L"), Image.Resampling.NEAREST, 0)
+                m = m.transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.NEAREST, fillcolor=0)
+                _save(m.point(lambda v: 255 if v >= 128 else 0), tmp / "ground_truth" / rel.parent.name /
+                      _mask_name(dataset, rec))
 
     return _build(Path(out_root) / name, record, write)
 

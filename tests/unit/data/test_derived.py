@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from fewshot_core.data import load_dataset
-from fewshot_core.data.derived import (LOGICAL_KINDS, RECORD, framed, logical_copy, mask_area, pose_for, posed_copy,
-                                       small_defect_copy, transform_pair)
+from fewshot_core.data.derived import (LOGICAL_KINDS, RECORD, framed, logical_copy, mask_area, part_copy, pose_for,
+                                       posed_copy, small_defect_copy, transform_pair)
 from fewshot_core.errors import FsadError
 
 
@@ -155,3 +155,42 @@ def test_tall_copy_stacks_each_image_into_a_strip_with_its_mask_in_its_panel(syn
     mask = load_mask(defect.mask_path)
     rows = np.nonzero(mask.any(axis=1))[0]
     assert mask.any() and rows.max() // 32 == rows.min() // 32  # the whole defect inside one panel
+
+
+def _strips(root):
+    """A surface category whose images are 96 x 32 strips (and one square), the defect a bright square."""
+    cat = root / "strip"
+    rng = np.random.default_rng(1)
+    for split, defect, stem, shape in (("train", "good", "000", (32, 96)), ("train", "good", "001", (32, 96)),
+                                       ("train", "good", "002", (64, 64)), ("test", "good", "000", (32, 96)),
+                                       ("test", "dent", "000", (32, 96))):
+        arr = rng.integers(90, 140, (*shape, 3), dtype=np.uint8)
+        if defect == "dent":
+            arr[10:20, 60:70] = 255
+            m = np.zeros(shape, np.uint8)
+            m[10:20, 60:70] = 255
+            (cat / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(m).save(cat / "ground_truth" / defect / f"{stem}_mask.png")
+        (cat / split / defect).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(cat / split / defect / f"{stem}.png")
+    return load_dataset(root, "strip")
+
+
+def test_part_copy_poses_the_elongated_images_as_parts_with_their_masks(tmp_path):
+    ds = _strips(tmp_path / "src")
+    out = part_copy(ds, tmp_path / "cache", seed=2, size=128)
+    parts = load_dataset(tmp_path / "cache", out.name)
+    assert out.name == "strip_parts" and len(parts.train_good()) == 2 and len(parts.test()) == 2  # the square left
+    (dent,) = [r for r in parts.records if r.label == 1]
+    img = np.asarray(Image.open(dent.path).convert("L")).astype(int)
+    mask = np.asarray(Image.open(dent.mask_path)) > 0
+    assert mask.any() and img[mask].mean() > 200  # the defect moved with its part
+    part = img > 60  # the strip, against the plain background (24)
+    assert 0.1 < part.mean() < 0.5 and img[~part].max() <= 60
+    ys, xs = np.nonzero(part)
+    evals = np.linalg.eigvalsh(np.cov(np.stack([xs, ys]).astype(float)))
+    assert evals[1] > 4 * evals[0]  # still elongated (aspect 3), at its pose
+    again = part_copy(ds, tmp_path / "cache", seed=2, size=128)
+    assert again == out and np.array_equal(np.asarray(Image.open(dent.path).convert("L")), img.astype(np.uint8))
+    with pytest.raises(FsadError, match="lower min_aspect"):
+        part_copy(ds, tmp_path / "cache", name="none", min_aspect=4.0)
