@@ -126,6 +126,7 @@ LEVERS: dict[str, Lever] = {name: Lever(*value) for name, value in {
     "patchcore auto": ("patchcore", {}, "auto", None, None, DEFAULT_BACKBONE, "auto", {"config": "auto"}),
     "patchcore align": ("patchcore", FG, "images", None, None, DEFAULT_BACKBONE, "auto", {"align": "always"}),
     "patchcore align auto": ("patchcore", FG, "images", None, None, DEFAULT_BACKBONE, "auto", {"align": "auto"}),
+    "patchcore align auto@384": ("patchcore", FG, "images", 384, None, DEFAULT_BACKBONE, "auto", {"align": "auto"}),
     "patchcore+aug+fg unaligned": ("patchcore", FG, "images", None, None, DEFAULT_BACKBONE, "auto", {"align": "none"}),
     # transductive protocol (its own: scores the unlabeled test images against each other)
     "musc 0-shot": ("musc", {}, "none", None),
