@@ -251,4 +251,8 @@ def run(args) -> int:
     print(f"{args.protocol} · {dataset.category} · {args.method} · {features} · params "
           f"{json.dumps(shown, sort_keys=True)}" + (f" · meta-trained on {pool}" if pool else ""))
     print(format_table(rows, args.protocol))
+    aligned = sum(r.get("align") == "aligned" for r in rows)
+    if aligned:  # the default decided it from the support: say so, with the way back
+        print(f"parts registered (align={args.align}) in {aligned} of {len(rows)} seeds: rotated and cropped to "
+              "their axis before embedding; --align none leaves the images as they are")
     return 0

@@ -59,3 +59,17 @@ def test_the_transductive_protocol_runs_from_fsad_evaluate(tmp_path, capsys):
         assert row["protocol"] == "transductive" and row["shots"] == int(shots) and 0.0 <= row["image_auroc"] <= 1.0
     assert main(base + ["--shots", "full"]) == 2
     assert "0 or more good shots" in capsys.readouterr().err
+
+
+def test_the_table_says_when_the_support_had_the_parts_registered(tmp_path, capsys):
+    from fewshot_core.data.synth import generate
+
+    (name,) = generate(tmp_path / "data", seed=0, size=128, n_train=8, n_test_good=4, n_test_per_defect=2,
+                       kinds=("screw",))
+    base = ["evaluate", str(tmp_path / "data"), "--category", name, "--method", "patchcore", "--shots", "4",
+            "--seeds", "0", "--image-size", "128", "--num-workers", "0", "--store", str(tmp_path / "store")]
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "parts registered (align=auto) in 1 of 1 seeds" in out and "--align none" in out
+    assert main(base + ["--align", "none"]) == 0
+    assert "parts registered" not in capsys.readouterr().out
