@@ -81,11 +81,13 @@ def _affine(pose: dict, size: int) -> tuple[float, ...]:
     return (cos, sin, c + cos * ox + sin * oy, -sin, cos, c - sin * ox + cos * oy)
 
 
-def transform_pair(image: Image.Image, mask: Image.Image | None, pose: dict, size: int):
-    """(image, mask) at ``size`` px under ``pose``; the mask follows the image exactly (nearest)."""
+def transform_pair(image: Image.Image, mask: Image.Image | None, pose: dict, size: int, fill: int = 0):
+    """(image, mask) at ``size`` px under ``pose``; the mask follows the image exactly (nearest). What the
+    motion uncovers takes grey ``fill`` (the mask: 0)."""
     coeffs = _affine(pose, size)
     img = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    out = img.transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+    out = img.transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR,
+                        fillcolor=(fill,) * 3)
     if mask is None:
         return out, None
     m = mask.convert("L").resize((size, size), Image.Resampling.NEAREST)
@@ -170,9 +172,9 @@ def part_copy(dataset, out_root, name: str | None = None, seed: int = 0, size: i
     if not any(r.split == "train" for r in kept) or not any(r.label == 1 for r in kept):
         raise FsadError(f"{dataset.root}/{dataset.category}: too few images with aspect >= {min_aspect} for "
                         "part_copy (it needs good training images and defect images); lower min_aspect")
-    fill = (background,) * 3
 
     def place(img: Image.Image, resample, colour):
+        """``img`` at its aspect, its long side ``part_scale`` of the canvas, centred on a plain canvas."""
         w, h = img.size
         k = part_scale * size / max(w, h)
         part = img.resize((max(1, round(w * k)), max(1, round(h * k))), resample)
@@ -182,17 +184,15 @@ def part_copy(dataset, out_root, name: str | None = None, seed: int = 0, size: i
 
     def write(tmp: Path) -> None:
         for rec in kept:
-            pose = pose_for(seed, rec.image_id, 0.08, (0.9, 1.1))
-            coeffs = _affine(pose, size)
-            img = place(load_rgb(rec.path).convert("RGB"), Image.Resampling.BILINEAR, fill)
-            img = img.transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor=fill)
+            mask = Image.open(rec.mask_path).convert("L") if rec.mask_path is not None else None
+            img, m = transform_pair(place(load_rgb(rec.path).convert("RGB"), Image.Resampling.BILINEAR,
+                                          (background,) * 3),
+                                    place(mask, Image.Resampling.NEAREST, 0) if mask is not None else None,
+                                    pose_for(seed, rec.image_id, 0.08, (0.9, 1.1)), size, fill=background)
             rel = _relative(dataset, rec)
             _save(img, tmp / rel)
-            if rec.mask_path is not None:
-                m = place(Image.open(rec.mask_path).convert("L"), Image.Resampling.NEAREST, 0)
-                m = m.transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.NEAREST, fillcolor=0)
-                _save(m.point(lambda v: 255 if v >= 128 else 0), tmp / "ground_truth" / rel.parent.name /
-                      _mask_name(dataset, rec))
+            if m is not None:
+                _save(m, tmp / "ground_truth" / rel.parent.name / _mask_name(dataset, rec))
 
     return _build(Path(out_root) / name, record, write)
 
