@@ -253,11 +253,11 @@ def align_episode(dataset, partition, support_ids, query_ids, seed: int, cache: 
     foreground = fit_foreground(support, "auto", seed)
     if not foreground.is_object_:
         return None, "texture: not aligned"
-    if align == "auto":
-        reason = pose_reason([pose_of(m, partition.input_shape) for m in foreground.mask(support)])
-        if reason is not None:
-            return None, reason
-    ids = list(dict.fromkeys([*support_ids, *query_ids]))
-    masks = foreground.mask(partition.patch(ids))
-    poses = {i: pose_of(m, partition.input_shape) for i, m in zip(ids, masks)}
+    poses = {i: pose_of(m, partition.input_shape) for i, m in zip(support_ids, foreground.mask(support))}
+    if align == "auto" and (reason := pose_reason(list(poses.values()))) is not None:
+        return None, reason
+    queries = [i for i in dict.fromkeys(query_ids) if i not in poses]
+    if queries:  # each image's mask is its own: the support's poses stand
+        poses.update(zip(queries, (pose_of(m, partition.input_shape)
+                                   for m in foreground.mask(partition.patch(queries)))))
     return AlignedPartition(partition, dataset, poses, cache, foreground), "aligned"

@@ -116,7 +116,7 @@ def _scored(dataset, episode, res, title: str) -> SettingResult:
                                             "query_ids": query_ids, "labels": labels.tolist(),
                                             "scores": [float(s) for s in scores]}, indent=1)
     return SettingResult(res.row, artifacts, episode, model=res.model, threshold=res.threshold,
-                         partition=getattr(res, "partition", None))
+                         partition=res.partition)
 
 
 def _supervised(episode, res, title: str) -> SettingResult:

@@ -121,20 +121,23 @@ def _n(rec) -> str:
     return f"{int(eps)} × {int(q)}" if q is not None and math.isfinite(float(q)) else f"{int(eps)}"
 
 
+def _group_column(rows: pd.DataFrame, rec, column: str) -> pd.Series:
+    """``column`` of the aggregated row ``rec``'s own table rows (one per seed); empty when not recorded."""
+    if column not in rows or not rec.get("run_ids"):
+        return pd.Series([], dtype=object)
+    return rows[rows["mlflow_run_id"].isin(str(rec["run_ids"]).split())][column]
+
+
 def _rule(rows: pd.DataFrame, rec) -> str:
     """The threshold rule of the group's rows (the first seed's: the rule is the same up to n)."""
-    if "threshold_rule" not in rows or not rec.get("run_ids"):
-        return ""
-    mine = rows[rows["mlflow_run_id"].isin(str(rec["run_ids"]).split())]["threshold_rule"].dropna()
+    mine = _group_column(rows, rec, "threshold_rule").dropna()
     return str(mine.iloc[0]) if len(mine) else ""
 
 
 def _registered(rows: pd.DataFrame, rec) -> str:
     """``parts registered in 2 of 3 seeds`` where the support's poses had the images aligned (``align``);
     empty where no seed was, so unaligned rows stay as they were."""
-    if "align" not in rows or not rec.get("run_ids"):
-        return ""
-    mine = rows[rows["mlflow_run_id"].isin(str(rec["run_ids"]).split())]["align"]
+    mine = _group_column(rows, rec, "align")
     aligned = int((mine == "aligned").sum())
     return f"parts registered in {aligned} of {len(mine)} seeds" if aligned else ""
 
